@@ -1,0 +1,51 @@
+"""Every default number of the specification, named once (SPEC sections 3-15).
+
+Durations are float seconds; sizes are bytes.
+"""
+
+PORT_HANDSHAKE = 444
+
+# Section 3: the message on port 444.
+MAX_MESSAGE_SIZE = 64 * 1024
+READ_DEADLINE = 10.0  # total time for one message to arrive
+SEND_GRACE = 0.5  # how long a sender waits for the peer to close after half-closing
+DIAL_TIMEOUT = 5.0  # connect + write bound for dial_and_send
+
+# Section 5: processing an incoming message.
+MAX_MESSAGE_AGE = 5 * 60.0
+MAX_CLOCK_SKEW = 30.0  # how far in the future a timestamp may be
+REGISTRY_CACHE_TTL = 30.0  # lookup answers cached; failures never
+REGISTRY_REASK_INTERVAL = 5.0  # at most one cache-bypassing re-ask per node
+MAX_REPLAY = 8192
+MAX_REPLAY_PER_SOURCE = 1024
+DROP_LOG_PER_SECOND = 10
+
+# Section 6: pending requests.
+MAX_PENDING = 256
+MAX_PENDING_UNBOUND_PER_SOURCE = 16
+MAX_TEXT_BYTES = 1024  # stored justification / reason
+
+# Section 7: accept, reject, revoke.
+REVOKE_COOLDOWN = 5 * 60.0
+OUTGOING_TTL = 7 * 24 * 3600.0
+REAP_INTERVAL = 5 * 60.0
+RELAY_RECENT = 60.0  # an earlier relayed request this recent may still wait in the inbox
+
+# Section 11: registry.
+MAX_REGISTRY_FRAME_CLIENT = 1024 * 1024
+MAX_REGISTRY_FRAME_SERVER = 64 * 1024
+REGISTRY_TIMEOUT = 5.0
+REGISTRY_INBOX = 100
+REGISTRY_NODE_EXPIRY = 3 * 60.0
+HEARTBEAT_INTERVAL = 60.0
+POLL_INTERVAL = 2.0
+MAX_BACKOFF = 30.0
+HEARTBEAT_FAILURES_BEFORE_REREGISTER = 3
+
+# Section 15: bounds of the daemon.
+MAX_CONNECTIONS = 256
+MAX_CONNECTIONS_PER_SOURCE = 16
+EVENT_QUEUE = 1024
+POOL_WORKERS = 8
+POOL_QUEUE = 1024
+STOP_TIMEOUT = 10.0  # how long stop() waits for background work

@@ -1,0 +1,29 @@
+"""The error hierarchy: every error this package raises derives from HandshakeError."""
+
+
+class HandshakeError(Exception):
+    """Base class of every pilothandshake error."""
+
+
+class MessageError(HandshakeError):
+    """A port-444 message is malformed (bad JSON, wrong type, too large, too slow)."""
+
+
+class NotTrustedError(HandshakeError):
+    """The operation needs a trusted peer and the peer is not trusted."""
+
+
+class RegistryError(HandshakeError):
+    """The registry answered with an error, or could not be reached."""
+
+
+class ConfigError(HandshakeError):
+    """The configuration is invalid; the message names the file, the key and what was expected."""
+
+
+class SendError(HandshakeError):
+    """A message could not be delivered (dial failed, reset, or relay failed)."""
+
+
+class StoreError(HandshakeError):
+    """Trust state or the identity could not be read or written; names the file and the OS error."""
