@@ -49,3 +49,27 @@ EVENT_QUEUE = 1024
 POOL_WORKERS = 8
 POOL_QUEUE = 1024
 STOP_TIMEOUT = 10.0  # how long stop() waits for background work
+
+# Section 10: trust.json. How long a write waits for trust.json.lock held by another process
+# before it fails (rolled back, StoreError) instead of hanging every caller.
+TRUST_LOCK_TIMEOUT = 30.0
+
+# Sections 12-14: config defaults, the control socket and the event stream.
+DEFAULT_IDENTITY_PATH = "~/.pilot-handshake/identity.json"
+DEFAULT_LISTEN = "0.0.0.0:444"
+CONTROL_SOCKET_NAME = "control.sock"  # beside the identity file (section 13)
+CONTROL_MAX_LINE = 64 * 1024  # one control request line
+CONTROL_TIMEOUT = 10.0  # client: connect and answer of a request that does not wait
+CONTROL_IDLE_TIMEOUT = 300.0  # server: a connection silent this long is closed
+WAIT_DEFAULT_TIMEOUT = 30.0  # `wait` without --timeout
+WAIT_MAX_TIMEOUT = 3600.0  # `wait` longer than this is capped
+EVENT_HISTORY = 100  # recent events replayed to `events` (section 14)
+WEBHOOK_TIMEOUT = 5.0  # one POST
+WEBHOOK_QUEUE = 256  # events waiting for the webhook; the oldest are dropped beyond
+WEBHOOK_LOG_INTERVAL = 60.0  # at most one webhook-failure WARNING per interval
+
+# Section 11: the embedded registry closes a connection idle this long between requests.
+REGISTRY_IDLE_TIMEOUT = 120.0
+
+# Section 12: where pilot-handshaked reads its config when --config is not given.
+DEFAULT_CONFIG_PATH = "/etc/pilot-handshake/config.yaml"

@@ -1,0 +1,1 @@
+"""pilothandshake: the Pilot Protocol trust handshake (port 444)."""

@@ -1,0 +1,549 @@
+"""The composition root: ``DaemonRuntime``, ``Daemon`` and the ``pilot-handshaked`` entry point
+(SPEC sections 1, 11, 12, 12a).
+
+``Daemon(config)`` builds everything from a parsed config: the identity, the event bus, the
+registry client, the runtime, the ``Manager`` (which loads ``trust.json`` and takes the
+identity directory's lock), the control socket and the registry loop. ``start()`` binds port
+444 (the ``listen`` address), registers once, and starts the background threads; ``stop()``
+undoes it. ``main()`` adds signals, logging and exit codes around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from types import FrameType, TracebackType
+from typing import Any, Callable
+
+from .config import Config, load_config
+from .constants import DEFAULT_CONFIG_PATH
+from .control import ControlServer
+from .errors import HandshakeError, RegistryError, SendError, StoreError
+from .events import EventBus
+from .identity import Identity
+from .manager import Manager
+from .messages import parse_address, send_message
+from .registry.client import Client
+from .relay import RegistryLoop
+from .runtime import AllowlistEntry, Closeable
+from .server import HandshakeServer
+from .store import decode_state
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Daemon", "DaemonRuntime", "main"]
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """``host:port``, with an IPv6 host in brackets."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class DaemonRuntime:
+    """The ``Runtime`` of the daemon: policy from the config, the identity, events to the
+    ``EventBus``, port 444 through a ``HandshakeServer`` on ``config.listen``, dialling via
+    the ``peers`` map or the registry's ``resolve``.
+
+    ``reload(config)`` swaps the reloadable part of the config (``trust`` and ``peers``) in
+    one assignment, so every call sees either the old policy or the new one.
+    """
+
+    def __init__(
+        self, config: Config, identity: Identity, events: EventBus, client: Client | None
+    ) -> None:
+        self._config = config
+        self._identity = identity
+        self._events = events
+        self._client = client
+        self._registered_id = 0
+        self._server: HandshakeServer | None = None
+
+    @property
+    def config(self) -> Config:
+        """The config in force (after any reload)."""
+        return self._config
+
+    def reload(self, config: Config) -> None:
+        """Take ``trust`` (allowlist, deny, auto_approve, strict, outgoing_ttl) and ``peers``
+        from ``config``; the rest needs a restart."""
+        self._config = dataclasses.replace(self._config, trust=config.trust, peers=config.peers)
+
+    def set_node_id(self, node_id: int) -> None:
+        """Record the registry-assigned node ID (the registry loop calls this)."""
+        self._registered_id = node_id
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        """The bound (host, port) of port 444, None before it is bound."""
+        server = self._server
+        return server.address if server is not None else None
+
+    def close_listener(self) -> None:
+        """Stop accepting on port 444 and wait (bounded) for the handlers in flight."""
+        if self._server is not None:
+            self._server.close()
+
+    # -- the Runtime protocol ----------------------------------------------------------
+
+    def node_id(self) -> int:
+        """``config.node_id`` without a registry; with one, the ID it assigned (0 before)."""
+        return self._config.node_id if self._client is None else self._registered_id
+
+    def has_identity(self) -> bool:
+        """The daemon always has an identity."""
+        return True
+
+    def public_key(self) -> bytes:
+        """The raw Ed25519 public key."""
+        return self._identity.public_key
+
+    def sign(self, msg: bytes) -> bytes:
+        """Sign with the node's identity."""
+        return self._identity.sign(msg)
+
+    def identity_path(self) -> str:
+        """The identity file; trust.json lives beside it."""
+        return self._config.identity
+
+    def trust_auto_approve(self) -> bool:
+        """Config ``trust.auto_approve``."""
+        return self._config.trust.auto_approve
+
+    def trusted_agent(self, node_id: int) -> AllowlistEntry | None:
+        """The allowlist entry for ``node_id``, if any."""
+        return self._config.trust.allowlist.get(node_id)
+
+    def trust_strict(self) -> bool:
+        """Config ``trust.strict``."""
+        return self._config.trust.strict
+
+    def trust_outgoing_ttl(self) -> float:
+        """Config ``trust.outgoing_ttl``."""
+        return self._config.trust.outgoing_ttl
+
+    def is_denied(self, node_id: int) -> bool:
+        """Whether ``node_id`` is on the deny list."""
+        return node_id in self._config.trust.deny
+
+    def publish_event(self, topic: str, payload: dict[str, Any]) -> None:
+        """Publish on the event bus (never blocks)."""
+        self._events.publish(topic, payload)
+
+    def port_listener(self, port: int, handler: Callable[[socket.socket], None]) -> Closeable:
+        """Serve ``handler`` on ``config.listen``: the listen address decides the real port,
+        ``port`` (always 444 from the Manager) only names the service."""
+        config = self._config
+        server = HandshakeServer(
+            parse_address(config.listen),
+            handler,
+            max_connections=config.max_connections,
+            max_connections_per_source=config.max_connections_per_source,
+        )
+        server.start()
+        self._server = server
+        return server
+
+    def dial_and_send(self, peer_node_id: int, port: int, data: bytes) -> None:
+        """Deliver ``data`` to the peer's port 444 at its ``peers`` address, else at the
+        address the registry resolves; raises ``SendError``."""
+        send_message(self._peer_address(peer_node_id), data)
+
+    def _peer_address(self, peer: int) -> tuple[str, int]:
+        static = self._config.peers.get(peer)
+        if static:
+            return parse_address(static)
+        if self._client is None:
+            raise SendError(f"no address for node {peer}: not in peers and no registry")
+        own = self.node_id()
+        if not own:
+            raise SendError(f"cannot resolve node {peer}: not registered yet")
+        try:
+            answer = self._client.resolve(peer, own)
+        except RegistryError as exc:
+            raise SendError(f"cannot resolve node {peer}: {exc}") from exc
+        real_addr = answer.get("real_addr")
+        if not isinstance(real_addr, str) or not real_addr:
+            raise SendError(f"registry gave no address for node {peer}")
+        try:
+            return parse_address(real_addr)
+        except ValueError as exc:
+            raise SendError(f"registry gave a bad address for node {peer}: {exc}") from exc
+
+    def remove_tunnel_peer(self, node_id: int) -> None:
+        """No tunnels in the daemon: nothing to tear down."""
+
+    def registry(self) -> Client | None:
+        """The registry client, None without a registry."""
+        return self._client
+
+
+def _check_identity_mode(path: str) -> None:
+    """Refuse an identity file others can read: its private key would not be private."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read identity: {exc}") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StoreError(
+            f"identity file {path} is readable by group or others (mode "
+            f"{stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind_error(listen: str, exc: OSError) -> HandshakeError:
+    """One clear line for a failure to bind port 444."""
+    if exc.errno == errno.EADDRINUSE:
+        return HandshakeError(f"cannot listen on {listen}: address already in use")
+    if exc.errno == errno.EACCES:
+        return HandshakeError(
+            f"cannot listen on {listen}: permission denied; run as root, grant "
+            "CAP_NET_BIND_SERVICE (setcap 'cap_net_bind_service=+ep' "
+            "$(readlink -f $(which python3))), or listen on a port >= 1024"
+        )
+    return HandshakeError(f"cannot listen on {listen}: {exc.strerror or exc}")
+
+
+class Daemon:
+    """A whole node in one object (SPEC 12a): ``with Daemon.from_file(path) as node: ...``.
+
+    Construction loads the identity and ``trust.json`` and takes the identity directory's
+    lock (``StoreError`` when it is corrupt, unreadable or in use); ``start()`` binds the
+    listen address and registers; ``stop()`` releases everything. Both are idempotent.
+    """
+
+    def __init__(self, config: Config) -> None:
+        """Build every part from ``config``; nothing listens until ``start()``."""
+        self.config = config
+        _check_identity_mode(config.identity)
+        self.identity = Identity.load_or_create(config.identity)
+        self.events = EventBus(self._current_node_id, config.events.webhook)
+        self.client: Client | None = None
+        registry = config.registry
+        if registry is not None:
+            self.client = Client(
+                registry.address,
+                self.identity.sign,
+                tls=registry.tls,
+                fingerprint=registry.fingerprint,
+            )
+        self.runtime = DaemonRuntime(config, self.identity, self.events, self.client)
+        try:
+            self.manager = Manager(self.runtime, max_replay_per_source=config.max_replay_per_source)
+        except BaseException:
+            if self.client is not None:
+                self.client.close()
+            raise
+        try:
+            self.control = ControlServer(
+                config.control_socket, self.manager, self.status, self.events
+            )
+        except BaseException:
+            self.manager.close()
+            if self.client is not None:
+                self.client.close()
+            raise
+        self.loop: RegistryLoop | None = None
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+
+    @classmethod
+    def from_file(cls, path: str) -> Daemon:
+        """Load and validate the YAML config at ``path`` (``ConfigError``) and build."""
+        return cls(load_config(path))
+
+    def _current_node_id(self) -> int:
+        return self.runtime.node_id()
+
+    @property
+    def node_id(self) -> int:
+        """This node's ID; with a registry, 0 until registered."""
+        return self.runtime.node_id()
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        """The bound (host, port) of port 444 (the configured one before ``start()``)."""
+        return self.runtime.listen_address or parse_address(self.config.listen)
+
+    def status(self) -> dict[str, Any]:
+        """What ``pilot-handshakectl status`` shows (SPEC 13)."""
+        loop = self.loop
+        registry = None
+        if self.config.registry is not None:
+            registry = (
+                loop.state()
+                if loop is not None
+                else {"address": self.config.registry.address, "reachable": False}
+            )
+        return {
+            "node_id": self.node_id,
+            "listen": format_address(self.listen_address),
+            "registry": registry,
+            "trusted": len(self.manager.trusted_peers()),
+            "pending": self.manager.pending_count(),
+        }
+
+    def start(self) -> None:
+        """Bind port 444, register (one synchronous try), start the registry loop, the
+        events and the control socket. Idempotent; on failure everything is stopped again
+        and ``HandshakeError`` says what went wrong."""
+        with self._lock:
+            if self._started or self._stopped:
+                return
+            self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        registry = self.config.registry
+        if (
+            registry is not None
+            and self.config.trust.strict
+            and not registry.tls
+            and not _is_loopback(parse_address(registry.address)[0])
+        ):
+            log.warning(
+                "registry %s is not on loopback and TLS is off: its signatures travel in the "
+                "clear and can be replayed; set registry.tls (and fingerprint)",
+                registry.address,
+            )
+        self.events.start()
+        try:
+            self.manager.start()
+        except OSError as exc:
+            raise _bind_error(self.config.listen, exc) from exc
+        if self.client is not None and registry is not None:
+            self.loop = RegistryLoop(
+                self.client,
+                self.identity,
+                self.manager,
+                listen_addr=format_address(self.listen_address),
+                poll_interval=registry.poll_interval,
+                heartbeat_interval=registry.heartbeat_interval,
+                public=registry.public,
+                on_node_id=self.runtime.set_node_id,
+            )
+            self.loop.register_once()
+            self.loop.start()
+        self.control.start()
+
+    def stop(self) -> None:
+        """Stop accepting, let handlers in flight finish, stop the registry loop, the
+        Manager (it waits for background work), events and the control socket.
+        Idempotent; also releases the identity directory when never started."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.runtime.close_listener()
+        if self.loop is not None:
+            self.loop.stop()
+        self.manager.stop()
+        # stop() does nothing for a Manager that never started; the directory lock must
+        # still be released.
+        self.manager.close()
+        self.events.stop()
+        self.control.stop()
+        if self.client is not None:
+            self.client.close()
+
+    def reload(self) -> None:
+        """Re-read the config file and apply its ``trust`` and ``peers`` sections (SIGHUP).
+        Raises ``ConfigError`` (the old config stays) when the file is invalid."""
+        if not self.config.path:
+            raise HandshakeError("this daemon was not built from a file; nothing to reload")
+        fresh = load_config(self.config.path)
+        ignored = [
+            f.name
+            for f in dataclasses.fields(Config)
+            if f.name not in ("trust", "peers")
+            and getattr(fresh, f.name) != getattr(self.config, f.name)
+        ]
+        self.runtime.reload(fresh)
+        self.config = self.runtime.config
+        if ignored:
+            log.warning("config reload: changes to %s need a restart", ", ".join(ignored))
+
+    def __enter__(self) -> Daemon:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# -- the pilot-handshaked entry point ---------------------------------------------------
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (``time``, ``level``, ``logger``, ``message``), for log
+    shippers; a traceback goes in ``exception``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one JSON line."""
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Log to stderr at ``level`` as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def trust_file_corrupt(path: str) -> bool:
+    """True when ``path`` exists and is readable but does not parse as trust.json."""
+    try:
+        with open(path, "rb") as source:
+            data = source.read()
+    except OSError:
+        return False
+    try:
+        decode_state(data)
+    except (ValueError, RecursionError):
+        return True
+    return False
+
+
+def move_corrupt_aside(path: str) -> str:
+    """Rename a corrupt trust.json to ``trust.json.corrupt-<timestamp>``; returns the new
+    name, or "" when the file is absent or parses."""
+    if not trust_file_corrupt(path):
+        return ""
+    target = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    os.replace(path, target)
+    return target
+
+
+def _fail(message: str) -> int:
+    print(f"pilot-handshaked: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pilot-handshaked",
+        description="Serve the Pilot Protocol trust handshake (port 444).",
+    )
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG_PATH,
+        metavar="PATH",
+        help=f"YAML config file (default {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument(
+        "--move-corrupt-aside",
+        action="store_true",
+        help="rename a trust.json that does not parse to trust.json.corrupt-<time> and "
+        "start with empty trust state",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the policy. Returns the exit
+    code: 0 after a clean stop, 1 when it cannot start (one line on stderr says why)."""
+    args = _parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except HandshakeError as exc:
+        return _fail(str(exc))
+    configure_logging(config.log_level, config.log_format)
+    if args.move_corrupt_aside:
+        try:
+            moved = move_corrupt_aside(config.trust_path)
+        except OSError as exc:
+            return _fail(f"cannot move {config.trust_path} aside: {exc}")
+        if moved:
+            log.warning("moved corrupt %s aside to %s; starting empty", config.trust_path, moved)
+
+    signals: list[int] = []
+    wake = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        signals.append(signum)
+        wake.set()
+
+    for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(handled, on_signal)
+
+    try:
+        daemon = Daemon(config)
+        daemon.start()
+    except HandshakeError as exc:
+        message = str(exc)
+        if trust_file_corrupt(config.trust_path):
+            message += "; start with --move-corrupt-aside to move it aside and start empty"
+        return _fail(message)
+    except OSError as exc:
+        return _fail(str(exc))
+
+    registry = config.registry.address if config.registry is not None else "none"
+    print(
+        f"pilot-handshaked: node {daemon.node_id} listening on "
+        f"{format_address(daemon.listen_address)}, registry {registry}, "
+        f"control {config.control_socket}",
+        flush=True,
+    )
+    try:
+        while True:
+            wake.wait(1.0)
+            wake.clear()
+            while signals:
+                signum = signals.pop(0)
+                if signum != signal.SIGHUP:
+                    log.info("received %s: stopping", signal.Signals(signum).name)
+                    return 0
+                try:
+                    daemon.reload()
+                except HandshakeError as exc:
+                    log.error("config reload failed, keeping the old config: %s", exc)
+                else:
+                    log.info("config reloaded: allowlist, deny list, peers, auto-approve")
+    finally:
+        daemon.stop()

@@ -1,0 +1,264 @@
+"""The event stream (SPEC section 14): a bounded, never-blocking bus with subscribers and a
+webhook.
+
+``publish`` only appends to a bounded queue; a dispatcher thread fans each event out to the
+control-socket subscribers (each with its own bounded queue) and to the webhook worker
+(another bounded queue and thread). Wherever a queue is full the oldest event is dropped and
+counted, so a slow consumer never slows the Manager down. The bus also keeps the last
+``EVENT_HISTORY`` events, so ``pilot-handshakectl events`` can show what just happened.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime
+import json
+import logging
+import threading
+import time
+import urllib.request
+from typing import Any, Callable
+
+from .constants import (
+    EVENT_HISTORY,
+    EVENT_QUEUE,
+    STOP_TIMEOUT,
+    WEBHOOK_LOG_INTERVAL,
+    WEBHOOK_QUEUE,
+    WEBHOOK_TIMEOUT,
+)
+
+__all__ = ["EventBus", "Subscription"]
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+def _rfc3339_now() -> str:
+    # Milliseconds: events often come in bursts, and their order should show.
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+class _DropOldestQueue:
+    """A bounded FIFO that drops its oldest item when full, counting the drops."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: collections.deque[Event] = collections.deque(maxlen=max(1, capacity))
+        self._cond = threading.Condition()
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, item: Event) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            if len(self._items) == self._items.maxlen:
+                self.dropped += 1
+            self._items.append(item)
+            self._cond.notify()
+
+    def get(self, timeout: float | None) -> Event | None:
+        """The oldest item, waiting up to ``timeout`` (None: until one comes or the queue is
+        closed); None when nothing came."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._items or self._closed, timeout)
+            return self._items.popleft() if self._items else None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class Subscription:
+    """One consumer of the event stream (a control-socket client), with its own bounded
+    queue: when it falls behind, its oldest events are dropped and counted in ``dropped``."""
+
+    def __init__(self, bus: EventBus, capacity: int) -> None:
+        self._bus = bus
+        self._queue = _DropOldestQueue(capacity)
+
+    @property
+    def dropped(self) -> int:
+        """Events this subscriber lost because it fell behind."""
+        return self._queue.dropped
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None after ``timeout`` seconds (or once closed)."""
+        return self._queue.get(timeout)
+
+    def close(self) -> None:
+        """Stop receiving events; a blocked ``get`` returns None."""
+        self._queue.close()
+        self._bus._unsubscribe(self)
+
+    def _deliver(self, event: Event) -> None:
+        self._queue.put(event)
+
+
+class _Webhook:
+    """POSTs events to one URL from its own thread; failures are logged, never raised."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._queue = _DropOldestQueue(WEBHOOK_QUEUE)
+        self._thread: threading.Thread | None = None
+        self._last_warning = -WEBHOOK_LOG_INTERVAL
+        self._failures_unlogged = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="event-webhook", daemon=True)
+        self._thread.start()
+
+    def submit(self, event: Event) -> None:
+        self._queue.put(event)
+
+    def stop(self, timeout: float) -> None:
+        self._queue.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def dropped(self) -> int:
+        return self._queue.dropped
+
+    def _run(self) -> None:
+        while True:
+            event = self._queue.get(None)
+            if event is None:
+                return
+            self._post(event)
+
+    def _post(self, event: Event) -> None:
+        request = urllib.request.Request(
+            self.url,
+            data=json.dumps(event).encode("utf-8"),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT) as response:
+                response.read(1024)
+        except Exception as exc:  # any failure of a best-effort POST is only worth a log line
+            self._warn(exc)
+
+    def _warn(self, exc: Exception) -> None:
+        # At most one line per interval, so an unreachable webhook cannot flood the log.
+        now = time.monotonic()
+        if now - self._last_warning < WEBHOOK_LOG_INTERVAL:
+            self._failures_unlogged += 1
+            return
+        more = (
+            f" ({self._failures_unlogged} more failures since the last report)"
+            if self._failures_unlogged
+            else ""
+        )
+        log.warning("webhook %s failed: %s%s", self.url, exc, more)
+        self._last_warning = now
+        self._failures_unlogged = 0
+
+
+class EventBus:
+    """The daemon's event stream. ``node_id`` gives this node's ID at publish time; events
+    published before ``start()`` wait in the queue."""
+
+    def __init__(
+        self, node_id: Callable[[], int], webhook: str = "", max_queue: int = EVENT_QUEUE
+    ) -> None:
+        """Build a stopped bus; ``webhook`` "" means no webhook."""
+        self._node_id = node_id
+        self._max_queue = max_queue
+        self._queue = _DropOldestQueue(max_queue)
+        self._webhook = _Webhook(webhook) if webhook else None
+        self._lock = threading.Lock()
+        self._subscribers: list[Subscription] = []
+        self._history: collections.deque[Event] = collections.deque(maxlen=EVENT_HISTORY)
+        self._dispatcher: threading.Thread | None = None
+        self._stopped = False
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because the bus's own queue was full."""
+        return self._queue.dropped
+
+    @property
+    def webhook_dropped(self) -> int:
+        """Events the webhook never received because its queue was full."""
+        return self._webhook.dropped if self._webhook is not None else 0
+
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        """Queue an event; never blocks (when the queue is full the oldest event is dropped)."""
+        self._queue.put(
+            {
+                "event": topic,
+                "node_id": self._node_id(),
+                "timestamp": _rfc3339_now(),
+                "data": dict(payload),
+            }
+        )
+
+    def subscribe(self, history: bool = False, max_queue: int | None = None) -> Subscription:
+        """A new subscriber receiving every event dispatched from now on; with ``history``
+        it first receives the recent events (up to ``EVENT_HISTORY``), with no gap and no
+        duplicate between the two."""
+        subscription = Subscription(self, max_queue or self._max_queue)
+        with self._lock:
+            if history:
+                for event in self._history:
+                    subscription._deliver(event)
+            self._subscribers.append(subscription)
+        return subscription
+
+    def recent(self) -> list[Event]:
+        """The last dispatched events, oldest first."""
+        with self._lock:
+            return list(self._history)
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._subscribers.remove(subscription)
+
+    def start(self) -> None:
+        """Start dispatching (idempotent; a stopped bus stays stopped)."""
+        with self._lock:
+            if self._dispatcher is not None or self._stopped:
+                return
+            self._dispatcher = threading.Thread(
+                target=self._dispatch, name="event-dispatcher", daemon=True
+            )
+        if self._webhook is not None:
+            self._webhook.start()
+        self._dispatcher.start()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Deliver what is queued, then stop the threads (bounded by ``timeout``); idempotent.
+        Subscribers are closed."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            dispatcher = self._dispatcher
+            subscribers = list(self._subscribers)
+        self._queue.close()
+        deadline = time.monotonic() + timeout
+        if dispatcher is not None:
+            dispatcher.join(timeout)
+        if self._webhook is not None:
+            self._webhook.stop(max(0.0, deadline - time.monotonic()))
+        for subscription in subscribers:
+            subscription.close()
+
+    def _dispatch(self) -> None:
+        while True:
+            event = self._queue.get(None)
+            if event is None:
+                return
+            with self._lock:
+                self._history.append(event)
+                for subscription in self._subscribers:
+                    subscription._deliver(event)
+            if self._webhook is not None:
+                self._webhook.submit(event)

@@ -1,0 +1,485 @@
+"""The wire layer of port 444 (SPEC sections 3 and 4).
+
+``HandshakeMsg`` is the one JSON object a connection carries; ``from_json`` is the strict
+decoder every received byte goes through, ``to_json`` the encoder every sent message goes
+through. The challenge functions spell each signed string of SPEC section 4 once.
+``read_message`` / ``send_message`` move one message over a TCP connection with the bounds
+of SPEC section 3, and ``reset_close`` refuses a connection with a reset.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import math
+import re
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from .constants import (
+    DIAL_TIMEOUT,
+    MAX_MESSAGE_SIZE,
+    MAX_TEXT_BYTES,
+    PORT_HANDSHAKE,
+    READ_DEADLINE,
+    SEND_GRACE,
+)
+from .errors import MessageError, SendError
+
+__all__ = [
+    "HANDSHAKE_ACCEPT",
+    "HANDSHAKE_REJECT",
+    "HANDSHAKE_REQUEST",
+    "HANDSHAKE_REVOKE",
+    "MAX_NODE_ID",
+    "MESSAGE_TYPES",
+    "PORT_HANDSHAKE",
+    "HandshakeMsg",
+    "decode_b64",
+    "handshake_challenge",
+    "handshake_v2_challenge",
+    "heartbeat_challenge",
+    "parse_address",
+    "poll_challenge",
+    "read_message",
+    "report_trust_challenge",
+    "reset_close",
+    "resolve_challenge",
+    "respond_challenge",
+    "revoke_trust_challenge",
+    "send_message",
+    "set_visibility_challenge",
+    "truncate_utf8",
+]
+
+HANDSHAKE_REQUEST = "handshake_request"
+HANDSHAKE_ACCEPT = "handshake_accept"
+HANDSHAKE_REJECT = "handshake_reject"
+HANDSHAKE_REVOKE = "handshake_revoke"
+MESSAGE_TYPES = frozenset({HANDSHAKE_REQUEST, HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE})
+
+MAX_NODE_ID = 2**32 - 1
+
+_STRING_FIELDS = ("public_key", "justification", "signature", "reason", "signature_v2")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _fail(reason: str) -> NoReturn:
+    raise MessageError(reason)
+
+
+def _reject_constant(name: str) -> NoReturn:
+    _fail(f"non-finite number {name}")
+
+
+def _parse_float(text: str) -> float:
+    # 1e999 is valid JSON syntax but decodes to infinity, which the spec forbids like NaN.
+    value = float(text)
+    if not math.isfinite(value):
+        _fail(f"non-finite number {text}")
+    return value
+
+
+def _check_unicode(value: Any) -> None:
+    """Reject any string (key or value, at any depth) that cannot be written as UTF-8.
+
+    Iterative, because the parsed value may be nested almost as deep as the recursion limit.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                _fail("string is not valid Unicode (lone surrogate)")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _int_field(obj: dict[str, Any], name: str) -> int:
+    if name not in obj or obj[name] is None:
+        _fail(f"missing field {name!r}")
+    value = obj[name]
+    # bool is a subclass of int; a JSON true must not pass as node 1.
+    if type(value) is not int:
+        _fail(f"field {name!r} must be an integer, not {type(value).__name__}")
+    return value
+
+
+def _str_field(obj: dict[str, Any], name: str) -> str:
+    value = obj.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        _fail(f"field {name!r} must be a string, not {type(value).__name__}")
+    return value
+
+
+def decode_b64(text: object) -> bytes | None:
+    """Decode strict standard padded base64; None for anything else (non-str, "", bad alphabet,
+    bad padding). ``identity.decode_key`` / ``decode_signature`` add the length rule."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _sha256hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def handshake_challenge(sender: int, recipient: int) -> bytes:
+    """``handshake:<S>:<R>``: the Go-style port-444 signature and registry ``request_handshake``."""
+    return f"handshake:{sender}:{recipient}".encode()
+
+
+def handshake_v2_challenge(
+    msg_type: str,
+    sender: int,
+    recipient: int,
+    timestamp: int,
+    justification: str,
+    reason: str,
+    public_key: str,
+) -> bytes:
+    """The ``signature_v2`` challenge (SPEC 4): binds type, timestamp, both texts and the key.
+
+    ``public_key`` is taken as sent (its spelling matters); texts are hashed as UTF-8.
+    """
+    text = (
+        f"handshake-v2:{msg_type}:{sender}:{recipient}:{timestamp}:"
+        f"{_sha256hex(justification)}:{_sha256hex(reason)}:{public_key}"
+    )
+    return text.encode("utf-8", "surrogatepass")
+
+
+def respond_challenge(node_id: int, peer_id: int) -> bytes:
+    """``respond:<N>:<P>``: registry ``respond_handshake`` by N about requester P."""
+    return f"respond:{node_id}:{peer_id}".encode()
+
+
+def poll_challenge(node_id: int) -> bytes:
+    """``poll_handshakes:<N>``: registry ``poll_handshakes`` by N."""
+    return f"poll_handshakes:{node_id}".encode()
+
+
+def heartbeat_challenge(node_id: int) -> bytes:
+    """``heartbeat:<N>``: registry ``heartbeat`` by N."""
+    return f"heartbeat:{node_id}".encode()
+
+
+def report_trust_challenge(node_id: int, peer_id: int) -> bytes:
+    """``report_trust:<N>:<P>``: registry ``report_trust`` of N with P."""
+    return f"report_trust:{node_id}:{peer_id}".encode()
+
+
+def revoke_trust_challenge(node_id: int, peer_id: int) -> bytes:
+    """``revoke_trust:<N>:<P>``: registry ``revoke_trust`` of N with P."""
+    return f"revoke_trust:{node_id}:{peer_id}".encode()
+
+
+def resolve_challenge(requester_id: int, target_id: int) -> bytes:
+    """``resolve:<Q>:<T>``: registry ``resolve`` of T by requester Q."""
+    return f"resolve:{requester_id}:{target_id}".encode()
+
+
+def set_visibility_challenge(node_id: int) -> bytes:
+    """``set_visibility:<N>``: registry ``set_visibility`` by N."""
+    return f"set_visibility:{node_id}".encode()
+
+
+def truncate_utf8(text: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """Cut ``text`` to at most ``limit`` UTF-8 bytes without splitting a character.
+
+    Lone surrogates (which UTF-8 cannot hold, e.g. from ``surrogateescape`` argv) become
+    U+FFFD first, so the result can always be sent and persisted.
+    """
+    text = _SURROGATE.sub("\ufffd", text)
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    cut = max(limit, 0)
+    # Back off over continuation bytes (10xxxxxx) to the start of the cut character.
+    while cut > 0 and encoded[cut] & 0xC0 == 0x80:
+        cut -= 1
+    return encoded[:cut].decode("utf-8")
+
+
+@dataclass
+class HandshakeMsg:
+    """One port-444 message (SPEC 3); fields in wire order."""
+
+    type: str
+    node_id: int
+    public_key: str = ""
+    justification: str = ""
+    signature: str = ""
+    reason: str = ""
+    timestamp: int = 0
+    signature_v2: str = ""
+
+    def _fields(self, public_key: str, signature: str) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "node_id": self.node_id,
+            "public_key": public_key,
+            "justification": self.justification,
+            "signature": signature,
+            "reason": self.reason,
+            "timestamp": self.timestamp,
+        }
+
+    @staticmethod
+    def _encode(fields: dict[str, Any]) -> bytes:
+        try:
+            return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            _fail("string is not valid Unicode (lone surrogate)")
+
+    def to_json(self) -> bytes:
+        """Compact UTF-8 JSON in SPEC 3 field order; ``signature_v2`` omitted when "".
+
+        Raises ``MessageError`` if a text field holds a lone surrogate.
+        """
+        fields = self._fields(self.public_key, self.signature)
+        if self.signature_v2:
+            fields["signature_v2"] = self.signature_v2
+        return self._encode(fields)
+
+    def canonical_bytes(self) -> bytes | None:
+        """Legacy-mode replay material (SPEC 5 step 4): ``to_json()`` without ``signature_v2``,
+        with ``public_key`` and ``signature`` re-encoded from their decoded bytes, so every
+        base64 spelling of the same key and signature gives the same bytes.
+
+        None if a non-empty ``public_key`` or ``signature`` is not valid base64.
+        """
+        respelled = []
+        for text in (self.public_key, self.signature):
+            if not text:
+                respelled.append("")
+                continue
+            raw = decode_b64(text)
+            if raw is None:
+                return None
+            respelled.append(base64.b64encode(raw).decode("ascii"))
+        return self._encode(self._fields(respelled[0], respelled[1]))
+
+    def v2_challenge(self, recipient: int) -> bytes:
+        """The ``signature_v2`` challenge of this message sent to ``recipient``."""
+        return handshake_v2_challenge(
+            self.type,
+            self.node_id,
+            recipient,
+            self.timestamp,
+            self.justification,
+            self.reason,
+            self.public_key,
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> HandshakeMsg:
+        """Decode one message, checking syntax and types only (SPEC 3).
+
+        Raises ``MessageError`` naming the problem; never anything else.
+        """
+        if isinstance(data, str):
+            try:
+                data = data.encode("utf-8")
+            except UnicodeEncodeError:
+                _fail("string is not valid Unicode (lone surrogate)")
+        if len(data) > MAX_MESSAGE_SIZE:
+            _fail(f"message too large ({len(data)} bytes > {MAX_MESSAGE_SIZE})")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _fail(f"invalid UTF-8 at byte {exc.start}")
+        try:
+            obj = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
+        except RecursionError:
+            _fail("JSON nested too deeply")
+        except json.JSONDecodeError as exc:
+            _fail(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        except ValueError as exc:
+            # e.g. an integer longer than Python's int-string conversion limit.
+            _fail(f"invalid JSON: {exc}")
+        if not isinstance(obj, dict):
+            _fail(f"not a JSON object ({type(obj).__name__})")
+        _check_unicode(obj)
+        if "type" not in obj or obj["type"] is None:
+            _fail("missing field 'type'")
+        msg_type = obj["type"]
+        if not isinstance(msg_type, str):
+            _fail(f"field 'type' must be a string, not {type(msg_type).__name__}")
+        if msg_type not in MESSAGE_TYPES:
+            _fail(f"unknown type {truncate_utf8(msg_type, 64)!r}")
+        node_id = _int_field(obj, "node_id")
+        if not 0 <= node_id <= MAX_NODE_ID:
+            _fail(f"node_id {node_id} outside 0..{MAX_NODE_ID}")
+        timestamp = _int_field(obj, "timestamp")
+        strings = {name: _str_field(obj, name) for name in _STRING_FIELDS}
+        return cls(type=msg_type, node_id=node_id, timestamp=timestamp, **strings)
+
+
+_JSON_SPACE = b" \t\r\n"
+# Outside a string only brackets and quotes change the scanner's state; inside, only a quote
+# or a backslash. Multi-byte UTF-8 never contains these bytes, so scanning bytes is exact.
+_OUTSIDE = re.compile(rb'[{}\[\]"]')
+_INSIDE = re.compile(rb'["\\]')
+
+
+class _ObjectScanner:
+    """Finds the end of the first JSON object in a growing buffer, visiting each byte once."""
+
+    def __init__(self) -> None:
+        self.start = -1  # index of the opening brace once seen
+        self.pos = 0  # next byte to examine (may pass the buffer end after a backslash)
+        self.depth = 0
+        self.in_string = False
+
+    def feed(self, buf: bytearray) -> int:
+        """Scan the bytes added since the last call; return the end index (exclusive) of the
+        complete object, or -1. Raises ``MessageError`` if the data is not an object."""
+        if self.start < 0:
+            while self.pos < len(buf) and buf[self.pos] in _JSON_SPACE:
+                self.pos += 1
+            if self.pos == len(buf):
+                return -1
+            if buf[self.pos] != ord("{"):
+                _fail("not a JSON object")
+            self.start = self.pos
+        while True:
+            pattern = _INSIDE if self.in_string else _OUTSIDE
+            found = pattern.search(buf, self.pos)
+            if found is None:
+                self.pos = max(self.pos, len(buf))
+                return -1
+            index = found.start()
+            byte = buf[index]
+            self.pos = index + 1
+            if self.in_string:
+                if byte == ord("\\"):
+                    self.pos = index + 2  # skip the escaped byte, even if not yet received
+                else:
+                    self.in_string = False
+            elif byte == ord('"'):
+                self.in_string = True
+            elif byte in b"{[":
+                self.depth += 1
+            else:
+                self.depth -= 1
+                if self.depth == 0:
+                    return self.pos
+
+
+def read_message(
+    sock: socket.socket, max_size: int = MAX_MESSAGE_SIZE, deadline: float = READ_DEADLINE
+) -> bytes:
+    """Read one JSON object from ``sock`` (SPEC 3 receiving).
+
+    Stops as soon as the bytes form one complete object (returned without surrounding
+    whitespace or trailing bytes) or the peer closes (what was read is returned, for
+    ``from_json`` to reject). Raises ``MessageError`` for "not a JSON object", "too large"
+    (more than ``max_size`` bytes), "timed out" (``deadline`` seconds in total), or a
+    receive error.
+    """
+    end_time = time.monotonic() + deadline
+    buf = bytearray()
+    scanner = _ObjectScanner()
+    while True:
+        remaining = end_time - time.monotonic()
+        if remaining <= 0:
+            _fail(f"timed out after {deadline:g} s")
+        sock.settimeout(remaining)
+        try:
+            # Never read more than one byte past the limit: that byte proves "too large".
+            chunk = sock.recv(min(65536, max_size + 1 - len(buf)))
+        except socket.timeout:
+            _fail(f"timed out after {deadline:g} s")
+        except OSError as exc:
+            _fail(f"receive failed: {exc}")
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        end = scanner.feed(buf)
+        if end >= 0 and end <= max_size:
+            return bytes(buf[scanner.start : end])
+        if len(buf) > max_size:
+            _fail(f"message too large (more than {max_size} bytes)")
+
+
+def send_message(
+    address: tuple[str, int],
+    data: bytes,
+    timeout: float = DIAL_TIMEOUT,
+    grace: float = SEND_GRACE,
+) -> None:
+    """Deliver one message (SPEC 3 sending): connect, write, half-close, then wait up to
+    ``grace`` seconds for the peer to close. A close or the end of the grace is delivery;
+    a reset, or any error connecting or writing, raises ``SendError`` with the reason.
+    Bytes the peer sends back are read and ignored."""
+    host, port = address
+    where = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise SendError(f"connect to {where} failed: {exc}") from exc
+    with sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise SendError(f"send to {where} failed: {exc}") from exc
+        end_time = time.monotonic() + grace
+        while True:
+            remaining = end_time - time.monotonic()
+            if remaining <= 0:
+                return
+            sock.settimeout(remaining)
+            try:
+                if not sock.recv(4096):
+                    return
+            except socket.timeout:
+                return
+            except OSError as exc:
+                raise SendError(f"{where} reset the connection: {exc}") from exc
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset (``SO_LINGER`` 0) instead of a normal close; never raises."""
+    # A socket that is already dead cannot take the option; a plain close is all that is left.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (or ``"[v6]:port"``) into ``(host, port)``; port 0..65535.
+
+    Raises ``ValueError`` saying what is wrong.
+    """
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"bad address {text!r}: expected [host]:port")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"bad address {text!r}: expected host:port")
+        if ":" in host:
+            raise ValueError(f"bad address {text!r}: write an IPv6 host as [host]:port")
+    if not host:
+        raise ValueError(f"bad address {text!r}: empty host")
+    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"bad address {text!r}: port must be a number 0..65535")
+    return host, int(port_text)

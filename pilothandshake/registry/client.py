@@ -1,0 +1,359 @@
+"""The registry client: the Pilot registry wire protocol of SPEC section 11.
+
+A frame is a 4-byte big-endian length and that many bytes of a UTF-8 JSON object; request
+and response alternate on one connection. ``Client`` keeps a few idle connections so that
+a slow call (a poll) never blocks another thread's lookup; no lock is held during I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from typing import Any, Callable
+
+from ..constants import MAX_REGISTRY_FRAME_CLIENT, REGISTRY_TIMEOUT
+from ..errors import RegistryError
+from ..identity import b64encode
+from ..messages import (
+    heartbeat_challenge,
+    parse_address,
+    poll_challenge,
+    report_trust_challenge,
+    resolve_challenge,
+    revoke_trust_challenge,
+    set_visibility_challenge,
+)
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">I")
+# Idle connections kept per client; more concurrent callers simply open (and then close)
+# extra connections.
+_MAX_IDLE = 4
+
+
+class ConnectionBroken(RegistryError):
+    """The connection failed or was closed by the peer; the request may be retried."""
+
+
+def encode_frame(obj: dict[str, Any]) -> bytes:
+    """One frame: length header plus compact JSON (ASCII-escaped, so any str encodes)."""
+    body = json.dumps(obj, separators=(",", ":")).encode("ascii")
+    return _HEADER.pack(len(body)) + body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
+
+
+def _recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Read exactly ``size`` bytes before ``deadline`` (monotonic); b"" on EOF before any."""
+    buf = bytearray()
+    while len(buf) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("frame did not arrive in time")
+        sock.settimeout(remaining)
+        chunk = sock.recv(min(size - len(buf), 65536))
+        if not chunk:
+            if not buf:
+                return b""
+            raise ConnectionBroken("connection closed in the middle of a frame")
+        buf += chunk
+    return bytes(buf)
+
+
+def read_frame(
+    sock: socket.socket, max_size: int, timeout: float, body_timeout: float
+) -> dict[str, Any] | None:
+    """Read one frame and decode its JSON object.
+
+    Returns None when the peer closed the connection cleanly between frames. Raises
+    ``ConnectionBroken`` on a close inside a frame, ``RegistryError`` for a frame over
+    ``max_size`` or one that is not a JSON object, and ``OSError`` (``socket.timeout``)
+    when the header does not arrive within ``timeout`` or the body within
+    ``body_timeout`` after it.
+    """
+    header = _recv_exact(sock, _HEADER.size, time.monotonic() + timeout)
+    if not header:
+        return None
+    (size,) = _HEADER.unpack(header)
+    if size > max_size:
+        raise RegistryError(f"frame of {size} bytes exceeds the limit of {max_size}")
+    body = _recv_exact(sock, size, time.monotonic() + body_timeout)
+    if len(body) < size:
+        raise ConnectionBroken("connection closed in the middle of a frame")
+    try:
+        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise RegistryError(f"malformed frame: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RegistryError("malformed frame: not a JSON object")
+    return obj
+
+
+def normalize_fingerprint(text: str) -> str:
+    """Lowercase hex without colons or spaces, for comparing SHA-256 fingerprints."""
+    return text.replace(":", "").replace(" ", "").lower()
+
+
+class Client:
+    """A thread-safe client of the registry (SPEC section 11).
+
+    ``address`` is ``"host:port"``. ``signer(challenge) -> signature`` signs the requests
+    that need it (heartbeat, resolve, set_visibility, report_trust, revoke_trust,
+    poll_handshakes); ``request_handshake`` and ``respond_handshake`` take the caller's
+    signature instead. With ``tls`` and a ``fingerprint`` (hex SHA-256 of the server's DER
+    certificate, colons allowed) the certificate is pinned instead of verified against the
+    system CAs. Every method returns the response dict or raises ``RegistryError``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        signer: Callable[[bytes], bytes] | None = None,
+        *,
+        tls: bool = False,
+        fingerprint: str = "",
+        timeout: float = REGISTRY_TIMEOUT,
+    ) -> None:
+        try:
+            self._host, self._port = parse_address(address)
+        except ValueError as exc:
+            raise RegistryError(f"registry address: {exc}") from None
+        self.address = address
+        self._signer = signer
+        self._timeout = timeout
+        self._fingerprint = normalize_fingerprint(fingerprint)
+        self._tls: ssl.SSLContext | None = None
+        if tls:
+            self._tls = ssl.create_default_context()
+            if self._fingerprint:
+                # The pin replaces CA verification; it is checked after the TLS handshake.
+                self._tls.check_hostname = False
+                self._tls.verify_mode = ssl.CERT_NONE
+        self._lock = threading.Lock()
+        self._idle: list[socket.socket] = []
+        self._closed = False
+
+    # -- connections ---------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        try:
+            sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
+        except OSError as exc:
+            raise RegistryError(f"cannot connect to registry {self.address}: {exc}") from None
+        if self._tls is None:
+            return sock
+        try:
+            tls_sock = self._tls.wrap_socket(sock, server_hostname=self._host)
+        except (OSError, ValueError) as exc:
+            sock.close()
+            raise RegistryError(f"TLS handshake with registry {self.address}: {exc}") from None
+        if self._fingerprint:
+            der = tls_sock.getpeercert(binary_form=True) or b""
+            actual = hashlib.sha256(der).hexdigest()
+            if actual != self._fingerprint:
+                tls_sock.close()
+                raise RegistryError(
+                    f"registry {self.address} certificate fingerprint {actual} does not match "
+                    f"the pinned {self._fingerprint}"
+                )
+        return tls_sock
+
+    def _checkout(self) -> socket.socket:
+        """An idle connection, or a fresh one."""
+        with self._lock:
+            if self._closed:
+                raise RegistryError("registry client is closed")
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
+
+    def _checkin(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < _MAX_IDLE:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def _exchange(self, sock: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            sock.settimeout(self._timeout)
+            sock.sendall(encode_frame(request))
+            response = read_frame(sock, MAX_REGISTRY_FRAME_CLIENT, self._timeout, self._timeout)
+        except socket.timeout:
+            raise RegistryError(
+                f"registry {self.address} did not answer within {self._timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise ConnectionBroken(f"registry {self.address}: {exc}") from None
+        if response is None:
+            raise ConnectionBroken(f"registry {self.address} closed the connection")
+        return response
+
+    def _attempt(self, sock: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
+        """One exchange; the connection is kept for reuse only if it succeeded."""
+        try:
+            response = self._exchange(sock, request)
+        except BaseException:
+            sock.close()
+            raise
+        self._checkin(sock)
+        return response
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and return its ``<type>_ok`` response.
+
+        A broken connection is reopened and the request retried once; an error response,
+        a timeout, a failed connect or a malformed or oversized frame is not retried.
+        """
+        kind = str(request.get("type"))
+        try:
+            response = self._attempt(self._checkout(), request)
+        except ConnectionBroken as exc:
+            log.debug("registry %s: %s; retrying %s once", self.address, exc, kind)
+            response = self._attempt(self._connect(), request)
+        return self._check(kind, response)
+
+    def _check(self, kind: str, response: dict[str, Any]) -> dict[str, Any]:
+        rtype = response.get("type")
+        if rtype == "error":
+            raise RegistryError(str(response.get("error") or "request failed"))
+        if rtype != f"{kind}_ok":
+            raise RegistryError(
+                f"registry {self.address} answered {kind} with unexpected type {rtype!r}"
+            )
+        return response
+
+    def _sign(self, challenge: bytes) -> str:
+        if self._signer is None:
+            raise RegistryError("registry request needs a signature but no identity is set")
+        return b64encode(self._signer(challenge))
+
+    def close(self) -> None:
+        """Close the idle connections; later calls raise ``RegistryError``."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+    # -- the messages of SPEC section 11 ---------------------------------------------
+
+    def register(
+        self, listen_addr: str, public_key_b64: str, owner: str = "", hostname: str = ""
+    ) -> dict[str, Any]:
+        """Register (or re-register) a node; the response carries ``node_id``."""
+        request: dict[str, Any] = {
+            "type": "register",
+            "listen_addr": listen_addr,
+            "public_key": public_key_b64,
+        }
+        if owner:
+            request["owner"] = owner
+        if hostname:
+            request["hostname"] = hostname
+        return self.call(request)
+
+    def heartbeat(self, node_id: int) -> dict[str, Any]:
+        """Keep ``node_id`` online (signed ``heartbeat:<N>``)."""
+        return self.call(
+            {
+                "type": "heartbeat",
+                "node_id": node_id,
+                "signature": self._sign(heartbeat_challenge(node_id)),
+            }
+        )
+
+    def lookup(self, node_id: int) -> dict[str, Any]:
+        """``node_id``, ``public_key``, ``networks``, ``public`` (and ``real_addr``), as is."""
+        return self.call({"type": "lookup", "node_id": node_id})
+
+    def resolve(self, node_id: int, requester_id: int) -> dict[str, Any]:
+        """The ``real_addr`` of ``node_id``, asked by ``requester_id`` (signed)."""
+        return self.call(
+            {
+                "type": "resolve",
+                "node_id": node_id,
+                "requester_id": requester_id,
+                "signature": self._sign(resolve_challenge(requester_id, node_id)),
+            }
+        )
+
+    def set_visibility(self, node_id: int, public: bool) -> dict[str, Any]:
+        """Make ``node_id`` resolvable by anyone (``public``) or not (signed)."""
+        return self.call(
+            {
+                "type": "set_visibility",
+                "node_id": node_id,
+                "public": public,
+                "signature": self._sign(set_visibility_challenge(node_id)),
+            }
+        )
+
+    def report_trust(self, node_id: int, peer_id: int) -> dict[str, Any]:
+        """Record the trust pair ``node_id``-``peer_id`` (signed)."""
+        return self.call(
+            {
+                "type": "report_trust",
+                "node_id": node_id,
+                "peer_id": peer_id,
+                "signature": self._sign(report_trust_challenge(node_id, peer_id)),
+            }
+        )
+
+    def revoke_trust(self, node_id: int, peer_id: int) -> dict[str, Any]:
+        """Remove the trust pair ``node_id``-``peer_id`` (signed; fails if absent)."""
+        return self.call(
+            {
+                "type": "revoke_trust",
+                "node_id": node_id,
+                "peer_id": peer_id,
+                "signature": self._sign(revoke_trust_challenge(node_id, peer_id)),
+            }
+        )
+
+    def request_handshake(
+        self, from_node_id: int, to_node_id: int, justification: str, signature_b64: str
+    ) -> dict[str, Any]:
+        """Queue a relayed request; ``signature_b64`` signs ``handshake:<from>:<to>``."""
+        return self.call(
+            {
+                "type": "request_handshake",
+                "from_node_id": from_node_id,
+                "to_node_id": to_node_id,
+                "justification": justification,
+                "signature": signature_b64,
+            }
+        )
+
+    def respond_handshake(
+        self, node_id: int, peer_id: int, accept: bool, signature_b64: str
+    ) -> dict[str, Any]:
+        """Answer ``peer_id``'s relayed request; ``signature_b64`` signs ``respond:<N>:<P>``."""
+        return self.call(
+            {
+                "type": "respond_handshake",
+                "node_id": node_id,
+                "peer_id": peer_id,
+                "accept": accept,
+                "signature": signature_b64,
+            }
+        )
+
+    def poll_handshakes(self, node_id: int) -> dict[str, Any]:
+        """Drain ``node_id``'s relay inboxes: ``requests`` and ``responses`` (signed)."""
+        return self.call(
+            {
+                "type": "poll_handshakes",
+                "node_id": node_id,
+                "signature": self._sign(poll_challenge(node_id)),
+            }
+        )

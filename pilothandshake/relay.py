@@ -1,0 +1,273 @@
+"""The daemon's registry loop (SPEC 11): register, heartbeat, poll the relay.
+
+One background thread does all three, so registry traffic from the loop is strictly
+sequential. It registers to learn the node ID, heartbeats every ``heartbeat_interval``, and
+polls the relay inbox every ``poll_interval``, handing each relayed request and response to
+the Manager. On failure it backs off (doubling, at most ``MAX_BACKOFF``); while the registry
+is unreachable the daemon keeps serving direct handshakes. Heartbeats are also sent at the
+backoff pace while polls fail, and after ``HEARTBEAT_FAILURES_BEFORE_REREGISTER`` failed
+heartbeats in a row the loop registers again (the real registry rate-limits ``register``,
+hence the backoff).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Protocol
+
+from .constants import HEARTBEAT_FAILURES_BEFORE_REREGISTER, MAX_BACKOFF
+from .errors import RegistryError
+from .identity import Identity
+from .messages import MAX_NODE_ID
+
+log = logging.getLogger(__name__)
+
+
+class LoopRegistry(Protocol):
+    """The registry calls the loop makes (``registry.Client`` provides them)."""
+
+    address: str
+
+    def register(
+        self, listen_addr: str, public_key_b64: str, owner: str = "", hostname: str = ""
+    ) -> dict[str, Any]: ...
+
+    def heartbeat(self, node_id: int) -> dict[str, Any]: ...
+
+    def set_visibility(self, node_id: int, public: bool) -> dict[str, Any]: ...
+
+    def poll_handshakes(self, node_id: int) -> dict[str, Any]: ...
+
+
+class RelayTarget(Protocol):
+    """Where relayed input goes (``Manager`` provides these)."""
+
+    def process_relayed_request(
+        self, from_node_id: int, justification: str, public_key: str = ""
+    ) -> None: ...
+
+    def process_relayed_approval(self, from_node_id: int) -> None: ...
+
+    def process_relayed_rejection(self, from_node_id: int) -> None: ...
+
+
+def _node_id(value: Any) -> int:
+    """``value`` when it is a valid non-zero node ID, else 0."""
+    return value if type(value) is int and 0 < value <= MAX_NODE_ID else 0
+
+
+class RegistryLoop:
+    """Keeps this node registered and drains its relay inbox on a background thread.
+
+    ``listen_addr`` is what ``register`` announces; ``on_node_id(node_id)`` runs whenever
+    the registry assigns an ID (the runtime's ``node_id()`` reads it). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        client: LoopRegistry,
+        identity: Identity,
+        target: RelayTarget,
+        *,
+        listen_addr: str,
+        poll_interval: float,
+        heartbeat_interval: float,
+        public: bool = False,
+        on_node_id: Callable[[int], None] | None = None,
+        max_backoff: float = MAX_BACKOFF,
+    ) -> None:
+        self._client = client
+        self._identity = identity
+        self._target = target
+        self.listen_addr = listen_addr
+        self._poll_interval = poll_interval
+        self._heartbeat_interval = heartbeat_interval
+        self._public = public
+        self._on_node_id = on_node_id
+        self._max_backoff = max_backoff
+        self._lock = threading.Lock()
+        self._node_id = 0
+        self._reachable = False
+        self._last_error = ""
+        self._visibility_done = not public
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Loop-thread state: only the loop thread (or register_once before start) touches it.
+        self._failures = 0
+        self._heartbeat_failures = 0
+        self._next_heartbeat = 0.0
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> int:
+        """The registry-assigned node ID; 0 until registered."""
+        with self._lock:
+            return self._node_id
+
+    def state(self) -> dict[str, Any]:
+        """The registry's state for ``status``: address, reachability, last error."""
+        with self._lock:
+            return {
+                "address": self._client.address,
+                "reachable": self._reachable,
+                "registered": self._node_id != 0,
+                "error": self._last_error,
+            }
+
+    def _note(self, ok: bool, error: str = "") -> None:
+        with self._lock:
+            was_reachable = self._reachable
+            self._reachable = ok
+            self._last_error = error
+        if ok and not was_reachable and self._failures:
+            log.info("registry %s reachable again", self._client.address)
+        elif not ok and (was_reachable or not self._failures):
+            log.warning("registry %s: %s", self._client.address, error)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def register_once(self) -> bool:
+        """Register now (used once before ``start()``); True on success."""
+        try:
+            response = self._client.register(self.listen_addr, self._identity.public_key_b64)
+        except RegistryError as exc:
+            self._note(False, f"register failed: {exc}")
+            return False
+        node_id = _node_id(response.get("node_id"))
+        if not node_id:
+            self._note(False, f"register answered a bad node_id: {response.get('node_id')!r}")
+            return False
+        with self._lock:
+            changed = node_id != self._node_id
+            self._node_id = node_id
+        self._note(True)
+        self._heartbeat_failures = 0
+        self._next_heartbeat = time.monotonic() + self._heartbeat_interval
+        # A registry that lost this node lost its visibility too.
+        self._visibility_done = not self._public
+        if changed:
+            log.info("registered with %s as node %d", self._client.address, node_id)
+            if self._on_node_id is not None:
+                self._on_node_id(node_id)
+        self._ensure_visibility(node_id)
+        return True
+
+    def start(self) -> None:
+        """Start the background thread. Idempotent."""
+        if self._thread is not None or self._stop.is_set():
+            return
+        self._thread = threading.Thread(target=self._run, name="registry-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = MAX_BACKOFF) -> None:
+        """Wake the thread and join it (bounded by the registry call in flight). Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = 0.0
+        while not self._stop.wait(delay):
+            try:
+                ok = self._step()
+            except Exception:
+                # A bug in one round must not end relay service for the daemon's lifetime.
+                log.exception("registry loop round failed")
+                ok = False
+            if ok:
+                self._failures = 0
+                delay = self._poll_interval
+            else:
+                self._failures += 1
+                delay = min(self._max_backoff, self._poll_interval * 2 ** (self._failures - 1))
+            if self.node_id:
+                delay = min(delay, max(0.0, self._next_heartbeat - time.monotonic()))
+
+    def _step(self) -> bool:
+        """One round; False when the registry failed (the caller backs off)."""
+        node_id = self.node_id
+        if not node_id:
+            return self.register_once()
+        heartbeat_due = self._failures or time.monotonic() >= self._next_heartbeat
+        if heartbeat_due and not self._heartbeat(node_id):
+            return False
+        self._ensure_visibility(node_id)
+        return self._poll(node_id)
+
+    def _heartbeat(self, node_id: int) -> bool:
+        try:
+            self._client.heartbeat(node_id)
+        except RegistryError as exc:
+            self._heartbeat_failures += 1
+            self._note(False, f"heartbeat failed: {exc}")
+            if self._heartbeat_failures >= HEARTBEAT_FAILURES_BEFORE_REREGISTER:
+                log.warning("%d heartbeats failed: registering again", self._heartbeat_failures)
+                return self.register_once()
+            return False
+        self._heartbeat_failures = 0
+        self._next_heartbeat = time.monotonic() + self._heartbeat_interval
+        self._note(True)
+        return True
+
+    def _ensure_visibility(self, node_id: int) -> None:
+        if self._visibility_done:
+            return
+        try:
+            self._client.set_visibility(node_id, True)
+        except RegistryError as exc:
+            log.warning("set_visibility(public) failed, will retry: %s", exc)
+            return
+        self._visibility_done = True
+        log.info("node %d is public on the registry", node_id)
+
+    def _poll(self, node_id: int) -> bool:
+        try:
+            response = self._client.poll_handshakes(node_id)
+        except RegistryError as exc:
+            self._note(False, f"poll failed: {exc}")
+            return False
+        self._note(True)
+        requests = response.get("requests")
+        responses = response.get("responses")
+        for item in requests if isinstance(requests, list) else []:
+            self._deliver_request(item)
+        for item in responses if isinstance(responses, list) else []:
+            self._deliver_response(item)
+        return True
+
+    def _deliver_request(self, item: Any) -> None:
+        if not isinstance(item, dict) or not _node_id(item.get("from_node_id")):
+            log.warning("relay: dropped a malformed request: %.200r", item)
+            return
+        justification = item.get("justification")
+        public_key = item.get("public_key")
+        try:
+            self._target.process_relayed_request(
+                item["from_node_id"],
+                justification if isinstance(justification, str) else "",
+                public_key if isinstance(public_key, str) else "",
+            )
+        except Exception as exc:
+            log.error("relay: request from node %d failed: %s", item["from_node_id"], exc)
+
+    def _deliver_response(self, item: Any) -> None:
+        if (
+            not isinstance(item, dict)
+            or not _node_id(item.get("from_node_id"))
+            or type(item.get("accept")) is not bool
+        ):
+            log.warning("relay: dropped a malformed response: %.200r", item)
+            return
+        peer = item["from_node_id"]
+        try:
+            if item["accept"]:
+                self._target.process_relayed_approval(peer)
+            else:
+                self._target.process_relayed_rejection(peer)
+        except Exception as exc:
+            log.error("relay: response from node %d failed: %s", peer, exc)

@@ -1,0 +1,168 @@
+"""Config loading and validation (SPEC section 12)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pilothandshake.config import Config, load_config, parse_config
+from pilothandshake.errors import ConfigError
+from pilothandshake.runtime import AllowlistEntry
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "conf" / "example.yaml"
+KEY = "O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik="
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_empty_file_gives_every_default(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""))
+    assert config.identity == os.path.expanduser("~/.pilot-handshake/identity.json")
+    assert config.node_id == 0
+    assert config.listen == "0.0.0.0:444"
+    assert config.registry is None
+    assert config.trust.strict is True
+    assert config.trust.auto_approve is False
+    assert config.trust.outgoing_ttl == 604800
+    assert config.trust.allowlist == {}
+    assert config.trust.deny == frozenset()
+    assert config.peers == {}
+    assert config.events.webhook == ""
+    assert (config.max_connections, config.max_connections_per_source) == (256, 16)
+    assert config.max_replay_per_source == 1024
+    assert (config.log_level, config.log_format) == ("info", "text")
+    assert config.path == str(tmp_path / "config.yaml")
+
+
+def test_registry_section_defaults_apply_when_only_address_given(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "registry: {address: '127.0.0.1:9000'}\n"))
+    assert config.registry is not None
+    assert config.registry.address == "127.0.0.1:9000"
+    assert config.registry.tls is False
+    assert config.registry.fingerprint == ""
+    assert (config.registry.poll_interval, config.registry.heartbeat_interval) == (2, 60)
+    assert config.registry.public is False
+
+
+def test_example_config_parses_with_every_section(tmp_path: Path) -> None:
+    config = load_config(str(EXAMPLE))
+    assert config.node_id == 7
+    assert config.registry is not None and config.registry.address == "127.0.0.1:9000"
+    assert config.trust.allowlist == {
+        42: AllowlistEntry(42, "build-agent", ""),
+        43: AllowlistEntry(43, "deployer", KEY),
+    }
+    assert config.trust.deny == frozenset({13})
+    assert config.peers == {42: "10.0.0.5:444"}
+    assert config.identity == os.path.expanduser("~/.pilot-handshake/identity.json")
+
+
+def test_relative_identity_resolves_against_the_config_directory(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "identity: keys/id.json\n"))
+    assert config.identity == str(tmp_path / "keys" / "id.json")
+    assert config.trust_path == str(tmp_path / "keys" / "trust.json")
+    assert config.control_socket == str(tmp_path / "keys" / "control.sock")
+
+
+def test_fingerprint_is_normalised_to_lowercase_hex_without_colons(tmp_path: Path) -> None:
+    pin = ":".join(["AB"] * 32)
+    text = f"registry: {{address: 'reg.example:9000', tls: true, fingerprint: '{pin}'}}\n"
+    config = load_config(write(tmp_path, text))
+    assert config.registry is not None and config.registry.fingerprint == "ab" * 32
+
+
+def test_integer_accepted_for_seconds_and_null_section_means_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "trust:\n  outgoing_ttl: 60\nevents:\nregistry:\n"))
+    assert config.trust.outgoing_ttl == 60.0
+    assert isinstance(config.trust.outgoing_ttl, float)
+    assert config.events.webhook == "" and config.registry is None
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ("colour: blue\n", "colour", "unknown key"),
+        ("trust: {strict: true, paranoid: true}\n", "trust.paranoid", "unknown key"),
+        ("node_id: true\n", "node_id", "an integer 0..4294967295"),
+        ("node_id: 4294967296\n", "node_id", "an integer 0..4294967295"),
+        ("node_id: -1\n", "node_id", "an integer 0..4294967295"),
+        ("listen: 'localhost'\n", "listen", "host:port"),
+        ("listen: '0.0.0.0:70000'\n", "listen", "host:port"),
+        ("registry: {tls: true}\n", "registry.address", "required"),
+        ("registry: {address: 'r:0'}\n", "registry.address", "port 1..65535"),
+        ("registry: {address: 'r:1', poll_interval: 0}\n", "registry.poll_interval", "> 0"),
+        ("registry: {address: 'r:1', heartbeat_interval: '60'}\n", "registry", "> 0"),
+        ("registry: {address: 'r:1', tls: true, fingerprint: 'abc'}\n", "fingerprint", "64 hex"),
+        ("registry: {address: 'r:1', fingerprint: '" + "a" * 64 + "'}\n", "registry.tls", "true"),
+        ("trust: {strict: 1}\n", "trust.strict", "true or false"),
+        ("trust: {outgoing_ttl: -5}\n", "trust.outgoing_ttl", "> 0"),
+        ("trust: {allowlist: {node_id: 4}}\n", "trust.allowlist", "a list"),
+        (
+            f"trust: {{allowlist: [{{node_id: 4, public_key: '{KEY}'}}, "
+            "{node_id: 5, public_key: 'abcd'}]}\n",
+            "trust.allowlist[1].public_key",
+            "base64 of a 32-byte",
+        ),
+        ("trust: {allowlist: [{name: x}]}\n", "trust.allowlist[0].node_id", "required"),
+        ("trust: {allowlist: [{node_id: 4}, {node_id: 4}]}\n", "trust.allowlist[1].node_id", "once"),
+        ("trust: {allowlist: [{node_id: 4, role: x}]}\n", "trust.allowlist[0].role", "unknown"),
+        ("trust: {deny: [1, 'two']}\n", "trust.deny[1]", "an integer"),
+        ("peers: {42: '10.0.0.5'}\n", "peers.42", "host:port"),
+        ("peers: {x: '10.0.0.5:444'}\n", "peers.x", "an integer"),
+        ("events: {webhook: 'ftp://x/y'}\n", "events.webhook", "http"),
+        ("max_connections: 0\n", "max_connections", ">= 1"),
+        ("max_connections_per_source: 2.5\n", "max_connections_per_source", "an integer"),
+        ("log_level: verbose\n", "log_level", "debug, info, warning, error"),
+        ("log_format: xml\n", "log_format", "text, json"),
+        ("identity: ''\n", "identity", "non-empty path"),
+        ("- just\n- a list\n", "(top level)", "a mapping"),
+    ],
+)
+def test_invalid_config_error_names_file_key_and_expectation(
+    tmp_path: Path, text: str, key: str, expected: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert key in message
+    assert expected in message
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "trust: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML") as info:
+        load_config(path)
+    assert str(info.value).startswith(path)
+
+
+def test_unreadable_file_names_the_file(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="cannot read config") as info:
+        load_config(missing)
+    assert missing in str(info.value)
+
+
+def test_parse_config_accepts_loaded_data_and_names_source() -> None:
+    config = parse_config({"node_id": 9, "peers": {9: "[::1]:444"}}, "/etc/x.yaml")
+    assert config.node_id == 9 and config.peers == {9: "[::1]:444"}
+    with pytest.raises(ConfigError, match=r"^/etc/x\.yaml: node_id: "):
+        parse_config({"node_id": 1.5}, "/etc/x.yaml")
+
+
+def test_listen_port_zero_is_allowed_for_ephemeral_binding(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "listen: '127.0.0.1:0'\n")).listen == "127.0.0.1:0"
+
+
+def test_config_built_in_code_has_defaults_and_is_frozen() -> None:
+    config = Config()
+    assert config.control_socket == os.path.expanduser("~/.pilot-handshake/control.sock")
+    with pytest.raises(AttributeError):
+        config.node_id = 3  # type: ignore[misc]

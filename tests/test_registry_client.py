@@ -1,0 +1,320 @@
+"""The registry client: framing, limits, retry, concurrency and TLS pinning, on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from pilothandshake.constants import MAX_REGISTRY_FRAME_CLIENT
+from pilothandshake.errors import RegistryError
+from pilothandshake.identity import Identity, decode_signature, verify
+from pilothandshake.registry import Client
+from pilothandshake.registry.client import encode_frame, normalize_fingerprint, read_frame
+from pilothandshake.registry.server import RegistryServer
+
+Behaviour = Callable[["Stub", socket.socket, int], None]
+
+
+class Stub:
+    """A loopback TCP server running ``behaviour(stub, conn, index)`` per connection."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.connections = 0
+        self.requests: list[dict[str, Any]] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn, self.connections), daemon=True).start()
+
+    def _run(self, conn: socket.socket, index: int) -> None:
+        # The client hanging up mid-exchange is part of several tests.
+        with conn, contextlib.suppress(OSError):
+            self.behaviour(self, conn, index)
+
+    def read(self, conn: socket.socket) -> dict[str, Any] | None:
+        request = read_frame(conn, 1 << 16, 5.0, 5.0)
+        if request is not None:
+            self.requests.append(request)
+        return request
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+
+@pytest.fixture
+def stubs() -> Iterator[list[Stub]]:
+    made: list[Stub] = []
+    yield made
+    for stub in made:
+        stub.close()
+
+
+def make_stub(stubs: list[Stub], behaviour: Behaviour) -> Stub:
+    stub = Stub(behaviour)
+    stubs.append(stub)
+    return stub
+
+
+def answer_ok(stub: Stub, conn: socket.socket, index: int) -> None:
+    """Answer every request with ``<type>_ok`` until the client closes."""
+    while (request := stub.read(conn)) is not None:
+        conn.sendall(encode_frame({"type": f"{request['type']}_ok"}))
+
+
+def test_response_frame_over_1_mib_is_refused_and_connection_dropped(
+    stubs: list[Stub],
+) -> None:
+    closed = threading.Event()
+
+    def behaviour(stub: Stub, conn: socket.socket, index: int) -> None:
+        stub.read(conn)
+        conn.sendall(struct.pack(">I", MAX_REGISTRY_FRAME_CLIENT + 1))
+        conn.settimeout(5.0)
+        if conn.recv(1) == b"":
+            closed.set()
+
+    stub = make_stub(stubs, behaviour)
+    client = Client(stub.address, timeout=2.0)
+    with pytest.raises(RegistryError, match="exceeds"):
+        client.lookup(1)
+    assert closed.wait(5.0), "client kept the connection open"
+    assert stub.connections == 1  # not retried
+
+
+def test_client_reconnects_once_after_the_server_drops_the_connection(
+    stubs: list[Stub],
+) -> None:
+    def behaviour(stub: Stub, conn: socket.socket, index: int) -> None:
+        request = stub.read(conn)
+        assert request is not None
+        conn.sendall(encode_frame({"type": "lookup_ok", "conn": index}))
+        # The first connection is dropped after one answer; later ones stay open.
+        while index > 1 and (request := stub.read(conn)) is not None:
+            conn.sendall(encode_frame({"type": "lookup_ok", "conn": index}))
+
+    stub = make_stub(stubs, behaviour)
+    client = Client(stub.address, timeout=2.0)
+    assert client.lookup(1)["conn"] == 1
+    assert client.lookup(1)["conn"] == 2
+    assert client.lookup(1)["conn"] == 2  # the new connection is reused
+    assert stub.connections == 2
+
+
+def test_client_retries_a_broken_connection_only_once(stubs: list[Stub]) -> None:
+    def behaviour(stub: Stub, conn: socket.socket, index: int) -> None:
+        stub.read(conn)  # read the request, then close without answering
+
+    stub = make_stub(stubs, behaviour)
+    client = Client(stub.address, timeout=2.0)
+    with pytest.raises(RegistryError, match="closed"):
+        client.lookup(1)
+    assert stub.connections == 2
+    assert len(stub.requests) == 2
+
+
+def test_error_response_raises_its_text_and_is_not_retried(stubs: list[Stub]) -> None:
+    def behaviour(stub: Stub, conn: socket.socket, index: int) -> None:
+        while stub.read(conn) is not None:
+            conn.sendall(encode_frame({"type": "error", "error": "request failed"}))
+
+    stub = make_stub(stubs, behaviour)
+    client = Client(stub.address, timeout=2.0)
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        client.lookup(1)
+    assert len(stub.requests) == 1
+
+
+def test_unexpected_response_type_is_an_error(stubs: list[Stub]) -> None:
+    def behaviour(stub: Stub, conn: socket.socket, index: int) -> None:
+        while stub.read(conn) is not None:
+            conn.sendall(encode_frame({"type": "heartbeat_ok"}))
+
+    stub = make_stub(stubs, behaviour)
+    with pytest.raises(RegistryError, match="unexpected type 'heartbeat_ok'"):
+        Client(stub.address, timeout=2.0).lookup(1)
+
+
+def test_silent_server_times_out(stubs: list[Stub]) -> None:
+    release = threading.Event()
+
+    def behaviour(stub: Stub, conn: socket.socket, index: int) -> None:
+        stub.read(conn)
+        release.wait(5.0)
+
+    stub = make_stub(stubs, behaviour)
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match="did not answer"):
+        Client(stub.address, timeout=0.3).lookup(1)
+    release.set()
+    assert time.monotonic() - started < 2.0
+    assert stub.connections == 1
+
+
+def test_slow_call_does_not_block_another_thread(stubs: list[Stub]) -> None:
+    release = threading.Event()
+
+    def behaviour(stub: Stub, conn: socket.socket, index: int) -> None:
+        while (request := stub.read(conn)) is not None:
+            if request["type"] == "poll_handshakes":
+                release.wait(5.0)
+            conn.sendall(encode_frame({"type": f"{request['type']}_ok"}))
+
+    stub = make_stub(stubs, behaviour)
+    ident = Identity.generate()
+    client = Client(stub.address, ident.sign, timeout=5.0)
+    polled: list[dict[str, Any]] = []
+    poller = threading.Thread(target=lambda: polled.append(client.poll_handshakes(1)))
+    poller.start()
+    deadline = time.monotonic() + 5.0
+    while not any(r["type"] == "poll_handshakes" for r in stub.requests):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert client.lookup(2)["type"] == "lookup_ok"
+    assert poller.is_alive()  # the poll is still waiting, yet the lookup went through
+    release.set()
+    poller.join(timeout=5.0)
+    assert polled == [{"type": "poll_handshakes_ok"}]
+
+
+def test_requests_carry_the_documented_fields_and_signatures(stubs: list[Stub]) -> None:
+    stub = make_stub(stubs, answer_ok)
+    ident = Identity.generate()
+    client = Client(stub.address, ident.sign, timeout=2.0)
+    client.register("127.0.0.1:444", ident.public_key_b64, hostname="h")
+    client.resolve(5, 7)
+    client.request_handshake(7, 5, "why", "c2ln")
+    client.respond_handshake(7, 5, True, "c2ln")
+    register, resolve, request, respond = stub.requests
+    assert register == {
+        "type": "register",
+        "listen_addr": "127.0.0.1:444",
+        "public_key": ident.public_key_b64,
+        "hostname": "h",
+    }
+    assert (resolve["node_id"], resolve["requester_id"]) == (5, 7)
+    signature = decode_signature(resolve["signature"])
+    assert signature is not None
+    assert verify(ident.public_key, b"resolve:7:5", signature)
+    assert request == {
+        "type": "request_handshake",
+        "from_node_id": 7,
+        "to_node_id": 5,
+        "justification": "why",
+        "signature": "c2ln",
+    }
+    assert respond["accept"] is True and respond["signature"] == "c2ln"
+
+
+def test_signed_call_without_signer_is_an_error() -> None:
+    client = Client("127.0.0.1:1")
+    with pytest.raises(RegistryError, match="no identity"):
+        client.heartbeat(1)
+
+
+def test_unreachable_registry_is_a_registry_error() -> None:
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(RegistryError, match="cannot connect"):
+        Client(f"127.0.0.1:{port}", timeout=1.0).lookup(1)
+
+
+def test_client_is_safe_to_share_between_threads() -> None:
+    server = RegistryServer("127.0.0.1", 0)
+    server.start()
+    try:
+        client = Client("{}:{}".format(*server.address), timeout=5.0)
+        idents = [Identity.generate() for _ in range(4)]
+        ids = [client.register("127.0.0.1:4000", i.public_key_b64)["node_id"] for i in idents]
+        errors: list[str] = []
+
+        def worker(n: int) -> None:
+            for _ in range(25):
+                node_id = ids[n % len(ids)]
+                got = client.lookup(node_id)
+                if got["public_key"] != idents[n % len(ids)].public_key_b64:
+                    errors.append(f"wrong answer for {node_id}")
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        assert errors == []
+        client.close()
+        with pytest.raises(RegistryError, match="closed"):
+            client.lookup(ids[0])
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tls_cert(tmp_path: Path) -> tuple[str, str, str]:
+    """A self-signed certificate: (certfile, keyfile, SHA-256 fingerprint with colons)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=registry"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    out = subprocess.run(
+        ["openssl", "x509", "-in", cert, "-noout", "-fingerprint", "-sha256"],
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+    return cert, key, out.strip().split("=", 1)[1]
+
+
+def test_tls_with_pinned_fingerprint(tls_cert: tuple[str, str, str]) -> None:
+    cert, key, fingerprint = tls_cert
+    server = RegistryServer("127.0.0.1", 0, certfile=cert, keyfile=key)
+    server.start()
+    try:
+        address = "{}:{}".format(*server.address)
+        ident = Identity.generate()
+        pinned = Client(address, ident.sign, tls=True, fingerprint=fingerprint.lower())
+        node_id = pinned.register("127.0.0.1:4000", ident.public_key_b64)["node_id"]
+        assert pinned.heartbeat(node_id)["type"] == "heartbeat_ok"
+
+        wrong = "00" * 32
+        with pytest.raises(RegistryError) as info:
+            Client(address, tls=True, fingerprint=wrong).lookup(node_id)
+        assert wrong in str(info.value)
+        assert normalize_fingerprint(fingerprint) in str(info.value)
+
+        # Without a pin the self-signed certificate fails normal verification.
+        with pytest.raises(RegistryError, match="TLS"):
+            Client(address, tls=True, timeout=2.0).lookup(node_id)
+        # A plain client cannot talk to a TLS registry.
+        with pytest.raises(RegistryError):
+            Client(address, timeout=1.0).lookup(node_id)
+    finally:
+        server.stop()

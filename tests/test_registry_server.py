@@ -1,0 +1,436 @@
+"""The embedded registry, driven through the real Client over loopback sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from pilothandshake.constants import MAX_REGISTRY_FRAME_SERVER, REGISTRY_INBOX
+from pilothandshake.errors import ConfigError, RegistryError, StoreError
+from pilothandshake.identity import Identity, b64encode
+from pilothandshake.messages import handshake_challenge, respond_challenge
+from pilothandshake.registry.client import Client, read_frame
+from pilothandshake.registry.server import RegistryServer, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+REGISTRYD = str(ROOT / "bin" / "pilot-registryd")
+
+
+class Node:
+    """A registered node: its identity, a client signing as it, and its ID."""
+
+    def __init__(self, server: RegistryServer, listen_addr: str = "127.0.0.1:4000") -> None:
+        self.identity = Identity.generate()
+        host, port = server.address
+        self.client = Client(f"{host}:{port}", self.identity.sign, timeout=2.0)
+        self.node_id: int = self.client.register(listen_addr, self.identity.public_key_b64)[
+            "node_id"
+        ]
+
+    def sig(self, challenge: bytes) -> str:
+        return b64encode(self.identity.sign(challenge))
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., RegistryServer]]:
+    servers: list[RegistryServer] = []
+
+    def make(**kwargs: Any) -> RegistryServer:
+        server = RegistryServer("127.0.0.1", 0, **kwargs)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., RegistryServer]) -> RegistryServer:
+    return make_server()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def raw_exchange(server: RegistryServer, payload: bytes) -> tuple[Any, bytes]:
+    """Send raw bytes; return the first response frame and whatever follows until EOF."""
+    with socket.create_connection(server.address, timeout=2.0) as sock:
+        sock.sendall(payload)
+        response = read_frame(sock, 1 << 20, 2.0, 2.0)
+        rest = sock.recv(100)
+    return response, rest
+
+
+def test_same_key_gets_same_id_and_ids_count_up_from_one(server: RegistryServer) -> None:
+    a, b = Node(server), Node(server)
+    assert (a.node_id, b.node_id) == (1, 2)
+    again = a.client.register("127.0.0.1:5000", a.identity.public_key_b64)
+    assert again["node_id"] == 1
+    assert again["public_key"] == a.identity.public_key_b64
+    assert again["address"] == "0:0000.0000.0001"
+    assert Node(server).node_id == 3
+
+
+def test_lookup_reports_key_networks_and_real_addr_only_when_public(
+    server: RegistryServer,
+) -> None:
+    a, b = Node(server, "127.0.0.1:4001"), Node(server)
+    private = b.client.lookup(a.node_id)
+    assert private["type"] == "lookup_ok"
+    assert private["public_key"] == a.identity.public_key_b64
+    assert private["networks"] == [0]
+    assert private["public"] is False
+    assert "real_addr" not in private
+    a.client.set_visibility(a.node_id, True)
+    public = b.client.lookup(a.node_id)
+    assert public["public"] is True
+    assert public["real_addr"] == "127.0.0.1:4001"
+
+
+def test_unspecified_listen_host_is_replaced_by_the_source_ip(server: RegistryServer) -> None:
+    for listen in ("0.0.0.0:4002", ":4002"):
+        node = Node(server, listen)
+        node.client.set_visibility(node.node_id, True)
+        assert node.client.lookup(node.node_id)["real_addr"] == "127.0.0.1:4002"
+
+
+def test_lookup_of_unknown_node_fails(server: RegistryServer) -> None:
+    a = Node(server)
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        a.client.lookup(99)
+
+
+def test_config_networks_apply_to_a_key_listed_before_registration(
+    make_server: Callable[..., RegistryServer],
+) -> None:
+    future = Identity.generate()
+    server = make_server(networks={3: [1, future.public_key_b64], 5: [1]})
+    first = Node(server)
+    second_client = Client("{}:{}".format(*server.address), future.sign)
+    second = second_client.register("127.0.0.1:4000", future.public_key_b64)["node_id"]
+    assert first.client.lookup(first.node_id)["networks"] == [0, 3, 5]
+    assert first.client.lookup(second)["networks"] == [0, 3]
+
+
+def test_resolve_requires_public_shared_network_or_trust_pair(
+    make_server: Callable[..., RegistryServer],
+) -> None:
+    server = make_server(networks={7: [1, 2]})
+    a, b, c, d = (Node(server, f"127.0.0.1:{4000 + i}") for i in range(4))
+    # b shares network 7 with a.
+    assert a.client.resolve(b.node_id, a.node_id)["real_addr"] == "127.0.0.1:4001"
+    # c is private and unrelated to d: denied.
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        d.client.resolve(c.node_id, d.node_id)
+    # A trust pair opens it, in both directions.
+    c.client.report_trust(c.node_id, d.node_id)
+    assert d.client.resolve(c.node_id, d.node_id)["real_addr"] == "127.0.0.1:4002"
+    assert c.client.resolve(d.node_id, c.node_id)["node_id"] == d.node_id
+    # Public opens it to anyone.
+    with pytest.raises(RegistryError):
+        a.client.resolve(d.node_id, a.node_id)
+    d.client.set_visibility(d.node_id, True)
+    assert a.client.resolve(d.node_id, a.node_id)["real_addr"] == "127.0.0.1:4003"
+
+
+def test_wrong_or_missing_signatures_are_refused(server: RegistryServer) -> None:
+    a, b = Node(server), Node(server)
+    impostor = Client("{}:{}".format(*server.address), b.identity.sign)
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        impostor.heartbeat(a.node_id)
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        impostor.poll_handshakes(a.node_id)
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        a.client.call({"type": "heartbeat", "node_id": a.node_id})
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        a.client.call({"type": "set_visibility", "node_id": a.node_id, "public": True})
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        # A signature over the right challenge by the wrong key.
+        b.client.request_handshake(
+            a.node_id, b.node_id, "x", b.sig(handshake_challenge(a.node_id, b.node_id))
+        )
+    assert a.client.heartbeat(a.node_id)["type"] == "heartbeat_ok"
+    assert b.client.lookup(a.node_id)["public"] is False  # the refused set_visibility did nothing
+
+
+def test_second_request_while_first_waits_fails_until_polled(server: RegistryServer) -> None:
+    a, b = Node(server), Node(server)
+    sig = a.sig(handshake_challenge(a.node_id, b.node_id))
+    ok = a.client.request_handshake(a.node_id, b.node_id, "sync", sig)
+    assert ok == {"type": "request_handshake_ok", "status": "delivered"}
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        a.client.request_handshake(a.node_id, b.node_id, "again", sig)
+    b.client.poll_handshakes(b.node_id)
+    assert a.client.request_handshake(a.node_id, b.node_id, "after poll", sig)["status"]
+
+
+def test_inbox_holds_at_most_100_requests(server: RegistryServer) -> None:
+    target = Node(server)
+    registrar = Client("{}:{}".format(*server.address))
+    results = []
+    for _ in range(REGISTRY_INBOX + 1):
+        ident = Identity.generate()
+        sender = registrar.register("127.0.0.1:4000", ident.public_key_b64)["node_id"]
+        sig = b64encode(ident.sign(handshake_challenge(sender, target.node_id)))
+        try:
+            registrar.request_handshake(sender, target.node_id, "hi", sig)
+            results.append(True)
+        except RegistryError:
+            results.append(False)
+    assert results == [True] * REGISTRY_INBOX + [False]
+    assert len(target.client.poll_handshakes(target.node_id)["requests"]) == REGISTRY_INBOX
+
+
+def test_poll_returns_and_drains_requests_and_responses(server: RegistryServer) -> None:
+    a, b = Node(server), Node(server)
+    a.client.request_handshake(
+        a.node_id, b.node_id, "nightly", a.sig(handshake_challenge(a.node_id, b.node_id))
+    )
+    b.client.respond_handshake(
+        b.node_id, a.node_id, False, b.sig(respond_challenge(b.node_id, a.node_id))
+    )
+    polled_b = b.client.poll_handshakes(b.node_id)
+    [request] = polled_b["requests"]
+    assert request["from_node_id"] == a.node_id
+    assert request["justification"] == "nightly"
+    assert request["public_key"] == a.identity.public_key_b64
+    assert abs(request["timestamp"] - time.time()) < 60
+    assert polled_b["responses"] == []
+    polled_a = a.client.poll_handshakes(a.node_id)
+    [response] = polled_a["responses"]
+    assert (response["from_node_id"], response["accept"]) == (b.node_id, False)
+    assert isinstance(response["timestamp"], int)
+    for node in (a, b):
+        empty = node.client.poll_handshakes(node.node_id)
+        assert (empty["requests"], empty["responses"]) == ([], [])
+
+
+def test_accepting_response_creates_trust_pair_and_queues_response(
+    server: RegistryServer,
+) -> None:
+    a, b = Node(server), Node(server)
+    with pytest.raises(RegistryError):
+        a.client.resolve(b.node_id, a.node_id)
+    bad = a.sig(respond_challenge(b.node_id, a.node_id))  # signed by the wrong node
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        b.client.respond_handshake(b.node_id, a.node_id, True, bad)
+    b.client.respond_handshake(
+        b.node_id, a.node_id, True, b.sig(respond_challenge(b.node_id, a.node_id))
+    )
+    assert a.client.resolve(b.node_id, a.node_id)["node_id"] == b.node_id
+    [response] = a.client.poll_handshakes(a.node_id)["responses"]
+    assert (response["from_node_id"], response["accept"]) == (b.node_id, True)
+    assert a.client.revoke_trust(a.node_id, b.node_id)["type"] == "revoke_trust_ok"
+
+
+def test_revoking_a_missing_trust_pair_fails(server: RegistryServer) -> None:
+    a, b = Node(server), Node(server)
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        a.client.revoke_trust(a.node_id, b.node_id)
+    a.client.report_trust(a.node_id, b.node_id)
+    b.client.revoke_trust(b.node_id, a.node_id)
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        a.client.revoke_trust(a.node_id, b.node_id)
+
+
+def test_node_missing_heartbeats_goes_offline_and_keeps_its_id(
+    make_server: Callable[..., RegistryServer],
+) -> None:
+    server = make_server(expiry=0.3)
+    a, b = Node(server), Node(server)
+    a.client.report_trust(a.node_id, b.node_id)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        b.client.heartbeat(b.node_id)  # b stays online
+        try:
+            b.client.lookup(a.node_id)
+        except RegistryError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("node never went offline")
+    with pytest.raises(RegistryError):
+        a.client.heartbeat(a.node_id)
+    assert a.client.register("127.0.0.1:4000", a.identity.public_key_b64)["node_id"] == 1
+    assert b.client.lookup(a.node_id)["node_id"] == a.node_id
+    b.client.revoke_trust(b.node_id, a.node_id)  # the pair survived
+
+
+def test_request_frame_over_64_kib_is_refused_and_closed(server: RegistryServer) -> None:
+    header = struct.pack(">I", MAX_REGISTRY_FRAME_SERVER + 1)
+    response, rest = raw_exchange(server, header)
+    assert response == {"type": "error", "error": "request failed"}
+    assert rest == b""
+
+
+def test_malformed_json_and_fields_get_an_error_not_a_crash(server: RegistryServer) -> None:
+    body = b"{not json"
+    response, rest = raw_exchange(server, struct.pack(">I", len(body)) + body)
+    assert response == {"type": "error", "error": "request failed"}
+    assert rest == b""
+    a = Node(server)
+    for bad in (
+        {"type": "lookup", "node_id": True},
+        {"type": "lookup", "node_id": 2**32},
+        {"type": "nonsense"},
+        {"node_id": 1},
+        {"type": "register", "listen_addr": "nope", "public_key": a.identity.public_key_b64},
+        {"type": "register", "listen_addr": "127.0.0.1:1", "public_key": "AAAA"},
+        {"type": "set_visibility", "node_id": 1, "public": "yes", "signature": ""},
+    ):
+        with pytest.raises(RegistryError, match=r"^request failed$"):
+            a.client.call(bad)
+    assert a.client.lookup(a.node_id)["node_id"] == a.node_id  # still serving
+
+
+def test_store_keeps_ids_and_trust_pairs_across_restart(
+    make_server: Callable[..., RegistryServer], tmp_path: Path
+) -> None:
+    store = str(tmp_path / "registry.json")
+    server = make_server(store_path=store)
+    a, b, c = Node(server, "127.0.0.1:4000"), Node(server), Node(server)
+    a.client.report_trust(a.node_id, b.node_id)
+    a.client.set_visibility(a.node_id, True)
+    server.stop()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+    restarted = make_server(store_path=store)
+    address = "{}:{}".format(*restarted.address)
+    for node in (a, b, c):
+        node.client = Client(address, node.identity.sign)
+    assert b.client.register("127.0.0.1:4000", b.identity.public_key_b64)["node_id"] == 2
+    assert c.client.lookup(a.node_id)["real_addr"] == "127.0.0.1:4000"
+    assert Node(restarted).node_id == 4
+    b.client.revoke_trust(b.node_id, a.node_id)  # the pair was restored
+    with pytest.raises(RegistryError):
+        c.client.revoke_trust(c.node_id, a.node_id)
+
+
+def test_corrupt_or_unwritable_store_is_a_clear_error(tmp_path: Path) -> None:
+    store = tmp_path / "registry.json"
+    store.write_text("{broken")
+    with pytest.raises(StoreError, match=r"registry\.json"):
+        RegistryServer("127.0.0.1", 0, store_path=str(store))
+    result = subprocess.run(
+        [sys.executable, REGISTRYD, "--listen", "127.0.0.1:0", "--store", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 1
+    assert "registry.json" in result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(StoreError, match="cannot write"):
+        RegistryServer("127.0.0.1", 0, store_path=str(tmp_path / "missing" / "registry.json"))
+
+
+def test_load_config_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "registry.yaml"
+    key = Identity.generate().public_key_b64
+    path.write_text(f"networks:\n  3: [7, '{key}']\n")
+    assert load_config(str(path)) == {3: [7, key]}
+    for text, where in (
+        ("networks:\n  3: [7, 'not-a-key']\n", "networks.3[1]"),
+        ("networks:\n  0: [7]\n", "networks.0"),
+        ("networks:\n  3: 7\n", "networks.3"),
+        ("peers: {}\n", "peers"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path))
+        assert str(path) in str(info.value)
+        assert where in str(info.value)
+
+
+def start_registryd(*args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, REGISTRYD, "--listen", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 15.0)
+    line = proc.stdout.readline() if ready else ""  # the line, or EOF if it exited
+    prefix = "pilot-registryd listening on "
+    if not line.startswith(prefix):
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        pytest.fail(f"registryd did not start: {line!r} {err}")
+    return proc, line[len(prefix) :].strip()
+
+
+def test_main_serves_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
+    config = tmp_path / "registry.yaml"
+    config.write_text("networks:\n  3: [1]\n")
+    proc, address = start_registryd("--config", str(config), "--log-level", "warning")
+    try:
+        ident = Identity.generate()
+        client = Client(address, ident.sign)
+        assert client.register("127.0.0.1:4000", ident.public_key_b64)["node_id"] == 1
+        assert client.lookup(1)["networks"] == [0, 3]
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_main_bad_config_exits_one_naming_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("networks:\n  3: [7, 'bogus']\n")
+    result = subprocess.run(
+        [sys.executable, REGISTRYD, "--listen", "127.0.0.1:0", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 1
+    assert str(config) in result.stderr
+    assert "networks.3[1]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_main_port_in_use_exits_one(server: RegistryServer) -> None:
+    result = subprocess.run(
+        [sys.executable, REGISTRYD, "--listen", "{}:{}".format(*server.address)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 1
+    assert "cannot listen" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_store_file_is_plain_json_with_next_id(
+    make_server: Callable[..., RegistryServer], tmp_path: Path
+) -> None:
+    store = tmp_path / "registry.json"
+    server = make_server(store_path=str(store))
+    a, b = Node(server), Node(server)
+    a.client.report_trust(a.node_id, b.node_id)
+    data = json.loads(store.read_text())
+    assert data["next_id"] == 3
+    assert [n["node_id"] for n in data["nodes"]] == [1, 2]
+    assert data["trust"] == [[1, 2]]

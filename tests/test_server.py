@@ -1,0 +1,235 @@
+"""HandshakeServer: hands connections to the handler, enforces the connection caps with an
+immediate reset, releases slots, and closes with a bounded wait for handlers in flight."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pilothandshake.server import HandshakeServer
+
+WAIT = 5.0
+
+
+class Gate:
+    """A handler that records each connection and holds it until released."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.received: list[bytes] = []
+        self.entered = 0
+        self.release = threading.Event()
+
+    def __call__(self, conn: socket.socket) -> None:
+        with self.cond:
+            self.entered += 1
+            self.cond.notify_all()
+        self.release.wait(WAIT)
+        conn.settimeout(WAIT)
+        data = conn.recv(1024)
+        with self.cond:
+            self.received.append(data)
+            self.cond.notify_all()
+        conn.close()
+
+    def wait_entered(self, count: int) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: self.entered >= count, WAIT)
+
+    def wait_received(self, count: int) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.received) >= count, WAIT)
+
+
+def serve(gate: Gate, **caps: int) -> HandshakeServer:
+    server = HandshakeServer(("127.0.0.1", 0), gate, **caps)  # type: ignore[arg-type]
+    server.start()
+    return server
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    g = Gate()
+    yield g
+    g.release.set()
+
+
+def connect(server: HandshakeServer, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(WAIT)
+    sock.bind((source, 0))
+    sock.connect(server.address)
+    return sock
+
+
+def refused(server: HandshakeServer, source: str = "127.0.0.1") -> bool:
+    """True when the server resets a new connection (rather than holding it open).
+
+    On loopback the reset can arrive before ``connect()`` returns, so both count."""
+    try:
+        sock = connect(server, source)
+    except ConnectionResetError:
+        return True
+    with sock:
+        try:
+            sock.recv(1)
+        except ConnectionResetError:
+            return True
+    return False
+
+
+def test_handler_receives_each_connection_on_the_bound_port(gate: Gate) -> None:
+    server = serve(gate)
+    try:
+        assert server.address[0] == "127.0.0.1" and server.address[1] > 0
+        gate.release.set()
+        with connect(server) as sock:
+            sock.sendall(b'{"type":"x"}')
+            assert gate.wait_received(1)
+        assert gate.received == [b'{"type":"x"}']
+    finally:
+        server.close()
+
+
+def test_connection_beyond_global_cap_is_reset_without_running_handler(gate: Gate) -> None:
+    server = serve(gate, max_connections=2, max_connections_per_source=10)
+    try:
+        held = [connect(server), connect(server)]
+        assert gate.wait_entered(2)
+        assert refused(server)
+        assert gate.entered == 2
+        assert server.active_connections() == 2
+        gate.release.set()
+        for sock in held:
+            sock.close()
+    finally:
+        server.close()
+
+
+def test_per_source_cap_refuses_that_source_but_not_another(gate: Gate) -> None:
+    server = serve(gate, max_connections=10, max_connections_per_source=1)
+    try:
+        first = connect(server, "127.0.0.1")
+        assert gate.wait_entered(1)
+        assert refused(server, "127.0.0.1")
+        other = connect(server, "127.0.0.2")
+        assert gate.wait_entered(2)
+        gate.release.set()
+        first.close()
+        other.close()
+    finally:
+        server.close()
+
+
+def test_slot_is_released_when_handler_finishes(gate: Gate) -> None:
+    server = serve(gate, max_connections=1, max_connections_per_source=1)
+    try:
+        gate.release.set()
+        for expected in (1, 2, 3):
+            with connect(server) as sock:
+                sock.sendall(b"{}")
+                assert gate.wait_received(expected)
+            deadline = time.monotonic() + WAIT
+            while server.active_connections() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.active_connections() == 0
+    finally:
+        server.close()
+
+
+def test_handler_exception_is_logged_and_releases_slot(caplog: pytest.LogCaptureFixture) -> None:
+    def boom(conn: socket.socket) -> None:
+        raise RuntimeError("handler bug")
+
+    server = HandshakeServer(("127.0.0.1", 0), boom, max_connections=1)
+    server.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="pilothandshake.server"):
+            with connect(server) as sock:
+                sock.settimeout(WAIT)
+                assert sock.recv(1) == b""  # closed normally after the failure
+            assert server.wait_idle(WAIT)
+        assert any("handler bug" in (r.exc_text or "") for r in caplog.records)
+    finally:
+        server.close()
+
+
+def test_refusals_are_logged_at_most_once_a_second(
+    gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve(gate, max_connections=1, max_connections_per_source=1)
+    try:
+        held = connect(server)
+        assert gate.wait_entered(1)
+        with caplog.at_level(logging.WARNING, logger="pilothandshake.server"):
+            for _ in range(20):
+                assert refused(server)
+        refusals = [r for r in caplog.records if "connection limit" in r.getMessage()]
+        assert 1 <= len(refusals) <= 2
+        gate.release.set()
+        held.close()
+    finally:
+        server.close()
+
+
+def test_close_waits_for_handlers_in_flight_then_refuses_new_connections(gate: Gate) -> None:
+    server = serve(gate)
+    sock = connect(server)
+    assert gate.wait_entered(1)
+    closer = threading.Thread(target=server.close)
+    closer.start()
+    time.sleep(0.2)
+    assert closer.is_alive(), "close() returned while a handler was still running"
+    sock.sendall(b"{}")
+    gate.release.set()
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    assert gate.received == [b"{}"]
+    sock.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(server.address, timeout=WAIT)
+    server.close()  # idempotent
+
+
+def test_close_wait_for_stuck_handler_is_bounded() -> None:
+    stuck = threading.Event()
+
+    def hang(conn: socket.socket) -> None:
+        stuck.wait(WAIT)
+        conn.close()
+
+    server = HandshakeServer(("127.0.0.1", 0), hang, drain_timeout=0.2)
+    server.start()
+    try:
+        sock = connect(server)
+        deadline = time.monotonic() + WAIT
+        while not server.active_connections() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        server.close()
+        assert time.monotonic() - started < 2.0
+        sock.close()
+    finally:
+        stuck.set()
+
+
+def test_bind_to_port_in_use_raises_oserror(gate: Gate) -> None:
+    server = serve(gate)
+    try:
+        with pytest.raises(OSError):
+            HandshakeServer(server.address, gate)
+    finally:
+        server.close()
+
+
+def test_close_before_start_releases_the_port(gate: Gate) -> None:
+    server = HandshakeServer(("127.0.0.1", 0), gate)
+    address = server.address
+    server.close()
+    again = HandshakeServer(address, gate)
+    again.close()

@@ -1,0 +1,580 @@
+"""trust.json codec, directory lock and group commit of pilothandshake.store (SPEC 10)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import filelock
+import pytest
+
+from pilothandshake import store
+from pilothandshake.errors import StoreError
+from pilothandshake.store import (
+    Change,
+    OutgoingRequest,
+    PendingHandshake,
+    TrustRecord,
+    TrustState,
+    TrustStore,
+    decode_state,
+    encode_state,
+    format_time,
+    load_state,
+    parse_time,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "go_trust.json"
+KEY_A = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+KEY_B = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8="
+T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+
+
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, us: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, us, tzinfo=timezone.utc)
+
+
+def open_store(
+    path: Path, on_commit: Callable[[list[Change]], None] | None = None
+) -> tuple[TrustStore, threading.RLock]:
+    lock = threading.RLock()
+    opened = TrustStore(str(path), lock, on_commit or (lambda changes: None))
+    return opened, lock
+
+
+@pytest.fixture
+def trust_path(tmp_path: Path) -> Path:
+    return tmp_path / "identity" / "trust.json"
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Files in ``directory`` other than the trust file and the two lock files."""
+    expected = {"trust.json", "trust.json.lock", "handshake.lock"}
+    return sorted(name for name in os.listdir(directory) if name not in expected)
+
+
+# Times
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-25T10:00:00Z", utc(2026, 11, 25, 10, 0, 0)),
+        ("2026-11-25t10:00:00z", utc(2026, 11, 25, 10, 0, 0)),
+        ("2026-11-25T12:00:00+02:00", utc(2026, 11, 25, 10, 0, 0)),
+        ("2026-11-25T04:30:00-05:30", utc(2026, 11, 25, 10, 0, 0)),
+        ("2026-11-25T10:00:00.123456789Z", utc(2026, 11, 25, 10, 0, 0, 123456)),
+        ("2026-11-25T10:00:00.5+00:00", utc(2026, 11, 25, 10, 0, 0, 500000)),
+        ("0001-01-01T00:00:00Z", utc(1, 1, 1)),
+    ],
+)
+def test_parse_time_accepts_rfc3339_with_z_offsets_and_fractions(
+    text: str, expected: datetime
+) -> None:
+    parsed = parse_time(text)
+    assert parsed == expected
+    assert parsed.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "2026-11-25",
+        "2026-11-25T10:00:00",  # no zone
+        "2026-11-25 10:00:00Z",
+        "2026-13-25T10:00:00Z",
+        "2026-11-25T10:00:00+24:00",
+        "2026-11-25T10:00:00.Z",
+        "\uff12\uff10\uff12\uff16-11-25T10:00:00Z",  # non-ASCII digits
+        "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+    ],
+)
+def test_parse_time_rejects_malformed_times(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_time(text)
+
+
+def test_format_time_writes_utc_seconds_with_z() -> None:
+    east = timezone(timedelta(hours=2))
+    assert format_time(datetime(2026, 11, 25, 12, 0, 0, 999999, tzinfo=east)) == (
+        "2026-11-25T10:00:00Z"
+    )
+    assert format_time(datetime(2026, 1, 2, 3, 4, 5)) == "2026-01-02T03:04:05Z"
+    assert format_time(store.ZERO_TIME) == "0001-01-01T00:00:00Z"
+
+
+# Encoding
+
+
+def test_encode_state_formats_exactly_as_spec() -> None:
+    state = TrustState(
+        trusted={
+            9: TrustRecord(9, KEY_B, T0, mutual=False),
+            7: TrustRecord(7, KEY_A, T0, mutual=True, network=3),
+        },
+        pending={
+            5: PendingHandshake(5, "", "", T0 + timedelta(minutes=1)),
+            4: PendingHandshake(4, KEY_A, 'say "hi" é', T0, bound=True),
+        },
+        outgoing={11: OutgoingRequest(11, T0 + timedelta(seconds=2, microseconds=7))},
+    )
+    assert (
+        encode_state(state)
+        == (
+            "{\n"
+            '  "trusted": [\n'
+            f'    {{"node_id": 7, "public_key": "{KEY_A}", "approved_at": "2026-11-25T10:00:00Z",'
+            ' "mutual": true, "network": 3},\n'
+            f'    {{"node_id": 9, "public_key": "{KEY_B}", "approved_at": "2026-11-25T10:00:00Z",'
+            ' "mutual": false}\n'
+            "  ],\n"
+            '  "pending": [\n'
+            f'    {{"node_id": 4, "public_key": "{KEY_A}", "justification": "say \\"hi\\" é",'
+            ' "received_at": "2026-11-25T10:00:00Z", "bound": true},\n'
+            '    {"node_id": 5, "received_at": "2026-11-25T10:01:00Z"}\n'
+            "  ],\n"
+            '  "outgoing": [\n'
+            '    {"node_id": 11, "sent_at": "2026-11-25T10:00:02Z"}\n'
+            "  ]\n"
+            "}\n"
+        ).encode()
+    )
+
+
+def test_encode_empty_state_writes_an_empty_trusted_list_only() -> None:
+    assert encode_state(TrustState()) == b'{\n  "trusted": []\n}\n'
+
+
+def test_lone_surrogates_are_replaced_so_the_file_stays_writable(trust_path: Path) -> None:
+    trust_path.parent.mkdir()
+    trust_path.write_bytes(
+        b'{"pending": [{"node_id": 3, "justification": "a\\ud800b",'
+        b' "received_at": "2026-11-25T10:00:00Z"}]}'
+    )
+    assert load_state(str(trust_path)).pending[3].justification == "a\ufffdb"
+    written = encode_state(TrustState(trusted={1: TrustRecord(1, "x\udc00", T0)}))
+    assert decode_state(written).trusted[1].public_key == "x\ufffd"
+
+
+# Loading
+
+
+def test_go_fixture_loads_with_every_field(tmp_path: Path) -> None:
+    state = load_state(str(FIXTURE))
+    assert sorted(state.trusted) == [7, 12, 4294967295]
+    assert state.trusted[7] == TrustRecord(7, KEY_A, T0, mutual=True, network=3)
+    assert state.trusted[12] == TrustRecord(
+        12, "not base64 at all!", utc(2026, 11, 25, 10, 30, 15, 123456), mutual=False
+    )
+    assert state.trusted[4294967295] == TrustRecord(
+        4294967295, "", utc(2026, 11, 25, 5, 29, 59, 500000)
+    )
+    assert state.pending == {
+        9: PendingHandshake(9, "", "please let me in", utc(2026, 11, 25, 10, 1)),
+        10: PendingHandshake(10, KEY_B, "", utc(2026, 11, 25, 10, 2), bound=True),
+    }
+    assert state.outgoing == {}
+
+
+def test_go_fixture_round_trips_through_a_store(trust_path: Path) -> None:
+    trust_path.parent.mkdir()
+    shutil.copy(FIXTURE, trust_path)
+    original = load_state(str(FIXTURE))
+    opened, lock = open_store(trust_path)
+    assert opened.visible == original
+    with lock:
+        seq = opened.put_outgoing(OutgoingRequest(11, T0))
+    opened.commit(seq)
+    opened.close()
+
+    reloaded = load_state(str(trust_path))
+    assert reloaded.outgoing == {11: OutgoingRequest(11, T0)}
+    # Only fractions of seconds are lost: the file holds whole seconds.
+    for node, record in original.trusted.items():
+        assert reloaded.trusted[node] == TrustRecord(
+            record.node_id,
+            record.public_key,
+            record.approved_at.replace(microsecond=0),
+            record.mutual,
+            record.network,
+        )
+    assert reloaded.pending == original.pending
+    # A second round trip is byte-identical.
+    assert encode_state(decode_state(trust_path.read_bytes())) == trust_path.read_bytes()
+
+
+def test_missing_file_and_null_lists_are_empty(tmp_path: Path) -> None:
+    assert load_state(str(tmp_path / "absent.json")) == TrustState()
+    for text in (b"null", b"{}", b'{"trusted": null, "pending": null, "outgoing": null}'):
+        (tmp_path / "t.json").write_bytes(text)
+        assert load_state(str(tmp_path / "t.json")) == TrustState()
+
+
+def test_missing_optional_fields_take_go_zero_values(tmp_path: Path) -> None:
+    (tmp_path / "t.json").write_bytes(
+        b'{"trusted": [{"node_id": 5}], "outgoing": [{"node_id": 6, "sent_at": null}]}'
+    )
+    state = load_state(str(tmp_path / "t.json"))
+    assert state.trusted[5] == TrustRecord(5, "", store.ZERO_TIME, False, 0)
+    assert state.outgoing[6] == OutgoingRequest(6, store.ZERO_TIME)
+
+
+CORRUPT = [
+    (b"{not json", "Expecting"),
+    (b"", "Expecting value"),
+    (b"[]", "top level"),
+    (b'{"trusted": "7"}', "trusted: expected a list"),
+    (b'{"trusted": [7]}', "trusted[0]: expected an object"),
+    (b'{"trusted": [{"node_id": "7"}]}', "trusted[0].node_id"),
+    (b'{"trusted": [{"node_id": true}]}', "trusted[0].node_id"),
+    (b'{"trusted": [{"node_id": 7.0}]}', "trusted[0].node_id"),
+    (b'{"trusted": [{"node_id": -1}]}', "trusted[0].node_id"),
+    (b'{"trusted": [{"node_id": 4294967296}]}', "trusted[0].node_id"),
+    (b'{"trusted": [{"node_id": 1, "network": 65536}]}', "trusted[0].network"),
+    (b'{"trusted": [{"node_id": 1, "mutual": 1}]}', "trusted[0].mutual"),
+    (b'{"trusted": [{"node_id": 1, "approved_at": "yesterday"}]}', "trusted[0].approved_at"),
+    (b'{"pending": [{"node_id": 1, "justification": 5}]}', "pending[0].justification"),
+    (b'{"outgoing": {"node_id": 1}}', "outgoing: expected a list"),
+    (b"\xff\xfe{}", "utf-8"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("data", "reason"), CORRUPT)
+def test_unparsable_file_raises_naming_path_and_is_never_replaced(
+    trust_path: Path, data: bytes, reason: str
+) -> None:
+    trust_path.parent.mkdir()
+    trust_path.write_bytes(data)
+    with pytest.raises(StoreError) as raised:
+        open_store(trust_path)
+    assert str(trust_path) in str(raised.value)
+    assert reason in str(raised.value)
+    assert trust_path.read_bytes() == data
+    # The failed open released the directory lock: a fixed file opens.
+    trust_path.write_bytes(b"{}")
+    opened, _ = open_store(trust_path)
+    opened.close()
+
+
+# The directory lock
+
+
+def test_second_store_on_one_directory_fails_in_the_same_process(trust_path: Path) -> None:
+    first, _ = open_store(trust_path)
+    with pytest.raises(StoreError, match="is in use by another pilot-handshake process"):
+        open_store(trust_path)
+    first.close()
+    first.close()  # idempotent
+    second, _ = open_store(trust_path)
+    second.close()
+
+
+def test_second_process_on_one_directory_fails_with_a_clear_message(trust_path: Path) -> None:
+    first, _ = open_store(trust_path)
+    code = (
+        "import sys, threading\n"
+        "from pilothandshake.store import TrustStore\n"
+        "from pilothandshake.errors import StoreError\n"
+        "try:\n"
+        "    TrustStore(sys.argv[1], threading.RLock(), lambda c: None)\n"
+        "except StoreError as e:\n"
+        "    print(e); sys.exit(3)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(trust_path)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=Path(__file__).parent.parent,
+        check=False,
+    )
+    first.close()
+    assert result.returncode == 3, result.stderr
+    assert f"identity directory {trust_path.parent} is in use" in result.stdout
+    assert str(trust_path.parent / "handshake.lock") in result.stdout
+
+
+# Commit
+
+
+def test_change_is_visible_only_after_its_write(trust_path: Path) -> None:
+    seen: list[list[Change]] = []
+    opened, lock = open_store(trust_path, seen.append)
+    record = TrustRecord(7, KEY_A, T0, mutual=True)
+    with lock:
+        seq = opened.put_trusted(record)
+    assert opened.working.trusted == {7: record}
+    assert opened.visible.trusted == {}
+    assert not trust_path.exists()
+    assert seen == []
+    opened.commit(seq)
+    assert opened.visible.trusted == {7: record}
+    assert load_state(str(trust_path)).trusted == {7: record}
+    assert seen == [[Change("trusted", 7, record)]]
+    opened.commit(seq)  # already durable: returns at once, nothing new published
+    assert len(seen) == 1
+    with lock:
+        dropped = opened.drop_trusted(7)
+    opened.commit(dropped)
+    assert opened.visible == TrustState()
+    assert trust_path.read_bytes() == b'{\n  "trusted": []\n}\n'
+    assert seen[-1] == [Change("trusted", 7, None)]
+    opened.close()
+
+
+def test_on_commit_runs_under_the_lock_with_changes_in_order(trust_path: Path) -> None:
+    calls: list[tuple[list[Change], bool]] = []
+    lock_holder: dict[str, threading.RLock] = {}
+
+    def on_commit(changes: list[Change]) -> None:
+        free = threading.Thread(target=lambda: calls.append((changes, try_lock())))
+        free.start()
+        free.join(5)
+
+    def try_lock() -> bool:
+        acquired = lock_holder["lock"].acquire(blocking=False)
+        if acquired:
+            lock_holder["lock"].release()
+        return acquired
+
+    opened, lock = open_store(trust_path, on_commit)
+    lock_holder["lock"] = lock
+    pending = PendingHandshake(9, KEY_B, "why", T0)
+    with lock:
+        opened.put_pending(pending)
+        opened.put_outgoing(OutgoingRequest(3, T0))
+        last = opened.drop_pending(9)
+    opened.commit(last)
+    assert calls == [
+        (
+            [
+                Change("pending", 9, pending),
+                Change("outgoing", 3, OutgoingRequest(3, T0)),
+                Change("pending", 9, None),
+            ],
+            False,
+        )
+    ]
+    opened.close()
+
+
+def test_commit_of_an_unknown_sequence_number_is_an_error(trust_path: Path) -> None:
+    opened, _ = open_store(trust_path)
+    with pytest.raises(ValueError):
+        opened.commit(1)
+    opened.close()
+
+
+def test_writer_bytes_equal_encode_state_and_file_mode_is_0600(trust_path: Path) -> None:
+    opened, lock = open_store(trust_path)
+    with lock:
+        for node in range(50, 0, -1):
+            opened.put_trusted(TrustRecord(node, KEY_A, T0, node % 2 == 0, node % 4))
+            opened.put_pending(PendingHandshake(node + 1000, "", f"n{node}", T0, node % 3 == 0))
+        opened.drop_trusted(10)
+        opened.put_trusted(TrustRecord(11, KEY_B, T0))
+        opened.drop_pending(1001)
+        seq = opened.put_outgoing(OutgoingRequest(77, T0))
+    opened.commit(seq)
+    assert trust_path.read_bytes() == encode_state(opened.visible)
+    assert opened.visible == opened.working == load_state(str(trust_path))
+    assert (trust_path.stat().st_mode & 0o777) == 0o600
+    assert leftovers(trust_path.parent) == []
+    opened.close()
+
+
+def test_concurrent_commits_share_writes(trust_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes = count_calls(monkeypatch, os, "replace")
+    published: list[Change] = []
+    opened, lock = open_store(trust_path, published.extend)
+    threads, per_thread = 8, 50
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            for step in range(per_thread):
+                node = index * 1000 + step
+                with lock:
+                    seq = opened.put_trusted(TrustRecord(node, KEY_A, T0))
+                    if step % 5 == 4:
+                        seq = opened.drop_trusted(node - 1)
+                opened.commit(seq)
+                assert node in opened.visible.trusted or step % 5 == 4
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert not any(worker.is_alive() for worker in workers)
+    assert errors == []
+    changes = threads * (per_thread + per_thread // 5)
+    assert len(published) == changes
+    assert 0 < writes[0] < changes
+    assert len(opened.visible.trusted) == threads * (per_thread - per_thread // 5)
+    assert load_state(str(trust_path)) == opened.visible == opened.working
+    opened.close()
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    counter = [0]
+    real = getattr(module, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counter[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return counter
+
+
+def fail_fsync(
+    monkeypatch: pytest.MonkeyPatch, call: int, before: Callable[[], None] = lambda: None
+) -> None:
+    """Make the ``call``-th os.fsync from now raise ENOSPC, running ``before`` first."""
+    real = os.fsync
+    count = [0]
+
+    def fsync(fd: int) -> None:
+        count[0] += 1
+        if count[0] == call:
+            before()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_failed_write_rolls_back_fails_callers_and_a_later_commit_succeeds(
+    trust_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published: list[Change] = []
+    opened, lock = open_store(trust_path, published.extend)
+    kept = TrustRecord(1, KEY_A, T0)
+    with lock:
+        seq = opened.put_trusted(kept)
+    opened.commit(seq)
+    before = trust_path.read_bytes()
+
+    late: list[int] = []
+
+    def concurrent_change() -> None:
+        # A change made while the failing write is in flight is rolled back with it.
+        with lock:
+            late.append(opened.put_pending(PendingHandshake(5, "", "late", T0)))
+
+    fail_fsync(monkeypatch, 1, concurrent_change)
+    with lock:
+        opened.drop_trusted(1)
+        seq = opened.put_outgoing(OutgoingRequest(2, T0))
+    with pytest.raises(StoreError) as raised:
+        opened.commit(seq)
+    assert f"cannot write {trust_path}" in str(raised.value)
+    assert "No space left on device" in str(raised.value)
+    with pytest.raises(StoreError, match="No space left"):
+        opened.commit(late[0])
+    assert trust_path.read_bytes() == before
+    assert opened.working == opened.visible == load_state(str(trust_path))
+    assert opened.visible.trusted == {1: kept}
+    assert published == [Change("trusted", 1, kept)]
+    assert leftovers(trust_path.parent) == []
+
+    with lock:
+        seq = opened.put_outgoing(OutgoingRequest(3, T0))
+    opened.commit(seq)
+    assert load_state(str(trust_path)) == opened.visible == opened.working
+    assert opened.visible.outgoing == {3: OutgoingRequest(3, T0)}
+    assert opened.visible.trusted == {1: kept}
+    opened.close()
+
+
+def test_failure_after_the_rename_restores_the_durable_state(
+    trust_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened, lock = open_store(trust_path)
+    with lock:
+        seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
+    opened.commit(seq)
+    fail_fsync(monkeypatch, 2)  # the first fsync is the file's, the second the directory's
+    with lock:
+        seq = opened.put_trusted(TrustRecord(2, KEY_A, T0))
+    with pytest.raises(StoreError, match="No space left"):
+        opened.commit(seq)
+    assert load_state(str(trust_path)) == opened.visible == opened.working
+    assert sorted(opened.visible.trusted) == [1]
+    assert leftovers(trust_path.parent) == []
+    opened.close()
+
+
+def test_write_lock_held_elsewhere_fails_the_commit_instead_of_hanging(
+    trust_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "TRUST_LOCK_TIMEOUT", 0.2)
+    opened, lock = open_store(trust_path)
+    holder_ready, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with filelock.FileLock(str(trust_path) + ".lock"):
+            holder_ready.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holder_ready.wait(5)
+    with lock:
+        seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=f"cannot write {trust_path}"):
+        opened.commit(seq)
+    assert time.monotonic() - started < 5
+    release.set()
+    holder.join(5)
+    assert opened.working == opened.visible == TrustState()
+    with lock:
+        seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
+    opened.commit(seq)
+    assert sorted(load_state(str(trust_path)).trusted) == [1]
+    opened.close()
+
+
+def test_commit_after_close_fails_and_rolls_back(trust_path: Path) -> None:
+    opened, lock = open_store(trust_path)
+    opened.close()
+    with lock:
+        seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
+    with pytest.raises(StoreError, match="closed"):
+        opened.commit(seq)
+    assert opened.working == TrustState()
+    assert not trust_path.exists()
+
+
+def test_memory_only_store_commits_without_touching_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    published: list[Change] = []
+    lock = threading.RLock()
+    opened = TrustStore("", lock, published.extend)
+    record = TrustRecord(4, KEY_A, T0)
+    with lock:
+        seq = opened.put_trusted(record)
+    assert opened.visible.trusted == {}
+    opened.commit(seq)
+    assert opened.visible.trusted == {4: record} == opened.working.trusted
+    assert published == [Change("trusted", 4, record)]
+    opened.close()
+    assert os.listdir(tmp_path) == []
