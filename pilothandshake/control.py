@@ -34,7 +34,7 @@ from .constants import (
     WAIT_MAX_TIMEOUT,
 )
 from .errors import HandshakeError, NotTrustedError, SendError, StoreError
-from .events import EventBus, Subscription
+from .events import EventBus
 from .manager import Manager
 from .messages import MAX_NODE_ID
 from .store import format_time
@@ -57,6 +57,7 @@ COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 
 _FOLLOW_POLL = 0.5  # how often a following stream checks whether its client is gone
+_SHUTDOWN_POLL = 0.1  # how often the accept loop checks for stop(): stop() waits this long
 
 Response = dict[str, Any]
 
@@ -202,12 +203,12 @@ class _Handler(socketserver.StreamRequestHandler):
             for event in self.server.events.recent():
                 self._send(_ok(event))
             return
-        subscription: Subscription = self.server.events.subscribe(history=True)
+        subscription = self.server.events.subscribe(history=True)
         try:
             while not self.server.stopping.is_set():
-                event = subscription.get(_FOLLOW_POLL)
-                if event is not None:
-                    self._send(_ok(event))
+                news = subscription.get(_FOLLOW_POLL)
+                if news is not None:
+                    self._send(_ok(news))
                 elif _client_gone(self.connection):
                     return
         finally:
@@ -262,7 +263,9 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             finally:
                 os.umask(old_umask)
             self._thread = threading.Thread(
-                target=self.serve_forever, kwargs={"poll_interval": 0.5}, name="control-server"
+                target=self.serve_forever,
+                kwargs={"poll_interval": _SHUTDOWN_POLL},
+                name="control-server",
             )
             self._thread.daemon = True
             self._thread.start()

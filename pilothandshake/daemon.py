@@ -538,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                 signum = signals.pop(0)
                 if signum != signal.SIGHUP:
                     log.info("received %s: stopping", signal.Signals(signum).name)
+                    stopping = time.monotonic()
+                    daemon.stop()
+                    log.info("stopped in %.1f s", time.monotonic() - stopping)
                     return 0
                 try:
                     daemon.reload()

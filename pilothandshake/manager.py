@@ -169,9 +169,6 @@ class _ReplaySet:
         self._owner: dict[bytes, str] = {}
         self._expiry: list[tuple[float, bytes]] = []
 
-    def __len__(self) -> int:
-        return len(self._owner)
-
     def add(self, digest: bytes, source: str, expires: float, now: float, privileged: bool) -> str:
         """Enter ``digest``; returns "" or the reason to drop the message."""
         self._expire(now)
@@ -243,9 +240,7 @@ class _Outcome:
     drop: str = ""
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     tasks: list[tuple[Callable[..., object], tuple[Any, ...]]] = field(default_factory=list)
-
-    def change(self, seq: int) -> None:
-        self.seq = seq
+    notes: list[str] = field(default_factory=list)  # INFO lines, logged once durable
 
 
 @dataclass
@@ -559,6 +554,12 @@ class Manager:
                 return key, "bound" if pending.bound else "weak"
         return None, ""
 
+    def _pin_conflict(self, inbound: _Inbound) -> bool:
+        """Whether the sender's key now differs from a strong pin: state may have changed
+        since the checks made outside the lock. Call holding the lock."""
+        pin, kind = self._pin(inbound.node_id)
+        return kind in ("trusted", "bound") and inbound.key is not None and inbound.key != pin
+
     # Registry key binding (SPEC 5 step 3)
 
     def _lookup(
@@ -664,6 +665,9 @@ class Manager:
         # Strict mode with a registry: an unbound request must not be trusted automatically,
         # or an impostor could take a real node's ID while the registry is unreachable.
         vouched = inbound.bound or not (context.strict and context.has_registry)
+        if context.strict and self._pin_conflict(inbound):
+            outcome.drop = "public key differs from the pinned key"
+            return outcome
         if node in working.trusted:
             outcome.tasks.append((self._reply_accept, (node, inbound.relayed)))
             return outcome
@@ -703,7 +707,7 @@ class Manager:
                 victim = self._oldest_unbound_pending()
                 if victim is None:
                     return "pending queue full of registry-bound requests"
-                log.info("pending queue full: evicted the request of node %d", victim)
+                outcome.notes.append(f"pending queue full: evicted the request of node {victim}")
                 self._forget_pending(outcome, victim)
         if not key and existing is not None:
             key = existing.public_key  # a relayed request without a key keeps the pending one
@@ -711,7 +715,7 @@ class Manager:
             existing is not None and existing.bound and existing.public_key == key
         )
         request = PendingHandshake(node, key, justification, _utcnow(), bound)
-        outcome.change(self._store.put_pending(request))
+        outcome.seq = self._store.put_pending(request)
         self._pending_arrival[node] = next(self._arrivals)
         if bound:
             self._pending_source.pop(node, None)
@@ -737,7 +741,7 @@ class Manager:
         return oldest.node_id
 
     def _forget_pending(self, outcome: _Outcome, node: int) -> None:
-        outcome.change(self._store.drop_pending(node))
+        outcome.seq = self._store.drop_pending(node)
         self._pending_arrival.pop(node, None)
         self._pending_source.pop(node, None)
 
@@ -747,16 +751,17 @@ class Manager:
         """Trust ``node``: the one place trust is granted. Call holding the lock; the events
         and background work it adds run only once ``_finish`` has made the change durable."""
         working = self._store.working
-        outcome.change(self._store.put_trusted(TrustRecord(node, key, _utcnow(), mutual, network)))
+        record = TrustRecord(node, key, _utcnow(), mutual, network)
+        outcome.seq = self._store.put_trusted(record)
         if node in working.pending:
             self._forget_pending(outcome, node)
         if node in working.outgoing:
-            outcome.change(self._store.drop_outgoing(node))
+            outcome.seq = self._store.drop_outgoing(node)
         outcome.events.append(("trust.changed", {"peer_node_id": node, "state": "granted"}))
         outcome.tasks.append((self._report_trust, (node,)))
         if decode_key(key) is None:
             outcome.tasks.append((self._backfill, (node,)))
-        log.info("trusted node %d", node)
+        outcome.notes.append(f"trusted node {node}")
 
     def _finish(self, outcome: _Outcome, inbound: _Inbound | None = None) -> None:
         """Make the outcome durable, then publish its events and queue its background work.
@@ -768,6 +773,8 @@ class Manager:
             return
         if outcome.seq is not None:
             self._store.commit(outcome.seq)
+        for note in outcome.notes:
+            log.info("%s", note)
         for topic, payload in outcome.events:
             self._rt.publish_event(topic, payload)
         for task, args in outcome.tasks:
@@ -785,6 +792,8 @@ class Manager:
             revoked_at = self._cooldown.get(node)
             if revoked_at is not None and time.monotonic() - revoked_at < REVOKE_COOLDOWN:
                 outcome.drop = "accept within the revoke cooldown"
+            elif strict and self._pin_conflict(inbound):
+                outcome.drop = "public key differs from the pinned key"
             elif strict and node not in working.outgoing:
                 outcome.drop = "accept without an outgoing request"
             elif strict and has_registry and not (inbound.bound or inbound.pinned):
@@ -804,7 +813,7 @@ class Manager:
             if strict and has_registry and not (inbound.bound or inbound.pinned):
                 outcome.drop = "reject neither registry-bound nor pinned"
             elif node in self._store.working.outgoing:
-                outcome.change(self._store.drop_outgoing(node))
+                outcome.seq = self._store.drop_outgoing(node)
         self._finish(outcome, inbound)
         if not outcome.drop:
             log.info("node %d rejected our request: %s", node, truncate_utf8(reason) or "-")
@@ -822,6 +831,9 @@ class Manager:
         if outcome.drop:
             self._finish(outcome, inbound)
             return
+        if outcome.seq is None:
+            log.debug("node %d revoked trust we never had", node)
+            return
         payload = {"peer_node_id": node, "reason": truncate_utf8(reason)}
         outcome.events.append(("trust.revoked_by_peer", payload))
         if was_trusted:
@@ -836,11 +848,11 @@ class Manager:
         working = self._store.working
         was_trusted = node in working.trusted
         if was_trusted:
-            outcome.change(self._store.drop_trusted(node))
+            outcome.seq = self._store.drop_trusted(node)
         if node in working.pending:
             self._forget_pending(outcome, node)
         if node in working.outgoing:
-            outcome.change(self._store.drop_outgoing(node))
+            outcome.seq = self._store.drop_outgoing(node)
         return was_trusted
 
     # Relayed input (from the registry poll): counts as registry-bound
@@ -1104,7 +1116,8 @@ class Manager:
         registry = self._rt.registry()
         if registry is None:
             return
-        key = _answer_key(self._lookup(registry, node))
+        # Fresh: a cached answer is likely the very one that had no key.
+        key = _answer_key(self._lookup(registry, node, fresh=True))
         if key is None:
             log.debug("no key to backfill for node %d", node)
             return
@@ -1144,7 +1157,7 @@ class Manager:
         with self._lock:
             for node, request in list(self._store.working.outgoing.items()):
                 if request.sent_at < cutoff:
-                    outcome.change(self._store.drop_outgoing(node))
+                    outcome.seq = self._store.drop_outgoing(node)
             self._cooldown = {n: t for n, t in self._cooldown.items() if now - t < REVOKE_COOLDOWN}
             self._relayed_at = {n: t for n, t in self._relayed_at.items() if now - t < RELAY_RECENT}
         self._finish(outcome)

@@ -240,9 +240,10 @@ class _Fragments:
                 del self._chunks[index], self._lows[index], self._joined[index]
                 return
         else:
+            text = self._encode(value)
             if node not in self._text:
                 bisect.insort(chunk, node)
-            self._text[node] = self._encode(value)
+            self._text[node] = text
             if len(chunk) > 2 * self.CHUNK:
                 upper = chunk[self.CHUNK :]
                 del chunk[self.CHUNK :]
@@ -508,8 +509,9 @@ class TrustStore:
         return self._change(Change(OUTGOING, node_id, None))
 
     def _change(self, change: Change) -> int:
-        self.working.apply(change)
+        # Serialise first: a record that cannot be written fails here and changes nothing.
         self._refresh_fragment(change)
+        self.working.apply(change)
         self._seq += 1
         self._log.append((self._seq, change))
         return self._seq
@@ -550,15 +552,15 @@ class TrustStore:
         replaced = False
         try:
             if self._closed:
-                raise OSError(f"trust store {self.path or '(memory)'} is closed")
+                raise OSError("the trust store is closed")
             if self._file_lock is not None:
                 data = _document(snapshot)
                 with self._file_lock:
                     self._replace(data)
                     replaced = True
                     _fsync_directory(self._directory)
-        except (OSError, ValueError) as exc:
-            error = f"cannot write {self.path}: {exc}"
+        except OSError as exc:
+            error = f"cannot write {self.path or 'the trust state'}: {exc}"
             with self._done:
                 restore = self._roll_back(error)
             if replaced:
@@ -641,9 +643,13 @@ class TrustStore:
         return ""
 
     def close(self) -> None:
-        """Release the directory lock; later commits fail. Idempotent."""
-        with self._lock:
+        """Wait for a write in flight, then release the directory lock; later commits fail.
+
+        Idempotent."""
+        with self._done:
             self._closed = True
+            while self._writing:
+                self._done.wait()
             if self._directory_lock is not None:
                 self._directory_lock.release()
                 self._directory_lock = None

@@ -14,8 +14,8 @@ from typing import Any, Callable
 from pilothandshake.constants import OUTGOING_TTL
 from pilothandshake.errors import RegistryError, SendError
 from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import HandshakeMsg, handshake_challenge
 from pilothandshake.manager import Manager
+from pilothandshake.messages import HandshakeMsg, handshake_challenge
 from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import (
     OutgoingRequest,

@@ -110,7 +110,11 @@ def test_integer_accepted_for_seconds_and_null_section_means_defaults(tmp_path: 
             "base64 of a 32-byte",
         ),
         ("trust: {allowlist: [{name: x}]}\n", "trust.allowlist[0].node_id", "required"),
-        ("trust: {allowlist: [{node_id: 4}, {node_id: 4}]}\n", "trust.allowlist[1].node_id", "once"),
+        (
+            "trust: {allowlist: [{node_id: 4}, {node_id: 4}]}\n",
+            "trust.allowlist[1].node_id",
+            "once",
+        ),
         ("trust: {allowlist: [{node_id: 4, role: x}]}\n", "trust.allowlist[0].role", "unknown"),
         ("trust: {deny: [1, 'two']}\n", "trust.deny[1]", "an integer"),
         ("peers: {42: '10.0.0.5'}\n", "peers.42", "host:port"),

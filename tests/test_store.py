@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -578,3 +579,89 @@ def test_memory_only_store_commits_without_touching_disk(
     assert published == [Change("trusted", 4, record)]
     opened.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_writes_stay_sorted_and_equal_encode_state_through_chunk_splits_and_merges(
+    trust_path: Path,
+) -> None:
+    rng = random.Random(7)
+    opened, lock = open_store(trust_path)
+    everyone = list(range(2000))
+    rng.shuffle(everyone)
+    with lock:
+        for node in everyone:
+            opened.put_trusted(TrustRecord(node, KEY_A, T0))
+    for round_ in range(6):
+        with lock:
+            for _ in range(400):
+                node = rng.randrange(2000)
+                if rng.random() < 0.35 + round_ * 0.1:
+                    seq = opened.drop_trusted(node)
+                else:
+                    seq = opened.put_trusted(TrustRecord(node, KEY_A, T0, network=round_))
+        opened.commit(seq)
+        data = trust_path.read_bytes()
+        assert data == encode_state(opened.visible)
+        nodes = [int(line.split(b",")[0].split(b": ")[1]) for line in data.splitlines()[2:-2]]
+        assert nodes == sorted(opened.visible.trusted)
+    # Emptying whole chunks in the middle, then touching one record of a later chunk.
+    with lock:
+        for node in range(300, 1200):
+            seq = opened.drop_trusted(node)
+    opened.commit(seq)
+    assert trust_path.read_bytes() == encode_state(opened.visible)
+    with lock:
+        seq = opened.put_trusted(TrustRecord(1900, KEY_B, T0))
+    opened.commit(seq)
+    assert trust_path.read_bytes() == encode_state(opened.visible)
+    with lock:
+        for node in list(opened.working.trusted):
+            seq = opened.drop_trusted(node)
+    opened.commit(seq)
+    assert trust_path.read_bytes() == b'{\n  "trusted": []\n}\n'
+    opened.close()
+
+
+def test_a_write_serialises_only_the_changed_record(
+    trust_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trust_path.parent.mkdir()
+    many = TrustState(trusted={node: TrustRecord(node, KEY_A, T0) for node in range(1, 3001)})
+    trust_path.write_bytes(encode_state(many))
+    opened, lock = open_store(trust_path)
+    formatted = count_calls(monkeypatch, store, "format_time")
+    with lock:
+        seq = opened.put_trusted(TrustRecord(1500, KEY_B, T0, mutual=True))
+    opened.commit(seq)
+    assert formatted[0] == 1
+    assert load_state(str(trust_path)).trusted[1500].public_key == KEY_B
+    assert len(load_state(str(trust_path)).trusted) == 3000
+    opened.close()
+
+
+def test_a_record_that_cannot_be_serialised_changes_nothing(trust_path: Path) -> None:
+    opened, lock = open_store(trust_path)
+    too_early = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))  # before year 1 in UTC
+    with lock, pytest.raises((ValueError, OverflowError)):
+        opened.put_trusted(TrustRecord(1, KEY_A, too_early))
+    assert opened.working == TrustState()
+    with lock:
+        seq = opened.put_trusted(TrustRecord(2, KEY_A, T0))
+    opened.commit(seq)
+    assert sorted(load_state(str(trust_path)).trusted) == [2]
+    opened.close()
+
+
+def test_a_failing_on_commit_is_logged_and_the_write_stands(
+    trust_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(changes: list[Change]) -> None:
+        raise RuntimeError("observer bug")
+
+    opened, lock = open_store(trust_path, broken)
+    with lock:
+        seq = opened.put_trusted(TrustRecord(2, KEY_A, T0))
+    opened.commit(seq)
+    assert sorted(opened.visible.trusted) == [2] == sorted(load_state(str(trust_path)).trusted)
+    assert "on_commit failed" in caplog.text
+    opened.close()

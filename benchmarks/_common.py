@@ -1,0 +1,385 @@
+"""Shared helpers of the benchmarks: arguments, temp dirs, daemon processes, signed messages,
+trust.json fixtures, statistics and the results file.
+
+Everything runs on 127.0.0.1 with bounded loops; a benchmark prints its figures and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    # Run as `python benchmarks/bench_x.py` from a checkout without installing.
+    sys.path.insert(0, ROOT)
+
+from pilothandshake.identity import Identity, b64encode  # noqa: E402
+from pilothandshake.messages import HANDSHAKE_REQUEST, HandshakeMsg  # noqa: E402
+from pilothandshake.store import (  # noqa: E402
+    PendingHandshake,
+    TrustRecord,
+    TrustState,
+    encode_state,
+)
+
+BENCH_DIR = os.path.join(ROOT, "benchmarks")
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+DAEMON = os.path.join(ROOT, "bin", "pilot-handshaked")
+LOOPBACK = "127.0.0.1"
+
+
+# Arguments and reporting
+
+
+def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    """The common flags: ``--quick`` (a few seconds), ``--runs`` (default 3), ``--json``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run, seconds")
+    parser.add_argument("--runs", type=int, default=0, help="repetitions (default 3; quick 1)")
+    parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    if args.runs <= 0:
+        args.runs = 1 if args.quick else 3
+    return args
+
+
+def machine() -> dict[str, Any]:
+    """Cores, Python and OS of this machine, for BENCHMARKS.md."""
+    import nacl
+
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "machine": platform.machine(),
+        "pynacl": getattr(nacl, "__version__", "?"),
+    }
+
+
+def save(name: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Write ``results`` to benchmarks/results/<name>.json (skipped with ``--no-save``)."""
+    if args.no_save:
+        return
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    doc = {
+        "benchmark": name,
+        "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "quick": args.quick,
+        "runs": args.runs,
+        "machine": machine(),
+        "results": results,
+    }
+    suffix = "-quick" if args.quick else ""
+    with open(os.path.join(RESULTS_DIR, f"{name}{suffix}.json"), "w", encoding="utf-8") as out:
+        json.dump(doc, out, indent=2, sort_keys=True)
+        out.write("\n")
+
+
+def verdict(name: str, value: float, target: float, *, at_most: bool, unit: str = "") -> bool:
+    """Print one target line and return whether it is met."""
+    met = value <= target if at_most else value >= target
+    sign = "<=" if at_most else ">="
+    print(f"  target {name}: {value:.4g}{unit} {sign} {target:.4g}{unit}: {'MET' if met else 'MISSED'}")
+    return met
+
+
+# Statistics
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The ``fraction`` (0..1) percentile by linear interpolation; ``values`` need not be sorted."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = fraction * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of ``values``."""
+    return float(statistics.median(values))
+
+
+# Temp dirs, ports, processes
+
+
+@contextlib.contextmanager
+def temp_dir(prefix: str = "pilot-bench-") -> Iterator[str]:
+    """A temporary directory (mode 0700) removed afterwards."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of process ``pid`` in KiB (Linux /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (Linux /proc)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.002) -> bool:
+    """Poll ``condition`` until true or ``timeout`` seconds pass; returns the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def can_connect(port: int) -> bool:
+    """Whether a TCP connect to 127.0.0.1:``port`` succeeds (the connection is closed again)."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def yaml_config(directory: str, node_id: int, port: int, **extra: Any) -> str:
+    """Write a daemon config (SPEC 12) into ``directory`` and return its path.
+
+    Without a registry unless ``registry`` is given; per-source limits raised because every
+    benchmark client shares 127.0.0.1; logging at ERROR so drops of a flood cost no I/O.
+    """
+    config: dict[str, Any] = {
+        "identity": os.path.join(directory, "identity.json"),
+        "listen": f"{LOOPBACK}:{port}",
+        "trust": {"auto_approve": True},
+        "max_connections": 256,
+        "max_connections_per_source": 256,
+        "max_replay_per_source": 8192,
+        "log_level": "error",
+    }
+    if node_id:
+        config["node_id"] = node_id
+    config.update(extra)
+    path = os.path.join(directory, "config.yaml")
+    with open(path, "w", encoding="utf-8") as out:
+        # JSON is YAML: no need to import PyYAML here.
+        json.dump(config, out, indent=2)
+    return path
+
+
+class DaemonProcess:
+    """``bin/pilot-handshaked --config PATH`` in a process of its own; ``start()`` returns once
+    it prints its start line (it then accepts on its listen address)."""
+
+    def __init__(self, config_path: str, log_path: str) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen[str] | None = None
+        self.started_at = 0.0
+
+    def start(self, timeout: float = 20.0) -> str:
+        """Start and wait for the start line; returns it. Raises ``RuntimeError`` on failure."""
+        self.started_at = time.monotonic()
+        log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 (owned by the child)
+        self.proc = subprocess.Popen(
+            [sys.executable, DAEMON, "--config", self.config_path],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            cwd=ROOT,
+        )
+        log.close()
+        assert self.proc.stdout is not None
+        lines: list[str] = []
+        reader = threading.Thread(
+            target=lambda: lines.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
+            daemon=True,
+        )
+        reader.start()
+        reader.join(timeout)
+        if not lines or not lines[0]:
+            self.stop()
+            with open(self.log_path, encoding="utf-8") as err:
+                raise RuntimeError(f"daemon did not start: {err.read()[-2000:]}")
+        return lines[0].strip()
+
+    @property
+    def pid(self) -> int:
+        """The daemon's process ID."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait (bounded), SIGKILL if it does not stop; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return int(self.proc.returncode)
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# Signed messages and trust.json fixtures
+
+
+def signed_request(
+    identity: Identity, node_id: int, recipient: int, justification: str = "benchmark"
+) -> bytes:
+    """A strict-mode ``handshake_request`` (key and ``signature_v2``) from ``node_id``."""
+    msg = HandshakeMsg(
+        type=HANDSHAKE_REQUEST,
+        node_id=node_id,
+        public_key=identity.public_key_b64,
+        justification=justification,
+        timestamp=int(time.time()),
+    )
+    msg.signature_v2 = b64encode(identity.sign(msg.v2_challenge(recipient)))
+    return msg.to_json()
+
+
+def identities(count: int) -> list[Identity]:
+    """``count`` fresh in-memory identities."""
+    return [Identity.generate() for _ in range(count)]
+
+
+def random_keys(count: int) -> list[str]:
+    """``count`` valid base64 Ed25519 public keys of fresh identities."""
+    return [Identity.generate().public_key_b64 for _ in range(count)]
+
+
+def write_trust_file(
+    directory: str, trusted: dict[int, str], pending: dict[int, str] | None = None
+) -> str:
+    """Write trust.json in ``directory`` with these trusted (and pending) peers, each given as
+    node ID -> base64 public key. Returns the path."""
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    state = TrustState()
+    for node, key in trusted.items():
+        state.trusted[node] = TrustRecord(node, key, now, mutual=False)
+    for node, key in (pending or {}).items():
+        state.pending[node] = PendingHandshake(node, key, "benchmark", now, bound=False)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, "trust.json")
+    with open(path, "wb") as out:
+        out.write(encode_state(state))
+    os.chmod(path, 0o600)
+    return path
+
+
+# An in-process Manager host: the smallest Runtime (no network, no registry).
+
+
+class BenchRuntime:
+    """A Runtime for an in-process ``Manager``: persistence beside ``identity_path``, no
+    registry, dials fail at once (as a daemon's do for a peer with no known address)."""
+
+    def __init__(self, identity_path: str, node_id: int = 1, auto_approve: bool = False) -> None:
+        self._identity = Identity.generate()
+        self._identity_path = identity_path
+        self._node_id = node_id
+        self.auto_approve = auto_approve
+
+    def node_id(self) -> int:
+        return self._node_id
+
+    def has_identity(self) -> bool:
+        return True
+
+    def public_key(self) -> bytes:
+        return self._identity.public_key
+
+    def sign(self, msg: bytes) -> bytes:
+        return self._identity.sign(msg)
+
+    def identity_path(self) -> str:
+        return self._identity_path
+
+    def trust_auto_approve(self) -> bool:
+        return self.auto_approve
+
+    def trusted_agent(self, node_id: int) -> None:
+        return None
+
+    def trust_strict(self) -> bool:
+        return True
+
+    def trust_outgoing_ttl(self) -> float:
+        return 7 * 24 * 3600.0
+
+    def is_denied(self, node_id: int) -> bool:
+        return False
+
+    def publish_event(self, topic: str, payload: dict[str, Any]) -> None:
+        return None
+
+    def port_listener(self, port: int, handler: Callable[[socket.socket], None]) -> _NoListener:
+        return _NoListener()
+
+    def dial_and_send(self, peer_node_id: int, port: int, data: bytes) -> None:
+        from pilothandshake.errors import SendError
+
+        raise SendError(f"no address for node {peer_node_id}")
+
+    def remove_tunnel_peer(self, node_id: int) -> None:
+        return None
+
+    def registry(self) -> None:
+        return None
+
+
+class _NoListener:
+    def close(self) -> None:
+        return None
+
+
+def quiet_logging() -> None:
+    """Only errors: drop and best-effort-send lines would otherwise cost the run I/O."""
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)

@@ -1,0 +1,243 @@
+"""The two-node demo (``scripts/demo.sh``, or ``python -m pilothandshake.demo``).
+
+Starts an embedded registry and two daemons on loopback, on free unprivileged ports, in a
+temporary directory (configs written from ``conf/demo-*.yaml``), then walks through a whole
+handshake with the real ``pilot-handshakectl`` commands, printing each command and its
+output: A asks B for trust, B lists and approves it, both list trust, A waits, A revokes,
+B sees it gone. Every process is stopped at the end, also on failure. Exit code 0 on
+success; 1 with a message saying which step failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 15.0
+STEP_TIMEOUT = 15.0
+
+
+class DemoError(Exception):
+    """A step of the demo did not do what it should; the message says which."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _command(name: str) -> list[str]:
+    """How to run one of the package's scripts: installed on PATH, else from the checkout."""
+    installed = shutil.which(name)
+    if installed is not None:
+        return [installed]
+    script = CHECKOUT / "bin" / name
+    if not script.exists():
+        raise DemoError(f"cannot find {name}: install the package (pip install -e .)")
+    return [sys.executable, str(script)]
+
+
+class _Process:
+    """A background process whose output goes to a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.out_path = log_path.with_suffix(".out")
+        with open(log_path, "wb") as err, open(self.out_path, "wb") as out:
+            self.popen = subprocess.Popen(argv, stdout=out, stderr=err)
+
+    def wait_for(self, marker: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while marker not in self.out_path.read_text(errors="replace"):
+            if self.popen.poll() is not None:
+                raise DemoError(f"{self.name} exited at start:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise DemoError(f"{self.name} did not start in {START_TIMEOUT:g} s")
+            time.sleep(0.05)
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+
+
+class Demo:
+    """The demo's processes and steps, under one temporary directory."""
+
+    def __init__(self, workdir: Path, conf: Path) -> None:
+        self.workdir = workdir
+        self.conf = conf
+        self.processes: list[_Process] = []
+        self.ctl = _command("pilot-handshakectl")
+
+    def _node_config(self, name: str, registry: str) -> Path:
+        """Write node ``name``'s config from its template, on fresh paths and ports."""
+        template = self.conf / f"demo-node-{name}.yaml"
+        try:
+            config: dict[str, Any] = yaml.safe_load(template.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise DemoError(f"cannot read the template {template}: {exc}") from exc
+        directory = self.workdir / f"node-{name}"
+        directory.mkdir(mode=0o700)
+        config["identity"] = str(directory / "identity.json")
+        config["listen"] = f"127.0.0.1:{_free_port()}"
+        config["registry"]["address"] = registry
+        path = self.workdir / f"node-{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def start(self) -> tuple[Path, Path]:
+        """Start the registry, then A, then B; returns their config paths."""
+        registry = f"127.0.0.1:{_free_port()}"
+        registry_config = self.workdir / "registry.yaml"
+        shutil.copyfile(self.conf / "demo-registry.yaml", registry_config)
+        self._spawn(
+            "registry",
+            "pilot-registryd",
+            ["--listen", registry, "--config", str(registry_config)],
+            "listening",
+        )
+        paths = []
+        for name in ("a", "b"):
+            path = self._node_config(name, registry)
+            args = ["--config", str(path)]
+            self._spawn(f"node {name.upper()}", "pilot-handshaked", args, "pilot-handshaked: node")
+            paths.append(path)
+        return paths[0], paths[1]
+
+    def _spawn(self, name: str, program: str, args: list[str], marker: str) -> None:
+        log_path = self.workdir / (name.replace(" ", "-").lower() + ".log")
+        print(f"$ {' '.join(shlex.quote(a) for a in [program, *args])} &   # {name}")
+        process = _Process(name, [*_command(program), *args], log_path)
+        self.processes.append(process)
+        process.wait_for(marker)
+
+    def stop(self) -> None:
+        """Stop every process started (in reverse order); never raises."""
+        for process in reversed(self.processes):
+            try:
+                process.stop()
+            except OSError as exc:
+                print(f"# could not stop {process.name}: {exc}", file=sys.stderr)
+
+    def run(self, config: Path, *args: str, show: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``pilot-handshakectl --config CONFIG ARGS``; print it and its output."""
+        argv = [*self.ctl, "--config", str(config), *args]
+        if show:
+            shown = ["pilot-handshakectl", "--config", str(config), *args]
+            print(f"\n$ {' '.join(shlex.quote(a) for a in shown)}")
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            raise DemoError(f"{' '.join(args)} did not finish in {STEP_TIMEOUT:g} s") from exc
+        if show:
+            print((result.stdout + result.stderr).rstrip())
+        return result
+
+    def expect(self, config: Path, *args: str) -> str:
+        """Run a command that must succeed; returns its output."""
+        result = self.run(config, *args)
+        if result.returncode != 0:
+            raise DemoError(f"`{' '.join(args)}` failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def query(self, config: Path, *args: str) -> Any:
+        """A silent ``--json`` query; returns ``data``."""
+        result = self.run(config, "--json", *args, show=False)
+        if result.returncode != 0:
+            raise DemoError(f"`{' '.join(args)}` failed: {result.stderr.strip()}")
+        return json.loads(result.stdout.splitlines()[-1])["data"]
+
+    def wait_until(self, what: str, check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while not check():
+            if time.monotonic() > deadline:
+                raise DemoError(f"timed out waiting until {what}")
+            time.sleep(0.1)
+
+    def trusted(self, config: Path) -> set[int]:
+        return {int(r["node_id"]) for r in self.query(config, "trust")["trusted"]}
+
+    def pending(self, config: Path) -> set[int]:
+        return {int(r["node_id"]) for r in self.query(config, "pending")["pending"]}
+
+    def walk_through(self, a: Path, b: Path) -> None:
+        """The handshake, step by step."""
+        self.expect(a, "status")
+        self.expect(b, "status")
+        node_a = int(self.query(a, "status")["node_id"])
+        node_b = int(self.query(b, "status")["node_id"])
+        print(f"\n# node A is {node_a}, node B is {node_b}; A asks B for trust")
+        self.expect(a, "handshake", str(node_b), "demo: nightly sync")
+        self.wait_until("B has A's request pending", lambda: node_a in self.pending(b))
+        self.expect(b, "pending")
+        self.expect(b, "approve", str(node_a))
+        self.expect(a, "wait", str(node_b), "--timeout", "10")
+        self.expect(a, "trust")
+        self.expect(b, "trust")
+        if self.trusted(a) != {node_b} or self.trusted(b) != {node_a}:
+            raise DemoError("after the approval the two nodes do not trust each other")
+        print("\n# A revokes its trust in B; B hears of it")
+        self.expect(a, "untrust", str(node_b))
+        self.wait_until("B no longer trusts A", lambda: not self.trusted(b))
+        self.expect(b, "trust")
+        self.expect(b, "events")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; 0 on success, 1 with a message on failure."""
+    parser = argparse.ArgumentParser(prog="pilothandshake.demo", description=__doc__)
+    parser.add_argument(
+        "--conf", default=str(CHECKOUT / "conf"), help="directory of the demo-*.yaml templates"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="pilot-demo-"))
+    demo: Demo | None = None
+    started = time.monotonic()
+    try:
+        demo = Demo(workdir, Path(args.conf))
+        a, b = demo.start()
+        demo.walk_through(a, b)
+    except (DemoError, OSError) as exc:
+        print(f"\ndemo FAILED: {exc}", file=sys.stderr)
+        if demo is not None:
+            for process in demo.processes:
+                print(f"--- {process.name} log ---\n{process.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        if demo is not None:
+            demo.stop()
+        if args.keep:
+            print(f"# files kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\ndemo OK in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

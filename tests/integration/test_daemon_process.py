@@ -1,0 +1,149 @@
+"""The daemon as a process and as an embedded object: start errors, SIGHUP, embedding."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import yaml
+
+from pilothandshake.daemon import Daemon
+
+from .conftest import BIN, Fleet, Node, process_env, wait_until
+
+
+def run_daemon(node: Node, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run pilot-handshaked to completion (for start failures, which exit at once)."""
+    return subprocess.run(
+        [sys.executable, str(BIN / "pilot-handshaked"), "--config", str(node.config_path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=process_env(),
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pilot-handshaked:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_port_in_use_is_one_clear_line_and_exit_1(fleet: Fleet) -> None:
+    node = fleet.node("a", node_id=7)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", node.port))
+        blocker.listen()
+        line = one_error_line(run_daemon(node))
+    assert f"cannot listen on {node.address}: address already in use" in line
+
+
+def test_corrupt_trust_file_names_the_file_and_the_flag_that_moves_it_aside(fleet: Fleet) -> None:
+    node = fleet.node("a", node_id=7)
+    trust = node.directory / "trust.json"
+    trust.write_text('{"trusted": [')
+    line = one_error_line(run_daemon(node))
+    assert str(trust) in line and "--move-corrupt-aside" in line
+    assert trust.read_text() == '{"trusted": ['  # never silently replaced
+
+    node.argv.append("--move-corrupt-aside")
+    node.start()
+    assert node.trusted() == set()
+    moved = [p.name for p in node.directory.iterdir() if p.name.startswith("trust.json.corrupt-")]
+    assert len(moved) == 1
+    assert (node.directory / moved[0]).read_text() == '{"trusted": ['
+
+
+def test_second_daemon_on_the_same_identity_directory_is_refused(fleet: Fleet) -> None:
+    node = fleet.node("a", node_id=7).start()
+    other_port = socket.socket()
+    other_port.bind(("127.0.0.1", 0))
+    node.config["listen"] = f"127.0.0.1:{other_port.getsockname()[1]}"
+    other_port.close()
+    second = node.directory / "second.yaml"
+    second.write_text(yaml.safe_dump(node.config))
+    result = subprocess.run(
+        [sys.executable, str(BIN / "pilot-handshaked"), "--config", str(second)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=process_env(),
+    )
+    line = one_error_line(result)
+    assert "in use" in line and str(node.directory) in line
+    assert node.status()["node_id"] == 7  # the first one is unharmed
+
+
+def test_identity_readable_by_others_is_refused_with_chmod_advice(fleet: Fleet) -> None:
+    node = fleet.node("a", node_id=7)
+    identity = node.directory / "identity.json"
+    os.chmod(identity, 0o644)
+    line = one_error_line(run_daemon(node))
+    assert f"chmod 600 {identity}" in line
+
+
+def test_config_error_is_one_line_naming_file_and_key(fleet: Fleet) -> None:
+    node = fleet.node("a", node_id=7, max_connections="many")
+    line = one_error_line(run_daemon(node))
+    assert str(node.config_path) in line and "max_connections" in line
+
+
+def test_sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one(fleet: Fleet) -> None:
+    a, b = fleet.direct_pair()
+    b.config["trust"] = {"auto_approve": "yes please"}
+    b.write_config()
+    b.signal(signal.SIGHUP)
+    wait_until(lambda: "keeping the old config" in b.stderr, what="reload failure logged")
+    b.config["trust"] = {"auto_approve": True}
+    b.write_config()
+    b.signal(signal.SIGHUP)
+    wait_until(lambda: "config reloaded" in b.stderr, what="reload logged")
+    a.control("handshake", node_id=9, justification="after reload")
+    wait_until(lambda: b.trusted() == {7}, what="auto-approved after reload")
+    assert b.popen is not None and b.popen.poll() is None
+
+
+def test_sigterm_stops_the_daemon_with_exit_0_and_removes_the_socket(fleet: Fleet) -> None:
+    node = fleet.node("a", node_id=7).start()
+    assert os.path.exists(node.socket_path)
+    assert node.stop() == 0
+    assert not os.path.exists(node.socket_path)
+
+
+def test_embedded_daemon_handshakes_with_a_daemon_process(fleet: Fleet) -> None:
+    remote = fleet.node("remote", node_id=9)
+    directory = fleet.root / "embedded"
+    directory.mkdir()
+    config_path = directory / "config.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "identity": str(directory / "identity.json"),
+                "node_id": 7,
+                "listen": "127.0.0.1:0",
+                "peers": {9: remote.address},
+            }
+        )
+    )
+    with Daemon.from_file(str(config_path)) as node:
+        host, port = node.listen_address
+        assert (host, node.node_id) == ("127.0.0.1", 7) and port > 0
+        remote.config["peers"] = {7: f"127.0.0.1:{port}"}
+        remote.write_config()
+        remote.start()
+        assert node.manager.send_request(9, "nightly sync") == "sent"
+        wait_until(lambda: remote.pending() == {7}, what="request pending at the process")
+        remote.control("approve", node_id=7)
+        assert node.manager.wait_for_trust(9, timeout=10)
+        assert remote.trusted() == {7}
+    # stop() released the directory: the same identity can run again at once.
+    again = Daemon.from_file(str(config_path))
+    try:
+        assert again.manager.is_trusted(9)
+    finally:
+        again.stop()

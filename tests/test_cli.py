@@ -1,0 +1,273 @@
+"""pilot-handshakectl against a real control socket (SPEC section 13)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from fakeruntime import Peer
+from test_control import Node, running_node
+
+from pilothandshake import cli
+from pilothandshake.cli import main_handshakectl
+from pilothandshake.identity import fingerprint
+from pilothandshake.store import format_time
+
+CTL = str(Path(__file__).resolve().parent.parent / "bin" / "pilot-handshakectl")
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    with running_node() as started:
+        yield started
+
+
+def run(node: Node, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main_handshakectl(["--socket", node.path, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_status_prints_aligned_fields_and_json_as_sent(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(node, capsys, "status")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "node      1",
+        "listen    127.0.0.1:444",
+        "registry  none",
+        "trusted   0",
+        "pending   0",
+    ]
+    code, out, _ = run(node, capsys, "--json", "status")
+    assert code == 0
+    assert json.loads(out) == {
+        "status": "ok",
+        "data": {
+            "node_id": 1,
+            "listen": "127.0.0.1:444",
+            "registry": None,
+            "trusted": 0,
+            "pending": 0,
+        },
+    }
+
+
+def test_handshake_reports_delivery(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(node, capsys, "handshake", "5", "nightly sync") == (
+        0,
+        "request sent to 5\n",
+        "",
+    )
+    code, out, _ = run(node, capsys, "--json", "handshake", "1", "me")
+    assert (code, json.loads(out)["data"]) == (0, {"node_id": 1, "status": "trusted"})
+
+
+def test_handshake_failure_exits_1_with_the_reason(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node.runtime.dial_fails = True
+    code, out, err = run(node, capsys, "handshake", "5", "sync")
+    assert (code, out) == (1, "")
+    assert err.startswith("pilot-handshakectl: cannot reach node 5")
+    assert len(err.splitlines()) == 1
+
+
+def test_pending_table_shows_fingerprint_justification_and_age(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(node, capsys, "pending") == (0, "no pending requests\n", "")
+    peer = Peer(9)
+    node.receive_request(peer, "sync\x1b[31m please")
+    code, out, _ = run(node, capsys, "pending")
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split() == ["NODE", "KEY", "JUSTIFICATION", "AGE"]
+    assert row.split()[0:2] == ["9", fingerprint(peer.key)]
+    assert "sync?[31m please" in row  # the escape character never reaches the terminal
+    assert row.split()[-1] in ("0s", "1s", "2s")
+    assert header.index("KEY") == row.index(fingerprint(peer.key))
+    code, out, _ = run(node, capsys, "--json", "pending")
+    [item] = json.loads(out)["data"]["pending"]
+    assert (item["node_id"], item["public_key"]) == (9, peer.key)
+
+
+def test_approve_then_trust_table_then_untrust(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node.receive_request(Peer(9))
+    assert run(node, capsys, "approve", "9") == (0, "approved 9\n", "")
+    code, out, _ = run(node, capsys, "trust")
+    header, row = out.splitlines()
+    assert header.split() == ["NODE", "MUTUAL", "NETWORK", "APPROVED", "AT"]
+    assert row.split()[:3] == ["9", "no", "-"]
+    code, out, _ = run(node, capsys, "--json", "trust")
+    assert [r["node_id"] for r in json.loads(out)["data"]["trusted"]] == [9]
+    assert run(node, capsys, "untrust", "9") == (0, "untrusted 9\n", "")
+    assert run(node, capsys, "trust") == (0, "no trusted peers\n", "")
+    code, _, err = run(node, capsys, "untrust", "9")
+    assert code == 1 and "node 9 is not trusted" in err
+
+
+def test_approve_or_reject_with_nothing_pending_exits_1(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(node, capsys, "approve", "42") == (
+        1,
+        "",
+        "pilot-handshakectl: nothing pending for node 42\n",
+    )
+    code, out, err = run(node, capsys, "--json", "reject", "42", "no")
+    assert code == 1
+    assert json.loads(out) == {
+        "status": "error",
+        "code": "not_found",
+        "message": "nothing pending for node 42",
+    }
+    assert "nothing pending for node 42" in err
+
+
+def test_reject_passes_the_reason(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    node.receive_request(Peer(9))
+    assert run(node, capsys, "reject", "9", "who are you") == (0, "rejected 9\n", "")
+    assert node.runtime.wait_for_sent(1)
+    assert node.runtime.sent_messages()[0][1].reason == "who are you"
+
+
+def test_wait_exits_1_on_timeout_and_0_when_trust_arrives(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(node, capsys, "wait", "9", "--timeout", "0.2")
+    assert (code, out) == (1, "")
+    assert "timed out" in err
+    node.receive_request(Peer(9))
+    timer = threading.Timer(0.2, node.manager.approve_handshake, args=(9,))
+    timer.start()
+    try:
+        code, out, err = run(node, capsys, "--json", "wait", "9", "--timeout", "10")
+    finally:
+        timer.join()
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"status": "ok", "data": {"node_id": 9, "trusted": True}}
+
+
+def test_events_prints_recent_events(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    node.bus.publish("handshake.received", {"peer_node_id": 9, "justification": "hi"})
+    node.bus.publish("handshake.pending", {"peer_node_id": 9})
+    for _ in range(100):  # bounded: the dispatcher needs a moment
+        if len(node.bus.recent()) >= 2:
+            break
+        threading.Event().wait(0.02)
+    code, out, _ = run(node, capsys, "events")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[-2].split()[1:] == ["handshake.received", "justification=hi", "peer_node_id=9"]
+    assert lines[-1].split()[1] == "handshake.pending"
+    code, out, _ = run(node, capsys, "--json", "events")
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1]["data"]["event"] == "handshake.pending"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["approve"],
+        ["approve", "x"],
+        ["approve", "4294967296"],
+        ["wait", "3", "--timeout", "-1"],
+        ["handshake", "3"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main_handshakectl(["--socket", "/nonexistent.sock", *argv])
+    assert info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_daemon_not_running_is_one_line_naming_the_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "control.sock")
+    assert main_handshakectl(["--socket", path, "status"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"pilot-handshakectl: pilot-handshaked is not running (no socket at {path})\n"
+
+
+def test_socket_found_from_config_file(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    config = os.path.join(os.path.dirname(node.path), "config.yaml")
+    with open(config, "w") as handle:
+        handle.write("identity: identity.json\n")
+    assert main_handshakectl(["--config", config, "approve", "8"]) == 1
+    assert "nothing pending for node 8" in capsys.readouterr().err
+
+
+def test_bad_config_file_exits_1_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("listen: nowhere\n")
+    assert main_handshakectl(["--config", str(config), "status"]) == 1
+    err = capsys.readouterr().err
+    assert str(config) in err and "listen" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_socket_found_from_environment_then_default_identity_dir(
+    node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PILOT_HANDSHAKE_SOCKET", node.path)
+    assert main_handshakectl(["status"]) == 0
+    assert capsys.readouterr().out.startswith("node      1")
+    monkeypatch.delenv("PILOT_HANDSHAKE_SOCKET")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main_handshakectl(["status"]) == 1
+    expected = str(tmp_path / ".pilot-handshake" / "control.sock")
+    assert expected in capsys.readouterr().err
+
+
+def test_age_uses_the_largest_whole_unit() -> None:
+    now = datetime(2026, 11, 25, 12, 0, 0, tzinfo=timezone.utc)
+    ages = [5, 3 * 60 + 59, 2 * 3600 + 1, 3 * 86400]
+    shown = [cli._age(format_time(now - timedelta(seconds=s)), now) for s in ages]
+    assert shown == ["5s", "3m", "2h", "3d"]
+    assert cli._age("garbage", now) == "?"
+
+
+def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, CTL, *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_script_exit_codes_0_1_2_without_tracebacks(node: Node, tmp_path: Path) -> None:
+    ok = ctl("--socket", node.path, "--json", "status")
+    assert (ok.returncode, json.loads(ok.stdout)["status"]) == (0, "ok")
+    failed = ctl("--socket", node.path, "approve", "77")
+    assert (failed.returncode, failed.stderr) == (
+        1,
+        "pilot-handshakectl: nothing pending for node 77\n",
+    )
+    usage = ctl("--socket", node.path, "approve", "seventy")
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    waited = ctl("--socket", node.path, "wait", "77", "--timeout", "0.1")
+    assert waited.returncode == 1 and "timed out" in waited.stderr
+    missing = str(tmp_path / "none.sock")
+    down = ctl("--socket", missing, "pending")
+    assert down.returncode == 1
+    assert (
+        down.stderr
+        == f"pilot-handshakectl: pilot-handshaked is not running (no socket at {missing})\n"
+    )
+    assert "Traceback" not in failed.stderr + usage.stderr + waited.stderr + down.stderr

@@ -1,0 +1,264 @@
+"""DaemonRuntime and Daemon in this process: dialling rules, policy reload, lifecycle, start
+errors, and the helpers of the pilot-handshaked entry point."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pilothandshake.config import Config, RegistryConfig, TrustConfig
+from pilothandshake.daemon import (
+    Daemon,
+    DaemonRuntime,
+    JsonLogFormatter,
+    main,
+    move_corrupt_aside,
+    trust_file_corrupt,
+)
+from pilothandshake.errors import HandshakeError, RegistryError, SendError, StoreError
+from pilothandshake.events import EventBus
+from pilothandshake.identity import Identity
+from pilothandshake.runtime import AllowlistEntry
+
+WAIT = 5.0
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (AF_UNIX socket paths are limited to ~107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="phd-") as root:
+        yield Path(root)
+
+
+class FakeResolver:
+    address = "127.0.0.1:9"
+
+    def __init__(self, answer: dict[str, Any] | None = None) -> None:
+        self.answer = answer
+        self.asked: list[tuple[int, int]] = []
+
+    def resolve(self, node_id: int, requester_id: int) -> dict[str, Any]:
+        self.asked.append((node_id, requester_id))
+        if self.answer is None:
+            raise RegistryError("request failed")
+        return self.answer
+
+
+class Receiver:
+    """A port-444 stand-in that records the bytes of each connection."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.data: list[bytes] = []
+        self.thread = threading.Thread(target=self._accept_one, daemon=True)
+        self.thread.start()
+
+    def _accept_one(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(WAIT)
+            chunks = []
+            while chunk := conn.recv(4096):
+                chunks.append(chunk)
+            self.data.append(b"".join(chunks))
+
+    def close(self) -> None:
+        self.thread.join(WAIT)
+        self.sock.close()
+
+
+def runtime(config: Config, client: Any = None) -> DaemonRuntime:
+    return DaemonRuntime(config, Identity.generate(), EventBus(lambda: 0), client)
+
+
+def test_node_id_comes_from_config_without_registry_and_from_registration_with_one() -> None:
+    assert runtime(Config(node_id=7)).node_id() == 7
+    with_registry = runtime(Config(node_id=7), FakeResolver())
+    assert with_registry.node_id() == 0
+    with_registry.set_node_id(12)
+    assert with_registry.node_id() == 12
+
+
+def test_dial_uses_the_peers_address_first() -> None:
+    receiver = Receiver()
+    resolver = FakeResolver({"real_addr": "127.0.0.1:1"})
+    rt = runtime(Config(peers={9: receiver.address}), resolver)
+    rt.set_node_id(3)
+    rt.dial_and_send(9, 444, b'{"hello":1}')
+    receiver.close()
+    assert receiver.data == [b'{"hello":1}']
+    assert resolver.asked == []
+
+
+def test_dial_falls_back_to_the_registry_resolve() -> None:
+    receiver = Receiver()
+    resolver = FakeResolver({"node_id": 9, "real_addr": receiver.address})
+    rt = runtime(Config(), resolver)
+    rt.set_node_id(3)
+    rt.dial_and_send(9, 444, b"{}")
+    receiver.close()
+    assert receiver.data == [b"{}"]
+    assert resolver.asked == [(9, 3)]
+
+
+@pytest.mark.parametrize(
+    ("client", "node_id", "reason"),
+    [
+        (None, 0, "not in peers and no registry"),
+        (FakeResolver(), 3, "cannot resolve node 9"),
+        (FakeResolver({"node_id": 9}), 3, "no address"),
+        (FakeResolver({"real_addr": "nonsense"}), 3, "bad address"),
+        (FakeResolver({"real_addr": "127.0.0.1:1"}), 0, "not registered"),
+    ],
+)
+def test_dial_without_an_address_raises_send_error(
+    client: FakeResolver | None, node_id: int, reason: str
+) -> None:
+    rt = runtime(Config(), client)
+    rt.set_node_id(node_id)
+    with pytest.raises(SendError, match=reason):
+        rt.dial_and_send(9, 444, b"{}")
+
+
+def test_reload_swaps_trust_and_peers_but_not_the_rest() -> None:
+    rt = runtime(Config(node_id=7, listen="127.0.0.1:4444"))
+    fresh = Config(
+        node_id=8,
+        listen="127.0.0.1:5555",
+        peers={9: "127.0.0.1:9999"},
+        trust=TrustConfig(
+            auto_approve=True,
+            strict=False,
+            outgoing_ttl=60.0,
+            allowlist={42: AllowlistEntry(42, "builder")},
+            deny=frozenset({13}),
+        ),
+    )
+    rt.reload(fresh)
+    assert rt.trust_auto_approve() and not rt.trust_strict()
+    assert rt.trust_outgoing_ttl() == 60.0
+    assert rt.trusted_agent(42) == AllowlistEntry(42, "builder") and rt.trusted_agent(43) is None
+    assert rt.is_denied(13) and not rt.is_denied(42)
+    assert rt.config.peers == {9: "127.0.0.1:9999"}
+    assert rt.node_id() == 7 and rt.config.listen == "127.0.0.1:4444"
+
+
+def node_config(directory: Path, **overrides: Any) -> Config:
+    values: dict[str, Any] = {
+        "identity": str(directory / "identity.json"),
+        "node_id": 7,
+        "listen": "127.0.0.1:0",
+    }
+    values.update(overrides)
+    return Config(**values)
+
+
+def test_daemon_start_and_stop_are_idempotent_and_release_everything(short_dir: Path) -> None:
+    config = node_config(short_dir)
+    daemon = Daemon(config)
+    daemon.start()
+    daemon.start()
+    host, port = daemon.listen_address
+    assert host == "127.0.0.1" and port > 0
+    status = daemon.status()
+    assert status == {
+        "node_id": 7,
+        "listen": f"127.0.0.1:{port}",
+        "registry": None,
+        "trusted": 0,
+        "pending": 0,
+    }
+    assert os.path.exists(config.control_socket)
+    daemon.stop()
+    daemon.stop()
+    assert not os.path.exists(config.control_socket)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    Daemon(config).stop()  # the directory lock was released
+
+
+def test_daemon_never_started_releases_the_directory_on_stop(short_dir: Path) -> None:
+    config = node_config(short_dir)
+    Daemon(config).stop()
+    with Daemon(config) as daemon:
+        assert daemon.node_id == 7
+
+
+def test_second_daemon_on_the_same_directory_fails_with_store_error(short_dir: Path) -> None:
+    config = node_config(short_dir)
+    with Daemon(config), pytest.raises(StoreError, match="in use"):
+        Daemon(config)
+
+
+def test_port_in_use_gives_a_clear_error_and_frees_the_directory(short_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as blocker:
+        listen = f"127.0.0.1:{blocker.getsockname()[1]}"
+        daemon = Daemon(node_config(short_dir, listen=listen))
+        with pytest.raises(HandshakeError, match=f"cannot listen on {listen}: address already"):
+            daemon.start()
+    Daemon(node_config(short_dir)).stop()
+
+
+def test_identity_readable_by_others_is_refused(short_dir: Path) -> None:
+    identity = short_dir / "identity.json"
+    Identity.load_or_create(str(identity))
+    os.chmod(identity, 0o640)
+    with pytest.raises(StoreError, match=f"chmod 600 {identity}"):
+        Daemon(node_config(short_dir))
+
+
+def test_registry_down_at_start_still_serves_and_reports_unreachable(short_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        dead = f"127.0.0.1:{closed.getsockname()[1]}"
+    config = node_config(short_dir, registry=RegistryConfig(address=dead, poll_interval=0.05))
+    with Daemon(config) as daemon:
+        assert daemon.node_id == 0
+        assert daemon.listen_address[1] > 0
+        registry = daemon.status()["registry"]
+        assert registry["address"] == dead and registry["reachable"] is False
+
+
+def test_json_log_lines_are_one_object_each() -> None:
+    record = logging.LogRecord(
+        "pilothandshake.x", logging.WARNING, __file__, 1, "a %s", ("b",), None
+    )
+    line = JsonLogFormatter().format(record)
+    entry = json.loads(line)
+    assert "\n" not in line
+    assert entry["level"] == "warning" and entry["logger"] == "pilothandshake.x"
+    assert entry["message"] == "a b" and entry["time"].endswith("Z")
+
+
+def test_move_corrupt_aside_renames_only_a_corrupt_trust_file(tmp_path: Path) -> None:
+    trust = tmp_path / "trust.json"
+    assert not trust_file_corrupt(str(trust)) and move_corrupt_aside(str(trust)) == ""
+    trust.write_text('{"trusted": null}')
+    assert move_corrupt_aside(str(trust)) == "" and trust.exists()
+    trust.write_text("{not json")
+    assert trust_file_corrupt(str(trust))
+    moved = move_corrupt_aside(str(trust))
+    assert moved.startswith(f"{trust}.corrupt-") and not trust.exists()
+    assert Path(moved).read_text() == "{not json"
+
+
+def test_main_with_a_bad_config_prints_one_line_and_returns_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"listen": 444}))
+    assert main(["--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pilot-handshaked: ") and str(config) in err and "listen" in err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "missing.yaml" in capsys.readouterr().err

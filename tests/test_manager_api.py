@@ -1,0 +1,484 @@
+"""Manager: the operator API and received accept/reject/revoke (SPEC 7), the revoke cooldown,
+the outgoing TTL, lifecycle, persistence across restarts and failed writes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import pytest
+from fakeruntime import FakeRegistry, Nodes, Peer, seed_trust, settle, snapshot
+
+from pilothandshake.errors import HandshakeError, NotTrustedError, SendError, StoreError
+from pilothandshake.identity import decode_signature, verify
+from pilothandshake.messages import (
+    HANDSHAKE_ACCEPT,
+    HANDSHAKE_REJECT,
+    HANDSHAKE_REQUEST,
+    HANDSHAKE_REVOKE,
+    handshake_challenge,
+)
+from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord, load_state
+
+OWN = 1
+REMOTE = "127.0.0.1:40000"
+T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def nodes(tmp_path: object) -> Iterator[Nodes]:
+    made = Nodes(str(tmp_path))
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def peer() -> Peer:
+    return Peer(7)
+
+
+def trust_file(nodes: Nodes, node_id: int = OWN) -> str:
+    return os.path.join(nodes.root, f"n{node_id}", "trust.json")
+
+
+# send_request
+
+
+def test_send_request_dials_a_signed_request_and_persists_the_outgoing_entry(
+    nodes: Nodes,
+) -> None:
+    manager, runtime = nodes.make()
+    assert manager.send_request(7, "x" * 2000) == "sent"
+    ((peer_id, msg),) = runtime.sent_messages()
+    assert (peer_id, msg.type, msg.node_id, msg.signature) == (7, HANDSHAKE_REQUEST, OWN, "")
+    assert msg.justification == "x" * 1024
+    assert abs(msg.timestamp - time.time()) < 5
+    signature = decode_signature(msg.signature_v2)
+    assert signature is not None and verify(
+        runtime.identity.public_key, msg.v2_challenge(7), signature
+    )
+    assert list(load_state(trust_file(nodes)).outgoing) == [7]
+
+
+def test_send_request_to_a_trusted_peer_or_ourselves_sends_nothing(
+    nodes: Nodes, peer: Peer
+) -> None:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
+    manager, runtime = nodes.make()
+    assert manager.send_request(7, "x") == "trusted"
+    assert manager.send_request(OWN, "x") == "trusted"
+    assert runtime.sent == []
+
+
+def test_send_request_falls_back_to_a_signed_relay(nodes: Nodes) -> None:
+    registry = FakeRegistry()
+    manager, runtime = nodes.make(registry=registry)
+    runtime.dial_fails = True
+    assert manager.send_request(7, "sync") == "relayed"
+    ((sender, to, text, signature_b64),) = registry.calls_of("request_handshake")
+    assert (sender, to, text) == (OWN, 7, "sync")
+    signature = decode_signature(signature_b64)
+    assert signature is not None
+    assert verify(runtime.identity.public_key, handshake_challenge(OWN, 7), signature)
+    assert list(load_state(trust_file(nodes)).outgoing) == [7]
+
+
+def test_send_request_failing_both_ways_forgets_the_outgoing_entry(nodes: Nodes) -> None:
+    registry = FakeRegistry()
+    registry.fail.add("request_handshake")
+    manager, runtime = nodes.make(registry=registry)
+    runtime.dial_fails = True
+    with pytest.raises(SendError) as failure:
+        manager.send_request(7, "sync")
+    assert "refused" in str(failure.value) and "request failed" in str(failure.value)
+    assert "earlier relayed request" not in str(failure.value)
+    assert snapshot(manager)[2] == {}
+    assert load_state(trust_file(nodes)).outgoing == {}
+
+
+def test_repeated_relayed_request_failure_mentions_the_waiting_one(nodes: Nodes) -> None:
+    registry = FakeRegistry()
+    manager, runtime = nodes.make(registry=registry)
+    runtime.dial_fails = True
+    assert manager.send_request(7, "sync") == "relayed"
+    registry.fail.add("request_handshake")  # the registry refuses a second one while queued
+    with pytest.raises(SendError, match="an earlier relayed request may still be waiting"):
+        manager.send_request(7, "sync again")
+
+
+def test_send_request_without_registry_fails_with_both_reasons(nodes: Nodes) -> None:
+    manager, runtime = nodes.make()
+    runtime.dial_fails = True
+    with pytest.raises(SendError, match="no registry"):
+        manager.send_request(7, "sync")
+
+
+def test_send_request_before_the_node_id_is_known_fails_clearly(nodes: Nodes) -> None:
+    manager, runtime = nodes.make(node_id=0)
+    with pytest.raises(HandshakeError, match="no node ID"):
+        manager.send_request(7, "sync")
+    assert runtime.sent == []
+
+
+# Accept / reject / revoke received
+
+
+def test_accept_for_our_outgoing_request_grants_mutual_trust(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    manager, runtime = nodes.make(registry=registry)
+    manager.send_request(7, "sync")
+    manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN), REMOTE)
+    settle(manager)
+    (record,) = manager.trusted_peers()
+    assert (record.node_id, record.public_key, record.mutual) == (7, peer.key, True)
+    assert snapshot(manager)[2] == {}
+    assert registry.calls_of("report_trust") == [(OWN, 7)]
+    assert runtime.topics() == ["handshake.approved", "trust.changed"]
+    assert runtime.events[0][1] == {"peer_node_id": 7, "by": "peer"}
+
+
+def test_strict_accept_with_registry_must_be_bound_or_pinned(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()  # no key for node 7: the accept is not bound
+    manager, runtime = nodes.make(registry=registry)
+    manager.send_request(7, "sync")
+    manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN), REMOTE)
+    assert manager.trusted_peers() == []
+    assert runtime.events == []
+
+
+def test_relayed_approval_for_our_outgoing_request_grants_trust(nodes: Nodes) -> None:
+    registry = FakeRegistry()
+    registry.keys[7] = Peer(7).key
+    manager, runtime = nodes.make(registry=registry)
+    runtime.dial_fails = True
+    manager.send_request(7, "sync")
+    manager.process_relayed_approval(7)
+    settle(manager)
+    assert [(r.node_id, r.mutual, r.public_key) for r in manager.trusted_peers()] == [
+        (7, True, registry.keys[7])  # backfilled: the relay carries no key
+    ]
+
+
+def test_relayed_approval_without_outgoing_request_is_ignored_in_strict_mode(
+    nodes: Nodes,
+) -> None:
+    manager, runtime = nodes.make(registry=FakeRegistry())
+    manager.process_relayed_approval(7)
+    assert manager.trusted_peers() == []
+    assert runtime.events == []
+
+
+def test_reject_received_clears_the_outgoing_request(nodes: Nodes, peer: Peer) -> None:
+    manager, runtime = nodes.make()
+    manager.send_request(7, "sync")
+    manager.process_message(peer.data(HANDSHAKE_REJECT, OWN, reason="no"), REMOTE)
+    assert snapshot(manager) == ([], [], {})
+    assert runtime.events == []
+    # With the outgoing entry gone, a later accept no longer grants trust.
+    manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN), REMOTE)
+    assert manager.trusted_peers() == []
+
+
+def test_relayed_rejection_clears_the_outgoing_request(nodes: Nodes) -> None:
+    manager, _ = nodes.make(registry=FakeRegistry())
+    manager.send_request(7, "sync")
+    manager.process_relayed_rejection(7)
+    assert snapshot(manager)[2] == {}
+
+
+def test_revoke_signed_with_the_pinned_key_removes_trust(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
+    manager, runtime = nodes.make(registry=registry)
+    registry.lookup_errors.add(7)  # pinned is enough: no registry needed
+    manager.process_message(peer.data(HANDSHAKE_REVOKE, OWN, reason="bye"), REMOTE)
+    settle(manager)
+    assert snapshot(manager) == ([], [], {})
+    assert load_state(trust_file(nodes)).trusted == {}
+    assert runtime.removed == [7]
+    assert registry.calls_of("revoke_trust") == [(OWN, 7)]
+    assert runtime.events == [
+        ("trust.revoked_by_peer", {"peer_node_id": 7, "reason": "bye"}),
+        ("trust.changed", {"peer_node_id": 7, "state": "revoked"}),
+    ]
+
+
+def test_strict_revoke_from_an_unpinned_unbound_sender_is_ignored(nodes: Nodes) -> None:
+    stranger = Peer(9)
+    seed_trust(f"{nodes.root}/n1", outgoing=(OutgoingRequest(9, datetime.now(timezone.utc)),))
+    manager, runtime = nodes.make()
+    manager.process_message(stranger.data(HANDSHAKE_REVOKE, OWN), REMOTE)
+    assert list(snapshot(manager)[2]) == [9]
+    assert runtime.removed == []
+
+
+# Operator decisions
+
+
+def test_approve_trusts_the_pending_request_and_answers_both_ways(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    registry.lookup_errors.add(7)
+    manager, runtime = nodes.make(registry=registry)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification="j"), REMOTE)
+    assert manager.approve_handshake(7) is True
+    settle(manager)
+    (record,) = manager.trusted_peers()
+    assert (record.node_id, record.public_key, record.mutual, record.network) == (
+        7,
+        peer.key,
+        False,
+        0,
+    )
+    assert manager.pending_count() == 0
+    assert registry.calls_of("report_trust") == [(OWN, 7)]
+    assert [c[:3] for c in registry.calls_of("respond_handshake")] == [(OWN, 7, True)]
+    assert [(p, m.type) for p, m in runtime.sent_messages()] == [(7, HANDSHAKE_ACCEPT)]
+    assert runtime.topics()[-2:] == ["handshake.approved", "trust.changed"]
+    assert manager.approve_handshake(7) is False
+
+
+def test_approve_without_relay_fallback_when_the_dial_fails(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    manager, runtime = nodes.make(registry=registry)
+    runtime.dial_fails = True
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert manager.approve_handshake(7)
+    settle(manager)
+    assert len(registry.calls_of("respond_handshake")) == 1  # only the approval itself
+
+
+def test_approve_of_a_keyless_request_backfills_the_key(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    manager, _ = nodes.make(registry=registry, strict=False)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, public_key="", v2=False), REMOTE)
+    assert manager.pending_requests()[0].public_key == ""
+    manager.approve_handshake(7)
+    settle(manager)
+    assert manager.trusted_peers()[0].public_key == peer.key
+    assert load_state(trust_file(nodes)).trusted[7].public_key == peer.key
+
+
+def test_reject_drops_the_pending_request_and_tells_the_peer(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    manager, runtime = nodes.make(registry=registry)
+    manager.process_relayed_request(7, "j", peer.key)
+    assert manager.reject_handshake(7, "not today") is True
+    settle(manager)
+    assert snapshot(manager) == ([], [], {})
+    assert [c[:3] for c in registry.calls_of("respond_handshake")] == [(OWN, 7, False)]
+    ((_, msg),) = runtime.sent_messages()
+    assert (msg.type, msg.reason) == (HANDSHAKE_REJECT, "not today")
+    assert runtime.events[-1] == ("handshake.rejected", {"peer_node_id": 7, "reason": "not today"})
+    assert manager.reject_handshake(7) is False
+
+
+def test_revoke_trust_tells_the_peer_before_removing_the_tunnel(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
+    manager, runtime = nodes.make(registry=registry)
+    order: list[str] = []
+    runtime.on_dial = lambda node: order.append(f"dial {node} removed={runtime.removed}")
+    manager.revoke_trust(7)
+    assert order == ["dial 7 removed=[]"]
+    assert runtime.removed == [7]
+    assert runtime.sent_messages()[0][1].type == HANDSHAKE_REVOKE
+    settle(manager)
+    assert registry.calls_of("revoke_trust") == [(OWN, 7)]
+    assert runtime.topics() == ["trust.revoked", "trust.changed"]
+    assert load_state(trust_file(nodes)).trusted == {}
+
+
+def test_revoke_of_an_untrusted_peer_still_clears_it_and_raises(nodes: Nodes) -> None:
+    seed_trust(
+        f"{nodes.root}/n1",
+        pending=(PendingHandshake(7, "", "", T0),),
+        outgoing=(OutgoingRequest(7, T0),),
+    )
+    manager, runtime = nodes.make()
+    with pytest.raises(NotTrustedError):
+        manager.revoke_trust(7)
+    assert snapshot(manager) == ([], [], {})
+    assert runtime.sent == [] and runtime.events == []
+
+
+def test_revoking_ourselves_is_refused(nodes: Nodes) -> None:
+    manager, _ = nodes.make()
+    with pytest.raises(HandshakeError, match="itself"):
+        manager.revoke_trust(OWN)
+    assert manager.is_trusted(OWN)
+
+
+def test_revoke_cooldown_ignores_a_stale_accept_until_a_new_request(
+    nodes: Nodes, peer: Peer
+) -> None:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
+    manager, _runtime = nodes.make(strict=False)  # the cooldown matters in legacy mode
+    manager.revoke_trust(7)
+    manager.process_relayed_approval(7)
+    manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN), REMOTE)
+    assert manager.trusted_peers() == []
+    manager.send_request(7, "again")  # fresh intent clears the cooldown
+    manager.process_relayed_approval(7)
+    assert [r.node_id for r in manager.trusted_peers()] == [7]
+
+
+# Lifecycle, TTL reaper
+
+
+def test_start_binds_444_and_stop_is_idempotent(nodes: Nodes) -> None:
+    manager, runtime = nodes.make()
+    manager.stop()  # before start: nothing
+    manager.start()
+    assert runtime.handler == manager.handle_connection
+    assert runtime.listener is not None and not runtime.listener.closed
+    manager.stop()
+    manager.stop()
+    assert runtime.listener.closed
+    with pytest.raises(StoreError):  # trust.json is released
+        manager.send_request(7, "after stop")
+
+
+def test_outgoing_requests_expire_after_the_ttl(nodes: Nodes, peer: Peer) -> None:
+    manager, runtime = nodes.make(reap_interval=0.02)
+    runtime.outgoing_ttl = 0.05
+    manager.start()
+    manager.send_request(7, "sync")
+    deadline = time.monotonic() + 5
+    while snapshot(manager)[2] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert snapshot(manager)[2] == {}
+    assert load_state(trust_file(nodes)).outgoing == {}
+    manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN), REMOTE)
+    assert manager.trusted_peers() == []
+
+
+def test_keyless_trust_records_are_backfilled_at_start(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, "", T0), TrustRecord(8, "bad", T0)))
+    manager, _ = nodes.make(registry=registry)
+    manager.start()
+    settle(manager)
+    assert [(r.node_id, r.public_key) for r in manager.trusted_peers()] == [
+        (7, peer.key),
+        (8, "bad"),  # the registry has no key for it either
+    ]
+
+
+# Persistence
+
+
+def test_restart_over_the_same_directory_keeps_everything(nodes: Nodes) -> None:
+    registry = FakeRegistry()
+    trusted, bound, unbound = Peer(7), Peer(8), Peer(9)
+    registry.keys[8] = bound.key
+    registry.lookup_errors.add(9)
+    manager, _ = nodes.make(registry=registry)
+    manager.start()
+    manager.process_relayed_request(7, "t", trusted.key)
+    manager.approve_handshake(7)
+    manager.process_message(bound.data(HANDSHAKE_REQUEST, OWN, justification="b"), REMOTE)
+    manager.process_message(unbound.data(HANDSHAKE_REQUEST, OWN, justification="u"), REMOTE)
+    manager.send_request(11, "out")
+    before = snapshot(manager)
+    manager.stop()
+    again, _ = nodes.make(registry=registry)
+    after = snapshot(again)
+    assert [r.node_id for r in after[0]] == [7]
+    assert [(p.node_id, p.bound) for p in after[1]] == [(8, True), (9, False)]
+    assert list(after[2]) == [11]
+    assert [(r.node_id, r.public_key, r.mutual) for r in after[0]] == [
+        (r.node_id, r.public_key, r.mutual) for r in before[0]
+    ]
+    assert [(p.public_key, p.justification) for p in after[1]] == [
+        (p.public_key, p.justification) for p in before[1]
+    ]
+
+
+def test_a_second_manager_on_the_same_directory_is_refused(nodes: Nodes) -> None:
+    nodes.make()
+    with pytest.raises(StoreError, match="in use"):
+        nodes.make()
+
+
+def test_unparsable_trust_json_is_refused_not_replaced(nodes: Nodes) -> None:
+    os.makedirs(f"{nodes.root}/n1")
+    with open(trust_file(nodes), "w") as out:
+        out.write("{broken")
+    with pytest.raises(StoreError, match=r"trust\.json"):
+        nodes.make()
+    with open(trust_file(nodes)) as source:
+        assert source.read() == "{broken"
+
+
+def test_failed_write_raises_and_announces_nothing(
+    nodes: Nodes, peer: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = FakeRegistry()
+    manager, runtime = nodes.make(registry=registry)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    events = list(runtime.events)
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(StoreError, match=r"trust\.json"):
+        manager.approve_handshake(7)
+    monkeypatch.undo()
+    settle(manager)
+    assert runtime.events == events
+    assert runtime.sent == []
+    assert registry.calls_of("report_trust") == registry.calls_of("respond_handshake") == []
+    disk = load_state(trust_file(nodes))
+    trusted, pending, _outgoing = snapshot(manager)
+    assert trusted == [] and [p.node_id for p in pending] == [7]
+    assert list(disk.pending) == [7] and disk.trusted == {}
+    assert not manager.is_trusted(7)
+    # The next change works again.
+    assert manager.approve_handshake(7)
+    assert manager.is_trusted(7)
+
+
+def test_failed_write_in_the_handler_is_logged_at_error(
+    nodes: Nodes, peer: Peer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make()
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    monkeypatch.undo()
+    assert manager.pending_count() == 0
+    assert runtime.events == []
+    assert any(r.levelname == "ERROR" and "trust.json" in r.getMessage() for r in caplog.records)
+
+
+def test_memory_only_manager_keeps_no_file(tmp_path: object, peer: Peer) -> None:
+    from fakeruntime import FakeRuntime
+
+    from pilothandshake.manager import Manager
+
+    runtime = FakeRuntime(OWN)
+    manager = Manager(runtime)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert manager.approve_handshake(7)
+    assert manager.is_trusted(7)
+    assert os.listdir(str(tmp_path)) == []
+    manager.close()
+
+
+def test_revoke_from_a_node_we_know_nothing_of_changes_and_announces_nothing(
+    nodes: Nodes,
+) -> None:
+    manager, runtime = nodes.make(strict=False)
+    stranger = Peer(9)
+    manager.process_message(stranger.data(HANDSHAKE_REVOKE, OWN, public_key="", v2=False), REMOTE)
+    assert runtime.events == [] and runtime.removed == []

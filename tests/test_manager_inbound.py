@@ -1,0 +1,476 @@
+"""Manager: processing an incoming message (SPEC 5) — every drop, strict and legacy
+authentication, the forgeries signature_v2 stops, key pinning, registry key binding, the
+replay set and the rate-limited drop log."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Callable
+
+import pytest
+from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle, snapshot
+
+from pilothandshake.manager import DropLog, Manager, _ReplaySet
+from pilothandshake.messages import (
+    HANDSHAKE_ACCEPT,
+    HANDSHAKE_REQUEST,
+    HANDSHAKE_REVOKE,
+    HandshakeMsg,
+)
+from pilothandshake.store import PendingHandshake, TrustRecord
+
+OWN = 1
+REMOTE = "127.0.0.1:40000"
+T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def nodes(tmp_path: object) -> Iterator[Nodes]:
+    made = Nodes(str(tmp_path))
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def peer() -> Peer:
+    return Peer(7)
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def assert_dropped(
+    manager: Manager,
+    runtime: FakeRuntime,
+    caplog: pytest.LogCaptureFixture,
+    data: bytes,
+    reason: str,
+    remote: str = REMOTE,
+) -> None:
+    """Processing ``data`` changes nothing, publishes nothing and logs exactly one WARNING
+    naming the remote address and ``reason``."""
+    before = snapshot(manager)
+    events = list(runtime.events)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        manager.process_message(data, remote)
+    settle(manager)
+    assert snapshot(manager) == before
+    assert runtime.events == events
+    (line,) = warnings(caplog)
+    assert remote in line and reason in line
+
+
+def respell(b64: str) -> str:
+    """Another base64 spelling of the same bytes (non-zero unused bits before the padding)."""
+    stripped = b64.rstrip("=")
+    last = stripped[-1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    respelled = stripped[:-1] + alphabet[alphabet.index(last) + 1] + b64[len(stripped) :]
+    assert respelled != b64 and base64.b64decode(respelled) == base64.b64decode(b64)
+    return respelled
+
+
+# Step 1: decode, own ID, deny list
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"{not json", "invalid JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"type":"handshake_request","node_id":true,"timestamp":1}', "node_id"),
+        (b'{"type":"handshake_hello","node_id":7,"timestamp":1}', "unknown type"),
+        (b"\xff\xfe", "UTF-8"),
+    ],
+)
+def test_undecodable_message_is_dropped(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture, data: bytes, reason: str
+) -> None:
+    manager, runtime = nodes.make()
+    assert_dropped(manager, runtime, caplog, data, reason)
+    assert "node ?" in warnings(caplog)[0]
+
+
+def test_message_claiming_our_own_node_id_is_dropped(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make(auto_approve=True)
+    data = Peer(OWN).data(HANDSHAKE_REQUEST, OWN)
+    assert_dropped(manager, runtime, caplog, data, "own node ID")
+
+
+@pytest.mark.parametrize("msg_type", [HANDSHAKE_REQUEST, HANDSHAKE_ACCEPT, HANDSHAKE_REVOKE])
+def test_message_from_a_denied_node_is_dropped_whatever_its_type(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture, msg_type: str
+) -> None:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
+    manager, runtime = nodes.make(auto_approve=True)
+    runtime.deny.add(7)
+    assert_dropped(manager, runtime, caplog, peer.data(msg_type, OWN), "deny list")
+    assert "node 7" in warnings(caplog)[0]
+
+
+# Step 2: timestamp window
+
+
+@pytest.mark.parametrize("offset", [-5 * 60 - 5, 30 + 5])
+def test_message_outside_the_timestamp_window_is_dropped(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture, offset: int
+) -> None:
+    manager, runtime = nodes.make(auto_approve=True)
+    data = peer.data(HANDSHAKE_REQUEST, OWN, timestamp=int(time.time()) + offset)
+    assert_dropped(manager, runtime, caplog, data, "outside the window")
+
+
+# Step 3: local authentication
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: p.data(HANDSHAKE_REQUEST, OWN, public_key=""), "public_key"),
+        (lambda p: p.data(HANDSHAKE_REQUEST, OWN, public_key="AAAA"), "public_key"),
+        (lambda p: p.data(HANDSHAKE_REQUEST, OWN, v2=False), "signature_v2"),
+        (lambda p: p.data(HANDSHAKE_REQUEST, OWN, v2=False, legacy=True), "signature_v2"),
+        (lambda p: p.data(HANDSHAKE_REQUEST, 2), "signature_v2"),  # signed for another node
+        (lambda p: p.data(HANDSHAKE_REQUEST, OWN, public_key=Peer(8).key), "signature_v2"),
+    ],
+)
+def test_strict_mode_requires_a_key_and_a_valid_signature_v2(
+    nodes: Nodes,
+    peer: Peer,
+    caplog: pytest.LogCaptureFixture,
+    make: Callable[[Peer], bytes],
+    reason: str,
+) -> None:
+    manager, runtime = nodes.make(auto_approve=True)
+    assert_dropped(manager, runtime, caplog, make(peer), reason)
+
+
+def test_legacy_mode_accepts_an_unsigned_request_without_key(nodes: Nodes, peer: Peer) -> None:
+    manager, _ = nodes.make(strict=False)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, public_key="", v2=False), REMOTE)
+    assert [(p.node_id, p.public_key) for p in manager.pending_requests()] == [(7, "")]
+
+
+def test_legacy_mode_accepts_the_go_style_signature(nodes: Nodes, peer: Peer) -> None:
+    manager, _ = nodes.make(strict=False)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, v2=False, legacy=True), REMOTE)
+    assert [(p.node_id, p.public_key) for p in manager.pending_requests()] == [(7, peer.key)]
+
+
+def test_legacy_mode_drops_a_key_without_any_valid_signature(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make(strict=False)
+    data = peer.data(HANDSHAKE_REQUEST, OWN, v2=False)
+    assert_dropped(manager, runtime, caplog, data, "no valid signature")
+
+
+def test_legacy_unsigned_accept_without_outgoing_request_is_trusted_like_go(
+    nodes: Nodes, peer: Peer
+) -> None:
+    manager, _ = nodes.make(strict=False)
+    manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN, public_key="", v2=False), REMOTE)
+    assert [(r.node_id, r.mutual) for r in manager.trusted_peers()] == [(7, True)]
+
+
+def test_strict_accept_without_outgoing_request_is_ignored(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make()
+    data = peer.data(HANDSHAKE_ACCEPT, OWN)
+    assert_dropped(manager, runtime, caplog, data, "without an outgoing request")
+
+
+def test_forged_unsigned_revoke_is_dropped_in_strict_and_applied_in_legacy(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
+    manager, runtime = nodes.make()
+    forged = Peer(7, Peer(66).identity).message(HANDSHAKE_REVOKE, OWN, public_key="", v2=False)
+    assert_dropped(manager, runtime, caplog, forged.to_json(), "public_key")
+    manager.close()
+    legacy, _ = nodes.make(strict=False)
+    legacy.process_message(forged.to_json(), REMOTE)
+    assert legacy.trusted_peers() == []  # Go's rules: no key, no check
+
+
+# The forgeries signature_v2 stops (SPEC 4)
+
+
+def test_captured_request_rewritten_into_a_revoke_is_dropped(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
+    manager, runtime = nodes.make()
+    captured = peer.message(HANDSHAKE_REQUEST, OWN, justification="hi", legacy=True)
+    captured.type = HANDSHAKE_REVOKE
+    assert_dropped(manager, runtime, caplog, captured.to_json(), "signature_v2")
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_captured_message_replayed_with_a_new_timestamp_is_dropped(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture, strict: bool
+) -> None:
+    manager, runtime = nodes.make(strict=strict)
+    captured = peer.message(HANDSHAKE_REQUEST, OWN, timestamp=int(time.time()) - 10)
+    manager.process_message(captured.to_json(), REMOTE)
+    manager.reject_handshake(7)
+    captured.timestamp += 5
+    reason = "signature_v2" if strict else "no valid signature"
+    assert_dropped(manager, runtime, caplog, captured.to_json(), reason)
+
+
+def test_base64_respelling_of_the_signature_is_a_replay(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make()
+    original = peer.message(HANDSHAKE_REQUEST, OWN)
+    manager.process_message(original.to_json(), REMOTE)
+    manager.reject_handshake(7)
+    original.signature_v2 = respell(original.signature_v2)
+    assert_dropped(manager, runtime, caplog, original.to_json(), "replayed")
+
+
+def test_legacy_base64_respelling_of_the_go_signature_is_a_replay(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make(strict=False)
+    original = peer.message(HANDSHAKE_REQUEST, OWN, v2=False, legacy=True)
+    manager.process_message(original.to_json(), REMOTE)
+    manager.reject_handshake(7)
+    original.signature = respell(original.signature)
+    assert_dropped(manager, runtime, caplog, original.to_json(), "replayed")
+
+
+def test_identical_message_twice_is_a_replay(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make()
+    data = peer.data(HANDSHAKE_REQUEST, OWN)
+    manager.process_message(data, REMOTE)
+    manager.reject_handshake(7)
+    assert_dropped(manager, runtime, caplog, data, "replayed")
+
+
+# Key pinning
+
+
+def test_key_differing_from_a_trust_record_pin_is_dropped(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
+    manager, runtime = nodes.make()
+    impostor = Peer(7)
+    assert_dropped(manager, runtime, caplog, impostor.data(HANDSHAKE_REVOKE, OWN), "pinned key")
+
+
+def test_key_differing_from_a_bound_pending_request_is_dropped(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed_trust(f"{nodes.root}/n1", pending=(PendingHandshake(7, peer.key, "x", T0, True),))
+    manager, runtime = nodes.make()
+    impostor = Peer(7)
+    assert_dropped(manager, runtime, caplog, impostor.data(HANDSHAKE_REQUEST, OWN), "pinned key")
+
+
+def test_invalid_stored_key_pins_nothing(nodes: Nodes, peer: Peer) -> None:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, "not a key", T0),))
+    manager, _runtime = nodes.make()
+    manager.process_message(peer.data(HANDSHAKE_REVOKE, OWN), REMOTE)
+    # Not pinned and not bound: the strict revoke rule refuses it, but as a revoke, not
+    # as a pin mismatch.
+    assert manager.trusted_peers() == [TrustRecord(7, "not a key", T0)]
+
+
+def test_unbound_pending_pins_weakly_and_a_bound_request_replaces_it(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    squatter = Peer(7)
+    registry = FakeRegistry()
+    registry.lookup_errors.add(7)  # registry unreachable for node 7 at first
+    manager, runtime = nodes.make(registry=registry)
+    manager.process_message(squatter.data(HANDSHAKE_REQUEST, OWN, justification="squat"), REMOTE)
+    assert [(p.public_key, p.bound) for p in manager.pending_requests()] == [(squatter.key, False)]
+    # Another unbound key for the same node: dropped by the weak pin.
+    assert_dropped(manager, runtime, caplog, peer.data(HANDSHAKE_REQUEST, OWN), "pending request")
+    # Once the registry vouches for the real key, its request replaces the squatter's.
+    registry.lookup_errors.clear()
+    registry.keys[7] = peer.key
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification="real"), REMOTE)
+    assert [(p.public_key, p.justification, p.bound) for p in manager.pending_requests()] == [
+        (peer.key, "real", True)
+    ]
+
+
+# Registry key binding
+
+
+def test_registry_answers_are_cached(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    manager, _ = nodes.make(registry=registry)
+    for text in ("a", "b", "c"):
+        manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification=text), REMOTE)
+    assert registry.calls_of("lookup") == [(7,)]
+    assert manager.pending_requests()[0].justification == "c"
+
+
+def test_registry_key_mismatch_is_dropped_after_one_fresh_re_ask(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = FakeRegistry()
+    registry.keys[7] = Peer(70).key
+    manager, runtime = nodes.make(registry=registry)
+    assert_dropped(
+        manager, runtime, caplog, peer.data(HANDSHAKE_REQUEST, OWN), "differs from the registry"
+    )
+    assert registry.calls_of("lookup") == [(7,), (7,)]
+    # Within 5 s no second re-ask: dropped on the cached answer alone.
+    data = peer.data(HANDSHAKE_REQUEST, OWN, justification="again")
+    assert_dropped(manager, runtime, caplog, data, "re-ask not allowed yet")
+    assert registry.calls_of("lookup") == [(7,), (7,)]
+
+
+def test_registry_re_ask_that_matches_binds_the_request(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    registry.lookup_answers[7] = [Peer(70).key, peer.key]  # stale first answer, then fresh
+    manager, _ = nodes.make(registry=registry)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert [(p.public_key, p.bound) for p in manager.pending_requests()] == [(peer.key, True)]
+
+
+def test_registry_re_ask_that_fails_drops(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = FakeRegistry()
+    registry.keys[7] = Peer(70).key
+    manager, runtime = nodes.make(registry=registry)
+    original = registry.lookup
+
+    def lookup_once(node_id: int) -> dict[str, object]:
+        registry.lookup = registry_error  # type: ignore[method-assign]
+        return original(node_id)
+
+    def registry_error(node_id: int) -> dict[str, object]:
+        from pilothandshake.errors import RegistryError
+
+        raise RegistryError("request failed")
+
+    registry.lookup = lookup_once  # type: ignore[method-assign]
+    assert_dropped(manager, runtime, caplog, peer.data(HANDSHAKE_REQUEST, OWN), "re-ask failed")
+
+
+# Replay set bounds
+
+
+def test_replay_set_per_source_bound_drops_others_and_lets_pinned_senders_evict(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
+    manager, runtime = nodes.make(max_replay_per_source=3, max_pending_per_source=100)
+    strangers = [Peer(n) for n in (20, 21, 22, 23)]
+    first = strangers[0].data(HANDSHAKE_REQUEST, OWN)
+    manager.process_message(first, REMOTE)
+    for stranger in strangers[1:3]:
+        manager.process_message(stranger.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert manager.pending_count() == 3
+    fourth = strangers[3].data(HANDSHAKE_REQUEST, OWN)
+    assert_dropped(manager, runtime, caplog, fourth, "replay set full")
+    # Another source address is not affected.
+    manager.process_message(fourth, "127.0.0.2:1")
+    assert manager.pending_count() == 4
+    # A sender matching its trust-record pin evicts the oldest entry of the full source ...
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    settle(manager)
+    assert runtime.sent_messages()[-1][1].type == HANDSHAKE_ACCEPT
+    # ... so the first message is no longer remembered: from an address with room it passes.
+    manager.reject_handshake(20)
+    events = len(runtime.events)
+    manager.process_message(first, "127.0.0.2:2")
+    assert runtime.events[events:][0][0] == "handshake.received"
+
+
+# The drop log
+
+
+def test_drop_log_is_rate_limited_and_summarised() -> None:
+    now = [100.0]
+    logger = logging.getLogger("test.droplog")
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect()
+    logger.addHandler(handler)
+    try:
+        drops = DropLog(logger, per_second=10, clock=lambda: now[0])
+        for i in range(25):
+            drops.drop(i, REMOTE, "bad")
+        assert len(records) == 10
+        now[0] += 1.5
+        drops.drop(99, REMOTE, "late")
+        assert records[10:] == [
+            "15 more dropped messages were not logged",
+            f"dropped message from node 99 at {REMOTE}: late",
+        ]
+        drops.flush()
+        assert len(records) == 12
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_flood_of_bad_messages_logs_at_most_ten_lines_a_second(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, _ = nodes.make()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(50):
+            manager.process_message(b"garbage", REMOTE)
+    # Ten in the first second; at most one more window can start during the loop.
+    assert 10 <= len(warnings(caplog)) <= 21
+
+
+def test_undecodable_fields_never_reach_the_store(nodes: Nodes) -> None:
+    manager, runtime = nodes.make()
+    peer = Peer(7)
+    msg = peer.message(HANDSHAKE_REQUEST, OWN)
+    raw = json.loads(msg.to_json())
+    raw["justification"] = "\ud800"
+    manager.process_message(json.dumps(raw).encode(), REMOTE)
+    assert manager.pending_count() == 0
+    assert HandshakeMsg.from_json(msg.to_json()) == msg
+    assert runtime.events == []
+
+
+def test_replay_set_total_bound_lets_privileged_messages_evict_from_the_largest_source() -> None:
+    replay = _ReplaySet(max_total=4, max_per_source=10)
+    for digest in (b"a1", b"a2", b"a3"):
+        assert replay.add(digest, "A", 1000.0, 0.0, privileged=False) == ""
+    assert replay.add(b"b1", "B", 1000.0, 0.0, privileged=False) == ""
+    assert replay.add(b"c1", "C", 1000.0, 0.0, privileged=False) == "replay set full"
+    assert replay.add(b"c1", "C", 1000.0, 0.0, privileged=True) == ""
+    # The oldest entry of A (the largest source) went; B's single entry stayed.
+    assert replay.add(b"b1", "B", 1000.0, 0.0, privileged=True) == "replayed message"
+    assert replay.add(b"a1", "A", 1000.0, 0.0, privileged=True) == ""
+
+
+def test_replay_entries_live_until_their_timestamp_leaves_the_window() -> None:
+    replay = _ReplaySet(max_total=4, max_per_source=4)
+    assert replay.add(b"d", "A", 100.0, 50.0, privileged=False) == ""
+    assert replay.add(b"d", "A", 100.0, 99.0, privileged=False) == "replayed message"
+    assert replay.add(b"d", "A", 200.0, 100.0, privileged=False) == ""
+    # Expired entries free their room.
+    for index in range(3):
+        assert replay.add(bytes([index]), "A", 150.0, 100.0, privileged=False) == ""
+    assert replay.add(b"x", "A", 300.0, 151.0, privileged=False) == ""

@@ -1,0 +1,412 @@
+"""Manager: the request decision of SPEC 6, row by row, for direct and relayed requests, and
+the bounds of the pending queue."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import pytest
+from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle, snapshot
+
+from pilothandshake.constants import MAX_PENDING
+from pilothandshake.identity import decode_signature, verify
+from pilothandshake.manager import Manager
+from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST, respond_challenge
+from pilothandshake.runtime import AllowlistEntry
+from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord
+
+OWN = 1
+T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def nodes(tmp_path: object) -> Iterator[Nodes]:
+    made = Nodes(str(tmp_path))
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def peer() -> Peer:
+    return Peer(7)
+
+
+@pytest.fixture
+def registry(peer: Peer) -> FakeRegistry:
+    fake = FakeRegistry()
+    fake.keys[peer.node_id] = peer.key
+    return fake
+
+
+def send_direct(manager: Manager, peer: Peer, justification: str = "need data") -> None:
+    manager.process_message(
+        peer.data(HANDSHAKE_REQUEST, OWN, justification=justification), "127.0.0.1:40000"
+    )
+
+
+def send_relayed(manager: Manager, peer: Peer, justification: str = "need data") -> None:
+    manager.process_relayed_request(peer.node_id, justification, peer.key)
+
+
+def auto_reason(runtime: FakeRuntime) -> str | None:
+    for topic, payload in runtime.events:
+        if topic == "handshake.auto_approved":
+            return str(payload["reason"])
+    return None
+
+
+def assert_accept_replied(manager: Manager, runtime: FakeRuntime, relayed: bool) -> None:
+    """A direct request is answered by a dialled accept, a relayed one via the registry."""
+    settle(manager)
+    registry = runtime.registry_client
+    responds = registry.calls_of("respond_handshake") if registry is not None else []
+    if relayed:
+        assert [(n, p, a) for n, p, a, _ in responds] == [(OWN, 7, True)]
+        signature = decode_signature(responds[0][3])
+        assert signature is not None
+        assert verify(runtime.identity.public_key, respond_challenge(OWN, 7), signature)
+        assert runtime.sent == []
+    else:
+        sent = runtime.sent_messages()
+        assert [(p, m.type) for p, m in sent] == [(7, HANDSHAKE_ACCEPT)]
+        assert responds == []
+
+
+def assert_granted(manager: Manager, runtime: FakeRuntime, reason: str) -> TrustRecord:
+    settle(manager)
+    assert auto_reason(runtime) == reason
+    assert runtime.topics() == [
+        "handshake.received",
+        "handshake.auto_approved",
+        "trust.changed",
+    ]
+    assert runtime.events[-1][1] == {"peer_node_id": 7, "state": "granted"}
+    registry = runtime.registry_client
+    if registry is not None:
+        assert registry.calls_of("report_trust") == [(OWN, 7)]
+    (record,) = manager.trusted_peers()
+    assert record.node_id == 7
+    assert manager.pending_count() == 0
+    return record
+
+
+@pytest.mark.parametrize("relayed", [False, True])
+def test_row1_already_trusted_replies_accept_and_changes_nothing(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, relayed: bool
+) -> None:
+    record = TrustRecord(7, peer.key, T0, mutual=True, network=0)
+    seed_trust(f"{nodes.root}/n1", trusted=(record,))
+    manager, runtime = nodes.make(registry=registry)
+    (send_relayed if relayed else send_direct)(manager, peer)
+    assert_accept_replied(manager, runtime, relayed)
+    assert manager.trusted_peers() == [record]
+    assert runtime.topics() == ["handshake.received"]
+    assert registry.calls_of("report_trust") == []
+
+
+@pytest.mark.parametrize("relayed", [False, True])
+def test_row2_outgoing_request_makes_trust_mutual(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, relayed: bool
+) -> None:
+    manager, runtime = nodes.make(registry=registry)
+    assert manager.send_request(7, "sync") == "sent"
+    runtime.sent.clear()
+    (send_relayed if relayed else send_direct)(manager, peer)
+    record = assert_granted(manager, runtime, "mutual")
+    assert (record.public_key, record.mutual, record.network) == (peer.key, True, 0)
+    assert_accept_replied(manager, runtime, relayed)
+    assert snapshot(manager)[2] == {}  # the outgoing entry is done with
+
+
+@pytest.mark.parametrize("relayed", [False, True])
+def test_row3_shared_network_trusts_with_the_first_shared_id_in_our_order(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, relayed: bool
+) -> None:
+    registry.networks[OWN] = [9, 5, 3]
+    registry.networks[7] = [3, 5]
+    manager, runtime = nodes.make(registry=registry)
+    (send_relayed if relayed else send_direct)(manager, peer)
+    record = assert_granted(manager, runtime, "same_network")
+    assert (record.mutual, record.network) == (False, 5)
+    assert_accept_replied(manager, runtime, relayed)
+
+
+def test_row3_backbone_network_zero_is_not_shared(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry
+) -> None:
+    manager, _runtime = nodes.make(registry=registry)  # both only in network 0
+    send_direct(manager, peer)
+    assert manager.trusted_peers() == []
+    assert [p.node_id for p in manager.pending_requests()] == [7]
+
+
+@pytest.mark.parametrize("relayed", [False, True])
+def test_row4_allowlisted_agent_vouched_by_registry_is_trusted(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, relayed: bool
+) -> None:
+    manager, runtime = nodes.make(registry=registry)
+    runtime.allowlist[7] = AllowlistEntry(7, "build-agent")
+    (send_relayed if relayed else send_direct)(manager, peer)
+    record = assert_granted(manager, runtime, "trusted_agent")
+    assert (record.public_key, record.mutual, record.network) == (peer.key, False, 0)
+    assert runtime.events[1][1]["agent"] == "build-agent"
+    assert_accept_replied(manager, runtime, relayed)
+
+
+def test_row4_pinned_allowlist_key_needs_no_registry(nodes: Nodes, peer: Peer) -> None:
+    manager, runtime = nodes.make()
+    runtime.allowlist[7] = AllowlistEntry(7, "deployer", peer.key)
+    send_direct(manager, peer)
+    assert_granted(manager, runtime, "trusted_agent")
+    assert_accept_replied(manager, runtime, relayed=False)
+
+
+def test_row4_unpinned_agent_without_registry_goes_pending(nodes: Nodes, peer: Peer) -> None:
+    manager, runtime = nodes.make()
+    runtime.allowlist[7] = AllowlistEntry(7, "build-agent")
+    send_direct(manager, peer)
+    assert manager.trusted_peers() == []
+    assert runtime.topics() == ["handshake.received", "handshake.pending"]
+
+
+@pytest.mark.parametrize("relayed", [False, True])
+def test_row4_allowlist_pin_differing_from_the_senders_key_is_not_trusted(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, relayed: bool
+) -> None:
+    manager, runtime = nodes.make(registry=registry)
+    runtime.allowlist[7] = AllowlistEntry(7, "deployer", Peer(99).key)
+    (send_relayed if relayed else send_direct)(manager, peer)
+    assert manager.trusted_peers() == []
+    assert [p.node_id for p in manager.pending_requests()] == [7]
+
+
+@pytest.mark.parametrize("relayed", [False, True])
+def test_row5_auto_approve_trusts_without_mutual(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, relayed: bool
+) -> None:
+    manager, runtime = nodes.make(registry=registry, auto_approve=True)
+    (send_relayed if relayed else send_direct)(manager, peer)
+    record = assert_granted(manager, runtime, "auto_approve")
+    assert (record.public_key, record.mutual, record.network) == (peer.key, False, 0)
+    assert_accept_replied(manager, runtime, relayed)
+
+
+def test_row5_without_registry_trusts_on_first_use(nodes: Nodes, peer: Peer) -> None:
+    manager, runtime = nodes.make(auto_approve=True)
+    send_direct(manager, peer)
+    assert_granted(manager, runtime, "auto_approve")
+    assert_accept_replied(manager, runtime, relayed=False)
+
+
+def test_strict_with_registry_unbound_request_goes_pending_despite_auto_approve(
+    nodes: Nodes, peer: Peer
+) -> None:
+    registry = FakeRegistry()  # does not know node 7's key: the request is not bound
+    registry.networks[OWN] = [3]
+    registry.networks[7] = [3]
+    manager, _runtime = nodes.make(registry=registry, auto_approve=True)
+    manager.send_request(7, "sync")  # even an outgoing request does not vouch for it
+    send_direct(manager, peer)
+    settle(manager)
+    assert manager.trusted_peers() == []
+    (pending,) = manager.pending_requests()
+    assert (pending.node_id, pending.public_key, pending.bound) == (7, peer.key, False)
+    assert registry.calls_of("report_trust") == []
+
+
+def test_strict_with_registry_lookup_error_counts_as_unbound(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    registry.lookup_errors.add(7)
+    manager, _ = nodes.make(registry=registry, auto_approve=True)
+    send_direct(manager, peer)
+    assert manager.trusted_peers() == []
+    assert [(p.node_id, p.bound) for p in manager.pending_requests()] == [(7, False)]
+
+
+@pytest.mark.parametrize("relayed", [False, True])
+def test_row6_pending_request_records_key_text_and_binding(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, relayed: bool
+) -> None:
+    manager, runtime = nodes.make(registry=registry)
+    (send_relayed if relayed else send_direct)(manager, peer, "é" * 700)
+    settle(manager)
+    (pending,) = manager.pending_requests()
+    assert pending.public_key == peer.key
+    assert pending.bound is True  # registry-bound direct, or relayed
+    assert pending.justification == "é" * 512  # 1 KiB on a UTF-8 boundary
+    assert runtime.topics() == ["handshake.received", "handshake.pending"]
+    assert runtime.events[1][1] == {"peer_node_id": 7}
+    assert runtime.sent == []
+    assert registry.calls_of("respond_handshake") == []
+
+
+def test_row6_a_new_request_replaces_the_earlier_one(nodes: Nodes, peer: Peer) -> None:
+    manager, _ = nodes.make()
+    send_direct(manager, peer, "first")
+    send_direct(manager, peer, "second")
+    assert [(p.node_id, p.justification) for p in manager.pending_requests()] == [(7, "second")]
+
+
+def test_relayed_request_without_key_keeps_the_pending_key(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()  # knows no key for node 7
+    manager, _ = nodes.make(registry=registry)
+    send_relayed(manager, peer, "with key")
+    manager.process_relayed_request(7, "without key")
+    (pending,) = manager.pending_requests()
+    assert (pending.public_key, pending.justification, pending.bound) == (
+        peer.key,
+        "without key",
+        True,
+    )
+
+
+def test_relayed_request_without_any_key_is_backfilled_once_trusted(nodes: Nodes) -> None:
+    registry = FakeRegistry()
+    manager, _ = nodes.make(registry=registry, auto_approve=True)
+    key = Peer(7).key
+    registry.lookup_answers[7] = ["", key]  # unknown at request time, known for the backfill
+    manager.process_relayed_request(7, "no key")
+    settle(manager)
+    (record,) = manager.trusted_peers()
+    assert record.public_key == key
+
+
+def test_direct_accept_reply_falls_back_to_the_relay_when_the_dial_fails(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry
+) -> None:
+    manager, runtime = nodes.make(registry=registry, auto_approve=True)
+    runtime.dial_fails = True
+    send_direct(manager, peer)
+    settle(manager)
+    assert [m.type for _, m in runtime.sent_messages()] == [HANDSHAKE_ACCEPT]
+    assert [c[:3] for c in registry.calls_of("respond_handshake")] == [(OWN, 7, True)]
+
+
+def test_relayed_request_with_an_invalid_key_is_dropped(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make(registry=FakeRegistry(), auto_approve=True)
+    with caplog.at_level(logging.WARNING):
+        manager.process_relayed_request(7, "x", "not-a-key")
+    assert snapshot(manager) == ([], [], {})
+    assert runtime.events == []
+    assert len(caplog.records) == 1
+
+
+def test_relayed_request_from_a_denied_node_is_dropped(nodes: Nodes, peer: Peer) -> None:
+    manager, runtime = nodes.make(registry=FakeRegistry(), auto_approve=True)
+    runtime.deny.add(7)
+    send_relayed(manager, peer)
+    assert snapshot(manager) == ([], [], {})
+    assert runtime.events == []
+
+
+def test_strict_relayed_request_with_a_key_differing_from_the_pin_is_dropped(
+    nodes: Nodes, peer: Peer
+) -> None:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
+    manager, runtime = nodes.make(registry=FakeRegistry())
+    manager.process_relayed_request(7, "impostor", Peer(7).key)
+    settle(manager)
+    assert manager.trusted_peers() == [TrustRecord(7, peer.key, T0)]
+    assert runtime.events == []
+
+
+# Pending bounds (SPEC 6 and 15)
+
+
+def test_unbound_direct_requests_are_limited_per_source_address(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make(max_pending_per_source=2)
+    peers = [Peer(n) for n in (10, 11, 12)]
+    for p in peers:
+        manager.process_message(p.data(HANDSHAKE_REQUEST, OWN), "127.0.0.1:5000")
+    assert [p.node_id for p in manager.pending_requests()] == [10, 11]
+    assert any("source address" in r.getMessage() for r in caplog.records)
+    # A replacement from a node already pending is not a new entry.
+    again = peers[0].data(HANDSHAKE_REQUEST, OWN, justification="again")
+    manager.process_message(again, "127.0.0.1:1")
+    # Another address has its own quota.
+    other = peers[2].data(HANDSHAKE_REQUEST, OWN, justification="other")
+    manager.process_message(other, "127.0.0.2:5000")
+    assert [(p.node_id, p.justification) for p in manager.pending_requests()] == [
+        (10, "again"),
+        (11, ""),
+        (12, "other"),
+    ]
+    assert runtime.topics().count("handshake.pending") == 4
+
+
+def test_full_queue_drops_unbound_and_lets_bound_evict_the_oldest_unbound(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    pending = tuple(
+        PendingHandshake(100 + i, "", "", T0.replace(minute=i % 60, second=i // 60), False)
+        for i in range(MAX_PENDING - 1)
+    )
+    bound = PendingHandshake(99, "", "", datetime(2020, 1, 1, tzinfo=timezone.utc), True)
+    seed_trust(f"{nodes.root}/n1", pending=(*pending, bound))
+    manager, runtime = nodes.make(registry=FakeRegistry())
+    assert manager.pending_count() == MAX_PENDING
+    newcomer = Peer(5000)
+    with caplog.at_level(logging.WARNING):
+        manager.process_message(newcomer.data(HANDSHAKE_REQUEST, OWN), "127.0.0.1:9")
+    assert "pending queue full" in caplog.records[-1].getMessage()
+    assert 5000 not in {p.node_id for p in manager.pending_requests()}
+    # A relayed request is vouched for: it evicts the oldest unbound one (node 100), and
+    # never the older bound one (node 99).
+    manager.process_relayed_request(6000, "relayed")
+    nodes_pending = {p.node_id for p in manager.pending_requests()}
+    assert len(nodes_pending) == MAX_PENDING
+    assert 6000 in nodes_pending and 99 in nodes_pending and 100 not in nodes_pending
+    assert runtime.topics() == ["handshake.received", "handshake.pending"]
+
+
+def test_full_queue_of_bound_requests_drops_even_a_bound_newcomer(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    pending = tuple(PendingHandshake(100 + i, "", "", T0, True) for i in range(MAX_PENDING))
+    seed_trust(f"{nodes.root}/n1", pending=pending)
+    manager, runtime = nodes.make(registry=FakeRegistry())
+    with caplog.at_level(logging.WARNING):
+        manager.process_relayed_request(6000, "relayed")
+    assert manager.pending_count() == MAX_PENDING
+    assert 6000 not in {p.node_id for p in manager.pending_requests()}
+    assert runtime.events == []
+    assert len(caplog.records) == 1
+
+
+def test_bound_flag_survives_a_restart(nodes: Nodes, peer: Peer, registry: FakeRegistry) -> None:
+    manager, _ = nodes.make(registry=registry)
+    send_direct(manager, peer)
+    manager.close()
+    again, _ = nodes.make(registry=registry)
+    assert [(p.node_id, p.public_key, p.bound) for p in again.pending_requests()] == [
+        (7, peer.key, True)
+    ]
+
+
+def test_relayed_signature_base64_of_respond_is_standard(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry
+) -> None:
+    manager, _ = nodes.make(registry=registry)
+    send_relayed(manager, peer)
+    assert manager.approve_handshake(7)
+    settle(manager)
+    ((_, _, accept, signature),) = registry.calls_of("respond_handshake")
+    assert accept is True
+    assert base64.b64encode(base64.b64decode(signature)).decode() == signature
+
+
+def test_outgoing_entry_is_kept_across_restart_and_makes_the_later_request_mutual(
+    nodes: Nodes, peer: Peer
+) -> None:
+    seed_trust(f"{nodes.root}/n1", outgoing=(OutgoingRequest(7, datetime.now(timezone.utc)),))
+    manager, runtime = nodes.make()
+    send_direct(manager, peer)
+    record = assert_granted(manager, runtime, "mutual")
+    assert record.mutual is True

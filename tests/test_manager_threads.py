@@ -1,0 +1,298 @@
+"""Manager under threads: wait_for_trust, concurrent changes ending with memory equal to
+trust.json, no lock held across Runtime calls, the port-444 handler on a real socket, and
+two Managers wired to each other (the README embedding)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import pytest
+from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle
+
+from pilothandshake.errors import HandshakeError
+from pilothandshake.manager import Manager
+from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST
+from pilothandshake.store import TrustRecord, load_state
+
+OWN = 1
+REMOTE = "127.0.0.1:40000"
+WAIT = 10.0
+T0 = datetime(2026, 11, 25, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def nodes(tmp_path: object) -> Iterator[Nodes]:
+    made = Nodes(str(tmp_path))
+    yield made
+    made.close()
+
+
+def start_thread(target: object, *args: object) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
+    thread.start()
+    return thread
+
+
+# wait_for_trust
+
+
+def test_wait_for_trust_wakes_when_another_thread_grants(nodes: Nodes) -> None:
+    manager, _ = nodes.make()
+    peer = Peer(7)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    result: list[bool] = []
+    waiter = start_thread(lambda: result.append(manager.wait_for_trust(7, WAIT)))
+    time.sleep(0.02)  # let it block; it must not return early
+    assert result == []
+    started = time.monotonic()
+    manager.approve_handshake(7)
+    waiter.join(WAIT)
+    assert result == [True]
+    assert time.monotonic() - started < 2
+
+
+def test_wait_for_trust_times_out(nodes: Nodes) -> None:
+    manager, _ = nodes.make()
+    started = time.monotonic()
+    assert manager.wait_for_trust(7, 0.05) is False
+    assert 0.04 <= time.monotonic() - started < 2
+    assert manager._waiters == {}
+
+
+def test_wait_for_trust_of_ourselves_or_a_trusted_peer_returns_at_once(nodes: Nodes) -> None:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, "", T0),))
+    manager, _ = nodes.make()
+    assert manager.wait_for_trust(OWN, 0)
+    assert manager.wait_for_trust(7, None)
+
+
+def test_wait_for_trust_without_timeout_waits_until_granted(nodes: Nodes) -> None:
+    manager, _ = nodes.make(auto_approve=True)
+    result: list[bool] = []
+    waiter = start_thread(lambda: result.append(manager.wait_for_trust(7, None)))
+    time.sleep(0.02)
+    assert result == [] and waiter.is_alive()
+    manager.process_message(Peer(7).data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    waiter.join(WAIT)
+    assert result == [True]
+
+
+@pytest.mark.parametrize("same_node", [False, True])
+def test_two_hundred_waiters_all_wake(nodes: Nodes, same_node: bool) -> None:
+    manager, _ = nodes.make(strict=False, auto_approve=True)
+    ids = [7] * 200 if same_node else list(range(100, 300))
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def wait(node: int) -> None:
+        outcome = manager.wait_for_trust(node, WAIT)
+        with lock:
+            results.append(outcome)
+
+    threads = [start_thread(wait, node) for node in ids]
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        with manager._lock:
+            if sum(w.count for w in manager._waiters.values()) == 200:
+                break
+        time.sleep(0.005)
+    for node in sorted(set(ids)):
+        manager.process_relayed_request(node, "go")
+    for thread in threads:
+        thread.join(WAIT)
+    assert results == [True] * 200
+    assert manager._waiters == {}
+
+
+# Concurrency
+
+
+def test_concurrent_changes_end_with_memory_equal_to_trust_json(nodes: Nodes) -> None:
+    manager, runtime = nodes.make(strict=False, max_pending_per_source=1000)
+    peers = [Peer(n) for n in range(10, 40)]
+    errors: list[BaseException] = []
+    stop_at = time.monotonic() + 1.0
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(60):
+                if time.monotonic() > stop_at:
+                    return
+                peer = rng.choice(peers)
+                action = rng.randrange(5)
+                if action == 0:
+                    data = peer.data(HANDSHAKE_REQUEST, OWN, justification=str(rng.random()))
+                    manager.process_message(data, f"127.0.0.1:{seed}")
+                elif action == 1:
+                    manager.approve_handshake(peer.node_id)
+                elif action == 2:
+                    manager.reject_handshake(peer.node_id, "no")
+                elif action == 3:
+                    with contextlib.suppress(HandshakeError):
+                        manager.revoke_trust(peer.node_id)
+                else:
+                    manager.process_relayed_request(peer.node_id, "relayed", peer.key)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [start_thread(worker, seed) for seed in range(8)]
+    for thread in threads:
+        thread.join(WAIT)
+    assert errors == []
+    assert not any(t.is_alive() for t in threads)
+    settle(manager)
+    disk = load_state(os.path.join(nodes.root, "n1", "trust.json"))
+    visible = manager._store.visible
+    assert disk.trusted.keys() == visible.trusted.keys()
+    assert disk.pending.keys() == visible.pending.keys()
+    assert disk.outgoing.keys() == visible.outgoing.keys()
+    for node, record in visible.trusted.items():
+        assert (disk.trusted[node].public_key, disk.trusted[node].mutual) == (
+            record.public_key,
+            record.mutual,
+        )
+    assert manager._store.working.trusted.keys() == visible.trusted.keys()
+    assert runtime.events  # something happened
+
+
+def test_no_lock_is_held_across_runtime_or_registry_calls(nodes: Nodes) -> None:
+    registry = FakeRegistry()
+    peer = Peer(7)
+    registry.keys[7] = peer.key
+    manager, runtime = nodes.make(registry=registry, auto_approve=True)
+    answered: list[bool] = []
+
+    def probe_from_another_thread(*_: object) -> None:
+        # The Manager's lock is not re-entrant across threads: this would deadlock (and time
+        # out) if a Runtime or registry call were made holding it.
+        probe = start_thread(lambda: answered.append(manager.is_trusted(7) in (True, False)))
+        probe.join(2.0)
+        assert not probe.is_alive(), "Runtime called with the Manager's lock held"
+
+    runtime.on_dial = probe_from_another_thread
+    original_lookup = registry.lookup
+
+    def lookup(node_id: int) -> dict[str, object]:
+        probe_from_another_thread()
+        return original_lookup(node_id)
+
+    registry.lookup = lookup  # type: ignore[method-assign]
+    original_publish = runtime.publish_event
+
+    def publish(topic: str, payload: dict[str, object]) -> None:
+        probe_from_another_thread()
+        original_publish(topic, payload)
+
+    runtime.publish_event = publish  # type: ignore[method-assign]
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    settle(manager)
+    manager.revoke_trust(7)
+    manager.send_request(8, "x")
+    settle(manager)
+    assert len(answered) >= 6 and all(answered)
+
+
+# The port-444 handler on a socket
+
+
+def test_handle_connection_reads_processes_and_closes(nodes: Nodes) -> None:
+    manager, _ = nodes.make()
+    ours, theirs = socket.socketpair()
+    with theirs:
+        theirs.sendall(Peer(7).data(HANDSHAKE_REQUEST, OWN, justification="over a socket"))
+        theirs.shutdown(socket.SHUT_WR)
+        manager.handle_connection(ours)
+        assert theirs.recv(1) == b""  # closed by the handler
+    assert [p.justification for p in manager.pending_requests()] == ["over a socket"]
+
+
+def test_handle_connection_drops_garbage_without_raising(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make()
+    ours, theirs = socket.socketpair()
+    with theirs, caplog.at_level(logging.WARNING):
+        theirs.sendall(b"[1, 2, 3]")
+        theirs.shutdown(socket.SHUT_WR)
+        manager.handle_connection(ours)
+    assert manager.pending_count() == 0 and runtime.events == []
+    assert len(caplog.records) == 1 and "not a JSON object" in caplog.records[0].getMessage()
+
+
+def test_handle_connection_on_tcp_loopback_names_the_remote_address(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, _ = nodes.make()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, address = server.accept()
+        with client, caplog.at_level(logging.WARNING):
+            client.sendall(b"{}")
+            client.shutdown(socket.SHUT_WR)
+            manager.handle_connection(conn)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert f"127.0.0.1:{address[1]}" in line and "type" in line
+
+
+# Two Managers wired together (README embedding)
+
+
+def test_two_managers_complete_a_request_and_approval(nodes: Nodes) -> None:
+    alice, alice_rt = nodes.make(1)
+    bob, bob_rt = nodes.make(2)
+    wired = {1: alice, 2: bob}
+    alice_rt.deliver = lambda peer, data: wired[peer].process_message(data, "127.0.0.1:1001")
+    bob_rt.deliver = lambda peer, data: wired[peer].process_message(data, "127.0.0.1:1002")
+    for manager in (alice, bob):
+        manager.start()
+
+    assert alice.send_request(2, "nightly sync") == "sent"
+    (request,) = bob.pending_requests()
+    assert (request.node_id, request.justification) == (1, "nightly sync")
+    assert request.public_key == alice_rt.identity.public_key_b64
+
+    trusted: list[bool] = []
+    waiter = start_thread(lambda: trusted.append(alice.wait_for_trust(2, WAIT)))
+    assert bob.approve_handshake(1)
+    waiter.join(WAIT)
+    assert trusted == [True]
+    assert bob.is_trusted(1) and alice.is_trusted(2)
+    (record,) = alice.trusted_peers()
+    assert (record.mutual, record.public_key) == (True, bob_rt.identity.public_key_b64)
+    assert [t for t, _ in bob_rt.events][-2:] == ["handshake.approved", "trust.changed"]
+
+    # Alice revokes: Bob hears it, signed with the key he pinned.
+    alice.revoke_trust(2)
+    assert not bob.is_trusted(1)
+    assert ("trust.revoked_by_peer", {"peer_node_id": 1, "reason": ""}) in bob_rt.events
+    assert bob_rt.removed == [1]
+
+
+def test_manager_satisfies_the_runtime_protocol_through_a_custom_runtime() -> None:
+    runtime = FakeRuntime(5)
+    manager = Manager(runtime)
+    manager.start()
+    try:
+        assert runtime.handler is not None
+        ours, theirs = socket.socketpair()
+        with theirs:
+            theirs.sendall(Peer(6).data(HANDSHAKE_ACCEPT, 5))
+            theirs.shutdown(socket.SHUT_WR)
+            runtime.handler(ours)
+        assert manager.trusted_peers() == []  # no outgoing request: ignored
+        assert manager.is_trusted(5)
+    finally:
+        manager.stop()
+    assert runtime.listener is not None and runtime.listener.closed
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    manager.handle_connection(ours)  # after stop: still never raises

@@ -1,0 +1,270 @@
+"""RegistryLoop: registration, heartbeats, relay polling and backoff, against a fake registry."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+
+from pilothandshake.errors import RegistryError
+from pilothandshake.identity import Identity
+from pilothandshake.relay import RegistryLoop
+
+WAIT = 5.0
+
+
+class FakeRegistry:
+    """Records every call; ``down`` makes every call fail; ``inbox`` is drained by polls."""
+
+    address = "127.0.0.1:9"
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.calls: list[tuple[str, float]] = []
+        self.down = False
+        self.next_id = 5
+        self.requests: list[Any] = []
+        self.responses: list[Any] = []
+
+    def _call(self, name: str) -> None:
+        with self.cond:
+            self.calls.append((name, time.monotonic()))
+            self.cond.notify_all()
+            if self.down:
+                raise RegistryError("connection refused")
+
+    def count(self, name: str) -> int:
+        with self.cond:
+            return sum(1 for n, _ in self.calls if n == name)
+
+    def wait_for(self, predicate: Callable[[], bool]) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, WAIT)
+
+    def register(
+        self, listen_addr: str, public_key_b64: str, owner: str = "", hostname: str = ""
+    ) -> dict[str, Any]:
+        self._call("register")
+        return {"type": "register_ok", "node_id": self.next_id}
+
+    def heartbeat(self, node_id: int) -> dict[str, Any]:
+        self._call("heartbeat")
+        return {"type": "heartbeat_ok"}
+
+    def set_visibility(self, node_id: int, public: bool) -> dict[str, Any]:
+        self._call("set_visibility")
+        return {"type": "set_visibility_ok"}
+
+    def poll_handshakes(self, node_id: int) -> dict[str, Any]:
+        self._call("poll")
+        with self.cond:
+            requests, self.requests = self.requests, []
+            responses, self.responses = self.responses, []
+        return {"type": "poll_handshakes_ok", "requests": requests, "responses": responses}
+
+
+class Target:
+    """Records what the loop hands to the Manager."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.seen: list[tuple[Any, ...]] = []
+
+    def _add(self, item: tuple[Any, ...]) -> None:
+        with self.cond:
+            self.seen.append(item)
+            self.cond.notify_all()
+
+    def process_relayed_request(
+        self, from_node_id: int, justification: str, public_key: str = ""
+    ) -> None:
+        if from_node_id == 666:
+            raise RuntimeError("manager bug")
+        self._add(("request", from_node_id, justification, public_key))
+
+    def process_relayed_approval(self, from_node_id: int) -> None:
+        self._add(("approval", from_node_id))
+
+    def process_relayed_rejection(self, from_node_id: int) -> None:
+        self._add(("rejection", from_node_id))
+
+    def wait_count(self, count: int) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.seen) >= count, WAIT)
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    return FakeRegistry()
+
+
+@pytest.fixture
+def target() -> Target:
+    return Target()
+
+
+@pytest.fixture
+def make_loop(registry: FakeRegistry, target: Target) -> Iterator[Callable[..., RegistryLoop]]:
+    loops: list[RegistryLoop] = []
+
+    def make(**kwargs: Any) -> RegistryLoop:
+        options: dict[str, Any] = {
+            "listen_addr": "127.0.0.1:4444",
+            "poll_interval": 0.02,
+            "heartbeat_interval": 60.0,
+        }
+        options.update(kwargs)
+        loop = RegistryLoop(registry, Identity.generate(), target, **options)
+        loops.append(loop)
+        return loop
+
+    yield make
+    for loop in loops:
+        loop.stop()
+
+
+def test_register_once_assigns_node_id_and_reports_it(
+    registry: FakeRegistry, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    assigned: list[int] = []
+    loop = make_loop(on_node_id=assigned.append)
+    assert loop.node_id == 0
+    assert loop.register_once()
+    assert loop.node_id == 5
+    assert assigned == [5]
+    assert loop.state()["reachable"] is True
+
+
+def test_register_failure_leaves_node_id_zero_and_unreachable(
+    registry: FakeRegistry, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    registry.down = True
+    loop = make_loop()
+    assert not loop.register_once()
+    assert loop.node_id == 0
+    state = loop.state()
+    assert state["reachable"] is False and "connection refused" in state["error"]
+
+
+def test_public_node_sets_visibility_after_registering(
+    registry: FakeRegistry, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    make_loop(public=True).register_once()
+    assert registry.count("set_visibility") == 1
+    make_loop(public=False).register_once()
+    assert registry.count("set_visibility") == 1
+
+
+def test_polled_requests_and_responses_reach_the_manager(
+    registry: FakeRegistry, target: Target, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    registry.requests = [
+        {"from_node_id": 9, "justification": "sync", "timestamp": 1, "public_key": "KEY"},
+        {"from_node_id": 10, "justification": "no key", "timestamp": 1},
+    ]
+    registry.responses = [
+        {"from_node_id": 11, "accept": True, "timestamp": 1},
+        {"from_node_id": 12, "accept": False, "timestamp": 1},
+    ]
+    loop = make_loop()
+    loop.start()
+    assert target.wait_count(4)
+    assert target.seen == [
+        ("request", 9, "sync", "KEY"),
+        ("request", 10, "no key", ""),
+        ("approval", 11),
+        ("rejection", 12),
+    ]
+
+
+def test_malformed_relay_entries_are_dropped_and_the_rest_delivered(
+    registry: FakeRegistry, target: Target, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    registry.requests = [
+        "junk",
+        {"from_node_id": True, "justification": "bool id"},
+        {"from_node_id": 2**32, "justification": "too big"},
+        {"from_node_id": 666, "justification": "manager raises"},
+        {"from_node_id": 3, "justification": 5},
+    ]
+    registry.responses = [{"from_node_id": 4, "accept": "yes"}, {"from_node_id": 4, "accept": True}]
+    loop = make_loop()
+    loop.start()
+    assert target.wait_count(2)
+    assert target.seen == [("request", 3, "", ""), ("approval", 4)]
+    # The loop survived the bad entries and keeps polling.
+    polls = registry.count("poll")
+    assert registry.wait_for(lambda: registry.count("poll") > polls + 2)
+
+
+def test_loop_registers_when_start_happened_while_registry_down(
+    registry: FakeRegistry, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    registry.down = True
+    loop = make_loop()
+    assert not loop.register_once()
+    loop.start()
+    assert registry.wait_for(lambda: registry.count("register") >= 3)
+    registry.down = False
+    deadline = time.monotonic() + WAIT
+    while loop.node_id == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop.node_id == 5
+    assert registry.wait_for(lambda: registry.count("poll") >= 1)
+
+
+def test_failures_back_off_exponentially_up_to_the_maximum(
+    registry: FakeRegistry, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    registry.down = True
+    loop = make_loop(poll_interval=0.01, max_backoff=0.08)
+    loop.start()
+    assert registry.wait_for(lambda: len(registry.calls) >= 8)
+    loop.stop()
+    times = [t for _, t in registry.calls]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps[0] < gaps[3]  # 0.01, 0.02, 0.04, 0.08: growing
+    assert max(gaps) < 0.5  # capped at max_backoff (plus scheduling noise)
+
+
+def test_three_failed_heartbeats_lead_to_registering_again(
+    registry: FakeRegistry, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    loop = make_loop(poll_interval=0.01, max_backoff=0.02)
+    assert loop.register_once()
+    registry.down = True
+    loop.start()
+    assert registry.wait_for(lambda: registry.count("heartbeat") >= 3)
+    assert registry.wait_for(lambda: registry.count("register") >= 2)
+    names = [n for n, _ in registry.calls]
+    first_reregister = names.index("register", 1)
+    assert names[:first_reregister].count("heartbeat") >= 3
+    registry.down = False
+    assert registry.wait_for(lambda: registry.count("poll") >= names.count("poll") + 2)
+    assert loop.state()["reachable"] is True
+
+
+def test_heartbeat_is_sent_every_interval_while_healthy(
+    registry: FakeRegistry, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    loop = make_loop(poll_interval=0.01, heartbeat_interval=0.1)
+    loop.register_once()
+    loop.start()
+    assert registry.wait_for(lambda: registry.count("heartbeat") >= 2)
+    assert registry.count("register") == 1
+
+
+def test_stop_wakes_a_sleeping_loop_promptly(
+    registry: FakeRegistry, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    loop = make_loop(poll_interval=30.0)
+    loop.register_once()
+    loop.start()
+    assert registry.wait_for(lambda: registry.count("poll") >= 1)
+    started = time.monotonic()
+    loop.stop()
+    assert time.monotonic() - started < 1.0
+    loop.stop()  # idempotent
