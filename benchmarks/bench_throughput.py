@@ -147,7 +147,10 @@ def run_bare(total: int, processes: int, threads: int) -> dict[str, Any]:
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
-        return drive(port, total, processes, threads, first_node=100)
+        cpu_before = c.cpu_seconds(proc.pid)
+        figures = drive(port, total, processes, threads, first_node=100)
+        figures["server_cpu_us"] = (c.cpu_seconds(proc.pid) - cpu_before) / total * 1e6
+        return figures
     finally:
         proc.terminate()
         proc.wait(15)
@@ -155,16 +158,21 @@ def run_bare(total: int, processes: int, threads: int) -> dict[str, Any]:
             proc.stdout.close()
 
 
-def run_daemon(total: int, processes: int, threads: int) -> dict[str, Any]:
-    """The daemon: every delivered message must end up trusted in trust.json."""
+def run_daemon(total: int, processes: int, threads: int, profile: str = "") -> dict[str, Any]:
+    """The daemon: every delivered message must end up trusted in trust.json. With
+    ``profile``, py-spy samples the daemon during the run into that file (raw format)."""
     with c.temp_dir() as directory:
         port = c.free_port()
         config = c.yaml_config(directory, DAEMON_NODE, port)
         with c.DaemonProcess(config, os.path.join(directory, "daemon.log")) as daemon:
             daemon.start()
+            spy = _py_spy(daemon.pid, profile) if profile else None
             cpu_before = c.cpu_seconds(daemon.pid)
             figures = drive(port, total, processes, threads, first_node=100)
-            figures["daemon_cpu_seconds"] = c.cpu_seconds(daemon.pid) - cpu_before
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(30)
+            figures["server_cpu_us"] = (c.cpu_seconds(daemon.pid) - cpu_before) / total * 1e6
             figures["daemon_rss_kib"] = c.rss_kib(daemon.pid)
         trusted = len(load_state(os.path.join(directory, "trust.json")).trusted)
         figures["trusted_on_disk"] = trusted
@@ -174,6 +182,17 @@ def run_daemon(total: int, processes: int, threads: int) -> dict[str, Any]:
                 f"log {open(os.path.join(directory, 'daemon.log')).read()[-2000:]}"
             )
     return figures
+
+
+def _py_spy(pid: int, out: str) -> subprocess.Popen[bytes]:
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    proc = subprocess.Popen(
+        [spy, "record", "-p", str(pid), "-o", out, "-f", "raw", "-r", "500", "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # py-spy attaches before the clock starts
+    return proc
 
 
 def verify_rate(seconds: float) -> float:
@@ -197,22 +216,25 @@ def main() -> int:
     """Run the benchmark; print figures and targets."""
     if "--serve-bare" in sys.argv:
         return serve_bare()
-    args = c.parse_args(__doc__.splitlines()[0])
+    def extra(parser: Any) -> None:
+        parser.add_argument("--py-spy", default="", help="profile the daemon into FILE (raw)")
+
+    args = c.parse_args(__doc__.splitlines()[0], extra)
     total = 600 if args.quick else 4000
     processes, threads = 4, 4
     print(f"throughput: {total} messages, {processes} client processes x {threads} threads")
     runs: list[dict[str, Any]] = []
     for run in range(args.runs):
         bare = run_bare(total, processes, threads)
-        daemon = run_daemon(total, processes, threads)
+        daemon = run_daemon(total, processes, threads, args.py_spy)
         verify = verify_rate(0.3 if args.quick else 1.5)
         ratio = daemon["per_second"] / bare["per_second"]
         runs.append({"bare": bare, "daemon": daemon, "verify_per_second": verify, "ratio": ratio})
         print(
             f"  run {run + 1}: bare {bare['per_second']:.0f}/s, daemon "
             f"{daemon['per_second']:.0f}/s ({daemon['failed']} failed, "
-            f"{daemon['trusted_on_disk']} trusted on disk, daemon CPU "
-            f"{daemon['daemon_cpu_seconds']:.1f} s in {daemon['seconds']:.1f} s), "
+            f"{daemon['trusted_on_disk']} trusted on disk), server CPU per message: bare "
+            f"{bare['server_cpu_us']:.0f} us, daemon {daemon['server_cpu_us']:.0f} us, "
             f"verify {verify:.0f}/s, ratio {ratio:.2f}"
         )
     summary = {

@@ -626,6 +626,12 @@ class Manager:
         self._finish(outcome, inbound)
 
     def _request_context(self, inbound: _Inbound) -> _RequestContext:
+        """Gather what the decision needs without holding the lock.
+
+        Row 4: an allowlist entry that pins a key requires that key (the message's, the
+        relay's or the registry's) even for a registry-bound request; an entry without a pin
+        requires the request to be registry-bound (a relayed one always is).
+        """
         strict = self._rt.trust_strict()
         registry = self._rt.registry()
         agent = self._rt.trusted_agent(inbound.node_id)
@@ -637,9 +643,10 @@ class Manager:
             else:
                 agent_ok = inbound.bound
         network = 0
-        if registry is not None and inbound.networks:
-            own = self._lookup(registry, self._rt.node_id())
-            shared = [n for n in _answer_networks(own) if n in inbound.networks]
+        own = self._rt.node_id()
+        if registry is not None and inbound.networks and own != 0:
+            ours = _answer_networks(self._lookup(registry, own))
+            shared = [n for n in ours if n in inbound.networks]
             network = shared[0] if shared else 0
         return _RequestContext(
             strict=strict,
