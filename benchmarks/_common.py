@@ -64,13 +64,34 @@ def machine() -> dict[str, Any]:
     """Cores, Python and OS of this machine, for BENCHMARKS.md."""
     import nacl
 
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as info:
+        model = next((line.split(":", 1)[1].strip() for line in info if "model name" in line), "")
     return {
         "cores": os.cpu_count(),
+        "cpu": model,
+        "fsync_ms": fsync_ms(),
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),
         "pynacl": getattr(nacl, "__version__", "?"),
     }
+
+
+def fsync_ms(count: int = 50) -> float:
+    """Median time of a 1 KB write + fsync in a temp dir (what "durable" costs here)."""
+    times = []
+    with temp_dir() as directory:
+        fd = os.open(os.path.join(directory, "probe"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for _ in range(count):
+                start = time.perf_counter()
+                os.write(fd, b"x" * 1024)
+                os.fsync(fd)
+                times.append((time.perf_counter() - start) * 1e3)
+        finally:
+            os.close(fd)
+    return median(times)
 
 
 def save(name: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -96,7 +117,8 @@ def verdict(name: str, value: float, target: float, *, at_most: bool, unit: str 
     """Print one target line and return whether it is met."""
     met = value <= target if at_most else value >= target
     sign = "<=" if at_most else ">="
-    print(f"  target {name}: {value:.4g}{unit} {sign} {target:.4g}{unit}: {'MET' if met else 'MISSED'}")
+    outcome = "MET" if met else "MISSED"
+    print(f"  target {name}: {value:.4g}{unit} {sign} {target:.4g}{unit}: {outcome}")
     return met
 
 

@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
 
 import _common as c
 
@@ -51,7 +50,7 @@ def _timed(work: Callable[[int], None], nodes: list[int]) -> float:
         try:
             for node in share:
                 work(node)
-        except BaseException as exc:  # noqa: BLE001 (reported after the join)
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(share,)) for share in _split(nodes)]
@@ -176,8 +175,7 @@ def main() -> int:
         print(
             f"  run {run + 1}: "
             + "; ".join(
-                f"{path} "
-                + ", ".join(f"{n}: {rate:.0f}/s" for n, rate in figures[path].items())
+                f"{path} " + ", ".join(f"{n}: {rate:.0f}/s" for n, rate in figures[path].items())
                 for path in figures
             )
         )
@@ -194,9 +192,14 @@ def main() -> int:
     for path in ("store", "manager"):
         at_10k = summary[path]["10000"]
         keep = at_10k / summary[path]["10"]
-        met[path] = c.verdict(f"{path} rate at 10,000", at_10k, TARGET_RATE, at_most=False, unit="/s")
+        met[path] = c.verdict(
+            f"{path} rate at 10,000", at_10k, TARGET_RATE, at_most=False, unit="/s"
+        )
         met[path + "_keep"] = c.verdict(f"{path} 10,000 / 10", keep, TARGET_KEEP, at_most=False)
-    draw(summary, os.path.join(c.BENCH_DIR, "approvals.png" if not args.quick else "approvals-quick.png"))
+    draw(
+        summary,
+        os.path.join(c.BENCH_DIR, "approvals.png" if not args.quick else "approvals-quick.png"),
+    )
     c.save("approvals", args, {"summary": summary, "met": met, "runs": runs})
     return 0
 

@@ -45,10 +45,15 @@ def idle_rss() -> dict[str, float]:
     """A fresh daemon, nothing on disk."""
     with c.temp_dir() as directory:
         port = c.free_port()
-        with c.DaemonProcess(c.yaml_config(directory, 1, port), os.path.join(directory, "log")) as d:
+        with c.DaemonProcess(
+            c.yaml_config(directory, 1, port), os.path.join(directory, "log")
+        ) as d:
             d.start()
             time.sleep(SETTLE)
-            return {"rss_mb": c.rss_kib(d.pid) * 1024 / 1e6, "peak_mb": peak_kib(d.pid) * 1024 / 1e6}
+            return {
+                "rss_mb": c.rss_kib(d.pid) * 1024 / 1e6,
+                "peak_mb": peak_kib(d.pid) * 1024 / 1e6,
+            }
 
 
 def send_all(port: int, messages: list[bytes]) -> int:
@@ -60,7 +65,7 @@ def send_all(port: int, messages: list[bytes]) -> int:
         for data in share:
             try:
                 send_message((c.LOOPBACK, port), data)
-            except Exception:  # noqa: BLE001 (counted)
+            except Exception:
                 with lock:
                     failed[0] += 1
 
@@ -87,7 +92,9 @@ def loaded_rss(trusted: int, replay: int, pending: int) -> dict[str, float]:
             c.signed_request(identity, 1000 + i, 1) for i, identity in enumerate(peers[:replay])
         ]
         port = c.free_port()
-        with c.DaemonProcess(c.yaml_config(directory, 1, port), os.path.join(directory, "log")) as d:
+        with c.DaemonProcess(
+            c.yaml_config(directory, 1, port), os.path.join(directory, "log")
+        ) as d:
             d.start()
             started_mb = c.rss_kib(d.pid) * 1024 / 1e6
             failed = send_all(port, messages)

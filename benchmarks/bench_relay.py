@@ -90,7 +90,8 @@ def nodes(directory: str, registry: str, poll: float) -> Iterator[tuple[Node, No
 def one_run(poll: float) -> dict[str, float]:
     """One auto and one manual handshake through the relay; returns their latencies."""
     with c.temp_dir() as directory, RegistryServer(c.LOOPBACK, 0) as registry:
-        address = "%s:%d" % registry.address
+        host, port = registry.address
+        address = f"{host}:{port}"
         with nodes(directory, address, poll) as (a, b, cc):
             done: dict[str, float] = {}
             waiters = [_waiter(a, b.node_id, done, "a"), _waiter(b, a.node_id, done, "b")]

@@ -128,8 +128,13 @@ def draw(wake_ms: list[float], summary: dict[str, float], out: str) -> bool:
     ax.hist(wake_ms, bins=edges, color="#4c72b0")
     ax.set_xscale("log")
     for name, style in (("p50_ms", ":"), ("p99_ms", "--")):
-        ax.axvline(summary[name], color="black", linestyle=style, linewidth=1,
-                   label=f"{name[:3]} {summary[name]:.3f} ms")
+        ax.axvline(
+            summary[name],
+            color="black",
+            linestyle=style,
+            linewidth=1,
+            label=f"{name[:3]} {summary[name]:.3f} ms",
+        )
     ax.axvline(TARGET_P99_MS, color="red", linewidth=1, label=f"p99 target {TARGET_P99_MS} ms")
     ax.set_xlabel("wake latency: grant durable -> wait_for_trust returns (ms)")
     ax.set_ylabel("waiters")
@@ -172,8 +177,11 @@ def main() -> int:
         ),
     }
     all_wakes = [ms for r in runs for ms in r["wake_ms"]]
-    draw(all_wakes, summary, os.path.join(
-        c.BENCH_DIR, "wake_latency-quick.png" if args.quick else "wake_latency.png"))
+    draw(
+        all_wakes,
+        summary,
+        os.path.join(c.BENCH_DIR, "wake_latency-quick.png" if args.quick else "wake_latency.png"),
+    )
     for r in runs:
         del r["wake_ms"]
     c.save("wait", args, {"summary": summary, "met": met, "runs": runs})

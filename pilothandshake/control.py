@@ -427,6 +427,10 @@ class ControlClient:
                 raise ControlError(f"cannot connect to {self.path}: {exc}") from None
             try:
                 sock.sendall(json.dumps({"command": command, **args}).encode("utf-8") + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                # The daemon may answer and close before reading (a refused uid): its answer
+                # is still buffered, so read it rather than report the broken pipe.
+                pass
             except OSError as exc:
                 raise ControlError(f"cannot send to {self.path}: {exc}") from None
             sock.settimeout(answer_timeout)

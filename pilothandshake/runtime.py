@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,11 @@ class Runtime(Protocol):
 
     def has_identity(self) -> bool: ...
 
-    def public_key(self) -> Optional[bytes]:
+    def public_key(self) -> bytes | None:
         """The raw 32-byte Ed25519 public key, or None without an identity."""
         ...
 
-    def sign(self, msg: bytes) -> Optional[bytes]:
+    def sign(self, msg: bytes) -> bytes | None:
         """The 64-byte Ed25519 signature of ``msg``, or None without an identity."""
         ...
 
@@ -76,7 +76,7 @@ class Runtime(Protocol):
 
     def trust_auto_approve(self) -> bool: ...
 
-    def trusted_agent(self, node_id: int) -> Optional[AllowlistEntry]: ...
+    def trusted_agent(self, node_id: int) -> AllowlistEntry | None: ...
 
     def trust_strict(self) -> bool: ...
 
@@ -99,4 +99,4 @@ class Runtime(Protocol):
 
     def remove_tunnel_peer(self, node_id: int) -> None: ...
 
-    def registry(self) -> Optional[RegistryClient]: ...
+    def registry(self) -> RegistryClient | None: ...
