@@ -1045,11 +1045,13 @@ class Manager:
             raise NotTrustedError(f"node {peer} is not trusted")
         outcome.events.append(("trust.revoked", {"peer_node_id": peer}))
         outcome.events.append(("trust.changed", {"peer_node_id": peer, "state": "revoked"}))
-        outcome.tasks.append((self._revoke_at_registry, (peer,)))
         self._finish(outcome)
         # Synchronous, before remove_tunnel_peer: the peer should hear it while reachable.
+        # The registry hears last: once it drops the trust pair it no longer resolves a
+        # private peer for us, and the direct revoke could not be dialled.
         self._send_best_effort(peer, HANDSHAKE_REVOKE, "")
         self._rt.remove_tunnel_peer(peer)
+        self._pool.submit(self._revoke_at_registry, peer, quiet=_QUIET)
         log.info("revoked trust in node %d", peer)
 
     # Outgoing messages and background work (run on the pool, never under the lock)
