@@ -46,17 +46,22 @@ LOOPBACK = "127.0.0.1"
 # Arguments and reporting
 
 
-def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
-    """The common flags: ``--quick`` (a few seconds), ``--runs`` (default 3), ``--json``."""
+def parse_args(
+    description: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    default_runs: int = 3,
+) -> argparse.Namespace:
+    """The common flags: ``--quick`` (a few seconds, one run), ``--runs`` (default
+    ``default_runs``), ``--no-save``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small sizes, one run, seconds")
-    parser.add_argument("--runs", type=int, default=0, help="repetitions (default 3; quick 1)")
+    parser.add_argument("--runs", type=int, default=0, help="repetitions (median reported)")
     parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results")
     if extra is not None:
         extra(parser)
     args = parser.parse_args()
     if args.runs <= 0:
-        args.runs = 1 if args.quick else 3
+        args.runs = 1 if args.quick else default_runs
     return args
 
 

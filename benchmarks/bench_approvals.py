@@ -162,7 +162,7 @@ def main() -> int:
     args = c.parse_args(__doc__.splitlines()[0])
     c.quiet_logging()
     counts = (10, 10_000) if args.quick else PEER_COUNTS
-    rounds = 1 if args.quick else 2
+    rounds = 1 if args.quick else 4
     keys = c.random_keys(max(counts) + PENDING)
     print(f"durable approvals: {THREADS} threads, rounds of {PENDING} approvals x {rounds}")
     runs: list[dict[str, dict[str, float]]] = []

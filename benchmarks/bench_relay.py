@@ -7,7 +7,9 @@ control socket, as ``pilot-handshakectl`` would.
 
 - auto: A ``handshake B`` (B auto-approves) -> both trusted (A waits for B, B for A);
 - manual: A ``handshake C`` (C does not auto-approve); once the request is pending on C, the
-  clock starts at C ``approve A`` -> A (the requester) trusted.
+  clock starts at C ``approve A`` -> A (the requester) trusted. C answers both through the
+  registry (``respond_handshake``) and with a direct accept, which can reach A once the
+  registry's new trust pair lets C ``resolve`` A; the first to arrive wins.
 
 Target: each <= 2 x poll_interval (default the SPEC's 2 s).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import sys
 import threading
@@ -87,15 +90,17 @@ def nodes(directory: str, registry: str, poll: float) -> Iterator[tuple[Node, No
             node.process.stop()
 
 
-def one_run(poll: float) -> dict[str, float]:
-    """One auto and one manual handshake through the relay; returns their latencies."""
+def one_run(poll: float, phase: random.Random) -> dict[str, Any]:
+    """One auto and one manual handshake through the relay; returns their latencies. Each
+    operator call waits a random part of a poll interval first, so that runs sample the
+    phase of the daemons' poll timers instead of repeating one alignment."""
     with c.temp_dir() as directory, RegistryServer(c.LOOPBACK, 0) as registry:
         host, port = registry.address
         address = f"{host}:{port}"
         with nodes(directory, address, poll) as (a, b, cc):
             done: dict[str, float] = {}
             waiters = [_waiter(a, b.node_id, done, "a"), _waiter(b, a.node_id, done, "b")]
-            time.sleep(0.05)  # both waits registered before the request leaves
+            time.sleep(0.05 + phase.uniform(0, poll))  # waits registered; random phase
             start = time.monotonic()
             status = a.call("handshake", node_id=b.node_id, justification="benchmark")["status"]
             for thread in waiters:
@@ -113,7 +118,7 @@ def one_run(poll: float) -> dict[str, float]:
                 raise RuntimeError("request never became pending on C")
             done.clear()
             waiter = _waiter(a, cc.node_id, done, "a")
-            time.sleep(0.05)
+            time.sleep(0.05 + phase.uniform(0, poll))
             start = time.monotonic()
             cc.call("approve", node_id=a.node_id)
             waiter.join(WAIT_TIMEOUT + 5)
@@ -129,12 +134,13 @@ def main() -> int:
     def extra(parser: Any) -> None:
         parser.add_argument("--poll-interval", type=float, default=0.0)
 
-    args = c.parse_args(__doc__.splitlines()[0], extra)
+    args = c.parse_args(__doc__.splitlines()[0], extra, default_runs=5)
     poll = args.poll_interval or (0.5 if args.quick else 2.0)
     print(f"relay latency: poll_interval {poll} s, three private daemons + embedded registry")
     runs = []
+    phase = random.Random(444)
     for run in range(args.runs):
-        figures = one_run(poll)
+        figures = one_run(poll, phase)
         runs.append(figures)
         print(
             f"  run {run + 1}: send_request -> both trusted {figures['auto_seconds']:.3f} s "

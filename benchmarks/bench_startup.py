@@ -70,9 +70,7 @@ def one_run(trusted: int) -> dict[str, Any]:
 
 def main() -> int:
     """Run the benchmark; print figures and targets."""
-    args = c.parse_args(__doc__.splitlines()[0])
-    if args.runs < 5 and not args.quick:
-        args.runs = 5
+    args = c.parse_args(__doc__.splitlines()[0], default_runs=5)
     trusted = TRUSTED
     print(f"startup: spawn -> accepting, {trusted} trusted peers on disk")
     runs = []

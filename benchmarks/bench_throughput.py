@@ -218,7 +218,7 @@ def main() -> int:
     def extra(parser: Any) -> None:
         parser.add_argument("--py-spy", default="", help="profile the daemon into FILE (raw)")
 
-    args = c.parse_args(__doc__.splitlines()[0], extra)
+    args = c.parse_args(__doc__.splitlines()[0], extra, default_runs=5)
     total = 600 if args.quick else 4000
     processes, threads = 4, 4
     print(f"throughput: {total} messages, {processes} client processes x {threads} threads")
