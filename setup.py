@@ -23,5 +23,7 @@ setup(
             "mypy>=1.8",
             "types-PyYAML",
         ],
+        # Only the benchmarks' pictures need it (benchmarks/, BENCHMARKS.md).
+        "bench": ["matplotlib"],
     },
 )

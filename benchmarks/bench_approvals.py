@@ -196,10 +196,11 @@ def main() -> int:
             f"{path} rate at 10,000", at_10k, TARGET_RATE, at_most=False, unit="/s"
         )
         met[path + "_keep"] = c.verdict(f"{path} 10,000 / 10", keep, TARGET_KEEP, at_most=False)
-    draw(
-        summary,
-        os.path.join(c.BENCH_DIR, "approvals.png" if not args.quick else "approvals-quick.png"),
-    )
+    if not args.no_save:
+        draw(
+            summary,
+            os.path.join(c.BENCH_DIR, "approvals.png" if not args.quick else "approvals-quick.png"),
+        )
     c.save("approvals", args, {"summary": summary, "met": met, "runs": runs})
     return 0
 

@@ -177,11 +177,14 @@ def main() -> int:
         ),
     }
     all_wakes = [ms for r in runs for ms in r["wake_ms"]]
-    draw(
-        all_wakes,
-        summary,
-        os.path.join(c.BENCH_DIR, "wake_latency-quick.png" if args.quick else "wake_latency.png"),
-    )
+    if not args.no_save:
+        draw(
+            all_wakes,
+            summary,
+            os.path.join(
+                c.BENCH_DIR, "wake_latency-quick.png" if args.quick else "wake_latency.png"
+            ),
+        )
     for r in runs:
         del r["wake_ms"]
     c.save("wait", args, {"summary": summary, "met": met, "runs": runs})

@@ -6,11 +6,13 @@ changes per write (batch), time per write and the share of the run the writer wa
 plus this process's user and system CPU per message. Instrumentation reads private
 attributes of ``TrustStore``; it is a diagnostic, not a benchmark.
 
-``--switch-interval S`` sets the GIL switch interval of this process (default 5 ms) to show
-how much of the latency is threads waiting for the GIL. ``--what-if-no-write`` skips the file write (NOT durable: an upper bound showing what the
-rest of the daemon costs when persistence is free). Never quote it as a throughput figure.
+``--threads N`` sets the client threads per process (4 processes; default 4).
+``--switch-interval S`` sets the GIL switch interval of this process (default 5 ms), to see
+whether threads waiting for the GIL bound the rate. ``--what-if-no-write`` skips the file
+write (NOT durable: an upper bound showing what the rest of the daemon costs when
+persistence is free). Never quote it as a throughput figure.
 
-    .venv/bin/python benchmarks/diag_throughput.py [--quick] [--what-if-no-write]
+    .venv/bin/python benchmarks/diag_throughput.py [--quick] [--threads N] [--what-if-no-write]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pilothandshake.config import load_config
 from pilothandshake.daemon import Daemon
 
 
-def diagnose(total: int, no_write: bool) -> dict[str, Any]:
+def diagnose(total: int, no_write: bool, threads: int) -> dict[str, Any]:
     """One instrumented run; returns the figures."""
     with c.temp_dir() as directory:
         port = c.free_port()
@@ -48,7 +50,7 @@ def diagnose(total: int, no_write: bool) -> dict[str, Any]:
             store._file_lock = None
         try:
             before = os.times()
-            figures = bt.drive(port, total, 4, 4, first_node=100)
+            figures = bt.drive(port, total, 4, threads, first_node=100)
             after = os.times()
         finally:
             daemon.stop()
@@ -69,6 +71,7 @@ def main() -> int:
 
     def extra(parser: Any) -> None:
         parser.add_argument("--what-if-no-write", action="store_true")
+        parser.add_argument("--threads", type=int, default=4, help="per client process (4)")
         parser.add_argument(
             "--switch-interval", type=float, default=0.0, help="sys.setswitchinterval (s)"
         )
@@ -79,8 +82,9 @@ def main() -> int:
         sys.setswitchinterval(args.switch_interval)
     total = 600 if args.quick else 4000
     for run in range(args.runs):
-        f = diagnose(total, args.what_if_no_write)
+        f = diagnose(total, args.what_if_no_write, args.threads)
         label = " (WHAT-IF: writes skipped, not durable)" if args.what_if_no_write else ""
+        label += f" ({4 * args.threads} clients)"
         label += f" (switch interval {sys.getswitchinterval() * 1e3:g} ms)"
         print(
             f"run {run + 1}{label}: {f['per_second']:.0f} msg/s; {f['writes']} writes, "

@@ -10,7 +10,6 @@ empty YAML key (``trust:`` with nothing under it, i.e. null) means "all defaults
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -51,6 +50,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
 _HEX_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+# Longest accepted duration (about 31 years): within threading.TIMEOUT_MAX everywhere.
+_MAX_SECONDS = 1e9
 _T = TypeVar("_T")
 
 
@@ -124,6 +125,9 @@ def load_config(path: str) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {_one_line(str(exc))}") from exc
+    except RecursionError:
+        # PyYAML composes recursively: a few thousand nested brackets exhaust the stack.
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     return parse_config(data, path)
 
 
@@ -214,13 +218,14 @@ class _Parser:
         return self.integer(value, key, 1)
 
     def seconds(self, value: object, key: str) -> float:
+        # Compare before converting: float() of a huge YAML integer raises OverflowError.
+        # The upper bound keeps every interval usable as a thread wait timeout.
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
+            or not 0 < value <= _MAX_SECONDS
         ):
-            self.fail(key, "a number of seconds > 0", _describe(value))
+            self.fail(key, f"a number of seconds > 0 and <= {_MAX_SECONDS:g}", _describe(value))
         return float(value)
 
     def string(self, value: object, key: str) -> str:
@@ -239,8 +244,13 @@ class _Parser:
     def address(self, value: object, key: str, *, allow_port_zero: bool = False) -> str:
         text = self.string(value, key)
         try:
-            _, port = parse_address(text)
-        except ValueError as exc:
+            host, port = parse_address(text)
+            # The socket layer refuses these hosts with TypeError / UnicodeError rather than
+            # OSError, so catch them here instead of crashing the daemon at bind or dial.
+            if "\x00" in host:
+                raise ValueError(f"bad address {text!r}: NUL in host")
+            host.encode("idna")
+        except ValueError as exc:  # UnicodeError is a ValueError
             self.fail(key, "host:port", str(exc))
         if port == 0 and not allow_port_zero:
             self.fail(key, "host:port with a port 1..65535", _describe(value))
@@ -259,15 +269,19 @@ class _Parser:
     def webhook(self, value: object, key: str) -> str:
         text = self.string(value, key)
         if text:
-            parts = urlsplit(text)
+            try:
+                parts = urlsplit(text)
+            except ValueError:  # e.g. "http://[" (an unclosed IPv6 bracket)
+                self.fail(key, "an http:// or https:// URL, or empty", _describe(value))
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 self.fail(key, "an http:// or https:// URL, or empty", _describe(value))
         return text
 
     def identity(self, value: object, key: str) -> str:
         text = self.string(value, key)
-        if not text:
-            self.fail(key, "a non-empty path", _describe(value))
+        if not text or "\x00" in text:
+            # A NUL would make every later open() raise ValueError.
+            self.fail(key, "a non-empty path without NUL", _describe(value))
         path = os.path.expanduser(text)
         if not os.path.isabs(path):
             path = os.path.join(os.path.dirname(os.path.abspath(self.source)), path)

@@ -99,14 +99,16 @@ def _check_arg(name: str, value: Any) -> Any:
             raise _RequestError("bad_request", f"{name} must be a string")
         return value
     if name == "timeout":
+        # Never call float() or math.isfinite() on an int before capping it: a JSON integer
+        # of 400 digits would raise OverflowError and close the connection unanswered.
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
-            or not math.isfinite(value)
+            or (isinstance(value, float) and not math.isfinite(value))
             or value < 0
         ):
             raise _RequestError("bad_request", "timeout must be a number of seconds >= 0")
-        return min(float(value), WAIT_MAX_TIMEOUT)
+        return float(min(value, WAIT_MAX_TIMEOUT))
     if not isinstance(value, bool):  # follow
         raise _RequestError("bad_request", f"{name} must be true or false")
     return value

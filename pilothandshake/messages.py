@@ -431,7 +431,8 @@ def send_message(
     where = f"{host}:{port}"
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        # ValueError: a host the idna codec refuses ("a..b", a 64-byte label) or with a NUL.
         raise SendError(f"connect to {where} failed: {exc}") from exc
     with sock:
         try:

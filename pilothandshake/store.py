@@ -420,6 +420,36 @@ def _lock_directory(directory: str) -> filelock.FileLock:
     return lock
 
 
+def _temporary_prefix(path: str) -> str:
+    """How the names of ``path``'s temporary files begin (they end in ``.tmp``)."""
+    return f".{os.path.basename(path)}."
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete temporary files a killed writer left beside ``path``.
+
+    Call holding the directory lock: no other writer of ``path`` can be mid-write, so every
+    such file is litter. They are never read as state; removing them keeps crashes from
+    accumulating files in the identity directory.
+    """
+    directory = os.path.dirname(path) or "."
+    prefix = _temporary_prefix(path)
+    try:
+        names = os.listdir(directory)
+    except OSError as exc:
+        log.warning("cannot list %s for stale temporary files: %s", directory, exc)
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            stale = os.path.join(directory, name)
+            try:
+                os.unlink(stale)
+            except OSError as exc:
+                log.warning("cannot remove stale temporary file %s: %s", stale, exc)
+            else:
+                log.info("removed %s, left by an interrupted write", stale)
+
+
 def _fsync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -466,6 +496,7 @@ class TrustStore:
             except OSError as exc:
                 raise StoreError(f"cannot create {self._directory}: {exc}") from exc
             self._directory_lock = _lock_directory(self._directory)
+            _remove_stale_temporaries(path)
             try:
                 state = load_state(path)
             except StoreError:
@@ -592,7 +623,7 @@ class TrustStore:
 
     def _replace(self, data: bytes) -> None:
         fd, temporary = tempfile.mkstemp(
-            prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=self._directory
+            prefix=_temporary_prefix(self.path), suffix=".tmp", dir=self._directory
         )
         try:
             with os.fdopen(fd, "wb") as out:

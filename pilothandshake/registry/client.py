@@ -147,7 +147,7 @@ class Client:
     def _connect(self) -> socket.socket:
         try:
             sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a host the idna codec refuses
             raise RegistryError(f"cannot connect to registry {self.address}: {exc}") from None
         if self._tls is None:
             return sock

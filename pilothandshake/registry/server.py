@@ -228,10 +228,36 @@ def _pair(a: int, b: int) -> tuple[int, int]:
 # -- persistence --------------------------------------------------------------------------
 
 
+def _temporary_prefix(path: str) -> str:
+    """How the names of the store's temporary files begin (they end in ``.tmp``)."""
+    return f".{os.path.basename(path)}."
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete temporary files a killed registry left beside the store ``path``: they are
+    never read as state, and without this every crash would leave one more behind. Only
+    files named after this store are touched (one registry per store file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = _temporary_prefix(path)
+    try:
+        names = os.listdir(directory)
+    except OSError as exc:
+        log.warning("cannot list %s for stale temporary files: %s", directory, exc)
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove stale temporary file %s: %s", name, exc)
+
+
 def _write_atomically(path: str, data: bytes) -> None:
     """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix=".registry-", suffix=".tmp", dir=directory)
+    fd, temp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -312,6 +338,8 @@ class _Registry:
         self._networks = networks
         self._expiry = expiry
         self._lock = threading.Lock()
+        if store_path:
+            _remove_stale_temporaries(store_path)
         self._nodes, self._trust, self._next_id = (
             _load_store(store_path) if store_path else ({}, set(), 1)
         )

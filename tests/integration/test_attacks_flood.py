@@ -1,0 +1,187 @@
+"""Resource attacks against real pilot-handshaked processes (issue 4, item 2): junk floods,
+invented identities filling the pending queue, an oversized message, and idle connections
+held against the per-source and the global connection caps (SPEC 15). Attackers bind to
+other loopback addresses (127.0.0.2, 127.0.0.10 ...) so the daemon sees other hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from pilothandshake.constants import MAX_MESSAGE_SIZE, MAX_PENDING, READ_DEADLINE
+from pilothandshake.control import ControlClient
+from pilothandshake.messages import HANDSHAKE_REQUEST
+from pilothandshake.registry.client import Client
+
+from .attacker import IdleConnections, Peer, flood, junk, send_raw, source_address
+from .conftest import Fleet, Node, wait_until
+
+OWN = 9
+PEER = 7
+
+
+def log_lines(node: Node) -> int:
+    return len(node.stderr.splitlines())
+
+
+def dropped_in_log(node: Node) -> int:
+    """Drops the daemon accounted for: one per drop line plus the summarised counts."""
+    log = node.stderr
+    summarised = sum(int(n) for n in re.findall(r"(\d+) more dropped messages were not", log))
+    return log.count("dropped message from") + summarised
+
+
+def timed_status(node: Node) -> float:
+    """Seconds the control socket takes to answer ``status``."""
+    started = time.monotonic()
+    response = ControlClient(node.socket_path, timeout=5.0).request("status")
+    assert response["status"] == "ok", response
+    return time.monotonic() - started
+
+
+def test_legitimate_request_is_processed_after_10000_junk_messages(fleet: Fleet) -> None:
+    node = fleet.node("d", node_id=OWN, max_connections_per_source=64).start()
+    lines_before = log_lines(node)
+    payloads = junk(10_000, Peer(66), OWN)
+    sources = [source_address(i) for i in range(8)]
+    started = time.monotonic()
+    counts = flood(node.port, payloads, sources, timeout=40.0)
+    elapsed = time.monotonic() - started
+    assert counts["unsent"] == 0 and counts["error"] == 0 and counts["open"] == 0, counts
+    assert counts["closed"] + counts["reset"] == 10_000, counts
+
+    peer = Peer(PEER)
+    assert send_raw(node.port, peer.data(HANDSHAKE_REQUEST, OWN, justification="real")) == (
+        "closed"
+    )
+    wait_until(lambda: node.pending() == {PEER}, what="the legitimate request is pending")
+    assert node.stop() == 0  # flushes the count of drop lines not logged
+    # Every message that was read was dropped and counted; none changed state.
+    assert dropped_in_log(node) >= counts["closed"], (dropped_in_log(node), counts)
+    state = json.loads((node.directory / "trust.json").read_text())
+    assert [p["node_id"] for p in state.get("pending", [])] == [PEER]
+    assert state["trusted"] in (None, [])
+    # Rate-limited: 10 drop lines a second plus one summary a second, not 10,000 lines.
+    grown = log_lines(node) - lines_before
+    assert grown < 12 * (elapsed + 3) + 20, (grown, elapsed)
+
+
+def test_invented_identities_cannot_keep_a_registry_bound_peer_out_of_a_full_queue(
+    fleet: Fleet,
+) -> None:
+    registry = fleet.registry().start()
+    node = fleet.node("d", registry).start()
+    own = node.node_id
+    # 300 self-signed requests from identities the registry never heard of, 15 from each of
+    # 20 source addresses (under the per-source quota of 16 unbound pending requests).
+    invented = [Peer(100_000 + i) for i in range(300)]
+    payloads = [p.data(HANDSHAKE_REQUEST, own, justification="let me in") for p in invented]
+    counts = flood(node.port, payloads, [source_address(i) for i in range(20)], timeout=40.0)
+    # The daemon closes each connection only after processing (and persisting) it.
+    assert counts["closed"] == 300, counts
+    assert len(node.pending()) == MAX_PENDING
+    assert ": pending queue full" in node.stderr  # the 44 beyond it were dropped
+
+    real = Peer(0)
+    client = Client(registry.address, real.identity.sign, timeout=5.0)
+    try:
+        real.node_id = int(client.register("127.0.0.1:1", real.key)["node_id"])
+    finally:
+        client.close()
+    assert send_raw(node.port, real.data(HANDSHAKE_REQUEST, own, justification="real")) == (
+        "closed"
+    )
+    wait_until(lambda: real.node_id in node.pending(), what="the bound request evicts one")
+    pending = node.pending()
+    assert len(pending) == MAX_PENDING
+    assert min(p.node_id for p in invented) not in pending  # the oldest unbound one went
+    assert "evicted the request of node" in node.stderr
+    # Still responsive: the control socket answers at once, and an approval works.
+    assert timed_status(node) < 1.0
+    node.control("approve", node_id=real.node_id)
+    assert node.trusted() == {real.node_id}
+
+
+def test_message_one_byte_over_64_kib_is_dropped_and_64_kib_is_read(fleet: Fleet) -> None:
+    node = fleet.node("d", node_id=OWN).start()
+    peer = Peer(PEER)
+
+    def sized(size: int) -> bytes:
+        base = len(peer.data(HANDSHAKE_REQUEST, OWN, justification=""))
+        data = peer.data(HANDSHAKE_REQUEST, OWN, justification="x" * (size - base))
+        assert len(data) == size
+        return data
+
+    # Refused unread past the cap: the daemon resets (or closes) without waiting 10 s.
+    started = time.monotonic()
+    assert send_raw(node.port, sized(MAX_MESSAGE_SIZE + 1)) in ("closed", "reset")
+    assert time.monotonic() - started < 2.0
+    wait_until(lambda: "message too large" in node.stderr, what="the too-large drop line")
+    assert node.pending() == set()
+
+    assert send_raw(node.port, sized(MAX_MESSAGE_SIZE)) == "closed"
+    wait_until(lambda: node.pending() == {PEER}, what="a message of exactly 64 KiB is read")
+    [pending] = node.control("pending")["pending"]
+    assert len(pending["justification"]) == 1024  # stored truncated to 1 KiB
+
+
+def test_idle_connections_from_one_host_do_not_delay_a_handshake_from_another(
+    fleet: Fleet,
+) -> None:
+    a, b = fleet.direct_pair(b_config={"trust": {"auto_approve": True}})
+    with IdleConnections(b.port, 300, "127.0.0.2") as idle:
+        open_ones = idle.open_ones(settle=1.0)
+        # Only the per-source cap (16) is admitted; the rest were reset at once, unread.
+        assert len(open_ones) == 16, len(open_ones)
+        started = time.monotonic()
+        a.control("handshake", node_id=OWN, justification="from 127.0.0.1")
+        wait_until(lambda: a.trusted() == {OWN} and b.trusted() == {PEER}, timeout=2.0)
+        assert time.monotonic() - started < 2.0
+        assert "connection limit reached" in b.stderr
+
+
+def test_global_cap_refuses_new_connections_at_once_and_recovers_when_idle_ones_time_out(
+    fleet: Fleet,
+) -> None:
+    node = fleet.node(
+        "d", node_id=OWN, max_connections=20, max_connections_per_source=4
+    ).start()
+    sources = [source_address(i) for i in range(5)]  # 5 hosts x 4 = the global cap of 20
+    holders = []
+    try:
+        opened = time.monotonic()
+        for source in sources:
+            holders.append(IdleConnections(node.port, 4, source))
+        assert sum(len(h.open_ones(settle=0.3)) for h in holders) == 20
+
+        # A newcomer from yet another host is refused at once, not left hanging.
+        started = time.monotonic()
+        outcome = send_raw(
+            node.port, Peer(PEER).data(HANDSHAKE_REQUEST, OWN), source_address(6), wait=5.0
+        )
+        assert outcome == "reset" and time.monotonic() - started < 1.0
+        assert node.pending() == set()
+        wait_until(lambda: "connection limit reached (20 active" in node.stderr)
+
+        # The idle ones are dropped at the 10 s read deadline; service is back then.
+        wait_until(
+            lambda: all(not h.open_ones(settle=0.0) for h in holders),
+            timeout=READ_DEADLINE + 3.0,
+            what="the idle connections timed out",
+        )
+        restored = None
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            data = Peer(PEER).data(HANDSHAKE_REQUEST, OWN, justification="back")
+            if send_raw(node.port, data, source_address(6), wait=5.0) == "closed":
+                restored = time.monotonic() - opened
+                break
+            time.sleep(0.05)
+        assert restored is not None and restored < READ_DEADLINE + 3.0, restored
+        wait_until(lambda: node.pending() == {PEER}, what="the newcomer's request pending")
+        assert f"timed out after {READ_DEADLINE:g} s" in node.stderr  # why they were closed
+    finally:
+        for holder in holders:
+            holder.close()
