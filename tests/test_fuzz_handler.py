@@ -59,7 +59,6 @@ PINS = {TRUSTED.node_id: TRUSTED.identity.public_key, PENDING.node_id: PENDING.i
 TYPES = sorted(MESSAGE_TYPES)
 
 
-
 def fuzz(examples: int) -> settings:
     """Bounded runs (CI budget); no per-example deadline, since examples touch sockets and
     fsync trust.json when a node is rebuilt."""

@@ -15,6 +15,13 @@ from pilothandshake.messages import (
     HANDSHAKE_ACCEPT,
     HANDSHAKE_REQUEST,
     HANDSHAKE_REVOKE,
+    handshake_challenge,
+    heartbeat_challenge,
+    poll_challenge,
+    report_trust_challenge,
+    resolve_challenge,
+    respond_challenge,
+    revoke_trust_challenge,
 )
 from pilothandshake.registry.client import Client
 
@@ -240,3 +247,39 @@ def test_no_private_key_or_signature_is_ever_logged(fleet: Fleet) -> None:
     for secret in secrets:
         assert secret not in logs
         assert secret[:24] not in logs  # not even a prefix
+
+
+def test_no_registry_credential_is_logged_on_the_relay_path(fleet: Fleet) -> None:
+    """Two private nodes meet through the registry relay at log_level debug. Ed25519 is
+    deterministic, so the test recomputes every signature the nodes sent the registry
+    (``handshake:<S>:<R>`` is a reusable relay credential) and finds none in any log."""
+    registry = fleet.registry().start()
+    a = fleet.node("a", registry).start()
+    b = fleet.node("b", registry).start()
+    ida, idb = a.node_id, b.node_id
+    assert a.control("handshake", node_id=idb, justification="relay me")["status"] == "relayed"
+    wait_until(lambda: b.pending() == {ida}, what="relayed request pending at B")
+    b.control("approve", node_id=ida)
+    wait_until(lambda: a.trusted() == {idb}, what="relayed approval reaches A")
+    a.control("untrust", node_id=idb)
+    assert a.stop() == 0 and b.stop() == 0 and registry.stop() == 0
+    logs = a.stderr + a.stdout + b.stderr + b.stdout + registry.stderr + registry.stdout
+    assert "relay" in logs or "registered" in logs  # the logs are there
+
+    secrets = []
+    for node, own, peer in ((a, ida, idb), (b, idb, ida)):
+        for challenge in (
+            handshake_challenge(own, peer),
+            respond_challenge(own, peer),
+            poll_challenge(own),
+            heartbeat_challenge(own),
+            report_trust_challenge(own, peer),
+            revoke_trust_challenge(own, peer),
+            resolve_challenge(own, peer),
+        ):
+            signature = node.identity.sign(challenge)
+            secrets += [base64.b64encode(signature).decode(), signature.hex()]
+        private = json.loads((node.directory / "identity.json").read_text())["private_key"]
+        secrets += [private, base64.b64decode(private).hex()]
+    for secret in secrets:
+        assert secret[:24] not in logs

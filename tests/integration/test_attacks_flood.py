@@ -50,7 +50,8 @@ def test_legitimate_request_is_processed_after_10000_junk_messages(fleet: Fleet)
     counts = flood(node.port, payloads, sources, timeout=40.0)
     elapsed = time.monotonic() - started
     assert counts["unsent"] == 0 and counts["error"] == 0 and counts["open"] == 0, counts
-    assert counts["closed"] + counts["reset"] == 10_000, counts
+    # Sent one at a time per source, under the per-source cap: every one is read.
+    assert counts["closed"] == 10_000, counts
 
     peer = Peer(PEER)
     assert send_raw(node.port, peer.data(HANDSHAKE_REQUEST, OWN, justification="real")) == (
@@ -58,13 +59,14 @@ def test_legitimate_request_is_processed_after_10000_junk_messages(fleet: Fleet)
     )
     wait_until(lambda: node.pending() == {PEER}, what="the legitimate request is pending")
     assert node.stop() == 0  # flushes the count of drop lines not logged
-    # Every message that was read was dropped and counted; none changed state.
-    assert dropped_in_log(node) >= counts["closed"], (dropped_in_log(node), counts)
+    # Every message was dropped and accounted for (logged or counted); none changed state.
+    assert dropped_in_log(node) == 10_000
     state = json.loads((node.directory / "trust.json").read_text())
     assert [p["node_id"] for p in state.get("pending", [])] == [PEER]
     assert state["trusted"] in (None, [])
     # Rate-limited: 10 drop lines a second plus one summary a second, not 10,000 lines.
     grown = log_lines(node) - lines_before
+    print(f"10,000 junk messages in {elapsed:.1f} s; the log grew by {grown} lines")
     assert grown < 12 * (elapsed + 3) + 20, (grown, elapsed)
 
 
@@ -81,7 +83,8 @@ def test_invented_identities_cannot_keep_a_registry_bound_peer_out_of_a_full_que
     counts = flood(node.port, payloads, [source_address(i) for i in range(20)], timeout=40.0)
     # The daemon closes each connection only after processing (and persisting) it.
     assert counts["closed"] == 300, counts
-    assert len(node.pending()) == MAX_PENDING
+    before = {int(p["node_id"]): p for p in node.control("pending")["pending"]}
+    assert len(before) == MAX_PENDING
     assert ": pending queue full" in node.stderr  # the 44 beyond it were dropped
 
     real = Peer(0)
@@ -96,8 +99,10 @@ def test_invented_identities_cannot_keep_a_registry_bound_peer_out_of_a_full_que
     wait_until(lambda: real.node_id in node.pending(), what="the bound request evicts one")
     pending = node.pending()
     assert len(pending) == MAX_PENDING
-    assert min(p.node_id for p in invented) not in pending  # the oldest unbound one went
-    assert "evicted the request of node" in node.stderr
+    [evicted] = set(before) - pending  # exactly one invented identity made room ...
+    assert f"evicted the request of node {evicted}" in node.stderr
+    oldest = min(p["received_at"] for p in before.values())
+    assert before[evicted]["received_at"] == oldest  # ... one of the oldest (1 s resolution)
     # Still responsive: the control socket answers at once, and an approval works.
     assert timed_status(node) < 1.0
     node.control("approve", node_id=real.node_id)
@@ -132,9 +137,9 @@ def test_idle_connections_from_one_host_do_not_delay_a_handshake_from_another(
 ) -> None:
     a, b = fleet.direct_pair(b_config={"trust": {"auto_approve": True}})
     with IdleConnections(b.port, 300, "127.0.0.2") as idle:
-        open_ones = idle.open_ones(settle=1.0)
-        # Only the per-source cap (16) is admitted; the rest were reset at once, unread.
-        assert len(open_ones) == 16, len(open_ones)
+        # Only the per-source cap (16) is admitted; the rest are reset at once, unread.
+        wait_until(lambda: len(idle.open_ones(settle=0.1)) <= 16, what="the surplus refused")
+        assert len(idle.open_ones(settle=0.1)) == 16
         started = time.monotonic()
         a.control("handshake", node_id=OWN, justification="from 127.0.0.1")
         wait_until(lambda: a.trusted() == {OWN} and b.trusted() == {PEER}, timeout=2.0)
@@ -145,9 +150,7 @@ def test_idle_connections_from_one_host_do_not_delay_a_handshake_from_another(
 def test_global_cap_refuses_new_connections_at_once_and_recovers_when_idle_ones_time_out(
     fleet: Fleet,
 ) -> None:
-    node = fleet.node(
-        "d", node_id=OWN, max_connections=20, max_connections_per_source=4
-    ).start()
+    node = fleet.node("d", node_id=OWN, max_connections=20, max_connections_per_source=4).start()
     sources = [source_address(i) for i in range(5)]  # 5 hosts x 4 = the global cap of 20
     holders = []
     try:
@@ -164,6 +167,7 @@ def test_global_cap_refuses_new_connections_at_once_and_recovers_when_idle_ones_
         assert outcome == "reset" and time.monotonic() - started < 1.0
         assert node.pending() == set()
         wait_until(lambda: "connection limit reached (20 active" in node.stderr)
+        assert timed_status(node) < 1.0  # the operator is never locked out
 
         # The idle ones are dropped at the 10 s read deadline; service is back then.
         wait_until(
@@ -185,3 +189,38 @@ def test_global_cap_refuses_new_connections_at_once_and_recovers_when_idle_ones_
     finally:
         for holder in holders:
             holder.close()
+
+
+def test_one_host_flooding_valid_requests_fills_only_its_own_quotas(fleet: Fleet) -> None:
+    """Self-signed requests from invented identities, all from 127.0.0.2: that host gets at
+    most 16 pending requests and its replay quota; a request from 127.0.0.1 still gets in."""
+    node = fleet.node("d", node_id=OWN, max_replay_per_source=64).start()
+    invented = [Peer(200_000 + i) for i in range(100)]
+    payloads = [p.data(HANDSHAKE_REQUEST, OWN, justification="me too") for p in invented]
+    counts = flood(node.port, payloads, ["127.0.0.2"], timeout=30.0)
+    assert counts["closed"] == 100, counts
+    held = node.pending()
+    assert len(held) == 16
+    assert "too many pending requests from this source address" in node.stderr
+
+    # A pending node updating its own request needs no pending slot, only a replay entry:
+    # 127.0.0.2 has used its 64, so it is dropped there; the same update from 127.0.0.1
+    # gets in. (Sleep past the one-second drop-log window, so its line is not suppressed.)
+    time.sleep(1.1)
+    sender = next(p for p in invented if p.node_id in held)
+    update = sender.data(HANDSHAKE_REQUEST, OWN, justification="updated")
+    assert send_raw(node.port, update, "127.0.0.2") == "closed"
+    wait_until(lambda: "replay set full for this source address" in node.stderr)
+    assert {p["justification"] for p in node.control("pending")["pending"]} == {"me too"}
+    assert send_raw(node.port, update, "127.0.0.1") == "closed"
+    wait_until(
+        lambda: "updated" in {p["justification"] for p in node.control("pending")["pending"]},
+        what="the update from another host is applied",
+    )
+
+    peer = Peer(PEER)
+    assert send_raw(node.port, peer.data(HANDSHAKE_REQUEST, OWN, justification="real")) == (
+        "closed"
+    )
+    wait_until(lambda: PEER in node.pending(), what="the other host's request pending")
+    assert len(node.pending()) == 17
