@@ -53,7 +53,10 @@ def talk_as_nobody(path: str, request: bytes) -> str:
             sock.settimeout(CHILD_TIMEOUT)
             try:
                 sock.connect(path)
-                sock.sendall(request)
+                try:
+                    sock.sendall(request)
+                except BrokenPipeError:
+                    pass  # refused before reading: the answer is still buffered (as ControlClient)
                 result = b"answer " + sock.makefile("rb").readline()
             except OSError as exc:
                 result = f"errno {errno.errorcode.get(exc.errno or 0, exc)}".encode()
