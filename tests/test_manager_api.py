@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
@@ -26,18 +25,6 @@ from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord,
 OWN = 1
 REMOTE = "127.0.0.1:40000"
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def nodes(tmp_path: object) -> Iterator[Nodes]:
-    made = Nodes(str(tmp_path))
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def peer() -> Peer:
-    return Peer(7)
 
 
 def trust_file(nodes: Nodes, node_id: int = OWN) -> str:

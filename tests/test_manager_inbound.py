@@ -8,7 +8,6 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -27,18 +26,6 @@ from pilothandshake.store import PendingHandshake, TrustRecord
 OWN = 1
 REMOTE = "127.0.0.1:40000"
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def nodes(tmp_path: object) -> Iterator[Nodes]:
-    made = Nodes(str(tmp_path))
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def peer() -> Peer:
-    return Peer(7)
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
@@ -20,18 +19,6 @@ from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord
 
 OWN = 1
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def nodes(tmp_path: object) -> Iterator[Nodes]:
-    made = Nodes(str(tmp_path))
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def peer() -> Peer:
-    return Peer(7)
 
 
 @pytest.fixture

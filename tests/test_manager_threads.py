@@ -11,7 +11,6 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
@@ -26,13 +25,6 @@ OWN = 1
 REMOTE = "127.0.0.1:40000"
 WAIT = 10.0
 T0 = datetime(2026, 11, 25, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def nodes(tmp_path: object) -> Iterator[Nodes]:
-    made = Nodes(str(tmp_path))
-    yield made
-    made.close()
 
 
 def start_thread(target: object, *args: object) -> threading.Thread:
@@ -110,6 +102,31 @@ def test_two_hundred_waiters_all_wake(nodes: Nodes, same_node: bool) -> None:
         thread.join(WAIT)
     assert results == [True] * 200
     assert manager._waiters == {}
+
+
+def test_a_grant_wakes_only_the_waiters_of_the_granted_node(nodes: Nodes) -> None:
+    manager, _ = nodes.make(strict=False, auto_approve=True)
+    result: list[bool] = []
+    waiter = start_thread(lambda: result.append(manager.wait_for_trust(7, WAIT)))
+    deadline = time.monotonic() + WAIT
+    while 7 not in manager._waiters and time.monotonic() < deadline:
+        time.sleep(0.002)
+    condition = manager._waiters[7].condition
+    notified: list[int] = []
+    notify_all = condition.notify_all
+
+    def counting_notify_all() -> None:
+        notified.append(1)
+        notify_all()
+
+    condition.notify_all = counting_notify_all  # type: ignore[method-assign]
+    for node in range(100, 150):
+        manager.process_relayed_request(node, "someone else")
+    assert notified == [] and result == []
+    manager.process_relayed_request(7, "the awaited node")
+    waiter.join(WAIT)
+    assert notified == [1]
+    assert result == [True]
 
 
 # Concurrency

@@ -7,6 +7,7 @@ traversal first, so that a refusal comes from the socket itself, not from its di
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -53,10 +54,9 @@ def talk_as_nobody(path: str, request: bytes) -> str:
             sock.settimeout(CHILD_TIMEOUT)
             try:
                 sock.connect(path)
-                try:
+                # Refused before reading: the answer is still buffered (as ControlClient).
+                with contextlib.suppress(BrokenPipeError):
                     sock.sendall(request)
-                except BrokenPipeError:
-                    pass  # refused before reading: the answer is still buffered (as ControlClient)
                 result = b"answer " + sock.makefile("rb").readline()
             except OSError as exc:
                 result = f"errno {errno.errorcode.get(exc.errno or 0, exc)}".encode()
