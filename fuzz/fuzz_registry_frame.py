@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 import struct
 import sys
@@ -132,7 +133,21 @@ def TestOneInput(data: bytes) -> None:
         REGISTRY._responses.clear()
 
 
+def write_seeds(argv: list[str]) -> None:
+    """Put the well-formed seed frames into an empty corpus directory given on the command
+    line: random bytes rarely form a length header followed by a JSON object."""
+    for arg in argv[1:]:
+        if arg.startswith("-") or not os.path.isdir(arg) or os.listdir(arg):
+            continue
+        for index, seed in enumerate(SEEDS):
+            with open(os.path.join(arg, f"seed-{index}"), "wb") as out:
+                out.write(encode_frame(seed))
+            with open(os.path.join(arg, f"seed-field-{index}"), "wb") as out:
+                out.write(b"\x01" + bytes([index]) + b'"x"')
+
+
 def main() -> None:
+    write_seeds(sys.argv)
     logging.disable(logging.WARNING)  # refusals are INFO; errors still reach the handler
     logging.getLogger("pilothandshake.registry.server").addHandler(InternalErrors())
     atheris.Setup(sys.argv, TestOneInput)

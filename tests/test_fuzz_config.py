@@ -140,7 +140,7 @@ def test_random_documents_give_a_config_or_a_config_error() -> None:
 def test_random_yaml_text_gives_a_config_or_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
 
-    @fuzz(200)
+    @fuzz(150)
     @given(
         st.text(max_size=300)
         | documents.map(lambda d: yaml.safe_dump(d, allow_unicode=True))

@@ -153,7 +153,7 @@ def test_random_request_shapes_get_documented_answers(node: Node) -> None:
 def test_parser_raises_only_its_request_error() -> None:
     """Straight to the parser, faster than the socket: only ``_RequestError`` may escape."""
 
-    @fuzz(500)
+    @fuzz(300)
     @given(
         st.binary(max_size=256)
         | request_shapes.map(lambda r: json.dumps(r).encode())
