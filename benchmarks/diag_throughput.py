@@ -39,10 +39,10 @@ def diagnose(total: int, no_write: bool, threads: int) -> dict[str, Any]:
         lead = store._lead
         writes: list[tuple[int, float]] = []
 
-        def timed_lead(upto: int, snapshot: Any) -> None:
+        def timed_lead(upto: int, *rest: Any) -> None:
             changes = upto - store._resolved
             start = time.perf_counter()
-            lead(upto, snapshot)
+            lead(upto, *rest)
             writes.append((changes, time.perf_counter() - start))
 
         store._lead = timed_lead

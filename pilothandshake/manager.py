@@ -364,8 +364,10 @@ class Manager:
         self.close()
 
     def close(self) -> None:
-        """Release the trust store and its directory lock (``stop()`` does this too); for a
-        Manager that is never started. Later state changes fail with ``StoreError``."""
+        """Stop the background workers and release the trust store and its directory lock
+        (``stop()`` does this too); for a Manager that is never started. Later state changes
+        fail with ``StoreError``."""
+        self._pool.shutdown(STOP_TIMEOUT)
         self._store.close()
 
     # Readers: durable state only

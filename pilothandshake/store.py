@@ -5,12 +5,32 @@ copies of the state live in memory: ``working``, which decisions read and mutate
 Manager's lock, and ``visible``, which holds only changes that are on disk. ``commit`` makes
 changes durable with group commit: whichever caller finds no write in flight becomes the
 leader and writes every change made so far; the others wait for that write or lead the next.
+
+A write does not rewrite trust.json (SPEC 16: that costs time in proportion to the number of
+peers). It appends one line holding that write's changes, as whole records, to
+``trust.json.journal`` and fsyncs it. The journal's first line names the SHA-256 of the
+trust.json it extends; loading reads trust.json, then replays the journal in order only when
+that digest matches, so a journal left beside a file that was since replaced (by our own
+compaction, a Go daemon, an operator moving a corrupt file aside) is never applied to it.
+A last line without its newline, or a last line that does not parse, is a write that was cut
+off: its commit never returned, so it is ignored. Any other bad line is an error.
+
+Compaction rewrites trust.json exactly as SPEC 10 says (temporary file, fsync, rename,
+directory fsync) and then empties the journal. The leader does it in place of an append,
+which keeps it amortised without a second writer: on the first write after opening (which
+also drops whatever a crash left in the journal and gives trust.json mode 0600), whenever the
+journal would grow past ``max(JOURNAL_MIN_BYTES, JOURNAL_RATIO * size of trust.json)``, and
+when an append failed and the journal could not be cut back. ``close`` compacts too, so after
+a clean stop trust.json alone is current (Go reads only trust.json). A crash between the
+rename and emptying the journal is safe twice over: the journal's digest no longer matches,
+and replaying whole records in order onto a state that already holds them changes nothing.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +52,13 @@ log = logging.getLogger(__name__)
 
 TRUST_FILE = "trust.json"
 DIRECTORY_LOCK = "handshake.lock"
+JOURNAL_SUFFIX = ".journal"
+# Compact when the journal would pass max(JOURNAL_MIN_BYTES, JOURNAL_RATIO * trust.json's size):
+# a rewrite then costs about as much as the appends it saves replaying, and a startup replays at
+# most about one file's worth of records.
+JOURNAL_MIN_BYTES = 256 * 1024
+JOURNAL_RATIO = 1.0
+_JOURNAL_VERSION = 1
 TRUSTED = "trusted"
 PENDING = "pending"
 OUTGOING = "outgoing"
@@ -228,17 +255,19 @@ class _Fragments:
         self._lows = [0] + [chunk[0] for chunk in self._chunks[1:]]
         self._joined: list[bytes | None] = [None] * len(self._chunks)
 
-    def update(self, node: int, value: Record | None) -> None:
-        """Put the record of ``node``, or remove it when ``value`` is None."""
+    def update(self, node: int, value: Record | None) -> str:
+        """Put the record of ``node``, or remove it when ``value`` is None; returns the record's
+        JSON text ("" for a removal), which the journal reuses."""
         index = bisect.bisect_right(self._lows, node) - 1
         chunk = self._chunks[index]
+        text = ""
         if value is None:
             if self._text.pop(node, None) is None:
-                return
+                return text
             chunk.remove(node)
             if not chunk and index > 0:
                 del self._chunks[index], self._lows[index], self._joined[index]
-                return
+                return text
         else:
             text = self._encode(value)
             if node not in self._text:
@@ -251,6 +280,7 @@ class _Fragments:
                 self._lows.insert(index + 1, upper[0])
                 self._joined.insert(index + 1, None)
         self._joined[index] = None
+        return text
 
     def render(self) -> list[bytes]:
         """The joined UTF-8 text of each non-empty chunk, in order (joins changed chunks only)."""
@@ -349,6 +379,40 @@ def _objects(doc: dict[str, Any], name: str) -> list[tuple[str, dict[str, Any]]]
     return found
 
 
+def _decode_trusted(obj: dict[str, Any], where: str) -> TrustRecord:
+    return TrustRecord(
+        node_id=_int(obj, "node_id", where, MAX_NODE_ID),
+        public_key=_str(obj, "public_key", where),
+        approved_at=_time(obj, "approved_at", where),
+        mutual=_bool(obj, "mutual", where),
+        network=_int(obj, "network", where, MAX_NETWORK),
+    )
+
+
+def _decode_pending(obj: dict[str, Any], where: str) -> PendingHandshake:
+    return PendingHandshake(
+        node_id=_int(obj, "node_id", where, MAX_NODE_ID),
+        public_key=_str(obj, "public_key", where),
+        justification=_str(obj, "justification", where),
+        received_at=_time(obj, "received_at", where),
+        bound=_bool(obj, "bound", where),
+    )
+
+
+def _decode_outgoing(obj: dict[str, Any], where: str) -> OutgoingRequest:
+    return OutgoingRequest(
+        node_id=_int(obj, "node_id", where, MAX_NODE_ID),
+        sent_at=_time(obj, "sent_at", where),
+    )
+
+
+_DECODERS: dict[str, Callable[[dict[str, Any], str], Record]] = {
+    TRUSTED: _decode_trusted,
+    PENDING: _decode_pending,
+    OUTGOING: _decode_outgoing,
+}
+
+
 def decode_state(data: bytes) -> TrustState:
     """Parse trust.json bytes; raises ``ValueError`` (or ``RecursionError``) naming the field."""
     doc = json.loads(data.decode("utf-8"))
@@ -358,48 +422,139 @@ def decode_state(data: bytes) -> TrustState:
         return state
     if not isinstance(doc, dict):
         raise ValueError("expected a JSON object at the top level")
-    for where, obj in _objects(doc, TRUSTED):
-        record = TrustRecord(
-            node_id=_int(obj, "node_id", where, MAX_NODE_ID),
-            public_key=_str(obj, "public_key", where),
-            approved_at=_time(obj, "approved_at", where),
-            mutual=_bool(obj, "mutual", where),
-            network=_int(obj, "network", where, MAX_NETWORK),
-        )
-        state.trusted[record.node_id] = record
-    for where, obj in _objects(doc, PENDING):
-        request = PendingHandshake(
-            node_id=_int(obj, "node_id", where, MAX_NODE_ID),
-            public_key=_str(obj, "public_key", where),
-            justification=_str(obj, "justification", where),
-            received_at=_time(obj, "received_at", where),
-            bound=_bool(obj, "bound", where),
-        )
-        state.pending[request.node_id] = request
-    for where, obj in _objects(doc, OUTGOING):
-        outgoing = OutgoingRequest(
-            node_id=_int(obj, "node_id", where, MAX_NODE_ID),
-            sent_at=_time(obj, "sent_at", where),
-        )
-        state.outgoing[outgoing.node_id] = outgoing
+    for name in TABLES:
+        decode, table = _DECODERS[name], state.table(name)
+        for where, obj in _objects(doc, name):
+            record = decode(obj, where)
+            table[record.node_id] = record
     return state
 
 
 def load_state(path: str) -> TrustState:
-    """Read trust.json at ``path``: a missing file is an empty state; a file that cannot be
-    read or does not parse raises ``StoreError`` naming the path and the error."""
+    """Read trust.json at ``path`` and replay its journal: what a store opening ``path`` reads.
+
+    A missing file is an empty state; a file or journal that cannot be read or does not parse
+    raises ``StoreError`` naming the file and the error.
+    """
+    return _load(path).state
+
+
+class _Loaded(NamedTuple):
+    state: TrustState
+    digest: str | None  # SHA-256 of trust.json's bytes, None when it is missing
+    size: int  # bytes in trust.json
+    journal: int  # bytes in the journal file
+
+
+def _load(path: str) -> _Loaded:
+    try:
+        with open(path, "rb") as source:
+            data: bytes | None = source.read()
+    except FileNotFoundError:
+        data = None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    state = TrustState()
+    if data is not None:
+        try:
+            state = decode_state(data)
+        except (ValueError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise StoreError(f"trust file {path} does not parse: {reason}") from exc
+    digest = None if data is None else _digest(data)
+    journal = _replay_journal(path + JOURNAL_SUFFIX, digest, state)
+    return _Loaded(state, digest, 0 if data is None else len(data), journal)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _journal_header(digest: str) -> bytes:
+    """The journal's first line: which trust.json (by content) the lines below extend."""
+    return json.dumps({"journal": _JOURNAL_VERSION, "base": digest}).encode() + b"\n"
+
+
+def _parse_line(line: bytes) -> Any:
+    """JSON of one journal line; raises ``ValueError`` (a cut-off line does not parse)."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+
+
+def _journal_changes(doc: Any, where: str) -> list[Change]:
+    """The changes of one parsed journal line: ``[[table, node_id, record or null], ...]``."""
+    if not isinstance(doc, list):
+        raise ValueError(f"{where}: expected a list of changes")
+    changes = []
+    for index, item in enumerate(doc):
+        at = f"{where}[{index}]"
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)):
+            raise ValueError(f"{at}: expected [table, node_id, record or null]")
+        table, node, value = item
+        decode = _DECODERS.get(table)
+        if decode is None:
+            raise ValueError(f"{at}: unknown table {json.dumps(table)[:40]}")
+        if type(node) is not int or not 0 <= node <= MAX_NODE_ID:
+            raise ValueError(f"{at}: expected a node ID, got {json.dumps(node)[:40]}")
+        record = None
+        if value is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"{at}: expected a record, got {json.dumps(value)[:40]}")
+            record = decode(value, at)
+            if record.node_id != node:
+                raise ValueError(f"{at}: record of node {record.node_id} filed under {node}")
+        changes.append(Change(table, node, record))
+    return changes
+
+
+def _replay_journal(path: str, digest: str | None, state: TrustState) -> int:
+    """Apply the journal at ``path`` to ``state``, read from a trust.json whose SHA-256 is
+    ``digest`` (None: no trust.json). Returns the journal's size in bytes (0: absent)."""
     try:
         with open(path, "rb") as source:
             data = source.read()
     except FileNotFoundError:
-        return TrustState()
+        return 0
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc
-    try:
-        return decode_state(data)
-    except (ValueError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise StoreError(f"trust file {path} does not parse: {reason}") from exc
+    lines = data.split(b"\n")
+    # Bytes after the last newline: an append cut off by a crash; its commit never returned.
+    torn = lines.pop()
+    if torn:
+        log.warning("ignoring %d bytes of an unfinished write at the end of %s", len(torn), path)
+    docs = []
+    for number, line in enumerate(lines, 1):
+        try:
+            docs.append(_parse_line(line))
+        except ValueError as exc:
+            if number == len(lines) and not torn:
+                log.warning("ignoring the unfinished last line %d of %s", number, path)
+                break
+            raise StoreError(f"trust journal {path} line {number} does not parse: {exc}") from exc
+    if not docs:
+        return len(data)
+    header = docs[0]
+    if not (
+        isinstance(header, dict)
+        and header.get("journal") == _JOURNAL_VERSION
+        and isinstance(header.get("base"), str)
+    ):
+        raise StoreError(f"trust journal {path} line 1 is not a journal header")
+    if header["base"] != digest:
+        # Written against another trust.json: a compaction cut short by a crash (the file
+        # already holds these records), or a file replaced since. Never applied.
+        log.warning("ignoring %s: it extends a trust.json that has since been replaced", path)
+        return len(data)
+    for number, doc in enumerate(docs[1:], 2):
+        try:
+            changes = _journal_changes(doc, f"line {number}")
+        except ValueError as exc:
+            raise StoreError(f"trust journal {path} does not parse: {exc}") from exc
+        for change in changes:
+            state.apply(change)
+    return len(data)
 
 
 def _lock_directory(directory: str) -> filelock.FileLock:
@@ -459,7 +614,7 @@ def _fsync_directory(directory: str) -> None:
 
 
 class TrustStore:
-    """trust.json with group commit and the identity directory lock (SPEC 10).
+    """trust.json and its journal with group commit and the identity directory lock (SPEC 10).
 
     ``path`` "" keeps everything in memory: ``commit`` makes changes visible at once.
     Mutations are made holding ``lock`` (the Manager's); ``commit`` is called without it.
@@ -473,9 +628,10 @@ class TrustStore:
         lock: threading.RLock,
         on_commit: Callable[[list[Change]], None],
     ) -> None:
-        """Open the store: create the directory, take its lock, load ``path``.
+        """Open the store: create the directory, take its lock, load ``path`` and its journal.
 
-        Raises ``StoreError`` when the directory is in use or the file does not parse.
+        Writes nothing. Raises ``StoreError`` when the directory is in use or a file does not
+        parse.
         """
         self.path = path
         self._lock = lock
@@ -487,9 +643,20 @@ class TrustStore:
         self._seq = 0  # the last sequence number handed out
         self._resolved = 0  # every change up to this one was written or rolled back
         self._failures: list[tuple[int, int, str]] = []  # (first, last, error) rolled back
-        self._log: deque[tuple[int, Change]] = deque()  # changes not yet written
+        # Changes not yet written, each with its record's JSON text for the journal.
+        self._log: deque[tuple[int, Change, str]] = deque()
         self._writing = False
-        state = TrustState()
+        # Owned by the writer (the leader, or close): read and written only while _writing is
+        # set, or by the caller about to set it.
+        self._journal_path = path + JOURNAL_SUFFIX
+        self._journal_fd: int | None = None
+        self._journal_size: int | None = 0  # bytes in the journal file; None: unknown
+        # True when the journal holds a header naming the current trust.json and then only
+        # whole lines this store appended, so the next line may go at _journal_size.
+        self._journal_ours = False
+        self._base: str | None = None  # SHA-256 of trust.json as on disk
+        self._trust_size = 0
+        loaded = _Loaded(TrustState(), None, 0, 0)
         if path:
             try:
                 os.makedirs(self._directory, mode=0o700, exist_ok=True)
@@ -498,11 +665,17 @@ class TrustStore:
             self._directory_lock = _lock_directory(self._directory)
             _remove_stale_temporaries(path)
             try:
-                state = load_state(path)
+                loaded = _load(path)
             except StoreError:
                 self._directory_lock.release()
                 raise
-        # One lock object, used only by the leader: filelock gives no exclusion between
+        state = loaded.state
+        self._base, self._trust_size, self._journal_size = (
+            loaded.digest,
+            loaded.size,
+            loaded.journal,
+        )
+        # One lock object, used only by the writer: filelock gives no exclusion between
         # threads sharing an object, and two objects on one path in one thread deadlock.
         self._file_lock: filelock.FileLock | None = None
         if path:
@@ -541,19 +714,35 @@ class TrustStore:
 
     def _change(self, change: Change) -> int:
         # Serialise first: a record that cannot be written fails here and changes nothing.
-        self._refresh_fragment(change)
+        text = self._refresh_fragment(change)
         self.working.apply(change)
         self._seq += 1
-        self._log.append((self._seq, change))
+        self._log.append((self._seq, change, text))
         return self._seq
 
-    def _refresh_fragment(self, change: Change) -> None:
+    def _refresh_fragment(self, change: Change) -> str:
         if self.path:
-            self._fragments[change.table].update(change.node_id, change.value)
+            return self._fragments[change.table].update(change.node_id, change.value)
+        return ""
 
     def _render(self) -> dict[str, list[bytes]]:
         """Snapshot the file's text (call holding the lock; cheap: joins changed chunks)."""
         return {name: self._fragments[name].render() for name in TABLES}
+
+    def _journal_line(self) -> bytes:
+        """One journal line holding every change in the log, in order (call holding the lock)."""
+        items = [
+            f'["{change.table}",{change.node_id},{text if change.value is not None else "null"}]'
+            for _, change, text in self._log
+        ]
+        return ("[" + ",".join(items) + "]\n").encode("utf-8")
+
+    def _compaction_due(self, line: int) -> bool:
+        """Whether the next write rewrites trust.json instead of appending ``line`` bytes."""
+        if not self._journal_ours or self._journal_size is None:
+            return True
+        limit = max(JOURNAL_MIN_BYTES, JOURNAL_RATIO * self._trust_size)
+        return self._journal_size + line > limit
 
     # Durability: call without the lock.
 
@@ -575,34 +764,48 @@ class TrustStore:
                 return
             self._writing = True
             upto = self._seq
-            snapshot = self._render()
-        self._lead(upto, snapshot)
+            line, snapshot = b"", None
+            if self._file_lock is not None:
+                line = self._journal_line()
+                if self._compaction_due(len(line)):
+                    line, snapshot = b"", self._render()
+        self._lead(upto, line, snapshot)
 
-    def _lead(self, upto: int, snapshot: dict[str, list[bytes]]) -> None:
-        """Write every change up to ``upto`` (outside the lock), then publish or roll back."""
+    def _lead(self, upto: int, line: bytes, snapshot: dict[str, list[bytes]] | None) -> None:
+        """Write every change up to ``upto`` (outside the lock), then publish or roll back:
+        append ``line`` to the journal, or rewrite trust.json from ``snapshot``."""
         replaced = False
         try:
             if self._closed:
                 raise OSError("the trust store is closed")
             if self._file_lock is not None:
-                data = _document(snapshot)
                 with self._file_lock:
-                    self._replace(data)
-                    replaced = True
-                    _fsync_directory(self._directory)
+                    if snapshot is not None:
+                        data = _document(snapshot)
+                        self._open_journal()
+                        self._replace(data)
+                        replaced = True
+                        self._after_replace(data)
+                    else:
+                        self._append(line)
         except OSError as exc:
             error = f"cannot write {self.path or 'the trust state'}: {exc}"
             with self._done:
                 restore = self._roll_back(error)
-            if replaced:
+            # Past the rename, or a journal that still holds the failed line (_append could
+            # not cut it back): rewrite the rolled-back state so the disk does not keep
+            # changes whose callers were told they failed.
+            if replaced or (snapshot is None and self._journal_size is None):
                 self._restore(restore)
             with self._done:
                 self._writing = False
                 self._done.notify_all()
             raise StoreError(error) from exc
         except BaseException:
-            # Unexpected: nothing is resolved; a waiter leads the next attempt.
+            # Unexpected: nothing is resolved; a waiter leads the next attempt. The journal's
+            # length is unknown, so the next write compacts and empties it.
             with self._done:
+                self._journal_ours, self._journal_size = False, None
                 self._writing = False
                 self._done.notify_all()
             raise
@@ -620,6 +823,67 @@ class TrustStore:
             except Exception:
                 # The changes are durable; a failing observer must not undo or hide that.
                 log.exception("on_commit failed after writing %s", self.path)
+
+    def _open_journal(self) -> int:
+        """The journal's descriptor, created (mode 0600) on first use; the caller fsyncs the
+        directory after creating it (a compaction does, right after its rename)."""
+        if self._journal_fd is None:
+            fd = os.open(self._journal_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                if os.fstat(fd).st_mode & 0o777 != 0o600:
+                    os.fchmod(fd, 0o600)  # copied in from elsewhere
+            except OSError:
+                os.close(fd)
+                raise
+            self._journal_fd = fd
+        return self._journal_fd
+
+    def _append(self, line: bytes) -> None:
+        """Append ``line`` (after a header when the journal is empty) and fsync it. On failure,
+        cut the journal back to where it was; if that fails too, mark it unusable."""
+        fd, start = self._open_journal(), self._journal_size
+        assert start is not None and self._base is not None  # else _compaction_due said so
+        data = _journal_header(self._base) + line if start == 0 else line
+        try:
+            view, written = memoryview(data), 0
+            while written < len(data):
+                written += os.pwrite(fd, view[written:], start + written)
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+                os.fsync(fd)
+            except OSError as exc:
+                log.error("cannot cut %s back after a failed write: %s", self._journal_path, exc)
+                self._journal_ours, self._journal_size = False, None
+            raise
+        self._journal_size = start + len(data)
+
+    def _after_replace(self, data: bytes) -> None:
+        """After renaming ``data`` over trust.json: fsync the directory, empty the journal."""
+        self._base, self._trust_size = _digest(data), len(data)
+        # The journal's header names the file just replaced: never append to it again.
+        self._journal_ours = False
+        _fsync_directory(self._directory)
+        if self._journal_size != 0:
+            fd = self._open_journal()
+            try:
+                os.ftruncate(fd, 0)
+                os.fsync(fd)
+            except OSError as exc:
+                # trust.json is durable and complete; load ignores the stale journal.
+                log.warning("cannot empty %s after compaction: %s", self._journal_path, exc)
+                self._journal_size = None
+                return
+        self._journal_size, self._journal_ours = 0, True
+
+    def _rewrite(self, data: bytes) -> None:
+        """Compact: replace trust.json with ``data`` and empty the journal."""
+        assert self._file_lock is not None
+        with self._file_lock:
+            self._open_journal()
+            self._replace(data)
+            self._after_replace(data)
 
     def _replace(self, data: bytes) -> None:
         fd, temporary = tempfile.mkstemp(
@@ -641,7 +905,7 @@ class TrustStore:
 
         Returns the fragments of the restored state. Call holding the lock.
         """
-        for _, change in self._log:
+        for _, change, _text in self._log:
             original = self.visible.table(change.table).get(change.node_id)
             restored = Change(change.table, change.node_id, original)
             self.working.apply(restored)
@@ -652,14 +916,12 @@ class TrustStore:
         return self._render()
 
     def _restore(self, snapshot: dict[str, list[bytes]]) -> None:
-        """Best effort after a failure past the rename: put the rolled-back state on disk so
-        the file does not keep changes whose callers were told they failed."""
+        """Best effort after a failed write that reached the disk: compact the rolled-back
+        state, so trust.json and an empty journal hold it."""
         if self._file_lock is None:
             return
         try:
-            with self._file_lock:
-                self._replace(_document(snapshot))
-                _fsync_directory(self._directory)
+            self._rewrite(_document(snapshot))
         except OSError as exc:
             log.error("cannot restore %s after a failed write: %s", self.path, exc)
 
@@ -674,13 +936,36 @@ class TrustStore:
         return ""
 
     def close(self) -> None:
-        """Wait for a write in flight, then release the directory lock; later commits fail.
+        """Wait for a write in flight, compact the journal into trust.json, release the
+        directory lock; later commits fail. Changes not yet committed are rolled back.
 
-        Idempotent."""
+        Idempotent. A failed compaction is logged: the journal still holds every change.
+        """
         with self._done:
             self._closed = True
             while self._writing:
                 self._done.wait()
-            if self._directory_lock is not None:
-                self._directory_lock.release()
-                self._directory_lock = None
+            if self._directory_lock is None:
+                return
+            error = f"cannot write {self.path}: the trust store is closed"
+            if self._log:
+                self._roll_back(error)  # never written: nothing on disk to undo
+            snapshot = self._render() if self._journal_size != 0 else None
+            self._writing = True  # commits wait, then find the store closed
+        try:
+            if snapshot is not None and self._file_lock is not None:
+                try:
+                    self._rewrite(_document(snapshot))
+                except OSError as exc:
+                    log.error("cannot compact %s into %s: %s", self._journal_path, self.path, exc)
+        finally:
+            with self._done:
+                if self._journal_fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(self._journal_fd)
+                    self._journal_fd = None
+                if self._directory_lock is not None:
+                    self._directory_lock.release()
+                    self._directory_lock = None
+                self._writing = False
+                self._done.notify_all()

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from pilothandshake import events
 from pilothandshake.events import EventBus
 
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z\Z")
@@ -189,3 +190,24 @@ def test_failing_webhook_logs_one_rate_limited_warning(caplog: pytest.LogCapture
     # Only this bus's URL: an earlier test's hanging POST may time out meanwhile.
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and url in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_event_time_is_taken_at_publish_and_formatted_as_utc_milliseconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bus = EventBus(lambda: 7)
+    subscription = bus.subscribe()
+    try:
+        # Published (not dispatched) at 2025-11-26T01:00:00.001Z; dispatched after start.
+        monkeypatch.setattr(events.time, "time", lambda: 1764118800.001)
+        bus.publish("handshake.received", {"peer_node_id": 1})
+        monkeypatch.undo()
+        bus.start()
+        event = subscription.get(timeout=2)
+        assert event is not None and event["timestamp"] == "2025-11-26T01:00:00.001Z"
+        assert bus.recent()[0]["timestamp"] == "2025-11-26T01:00:00.001Z"
+    finally:
+        bus.stop(timeout=2)
+    assert events._rfc3339(0.0) == "1970-01-01T00:00:00.000Z"
+    assert events._rfc3339(951782399.9994) == "2000-02-28T23:59:59.999Z"
+    assert events._rfc3339(951868800.5) == "2000-03-01T00:00:00.500Z"

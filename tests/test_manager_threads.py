@@ -313,3 +313,12 @@ def test_manager_satisfies_the_runtime_protocol_through_a_custom_runtime() -> No
     ours, theirs = socket.socketpair()
     theirs.close()
     manager.handle_connection(ours)  # after stop: still never raises
+
+
+def test_close_of_a_never_started_manager_stops_its_background_workers(nodes: Nodes) -> None:
+    manager, _ = nodes.make(auto_approve=True, strict=False)
+    manager.process_relayed_request(7, "starts background work")  # report_trust, reply
+    workers = manager._pool._threads
+    assert workers
+    manager.close()
+    assert all(not thread.is_alive() for thread in workers)

@@ -59,8 +59,8 @@ def trust_path(tmp_path: Path) -> Path:
 
 
 def leftovers(directory: Path) -> list[str]:
-    """Files in ``directory`` other than the trust file and the two lock files."""
-    expected = {"trust.json", "trust.json.lock", "handshake.lock"}
+    """Files in ``directory`` other than the trust file, its journal and the two lock files."""
+    expected = {"trust.json", "trust.json.journal", "trust.json.lock", "handshake.lock"}
     return sorted(name for name in os.listdir(directory) if name not in expected)
 
 
@@ -329,10 +329,10 @@ def test_change_is_visible_only_after_its_write(trust_path: Path) -> None:
     with lock:
         dropped = opened.drop_trusted(7)
     opened.commit(dropped)
-    assert opened.visible == TrustState()
-    assert trust_path.read_bytes() == b'{\n  "trusted": []\n}\n'
+    assert opened.visible == TrustState() == load_state(str(trust_path))
     assert seen[-1] == [Change("trusted", 7, None)]
     opened.close()
+    assert trust_path.read_bytes() == b'{\n  "trusted": []\n}\n'
 
 
 def test_on_commit_runs_under_the_lock_with_changes_in_order(trust_path: Path) -> None:
@@ -397,7 +397,7 @@ def test_writer_bytes_equal_encode_state_and_file_mode_is_0600(trust_path: Path)
 
 
 def test_concurrent_commits_share_writes(trust_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    writes = count_calls(monkeypatch, os, "replace")
+    writes = count_calls(monkeypatch, os, "fsync")
     published: list[Change] = []
     opened, lock = open_store(trust_path, published.extend)
     threads, per_thread = 8, 50
@@ -429,6 +429,12 @@ def test_concurrent_commits_share_writes(trust_path: Path, monkeypatch: pytest.M
     assert len(opened.visible.trusted) == threads * (per_thread - per_thread // 5)
     assert load_state(str(trust_path)) == opened.visible == opened.working
     opened.close()
+
+
+def rewrite_every_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every write a compaction (a full rewrite of trust.json), never a journal append."""
+    monkeypatch.setattr(store, "JOURNAL_MIN_BYTES", 0)
+    monkeypatch.setattr(store, "JOURNAL_RATIO", 0.0)
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
@@ -506,6 +512,7 @@ def test_failed_write_rolls_back_fails_callers_and_a_later_commit_succeeds(
 def test_failure_after_the_rename_restores_the_durable_state(
     trust_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    rewrite_every_write(monkeypatch)
     opened, lock = open_store(trust_path)
     with lock:
         seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
@@ -582,8 +589,9 @@ def test_memory_only_store_commits_without_touching_disk(
 
 
 def test_writes_stay_sorted_and_equal_encode_state_through_chunk_splits_and_merges(
-    trust_path: Path,
+    trust_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    rewrite_every_write(monkeypatch)
     rng = random.Random(7)
     opened, lock = open_store(trust_path)
     everyone = list(range(2000))
@@ -665,3 +673,251 @@ def test_a_failing_on_commit_is_logged_and_the_write_stands(
     assert sorted(opened.visible.trusted) == [2] == sorted(load_state(str(trust_path)).trusted)
     assert "on_commit failed" in caplog.text
     opened.close()
+
+
+# The journal
+
+
+def journal_of(trust_path: Path) -> Path:
+    return trust_path.with_name("trust.json.journal")
+
+
+def store_with_journal(trust_path: Path) -> tuple[TrustStore, threading.RLock]:
+    """An open store whose first write compacted and whose next three writes were appended."""
+    opened, lock = open_store(trust_path)
+    with lock:
+        seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
+    opened.commit(seq)  # the first write after opening rewrites trust.json
+    for node in (2, 3, 4):
+        with lock:
+            opened.put_trusted(TrustRecord(node, KEY_B, T0, mutual=True))
+            seq = (
+                opened.drop_trusted(node - 1)
+                if node == 3
+                else opened.put_pending(PendingHandshake(node + 10, KEY_A, "why", T0, bound=True))
+            )
+        opened.commit(seq)
+    return opened, lock
+
+
+def test_commits_after_the_first_append_to_the_journal_and_leave_trust_json_alone(
+    trust_path: Path,
+) -> None:
+    opened, _ = store_with_journal(trust_path)
+    assert sorted(decode_state(trust_path.read_bytes()).trusted) == [1]
+    assert len(journal_of(trust_path).read_bytes().splitlines()) == 4  # header + 3 writes
+    assert (journal_of(trust_path).stat().st_mode & 0o777) == 0o600
+    assert load_state(str(trust_path)) == opened.visible == opened.working
+    assert sorted(opened.visible.trusted) == [1, 3, 4]
+    opened.close()
+
+
+def test_journal_is_replayed_after_a_crash(trust_path: Path, tmp_path: Path) -> None:
+    opened, _ = store_with_journal(trust_path)
+    # The files as a crash would leave them: copied while the store is still open.
+    crashed = tmp_path / "crashed" / "trust.json"
+    crashed.parent.mkdir()
+    shutil.copy(trust_path, crashed)
+    shutil.copy(journal_of(trust_path), journal_of(crashed))
+    expected = opened.visible.copy()
+    opened.close()
+    assert sorted(decode_state(crashed.read_bytes()).trusted) == [1]
+    reopened, lock = open_store(crashed)
+    assert reopened.visible == expected == load_state(str(crashed))
+    with lock:
+        seq = reopened.put_outgoing(OutgoingRequest(9, T0))
+    reopened.commit(seq)  # compacts: the journal left by the crash is folded in and emptied
+    assert journal_of(crashed).read_bytes() == b""
+    assert decode_state(crashed.read_bytes()) == reopened.visible
+    assert reopened.visible.trusted == expected.trusted
+    reopened.close()
+
+
+def test_close_compacts_the_journal_into_a_complete_trust_json(trust_path: Path) -> None:
+    opened, _ = store_with_journal(trust_path)
+    state = opened.visible.copy()
+    opened.close()
+    assert journal_of(trust_path).read_bytes() == b""
+    assert trust_path.read_bytes() == encode_state(state)
+    assert (trust_path.stat().st_mode & 0o777) == 0o600
+    assert leftovers(trust_path.parent) == []
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b'[["trusted",9,{"node_id": 9, "public_key": "',  # cut off before its newline
+        b'[["trusted",9,{"node_id": 9, "public_k\n',  # newline reached the disk, text did not
+        b"\x00\x00\x00\x00\n",  # the file grew but its data never reached the disk
+    ],
+    ids=["no-newline", "unparsable", "zeros"],
+)
+def test_a_torn_last_journal_line_is_ignored_and_dropped_by_the_next_write(
+    trust_path: Path, tail: bytes
+) -> None:
+    opened, _ = store_with_journal(trust_path)
+    expected = opened.visible.copy()
+    journal = journal_of(trust_path).read_bytes()
+    opened.close()
+    journal_of(trust_path).write_bytes(journal)  # as before the clean stop, plus a torn write
+    # Put back the trust.json the journal extends.
+    trust_path.write_bytes(encode_state(TrustState(trusted={1: TrustRecord(1, KEY_A, T0)})))
+    with journal_of(trust_path).open("ab") as out:
+        out.write(tail)
+    assert load_state(str(trust_path)) == expected
+    reopened, lock = open_store(trust_path)
+    assert reopened.visible == expected
+    with lock:
+        seq = reopened.put_trusted(TrustRecord(20, KEY_A, T0))
+    reopened.commit(seq)
+    with lock:
+        seq = reopened.put_trusted(TrustRecord(21, KEY_A, T0))
+    reopened.commit(seq)  # appended after the compaction, not after the torn bytes
+    assert load_state(str(trust_path)) == reopened.visible
+    assert tail not in journal_of(trust_path).read_bytes()
+    reopened.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"{garbage\n", "line 3 does not parse"),
+        (b'[["trusted",5,{"node_id": 6}]]\n', "node 6 filed under 5"),
+        (b'[["nobody",5,null]]\n', "unknown table"),
+        (b'[["trusted",5,{"node_id": 5, "mutual": 1}]]\n', "line 3[0].mutual"),
+    ],
+)
+def test_a_corrupt_journal_line_before_the_last_fails_the_load_naming_the_journal(
+    trust_path: Path, line: bytes, reason: str
+) -> None:
+    opened, _ = store_with_journal(trust_path)
+    journal = journal_of(trust_path).read_bytes()
+    lines = journal.splitlines(keepends=True)
+    corrupt = b"".join(lines[:2]) + line + b"".join(lines[2:])
+    opened.close()
+    trust_path.write_bytes(encode_state(TrustState(trusted={1: TrustRecord(1, KEY_A, T0)})))
+    journal_of(trust_path).write_bytes(corrupt)
+    with pytest.raises(StoreError) as raised:
+        open_store(trust_path)
+    assert str(journal_of(trust_path)) in str(raised.value)
+    assert reason in str(raised.value)
+    assert journal_of(trust_path).read_bytes() == corrupt  # never replaced
+    with pytest.raises(StoreError):
+        load_state(str(trust_path))
+
+
+def test_a_journal_for_a_replaced_trust_json_is_never_applied(trust_path: Path) -> None:
+    opened, _ = store_with_journal(trust_path)
+    journal = journal_of(trust_path).read_bytes()
+    opened.close()
+    # A compaction cut short after its rename, or a file put there since (Go, an operator).
+    journal_of(trust_path).write_bytes(journal)
+    assert load_state(str(trust_path)) == decode_state(trust_path.read_bytes())
+    other = TrustState(trusted={50: TrustRecord(50, KEY_B, T0)})
+    trust_path.write_bytes(encode_state(other))
+    assert load_state(str(trust_path)) == other
+    trust_path.unlink()  # moved aside: the journal alone is not a state
+    assert load_state(str(trust_path)) == TrustState()
+
+
+def test_journal_is_compacted_when_it_outgrows_the_threshold(
+    trust_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "JOURNAL_MIN_BYTES", 4096)
+    rewrites = count_calls(monkeypatch, os, "replace")
+    opened, lock = open_store(trust_path)
+    largest = 0
+    for node in range(300):
+        with lock:
+            seq = opened.put_trusted(TrustRecord(node, KEY_A, T0))
+        opened.commit(seq)
+        size = journal_of(trust_path).stat().st_size
+        largest = max(largest, size)
+        assert size <= max(4096, trust_path.stat().st_size)
+    assert load_state(str(trust_path)) == opened.visible
+    # 300 records of about 110 bytes: trust.json ends near 33 KB and the journal compacts each
+    # time it passes the file's size, a handful of times in all, not once per write.
+    assert 3 <= rewrites[0] <= 20
+    assert largest > 4096
+    opened.close()
+
+
+def fail_pwrite(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next os.pwrite write half its data, then raise ENOSPC on the rest."""
+    real = os.pwrite
+    calls = [0]
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        calls[0] += 1
+        if calls[0] == 1:
+            return real(fd, bytes(data[: len(data) // 2]), offset)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+def test_enospc_during_an_append_rolls_back_and_cuts_the_journal_back(
+    trust_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened, lock = store_with_journal(trust_path)
+    before = opened.visible.copy()
+    journal = journal_of(trust_path).read_bytes()
+    fail_pwrite(monkeypatch)
+    with lock:
+        seq = opened.put_trusted(TrustRecord(40, KEY_A, T0))
+    with pytest.raises(StoreError, match=f"cannot write {trust_path}: .*No space left"):
+        opened.commit(seq)
+    assert journal_of(trust_path).read_bytes() == journal
+    assert opened.visible == opened.working == before == load_state(str(trust_path))
+    monkeypatch.undo()
+    with lock:
+        seq = opened.put_trusted(TrustRecord(41, KEY_A, T0))
+    opened.commit(seq)
+    assert load_state(str(trust_path)) == opened.visible
+    assert 40 not in opened.visible.trusted and 41 in opened.visible.trusted
+    opened.close()
+
+
+def test_an_append_that_cannot_be_cut_back_falls_back_to_a_full_rewrite(
+    trust_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened, lock = store_with_journal(trust_path)
+    before = opened.visible.copy()
+    fail_pwrite(monkeypatch)
+    real_ftruncate = os.ftruncate
+    failed = [False]
+
+    def ftruncate(fd: int, length: int) -> None:
+        if not failed[0]:
+            failed[0] = True
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_ftruncate(fd, length)
+
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    with lock:
+        seq = opened.put_trusted(TrustRecord(40, KEY_A, T0))
+    with pytest.raises(StoreError, match="No space left"):
+        opened.commit(seq)
+    assert failed[0]
+    # The half-written line is gone with the journal: trust.json alone holds the state.
+    assert journal_of(trust_path).read_bytes() == b""
+    assert trust_path.read_bytes() == encode_state(before)
+    assert opened.visible == opened.working == before == load_state(str(trust_path))
+    monkeypatch.undo()
+    with lock:
+        seq = opened.put_trusted(TrustRecord(41, KEY_A, T0))
+    opened.commit(seq)
+    assert load_state(str(trust_path)) == opened.visible
+    opened.close()
+
+
+def test_close_rolls_back_changes_never_committed(trust_path: Path) -> None:
+    opened, lock = store_with_journal(trust_path)
+    before = opened.visible.copy()
+    with lock:
+        seq = opened.put_trusted(TrustRecord(60, KEY_A, T0))
+    opened.close()
+    with pytest.raises(StoreError, match="closed"):
+        opened.commit(seq)
+    assert opened.working == before == load_state(str(trust_path))
+    assert trust_path.read_bytes() == encode_state(before)

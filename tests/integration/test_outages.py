@@ -365,6 +365,7 @@ def test_daemon_on_a_read_only_identity_directory_refuses_to_start_with_one_line
     ("function", "code"),
     [
         pytest.param("fsync", errno.ENOSPC, id="disk-full-at-fsync"),
+        pytest.param("pwrite", errno.EROFS, id="read-only-at-journal-append"),
         pytest.param("replace", errno.EROFS, id="read-only-at-rename"),
         pytest.param("open", errno.EROFS, id="read-only-at-the-lock-file"),
     ],
@@ -385,6 +386,10 @@ def test_failed_write_fails_the_api_call_and_leaves_memory_and_file_alone(
             def failing(*args: Any, **kwargs: Any) -> Any:
                 raise OSError(code, os.strerror(code))
 
+            if function == "replace":
+                # Approvals append to the journal; force the compaction that renames.
+                monkeypatch.setattr(pilothandshake.store, "JOURNAL_MIN_BYTES", 0)
+                monkeypatch.setattr(pilothandshake.store, "JOURNAL_RATIO", 0.0)
             monkeypatch.setattr(pilothandshake.store.os, function, failing)
             with pytest.raises(StoreError, match=os.strerror(code)) as failure:
                 manager.approve_handshake(5)
