@@ -38,7 +38,7 @@ from .registry.client import Client
 from .relay import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
 from .server import HandshakeServer
-from .store import decode_state
+from .store import corrupt_files
 
 log = logging.getLogger(__name__)
 
@@ -436,28 +436,15 @@ def configure_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
 
 
-def trust_file_corrupt(path: str) -> bool:
-    """True when ``path`` exists and is readable but does not parse as trust.json."""
-    try:
-        with open(path, "rb") as source:
-            data = source.read()
-    except OSError:
-        return False
-    try:
-        decode_state(data)
-    except (ValueError, RecursionError):
-        return True
-    return False
-
-
-def move_corrupt_aside(path: str) -> str:
-    """Rename a corrupt trust.json to ``trust.json.corrupt-<timestamp>``; returns the new
-    name, or "" when the file is absent or parses."""
-    if not trust_file_corrupt(path):
-        return ""
-    target = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    os.replace(path, target)
-    return target
+def move_corrupt_aside(path: str) -> list[str]:
+    """Rename trust.json (at ``path``) and its journal, whichever does not parse, to
+    ``<name>.corrupt-<timestamp>``; returns the new names (none when both load)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    moved = []
+    for name in corrupt_files(path):
+        os.replace(name, f"{name}.corrupt-{stamp}")
+        moved.append(f"{name}.corrupt-{stamp}")
+    return moved
 
 
 def _fail(message: str) -> int:
@@ -499,8 +486,8 @@ def main(argv: list[str] | None = None) -> int:
             moved = move_corrupt_aside(config.trust_path)
         except OSError as exc:
             return _fail(f"cannot move {config.trust_path} aside: {exc}")
-        if moved:
-            log.warning("moved corrupt %s aside to %s; starting empty", config.trust_path, moved)
+        for name in moved:
+            log.warning("moved corrupt trust state aside to %s", name)
 
     signals: list[int] = []
     wake = threading.Event()
@@ -517,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon.start()
     except HandshakeError as exc:
         message = str(exc)
-        if trust_file_corrupt(config.trust_path):
+        if corrupt_files(config.trust_path):
             message += "; start with --move-corrupt-aside to move it aside and start empty"
         return _fail(message)
     except OSError as exc:

@@ -439,6 +439,19 @@ def load_state(path: str) -> TrustState:
     return _load(path).state
 
 
+def corrupt_files(path: str) -> list[str]:
+    """Which of trust.json at ``path`` and its journal exist but do not parse (the daemon's
+    ``--move-corrupt-aside``); a file that cannot be read is not called corrupt."""
+    try:
+        _load(path)
+    except StoreError as exc:
+        if isinstance(exc.__cause__, OSError):
+            return []
+        # _load reads trust.json before its journal: name the file that failed.
+        return [path] if str(exc).startswith(f"trust file {path} ") else [path + JOURNAL_SUFFIX]
+    return []
+
+
 class _Loaded(NamedTuple):
     state: TrustState
     digest: str | None  # SHA-256 of trust.json's bytes, None when it is missing

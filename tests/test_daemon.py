@@ -23,12 +23,12 @@ from pilothandshake.daemon import (
     JsonLogFormatter,
     main,
     move_corrupt_aside,
-    trust_file_corrupt,
 )
 from pilothandshake.errors import HandshakeError, RegistryError, SendError, StoreError
 from pilothandshake.events import EventBus
 from pilothandshake.identity import Identity
 from pilothandshake.runtime import AllowlistEntry
+from pilothandshake.store import load_state
 
 WAIT = 5.0
 
@@ -242,14 +242,25 @@ def test_json_log_lines_are_one_object_each() -> None:
 
 def test_move_corrupt_aside_renames_only_a_corrupt_trust_file(tmp_path: Path) -> None:
     trust = tmp_path / "trust.json"
-    assert not trust_file_corrupt(str(trust)) and move_corrupt_aside(str(trust)) == ""
+    assert move_corrupt_aside(str(trust)) == []
     trust.write_text('{"trusted": null}')
-    assert move_corrupt_aside(str(trust)) == "" and trust.exists()
+    assert move_corrupt_aside(str(trust)) == [] and trust.exists()
     trust.write_text("{not json")
-    assert trust_file_corrupt(str(trust))
-    moved = move_corrupt_aside(str(trust))
+    (moved,) = move_corrupt_aside(str(trust))
     assert moved.startswith(f"{trust}.corrupt-") and not trust.exists()
     assert Path(moved).read_text() == "{not json"
+
+
+def test_move_corrupt_aside_renames_a_corrupt_journal_and_keeps_trust_json(
+    tmp_path: Path,
+) -> None:
+    trust = tmp_path / "trust.json"
+    trust.write_text('{"trusted": [{"node_id": 7, "public_key": ""}]}')
+    journal = tmp_path / "trust.json.journal"
+    journal.write_text("garbage that is no journal\n[]\n")
+    (moved,) = move_corrupt_aside(str(trust))
+    assert moved.startswith(f"{journal}.corrupt-") and not journal.exists()
+    assert list(load_state(str(trust)).trusted) == [7]
 
 
 def test_main_with_a_bad_config_prints_one_line_and_returns_1(
