@@ -1,7 +1,7 @@
 """SPEC rules that no other test pins down, found by manual mutation testing.
 
 Each test here was written because deleting or weakening one SPEC rule in a scratch copy of
-the package left the rest of the suite green (docs/reliability-mutations.md lists every
+the package left the rest of the suite green (RELIABILITY.md section 6 lists every
 mutation tried and the test that kills it). Unit level: Managers over fake runtimes.
 """
 
