@@ -314,7 +314,10 @@ class HandshakeMsg:
             _fail(f"invalid JSON: {exc}")
         if not isinstance(obj, dict):
             _fail(f"not a JSON object ({type(obj).__name__})")
-        _check_unicode(obj)
+        # Valid UTF-8 never decodes to a surrogate: only a \u escape can make one, so the
+        # walk over every string is needed only when the bytes hold one.
+        if b"\\u" in data:
+            _check_unicode(obj)
         if "type" not in obj or obj["type"] is None:
             _fail("missing field 'type'")
         msg_type = obj["type"]
