@@ -399,7 +399,6 @@ class Manager:
         """Block until ``node_id`` is trusted (True) or ``timeout`` seconds pass (False);
         ``None`` waits without limit. Woken by a per-node condition, never by polling."""
         own = self._rt.node_id()
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             if self._visibly_trusted(node_id, own):
                 return True
@@ -408,15 +407,9 @@ class Manager:
                 waiters = self._waiters[node_id] = _Waiters(threading.Condition(self._lock))
             waiters.count += 1
             try:
-                while not self._visibly_trusted(node_id, own):
-                    if deadline is None:
-                        waiters.condition.wait()
-                        continue
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    waiters.condition.wait(remaining)
-                return True
+                return waiters.condition.wait_for(
+                    lambda: self._visibly_trusted(node_id, own), timeout
+                )
             finally:
                 waiters.count -= 1
                 if not waiters.count:

@@ -62,17 +62,8 @@ class BackgroundPool:
 
     def drain(self, timeout: float | None) -> bool:
         """Wait until every submitted task has finished; False if ``timeout`` ran out first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
-            while self._unfinished:
-                if deadline is None:
-                    self._idle.wait()
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(remaining)
-        return True
+            return self._idle.wait_for(lambda: not self._unfinished, timeout)
 
     def shutdown(self, timeout: float) -> bool:
         """Refuse new work, wait up to ``timeout`` seconds for queued work, stop the workers.
