@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from pilothandshake.errors import RegistryError
 from pilothandshake.registry.client import Client
@@ -77,7 +82,9 @@ def test_two_private_nodes_complete_the_handshake_through_the_relay(fleet: Fleet
 def test_revoke_is_seen_by_both_sides_and_the_registry(fleet: Fleet) -> None:
     registry = fleet.registry().start()
     a = fleet.node("a", registry)
-    b = fleet.node("b", registry, public=True)  # so A can dial B's port 444 with the revoke
+    # Both private: A dials B's port 444 with the revoke through the registry's resolve,
+    # which the trust pair still allows, because the registry hears of the revoke last.
+    b = fleet.node("b", registry)
     ids = started(a, b)
     a.control("handshake", node_id=ids["b"], justification="pair up")
     wait_until(lambda: b.pending() == {ids["a"]}, what="pending at B")
@@ -138,3 +145,43 @@ def test_direct_handshakes_work_while_the_registry_is_down_and_the_relay_resumes
         "relayed"
     )
     wait_until(lambda: c.node_id in a.pending(), timeout=20, what="A polls the relay again")
+
+
+def _self_signed_certificate(directory: Path) -> tuple[str, str, str]:
+    """(certfile, keyfile, SHA-256 fingerprint) made with the openssl CLI."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=registry"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    out = subprocess.run(
+        ["openssl", "x509", "-in", cert, "-noout", "-fingerprint", "-sha256"],
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+    return cert, key, out.strip().split("=", 1)[1]
+
+
+def test_relay_over_tls_with_a_pinned_registry_certificate(fleet: Fleet) -> None:
+    cert, key, fingerprint = _self_signed_certificate(fleet.root)
+    registry = fleet.registry()
+    registry.argv += ["--tls-cert", cert, "--tls-key", key]
+    registry.start()
+    pinned = {"tls": True, "fingerprint": fingerprint}
+    a = fleet.node("a", registry, registry_options=pinned)
+    b = fleet.node("b", registry, registry_options=pinned)
+    ids = started(a, b)
+    assert a.control("handshake", node_id=ids["b"], justification="over tls")["status"] == (
+        "relayed"
+    )
+    wait_until(lambda: b.pending() == {ids["a"]}, what="relayed request pending at B")
+    b.control("approve", node_id=ids["a"])
+    wait_until(lambda: a.trusted() == {ids["b"]}, what="relayed approval reaches A")
+
+    # A node pinning another certificate never talks to this registry.
+    wrong = fleet.node("c", registry, registry_options={"tls": True, "fingerprint": "00" * 32})
+    wrong.start()
+    assert wrong.node_id == 0
+    assert wrong.status()["registry"]["reachable"] is False
