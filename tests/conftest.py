@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,3 +23,21 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
 def peer() -> Peer:
     """A remote node 7 with its own Ed25519 key, to sign messages to the Manager."""
     return Peer(7)
+
+
+@pytest.fixture
+def tls_cert(tmp_path: Path) -> tuple[str, str, str]:
+    """A self-signed certificate: (certfile, keyfile, SHA-256 fingerprint with colons)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=registry"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    out = subprocess.run(
+        ["openssl", "x509", "-in", cert, "-noout", "-fingerprint", "-sha256"],
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+    return cert, key, out.strip().split("=", 1)[1]

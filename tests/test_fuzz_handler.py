@@ -31,6 +31,7 @@ import pytest
 from fakeruntime import FakeRuntime, Nodes, Peer, seed_trust, snapshot
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from strategies import json_values
 
 import pilothandshake.manager as manager_module
 from pilothandshake.constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE, MAX_PENDING
@@ -171,18 +172,6 @@ def process_without_change(
 
 # -- strategies ---------------------------------------------------------------------------
 
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=40)
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
-    max_leaves=20,
-)
 FIELDS = [
     "type",
     "node_id",

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from strategies import json_values
 from test_registry_client import Stub
 
 from pilothandshake.errors import RegistryError
@@ -49,18 +50,6 @@ def fuzz(examples: int) -> settings:
     )
 
 
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=40)
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
-    max_leaves=20,
-)
 REQUEST_TYPES = [
     "register",
     "heartbeat",

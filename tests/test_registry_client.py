@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -273,24 +270,6 @@ def test_client_is_safe_to_share_between_threads() -> None:
             client.lookup(ids[0])
     finally:
         server.stop()
-
-
-@pytest.fixture
-def tls_cert(tmp_path: Path) -> tuple[str, str, str]:
-    """A self-signed certificate: (certfile, keyfile, SHA-256 fingerprint with colons)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=registry"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    out = subprocess.run(
-        ["openssl", "x509", "-in", cert, "-noout", "-fingerprint", "-sha256"],
-        check=True, capture_output=True, text=True, timeout=30,
-    ).stdout  # fmt: skip
-    return cert, key, out.strip().split("=", 1)[1]
 
 
 def test_tls_with_pinned_fingerprint(tls_cert: tuple[str, str, str]) -> None:

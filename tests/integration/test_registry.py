@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
-import subprocess
-from pathlib import Path
-
-import pytest
 
 from pilothandshake.errors import RegistryError
 from pilothandshake.registry.client import Client
@@ -147,25 +142,10 @@ def test_direct_handshakes_work_while_the_registry_is_down_and_the_relay_resumes
     wait_until(lambda: c.node_id in a.pending(), timeout=20, what="A polls the relay again")
 
 
-def _self_signed_certificate(directory: Path) -> tuple[str, str, str]:
-    """(certfile, keyfile, SHA-256 fingerprint) made with the openssl CLI."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
-    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=registry"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    out = subprocess.run(
-        ["openssl", "x509", "-in", cert, "-noout", "-fingerprint", "-sha256"],
-        check=True, capture_output=True, text=True, timeout=30,
-    ).stdout  # fmt: skip
-    return cert, key, out.strip().split("=", 1)[1]
-
-
-def test_relay_over_tls_with_a_pinned_registry_certificate(fleet: Fleet) -> None:
-    cert, key, fingerprint = _self_signed_certificate(fleet.root)
+def test_relay_over_tls_with_a_pinned_registry_certificate(
+    fleet: Fleet, tls_cert: tuple[str, str, str]
+) -> None:
+    cert, key, fingerprint = tls_cert
     registry = fleet.registry()
     registry.argv += ["--tls-cert", cert, "--tls-key", key]
     registry.start()
