@@ -410,3 +410,13 @@ def quiet_logging() -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
+
+
+def save_figure(fig: Any, out: str) -> None:
+    """Write a matplotlib figure to ``out`` (PNG), close it, and say where it went."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    print(f"  picture: {os.path.relpath(out, ROOT)}")

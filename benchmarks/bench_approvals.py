@@ -150,10 +150,7 @@ def draw(summary: dict[str, dict[str, float]], out: str) -> bool:
     ax.set_title("Durable approvals vs trust.json size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    print(f"  picture: {os.path.relpath(out, c.ROOT)}")
+    c.save_figure(fig, out)
     return True
 
 

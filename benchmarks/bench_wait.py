@@ -140,10 +140,7 @@ def draw(wake_ms: list[float], summary: dict[str, float], out: str) -> bool:
     ax.set_ylabel("waiters")
     ax.set_title(f"wait_for_trust wake-up, {len(wake_ms)} waiters (all runs)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    print(f"  picture: {os.path.relpath(out, c.ROOT)}")
+    c.save_figure(fig, out)
     return True
 
 

@@ -15,6 +15,7 @@ Run (see fuzz/README.md): ``.venv/bin/python fuzz/fuzz_message.py -max_total_tim
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -44,17 +45,7 @@ TRUSTED, PENDING, OUTGOING, STRANGER = PEERS
 ATTACKER = Identity.generate()
 PINS = {7: TRUSTED.identity.public_key, 9: PENDING.identity.public_key}
 TYPES = sorted(MESSAGE_TYPES)
-FIELDS = [
-    "type",
-    "node_id",
-    "public_key",
-    "justification",
-    "signature",
-    "reason",
-    "timestamp",
-    "signature_v2",
-    "extra",
-]
+FIELDS = [f.name for f in dataclasses.fields(HandshakeMsg)] + ["extra"]
 
 
 class Node:

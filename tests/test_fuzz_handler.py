@@ -15,6 +15,7 @@ state, so the node is rebuilt after one. The longer coverage-guided runs are in 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import json
 import os
@@ -172,16 +173,7 @@ def process_without_change(
 
 # -- strategies ---------------------------------------------------------------------------
 
-FIELDS = [
-    "type",
-    "node_id",
-    "public_key",
-    "justification",
-    "signature",
-    "reason",
-    "timestamp",
-    "signature_v2",
-]
+FIELDS = [f.name for f in dataclasses.fields(HandshakeMsg)]
 # Message-like objects: the real field names with values of any JSON type.
 message_shapes = st.dictionaries(
     st.sampled_from([*FIELDS, "extra"]),
