@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import socketserver
 import subprocess
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.conftest import START_TIMEOUT, Fleet, Proc, free_port
+from integration.conftest import START_TIMEOUT, STOP_TIMEOUT, Fleet, Proc, free_port
 
 from pilothandshake.identity import Identity
 from pilothandshake.registry.client import Client
@@ -145,6 +146,7 @@ class GoDaemon(GoProc):
         self.registry = registry
         self.identity_path = directory / "identity.json"
         self.socket_path = directory / "pilot.sock"
+        self.background: list[subprocess.Popen[str]] = []
         super().__init__(
             name,
             [
@@ -186,21 +188,34 @@ class GoDaemon(GoProc):
         return dict(answer["data"])
 
     def pilotctl_run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """``pilotctl --json ARGS`` as run; HOME is this daemon's directory, so no user's
-        ~/.pilot/config.json is read."""
-        env = {
+        """``pilotctl --json ARGS`` as run."""
+        return subprocess.run(
+            self._pilotctl_argv(args), capture_output=True, text=True, timeout=30, env=self._env()
+        )
+
+    def pilotctl_background(self, *args: str) -> subprocess.Popen[str]:
+        """Start ``pilotctl --json ARGS`` without waiting for it (the fleet ends it)."""
+        process = subprocess.Popen(
+            self._pilotctl_argv(args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self._env(),
+        )
+        self.background.append(process)
+        return process
+
+    def _pilotctl_argv(self, args: tuple[str, ...]) -> list[str]:
+        return [str(self.go_bin / "pilotctl"), "--json", *args]
+
+    def _env(self) -> dict[str, str]:
+        # HOME is this daemon's directory, so no user's ~/.pilot/config.json is read.
+        return {
             "PATH": os.environ.get("PATH", ""),
             "HOME": str(self.directory),
             "PILOT_SOCKET": str(self.socket_path),
             "PILOT_REGISTRY": self.registry.address,
         }
-        return subprocess.run(
-            [str(self.go_bin / "pilotctl"), "--json", *args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=env,
-        )
 
     @property
     def node_id(self) -> int:
@@ -329,6 +344,21 @@ class GoFleet(Fleet):
         daemon = GoDaemon(self.go_bin, name, self.root / name, registry, self.beacon, list(extra))
         self.procs.append(daemon)
         return daemon
+
+    def close(self) -> None:
+        """Stop the nodes first, then the registry and beacon: a Go daemon deregisters when
+        it stops and waits out its registry reconnects when the registry is gone."""
+        nodes = [p for p in self.procs if not isinstance(p, (GoRegistry, GoBeacon))]
+        for proc in nodes:
+            if isinstance(proc, GoDaemon):
+                for process in proc.background:
+                    process.kill()
+                    process.communicate(timeout=STOP_TIMEOUT)
+            proc.signal(signal.SIGTERM)
+        for proc in nodes:
+            with contextlib.suppress(Exception):
+                proc.stop()
+        super().close()
 
 
 @pytest.fixture
