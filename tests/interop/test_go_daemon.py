@@ -155,3 +155,16 @@ def test_a_pilothandshake_identity_moved_to_the_go_daemon_keeps_its_node_id(
     assert go.node_id == py_id
     assert json.loads(go.identity_path.read_text())["public_key"] == py.key
     assert go.pilotctl("info")["public_key"] == py.key
+
+
+def test_crossed_requests_between_go_and_python_approve_each_other(gofleet: GoFleet) -> None:
+    registry = gofleet.go_registry()
+    go = gofleet.go_daemon("go", registry).start()
+    py = gofleet.node("py", registry).start()
+    py_id, go_id = py.node_id, go.node_id
+    py.control("handshake", node_id=go_id, justification="crossed")
+    go.pilotctl("handshake", str(py_id), "crossed")
+    # Each side holds an outgoing request when the other's arrives: no operator needed.
+    wait_until(lambda: py.trusted() == {go_id}, what="the Python node trusts the Go node")
+    wait_until(lambda: py_id in go.trusted(), what="the Go daemon trusts the Python node")
+    assert py.pending() == set() and go.pending() == {}
