@@ -25,7 +25,7 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -35,9 +35,11 @@ from .constants import (
     MAX_CLOCK_SKEW,
     MAX_MESSAGE_AGE,
     MAX_PENDING,
+    MAX_PENDING_BOUND_PER_SOURCE,
     MAX_PENDING_UNBOUND_PER_SOURCE,
     MAX_REPLAY,
     MAX_REPLAY_PER_SOURCE,
+    MAX_TRUST_HISTORY,
     PORT_HANDSHAKE,
     REAP_INTERVAL,
     REGISTRY_CACHE_TTL,
@@ -71,6 +73,7 @@ from .runtime import Closeable, RegistryClient, Runtime
 from .store import (
     TRUSTED,
     Change,
+    FormerTrust,
     OutgoingRequest,
     PendingHandshake,
     TrustRecord,
@@ -89,6 +92,23 @@ _QUIET = (RegistryError,)
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# How many characters of a peer-supplied value a log line quotes.
+_QUOTE_LIMIT = 100
+
+
+def _quote(value: str | int) -> str:
+    """A peer-supplied value for a log line: escaped (``repr``: no forged line breaks) and cut
+    to about ``_QUOTE_LIMIT`` characters, saying how long it was."""
+    if isinstance(value, int):
+        if value.bit_length() > 4 * _QUOTE_LIMIT:  # str() of it would be long (or refused)
+            return f"<an integer of {value.bit_length()} bits>"
+        return str(value)
+    text = repr(value)
+    if len(text) <= _QUOTE_LIMIT:
+        return text
+    return f"{text[:_QUOTE_LIMIT]}... ({len(value)} characters)"
 
 
 def _source_host(remote: str) -> str:
@@ -291,6 +311,7 @@ class Manager:
         *,
         max_replay_per_source: int = MAX_REPLAY_PER_SOURCE,
         max_pending_per_source: int = MAX_PENDING_UNBOUND_PER_SOURCE,
+        max_pending_bound_per_source: int = MAX_PENDING_BOUND_PER_SOURCE,
         reap_interval: float = REAP_INTERVAL,
     ) -> None:
         """Open the trust store of ``runtime``; nothing is bound until ``start()``."""
@@ -303,10 +324,11 @@ class Manager:
         self._drops = DropLog()
         self._replay = _ReplaySet(MAX_REPLAY, max_replay_per_source)
         self._max_pending_per_source = max_pending_per_source
+        self._max_pending_bound = max_pending_bound_per_source
         self._reap_interval = reap_interval
         self._arrivals = itertools.count()
         self._pending_arrival: dict[int, int] = {}  # arrival order, for eviction ties
-        self._pending_source: dict[int, str] = {}  # source of unbound direct pending requests
+        self._pending_protected: set[int] = set()  # pending requests never evicted for strangers
         self._cooldown: dict[int, float] = {}  # node -> monotonic time we revoked it
         self._relayed_at: dict[int, float] = {}  # node -> monotonic time of our relayed request
         self._lookups: dict[int, tuple[float, dict[str, Any]]] = {}
@@ -317,6 +339,22 @@ class Manager:
         self._stopping = threading.Event()
         self._started = False
         self._stopped = False
+        self._index_pending()
+
+    def _index_pending(self) -> None:
+        """Arrival order and protection of the pending requests loaded from trust.json (a
+        shared network is known only on arrival: loaded entries are protected when
+        allowlisted or in the trust history)."""
+        with self._lock:
+            loaded = sorted(self._store.working.pending.values(), key=lambda p: p.received_at)
+        agents = {p.node_id for p in loaded if self._rt.trusted_agent(p.node_id) is not None}
+        with self._lock:
+            for request in loaded:
+                node = request.node_id
+                self._pending_arrival[node] = next(self._arrivals)
+                key = decode_key(request.public_key)
+                if node in agents or self._in_history(node, key, request.bound):
+                    self._pending_protected.add(node)
 
     # Lifecycle
 
@@ -686,7 +724,10 @@ class Manager:
             auto = {"reason": "auto_approve"}
             self._grant(outcome, node, key)
         else:
-            outcome.drop = self._hold(outcome, inbound, key, justification)
+            protected = bool(context.agent_name or context.network) or self._in_history(
+                node, inbound.key, inbound.bound
+            )
+            outcome.drop = self._hold(outcome, inbound, key, justification, protected)
             if not outcome.drop:
                 outcome.events.append(("handshake.pending", {"peer_node_id": node}))
             return outcome
@@ -694,58 +735,117 @@ class Manager:
         outcome.tasks.append((self._reply_accept, (node, inbound.relayed)))
         return outcome
 
-    def _hold(self, outcome: _Outcome, inbound: _Inbound, key: str, justification: str) -> str:
-        """Row 6: store the request as pending (SPEC 6 bounds); returns "" or a drop reason."""
+    def _hold(
+        self,
+        outcome: _Outcome,
+        inbound: _Inbound,
+        key: str,
+        justification: str,
+        protected: bool,
+    ) -> str:
+        """Row 6: store the request as pending, within the queue's rule (``_admit``);
+        returns "" or a drop reason. Call holding the lock."""
         node = inbound.node_id
-        pending = self._store.working.pending
-        existing = pending.get(node)
-        if existing is None:
-            quota = self._max_pending_per_source
-            if not inbound.bound and self._unbound_from(inbound.source) >= quota:
-                return "too many pending requests from this source address"
-            if len(pending) >= MAX_PENDING:
-                if not inbound.bound:
-                    return "pending queue full"
-                victim = self._oldest_unbound_pending()
-                if victim is None:
-                    return "pending queue full of registry-bound requests"
-                outcome.notes.append(f"pending queue full: evicted the request of node {victim}")
-                self._forget_pending(outcome, victim)
+        existing = self._store.working.pending.get(node)
+        if existing is None or existing.source != inbound.source:
+            reason = self._admit(outcome, inbound, protected, replacing=existing is not None)
+            if reason:
+                return reason
         if not key and existing is not None:
             key = existing.public_key  # a relayed request without a key keeps the pending one
         bound = inbound.bound or (
             existing is not None and existing.bound and existing.public_key == key
         )
-        request = PendingHandshake(node, key, justification, _utcnow(), bound)
+        request = PendingHandshake(node, key, justification, _utcnow(), bound, inbound.source)
         outcome.seq = self._store.put_pending(request)
         self._pending_arrival[node] = next(self._arrivals)
-        if bound:
-            self._pending_source.pop(node, None)
+        if protected:
+            self._pending_protected.add(node)
         else:
-            self._pending_source[node] = inbound.source
+            self._pending_protected.discard(node)
         return ""
 
-    def _unbound_from(self, source: str) -> int:
-        pending = self._store.working.pending
-        return sum(
-            1
-            for node, where in self._pending_source.items()
-            if where == source and node in pending and not pending[node].bound
-        )
+    def _admit(self, outcome: _Outcome, inbound: _Inbound, protected: bool, replacing: bool) -> str:
+        """The pending queue's rule (SPEC 6 and 15, written out in docs/PROTOCOL.md): "" when
+        a new entry from ``inbound`` may be stored (after evicting one if the queue is full),
+        else the drop reason. Call holding the lock.
 
-    def _oldest_unbound_pending(self) -> int | None:
-        unbound = [p for p in self._store.working.pending.values() if not p.bound]
-        if not unbound:
-            return None
-        oldest = min(
-            unbound, key=lambda p: (p.received_at, self._pending_arrival.get(p.node_id, -1))
+        Protected requests (allowlisted, network-sharing or formerly trusted senders) count
+        against no quota and are never evicted for an unprotected one. An unprotected direct
+        request counts against its source address's quota: 16 unbound, 64 bound. When the
+        queue is full a protected newcomer evicts the oldest unprotected entry of the source
+        holding the most; a bound newcomer evicts the oldest unbound unprotected entry;
+        otherwise the source holding the most unprotected entries gives up its oldest one
+        only when it holds more than the newcomer's source plus one (fairness, the relay
+        being one source). Else the newcomer is dropped.
+        """
+        pending = self._store.working.pending
+        unprotected = [p for p in pending.values() if p.node_id not in self._pending_protected]
+        if not protected and not inbound.relayed:
+            quota = self._max_pending_bound if inbound.bound else self._max_pending_per_source
+            same = sum(
+                1
+                for p in unprotected
+                if p.source == inbound.source
+                and p.bound == inbound.bound
+                and p.node_id != inbound.node_id
+            )
+            if same >= quota:
+                return "too many pending requests from this source address"
+        if replacing or len(pending) < MAX_PENDING:
+            return ""
+        counts = Counter(p.source for p in unprotected)
+        unbound = [p for p in unprotected if not p.bound]
+        if protected:
+            victims = self._of_largest_source(unprotected, counts)
+        elif inbound.bound and unbound:
+            victims = unbound
+        else:
+            victims = self._of_largest_source(unprotected, counts)
+            if victims and len(victims) <= counts[inbound.source] + 1:
+                return "pending queue full"
+        if not victims:
+            return "pending queue full of protected requests"
+        victim = min(victims, key=self._pending_age)
+        outcome.notes.append(
+            f"pending queue full: evicted the request of node {victim.node_id}"
+            f" (source {_quote(victim.source or 'unknown')})"
         )
-        return oldest.node_id
+        self._forget_pending(outcome, victim.node_id)
+        return ""
+
+    def _of_largest_source(
+        self, entries: list[PendingHandshake], counts: Counter[str]
+    ) -> list[PendingHandshake]:
+        """The entries of the source holding the most of ``entries`` (ties: the one holding
+        the oldest entry)."""
+        if not counts:
+            return []
+        most = max(counts.values())
+        tied = [p for p in entries if counts[p.source] == most]
+        source = min(tied, key=self._pending_age).source
+        return [p for p in entries if p.source == source]
+
+    def _pending_age(self, request: PendingHandshake) -> tuple[datetime, int]:
+        return request.received_at, self._pending_arrival.get(request.node_id, -1)
+
+    def _in_history(self, node: int, key: bytes | None, bound: bool) -> bool:
+        """Whether ``node`` is trusted now or was before, and this is the node we knew: its
+        key equals the one we trusted (or, when we had none, the registry vouched for it).
+        Call holding the lock."""
+        state = self._store.working
+        known: TrustRecord | FormerTrust | None = state.trusted.get(node)
+        if known is None:
+            known = state.history.get(node)
+        if known is None:
+            return False
+        known_key = decode_key(known.public_key)
+        return key == known_key if known_key is not None else bound
 
     def _forget_pending(self, outcome: _Outcome, node: int) -> None:
         outcome.seq = self._store.drop_pending(node)
         self._pending_arrival.pop(node, None)
-        self._pending_source.pop(node, None)
+        self._pending_protected.discard(node)
 
     def _grant(
         self, outcome: _Outcome, node: int, key: str, *, mutual: bool = False, network: int = 0
@@ -755,6 +855,8 @@ class Manager:
         working = self._store.working
         record = TrustRecord(node, key, _utcnow(), mutual, network)
         outcome.seq = self._store.put_trusted(record)
+        if node in working.history:
+            outcome.seq = self._store.drop_history(node)  # trusted now: the record says so
         if node in working.pending:
             self._forget_pending(outcome, node)
         if node in working.outgoing:
@@ -848,14 +950,26 @@ class Manager:
     def _forget(self, outcome: _Outcome, node: int) -> bool:
         """Remove trust, pending and outgoing for ``node``; whether it was trusted. Lock held."""
         working = self._store.working
-        was_trusted = node in working.trusted
-        if was_trusted:
+        record = working.trusted.get(node)
+        was_trusted = record is not None
+        if record is not None:
             outcome.seq = self._store.drop_trusted(node)
+            self._remember(outcome, record)
         if node in working.pending:
             self._forget_pending(outcome, node)
         if node in working.outgoing:
             outcome.seq = self._store.drop_outgoing(node)
         return was_trusted
+
+    def _remember(self, outcome: _Outcome, record: TrustRecord) -> None:
+        """Put ``record``'s node in the trust history, forgetting the entry that ended
+        longest ago beyond ``MAX_TRUST_HISTORY``. Call holding the lock."""
+        history = self._store.working.history
+        if record.node_id not in history and len(history) >= MAX_TRUST_HISTORY:
+            oldest = min(history.values(), key=lambda former: former.ended_at)
+            outcome.seq = self._store.drop_history(oldest.node_id)
+        former = FormerTrust(record.node_id, record.public_key, _utcnow())
+        outcome.seq = self._store.put_history(former)
 
     # Relayed input (from the registry poll): counts as registry-bound
 
@@ -1154,14 +1268,24 @@ class Manager:
                 log.warning("reaper failed", exc_info=True)
 
     def _reap(self) -> None:
-        """Forget outgoing requests older than the TTL and expired cooldowns."""
+        """Forget outgoing and pending requests older than their TTLs, and expired cooldowns."""
         cutoff = _utcnow() - timedelta(seconds=self._rt.trust_outgoing_ttl())
+        pending_cutoff = _utcnow() - timedelta(seconds=self._rt.trust_pending_ttl())
         now = time.monotonic()
         outcome = _Outcome()
         with self._lock:
             for node, request in list(self._store.working.outgoing.items()):
                 if request.sent_at < cutoff:
                     outcome.seq = self._store.drop_outgoing(node)
+            expired = [
+                node
+                for node, pending in self._store.working.pending.items()
+                if pending.received_at < pending_cutoff
+            ]
+            for node in expired:
+                self._forget_pending(outcome, node)
+            if expired:
+                outcome.notes.append(f"{len(expired)} pending requests expired")
             self._cooldown = {n: t for n, t in self._cooldown.items() if now - t < REVOKE_COOLDOWN}
             self._relayed_at = {n: t for n, t in self._relayed_at.items() if now - t < RELAY_RECENT}
         self._finish(outcome)

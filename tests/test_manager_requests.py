@@ -331,11 +331,19 @@ def test_unbound_direct_requests_are_limited_per_source_address(
 def test_full_queue_drops_unbound_and_lets_bound_evict_the_oldest_unbound(
     nodes: Nodes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # One unbound request from each of 255 addresses: no source holds more than its share.
     pending = tuple(
-        PendingHandshake(100 + i, "", "", T0.replace(minute=i % 60, second=i // 60), False)
+        PendingHandshake(
+            100 + i,
+            "",
+            "",
+            T0.replace(minute=i % 60, second=i // 60),
+            False,
+            f"10.0.{i // 200}.{i % 200}",
+        )
         for i in range(MAX_PENDING - 1)
     )
-    bound = PendingHandshake(99, "", "", datetime(2020, 1, 1, tzinfo=timezone.utc), True)
+    bound = PendingHandshake(99, "", "", datetime(2020, 1, 1, tzinfo=timezone.utc), True, "relay")
     seed_trust(f"{nodes.root}/n1", pending=(*pending, bound))
     manager, runtime = nodes.make(registry=FakeRegistry())
     assert manager.pending_count() == MAX_PENDING
@@ -353,10 +361,12 @@ def test_full_queue_drops_unbound_and_lets_bound_evict_the_oldest_unbound(
     assert runtime.topics() == ["handshake.received", "handshake.pending"]
 
 
-def test_full_queue_of_bound_requests_drops_even_a_bound_newcomer(
+def test_full_queue_of_relayed_requests_drops_another_relayed_one(
     nodes: Nodes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pending = tuple(PendingHandshake(100 + i, "", "", T0, True) for i in range(MAX_PENDING))
+    pending = tuple(
+        PendingHandshake(100 + i, "", "", T0, True, "relay") for i in range(MAX_PENDING)
+    )
     seed_trust(f"{nodes.root}/n1", pending=pending)
     manager, runtime = nodes.make(registry=FakeRegistry())
     with caplog.at_level(logging.WARNING):
