@@ -278,6 +278,8 @@ class _RequestContext:
     auto_approve: bool
     agent_name: str  # allowlist name, "" when not on the allowlist
     agent_ok: bool  # allowlisted and vouched for (row 4)
+    agent_key: bytes | None  # the allowlist entry's pinned key: what row 4 stores
+    agent_mismatch: bool  # a key the request brings differs from that pin
     network: int  # first shared non-backbone network in our own order, 0 if none
 
 
@@ -519,22 +521,27 @@ class Manager:
         if isinstance(authenticated, str):
             self._drops.drop(node, remote, authenticated)
             return
-        key, material = authenticated
+        key, material, go_style = authenticated
         with self._lock:
             pin, pin_kind = self._pin(node)
-        same_as_pin = key is not None and key == pin
+        same_as_pin = key == pin
         if strict and pin_kind in ("trusted", "bound") and not same_as_pin:
             self._drops.drop(node, remote, "public key differs from the pinned key")
             return
         bound = False
         answer: dict[str, Any] | None = None
         registry = self._rt.registry()
-        if registry is not None and key is not None:
+        if registry is not None:
             binding = self._bind(registry, node, key)
             if isinstance(binding, str):
                 self._drops.drop(node, remote, binding)
                 return
             bound, answer = binding
+        if go_style and not bound:
+            # The Go signature never changes between messages from S to R: only a key the
+            # registry vouches for may use it (SPEC 8).
+            self._drops.drop(node, remote, "Go-style signature without a registry-bound key")
+            return
         if strict and pin_kind == "weak" and not same_as_pin and not bound:
             self._drops.drop(node, remote, "public key differs from the pending request's key")
             return
@@ -661,18 +668,23 @@ class Manager:
     def _request_context(self, inbound: _Inbound) -> _RequestContext:
         """Gather what the decision needs without holding the lock.
 
-        Row 4: an allowlist entry that pins a key requires that key (the message's, the
-        relay's or the registry's) even for a registry-bound request; an entry without a pin
-        requires the request to be registry-bound (a relayed one always is).
+        Row 4: an allowlist entry that pins a key requires every key the request brings (the
+        message's or the relay's, and the registry's) to equal it, even for a registry-bound
+        request, and the pin is what is stored (a request bringing another key is dropped);
+        an entry without a pin requires the request to be registry-bound (a relayed one
+        always is).
         """
         strict = self._rt.trust_strict()
         registry = self._rt.registry()
         agent = self._rt.trusted_agent(inbound.node_id)
-        agent_ok = False
+        agent_ok = agent_mismatch = False
+        agent_key = None
         if agent is not None:
             if agent.public_key:
-                pinned = decode_key(agent.public_key)
-                agent_ok = pinned is not None and pinned in (inbound.key, inbound.registry_key)
+                agent_key = decode_key(agent.public_key)
+                brought = [k for k in (inbound.key, inbound.registry_key) if k is not None]
+                agent_mismatch = any(k != agent_key for k in brought)
+                agent_ok = agent_key is not None and bool(brought) and not agent_mismatch
             else:
                 agent_ok = inbound.bound
         network = 0
@@ -687,6 +699,8 @@ class Manager:
             auto_approve=self._rt.trust_auto_approve(),
             agent_name=agent.name if agent is not None else "",
             agent_ok=agent_ok,
+            agent_key=agent_key,
+            agent_mismatch=agent_mismatch,
             network=network,
         )
 
@@ -708,6 +722,10 @@ class Manager:
         if context.strict and self._pin_conflict(inbound):
             outcome.drop = "public key differs from the pinned key"
             return outcome
+        if context.agent_mismatch:
+            # Not even pending: its key would pin the node and lock the real agent out.
+            outcome.drop = "public key differs from the allowlist's pinned key"
+            return outcome
         if node in working.trusted:
             outcome.tasks.append((self._reply_accept, (node, inbound.relayed)))
             return outcome
@@ -719,7 +737,8 @@ class Manager:
             self._grant(outcome, node, key, network=context.network)
         elif context.agent_ok:
             auto = {"reason": "trusted_agent", "agent": context.agent_name}
-            self._grant(outcome, node, key)
+            agent_key = b64encode(context.agent_key) if context.agent_key is not None else key
+            self._grant(outcome, node, agent_key)
         elif vouched and context.auto_approve:
             auto = {"reason": "auto_approve"}
             self._grant(outcome, node, key)
@@ -898,7 +917,7 @@ class Manager:
                 outcome.drop = "accept within the revoke cooldown"
             elif strict and self._pin_conflict(inbound):
                 outcome.drop = "public key differs from the pinned key"
-            elif strict and node not in working.outgoing:
+            elif node not in working.outgoing:
                 outcome.drop = "accept without an outgoing request"
             elif strict and has_registry and not (inbound.bound or inbound.pinned):
                 outcome.drop = "accept neither registry-bound nor pinned"
@@ -924,10 +943,10 @@ class Manager:
 
     def _on_revoke(self, inbound: _Inbound, reason: str) -> None:
         node = inbound.node_id
-        strict = self._rt.trust_strict()
         outcome = _Outcome()
         with self._lock:
-            if strict and not (inbound.bound or inbound.strongly_pinned):
+            # In every mode (SPEC 8): otherwise anyone with a key of their own could revoke.
+            if not (inbound.bound or inbound.strongly_pinned):
                 outcome.drop = "revoke neither registry-bound nor signed with the pinned key"
                 was_trusted = False
             else:
@@ -1291,19 +1310,19 @@ class Manager:
         self._finish(outcome)
 
 
-def _authenticate(msg: HandshakeMsg, own: int, strict: bool) -> tuple[bytes | None, bytes] | str:
-    """SPEC 5 step 3, local part: (the sender's key or None, the replay material), or the
-    reason to drop. The replay material is what the verified signature covered."""
-    if not strict and msg.public_key == "":
-        canonical = msg.canonical_bytes()  # Go rules: no key, no authentication
-        return (None, canonical) if canonical is not None else "signature is not valid base64"
+def _authenticate(msg: HandshakeMsg, own: int, strict: bool) -> tuple[bytes, bytes, bool] | str:
+    """SPEC 5 step 3, local part, the same in every mode for the key: (the sender's key, the
+    replay material, whether only the Go-style signature verified), or the reason to drop.
+    The replay material is what the verified signature covered. Legacy mode also takes the
+    Go-style ``signature`` over ``handshake:<S>:<R>``; the caller then requires the key to
+    be registry-bound (SPEC 8)."""
     key = decode_key(msg.public_key)
     if key is None:
         return "public_key is not base64 of a 32-byte key"
     challenge = msg.v2_challenge(own)
     signature_v2 = decode_signature(msg.signature_v2)
     if signature_v2 is not None and verify(key, challenge, signature_v2):
-        return key, challenge
+        return key, challenge, False
     if strict:
         return "signature_v2 missing or invalid"
     signature = decode_signature(msg.signature)
@@ -1313,7 +1332,7 @@ def _authenticate(msg: HandshakeMsg, own: int, strict: bool) -> tuple[bytes | No
         and canonical is not None
         and verify(key, handshake_challenge(msg.node_id, own), signature)
     ):
-        return key, canonical
+        return key, canonical, True
     return "no valid signature"
 
 

@@ -241,8 +241,8 @@ def test_approve_without_relay_fallback_when_the_dial_fails(nodes: Nodes, peer: 
 def test_approve_of_a_keyless_request_backfills_the_key(nodes: Nodes, peer: Peer) -> None:
     registry = FakeRegistry()
     registry.keys[7] = peer.key
-    manager, _ = nodes.make(registry=registry, strict=False)
-    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, public_key="", v2=False), REMOTE)
+    seed_trust(f"{nodes.root}/n1", pending=(PendingHandshake(7, "", "", T0),))
+    manager, _ = nodes.make(registry=registry)
     assert manager.pending_requests()[0].public_key == ""
     manager.approve_handshake(7)
     settle(manager)
@@ -467,5 +467,5 @@ def test_revoke_from_a_node_we_know_nothing_of_changes_and_announces_nothing(
 ) -> None:
     manager, runtime = nodes.make(strict=False)
     stranger = Peer(9)
-    manager.process_message(stranger.data(HANDSHAKE_REVOKE, OWN, public_key="", v2=False), REMOTE)
+    manager.process_message(stranger.data(HANDSHAKE_REVOKE, OWN), REMOTE)
     assert runtime.events == [] and runtime.removed == []

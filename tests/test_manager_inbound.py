@@ -141,16 +141,37 @@ def test_strict_mode_requires_a_key_and_a_valid_signature_v2(
     assert_dropped(manager, runtime, caplog, make(peer), reason)
 
 
-def test_legacy_mode_accepts_an_unsigned_request_without_key(nodes: Nodes, peer: Peer) -> None:
-    manager, _ = nodes.make(strict=False)
-    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, public_key="", v2=False), REMOTE)
-    assert [(p.node_id, p.public_key) for p in manager.pending_requests()] == [(7, "")]
+@pytest.mark.parametrize("with_registry", [False, True])
+def test_legacy_mode_drops_an_unsigned_request_without_key(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture, with_registry: bool
+) -> None:
+    """SPEC 8 (issue 11, item 10a): in every mode a port-444 message needs a key."""
+    registry = FakeRegistry() if with_registry else None
+    manager, runtime = nodes.make(strict=False, registry=registry)
+    data = peer.data(HANDSHAKE_REQUEST, OWN, public_key="", v2=False)
+    assert_dropped(manager, runtime, caplog, data, "public_key")
 
 
-def test_legacy_mode_accepts_the_go_style_signature(nodes: Nodes, peer: Peer) -> None:
-    manager, _ = nodes.make(strict=False)
+def test_legacy_mode_accepts_the_go_style_signature_over_a_registry_bound_key(
+    nodes: Nodes, peer: Peer
+) -> None:
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    manager, _ = nodes.make(strict=False, registry=registry)
     manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, v2=False, legacy=True), REMOTE)
     assert [(p.node_id, p.public_key) for p in manager.pending_requests()] == [(7, peer.key)]
+
+
+@pytest.mark.parametrize("with_registry", [False, True])
+def test_legacy_mode_drops_the_go_style_signature_over_an_unbound_key(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture, with_registry: bool
+) -> None:
+    """Without a registry, or with one that knows no key for the sender, the replayable Go
+    signature authenticates nothing."""
+    registry = FakeRegistry() if with_registry else None
+    manager, runtime = nodes.make(strict=False, registry=registry)
+    data = peer.data(HANDSHAKE_REQUEST, OWN, v2=False, legacy=True)
+    assert_dropped(manager, runtime, caplog, data, "Go-style signature without a registry-bound")
 
 
 def test_legacy_mode_drops_a_key_without_any_valid_signature(
@@ -161,12 +182,20 @@ def test_legacy_mode_drops_a_key_without_any_valid_signature(
     assert_dropped(manager, runtime, caplog, data, "no valid signature")
 
 
-def test_legacy_unsigned_accept_without_outgoing_request_is_trusted_like_go(
-    nodes: Nodes, peer: Peer
+@pytest.mark.parametrize("signed", [False, True])
+def test_legacy_accept_without_outgoing_request_is_ignored(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture, signed: bool
 ) -> None:
-    manager, _ = nodes.make(strict=False)
-    manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN, public_key="", v2=False), REMOTE)
-    assert [(r.node_id, r.mutual) for r in manager.trusted_peers()] == [(7, True)]
+    """Issue 11 item 10a: an unsigned accept re-trusted a node we never asked; even a signed
+    one grants trust only for our own outgoing request, in every mode."""
+    manager, runtime = nodes.make(strict=False)
+    if signed:
+        data, reason = peer.data(HANDSHAKE_ACCEPT, OWN), "without an outgoing request"
+    else:
+        data, reason = peer.data(HANDSHAKE_ACCEPT, OWN, public_key="", v2=False), "public_key"
+    assert_dropped(manager, runtime, caplog, data, reason)
+    manager.process_relayed_approval(7)
+    assert manager.trusted_peers() == []
 
 
 def test_strict_accept_without_outgoing_request_is_ignored(
@@ -177,17 +206,20 @@ def test_strict_accept_without_outgoing_request_is_ignored(
     assert_dropped(manager, runtime, caplog, data, "without an outgoing request")
 
 
-def test_forged_unsigned_revoke_is_dropped_in_strict_and_applied_in_legacy(
-    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("strict", [True, False])
+def test_forged_revoke_is_dropped_in_every_mode(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture, strict: bool
 ) -> None:
+    """Issue 11 item 10a: an unsigned, keyless revoke claiming node 7 made a legacy node drop
+    it; so would one signed with a key of the attacker's own."""
     seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
-    manager, runtime = nodes.make()
-    forged = Peer(7, Peer(66).identity).message(HANDSHAKE_REVOKE, OWN, public_key="", v2=False)
-    assert_dropped(manager, runtime, caplog, forged.to_json(), "public_key")
-    manager.close()
-    legacy, _ = nodes.make(strict=False)
-    legacy.process_message(forged.to_json(), REMOTE)
-    assert legacy.trusted_peers() == []  # Go's rules: no key, no check
+    manager, runtime = nodes.make(strict=strict)
+    attacker = Peer(7, Peer(66).identity)
+    keyless = attacker.message(HANDSHAKE_REVOKE, OWN, public_key="", v2=False)
+    assert_dropped(manager, runtime, caplog, keyless.to_json(), "public_key")
+    reason = "public key differs from the pinned key" if strict else "pinned key"
+    assert_dropped(manager, runtime, caplog, attacker.data(HANDSHAKE_REVOKE, OWN), reason)
+    assert [r.node_id for r in manager.trusted_peers()] == [7]
 
 
 # The forgeries signature_v2 stops (SPEC 4)
@@ -230,7 +262,9 @@ def test_base64_respelling_of_the_signature_is_a_replay(
 def test_legacy_base64_respelling_of_the_go_signature_is_a_replay(
     nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    manager, runtime = nodes.make(strict=False)
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    manager, runtime = nodes.make(strict=False, registry=registry)
     original = peer.message(HANDSHAKE_REQUEST, OWN, v2=False, legacy=True)
     manager.process_message(original.to_json(), REMOTE)
     manager.reject_handshake(7)

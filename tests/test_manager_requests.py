@@ -160,14 +160,44 @@ def test_row4_unpinned_agent_without_registry_goes_pending(nodes: Nodes, peer: P
 
 
 @pytest.mark.parametrize("relayed", [False, True])
-def test_row4_allowlist_pin_differing_from_the_senders_key_is_not_trusted(
-    nodes: Nodes, peer: Peer, registry: FakeRegistry, relayed: bool
+def test_row4_allowlist_pin_differing_from_the_senders_key_is_dropped(
+    nodes: Nodes,
+    peer: Peer,
+    registry: FakeRegistry,
+    relayed: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     manager, runtime = nodes.make(registry=registry)
     runtime.allowlist[7] = AllowlistEntry(7, "deployer", Peer(99).key)
     (send_relayed if relayed else send_direct)(manager, peer)
-    assert manager.trusted_peers() == []
-    assert [p.node_id for p in manager.pending_requests()] == [7]
+    assert manager.trusted_peers() == [] and manager.pending_requests() == []
+    assert "differs from the allowlist's pinned key" in caplog.text
+
+
+def test_row4_malicious_registry_cannot_get_round_the_allowlist_pin(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 11 item 10b: a relayed request from 42 carrying the attacker's key while the
+    registry's lookup returns the agent's key was trusted with the attacker's key; the real
+    agent was then dropped. Every key the request brings must equal the pin."""
+    agent, attacker = Peer(42), Peer(42)
+    registry = FakeRegistry()
+    registry.keys[42] = agent.key  # the lookup says what the pin says
+    manager, runtime = nodes.make(registry=registry)
+    runtime.allowlist[42] = AllowlistEntry(42, "agent", agent.key)
+    manager.process_relayed_request(42, "attacker", attacker.key)
+    assert manager.trusted_peers() == [] and manager.pending_requests() == []
+    # ... and a registry answering the attacker's key does no better with the agent's.
+    registry.keys[42] = attacker.key
+    manager._lookups.clear()
+    manager.process_relayed_request(42, "attacker", agent.key)
+    assert manager.trusted_peers() == [] and manager.pending_requests() == []
+    # The real agent still gets in, under the pinned key.
+    registry.keys[42] = agent.key
+    manager._lookups.clear()
+    manager.process_relayed_request(42, "agent", agent.key)
+    assert [(r.node_id, r.public_key) for r in manager.trusted_peers()] == [(42, agent.key)]
+    assert auto_reason(runtime) == "trusted_agent"
 
 
 @pytest.mark.parametrize("relayed", [False, True])
