@@ -245,6 +245,7 @@ class _Inbound:
     bound: bool  # registry-bound; a relayed message always counts as bound
     pinned: bool  # the key equals the key of our trust record for the sender
     strongly_pinned: bool  # ... or of a registry-bound / relayed pending request
+    weakly_pinned: bool  # ... or of any other pending request (the sender's own request)
     relayed: bool
     source: str  # the source address (direct) for per-source quotas
     remote: str  # for log lines
@@ -551,6 +552,7 @@ class Manager:
             bound=bound,
             pinned=same_as_pin and pin_kind == "trusted",
             strongly_pinned=same_as_pin and pin_kind in ("trusted", "bound"),
+            weakly_pinned=same_as_pin and pin_kind == "weak",
             relayed=False,
             source=_source_host(remote),
             remote=remote,
@@ -946,7 +948,10 @@ class Manager:
         outcome = _Outcome()
         with self._lock:
             # In every mode (SPEC 8): otherwise anyone with a key of their own could revoke.
-            if not (inbound.bound or inbound.strongly_pinned):
+            # The key of a node's own pending request pins only that request (the weak pin
+            # is never a trusted node's): enough for the sender to withdraw it.
+            withdrawal = inbound.weakly_pinned and node not in self._store.working.trusted
+            if not (inbound.bound or inbound.strongly_pinned or withdrawal):
                 outcome.drop = "revoke neither registry-bound nor signed with the pinned key"
                 was_trusted = False
             else:
@@ -1020,6 +1025,7 @@ class Manager:
             bound=True,
             pinned=key is not None and key == pin and pin_kind == "trusted",
             strongly_pinned=key is not None and key == pin and pin_kind in ("trusted", "bound"),
+            weakly_pinned=key is not None and key == pin and pin_kind == "weak",
             relayed=True,
             source="relay",
             remote="relay",
@@ -1055,6 +1061,7 @@ class Manager:
             bound=True,
             pinned=False,
             strongly_pinned=False,
+            weakly_pinned=False,
             relayed=True,
             source="relay",
             remote="relay",
@@ -1155,22 +1162,29 @@ class Manager:
         self._finish(outcome)
         return True
 
-    def revoke_trust(self, peer_node_id: int) -> None:
+    def revoke_trust(self, peer_node_id: int) -> str:
         """Stop trusting ``peer_node_id``: remove trust, pending and outgoing, start the
         revoke cooldown, persist, tell the peer (best effort), ``remove_tunnel_peer``; the
-        registry hears of it in the background. Raises ``NotTrustedError`` if it was not
-        trusted (the rest still happens), ``HandshakeError`` for our own node ID."""
+        registry hears of it in the background. Returns "revoked", or "withdrawn" when it
+        was not trusted but we had asked it (the request is cancelled and the peer gets a
+        signed revoke, which removes our pending request there). Raises ``NotTrustedError``
+        when neither (the rest still happens), ``HandshakeError`` for our own node ID."""
         peer = peer_node_id
         own = self._rt.node_id()
         if own != 0 and peer == own:
             raise HandshakeError("a node cannot stop trusting itself")
         outcome = _Outcome()
         with self._lock:
+            asked = peer in self._store.working.outgoing
             was_trusted = self._forget(outcome, peer)
             self._cooldown[peer] = time.monotonic()
         if not was_trusted:
             self._finish(outcome)
-            raise NotTrustedError(f"node {peer} is not trusted")
+            if not asked:
+                raise NotTrustedError(f"node {peer} is not trusted")
+            self._send_best_effort(peer, HANDSHAKE_REVOKE, "request withdrawn")
+            log.info("withdrew our request to node %d", peer)
+            return "withdrawn"
         outcome.events.append(("trust.revoked", {"peer_node_id": peer}))
         outcome.events.append(("trust.changed", {"peer_node_id": peer, "state": "revoked"}))
         self._finish(outcome)
@@ -1181,6 +1195,7 @@ class Manager:
         self._rt.remove_tunnel_peer(peer)
         self._pool.submit(self._revoke_at_registry, peer, quiet=_QUIET)
         log.info("revoked trust in node %d", peer)
+        return "revoked"
 
     # Outgoing messages and background work (run on the pool, never under the lock)
 

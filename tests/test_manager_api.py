@@ -281,16 +281,55 @@ def test_revoke_trust_tells_the_peer_before_removing_the_tunnel(nodes: Nodes, pe
 
 
 def test_revoke_of_an_untrusted_peer_still_clears_it_and_raises(nodes: Nodes) -> None:
-    seed_trust(
-        f"{nodes.root}/n1",
-        pending=(PendingHandshake(7, "", "", T0),),
-        outgoing=(OutgoingRequest(7, T0),),
-    )
+    seed_trust(f"{nodes.root}/n1", pending=(PendingHandshake(7, "", "", T0),))
     manager, runtime = nodes.make()
     with pytest.raises(NotTrustedError):
         manager.revoke_trust(7)
     assert snapshot(manager) == ([], [], {})
     assert runtime.sent == [] and runtime.events == []
+
+
+@pytest.mark.parametrize("with_registry", [False, True])
+def test_revoke_of_a_node_we_only_asked_withdraws_the_request_at_the_peer(
+    nodes: Nodes, with_registry: bool
+) -> None:
+    """Issue 11 item 10e: ``untrust B`` while our request waits at B dropped only our side;
+    B's operator then approved and B trusted a node that no longer asked. Now the request
+    is withdrawn: cancelled here, and B drops it on our signed revoke."""
+    registry = FakeRegistry() if with_registry else None
+    alice, alice_rt = nodes.make(1, registry=registry)
+    bob, bob_rt = nodes.make(2, registry=registry)
+    if registry is not None:
+        registry.keys[1] = alice_rt.identity.public_key_b64
+        registry.keys[2] = bob_rt.identity.public_key_b64
+    wired = {1: alice, 2: bob}
+    alice_rt.deliver = lambda peer, data: wired[peer].process_message(data, "127.0.0.1:1001")
+    bob_rt.deliver = lambda peer, data: wired[peer].process_message(data, "127.0.0.1:1002")
+    assert alice.send_request(2, "sync") == "sent"
+    assert [p.node_id for p in bob.pending_requests()] == [1]
+
+    assert alice.revoke_trust(2) == "withdrawn"
+    assert snapshot(alice) == ([], [], {})
+    assert bob.pending_requests() == []
+    assert bob.approve_handshake(1) is False
+    assert not bob.is_trusted(1) and not alice.is_trusted(2)
+    # Nothing left to withdraw: the second call says so.
+    with pytest.raises(NotTrustedError):
+        alice.revoke_trust(2)
+
+
+def test_a_revoke_signed_by_a_pending_requester_cannot_drop_a_keyless_trust_record(
+    nodes: Nodes, peer: Peer
+) -> None:
+    """The key of a node's own pending request pins only that request."""
+    seed_trust(
+        f"{nodes.root}/n1",
+        trusted=(TrustRecord(7, "", T0),),
+        pending=(PendingHandshake(7, peer.key, "", T0),),
+    )
+    manager, _ = nodes.make()
+    manager.process_message(peer.data(HANDSHAKE_REVOKE, OWN), REMOTE)
+    assert [r.node_id for r in manager.trusted_peers()] == [7]
 
 
 def test_revoking_ourselves_is_refused(nodes: Nodes) -> None:
