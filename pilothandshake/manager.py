@@ -336,6 +336,9 @@ class Manager:
         self._relayed_at: dict[int, float] = {}  # node -> monotonic time of our relayed request
         self._lookups: dict[int, tuple[float, dict[str, Any]]] = {}
         self._reasked: dict[int, float] = {}
+        # Trust records whose node ID the registry now binds to another key (issue 11 item 7):
+        # node -> that key. Not trusted, not pinning, until approved again or removed.
+        self._conflicts: dict[int, bytes] = {}
         self._waiters: dict[int, _Waiters] = {}
         self._listener: Closeable | None = None
         self._reaper: threading.Thread | None = None
@@ -381,7 +384,7 @@ class Manager:
         )
         self._reaper.start()
         if self._rt.registry() is not None:
-            self._pool.submit(self._backfill_all)
+            self._pool.submit(self._check_records)
 
     def stop(self) -> None:
         """Stop listening and reaping, wait (bounded) for background work, release trust.json.
@@ -431,6 +434,12 @@ class Manager:
             requests = list(self._store.visible.pending.values())
         return sorted(requests, key=lambda request: request.node_id)
 
+    def conflicting_peers(self) -> list[int]:
+        """Node IDs of trust records the registry now binds to a different key, sorted: not
+        trusted until the operator approves the node again or removes the record."""
+        with self._lock:
+            return sorted(self._conflicts)
+
     def pending_count(self) -> int:
         """How many requests are pending."""
         with self._lock:
@@ -457,12 +466,21 @@ class Manager:
                     del self._waiters[node_id]
 
     def _visibly_trusted(self, node_id: int, own: int) -> bool:
-        return (own != 0 and node_id == own) or node_id in self._store.visible.trusted
+        if own != 0 and node_id == own:
+            return True
+        return node_id in self._store.visible.trusted and node_id not in self._conflicts
+
+    def _trusts(self, node: int) -> bool:
+        """Whether ``node`` has a trust record that is not in conflict (working state). Call
+        holding the lock."""
+        return node in self._store.working.trusted and node not in self._conflicts
 
     def _on_commit(self, changes: list[Change]) -> None:
-        # Called by the store under the lock once changes are durable: wake only the
-        # waiters of nodes that just became trusted.
+        # Called by the store under the lock once changes are durable: a new or removed
+        # trust record ends a conflict; wake only the waiters of nodes that became trusted.
         for change in changes:
+            if change.table == TRUSTED:
+                self._conflicts.pop(change.node_id, None)
             if change.table == TRUSTED and change.value is not None:
                 waiters = self._waiters.get(change.node_id)
                 if waiters is not None:
@@ -526,14 +544,24 @@ class Manager:
         with self._lock:
             pin, pin_kind = self._pin(node)
         same_as_pin = key == pin
+        registry = self._rt.registry()
+        binding: tuple[bool, dict[str, Any] | None] | str | None = None
         if strict and pin_kind in ("trusted", "bound") and not same_as_pin:
-            self._drops.drop(node, remote, "public key differs from the pinned key")
-            return
+            if pin_kind == "trusted" and registry is not None:
+                # The registry may now bind this node ID to this key: then the record is in
+                # conflict (issue 11 item 7) and no longer pins.
+                binding = self._bind(registry, node, key)
+                with self._lock:
+                    pin, pin_kind = self._pin(node)
+                same_as_pin = key == pin
+            if pin_kind in ("trusted", "bound") and not same_as_pin:
+                self._drops.drop(node, remote, "public key differs from the pinned key")
+                return
         bound = False
         answer: dict[str, Any] | None = None
-        registry = self._rt.registry()
         if registry is not None:
-            binding = self._bind(registry, node, key)
+            if binding is None:
+                binding = self._bind(registry, node, key)
             if isinstance(binding, str):
                 self._drops.drop(node, remote, binding)
                 return
@@ -583,9 +611,10 @@ class Manager:
     def _pin(self, node: int) -> tuple[bytes | None, str]:
         """The pinned key of ``node`` and its kind: "trusted", "bound" (a registry-bound or
         relayed pending request), "weak" (any other pending request) or "" (none). A stored
-        key that is not a valid key pins nothing. Call holding the lock."""
+        key that is not a valid key pins nothing, nor does a record in conflict with the
+        registry. Call holding the lock."""
         record = self._store.working.trusted.get(node)
-        if record is not None:
+        if record is not None and node not in self._conflicts:
             key = decode_key(record.public_key)
             if key is not None:
                 return key, "trusted"
@@ -633,12 +662,29 @@ class Manager:
         self, registry: RegistryClient, node: int, key: bytes
     ) -> tuple[bool, dict[str, Any] | None] | str:
         """(registry-bound?, the lookup answer), or the reason to drop the message."""
-        answer = self._lookup(registry, node)
+        answer, problem = self._checked_lookup(registry, node, key)
         registered = _answer_key(answer)
         if registered is None:
             return False, answer
         if registered == key:
             return True, answer
+        if problem:
+            return f"public key differs from the registry's ({problem})"
+        return "public key differs from the registry's"
+
+    def _checked_lookup(
+        self, registry: RegistryClient, node: int, key: bytes | None
+    ) -> tuple[dict[str, Any] | None, str]:
+        """The registry's answer for ``node`` and "", re-asked (SPEC 5: bypassing the cache,
+        at most once per node per 5 s) when its key differs from ``key`` or from the node's
+        trust record; when it cannot be re-asked, the first answer and why. A trust record
+        the re-asked registry still contradicts becomes a conflict (issue 11 item 7)."""
+        answer = self._lookup(registry, node)
+        registered = _answer_key(answer)
+        with self._lock:
+            record_key = self._record_key(node)
+        if registered is None or (key in (None, registered) and record_key in (None, registered)):
+            return answer, ""
         now = time.monotonic()
         with self._lock:
             last = self._reasked.get(node)
@@ -650,13 +696,38 @@ class Manager:
                     }
                 self._reasked[node] = now
         if not allowed:
-            return "public key differs from the registry's (re-ask not allowed yet)"
-        answer = self._lookup(registry, node, fresh=True)
-        if answer is None:
-            return "public key differs from the registry's (re-ask failed)"
-        if _answer_key(answer) != key:
-            return "public key differs from the registry's"
-        return True, answer
+            return answer, "re-ask not allowed yet"
+        fresh = self._lookup(registry, node, fresh=True)
+        if fresh is None:
+            return answer, "re-ask failed"
+        registered = _answer_key(fresh)
+        if record_key is not None and registered is not None and registered != record_key:
+            self._mark_conflict(node, record_key, registered)
+        return fresh, ""
+
+    def _record_key(self, node: int) -> bytes | None:
+        """The valid key of ``node``'s trust record not in conflict, else None. Lock held."""
+        record = self._store.working.trusted.get(node)
+        if record is None or node in self._conflicts:
+            return None
+        return decode_key(record.public_key)
+
+    def _mark_conflict(self, node: int, record_key: bytes, registry_key: bytes) -> None:
+        """The registry binds ``node`` to ``registry_key``, not to the key we trusted: stop
+        trusting and pinning the record until it is approved again or removed."""
+        with self._lock:
+            if self._record_key(node) != record_key:
+                return  # changed meanwhile, or already in conflict
+            self._conflicts[node] = registry_key
+        log.error(
+            "trust record of node %d conflicts with the registry: it now binds that node ID "
+            "to another key (%s); not trusted until approved again or removed",
+            node,
+            b64encode(registry_key),
+        )
+        self._rt.publish_event(
+            "trust.conflict", {"peer_node_id": node, "registry_key": b64encode(registry_key)}
+        )
 
     # Requests (SPEC 6): one decision for direct and relayed requests
 
@@ -721,6 +792,9 @@ class Manager:
         # Strict mode with a registry: an unbound request must not be trusted automatically,
         # or an impostor could take a real node's ID while the registry is unreachable.
         vouched = inbound.bound or not (context.strict and context.has_registry)
+        # A trust record in conflict with the registry: the operator decides (row 6).
+        automatic = node not in self._conflicts
+        vouched = vouched and automatic
         if context.strict and self._pin_conflict(inbound):
             outcome.drop = "public key differs from the pinned key"
             return outcome
@@ -728,7 +802,7 @@ class Manager:
             # Not even pending: its key would pin the node and lock the real agent out.
             outcome.drop = "public key differs from the allowlist's pinned key"
             return outcome
-        if node in working.trusted:
+        if self._trusts(node):
             outcome.tasks.append((self._reply_accept, (node, inbound.relayed)))
             return outcome
         if vouched and node in working.outgoing:
@@ -737,7 +811,7 @@ class Manager:
         elif vouched and context.network:
             auto = {"reason": "same_network"}
             self._grant(outcome, node, key, network=context.network)
-        elif context.agent_ok:
+        elif automatic and context.agent_ok:
             auto = {"reason": "trusted_agent", "agent": context.agent_name}
             agent_key = b64encode(context.agent_key) if context.agent_key is not None else key
             self._grant(outcome, node, agent_key)
@@ -923,7 +997,7 @@ class Manager:
                 outcome.drop = "accept without an outgoing request"
             elif strict and has_registry and not (inbound.bound or inbound.pinned):
                 outcome.drop = "accept neither registry-bound nor pinned"
-            elif node not in working.trusted:
+            elif not self._trusts(node):
                 key = b64encode(inbound.key) if inbound.key is not None else ""
                 outcome.events.append(("handshake.approved", {"peer_node_id": node, "by": "peer"}))
                 self._grant(outcome, node, key, mutual=True)
@@ -1010,7 +1084,9 @@ class Manager:
             self._drops.drop(node, "relay", "relayed public_key is not a valid key")
             return
         registry = self._rt.registry()
-        answer = self._lookup(registry, node) if registry is not None else None
+        answer = None
+        if registry is not None:
+            answer, _ = self._checked_lookup(registry, node, carried)
         registry_key = _answer_key(answer)
         key = carried if carried is not None else registry_key
         with self._lock:
@@ -1075,15 +1151,17 @@ class Manager:
         fail (the outgoing entry is forgotten), ``StoreError`` before sending when the
         outgoing entry cannot be written."""
         peer = peer_node_id
+        own = self._rt.node_id()
+        if own != 0 and peer == own:
+            raise HandshakeError(f"node {peer} is this node's own ID: a node cannot ask itself")
         if self.is_trusted(peer):
             return "trusted"
-        own = self._rt.node_id()
         if own == 0:
             raise HandshakeError("this node has no node ID yet (not registered)")
         text = truncate_utf8(justification)
         message = self._message(HANDSHAKE_REQUEST, peer, justification=text)
         with self._lock:
-            if peer in self._store.working.trusted:
+            if self._trusts(peer):
                 return "trusted"
             self._cooldown.pop(peer, None)  # an explicit request is fresh intent
             seq = self._store.put_outgoing(OutgoingRequest(peer, _utcnow()))
@@ -1280,15 +1358,23 @@ class Manager:
             seq = self._store.put_trusted(dataclasses.replace(record, public_key=b64encode(key)))
         self._store.commit(seq)
 
-    def _backfill_all(self) -> None:
+    def _check_records(self) -> None:
+        """At start, with a registry: backfill the keys of keyless trust records, and look
+        up every other record for a conflict with the registry's binding (issue 11 item 7)."""
+        registry = self._rt.registry()
+        if registry is None:
+            return
         with self._lock:
-            keyless = [
-                node
-                for node, record in self._store.working.trusted.items()
-                if decode_key(record.public_key) is None
+            records = [
+                (n, decode_key(r.public_key)) for n, r in self._store.working.trusted.items()
             ]
-        for node in keyless:
-            self._backfill(node)
+        for node, key in records:
+            if self._stopping.is_set():
+                return
+            if key is None:
+                self._backfill(node)
+            else:
+                self._checked_lookup(registry, node, None)
 
     # Reaper (SPEC 7, last item)
 

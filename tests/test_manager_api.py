@@ -56,8 +56,10 @@ def test_send_request_to_a_trusted_peer_or_ourselves_sends_nothing(
     seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
     manager, runtime = nodes.make()
     assert manager.send_request(7, "x") == "trusted"
-    assert manager.send_request(OWN, "x") == "trusted"
-    assert runtime.sent == []
+    # Our own ID is a mistake (issue 11 item 7: IDs that move), not "already trusted".
+    with pytest.raises(HandshakeError, match=f"node {OWN} is this node's own ID"):
+        manager.send_request(OWN, "x")
+    assert runtime.sent == [] and manager.pending_requests() == []
 
 
 def test_send_request_falls_back_to_a_signed_relay(nodes: Nodes) -> None:
