@@ -94,8 +94,13 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-# How many characters of a peer-supplied value a log line quotes.
+# How many characters of a peer-supplied value a log line quotes, and of a drop reason.
 _QUOTE_LIMIT = 100
+_REASON_LIMIT = 2 * _QUOTE_LIMIT
+# At most one ERROR line per this many seconds for failed writes of inbound messages.
+_STORE_ERROR_INTERVAL = 60.0
+# A request arriving again by the other path (direct / relay) within this is a duplicate.
+_DUPLICATE_WINDOW = MAX_MESSAGE_AGE
 
 
 def _quote(value: str | int) -> str:
@@ -153,6 +158,8 @@ class DropLog:
         self._summarise(summary)
         if emit:
             node = "?" if node_id is None else str(node_id)
+            if len(reason) > _REASON_LIMIT:  # reasons may quote what the peer sent
+                reason = f"{reason[:_REASON_LIMIT]}..."
             self._logger.warning("dropped message from node %s at %s: %s", node, remote, reason)
 
     def flush(self) -> None:
@@ -336,6 +343,10 @@ class Manager:
         self._relayed_at: dict[int, float] = {}  # node -> monotonic time of our relayed request
         self._lookups: dict[int, tuple[float, dict[str, Any]]] = {}
         self._reasked: dict[int, float] = {}
+        self._store_error_at = -math.inf
+        self._store_errors_suppressed = 0
+        # Requests decided lately: (node, SHA-256 of the text) -> (relayed, monotonic time).
+        self._recent_requests: OrderedDict[tuple[int, bytes], tuple[bool, float]] = OrderedDict()
         # Trust records whose node ID the registry now binds to another key (issue 11 item 7):
         # node -> that key. Not trusted, not pinning, until approved again or removed.
         self._conflicts: dict[int, bytes] = {}
@@ -515,7 +526,21 @@ class Manager:
         try:
             self._process(data, remote)
         except StoreError as exc:
-            log.error("could not persist the message from %s: %s", remote, exc)
+            self._store_error(f"could not persist the message from {remote}: {exc}")
+
+    def _store_error(self, line: str) -> None:
+        """Log a failed write of inbound input at ERROR, at most once a minute (a full disk
+        fails every message): the count of the others comes with the next line."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._store_error_at < _STORE_ERROR_INTERVAL:
+                self._store_errors_suppressed += 1
+                return
+            self._store_error_at = now
+            suppressed, self._store_errors_suppressed = self._store_errors_suppressed, 0
+        if suppressed:
+            line += f" ({suppressed} more failed writes were not logged)"
+        log.error("%s", line)
 
     def _process(self, data: bytes, remote: str) -> None:
         try:
@@ -533,7 +558,7 @@ class Manager:
             return
         now = time.time()
         if not now - MAX_MESSAGE_AGE <= msg.timestamp <= now + MAX_CLOCK_SKEW:
-            self._drops.drop(node, remote, f"timestamp {msg.timestamp} outside the window")
+            self._drops.drop(node, remote, f"timestamp {_quote(msg.timestamp)} outside the window")
             return
         strict = self._rt.trust_strict()
         authenticated = _authenticate(msg, own, strict)
@@ -732,11 +757,26 @@ class Manager:
     # Requests (SPEC 6): one decision for direct and relayed requests
 
     def _on_request(self, inbound: _Inbound, justification: str) -> None:
-        context = self._request_context(inbound)
         text = truncate_utf8(justification)
+        fingerprint = (inbound.node_id, hashlib.sha256(text.encode("utf-8")).digest())
+        now = time.monotonic()
+        with self._lock:
+            seen = self._recent_requests.get(fingerprint)
+        if seen is not None and seen[0] != inbound.relayed and now - seen[1] < _DUPLICATE_WINDOW:
+            # The same request by the other path: a slow peer got it directly and the sender
+            # then relayed it (SPEC 3). Decided already; nothing changes, nothing is announced.
+            log.debug("node %d: duplicate request by the other path", inbound.node_id)
+            return
+        context = self._request_context(inbound)
         with self._lock:
             outcome = self._decide_request(inbound, text, context)
         self._finish(outcome, inbound)
+        if not outcome.drop:
+            with self._lock:
+                self._recent_requests[fingerprint] = (inbound.relayed, now)
+                self._recent_requests.move_to_end(fingerprint)
+                while len(self._recent_requests) > _SIDE_TABLE_LIMIT:
+                    self._recent_requests.popitem(last=False)
 
     def _request_context(self, inbound: _Inbound) -> _RequestContext:
         """Gather what the decision needs without holding the lock.
@@ -1015,7 +1055,7 @@ class Manager:
                 outcome.seq = self._store.drop_outgoing(node)
         self._finish(outcome, inbound)
         if not outcome.drop:
-            log.info("node %d rejected our request: %s", node, truncate_utf8(reason) or "-")
+            log.info("node %d rejected our request: %s", node, _quote(reason) if reason else "-")
 
     def _on_revoke(self, inbound: _Inbound, reason: str) -> None:
         node = inbound.node_id
@@ -1043,7 +1083,7 @@ class Manager:
             outcome.tasks.append((self._revoke_at_registry, (node,)))
         self._finish(outcome)
         self._rt.remove_tunnel_peer(node)
-        log.info("node %d revoked trust: %s", node, payload["reason"] or "-")
+        log.info("node %d revoked trust: %s", node, _quote(reason) if reason else "-")
 
     def _forget(self, outcome: _Outcome, node: int) -> bool:
         """Remove trust, pending and outgoing for ``node``; whether it was trusted. Lock held."""

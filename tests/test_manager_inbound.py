@@ -5,8 +5,10 @@ replay set and the rate-limited drop log."""
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from typing import Callable
@@ -495,3 +497,44 @@ def test_replay_entries_live_until_their_timestamp_leaves_the_window() -> None:
     for index in range(3):
         assert replay.add(bytes([index]), "A", 150.0, 100.0, privileged=False) == ""
     assert replay.add(b"x", "A", 300.0, 151.0, privileged=False) == ""
+
+
+# Issue 11 item 6: what drop lines quote; a full disk
+
+
+def test_drop_line_quotes_at_most_100_characters_of_a_huge_timestamp(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make()
+    huge = int("9" * 4300)
+    data = json.dumps(
+        {"type": "handshake_request", "node_id": 7, "public_key": peer.key, "timestamp": huge}
+    ).encode()
+    assert_dropped(manager, runtime, caplog, data, "outside the window")
+    (line,) = warnings(caplog)
+    assert len(line) < 250 and "9" * 101 not in line
+
+
+def test_drop_line_cuts_a_long_reason(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        DropLog().drop(7, REMOTE, "x" * 5000)
+    (line,) = warnings(caplog)
+    assert len(line) < 300
+
+
+def test_requests_while_the_disk_is_full_log_one_error(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make()
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with caplog.at_level(logging.ERROR):
+        for node in range(10, 30):
+            manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    monkeypatch.undo()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    assert manager.pending_count() == 0 and runtime.events == []

@@ -15,7 +15,7 @@ from pilothandshake.identity import decode_signature, verify
 from pilothandshake.manager import Manager
 from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST, respond_challenge
 from pilothandshake.runtime import AllowlistEntry
-from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord
+from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord, load_state
 
 OWN = 1
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
@@ -437,3 +437,30 @@ def test_outgoing_entry_is_kept_across_restart_and_makes_the_later_request_mutua
     send_direct(manager, peer)
     record = assert_granted(manager, runtime, "mutual")
     assert record.mutual is True
+
+
+# Issue 11 item 5: the same request by both paths (a slow peer gets the direct one late)
+
+
+@pytest.mark.parametrize("direct_first", [True, False])
+@pytest.mark.parametrize("auto_approve", [False, True])
+def test_a_duplicate_by_the_other_path_changes_nothing_and_announces_nothing(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, direct_first: bool, auto_approve: bool
+) -> None:
+    manager, runtime = nodes.make(registry=registry, auto_approve=auto_approve)
+    first, second = (send_direct, send_relayed) if direct_first else (send_relayed, send_direct)
+    first(manager, peer, "nightly sync")
+    settle(manager)
+    state = snapshot(manager)
+    on_disk = load_state(f"{nodes.root}/n1/trust.json")
+    events, sent = list(runtime.events), list(runtime.sent)
+    responds = registry.calls_of("respond_handshake")
+    second(manager, peer, "nightly sync")
+    settle(manager)
+    assert snapshot(manager) == state
+    assert load_state(f"{nodes.root}/n1/trust.json") == on_disk
+    assert runtime.events == events and runtime.sent == sent
+    assert registry.calls_of("respond_handshake") == responds
+    # Another text is another request.
+    second(manager, peer, "and something else")
+    assert runtime.topics().count("handshake.received") == 2
