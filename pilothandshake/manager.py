@@ -311,8 +311,9 @@ class Manager:
     (``justification``, ``relayed``), ``handshake.pending``, ``handshake.approved`` (``by``:
     ``operator``, or ``peer`` when our request was accepted), ``handshake.rejected``
     (``reason``), ``handshake.auto_approved`` (``reason``; ``agent`` for trusted agents),
-    ``trust.changed`` (``state``: granted / revoked), ``trust.revoked`` (by us) and
-    ``trust.revoked_by_peer`` (``reason``).
+    ``trust.changed`` (``state``: granted / revoked), ``trust.revoked`` (by us),
+    ``trust.revoked_by_peer`` (``reason``) and ``trust.conflict`` (``registry_key``: a trust
+    record's node ID now bound to another key).
     """
 
     def __init__(
