@@ -23,6 +23,9 @@ DROP_LOG_PER_SECOND = 10
 # Section 6: pending requests.
 MAX_PENDING = 256
 MAX_PENDING_UNBOUND_PER_SOURCE = 16
+MAX_PENDING_BOUND_PER_SOURCE = 64  # registry-bound direct requests from one source address
+PENDING_TTL = 7 * 24 * 3600.0
+MAX_TRUST_HISTORY = 1024  # formerly trusted nodes remembered (their requests are protected)
 MAX_TEXT_BYTES = 1024  # stored justification / reason
 
 # Section 7: accept, reject, revoke.
