@@ -16,7 +16,6 @@ Readers (``is_trusted``, ``trusted_peers`` ...) see ``store.visible``: durable s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
@@ -32,7 +31,6 @@ from ..constants import (
     MAX_TRUST_HISTORY,
     PORT_HANDSHAKE,
     REAP_INTERVAL,
-    REVOKE_COOLDOWN,
     STOP_TIMEOUT,
 )
 from ..errors import (
@@ -43,7 +41,6 @@ from ..errors import (
     SendError,
     StoreError,
 )
-from ..identity import b64encode, decode_key
 from ..messages import (
     HANDSHAKE_ACCEPT,
     HANDSHAKE_REJECT,
@@ -53,8 +50,7 @@ from ..messages import (
 )
 from ..pool import BackgroundPool
 from ..runtime import Closeable, Runtime
-from ..store import OUTGOING, TRUSTED, Change, OutgoingRequest, PendingHandshake, TrustRecord
-from .binding import answer_key
+from ..store import OUTGOING, Change, OutgoingRequest, PendingHandshake, TrustRecord
 from .clock import Clock, Now, SystemClock
 from .decide import (
     Decision,
@@ -131,12 +127,9 @@ class Manager:
             MAX_PENDING, max_pending_per_source, max_pending_bound_per_source, max_trust_history
         )
         replay = ReplaySet(max_replay, max_replay_per_source)
-        self._intake = Intake(
-            runtime, self._clock, self._lock, self._store, self._state.conflicts, self._drops,
-            replay, limits,
-        )  # fmt: skip
+        self._intake = Intake(runtime, self._clock, self._state, self._drops, replay, limits)
         self._limits = limits
-        self._effects = Effects(runtime, self._clock, self._backfill)
+        self._effects = Effects(runtime, self._clock, self._intake.backfill)
         self._reap_interval = reap_interval
         # A full disk fails every inbound message: one ERROR line a minute says so.
         self._store_errors = ErrorLog(_STORE_ERROR_INTERVAL, clock=self._clock.monotonic)
@@ -169,7 +162,7 @@ class Manager:
         )
         self._reaper.start()
         if self._rt.registry() is not None:
-            self._pool.submit(self._check_records)
+            self._pool.submit(self._intake.check_records, self._stopping)
 
     def stop(self) -> None:
         """Stop listening and reaping, wait (bounded) for background work, release trust.json.
@@ -424,41 +417,6 @@ class Manager:
 
     # Background work (on the pool or the reaper thread, never under the lock)
 
-    def _backfill(self, node: int) -> None:
-        """Fill in the key of a trust record that has none from the registry (SPEC 6)."""
-        registry = self._rt.registry()
-        if registry is None:
-            return
-        # Fresh: a cached answer is likely the very one that had no key.
-        key = answer_key(self._intake.binding.lookup(registry, node, fresh=True))
-        if key is None:
-            log.debug("no key to backfill for node %d", node)
-            return
-        with self._lock:
-            record = self._store.working.trusted.get(node)
-            if record is None or decode_key(record.public_key) is not None:
-                return
-            keyed = dataclasses.replace(record, public_key=b64encode(key))
-            seq = self._state.change(Change(TRUSTED, node, keyed))
-        self._store.commit(seq)
-
-    def _check_records(self) -> None:
-        """At start, with a registry: backfill the keys of keyless trust records, and look
-        up every other record for a conflict with the registry's binding (issue 11 item 7)."""
-        registry = self._rt.registry()
-        if registry is None:
-            return
-        with self._lock:
-            trusted = self._store.working.trusted
-            records = [(n, decode_key(r.public_key)) for n, r in trusted.items()]
-        for node, key in records:
-            if self._stopping.is_set():
-                return
-            if key is None:
-                self._backfill(node)
-            else:
-                self._intake.checked_lookup(registry, node, None)
-
     def _reap_loop(self) -> None:
         while not self._stopping.wait(self._reap_interval):
             try:
@@ -475,9 +433,7 @@ class Manager:
         pending_ttl = self._rt.trust_pending_ttl()
 
         def reap(view: Any, now: Now) -> Decision:
-            revoked = self._state.revoked_at
-            for node in [n for n, t in revoked.items() if now.monotonic - t >= REVOKE_COOLDOWN]:
-                del revoked[node]
+            self._state.end_cooldowns(now.monotonic)
             return decide_reap(view, now, outgoing_ttl, pending_ttl)
 
         self._effects.forget_relayed()

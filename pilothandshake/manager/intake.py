@@ -9,6 +9,7 @@ state.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import socket
@@ -21,7 +22,7 @@ from ..errors import MessageError
 from ..identity import b64encode, decode_key
 from ..messages import HANDSHAKE_REQUEST, HandshakeMsg, truncate_utf8
 from ..runtime import RegistryClient, Runtime
-from ..store import TrustStore
+from ..store import TRUSTED, Change
 from .auth import Pin, PinKind, authenticate, pin_of, pin_problem
 from .binding import SIDE_TABLE_LIMIT, Binding, Checked, answer_key, answer_networks
 from .clock import Clock
@@ -29,6 +30,7 @@ from .decide import CONFLICT, Context, Inbound
 from .droplog import DropLog, quote
 from .queue import Limits
 from .replay import ReplaySet
+from .state import State
 
 __all__ = ["RELAY", "Intake", "remote_address", "source_host"]
 
@@ -66,18 +68,16 @@ def remote_address(conn: socket.socket) -> str:
 class Intake:
     """Turns received input into ``Inbound``s, or drops it (logged by ``drops``).
 
-    Shares the Manager's ``lock``, ``store`` and ``conflicts`` (node -> the key the registry
-    binds instead of the trust record's; not trusted, not pinning, until approved again or
-    removed); ``replay`` is used under the lock.
+    Shares the Manager's ``state`` (its lock, store and conflicts); ``replay`` is used under
+    the lock. Also backfills keyless trust records (SPEC 6) and checks every record against
+    the registry at start.
     """
 
     def __init__(
         self,
         runtime: Runtime,
         clock: Clock,
-        lock: threading.RLock,
-        store: TrustStore,
-        conflicts: dict[int, bytes],
+        state: State,
         drops: DropLog,
         replay: ReplaySet,
         limits: Limits,
@@ -85,9 +85,10 @@ class Intake:
         """Gather for the Manager that owns these."""
         self._rt = runtime
         self._clock = clock
-        self._lock = lock
-        self._store = store
-        self._conflicts = conflicts
+        self._state = state
+        self._lock = state.lock
+        self._store = state.store
+        self._conflicts = state.conflicts
         self._drops = drops
         self._replay = replay
         self._limits = limits
@@ -283,6 +284,42 @@ class Intake:
         )
         payload = {"peer_node_id": node, "registry_key": b64encode(registry_key)}
         self._rt.publish_event(CONFLICT, payload)
+
+    def backfill(self, node: int) -> None:
+        """Fill in the key of a trust record that has none from the registry (SPEC 6)."""
+        registry = self._rt.registry()
+        if registry is None:
+            return
+        # Fresh: a cached answer is likely the very one that had no key.
+        key = answer_key(self.binding.lookup(registry, node, fresh=True))
+        if key is None:
+            log.debug("no key to backfill for node %d", node)
+            return
+        with self._state.lock:
+            record = self._state.store.working.trusted.get(node)
+            if record is None or decode_key(record.public_key) is not None:
+                return
+            keyed = dataclasses.replace(record, public_key=b64encode(key))
+            seq = self._state.change(Change(TRUSTED, node, keyed))
+        self._state.store.commit(seq)
+
+    def check_records(self, stopping: threading.Event) -> None:
+        """At start, with a registry: backfill the keys of keyless trust records, and look
+        up every other record for a conflict with the registry's binding (issue 11 item 7),
+        until ``stopping`` is set."""
+        registry = self._rt.registry()
+        if registry is None:
+            return
+        with self._state.lock:
+            trusted = self._state.store.working.trusted
+            records = [(n, decode_key(r.public_key)) for n, r in trusted.items()]
+        for node, key in records:
+            if stopping.is_set():
+                return
+            if key is None:
+                self.backfill(node)
+            else:
+                self.checked_lookup(registry, node, None)
 
     def request_context(self, inbound: Inbound) -> Context:
         """What a request decision needs from the runtime and the registry.

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..constants import REVOKE_COOLDOWN
 from ..identity import decode_key
 from ..runtime import Runtime
 from ..store import (
@@ -80,6 +81,12 @@ class State:
     def trusts(self, node: int) -> bool:
         """Whether ``node`` has a trust record not in conflict (working state)."""
         return self.view().trusts(node)
+
+    def end_cooldowns(self, now: float) -> None:
+        """Forget revokes at least ``REVOKE_COOLDOWN`` older than ``now`` (monotonic)."""
+        expired = [n for n, at in self.revoked_at.items() if now - at >= REVOKE_COOLDOWN]
+        for node in expired:
+            del self.revoked_at[node]
 
     def apply(self, decision: Decision) -> int | None:
         """Make ``decision``'s changes in the working state, keeping the pending queue's side
