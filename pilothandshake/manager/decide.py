@@ -127,9 +127,8 @@ class Decision:
     result: str = ""  # what an operator call returns
 
     def dropped(self, reason: str) -> Decision:
-        """This decision, dropping the input for ``reason``."""
-        self.drop = reason
-        return self
+        """A decision that only drops the input, for ``reason``."""
+        return Decision(drop=reason)
 
 
 # SPEC 6
@@ -203,7 +202,7 @@ def decide_request(view: View, inbound: Inbound, context: Context, now: Now) -> 
     if row.name == "already_trusted":
         decision.effects.append(ReplyAccept(node, inbound.relayed))
     elif row.grant is None:
-        _hold(decision, view, inbound, context, now)
+        return _hold(decision, view, inbound, context, now)
     else:
         key, mutual, network, extra = row.grant(inbound, context)
         _grant(decision, view, node, key, now, mutual=mutual, network=network)
@@ -213,7 +212,7 @@ def decide_request(view: View, inbound: Inbound, context: Context, now: Now) -> 
     return decision
 
 
-def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, now: Now) -> None:
+def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """Row 6: store the request as pending, within the queue's rule (``queue.admit``)."""
     node = inbound.node_id
     pending = view.state.pending
@@ -235,8 +234,7 @@ def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, no
             replacing=existing is not None,
         )
         if admission.drop:
-            decision.drop = admission.drop
-            return
+            return decision.dropped(admission.drop)
         if admission.evict is not None:
             victim = admission.evict
             decision.notes.append(
@@ -253,6 +251,7 @@ def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, no
     if protected:
         decision.protected.add(node)
     decision.events.append((PENDING_EVENT, {"peer_node_id": node}))
+    return decision
 
 
 def _grant(
