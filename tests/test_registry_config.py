@@ -56,3 +56,20 @@ def test_bad_config_is_a_config_error_naming_file_and_key(
         load_config(path)
     assert str(info.value).startswith(f"{path}: ")
     assert key in str(info.value)
+
+
+def test_demo_config_and_its_commented_example_are_valid(tmp_path: Path) -> None:
+    demo = Path(__file__).resolve().parent.parent / "conf" / "demo-registry.yaml"
+    assert load_config(str(demo)).networks == {}
+    # The commented example (networks by ID and by key, limits) must work when uncommented.
+    lines = demo.read_text().splitlines()
+    example = [
+        line[1:]
+        for line in lines
+        if line.startswith("#   ") and not line.lstrip("# ").startswith("pilot-registryd")
+    ]
+    example = [line for line in example if not line.strip().startswith("--store")]
+    config = load_config(write(tmp_path, "\n".join(example) + "\n"))
+    assert config.networks[3].node_ids == {1}
+    assert len(config.networks[3].keys) == 1
+    assert config.limits == Limits()
