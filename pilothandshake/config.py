@@ -139,9 +139,10 @@ def read_yaml(path: str) -> object:
     except RecursionError:
         # PyYAML composes recursively: a few thousand nested brackets exhaust the stack.
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
-    except ValueError as exc:
-        # int() refuses integers of more than 4,300 digits (Python's conversion limit).
-        raise ConfigError(f"{path}: invalid YAML: {_one_line(str(exc))}") from None
+    except (ValueError, OverflowError) as exc:
+        # PyYAML converts scalars with int() and datetime(): a 5,000-digit integer passes
+        # Python's digit limit, 2026-13-45 is no date. Its message names no line.
+        raise ConfigError(f"{path}: invalid YAML value: {_one_line(str(exc))[:200]}") from None
 
 
 def parse_config(data: object, source: str) -> Config:

@@ -18,6 +18,7 @@ __all__ = [
     "Refused",
     "address_text",
     "bool_field",
+    "format_address",
     "hostname_problem",
     "node_field",
     "real_addr",
@@ -101,7 +102,12 @@ def real_addr(listen_addr: str, source: str) -> str:
         if not _HOST.fullmatch(host):
             refuse(f"listen_addr {quote(listen_addr)} has an invalid host")
         unspecified = False
-    host = source if unspecified else host
+    return format_address((source if unspecified else host, port))
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """``host:port``, an IPv6 host in brackets (what ``parse_address`` reads back)."""
+    host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -41,6 +41,7 @@ from ..errors import ConfigError, HandshakeError, RegistryError
 from ..messages import parse_address, reset_close
 from .client import encode_frame, read_frame
 from .config import Limits, ServerConfig, load_config
+from .fields import format_address
 from .ratelimit import RateLimitedLog
 from .state import Registry
 from .storage import Store
@@ -359,9 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.start()
-    bound_host, bound_port = server.address
-    shown = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
-    print(f"pilot-registryd listening on {shown}", flush=True)
+    print(f"pilot-registryd listening on {format_address(server.address)}", flush=True)
     log.info("store: %s", store_path or "none (--memory)")
     # A bounded wait keeps the main thread responsive to signals on every platform.
     while not stop.wait(1.0):
