@@ -196,7 +196,7 @@ class RegistryServer:
     networks and the limits (``config.load_config`` reads it from YAML); ``expiry`` is how
     long a node stays online without a heartbeat; ``certfile``/``keyfile`` serve TLS.
     Raises ``StoreError`` for an unreadable store, ``ConfigError`` for unusable TLS files,
-    ``OSError`` when it cannot bind.
+    ``OSError`` when it cannot bind. ``registry`` is its state (``state.Registry``).
     """
 
     def __init__(
