@@ -62,7 +62,6 @@ from .messages import (
     HANDSHAKE_REVOKE,
     HandshakeMsg,
     handshake_challenge,
-    read_message,
     respond_challenge,
     truncate_utf8,
 )
@@ -76,6 +75,7 @@ from .store import (
     TrustRecord,
     TrustStore,
 )
+from .wire import read_message
 
 __all__ = ["DropLog", "Manager"]
 

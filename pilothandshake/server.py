@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable
 
 from .constants import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, STOP_TIMEOUT
-from .messages import reset_close
+from .wire import reset_close
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 from fakeruntime import Peer
 
 from pilothandshake.identity import b64encode
-from pilothandshake.messages import send_message
+from pilothandshake.wire import send_message
 
 __all__ = [
     "Capture",

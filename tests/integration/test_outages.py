@@ -28,8 +28,8 @@ import pilothandshake.store
 from pilothandshake.errors import StoreError
 from pilothandshake.identity import Identity
 from pilothandshake.manager import Manager
-from pilothandshake.messages import reset_close
 from pilothandshake.store import decode_state, load_state
+from pilothandshake.wire import reset_close
 
 from .conftest import Fleet, Node, Registry, wait_until
 
