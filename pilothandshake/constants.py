@@ -8,7 +8,7 @@ PORT_HANDSHAKE = 444
 # Section 3: the message on port 444.
 MAX_MESSAGE_SIZE = 64 * 1024
 READ_DEADLINE = 10.0  # total time for one message to arrive
-SEND_GRACE = 0.5  # how long a sender waits for the peer to close after half-closing
+SEND_GRACE = 2.0  # how long a sender waits for the receiver's end of stream after half-closing
 DIAL_TIMEOUT = 5.0  # connect + write bound for dial_and_send
 
 # Section 5: processing an incoming message.

@@ -79,9 +79,11 @@ def read_message(
 
     Stops as soon as the bytes form one complete object (returned without surrounding
     whitespace or trailing bytes) or the peer closes (what was read is returned, for
-    ``from_json`` to reject). Raises ``MessageError`` for "not a JSON object", "too large"
-    (more than ``max_size`` bytes), "timed out" (``deadline`` seconds in total), or a
-    receive error.
+    ``from_json`` to reject). Either way it then shuts down the write side of ``sock``: the
+    sender's end of stream, its proof of delivery, comes before any verifying or deciding,
+    and the caller closes ``sock`` once it has processed the message. Raises
+    ``MessageError`` for "not a JSON object", "too large" (more than ``max_size`` bytes),
+    "timed out" (``deadline`` seconds in total), or a receive error.
     """
     end_time = time.monotonic() + deadline
     buf = bytearray()
@@ -99,13 +101,21 @@ def read_message(
         except OSError as exc:
             _fail(f"receive failed: {exc}")
         if not chunk:
+            _half_close(sock)
             return bytes(buf)
         buf += chunk
         end = scanner.feed(buf)
         if end >= 0 and end <= max_size:
+            _half_close(sock)
             return bytes(buf[scanner.start : end])
         if len(buf) > max_size:
             _fail(f"message too large (more than {max_size} bytes)")
+
+
+def _half_close(sock: socket.socket) -> None:
+    # A peer that has already gone away cannot be told; its sender will not be waiting.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
 
 
 def send_message(
@@ -115,9 +125,11 @@ def send_message(
     grace: float = SEND_GRACE,
 ) -> None:
     """Deliver one message (SPEC 3 sending): connect, write, half-close, then wait up to
-    ``grace`` seconds for the peer to close. A close or the end of the grace is delivery;
-    a reset, or any error connecting or writing, raises ``SendError`` with the reason.
-    Bytes the peer sends back are read and ignored."""
+    ``grace`` seconds for the peer's end of stream, which a receiver sends once it has read
+    the whole message. That end of stream (or a normal close) is delivery. A reset, no end
+    of stream within the grace (a peer that accepted the connection but is hung, stopped
+    or swamped), or any error connecting or writing raises ``SendError`` with the reason,
+    so the caller can try the relay. Bytes the peer sends back are read and ignored."""
     host, port = address
     where = f"{host}:{port}"
     try:
@@ -132,18 +144,18 @@ def send_message(
         except OSError as exc:
             raise SendError(f"send to {where} failed: {exc}") from exc
         end_time = time.monotonic() + grace
-        while True:
-            remaining = end_time - time.monotonic()
-            if remaining <= 0:
-                return
+        remaining = grace
+        while remaining > 0:
             sock.settimeout(remaining)
             try:
                 if not sock.recv(4096):
                     return
             except socket.timeout:
-                return
+                break
             except OSError as exc:
                 raise SendError(f"{where} reset the connection: {exc}") from exc
+            remaining = end_time - time.monotonic()
+        raise SendError(f"{where} did not confirm the message within {grace:g} s (peer hung?)")
 
 
 def reset_close(sock: socket.socket) -> None:

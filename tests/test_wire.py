@@ -38,6 +38,9 @@ class ChunkSocket:
         self.recvs += 1
         return self.chunks.pop(0) if self.chunks else b""
 
+    def shutdown(self, how: int) -> None:
+        assert how == socket.SHUT_WR
+
 
 def test_read_message_finds_the_end_across_recv_boundaries() -> None:
     data = '{"a":"x\\"}{\\\\","b":[{"c":"é"}],"d":"}"}'.encode()
@@ -158,6 +161,30 @@ def test_read_message_returns_empty_bytes_when_the_peer_sends_nothing(
     assert read_message(reader, deadline=5) == b""
 
 
+def test_read_message_shuts_down_its_write_side_once_the_message_is_whole(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The sender's proof of delivery: end of stream as soon as the message is read, while
+    the receiver still holds the connection (it closes only after processing)."""
+    reader, writer = pair
+    writer.settimeout(5)
+    writer.sendall(MESSAGE)  # the writer does not half-close: the object's end is enough
+    assert read_message(reader, deadline=5) == MESSAGE
+    assert writer.recv(1) == b""
+
+
+def test_read_message_does_not_shut_down_before_the_message_is_whole(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    reader, writer = pair
+    writer.sendall(MESSAGE[:-1])
+    with pytest.raises(MessageError, match="timed out"):
+        read_message(reader, deadline=0.2)
+    writer.settimeout(0.2)
+    with pytest.raises(socket.timeout):
+        writer.recv(1)  # no end of stream: an unfinished message is not confirmed
+
+
 # --- sending one message --------------------------------------------------------------------
 
 
@@ -184,11 +211,18 @@ class Listener:
         if self.behaviour == "reset":
             reset_close(conn)
             return
+        if self.behaviour == "hung":  # accepted, never read: a stopped or swamped peer
+            self.release.wait(5)
+            conn.close()
+            return
         with conn:
-            self.received = read_message(conn, deadline=5)
-            if self.behaviour == "reply":
+            if self.behaviour == "reply":  # a receiver that answers before it closes
+                conn.settimeout(5)
+                self.received = conn.recv(65536)
                 conn.sendall(b"x" * 10000)
-            elif self.behaviour == "hold":
+                return
+            self.received = read_message(conn, deadline=5)
+            if self.behaviour == "hold":
                 self.release.wait(5)
 
     def close(self) -> None:
@@ -215,10 +249,34 @@ def test_send_message_is_delivered_when_the_peer_reads_and_closes(listener: List
 
 
 @pytest.mark.parametrize("listener", ["hold"], indirect=True)
-def test_send_message_counts_the_end_of_the_grace_as_delivered(listener: Listener) -> None:
+def test_send_message_is_delivered_at_the_receivers_half_close_before_it_closes(
+    listener: Listener,
+) -> None:
     started = time.monotonic()
-    send_message(listener.address, b"{}", timeout=5, grace=0.2)
-    assert 0.15 <= time.monotonic() - started < 2
+    send_message(listener.address, MESSAGE, timeout=5, grace=3)
+    assert time.monotonic() - started < 2  # did not wait for the grace to run out
+    assert listener.thread.is_alive()  # the receiver still holds the connection
+    assert listener.received == MESSAGE
+
+
+@pytest.mark.parametrize("listener", ["hung"], indirect=True)
+def test_send_message_to_a_peer_that_accepts_but_never_reads_raises_send_error(
+    listener: Listener,
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(SendError, match=r"did not confirm the message within 0\.3 s"):
+        send_message(listener.address, MESSAGE, timeout=5, grace=0.3)
+    assert 0.25 <= time.monotonic() - started < 3
+
+
+def test_send_message_to_a_listener_that_never_accepts_raises_send_error() -> None:
+    """A stopped process: the kernel completes the TCP handshake from the listen backlog,
+    takes the bytes, and nobody ever reads them."""
+    with socket.socket() as backlog:
+        backlog.bind(("127.0.0.1", 0))
+        backlog.listen(4)
+        with pytest.raises(SendError, match="did not confirm"):
+            send_message(backlog.getsockname(), MESSAGE, timeout=5, grace=0.3)
 
 
 @pytest.mark.parametrize("listener", ["reset"], indirect=True)
