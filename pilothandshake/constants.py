@@ -45,6 +45,7 @@ HEARTBEAT_FAILURES_BEFORE_REREGISTER = 3
 # Section 15: bounds of the daemon.
 MAX_CONNECTIONS = 256
 MAX_CONNECTIONS_PER_SOURCE = 16
+EVICT_AFTER = 1.0  # at the cap, a connection this old without a whole message makes room
 EVENT_QUEUE = 1024
 POOL_WORKERS = 8
 POOL_QUEUE = 1024
