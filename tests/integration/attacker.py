@@ -182,7 +182,7 @@ class Trickle:
 
     PREFIX = b'{"type":"handshake_request","justification":"'
 
-    def __init__(self, port: int, sources: list[str], per_source: int, limit: float = 60.0):
+    def __init__(self, port: int, sources: list[str], per_source: int, limit: float = 60.0) -> None:
         self.port = port
         self.slots = [source for source in sources for _ in range(per_source)]
         self.socks: list[socket.socket | None] = [None] * len(self.slots)
