@@ -33,12 +33,13 @@ from .errors import HandshakeError, RegistryError, SendError, StoreError
 from .events import EventBus
 from .identity import Identity
 from .manager import Manager
-from .messages import parse_address, send_message
+from .messages import parse_address
 from .registry.client import Client
 from .relay import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
 from .server import HandshakeServer
 from .store import corrupt_files
+from .wire import send_message
 
 log = logging.getLogger(__name__)
 
