@@ -53,6 +53,7 @@ def test_status_prints_aligned_fields_and_json_as_sent(
         "status": "ok",
         "data": {
             "node_id": 1,
+            "hostname": "",
             "listen": "127.0.0.1:444",
             "registry": None,
             "trusted": 0,
@@ -67,8 +68,10 @@ def test_handshake_reports_delivery(node: Node, capsys: pytest.CaptureFixture[st
         "request sent to 5\n",
         "",
     )
-    code, out, _ = run(node, capsys, "--json", "handshake", "1", "me")
-    assert (code, json.loads(out)["data"]) == (0, {"node_id": 1, "status": "trusted"})
+    node.receive_request(Peer(6))
+    node.manager.approve_handshake(6)
+    code, out, _ = run(node, capsys, "handshake", "6", "again", "--json")
+    assert (code, json.loads(out)["data"]) == (0, {"node_id": 6, "status": "trusted"})
 
 
 def test_handshake_failure_exits_1_with_the_reason(
@@ -107,8 +110,9 @@ def test_approve_then_trust_table_then_untrust(
     assert run(node, capsys, "approve", "9") == (0, "approved 9\n", "")
     code, out, _ = run(node, capsys, "trust")
     header, row = out.splitlines()
-    assert header.split() == ["NODE", "MUTUAL", "NETWORK", "APPROVED", "AT"]
+    assert header.split() == ["NODE", "MUTUAL", "NETWORK", "APPROVED", "AT", "STATE"]
     assert row.split()[:3] == ["9", "no", "-"]
+    assert row.split()[-1] == "trusted"
     code, out, _ = run(node, capsys, "--json", "trust")
     assert [r["node_id"] for r in json.loads(out)["data"]["trusted"]] == [9]
     assert run(node, capsys, "untrust", "9") == (0, "untrusted 9\n", "")
@@ -182,7 +186,8 @@ def test_events_prints_recent_events(node: Node, capsys: pytest.CaptureFixture[s
         [],
         ["frobnicate"],
         ["approve"],
-        ["approve", "x"],
+        ["approve", "bad\x1bname"],
+        ["approve", ""],
         ["approve", "4294967296"],
         ["wait", "3", "--timeout", "-1"],
         ["handshake", "3"],
