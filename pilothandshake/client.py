@@ -113,34 +113,37 @@ def _config_socket(path: str) -> str:
 
 def check_socket(path: str) -> None:
     """Refuse (``ControlError``) a socket another user could have put in place (module
-    docstring); a missing path is left to ``connect`` to report."""
+    docstring); a missing path is left to ``connect`` to report. A symbolic link is judged
+    both where it is and where it points."""
     real = os.path.realpath(path)
     try:
         info = os.lstat(real)
+        owner = os.stat(os.path.dirname(real)).st_uid
     except FileNotFoundError:
         return
     except OSError as exc:
         raise ControlError(f"cannot check the control socket {path}: {exc}") from None
-    directory = os.path.dirname(real)
-    try:
-        owner = os.stat(directory).st_uid
-    except OSError as exc:
-        raise ControlError(f"cannot check the control socket {path}: {exc}") from None
-    me = os.getuid()
-    trusted = {0, me, owner}
+    trusted = {0, os.getuid(), owner}
     if not stat.S_ISSOCK(info.st_mode):
         _refuse(path, f"{real} is not a socket")
     if info.st_uid not in trusted:
-        _refuse(path, f"{real} is owned by uid {info.st_uid}, not by {owner} who owns {directory}")
+        _refuse(path, f"{real} is owned by uid {info.st_uid}, not by the owner of its directory")
+    for directory in {os.path.dirname(os.path.abspath(path)), os.path.dirname(real)}:
+        _check_directories(path, directory, trusted)
+
+
+def _check_directories(path: str, directory: str, trusted: set[int]) -> None:
+    """``directory`` and those above it: owned by a ``trusted`` uid and not writable by
+    group or others (above the first, sticky directories such as /tmp are fine)."""
     first = True
     while True:
         try:
             info = os.stat(directory)
         except OSError as exc:
             raise ControlError(f"cannot check the control socket {path}: {exc}") from None
-        writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         if info.st_uid not in trusted:
             _refuse(path, f"{directory} is owned by uid {info.st_uid}")
+        writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         if writable and (first or not info.st_mode & stat.S_ISVTX):
             _refuse(path, f"{directory} is writable by group or others")
         parent = os.path.dirname(directory)
