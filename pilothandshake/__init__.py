@@ -15,9 +15,11 @@ the crypto, so a short-lived script or ``pilot-handshakectl`` starts fast.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # not typing's: importing typing alone costs a short script milliseconds
 if TYPE_CHECKING:
+    from typing import Any
+
     from .client import Client
     from .constants import PORT_HANDSHAKE
     from .daemon import Daemon

@@ -21,12 +21,15 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Any, Callable
 
 from .client import Client, ControlError, find_socket, raise_for_error
 from .constants import CONTROL_TIMEOUT, DEFAULT_CONFIG_PATH, WAIT_DEFAULT_TIMEOUT
 from .errors import HandshakeError
+
+TYPE_CHECKING = False  # not typing's: importing typing costs a short CLI run milliseconds
+if TYPE_CHECKING:
+    from datetime import datetime
+    from typing import Any, Callable
 
 __all__ = ["main_handshakectl"]
 
@@ -201,7 +204,9 @@ def _show_handshake(data: dict[str, Any]) -> str:
 
 
 def _show_pending(data: dict[str, Any]) -> str:
-    from .identity import fingerprint  # only this table needs it
+    from datetime import datetime, timezone
+
+    from .identity import fingerprint  # only this table needs these
 
     pending = data["pending"]
     if not pending:

@@ -39,8 +39,6 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from .constants import (
     CONTROL_SOCKET_NAME,
@@ -52,8 +50,15 @@ from .constants import (
 )
 from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
 
+# Not `typing.TYPE_CHECKING`: importing typing alone costs a short CLI run milliseconds.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Any, NoReturn
+
     from .store import PendingHandshake, TrustRecord
+
+    Response = dict[str, Any]
 
 __all__ = [
     "SOCKET_ENV",
@@ -67,8 +72,6 @@ __all__ = [
 ]
 
 SOCKET_ENV = "PILOT_HANDSHAKE_SOCKET"
-
-Response = dict[str, Any]
 
 # Error codes of the control socket that have their own exception; every other code is a
 # plain HandshakeError carrying the daemon's message.

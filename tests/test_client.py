@@ -268,7 +268,8 @@ def test_importing_the_client_loads_nothing_heavy() -> None:
         "assert not [m for m in sys.modules if m.startswith('pilothandshake.')], sys.modules\n"
         "from pilothandshake import Client\n"
         "import pilothandshake.cli\n"
-        "heavy = ('yaml', 'nacl', 'filelock', 'pilothandshake.daemon', 'pilothandshake.store',\n"
+        "heavy = ('yaml', 'nacl', 'filelock', 'typing', 'pilothandshake.daemon',\n"
+        "         'pilothandshake.store',\n"
         "         'pilothandshake.manager', 'pilothandshake.config', 'pilothandshake.identity')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
