@@ -39,6 +39,7 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "Config",
+    "ControlConfig",
     "EventsConfig",
     "FieldParser",
     "RegistryConfig",
@@ -88,6 +89,14 @@ class EventsConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """Section ``control``: who besides root and the daemon's user may use the control
+    socket (``group``: the socket becomes mode 0660 owned by that group; "" for none)."""
+
+    group: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``path`` is the file it came from ("" when built in code)."""
 
@@ -98,6 +107,7 @@ class Config:
     trust: TrustConfig = field(default_factory=TrustConfig)
     peers: dict[int, str] = field(default_factory=dict)
     events: EventsConfig = field(default_factory=EventsConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     max_connections: int = MAX_CONNECTIONS
     max_connections_per_source: int = MAX_CONNECTIONS_PER_SOURCE
     max_replay_per_source: int = MAX_REPLAY_PER_SOURCE
@@ -314,6 +324,7 @@ class FieldParser:
                 "trust",
                 "peers",
                 "events",
+                "control",
                 "max_connections",
                 "max_connections_per_source",
                 "max_replay_per_source",
@@ -330,6 +341,7 @@ class FieldParser:
             trust=self.trust(top.get("trust")),
             peers=self.peers(top.get("peers")),
             events=self.events(top.get("events")),
+            control=self.control(top.get("control")),
             max_connections=self.get(
                 top, "", "max_connections", defaults.max_connections, self.count
             ),
@@ -433,3 +445,13 @@ class FieldParser:
     def events(self, value: object) -> EventsConfig:
         section = self.section(value, "events", ("webhook",))
         return EventsConfig(webhook=self.get(section, "events", "webhook", "", self.webhook))
+
+    def control(self, value: object) -> ControlConfig:
+        section = self.section(value, "control", ("group",))
+        return ControlConfig(group=self.get(section, "control", "group", "", self.group))
+
+    def group(self, value: object, key: str) -> str:
+        text = self.string(value, key)
+        if "\x00" in text or text != text.strip():
+            self.fail(key, "a group name (or empty for none)", _describe(value))
+        return text
