@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import _common as c
+import yaml
 
 from pilothandshake.identity import Identity
 
@@ -69,9 +70,10 @@ def one_fleet(size: int, idle_seconds: float) -> dict[str, Any]:
         reg_addr = f"{c.LOOPBACK}:{reg_port}"
         reg_config = os.path.join(root, "registry.yaml")
         with open(reg_config, "w", encoding="utf-8") as out:
-            json.dump(
+            # YAML, not JSON: a network ID must be an integer key ("3" is refused).
+            yaml.safe_dump(
                 {
-                    "networks": {str(NETWORK): keys},
+                    "networks": {NETWORK: keys},
                     "limits": {
                         "register_per_minute": 10 * size,
                         "max_connections": 4096,

@@ -39,11 +39,14 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "Config",
+    "ControlConfig",
     "EventsConfig",
+    "FieldParser",
     "RegistryConfig",
     "TrustConfig",
     "load_config",
     "parse_config",
+    "read_yaml",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -86,6 +89,14 @@ class EventsConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """Section ``control``: who besides root and the daemon's user may use the control
+    socket (``group``: the socket becomes mode 0660 owned by that group; "" for none)."""
+
+    group: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``path`` is the file it came from ("" when built in code)."""
 
@@ -96,6 +107,7 @@ class Config:
     trust: TrustConfig = field(default_factory=TrustConfig)
     peers: dict[int, str] = field(default_factory=dict)
     events: EventsConfig = field(default_factory=EventsConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     max_connections: int = MAX_CONNECTIONS
     max_connections_per_source: int = MAX_CONNECTIONS_PER_SOURCE
     max_replay_per_source: int = MAX_REPLAY_PER_SOURCE
@@ -116,19 +128,31 @@ class Config:
 
 def load_config(path: str) -> Config:
     """Read and validate the YAML file at ``path``; raises ``ConfigError`` naming the file."""
+    return parse_config(read_yaml(path), path)
+
+
+def read_yaml(path: str) -> object:
+    """The YAML document in the file at ``path`` (None when empty).
+
+    Every failure is a ``ConfigError`` naming the file: unreadable, not UTF-8, not YAML,
+    nested too deeply, or holding an integer too long to convert.
+    """
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {_one_line(str(exc))}") from exc
     except RecursionError:
         # PyYAML composes recursively: a few thousand nested brackets exhaust the stack.
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
-    return parse_config(data, path)
+    except (ValueError, OverflowError) as exc:
+        # PyYAML converts scalars with int() and datetime(): a 5,000-digit integer passes
+        # Python's digit limit, 2026-13-45 is no date. Its message names no line.
+        raise ConfigError(f"{path}: invalid YAML value: {_one_line(str(exc))[:200]}") from None
 
 
 def parse_config(data: object, source: str) -> Config:
@@ -137,7 +161,7 @@ def parse_config(data: object, source: str) -> Config:
     ``source`` names the file in error messages, and a relative ``identity`` path is
     resolved against its directory.
     """
-    return _Parser(source).config(data)
+    return FieldParser(source).config(data)
 
 
 def _one_line(text: str) -> str:
@@ -158,8 +182,9 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-class _Parser:
-    """Validation with error messages that name the file and the dotted key."""
+class FieldParser:
+    """Validation with error messages that name the file and the dotted key (the daemon's
+    config here; ``pilot-registryd``'s reuses it)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -299,6 +324,7 @@ class _Parser:
                 "trust",
                 "peers",
                 "events",
+                "control",
                 "max_connections",
                 "max_connections_per_source",
                 "max_replay_per_source",
@@ -315,6 +341,7 @@ class _Parser:
             trust=self.trust(top.get("trust")),
             peers=self.peers(top.get("peers")),
             events=self.events(top.get("events")),
+            control=self.control(top.get("control")),
             max_connections=self.get(
                 top, "", "max_connections", defaults.max_connections, self.count
             ),
@@ -418,3 +445,13 @@ class _Parser:
     def events(self, value: object) -> EventsConfig:
         section = self.section(value, "events", ("webhook",))
         return EventsConfig(webhook=self.get(section, "events", "webhook", "", self.webhook))
+
+    def control(self, value: object) -> ControlConfig:
+        section = self.section(value, "control", ("group",))
+        return ControlConfig(group=self.get(section, "control", "group", "", self.group))
+
+    def group(self, value: object, key: str) -> str:
+        text = self.string(value, key)
+        if "\x00" in text or text != text.strip():
+            self.fail(key, "a group name (or empty for none)", _describe(value))
+        return text

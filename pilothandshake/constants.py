@@ -8,7 +8,7 @@ PORT_HANDSHAKE = 444
 # Section 3: the message on port 444.
 MAX_MESSAGE_SIZE = 64 * 1024
 READ_DEADLINE = 10.0  # total time for one message to arrive
-SEND_GRACE = 0.5  # how long a sender waits for the peer to close after half-closing
+SEND_GRACE = 2.0  # how long a sender waits for the receiver's end of stream after half-closing
 DIAL_TIMEOUT = 5.0  # connect + write bound for dial_and_send
 
 # Section 5: processing an incoming message.
@@ -48,6 +48,7 @@ HEARTBEAT_FAILURES_BEFORE_REREGISTER = 3
 # Section 15: bounds of the daemon.
 MAX_CONNECTIONS = 256
 MAX_CONNECTIONS_PER_SOURCE = 16
+EVICT_AFTER = 1.0  # at the cap, a connection this old without a whole message makes room
 EVENT_QUEUE = 1024
 POOL_WORKERS = 8
 POOL_QUEUE = 1024
@@ -63,7 +64,8 @@ DEFAULT_LISTEN = "0.0.0.0:444"
 CONTROL_SOCKET_NAME = "control.sock"  # beside the identity file (section 13)
 CONTROL_MAX_LINE = 64 * 1024  # one control request line
 CONTROL_TIMEOUT = 10.0  # client: connect and answer of a request that does not wait
-CONTROL_IDLE_TIMEOUT = 300.0  # server: a connection silent this long is closed
+CONTROL_IDLE_TIMEOUT = 30.0  # server: a connection silent this long is closed
+CONTROL_MAX_CONNECTIONS = 64  # server: connections served at once; newcomers get "busy"
 WAIT_DEFAULT_TIMEOUT = 30.0  # `wait` without --timeout
 WAIT_MAX_TIMEOUT = 3600.0  # `wait` longer than this is capped
 EVENT_HISTORY = 100  # recent events replayed to `events` (section 14)
@@ -71,8 +73,14 @@ WEBHOOK_TIMEOUT = 5.0  # one POST
 WEBHOOK_QUEUE = 256  # events waiting for the webhook; the oldest are dropped beyond
 WEBHOOK_LOG_INTERVAL = 60.0  # at most one webhook-failure WARNING per interval
 
-# Section 11: the embedded registry closes a connection idle this long between requests.
-REGISTRY_IDLE_TIMEOUT = 120.0
+# Section 11: the embedded registry (pilot-registryd). Its limits are the defaults of its
+# config's `limits:`, the production registry's values.
+REGISTRY_IDLE_TIMEOUT = 300.0  # a connection silent this long between requests is closed
+REGISTRY_REGISTER_PER_MINUTE = 10  # new keys registered per source address
+REGISTRY_MAX_CONNECTIONS = 1024
+REGISTRY_MAX_CONNECTIONS_PER_SOURCE = 64
+REGISTRY_INBOX_TTL = 24 * 3600.0  # a relayed request or response not polled is dropped
+DEFAULT_REGISTRY_STORE = "~/.pilot-registry/registry.json"  # without --store / --memory
 
 # Section 12: where pilot-handshaked reads its config when --config is not given.
 DEFAULT_CONFIG_PATH = "/etc/pilot-handshake/config.yaml"

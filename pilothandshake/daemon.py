@@ -33,12 +33,13 @@ from .errors import HandshakeError, RegistryError, SendError, StoreError
 from .events import EventBus
 from .identity import Identity
 from .manager import Manager
-from .messages import parse_address, send_message
+from .messages import parse_address
 from .registry.client import Client
 from .relay import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
 from .server import HandshakeServer
 from .store import corrupt_files
+from .wire import send_message
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,13 @@ class Daemon:
             raise
         try:
             self.control = ControlServer(
-                config.control_socket, self.manager, self.status, self.events
+                config.control_socket,
+                self.manager,
+                self.status,
+                self.events,
+                node_id=self.runtime.node_id,
+                registry=self.client,
+                group=config.control.group,
             )
         except BaseException:
             self.manager.close()

@@ -41,16 +41,11 @@ from ..errors import (
     SendError,
     StoreError,
 )
-from ..messages import (
-    HANDSHAKE_ACCEPT,
-    HANDSHAKE_REJECT,
-    HANDSHAKE_REQUEST,
-    read_message,
-    truncate_utf8,
-)
+from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REQUEST, truncate_utf8
 from ..pool import BackgroundPool
 from ..runtime import Closeable, Runtime
 from ..store import OUTGOING, Change, OutgoingRequest, PendingHandshake, TrustRecord
+from ..wire import read_message
 from .clock import Clock, Now, SystemClock
 from .decide import (
     Decision,
@@ -310,14 +305,15 @@ class Manager:
 
     def _on_request(self, inbound: Inbound) -> None:
         """SPEC 6, direct or relayed; a request arriving again by the other path is ignored."""
-        if self._intake.duplicate(inbound):
+        mark = self._intake.claim(inbound)
+        if mark is None:
             # The same request by the other path: a slow peer got it directly and the sender
             # then relayed it (SPEC 3). Decided already; nothing changes, nothing is announced.
             log.debug("node %d: duplicate request by the other path", inbound.node_id)
             return
         decision = self._decide(decide_request, inbound, self._intake.request_context(inbound))
-        if decision is not None and not decision.drop:
-            self._intake.decided(inbound)
+        if decision is None or decision.drop:
+            self._intake.release(inbound, mark)
 
     def process_relayed_request(
         self, from_node_id: int, justification: str, public_key: str = ""

@@ -96,25 +96,31 @@ class Intake:
         # Requests decided lately: (node, SHA-256 of the text) -> (relayed, monotonic time).
         self._recent: OrderedDict[tuple[int, bytes], tuple[bool, float]] = OrderedDict()
 
-    def duplicate(self, inbound: Inbound) -> bool:
-        """Whether this request was decided lately after arriving by the other path (direct
-        or relayed): then it changes nothing and publishes nothing again."""
-        with self._lock:
-            seen = self._recent.get(_fingerprint(inbound))
-        return (
-            seen is not None
-            and seen[0] != inbound.relayed
-            and self._clock.monotonic() - seen[1] < _DUPLICATE_WINDOW
-        )
-
-    def decided(self, inbound: Inbound) -> None:
-        """Remember that this request was decided (for ``duplicate``)."""
+    def claim(self, inbound: Inbound) -> tuple[bool, float] | None:
+        """Claim this request for deciding; None when it is a duplicate: decided lately after
+        arriving by the other path (direct or relayed), so it changes nothing and publishes
+        nothing again. Checked and claimed in one step: after a SIGSTOP both copies arrive
+        at once. Returns the claim, for ``release``."""
         fingerprint = _fingerprint(inbound)
+        mark = (inbound.relayed, self._clock.monotonic())
         with self._lock:
-            self._recent[fingerprint] = (inbound.relayed, self._clock.monotonic())
+            seen = self._recent.get(fingerprint)
+            other_path = seen is not None and seen[0] != inbound.relayed
+            if other_path and seen is not None and mark[1] - seen[1] < _DUPLICATE_WINDOW:
+                return None
+            self._recent[fingerprint] = mark
             self._recent.move_to_end(fingerprint)
             while len(self._recent) > SIDE_TABLE_LIMIT:
                 self._recent.popitem(last=False)
+        return mark
+
+    def release(self, inbound: Inbound, mark: tuple[bool, float]) -> None:
+        """Give up the claim ``mark`` of a request that was dropped: a copy by the other path
+        is then decided on its own."""
+        fingerprint = _fingerprint(inbound)
+        with self._lock:
+            if self._recent.get(fingerprint) == mark:
+                del self._recent[fingerprint]
 
     def message(self, data: bytes, remote: str) -> tuple[str, Inbound] | None:
         """SPEC 5 steps 1-4 for a port-444 message from ``remote``: its type and origin, or
