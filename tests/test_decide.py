@@ -4,7 +4,7 @@ touches the disk and no thread runs: ``decide`` is pure."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
@@ -111,6 +111,7 @@ class Case:
     quiet: bool = False
     record: tuple[str, bool, int] | None = None  # (public_key, mutual, network)
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] | None = None  # the INFO lines, when the case states them
 
 
 GRANTED = ["handshake.received", "handshake.auto_approved", "trust.changed"]
@@ -143,6 +144,7 @@ CASES: dict[str, Case] = {
         effects=GRANT_EFFECTS,
         record=(A64, True, 0),
         payloads={"handshake.auto_approved": {"peer_node_id": 7, "reason": "mutual"}},
+        notes=["trusted node 7"],
     ),
     "row 2, relayed: the answer goes through the registry": Case(
         decide_request,
@@ -197,7 +199,7 @@ CASES: dict[str, Case] = {
         EMPTY,
         direct(),
         context=Context(has_registry=True, agent_name="ci", agent_mismatch=True),
-        drop="allowlist's pinned key",
+        drop="public key differs from the allowlist's pinned key",
     ),
     "row 4 also for a record in conflict? no: the operator decides": Case(
         decide_request,
@@ -267,13 +269,13 @@ CASES: dict[str, Case] = {
         decide_request,
         View(state((trusted(B64),))),
         direct(),
-        drop="differs from the pinned key",
+        drop="public key differs from the pinned key",
     ),
     "strict: a key other than a bound pending request's is dropped": Case(
         decide_request,
         View(state(pending_=(pending(key=B64, bound=True),))),
         direct(),
-        drop="differs from the pinned key",
+        drop="public key differs from the pinned key",
     ),
     "legacy: no pin check": Case(
         decide_request,
@@ -337,13 +339,13 @@ CASES: dict[str, Case] = {
         decide_accept,
         View(state(outgoing=(7,))),
         direct(bound=False),
-        drop="neither registry-bound nor pinned",
+        drop="accept neither registry-bound nor pinned",
     ),
     "accept within the revoke cooldown": Case(
         decide_accept,
         View(state(outgoing=(7,)), revoked_at={7: NOW.monotonic - 299.0}),
         direct(),
-        drop="revoke cooldown",
+        drop="accept within the revoke cooldown",
     ),
     "accept once the cooldown is over": Case(
         decide_accept,
@@ -357,14 +359,15 @@ CASES: dict[str, Case] = {
         decide_accept,
         View(state(pending_=(pending(key=B64, bound=True),), outgoing=(7,))),
         direct(),
-        drop="differs from the pinned key",
+        drop="public key differs from the pinned key",
     ),
     # SPEC 7: reject
     "reject clears our outgoing request": Case(
         decide_reject,
         View(state(outgoing=(7,))),
-        direct(bound=False, pin=PinKind.TRUSTED),
+        direct(bound=False, pin=PinKind.TRUSTED, text="busy"),
         changes=[("outgoing", 7, False)],
+        notes=["node 7 rejected our request: 'busy'"],
     ),
     "reject neither bound nor pinned, with a registry": Case(
         decide_reject,
@@ -389,6 +392,7 @@ CASES: dict[str, Case] = {
         effects=[RevokeAtRegistry(7)],
         inline=[RemoveTunnelPeer(7)],
         payloads={"trust.revoked_by_peer": {"peer_node_id": 7, "reason": "bye"}},
+        notes=["node 7 revoked trust: 'bye'"],
     ),
     "revoke neither bound nor signed with the pinned key": Case(
         decide_revoke,
@@ -408,14 +412,19 @@ CASES: dict[str, Case] = {
         decide_revoke,
         View(state((trusted(""),), pending_=(pending(),))),
         direct(bound=False, pin=PinKind.WEAK),
-        drop="revoke neither",
+        drop="revoke neither registry-bound nor signed with the pinned key",
     ),
     "revoke of trust we never had: quiet": Case(decide_revoke, EMPTY, direct(), quiet=True),
     "the history is bounded: the entry that ended longest ago goes": Case(
         decide_revoke,
-        View(state((trusted(),), history=(FormerTrust(8, B64, T0),))),
+        View(
+            state(
+                (trusted(),),
+                history=(FormerTrust(9, B64, T0 + timedelta(1)), FormerTrust(8, B64, T0)),
+            )
+        ),
         direct(),
-        context=Context(has_registry=True, limits=Limits(max_history=1)),
+        context=Context(has_registry=True, limits=Limits(max_history=2)),
         events=["trust.revoked_by_peer", "trust.changed"],
         changes=[("trusted", 7, False), ("history", 8, False), ("history", 7, True)],
         effects=[RevokeAtRegistry(7)],
@@ -432,7 +441,7 @@ def changes_of(decision: Decision) -> list[tuple[str, int, bool]]:
 def test_decision_table(name: str) -> None:
     case = CASES[name]
     decision = case.decide(case.view, case.inbound, case.context, NOW)
-    assert (decision.drop != "", case.drop in decision.drop) == (case.drop != "", True)
+    assert decision.drop == case.drop
     assert bool(decision.quiet) == case.quiet
     if decision.drop or decision.quiet:
         assert (decision.events, decision.changes, decision.effects, decision.inline) == (
@@ -449,6 +458,8 @@ def test_decision_table(name: str) -> None:
     payloads = dict(decision.events)
     for topic, payload in case.payloads.items():
         assert payloads[topic] == payload
+    if case.notes is not None:
+        assert decision.notes == case.notes
     if case.record is not None:
         (record,) = [c.value for c in decision.changes if c.table == "trusted"]
         assert isinstance(record, TrustRecord)
@@ -563,3 +574,87 @@ def test_reap_forgets_requests_older_than_their_ttls() -> None:
     assert changes_of(decision) == [("outgoing", 8, False), ("pending", 10, False)]
     assert decision.notes == ["1 pending requests expired"]
     assert decide_reap(view, NOW, 2 * day, 3 * day).changes == []
+
+
+def test_the_operator_s_revoke_announces_itself() -> None:
+    decision = decide_untrust(View(state((trusted(),))), 7, NOW, Limits())
+    assert decision.events == [
+        ("trust.revoked", {"peer_node_id": 7}),
+        ("trust.changed", {"peer_node_id": 7, "state": "revoked"}),
+    ]
+    assert decision.notes == ["revoked trust in node 7"]
+    withdrawn = decide_untrust(View(state(outgoing=(7,))), 7, NOW, Limits())
+    assert withdrawn.notes == ["withdrew our request to node 7"]
+
+
+@pytest.mark.parametrize("relayed_", [False, True])
+def test_a_request_replacing_its_own_pending_one_is_not_held_to_the_quota(relayed_: bool) -> None:
+    """Same node, same source: a replacement, admitted even with the queue full."""
+    source = "relay" if relayed_ else HOST
+    view = View(state(pending_=(pending(source=source),)), arrival={7: 0})
+    inbound = relayed(A) if relayed_ else direct(bound=False)
+    context = Context(has_registry=True, limits=Limits(max_pending=1, unbound_per_source=0))
+    (change,) = decide_request(view, inbound, context, NOW).changes
+    assert change.value is not None and change.value.public_key == A64
+
+
+def test_a_request_from_a_new_source_counts_as_new_against_a_full_queue() -> None:
+    view = View(state(pending_=(pending(source="10.0.0.1"),)), arrival={7: 0})
+    context = Context(has_registry=True, limits=Limits(max_pending=1))
+    decision = decide_request(view, direct(bound=False), context, NOW)
+    # One entry, ours, from another source: replacing it is always admitted.
+    assert [c.node_id for c in decision.changes] == [7]
+    full = View(state(pending_=(pending(8), pending(9))), arrival={8: 0, 9: 1})
+    crowded = Context(has_registry=True, limits=Limits(max_pending=2))
+    assert decide_request(full, direct(bound=False), crowded, NOW).drop == "pending queue full"
+
+
+def test_the_bound_flag_of_a_pending_request() -> None:
+    bound_pending = View(state(pending_=(pending(bound=True, source="relay"),)))
+    same_key = decide_request(bound_pending, relayed(None), REGISTRY, NOW).changes[0].value
+    assert same_key is not None and same_key.bound
+    unbound_pending = View(state(pending_=(pending(bound=False),)))
+    request = decide_request(unbound_pending, direct(bound=False), REGISTRY, NOW).changes[0].value
+    assert request is not None and not request.bound
+    other_key = View(state(pending_=(pending(key=B64, bound=True),)))
+    legacy = Context(strict=False, has_registry=True)
+    request = decide_request(other_key, direct(bound=False), legacy, NOW).changes[0].value
+    assert request is not None and (request.public_key, request.bound) == (A64, False)
+
+
+def test_a_formerly_trusted_node_without_a_key_is_protected_only_when_bound() -> None:
+    former = View(state(history=(FormerTrust(7, "", T0),)))
+    assert decide_request(former, relayed(None), REGISTRY, NOW).protected == {7}
+    assert decide_request(former, direct(bound=False), REGISTRY, NOW).protected == set()
+
+
+def test_eviction_names_an_unknown_source() -> None:
+    view = View(state(pending_=(pending(8, source=""),)), arrival={8: 0})
+    context = Context(has_registry=True, limits=Limits(max_pending=1))
+    decision = decide_request(view, direct(), context, NOW)
+    assert decision.notes == [
+        "pending queue full: evicted the request of node 8 (source 'unknown')"
+    ]
+
+
+def test_a_reject_without_a_reason_is_logged_with_a_dash() -> None:
+    decision = decide_reject(View(state(outgoing=(7,))), direct(), REGISTRY, NOW)
+    assert decision.notes == ["node 7 rejected our request: -"]
+
+
+def test_relayed_and_protected_requests_count_against_no_source_quota() -> None:
+    view = View(state(pending_=(pending(8, bound=True, source="relay"),)))
+    quota = Context(has_registry=True, limits=Limits(bound_per_source=1, unbound_per_source=1))
+    assert decide_request(view, relayed(A), quota, NOW).drop == ""
+    hosts = View(state(pending_=(pending(8),)))
+    agent = replace(quota, agent_name="ci")
+    assert decide_request(hosts, direct(bound=False), agent, NOW).drop == ""
+    assert decide_request(hosts, direct(bound=False), quota, NOW).drop == (
+        "too many pending requests from this source address"
+    )
+
+
+def test_an_unbound_request_with_the_same_key_keeps_the_pending_request_bound() -> None:
+    view = View(state(pending_=(pending(bound=True),)))
+    request = decide_request(view, direct(bound=False), TOFU, NOW).changes[0].value
+    assert isinstance(request, PendingHandshake) and request.bound
