@@ -25,15 +25,16 @@ from .constants import (
     HEARTBEAT_INTERVAL,
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_SOURCE,
+    MAX_NODE_ID,
     MAX_REPLAY_PER_SOURCE,
     OUTGOING_TTL,
     POLL_INTERVAL,
+    TRUST_FILE,
 )
 from .errors import ConfigError
 from .identity import decode_key
-from .messages import MAX_NODE_ID, parse_address
+from .messages import parse_address
 from .runtime import AllowlistEntry
-from .store import TRUST_FILE
 
 __all__ = [
     "LOG_FORMATS",
@@ -42,7 +43,9 @@ __all__ = [
     "EventsConfig",
     "RegistryConfig",
     "TrustConfig",
+    "format_address",
     "load_config",
+    "parse_address",
     "parse_config",
 ]
 
@@ -112,6 +115,13 @@ class Config:
     def control_socket(self) -> str:
         """The control socket, ``control.sock`` beside the identity file."""
         return os.path.join(os.path.dirname(self.identity), CONTROL_SOCKET_NAME)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """``host:port`` of ``(host, port)``, with an IPv6 host in brackets: what
+    ``parse_address`` reads back."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def load_config(path: str) -> Config:
@@ -309,7 +319,7 @@ class _Parser:
         defaults = Config()
         return Config(
             identity=self.get(top, "", "identity", defaults.identity, self.identity),
-            node_id=self.get(top, "", "node_id", 0, self.node_id),
+            node_id=self.get(top, "", "node_id", defaults.node_id, self.node_id),
             listen=self.get(top, "", "listen", defaults.listen, self.listen),
             registry=self.registry(top.get("registry")),
             trust=self.trust(top.get("trust")),
@@ -342,8 +352,9 @@ class _Parser:
         section = self.section(value, "registry", known)
         if "address" not in section:
             self.fail("registry.address", "host:port of the registry (the key is required)")
-        tls = self.get(section, "registry", "tls", False, self.boolean)
-        pin = self.get(section, "registry", "fingerprint", "", self.fingerprint)
+        defaults = RegistryConfig(address="")
+        tls = self.get(section, "registry", "tls", defaults.tls, self.boolean)
+        pin = self.get(section, "registry", "fingerprint", defaults.fingerprint, self.fingerprint)
         if pin and not tls:
             # A pin without TLS would silently protect nothing.
             self.fail("registry.tls", "true when registry.fingerprint is set", "false")
@@ -352,21 +363,30 @@ class _Parser:
             tls=tls,
             fingerprint=pin,
             poll_interval=self.get(
-                section, "registry", "poll_interval", POLL_INTERVAL, self.seconds
+                section, "registry", "poll_interval", defaults.poll_interval, self.seconds
             ),
             heartbeat_interval=self.get(
-                section, "registry", "heartbeat_interval", HEARTBEAT_INTERVAL, self.seconds
+                section,
+                "registry",
+                "heartbeat_interval",
+                defaults.heartbeat_interval,
+                self.seconds,
             ),
-            public=self.get(section, "registry", "public", False, self.boolean),
+            public=self.get(section, "registry", "public", defaults.public, self.boolean),
         )
 
     def trust(self, value: object) -> TrustConfig:
         known = ("strict", "auto_approve", "outgoing_ttl", "allowlist", "deny")
         section = self.section(value, "trust", known)
+        defaults = TrustConfig()
         return TrustConfig(
-            strict=self.get(section, "trust", "strict", True, self.boolean),
-            auto_approve=self.get(section, "trust", "auto_approve", False, self.boolean),
-            outgoing_ttl=self.get(section, "trust", "outgoing_ttl", OUTGOING_TTL, self.seconds),
+            strict=self.get(section, "trust", "strict", defaults.strict, self.boolean),
+            auto_approve=self.get(
+                section, "trust", "auto_approve", defaults.auto_approve, self.boolean
+            ),
+            outgoing_ttl=self.get(
+                section, "trust", "outgoing_ttl", defaults.outgoing_ttl, self.seconds
+            ),
             allowlist=self.allowlist(section.get("allowlist")),
             deny=self.deny(section.get("deny")),
         )
@@ -417,4 +437,6 @@ class _Parser:
 
     def events(self, value: object) -> EventsConfig:
         section = self.section(value, "events", ("webhook",))
-        return EventsConfig(webhook=self.get(section, "events", "webhook", "", self.webhook))
+        return EventsConfig(
+            webhook=self.get(section, "events", "webhook", EventsConfig().webhook, self.webhook)
+        )

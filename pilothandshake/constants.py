@@ -4,6 +4,8 @@ Durations are float seconds; sizes are bytes.
 """
 
 PORT_HANDSHAKE = 444
+MAX_NODE_ID = 2**32 - 1  # node IDs are unsigned 32-bit
+MAX_NETWORK = 2**16 - 1  # network IDs are unsigned 16-bit
 
 # Section 3: the message on port 444.
 MAX_MESSAGE_SIZE = 64 * 1024
@@ -50,9 +52,10 @@ POOL_WORKERS = 8
 POOL_QUEUE = 1024
 STOP_TIMEOUT = 10.0  # how long stop() waits for background work
 
-# Section 10: trust.json. How long a write waits for trust.json.lock held by another process
-# before it fails (rolled back, StoreError) instead of hanging every caller.
+# Section 10: trust.json, beside the identity file. How long a write waits for trust.json.lock
+# held by another process before it fails (rolled back, StoreError) instead of hanging.
 TRUST_LOCK_TIMEOUT = 30.0
+TRUST_FILE = "trust.json"
 
 # Sections 12-14: config defaults, the control socket and the event stream.
 DEFAULT_IDENTITY_PATH = "~/.pilot-handshake/identity.json"

@@ -26,14 +26,14 @@ import time
 from types import FrameType, TracebackType
 from typing import Any, Callable
 
-from .config import Config, load_config
+from .config import Config, format_address, load_config, parse_address
 from .constants import DEFAULT_CONFIG_PATH
 from .control import ControlServer
 from .errors import HandshakeError, RegistryError, SendError, StoreError
 from .events import EventBus
 from .identity import Identity
 from .manager import Manager
-from .messages import parse_address, send_message
+from .messages import send_message
 from .registry.client import Client
 from .relay import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
@@ -43,12 +43,6 @@ from .store import corrupt_files
 log = logging.getLogger(__name__)
 
 __all__ = ["Daemon", "DaemonRuntime", "main"]
-
-
-def format_address(address: tuple[str, int]) -> str:
-    """``host:port``, with an IPv6 host in brackets."""
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class DaemonRuntime:

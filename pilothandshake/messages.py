@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 from .constants import (
     DIAL_TIMEOUT,
     MAX_MESSAGE_SIZE,
+    MAX_NODE_ID,
     MAX_TEXT_BYTES,
     PORT_HANDSHAKE,
     READ_DEADLINE,
@@ -64,7 +65,6 @@ HANDSHAKE_REJECT = "handshake_reject"
 HANDSHAKE_REVOKE = "handshake_revoke"
 MESSAGE_TYPES = frozenset({HANDSHAKE_REQUEST, HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE})
 
-MAX_NODE_ID = 2**32 - 1
 
 _STRING_FIELDS = ("public_key", "justification", "signature", "reason", "signature_v2")
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -17,10 +17,9 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
-from .constants import HEARTBEAT_FAILURES_BEFORE_REREGISTER, MAX_BACKOFF
+from .constants import HEARTBEAT_FAILURES_BEFORE_REREGISTER, MAX_BACKOFF, MAX_NODE_ID
 from .errors import RegistryError
 from .identity import Identity
-from .messages import MAX_NODE_ID
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,13 +43,12 @@ from typing import Any, Callable, NamedTuple, Union
 
 import filelock
 
-from .constants import TRUST_LOCK_TIMEOUT
+from . import fsutil
+from .constants import MAX_NETWORK, MAX_NODE_ID, TRUST_LOCK_TIMEOUT
 from .errors import StoreError
-from .messages import MAX_NODE_ID
 
 log = logging.getLogger(__name__)
 
-TRUST_FILE = "trust.json"
 DIRECTORY_LOCK = "handshake.lock"
 JOURNAL_SUFFIX = ".journal"
 # Compact when the journal would pass max(JOURNAL_MIN_BYTES, JOURNAL_RATIO * trust.json's size):
@@ -64,7 +62,6 @@ PENDING = "pending"
 OUTGOING = "outgoing"
 TABLES = (TRUSTED, PENDING, OUTGOING)
 
-MAX_NETWORK = 2**16 - 1
 # Go's zero time.Time: what Go reads for a missing time, and writes back.
 ZERO_TIME = datetime(1, 1, 1, tzinfo=timezone.utc)
 
@@ -461,8 +458,7 @@ class _Loaded(NamedTuple):
 
 def _load(path: str) -> _Loaded:
     try:
-        with open(path, "rb") as source:
-            data: bytes | None = source.read()
+        data: bytes | None = fsutil.read_file(path)
     except FileNotFoundError:
         data = None
     except OSError as exc:
@@ -526,8 +522,7 @@ def _replay_journal(path: str, digest: str | None, state: TrustState) -> int:
     """Apply the journal at ``path`` to ``state``, read from a trust.json whose SHA-256 is
     ``digest`` (None: no trust.json). Returns the journal's size in bytes (0: absent)."""
     try:
-        with open(path, "rb") as source:
-            data = source.read()
+        data = fsutil.read_file(path)
     except FileNotFoundError:
         return 0
     except OSError as exc:
@@ -588,44 +583,6 @@ def _lock_directory(directory: str) -> filelock.FileLock:
     return lock
 
 
-def _temporary_prefix(path: str) -> str:
-    """How the names of ``path``'s temporary files begin (they end in ``.tmp``)."""
-    return f".{os.path.basename(path)}."
-
-
-def _remove_stale_temporaries(path: str) -> None:
-    """Delete temporary files a killed writer left beside ``path``.
-
-    Call holding the directory lock: no other writer of ``path`` can be mid-write, so every
-    such file is litter. They are never read as state; removing them keeps crashes from
-    accumulating files in the identity directory.
-    """
-    directory = os.path.dirname(path) or "."
-    prefix = _temporary_prefix(path)
-    try:
-        names = os.listdir(directory)
-    except OSError as exc:
-        log.warning("cannot list %s for stale temporary files: %s", directory, exc)
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            stale = os.path.join(directory, name)
-            try:
-                os.unlink(stale)
-            except OSError as exc:
-                log.warning("cannot remove stale temporary file %s: %s", stale, exc)
-            else:
-                log.info("removed %s, left by an interrupted write", stale)
-
-
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class TrustStore:
     """trust.json and its journal with group commit and the identity directory lock (SPEC 10).
 
@@ -676,7 +633,7 @@ class TrustStore:
             except OSError as exc:
                 raise StoreError(f"cannot create {self._directory}: {exc}") from exc
             self._directory_lock = _lock_directory(self._directory)
-            _remove_stale_temporaries(path)
+            fsutil.remove_stale_temporaries(path)
             try:
                 loaded = _load(path)
             except StoreError:
@@ -841,7 +798,7 @@ class TrustStore:
         """The journal's descriptor, created (mode 0600) on first use; the caller fsyncs the
         directory after creating it (a compaction does, right after its rename)."""
         if self._journal_fd is None:
-            fd = os.open(self._journal_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = fsutil.open_nofollow(self._journal_path, os.O_RDWR | os.O_CREAT)
             try:
                 if os.fstat(fd).st_mode & 0o777 != 0o600:
                     os.fchmod(fd, 0o600)  # copied in from elsewhere
@@ -877,7 +834,7 @@ class TrustStore:
         self._base, self._trust_size = _digest(data), len(data)
         # The journal's header names the file just replaced: never append to it again.
         self._journal_ours = False
-        _fsync_directory(self._directory)
+        fsutil.fsync_directory(self._directory)
         if self._journal_size != 0:
             fd = self._open_journal()
             try:
@@ -899,19 +856,9 @@ class TrustStore:
             self._after_replace(data)
 
     def _replace(self, data: bytes) -> None:
-        fd, temporary = tempfile.mkstemp(
-            prefix=_temporary_prefix(self.path), suffix=".tmp", dir=self._directory
-        )
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        # The rename only: _after_replace fsyncs the directory (which also makes a
+        # just-created journal's entry durable), after _lead has noted that the disk changed.
+        fsutil.replace_file(self.path, data)
 
     def _roll_back(self, error: str) -> dict[str, list[bytes]]:
         """Undo every change since the last successful write and fail all of them.
