@@ -26,6 +26,7 @@ import time
 from types import FrameType, TracebackType
 from typing import Any, Callable
 
+from . import fsutil
 from .config import Config, format_address, load_config, parse_address
 from .constants import DEFAULT_CONFIG_PATH
 from .control import ControlServer
@@ -183,6 +184,19 @@ class DaemonRuntime:
         return self._client
 
 
+def _prepare_state_directory(identity: str) -> None:
+    """Create the state directory (the identity file's) mode 0700 when missing, and refuse
+    one, or an identity file, that another user owns or that others can write: whoever
+    can write there can swap the key or plant links (like OpenSSH's StrictModes)."""
+    directory = os.path.dirname(identity) or "."
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create state directory {directory}: {exc}") from exc
+    fsutil.check_private(directory, "state directory")
+    fsutil.check_private(identity, "identity file")
+
+
 def _check_identity_mode(path: str) -> None:
     """Refuse an identity file others can read: its private key would not be private."""
     try:
@@ -231,6 +245,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         """Build every part from ``config``; nothing listens until ``start()``."""
         self.config = config
+        _prepare_state_directory(config.identity)
         _check_identity_mode(config.identity)
         self.identity = Identity.load_or_create(config.identity)
         self.events = EventBus(self._current_node_id, config.events.webhook)

@@ -273,3 +273,49 @@ def test_main_with_a_bad_config_prints_one_line_and_returns_1(
     assert err.startswith("pilot-handshaked: ") and str(config) in err and "listen" in err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 1
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_missing_state_directory_is_created_private(short_dir: Path) -> None:
+    state = short_dir / "state"
+    Daemon(node_config(short_dir, identity=str(state / "identity.json"))).stop()
+    assert (state.stat().st_mode & 0o777) == 0o700
+
+
+def test_state_directory_writable_by_others_is_refused_naming_the_fix(short_dir: Path) -> None:
+    os.chmod(short_dir, 0o777)
+    with pytest.raises(StoreError) as caught:
+        Daemon(node_config(short_dir))
+    message = str(caught.value)
+    assert f"state directory {short_dir} is writable by group or others" in message
+    assert f"run: chmod go-w {short_dir}" in message
+    assert not (short_dir / "identity.json").exists()  # refused before anything is written
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_identity_file_owned_by_another_user_is_refused(short_dir: Path) -> None:
+    identity = short_dir / "identity.json"
+    Identity.load_or_create(str(identity))
+    os.chown(identity, 12345, 12345)
+    with pytest.raises(StoreError, match=f"identity file {identity} is owned by uid 12345"):
+        Daemon(node_config(short_dir))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_state_directory_owned_by_another_user_is_refused(short_dir: Path) -> None:
+    os.chown(short_dir, 12345, 12345)
+    with pytest.raises(StoreError, match=f"state directory {short_dir} is owned by uid 12345"):
+        Daemon(node_config(short_dir))
+
+
+def test_planted_journal_link_is_refused_and_its_target_untouched(short_dir: Path) -> None:
+    victim = short_dir.parent / f"{short_dir.name}-victim"
+    victim.write_bytes(b"root's file\n")
+    os.chmod(victim, 0o644)
+    try:
+        (short_dir / "trust.json.journal").symlink_to(victim)
+        with pytest.raises(StoreError, match="symbolic link"):
+            Daemon(node_config(short_dir))
+        assert victim.read_bytes() == b"root's file\n"
+        assert (victim.stat().st_mode & 0o777) == 0o644
+    finally:
+        victim.unlink()

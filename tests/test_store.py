@@ -921,3 +921,26 @@ def test_close_rolls_back_changes_never_committed(trust_path: Path) -> None:
         opened.commit(seq)
     assert opened.working == before == load_state(str(trust_path))
     assert trust_path.read_bytes() == encode_state(before)
+
+
+# Links planted in the state directory
+
+
+@pytest.mark.parametrize("name", ["trust.json", "trust.json.journal"])
+def test_planted_link_is_refused_and_its_target_never_truncated_or_chmodded(
+    trust_path: Path, tmp_path: Path, name: str
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's file")
+    victim.chmod(0o644)
+    trust_path.parent.mkdir(mode=0o700)
+    (trust_path.parent / name).symlink_to(victim)
+    with pytest.raises(StoreError, match="symbolic link"):
+        opened, lock = open_store(trust_path)
+        # Old code opened it: make it write and compact, as a daemon would.
+        with lock:
+            seq = opened.put_trusted(TrustRecord(7, KEY_A, T0))
+        opened.commit(seq)
+        opened.close()
+    assert victim.read_bytes() == b"someone else's file"
+    assert victim.stat().st_mode & 0o777 == 0o644
