@@ -52,9 +52,7 @@ POOL_WORKERS = 8
 POOL_QUEUE = 1024
 STOP_TIMEOUT = 10.0  # how long stop() waits for background work
 
-# Section 10: trust.json, beside the identity file. How long a write waits for trust.json.lock
-# held by another process before it fails (rolled back, StoreError) instead of hanging.
-TRUST_LOCK_TIMEOUT = 30.0
+# Section 10: trust.json, beside the identity file.
 TRUST_FILE = "trust.json"
 
 # Sections 12-14: config defaults, the control socket and the event stream.

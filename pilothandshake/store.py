@@ -44,12 +44,12 @@ from typing import Any, Callable, NamedTuple, Union
 import filelock
 
 from . import fsutil
-from .constants import MAX_NETWORK, MAX_NODE_ID, TRUST_LOCK_TIMEOUT
+from .constants import MAX_NETWORK, MAX_NODE_ID
 from .errors import StoreError
 
 log = logging.getLogger(__name__)
 
-DIRECTORY_LOCK = "handshake.lock"
+LOCK_SUFFIX = ".lock"
 JOURNAL_SUFFIX = ".journal"
 # Compact when the journal would pass max(JOURNAL_MIN_BYTES, JOURNAL_RATIO * trust.json's size):
 # a rewrite then costs about as much as the appends it saves replaying, and a startup replays at
@@ -565,26 +565,12 @@ def _replay_journal(path: str, digest: str | None, state: TrustState) -> int:
     return len(data)
 
 
-def _lock_directory(directory: str) -> filelock.FileLock:
-    """Take the identity directory's lock for the life of a store (SPEC 10: one daemon per
-    identity). flock on its own open file, so a second store in this process fails too."""
-    path = os.path.join(directory, DIRECTORY_LOCK)
-    # thread_local=False: close() may run on another thread than the one that opened.
-    lock = filelock.FileLock(path, timeout=0, mode=0o600, thread_local=False)
-    try:
-        lock.acquire()
-    except filelock.Timeout as exc:
-        raise StoreError(
-            f"identity directory {directory} is in use by another pilot-handshake process "
-            f"(lock {path})"
-        ) from exc
-    except OSError as exc:
-        raise StoreError(f"cannot lock {path}: {exc}") from exc
-    return lock
-
-
 class TrustStore:
-    """trust.json and its journal with group commit and the identity directory lock (SPEC 10).
+    """trust.json and its journal with group commit, holding trust.json.lock (SPEC 10).
+
+    The lock is taken once, at open, and released at close: it keeps any other process
+    (a second daemon, a tool) from writing trust.json, and so is also the "one daemon per
+    identity directory" lock. Writes never wait for it.
 
     ``path`` "" keeps everything in memory: ``commit`` makes changes visible at once.
     Mutations are made holding ``lock`` (the Manager's); ``commit`` is called without it.
@@ -598,7 +584,8 @@ class TrustStore:
         lock: threading.RLock,
         on_commit: Callable[[list[Change]], None],
     ) -> None:
-        """Open the store: create the directory, take its lock, load ``path`` and its journal.
+        """Open the store: create the directory, take trust.json.lock, load ``path`` and its
+        journal.
 
         Writes nothing. Raises ``StoreError`` when the directory is in use or a file does not
         parse.
@@ -608,7 +595,9 @@ class TrustStore:
         self._done = threading.Condition(lock)
         self._on_commit = on_commit
         self._directory = os.path.dirname(path) or "."
-        self._directory_lock: filelock.FileLock | None = None
+        # Held from open to close; None in memory (and once closed). One object, taken by
+        # one thread: filelock gives no exclusion between threads sharing an object.
+        self._file_lock: filelock.FileLock | None = None
         self._closed = False
         self._seq = 0  # the last sequence number handed out
         self._resolved = 0  # every change up to this one was written or rolled back
@@ -632,12 +621,14 @@ class TrustStore:
                 os.makedirs(self._directory, mode=0o700, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create {self._directory}: {exc}") from exc
-            self._directory_lock = _lock_directory(self._directory)
+            self._file_lock = fsutil.hold_lock(
+                path + LOCK_SUFFIX, f"identity directory {self._directory}"
+            )
             fsutil.remove_stale_temporaries(path)
             try:
                 loaded = _load(path)
             except StoreError:
-                self._directory_lock.release()
+                self._file_lock.release()
                 raise
         state = loaded.state
         self._base, self._trust_size, self._journal_size = (
@@ -645,13 +636,6 @@ class TrustStore:
             loaded.size,
             loaded.journal,
         )
-        # One lock object, used only by the writer: filelock gives no exclusion between
-        # threads sharing an object, and two objects on one path in one thread deadlock.
-        self._file_lock: filelock.FileLock | None = None
-        if path:
-            self._file_lock = filelock.FileLock(
-                path + ".lock", timeout=TRUST_LOCK_TIMEOUT, mode=0o600
-            )
         self._fragments = {name: _Fragments(name, state.table(name)) for name in TABLES}
         self.visible = state
         self.working = state.copy()
@@ -749,15 +733,14 @@ class TrustStore:
             if self._closed:
                 raise OSError("the trust store is closed")
             if self._file_lock is not None:
-                with self._file_lock:
-                    if snapshot is not None:
-                        data = _document(snapshot)
-                        self._open_journal()
-                        self._replace(data)
-                        replaced = True
-                        self._after_replace(data)
-                    else:
-                        self._append(line)
+                if snapshot is not None:
+                    data = _document(snapshot)
+                    self._open_journal()
+                    self._replace(data)
+                    replaced = True
+                    self._after_replace(data)
+                else:
+                    self._append(line)
         except OSError as exc:
             error = f"cannot write {self.path or 'the trust state'}: {exc}"
             with self._done:
@@ -849,11 +832,9 @@ class TrustStore:
 
     def _rewrite(self, data: bytes) -> None:
         """Compact: replace trust.json with ``data`` and empty the journal."""
-        assert self._file_lock is not None
-        with self._file_lock:
-            self._open_journal()
-            self._replace(data)
-            self._after_replace(data)
+        self._open_journal()
+        self._replace(data)
+        self._after_replace(data)
 
     def _replace(self, data: bytes) -> None:
         # The rename only: _after_replace fsyncs the directory (which also makes a
@@ -896,8 +877,8 @@ class TrustStore:
         return ""
 
     def close(self) -> None:
-        """Wait for a write in flight, compact the journal into trust.json, release the
-        directory lock; later commits fail. Changes not yet committed are rolled back.
+        """Wait for a write in flight, compact the journal into trust.json, release
+        trust.json.lock; later commits fail. Changes not yet committed are rolled back.
 
         Idempotent. A failed compaction is logged: the journal still holds every change.
         """
@@ -905,7 +886,7 @@ class TrustStore:
             self._closed = True
             while self._writing:
                 self._done.wait()
-            if self._directory_lock is None:
+            if self._file_lock is None:
                 return
             error = f"cannot write {self.path}: the trust store is closed"
             if self._log:
@@ -913,7 +894,7 @@ class TrustStore:
             snapshot = self._render() if self._journal_size != 0 else None
             self._writing = True  # commits wait, then find the store closed
         try:
-            if snapshot is not None and self._file_lock is not None:
+            if snapshot is not None:
                 try:
                     self._rewrite(_document(snapshot))
                 except OSError as exc:
@@ -924,8 +905,8 @@ class TrustStore:
                     with contextlib.suppress(OSError):
                         os.close(self._journal_fd)
                     self._journal_fd = None
-                if self._directory_lock is not None:
-                    self._directory_lock.release()
-                    self._directory_lock = None
+                if self._file_lock is not None:
+                    self._file_lock.release()
+                    self._file_lock = None
                 self._writing = False
                 self._done.notify_all()
