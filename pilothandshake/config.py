@@ -28,6 +28,7 @@ from .constants import (
     MAX_NODE_ID,
     MAX_REPLAY_PER_SOURCE,
     OUTGOING_TTL,
+    PENDING_TTL,
     POLL_INTERVAL,
     TRUST_FILE,
 )
@@ -55,6 +56,8 @@ LOG_FORMATS = ("text", "json")
 _HEX_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 # Longest accepted duration (about 31 years): within threading.TIMEOUT_MAX everywhere.
 _MAX_SECONDS = 1e9
+# Largest accepted count (connections, replay entries): a C int everywhere it may go.
+_MAX_COUNT = 2**31 - 1
 _T = TypeVar("_T")
 
 
@@ -77,6 +80,7 @@ class TrustConfig:
     strict: bool = True
     auto_approve: bool = False
     outgoing_ttl: float = OUTGOING_TTL
+    pending_ttl: float = PENDING_TTL
     allowlist: dict[int, AllowlistEntry] = field(default_factory=dict)
     deny: frozenset[int] = frozenset()
 
@@ -95,6 +99,8 @@ class Config:
     identity: str = field(default_factory=lambda: os.path.expanduser(DEFAULT_IDENTITY_PATH))
     node_id: int = 0
     listen: str = DEFAULT_LISTEN
+    # Asked of the registry at registration; a taken or invalid name is logged, not fatal.
+    hostname: str = ""
     registry: RegistryConfig | None = None
     trust: TrustConfig = field(default_factory=TrustConfig)
     peers: dict[int, str] = field(default_factory=dict)
@@ -138,6 +144,10 @@ def load_config(path: str) -> Config:
     except RecursionError:
         # PyYAML composes recursively: a few thousand nested brackets exhaust the stack.
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as exc:
+        # PyYAML converts scalars with int() and datetime(): a 5,000-digit integer passes
+        # Python's digit limit, 2026-13-45 is no date. Its message names no line.
+        raise ConfigError(f"{path}: invalid YAML value: {_one_line(str(exc))[:200]}") from None
     return parse_config(data, path)
 
 
@@ -158,6 +168,9 @@ def _describe(value: object) -> str:
     """How a wrong value is shown in an error: scalars as written, containers by kind."""
     if value is None:
         return "null"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        # repr() of a huge integer is long, and past 4,300 digits raises ValueError.
+        return f"an integer of {value.bit_length()} bits"
     if isinstance(value, (bool, int, float, str)):
         text = repr(value)
         return text if len(text) <= 80 else text[:77] + "..."
@@ -225,7 +238,7 @@ class _Parser:
         return self.integer(value, key, 0, MAX_NODE_ID)
 
     def count(self, value: object, key: str) -> int:
-        return self.integer(value, key, 1)
+        return self.integer(value, key, 1, _MAX_COUNT)
 
     def seconds(self, value: object, key: str) -> float:
         # Compare before converting: float() of a huge YAML integer raises OverflowError.
@@ -305,6 +318,7 @@ class _Parser:
                 "identity",
                 "node_id",
                 "listen",
+                "hostname",
                 "registry",
                 "trust",
                 "peers",
@@ -321,6 +335,7 @@ class _Parser:
             identity=self.get(top, "", "identity", defaults.identity, self.identity),
             node_id=self.get(top, "", "node_id", defaults.node_id, self.node_id),
             listen=self.get(top, "", "listen", defaults.listen, self.listen),
+            hostname=self.get(top, "", "hostname", defaults.hostname, self.string),
             registry=self.registry(top.get("registry")),
             trust=self.trust(top.get("trust")),
             peers=self.peers(top.get("peers")),
@@ -376,7 +391,7 @@ class _Parser:
         )
 
     def trust(self, value: object) -> TrustConfig:
-        known = ("strict", "auto_approve", "outgoing_ttl", "allowlist", "deny")
+        known = ("strict", "auto_approve", "outgoing_ttl", "pending_ttl", "allowlist", "deny")
         section = self.section(value, "trust", known)
         defaults = TrustConfig()
         return TrustConfig(
@@ -386,6 +401,9 @@ class _Parser:
             ),
             outgoing_ttl=self.get(
                 section, "trust", "outgoing_ttl", defaults.outgoing_ttl, self.seconds
+            ),
+            pending_ttl=self.get(
+                section, "trust", "pending_ttl", defaults.pending_ttl, self.seconds
             ),
             allowlist=self.allowlist(section.get("allowlist")),
             deny=self.deny(section.get("deny")),

@@ -30,6 +30,7 @@ MAX_TEXT_BYTES = 1024  # stored justification / reason
 # Section 7: accept, reject, revoke.
 REVOKE_COOLDOWN = 5 * 60.0
 OUTGOING_TTL = 7 * 24 * 3600.0
+PENDING_TTL = 7 * 24 * 3600.0  # config trust.pending_ttl: a pending request expires (section 15)
 REAP_INTERVAL = 5 * 60.0
 RELAY_RECENT = 60.0  # an earlier relayed request this recent may still wait in the inbox
 

@@ -71,7 +71,7 @@ class DaemonRuntime:
         return self._config
 
     def reload(self, config: Config) -> None:
-        """Take ``trust`` (allowlist, deny, auto_approve, strict, outgoing_ttl) and ``peers``
+        """Take ``trust`` (allowlist, deny, auto_approve, strict, the TTLs) and ``peers``
         from ``config``; the rest needs a restart."""
         self._config = dataclasses.replace(self._config, trust=config.trust, peers=config.peers)
 
@@ -127,6 +127,10 @@ class DaemonRuntime:
     def trust_outgoing_ttl(self) -> float:
         """Config ``trust.outgoing_ttl``."""
         return self._config.trust.outgoing_ttl
+
+    def trust_pending_ttl(self) -> float:
+        """Config ``trust.pending_ttl``."""
+        return self._config.trust.pending_ttl
 
     def is_denied(self, node_id: int) -> bool:
         """Whether ``node_id`` is on the deny list."""

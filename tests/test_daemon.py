@@ -24,7 +24,13 @@ from pilothandshake.daemon import (
     main,
     move_corrupt_aside,
 )
-from pilothandshake.errors import HandshakeError, RegistryError, SendError, StoreError
+from pilothandshake.errors import (
+    ConfigError,
+    HandshakeError,
+    RegistryError,
+    SendError,
+    StoreError,
+)
 from pilothandshake.events import EventBus
 from pilothandshake.identity import Identity
 from pilothandshake.runtime import AllowlistEntry
@@ -319,3 +325,26 @@ def test_planted_journal_link_is_refused_and_its_target_untouched(short_dir: Pat
         assert (victim.stat().st_mode & 0o777) == 0o644
     finally:
         victim.unlink()
+
+
+def test_reload_of_a_file_with_a_5000_digit_integer_keeps_the_old_config(
+    short_dir: Path,
+) -> None:
+    path = short_dir / "config.yaml"
+    path.write_text(
+        yaml.safe_dump({"identity": str(short_dir / "identity.json"), "listen": "127.0.0.1:0"})
+    )
+    daemon = Daemon.from_file(str(path))
+    try:
+        before = daemon.config
+        path.write_text(path.read_text() + "trust: {deny: [" + "7" * 5000 + "]}\n")
+        with pytest.raises(ConfigError, match=str(path)):
+            daemon.reload()
+        assert daemon.config is before
+    finally:
+        daemon.stop()
+
+
+def test_runtime_reads_pending_ttl_from_the_config() -> None:
+    config = Config(listen="127.0.0.1:0", trust=TrustConfig(pending_ttl=30.0))
+    assert runtime(config).trust_pending_ttl() == 30.0
