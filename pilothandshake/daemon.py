@@ -360,6 +360,7 @@ class Daemon:
                 poll_interval=registry.poll_interval,
                 heartbeat_interval=registry.heartbeat_interval,
                 public=registry.public,
+                hostname=self.config.hostname,
                 on_node_id=self.runtime.set_node_id,
             )
             self.loop.register_once()
