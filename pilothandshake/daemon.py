@@ -317,6 +317,11 @@ class Daemon:
             "registry": registry,
             "trusted": len(self.manager.trusted_peers()),
             "pending": self.manager.pending_count(),
+            "webhook": (
+                {"url": self.config.events.webhook, "dropped": self.events.webhook_dropped}
+                if self.config.events.webhook
+                else None
+            ),
         }
 
     def start(self) -> None:

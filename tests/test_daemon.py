@@ -9,6 +9,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pilothandshake.config import Config, RegistryConfig, TrustConfig
+from pilothandshake.config import Config, EventsConfig, RegistryConfig, TrustConfig
 from pilothandshake.daemon import (
     Daemon,
     DaemonRuntime,
@@ -184,6 +185,7 @@ def test_daemon_start_and_stop_are_idempotent_and_release_everything(short_dir: 
         "registry": None,
         "trusted": 0,
         "pending": 0,
+        "webhook": None,
     }
     assert os.path.exists(config.control_socket)
     daemon.stop()
@@ -348,3 +350,17 @@ def test_reload_of_a_file_with_a_5000_digit_integer_keeps_the_old_config(
 def test_runtime_reads_pending_ttl_from_the_config() -> None:
     config = Config(listen="127.0.0.1:0", trust=TrustConfig(pending_ttl=30.0))
     assert runtime(config).trust_pending_ttl() == 30.0
+
+
+def test_status_shows_the_events_the_webhook_dropped(short_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"  # nothing listens after this
+    config = node_config(short_dir, events=EventsConfig(webhook=url))
+    with Daemon(config) as daemon:
+        assert daemon.status()["webhook"] == {"url": url, "dropped": 0}
+        daemon.events.publish("handshake.received", {"peer_node_id": 5})
+        deadline = time.monotonic() + WAIT
+        while daemon.status()["webhook"]["dropped"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert daemon.status()["webhook"]["dropped"] == 1
+    assert Daemon(node_config(short_dir)).status()["webhook"] is None
