@@ -17,7 +17,13 @@ from typing import Any
 import pytest
 import yaml
 
-from pilothandshake.config import Config, EventsConfig, RegistryConfig, TrustConfig
+from pilothandshake.config import (
+    Config,
+    EventsConfig,
+    RegistryConfig,
+    TrustConfig,
+    format_address,
+)
 from pilothandshake.daemon import (
     Daemon,
     DaemonRuntime,
@@ -34,6 +40,7 @@ from pilothandshake.errors import (
 )
 from pilothandshake.events import EventBus
 from pilothandshake.identity import Identity
+from pilothandshake.registry.server import RegistryServer
 from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import load_state
 
@@ -364,3 +371,59 @@ def test_status_shows_the_events_the_webhook_dropped(short_dir: Path) -> None:
             time.sleep(0.02)
         assert daemon.status()["webhook"]["dropped"] == 1
     assert Daemon(node_config(short_dir)).status()["webhook"] is None
+
+
+@pytest.fixture
+def embedded_registry() -> Iterator[str]:
+    server = RegistryServer("127.0.0.1", 0)
+    server.start()
+    try:
+        yield format_address(server.address)
+    finally:
+        server.stop()
+
+
+def registered_config(directory: Path, registry: str) -> Config:
+    return node_config(directory, node_id=0, registry=RegistryConfig(address=registry))
+
+
+def test_a_node_id_the_registry_changed_is_an_error_and_an_event(
+    short_dir: Path, embedded_registry: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory = short_dir / "node.json"
+    memory.write_text(json.dumps({"registry": embedded_registry, "node_id": 99}))
+    daemon = Daemon(registered_config(short_dir, embedded_registry))
+    subscription = daemon.events.subscribe()
+    with caplog.at_level(logging.ERROR, logger="pilothandshake.daemon"), daemon:
+        assert daemon.node_id == 1
+        event = subscription.get(timeout=WAIT)
+    assert event is not None and event["event"] == "node.id_changed"
+    assert event["data"] == {"old": 99, "new": 1} and event["node_id"] == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "ID 1, but it was node 99 before" in errors[0]
+    assert json.loads(memory.read_text()) == {"registry": embedded_registry, "node_id": 1}
+    assert memory.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_same_node_id_again_is_no_event(
+    short_dir: Path, embedded_registry: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = registered_config(short_dir, embedded_registry)
+    with Daemon(config) as first:
+        assert first.node_id == 1
+    daemon = Daemon(config)
+    subscription = daemon.events.subscribe()
+    with caplog.at_level(logging.ERROR, logger="pilothandshake.daemon"), daemon:
+        assert daemon.node_id == 1
+        assert subscription.get(timeout=0.2) is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_legacy_mode_logs_one_warning_saying_what_it_relaxes(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = node_config(short_dir, trust=TrustConfig(strict=False))
+    with caplog.at_level(logging.WARNING, logger="pilothandshake.daemon"), Daemon(config):
+        pass
+    (line,) = [r.getMessage() for r in caplog.records if "legacy mode" in r.getMessage()]
+    assert "Go-style signature" in line and "still needs a valid key and signature" in line
