@@ -7,7 +7,7 @@ and the working state. docs/DESIGN.md draws the map.
 """
 
 from .clock import Clock, SystemClock
-from .core import TRUST_FILE, Manager
+from .core import Manager
 from .droplog import DropLog
 
-__all__ = ["TRUST_FILE", "Clock", "DropLog", "Manager", "SystemClock"]
+__all__ = ["Clock", "DropLog", "Manager", "SystemClock"]

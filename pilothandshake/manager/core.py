@@ -32,6 +32,7 @@ from ..constants import (
     PORT_HANDSHAKE,
     REAP_INTERVAL,
     STOP_TIMEOUT,
+    TRUST_FILE,
 )
 from ..errors import (
     HandshakeError,
@@ -66,11 +67,10 @@ from .queue import Limits
 from .replay import ReplaySet
 from .state import State
 
-__all__ = ["TRUST_FILE", "Manager"]
+__all__ = ["Manager"]
 
 log = logging.getLogger(__name__)
 
-TRUST_FILE = "trust.json"
 _QUIET = (RegistryError,)  # background failures logged at DEBUG: the registry is best effort
 # At most one ERROR line per this many seconds for failed writes of inbound messages.
 _STORE_ERROR_INTERVAL = 60.0
