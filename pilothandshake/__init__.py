@@ -7,6 +7,7 @@ in-process), the wire message ``HandshakeMsg`` and its type constants, the trust
 and the error classes.
 """
 
+from ._version import __version__ as __version__
 from .constants import PORT_HANDSHAKE
 from .daemon import Daemon
 from .errors import (

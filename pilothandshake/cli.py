@@ -14,6 +14,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from ._version import __version__
 from .config import Config, load_config
 from .control import ControlClient, ControlError
 from .errors import ConfigError
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="pilot-handshakectl",
         description="Operate a running pilot-handshaked over its control socket.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
     parser.add_argument(
         "--config", metavar="FILE", help="the daemon's config (its socket is beside the identity)"

@@ -26,6 +26,7 @@ import time
 from types import FrameType, TracebackType
 from typing import Any, Callable
 
+from ._version import __version__
 from .config import Config, load_config
 from .constants import DEFAULT_CONFIG_PATH
 from .control import ControlServer
@@ -457,6 +458,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="pilot-handshaked",
         description="Serve the Pilot Protocol trust handshake (port 444).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--config",
         default=DEFAULT_CONFIG_PATH,

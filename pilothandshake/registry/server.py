@@ -39,6 +39,7 @@ from typing import Any, Callable, NoReturn, Union
 
 import yaml
 
+from .._version import __version__
 from ..constants import (
     MAX_REGISTRY_FRAME_SERVER,
     REGISTRY_IDLE_TIMEOUT,
@@ -784,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pilot-registryd", description="Run the embedded Pilot registry."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--listen", required=True, metavar="HOST:PORT")
     parser.add_argument("--store", default="", metavar="PATH", help="persist state here")
     parser.add_argument("--config", default="", metavar="PATH", help="YAML: networks")
