@@ -220,9 +220,10 @@ def _bind_error(listen: str, exc: OSError) -> HandshakeError:
         return HandshakeError(f"cannot listen on {listen}: address already in use")
     if exc.errno == errno.EACCES:
         return HandshakeError(
-            f"cannot listen on {listen}: permission denied; run as root, grant "
-            "CAP_NET_BIND_SERVICE (setcap 'cap_net_bind_service=+ep' "
-            "$(readlink -f $(which python3))), or listen on a port >= 1024"
+            # Not `setcap` on the interpreter: that would grant every script it runs.
+            f"cannot listen on {listen}: permission denied; a port below 1024 needs "
+            "CAP_NET_BIND_SERVICE: run under the systemd unit (AmbientCapabilities), or "
+            "listen on a port >= 1024 and redirect the port to it"
         )
     return HandshakeError(f"cannot listen on {listen}: {exc.strerror or exc}")
 

@@ -52,6 +52,7 @@ def node_config(name: str, directory: Path, listen: str, registry: str) -> dict[
     """Demo node ``name``'s config: state in ``directory``, serving ``listen``."""
     return {
         "identity": str(directory / f"node-{name}" / "identity.json"),
+        "hostname": f"node-{name}",
         "listen": listen,
         "registry": {
             "address": registry,
