@@ -62,8 +62,10 @@ def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # --no-isolation: build with the setuptools already installed, offline and fast; an
     # sdist needs no `wheel`, which the build dependencies list for the wheel.
     result = subprocess.run(
-        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check"]
-        + ["--outdir", str(out)],
+        [
+            *(sys.executable, "-m", "build", "--sdist", "--outdir", str(out)),
+            *("--no-isolation", "--skip-dependency-check"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
