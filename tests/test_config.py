@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pilothandshake.config import Config, load_config, parse_config
+from pilothandshake.config import Config, format_address, load_config, parse_address, parse_config
 from pilothandshake.errors import ConfigError
 from pilothandshake.runtime import AllowlistEntry
 
@@ -120,7 +120,7 @@ def test_integer_accepted_for_seconds_and_null_section_means_defaults(tmp_path: 
         ("peers: {42: '10.0.0.5'}\n", "peers.42", "host:port"),
         ("peers: {x: '10.0.0.5:444'}\n", "peers.x", "an integer"),
         ("events: {webhook: 'ftp://x/y'}\n", "events.webhook", "http"),
-        ("max_connections: 0\n", "max_connections", ">= 1"),
+        ("max_connections: 0\n", "max_connections", "an integer 1.."),
         ("max_connections_per_source: 2.5\n", "max_connections_per_source", "an integer"),
         ("log_level: verbose\n", "log_level", "debug, info, warning, error"),
         ("log_format: xml\n", "log_format", "text, json"),
@@ -170,3 +170,48 @@ def test_config_built_in_code_has_defaults_and_is_frozen() -> None:
     assert config.control_socket == os.path.expanduser("~/.pilot-handshake/control.sock")
     with pytest.raises(AttributeError):
         config.node_id = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "max_replay_per_source: " + "9" * 5000 + "\n",  # past Python's int() digit limit
+        "trust: {deny: [" + "1" * 5000 + "]}\n",
+        "node_id: 2026-13-45\n",  # YAML's timestamp constructor raises ValueError
+    ],
+)
+def test_every_parse_failure_is_a_config_error_naming_the_file(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert len(str(info.value)) < 400
+
+
+def test_huge_hex_integer_is_described_without_printing_it(tmp_path: Path) -> None:
+    # int() of hex has no digit limit, but repr() of the result would raise ValueError.
+    path = write(tmp_path, "node_id: 0x" + "f" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"node_id: expected an integer 0\.\.\d+, got an integer"):
+        load_config(path)
+
+
+def test_counts_have_an_upper_bound(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"max_connections: expected an integer 1\.\.2147483647"):
+        load_config(write(tmp_path, "max_connections: 0x" + "f" * 40 + "\n"))
+
+
+def test_pending_ttl_and_hostname(tmp_path: Path) -> None:
+    default = load_config(write(tmp_path, ""))
+    assert default.trust.pending_ttl == 604800 and default.hostname == ""
+    config = load_config(write(tmp_path, "hostname: build-1\ntrust: {pending_ttl: 60}\n"))
+    assert config.trust.pending_ttl == 60 and config.hostname == "build-1"
+    with pytest.raises(ConfigError, match=r"trust\.pending_ttl: expected a number of seconds"):
+        load_config(write(tmp_path, "trust: {pending_ttl: 0}\n"))
+    with pytest.raises(ConfigError, match="hostname: expected a string"):
+        load_config(write(tmp_path, "hostname: 5\n"))
+
+
+def test_format_address_is_what_parse_address_reads_back() -> None:
+    for address in (("127.0.0.1", 444), ("::1", 0), ("example.org", 65535)):
+        assert parse_address(format_address(address)) == address
+    assert format_address(("::1", 444)) == "[::1]:444"

@@ -38,11 +38,10 @@ from ..constants import (
     REGISTRY_TIMEOUT,
 )
 from ..errors import ConfigError, HandshakeError, RegistryError
-from ..messages import parse_address
+from ..messages import format_address, parse_address
 from ..wire import reset_close
 from .client import encode_frame, read_frame
 from .config import Limits, ServerConfig, load_config
-from .fields import format_address
 from .ratelimit import RateLimitedLog
 from .state import Registry
 from .storage import Store
