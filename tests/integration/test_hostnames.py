@@ -14,7 +14,6 @@ from pilothandshake.client import Client
 
 from .conftest import BIN, Fleet, Node, process_env, wait_until
 
-
 # The relayed copy of an accept that arrived directly: ignored at DEBUG ...
 SECOND_ACCEPT = "accept from a node already trusted"
 # ... but on main until the refactor branch (its commit 6de0430) is merged, dropped with a
