@@ -193,6 +193,12 @@ def _show_status(data: dict[str, Any]) -> str:
         ["trusted", str(data.get("trusted", "?"))],
         ["pending", str(data.get("pending", "?"))],
     ]
+    if isinstance(registry, dict) and registry.get("hostname_error"):
+        # The daemon runs without the name it was configured with: say so where it is seen.
+        wanted = _printable(str(registry.get("hostname", "")))
+        rows.insert(
+            1, ["hostname", f"{wanted} not set: {_printable(str(registry['hostname_error']))}"]
+        )
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
 
 

@@ -112,9 +112,12 @@ class Proc:
 
 
 class Registry(Proc):
-    """A pilot-registryd on a free port."""
+    """A pilot-registryd on a free port; with ``memory`` it keeps nothing (``--memory``),
+    else its store is ``registry.json`` in its directory."""
 
-    def __init__(self, directory: Path, networks: dict[int, list[Any]] | None = None) -> None:
+    def __init__(
+        self, directory: Path, networks: dict[int, list[Any]] | None = None, memory: bool = False
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -130,8 +133,7 @@ class Registry(Proc):
                 str(BIN / "pilot-registryd"),
                 "--listen",
                 self.address,
-                "--store",
-                str(directory / "registry.json"),
+                *(["--memory"] if memory else ["--store", str(directory / "registry.json")]),
                 "--config",
                 str(config),
             ],
@@ -142,6 +144,12 @@ class Registry(Proc):
         self.spawn()
         self.wait_output("listening")
         return self
+
+    def restart(self) -> Registry:
+        """Stop (cleanly) and start again on the same address."""
+        assert self.stop() == 0, self.stderr
+        self.out_path.write_bytes(b"")  # a fresh "listening" line to wait for
+        return self.start()
 
 
 class Node(Proc):
@@ -233,8 +241,10 @@ class Fleet:
         self.root = root
         self.procs: list[Proc] = []
 
-    def registry(self, networks: dict[int, list[Any]] | None = None) -> Registry:
-        reg = Registry(self.root / f"registry{len(self.procs)}", networks)
+    def registry(
+        self, networks: dict[int, list[Any]] | None = None, memory: bool = False
+    ) -> Registry:
+        reg = Registry(self.root / f"registry{len(self.procs)}", networks, memory)
         self.procs.append(reg)
         return reg
 
