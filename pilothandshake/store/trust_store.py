@@ -4,12 +4,13 @@ Two copies of the state live in memory: ``working``, which decisions read and mu
 the Manager's lock, and ``visible``, which holds only changes that are on disk. Every change
 gets a sequence number; ``commit(seq)`` returns once that change is durable and visible.
 
-Group commit: a caller that finds no write in flight writes itself, at once, every change
-made so far (one thread, no hand-off). Callers that arrive during a write sleep on one of two
-conditions: ``_current`` when their change is in the write in flight (all of them are woken
-when it ends, and return), ``_next`` when it came later (when the write ends, one of them is
-woken to write the next batch, which carries the others). So a commit that waits is woken
-once, and an uncontended commit never waits.
+Group commit: a caller that finds no write in flight (or promised) writes itself, at once,
+every change made so far: no hand-off, no wake-up. Callers that arrive during a write sleep
+on one of two conditions: ``_current`` when their change is in the write in flight (all are
+woken when it ends, and return), ``_next`` when it came later. When a write ends with callers
+on ``_next``, the next write is promised to one of them (``_claimed``), which alone is woken
+to write every change made by then, those of the others included; a caller arriving in
+between joins that write instead of racing it. So a commit that waits is woken once.
 
 A write is one of two things, and each has one commit point:
 
@@ -162,6 +163,9 @@ class TrustStore:
         # Changes not yet written, each with its record's JSON text for the journal.
         self._log: deque[tuple[int, Change, str]] = deque()
         self._writing = False
+        # The next write is promised to a caller woken from _next (and it is not yet running).
+        self._claimed = False
+        self._queued = 0  # callers asleep on _next (reset when a write takes them on)
         loaded = _Loaded(TrustState(), None, 0, 0)
         if path:
             try:
@@ -254,8 +258,14 @@ class TrustStore:
         with self._lock:
             if seq > self._seq:
                 raise ValueError(f"change {seq} was never made (last is {self._seq})")
-            while seq > self._resolved and self._writing:
-                (self._current if seq <= self._upto else self._next).wait()
+            while seq > self._resolved and (self._writing or self._claimed):
+                if self._writing and seq <= self._upto:
+                    self._current.wait()
+                    continue
+                self._queued += 1
+                self._next.wait()
+                if self._claimed and not self._writing:
+                    break  # woken to write the next batch
             if seq <= self._resolved:
                 error = self._failure(seq)
                 if error:
@@ -268,11 +278,12 @@ class TrustStore:
     def _start_write(self) -> tuple[bytes, dict[str, list[bytes]] | None]:
         """Become the writer of every change made so far: returns the journal line to append,
         or "" and the snapshot to checkpoint. Call holding the lock, with no write in flight."""
-        self._writing = True
+        self._writing, self._claimed = True, False
         self._upto = self._seq
         # Whoever waits for a later change now waits for this write; _current is empty (its
         # waiters were all woken when the last write ended).
         self._current, self._next = self._next, self._current
+        self._queued = 0
         if self._file_lock is None:
             return b"", None
         line = encode_line((change, text) for _, change, text in self._log)
@@ -281,14 +292,17 @@ class TrustStore:
         return line, None
 
     def _end_write(self, failed: bool = False) -> None:
-        """Wake the callers of the write that ended and one caller to lead the next (the rest
-        of those wait for that next write); all of them when every change made so far has
-        ``failed``. Call holding the lock."""
+        """Wake the callers of the write that ended, and promise the next write to one caller
+        waiting for a later change (the others join that write); wake them all instead when
+        every change made so far has ``failed``. Call holding the lock."""
         self._writing = False
         self._current.notify_all()
         if failed:
+            self._claimed, self._queued = False, 0
             self._next.notify_all()
-        else:
+        elif self._queued and not self._claimed:
+            self._claimed = True
+            self._queued -= 1
             self._next.notify()
 
     def _lead(self, upto: int, line: bytes, snapshot: dict[str, list[bytes]] | None) -> None:
