@@ -219,3 +219,10 @@ def test_emptying_after_a_checkpoint_starts_a_journal_for_the_new_file(
 def test_decode_line_reads_back_what_encode_line_wrote() -> None:
     for changes in WRITES:
         assert decode_line(json.loads(line(changes)), "line 2") == changes
+
+
+def test_a_damaged_line_followed_by_a_torn_write_is_damage_not_a_torn_write(trust: Path) -> None:
+    data = write_journal(trust, WRITES[:1])
+    journal_path(trust).write_bytes(data + b"not json\n" + line(WRITES[1])[:10])
+    with pytest.raises(StoreError, match="line 3 does not parse"):
+        replayed(trust)
