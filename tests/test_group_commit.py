@@ -105,6 +105,35 @@ def run(target: Callable[..., Any], *args: Any, name: str) -> threading.Thread:
     return thread
 
 
+def leader_and_followers(
+    store: TrustStore,
+    lock: threading.RLock,
+    held: HeldFsync,
+    wakeups: Wakeups,
+    followers: tuple[int, ...],
+) -> dict[int, str]:
+    """Node 10's commit leads a write held in fsync while ``followers`` commit behind it and
+    fall asleep; then the write goes on. Returns each node's outcome ("ok" or the error)."""
+    outcomes: dict[int, str] = {}
+
+    def commit_one(node: int) -> None:
+        try:
+            commit(store, lock, node)
+            outcomes[node] = "ok"
+        except StoreError as exc:
+            outcomes[node] = str(exc)
+
+    leader = run(commit_one, 10, name="leader")
+    assert held.entered.wait(DEADLINE)
+    threads = [run(commit_one, node, name=f"follower-{node}") for node in followers]
+    wait_until(lambda: wakeups.waiting == len(followers), "the followers sleep")
+    held.release.set()
+    for thread in [leader, *threads]:
+        thread.join(DEADLINE)
+        assert not thread.is_alive()
+    return outcomes
+
+
 def test_an_uncontended_commit_writes_itself_and_never_sleeps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -121,23 +150,8 @@ def test_callers_behind_a_write_are_woken_once_and_share_the_next_write(
 ) -> None:
     store, lock, wakeups = open_counted(tmp_path / "trust.json", monkeypatch)
     held = HeldFsync(monkeypatch)
-    errors: list[BaseException] = []
-
-    def commit_one(node: int) -> None:
-        try:
-            commit(store, lock, node)
-        except BaseException as exc:
-            errors.append(exc)
-
-    leader = run(commit_one, 10, name="leader")
-    assert held.entered.wait(DEADLINE)
-    followers = [run(commit_one, node, name=f"follower-{node}") for node in (11, 12, 13)]
-    wait_until(lambda: wakeups.waiting == 3, "the three followers sleep")
-    held.release.set()
-    for thread in [leader, *followers]:
-        thread.join(DEADLINE)
-        assert not thread.is_alive()
-    assert errors == []
+    outcomes = leader_and_followers(store, lock, held, wakeups, (11, 12, 13))
+    assert outcomes == {10: "ok", 11: "ok", 12: "ok", 13: "ok"}
     # The leader wrote without sleeping; one follower wrote all three later changes in one
     # append (one fsync); each follower was woken exactly once (the old code woke every
     # sleeper at the end of each write, so two of them were woken twice).
@@ -153,23 +167,7 @@ def test_a_failed_write_fails_every_caller_since_the_last_successful_write(
     store, lock, wakeups = open_counted(tmp_path / "trust.json", monkeypatch)
     held = HeldFsync(monkeypatch)
     held.fail = True
-    outcomes: dict[int, str] = {}
-
-    def commit_one(node: int) -> None:
-        try:
-            commit(store, lock, node)
-            outcomes[node] = "ok"
-        except StoreError as exc:
-            outcomes[node] = str(exc)
-
-    leader = run(commit_one, 10, name="leader")
-    assert held.entered.wait(DEADLINE)
-    followers = [run(commit_one, node, name=f"follower-{node}") for node in (11, 12)]
-    wait_until(lambda: wakeups.waiting == 2, "the two followers sleep")
-    held.release.set()
-    for thread in [leader, *followers]:
-        thread.join(DEADLINE)
-        assert not thread.is_alive()
+    outcomes = leader_and_followers(store, lock, held, wakeups, (11, 12))
     # The followers' changes came after the failed write's snapshot, but since the last
     # successful write: rolled back and failed with the same error, never written.
     assert set(outcomes) == {10, 11, 12}
