@@ -27,6 +27,7 @@ from types import FrameType, TracebackType
 from typing import Any, Callable
 
 from . import fsutil
+from ._version import __version__
 from .config import Config, format_address, load_config, parse_address
 from .constants import DEFAULT_CONFIG_PATH
 from .control import ControlServer
@@ -285,9 +286,10 @@ def _bind_error(listen: str, exc: OSError) -> HandshakeError:
         return HandshakeError(f"cannot listen on {listen}: address already in use")
     if exc.errno == errno.EACCES:
         return HandshakeError(
-            f"cannot listen on {listen}: permission denied; run as root, grant "
-            "CAP_NET_BIND_SERVICE (setcap 'cap_net_bind_service=+ep' "
-            "$(readlink -f $(which python3))), or listen on a port >= 1024"
+            # Not `setcap` on the interpreter: that would grant every script it runs.
+            f"cannot listen on {listen}: permission denied; a port below 1024 needs "
+            "CAP_NET_BIND_SERVICE: run under the systemd unit (AmbientCapabilities), or "
+            "listen on a port >= 1024 and redirect the port to it"
         )
     return HandshakeError(f"cannot listen on {listen}: {exc.strerror or exc}")
 
@@ -551,6 +553,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="pilot-handshaked",
         description="Serve the Pilot Protocol trust handshake (port 444).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--config",
         default=DEFAULT_CONFIG_PATH,

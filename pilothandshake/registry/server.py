@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
 
+from .._version import __version__
 from ..constants import (
     DEFAULT_REGISTRY_STORE,
     DROP_LOG_PER_SECOND,
@@ -297,6 +298,7 @@ exit codes:
     parser.add_argument(
         "--config", default="", metavar="PATH", help="YAML with networks: and limits:"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--tls-cert", default="", metavar="PATH", help="serve TLS (PEM)")
     parser.add_argument("--tls-key", default="", metavar="PATH", help="key of --tls-cert")
     parser.add_argument(
