@@ -73,3 +73,7 @@ REGISTRY_IDLE_TIMEOUT = 120.0
 
 # Section 12: where pilot-handshaked reads its config when --config is not given.
 DEFAULT_CONFIG_PATH = "/etc/pilot-handshake/config.yaml"
+
+# Section 13c: how often STATUS= is refreshed under systemd without a watchdog (with one, at
+# every WATCHDOG=1, half of WatchdogSec=).
+SYSTEMD_STATUS_INTERVAL = 30.0

@@ -27,7 +27,7 @@ from types import FrameType, TracebackType
 from typing import Any, Callable
 
 from .config import Config, load_config
-from .constants import DEFAULT_CONFIG_PATH
+from .constants import DEFAULT_CONFIG_PATH, SYSTEMD_STATUS_INTERVAL
 from .control import ControlServer
 from .errors import HandshakeError, RegistryError, SendError, StoreError
 from .events import EventBus
@@ -37,6 +37,7 @@ from .messages import parse_address, send_message
 from .registry.client import Client
 from .relay import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
+from .sdnotify import Notifier, Watchdog
 from .server import HandshakeServer
 from .store import corrupt_files
 
@@ -306,6 +307,20 @@ class Daemon:
             "pending": self.manager.pending_count(),
         }
 
+    def status_line(self) -> str:
+        """``status()`` in one line, for systemd's ``STATUS=``; asks the Manager, so it
+        is also the watchdog's proof that the Manager answers."""
+        status = self.status()
+        line = (
+            f"node {status['node_id']} on {status['listen']}: "
+            f"{status['trusted']} trusted, {status['pending']} pending"
+        )
+        registry = status["registry"]
+        if registry is not None:
+            state = "reachable" if registry.get("reachable") else "unreachable"
+            line += f", registry {registry['address']} {state}"
+        return line
+
     def start(self) -> None:
         """Bind port 444, register (one synchronous try), start the registry loop, the
         events and the control socket. Idempotent; on failure everything is stopped again
@@ -474,7 +489,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the policy. Returns the exit
-    code: 0 after a clean stop, 1 when it cannot start (one line on stderr says why)."""
+    code: 0 after a clean stop, 1 when it cannot start (one line on stderr says why).
+
+    Under systemd (``$NOTIFY_SOCKET``) it tells the manager each step (SPEC 13c): ``READY=1``
+    once port 444 and the control socket serve, ``RELOADING=1`` / ``READY=1`` around a
+    reload, ``STOPPING=1``, and ``STATUS=`` / ``WATCHDOG=1`` from a ``Watchdog`` thread."""
     args = _parse_args(argv)
     try:
         config = load_config(args.config)
@@ -517,6 +536,14 @@ def main(argv: list[str] | None = None) -> int:
         f"control {config.control_socket}",
         flush=True,
     )
+    notifier = Notifier.from_environment()
+    watchdog = None
+    if notifier.enabled:
+        notifier.ready(daemon.status_line())
+        usec = notifier.watchdog_usec
+        interval = usec / 2e6 if usec else SYSTEMD_STATUS_INTERVAL
+        watchdog = Watchdog(notifier, interval, daemon.status_line)
+        watchdog.start()
     try:
         while True:
             wake.wait(1.0)
@@ -525,15 +552,20 @@ def main(argv: list[str] | None = None) -> int:
                 signum = signals.pop(0)
                 if signum != signal.SIGHUP:
                     log.info("received %s: stopping", signal.Signals(signum).name)
-                    stopping = time.monotonic()
-                    daemon.stop()
-                    log.info("stopped in %.1f s", time.monotonic() - stopping)
                     return 0
+                notifier.reloading()
                 try:
                     daemon.reload()
                 except HandshakeError as exc:
                     log.error("config reload failed, keeping the old config: %s", exc)
                 else:
                     log.info("config reloaded: allowlist, deny list, peers, auto-approve")
+                notifier.ready(daemon.status_line())
     finally:
+        notifier.stopping()
+        if watchdog is not None:
+            watchdog.stop()
+        stopping = time.monotonic()
         daemon.stop()
+        log.info("stopped in %.1f s", time.monotonic() - stopping)
+        notifier.close()
