@@ -13,7 +13,7 @@ setup(
     package_data={"pilothandshake": ["py.typed"]},
     include_package_data=True,
     scripts=["bin/pilot-handshaked", "bin/pilot-handshakectl", "bin/pilot-registryd"],
-    install_requires=["pynacl>=1.5", "filelock>=3.12", "pyyaml>=6.0"],
+    install_requires=["pynacl>=1.5", "filelock>=3.12", "pyyaml>=6.0", "prometheus_client>=0.19"],
     extras_require={
         "test": [
             "pytest>=7",

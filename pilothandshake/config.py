@@ -86,6 +86,13 @@ class EventsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Section ``metrics``: the ``HOST:PORT`` that serves ``/metrics`` over HTTP ("" = off)."""
+
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``path`` is the file it came from ("" when built in code)."""
 
@@ -96,6 +103,7 @@ class Config:
     trust: TrustConfig = field(default_factory=TrustConfig)
     peers: dict[int, str] = field(default_factory=dict)
     events: EventsConfig = field(default_factory=EventsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     max_connections: int = MAX_CONNECTIONS
     max_connections_per_source: int = MAX_CONNECTIONS_PER_SOURCE
     max_replay_per_source: int = MAX_REPLAY_PER_SOURCE
@@ -299,6 +307,7 @@ class _Parser:
                 "trust",
                 "peers",
                 "events",
+                "metrics",
                 "max_connections",
                 "max_connections_per_source",
                 "max_replay_per_source",
@@ -315,6 +324,7 @@ class _Parser:
             trust=self.trust(top.get("trust")),
             peers=self.peers(top.get("peers")),
             events=self.events(top.get("events")),
+            metrics=self.metrics(top.get("metrics")),
             max_connections=self.get(
                 top, "", "max_connections", defaults.max_connections, self.count
             ),
@@ -418,3 +428,12 @@ class _Parser:
     def events(self, value: object) -> EventsConfig:
         section = self.section(value, "events", ("webhook",))
         return EventsConfig(webhook=self.get(section, "events", "webhook", "", self.webhook))
+
+    def metrics(self, value: object) -> MetricsConfig:
+        section = self.section(value, "metrics", ("listen",))
+        return MetricsConfig(
+            listen=self.get(section, "metrics", "listen", "", self.optional_listen)
+        )
+
+    def optional_listen(self, value: object, key: str) -> str:
+        return self.listen(value, key) if value != "" else ""

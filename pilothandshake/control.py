@@ -54,6 +54,7 @@ COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "untrust": (frozenset({"node_id"}), frozenset()),
     "wait": (frozenset({"node_id"}), frozenset({"timeout"})),
     "events": (frozenset(), frozenset({"follow"})),
+    "metrics": (frozenset(), frozenset()),
 }
 
 _FOLLOW_POLL = 0.5  # how often a following stream checks whether its client is gone
@@ -379,6 +380,10 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
     def _do_untrust(self, node_id: int) -> dict[str, Any]:
         self.manager.revoke_trust(node_id)
         return {"node_id": node_id}
+
+    def _do_metrics(self) -> dict[str, Any]:
+        # The Manager carries the daemon's metrics: every part's, in one registry.
+        return {"text": self.manager.metrics.render()}
 
     def _do_wait(self, node_id: int, timeout: float = WAIT_DEFAULT_TIMEOUT) -> dict[str, Any]:
         return {"node_id": node_id, "trusted": self.manager.wait_for_trust(node_id, timeout)}

@@ -34,6 +34,7 @@ from .events import EventBus
 from .identity import Identity
 from .manager import Manager
 from .messages import parse_address, send_message
+from .metrics import Metrics, MetricsServer
 from .registry.client import Client
 from .relay import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
@@ -90,6 +91,11 @@ class DaemonRuntime:
         """The bound (host, port) of port 444, None before it is bound."""
         server = self._server
         return server.address if server is not None else None
+
+    def active_connections(self) -> int:
+        """How many port-444 connections are being served (0 before it is bound)."""
+        server = self._server
+        return server.active_connections() if server is not None else 0
 
     def close_listener(self) -> None:
         """Stop accepting on port 444 and wait (bounded) for the handlers in flight."""
@@ -238,6 +244,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         """Build every part from ``config``; nothing listens until ``start()``."""
         self.config = config
+        self.metrics = Metrics(process=True)
         _check_identity_mode(config.identity)
         self.identity = Identity.load_or_create(config.identity)
         self.events = EventBus(self._current_node_id, config.events.webhook)
@@ -252,7 +259,11 @@ class Daemon:
             )
         self.runtime = DaemonRuntime(config, self.identity, self.events, self.client)
         try:
-            self.manager = Manager(self.runtime, max_replay_per_source=config.max_replay_per_source)
+            self.manager = Manager(
+                self.runtime,
+                max_replay_per_source=config.max_replay_per_source,
+                metrics=self.metrics,
+            )
         except BaseException:
             if self.client is not None:
                 self.client.close()
@@ -267,6 +278,14 @@ class Daemon:
                 self.client.close()
             raise
         self.loop: RegistryLoop | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.metrics.watch(
+            trusted=lambda: len(self.manager.trusted_peers()),
+            pending=self.manager.pending_count,
+            outgoing=self.manager.outgoing_count,
+            active_connections=self.runtime.active_connections,
+            registry_up=self._registry_up if registry is not None else None,
+        )
         self._lock = threading.Lock()
         self._started = False
         self._stopped = False
@@ -275,6 +294,10 @@ class Daemon:
     def from_file(cls, path: str) -> Daemon:
         """Load and validate the YAML config at ``path`` (``ConfigError``) and build."""
         return cls(load_config(path))
+
+    def _registry_up(self) -> float:
+        loop = self.loop
+        return 1.0 if loop is not None and loop.state()["reachable"] else 0.0
 
     def _current_node_id(self) -> int:
         return self.runtime.node_id()
@@ -367,6 +390,20 @@ class Daemon:
             self.loop.register_once()
             self.loop.start()
         self.control.start()
+        if self.config.metrics.listen:
+            try:
+                self.metrics_server = MetricsServer(self.config.metrics.listen, self.metrics)
+            except OSError as exc:
+                raise HandshakeError(
+                    f"cannot serve metrics on {self.config.metrics.listen} (metrics.listen): "
+                    f"{exc.strerror or exc}"
+                ) from exc
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """The bound (host, port) of ``/metrics`` over HTTP, None when not served."""
+        server = self.metrics_server
+        return server.address if server is not None else None
 
     def stop(self) -> None:
         """Stop accepting, let handlers in flight finish, stop the registry loop, the
@@ -376,6 +413,8 @@ class Daemon:
             if self._stopped:
                 return
             self._stopped = True
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.runtime.close_listener()
         if self.loop is not None:
             self.loop.stop()
@@ -530,10 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
 
     registry = config.registry.address if config.registry is not None else "none"
+    metrics = daemon.metrics_address
+    served = f", metrics http://{format_address(metrics)}/metrics" if metrics else ""
     print(
         f"pilot-handshaked: node {daemon.node_id} listening on "
         f"{format_address(daemon.listen_address)}, registry {registry}, "
-        f"control {config.control_socket}",
+        f"control {config.control_socket}{served}",
         flush=True,
     )
     notifier = Notifier.from_environment()

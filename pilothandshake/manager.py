@@ -66,6 +66,7 @@ from .messages import (
     respond_challenge,
     truncate_utf8,
 )
+from .metrics import Metrics
 from .pool import BackgroundPool
 from .runtime import Closeable, RegistryClient, Runtime
 from .store import (
@@ -292,9 +293,12 @@ class Manager:
         max_replay_per_source: int = MAX_REPLAY_PER_SOURCE,
         max_pending_per_source: int = MAX_PENDING_UNBOUND_PER_SOURCE,
         reap_interval: float = REAP_INTERVAL,
+        metrics: Metrics | None = None,
     ) -> None:
-        """Open the trust store of ``runtime``; nothing is bound until ``start()``."""
+        """Open the trust store of ``runtime``; nothing is bound until ``start()``.
+        ``metrics`` (the daemon's) is counted into; without it the Manager has its own."""
         self._rt = runtime
+        self.metrics = metrics if metrics is not None else Metrics()
         self._lock = threading.RLock()
         identity_path = runtime.identity_path()
         path = os.path.join(os.path.dirname(identity_path), TRUST_FILE) if identity_path else ""
@@ -394,6 +398,11 @@ class Manager:
         """How many requests are pending."""
         with self._lock:
             return len(self._store.visible.pending)
+
+    def outgoing_count(self) -> int:
+        """How many of our requests wait for an answer."""
+        with self._lock:
+            return len(self._store.visible.outgoing)
 
     def wait_for_trust(self, node_id: int, timeout: float | None) -> bool:
         """Block until ``node_id`` is trusted (True) or ``timeout`` seconds pass (False);
