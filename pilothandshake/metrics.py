@@ -67,8 +67,8 @@ class Metrics:
         r = self.registry
         self.messages = Counter(
             f"{PREFIX}_messages",
-            "Handshake messages by type (request, accept, reject, revoke, invalid) and "
-            "result (received, relayed_in, sent, relayed, failed)",
+            "Handshake messages on port 444 by type and result: received, sent (delivered to "
+            "the peer's port 444) or failed (not delivered directly)",
             ["type", "result"],
             registry=r,
         )
@@ -78,8 +78,8 @@ class Metrics:
         )
         self.relayed = Counter(
             f"{PREFIX}_relayed_messages",
-            "Messages carried by the registry relay, by direction (in, out)",
-            ["direction"],
+            "Handshake messages carried by the registry relay, by type and direction (in, out)",
+            ["type", "direction"],
             registry=r,
         )
         self.registry_requests = Counter(
@@ -143,9 +143,9 @@ class Metrics:
         """Count one published event."""
         self.events.labels(topic).inc()
 
-    def relay(self, direction: str) -> None:
-        """Count one message carried by the registry relay ("in" or "out")."""
-        self.relayed.labels(direction).inc()
+    def relay(self, kind: str, direction: str) -> None:
+        """Count one message of type ``kind`` carried by the registry relay ("in", "out")."""
+        self.relayed.labels(kind, direction).inc()
 
     def registry_request(self, kind: str, outcome: str, seconds: float) -> None:
         """Count one registry request of type ``kind`` and record its latency."""

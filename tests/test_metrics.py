@@ -84,24 +84,31 @@ def test_drop_and_refusal_series_exist_at_zero_from_the_start() -> None:
 def test_two_metrics_objects_in_one_process_count_apart() -> None:
     first, second = Metrics(process=True), Metrics(process=True)  # no "Duplicated timeseries"
     first.drop("replayed message")
-    first.message("request", "received")
+    first.message("handshake_request", "received")
     assert value(first.render(), "pilot_handshake_drops_total", reason="replay") == 1
     assert value(second.render(), "pilot_handshake_drops_total", reason="replay") == 0
-    assert value(second.render(), "pilot_handshake_messages_total", type="request") == 0
+    assert value(second.render(), "pilot_handshake_messages_total", type="handshake_request") == 0
 
 
 def test_hooks_move_their_metrics() -> None:
     metrics = Metrics()
-    metrics.message("accept", "sent")
+    metrics.message("handshake_accept", "sent")
     metrics.event("trust.changed")
-    metrics.relay("out")
+    metrics.relay("handshake_accept", "out")
     metrics.registry_request("lookup", "ok", 0.02)
     metrics.refusal("max_connections_per_source")
     metrics.store_commit(0.004, 3)
     text = metrics.render()
-    assert value(text, "pilot_handshake_messages_total", type="accept", result="sent") == 1
+    assert (
+        value(text, "pilot_handshake_messages_total", type="handshake_accept", result="sent") == 1
+    )
     assert value(text, "pilot_handshake_events_total", topic="trust.changed") == 1
-    assert value(text, "pilot_handshake_relayed_messages_total", direction="out") == 1
+    assert (
+        value(
+            text, "pilot_handshake_relayed_messages_total", type="handshake_accept", direction="out"
+        )
+        == 1
+    )
     assert value(text, "pilot_handshake_registry_requests_total", type="lookup", outcome="ok") == 1
     assert value(text, "pilot_handshake_registry_request_seconds_count", type="lookup") == 1
     assert (
