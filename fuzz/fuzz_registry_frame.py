@@ -2,7 +2,7 @@
 
 Each input goes through ``read_frame`` over a socketpair (as both the client and the
 embedded server read frames), and a decoded object goes to the embedded server's request
-handler (``_Registry.handle``, in process) with two registered nodes.
+handler (``Registry.handle``, in process) with two registered nodes.
 
 Invariants (a violation raises; atheris saves the input as ``crash-*``): ``read_frame``
 returns a dict or None or raises ``RegistryError`` (no other exception); the handler
@@ -35,7 +35,8 @@ with atheris.instrument_imports():
         revoke_trust_challenge,
     )
     from pilothandshake.registry.client import encode_frame, read_frame
-    from pilothandshake.registry.server import _Registry
+    from pilothandshake.registry.inbox import Inboxes
+    from pilothandshake.registry.state import Registry
 
 A, B = Identity.generate(), Identity.generate()
 
@@ -47,7 +48,7 @@ class InternalErrors(logging.Handler):
         raise AssertionError(f"registry logged an error: {record.getMessage()}")
 
 
-REGISTRY = _Registry("", {}, 180.0)
+REGISTRY = Registry()
 A_ID = REGISTRY.handle(
     {"type": "register", "listen_addr": ":1", "public_key": A.public_key_b64}, "127.0.0.1"
 )["node_id"]
@@ -117,20 +118,19 @@ def TestOneInput(data: bytes) -> None:
     if not isinstance(request, dict):
         raise AssertionError(f"read_frame returned {type(request).__name__}")
     with REGISTRY._lock:
-        before = set(REGISTRY._trust)
+        before = set(REGISTRY._state.vouches)
     answer = REGISTRY.handle(request, "127.0.0.1")
     encode_frame(answer)
     kind = answer.get("type")
     if not (kind == "error" or (isinstance(kind, str) and kind.endswith("_ok"))):
         raise AssertionError(f"unexpected answer {answer!r}")
     with REGISTRY._lock:
-        after = set(REGISTRY._trust)
+        after = set(REGISTRY._state.vouches)
     if after != before and not signed_change(request):
         raise AssertionError(f"trust pairs changed by an unsigned request: {request!r}")
     # Keep the inboxes from growing across millions of inputs.
     with REGISTRY._lock:
-        REGISTRY._requests.clear()
-        REGISTRY._responses.clear()
+        REGISTRY._inboxes = Inboxes()
 
 
 def write_seeds(argv: list[str]) -> None:

@@ -40,10 +40,12 @@ __all__ = [
     "LOG_LEVELS",
     "Config",
     "EventsConfig",
+    "FieldParser",
     "RegistryConfig",
     "TrustConfig",
     "load_config",
     "parse_config",
+    "read_yaml",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -124,19 +126,31 @@ class Config:
 
 def load_config(path: str) -> Config:
     """Read and validate the YAML file at ``path``; raises ``ConfigError`` naming the file."""
+    return parse_config(read_yaml(path), path)
+
+
+def read_yaml(path: str) -> object:
+    """The YAML document in the file at ``path`` (None when empty).
+
+    Every failure is a ``ConfigError`` naming the file: unreadable, not UTF-8, not YAML,
+    nested too deeply, or holding an integer too long to convert.
+    """
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {_one_line(str(exc))}") from exc
     except RecursionError:
         # PyYAML composes recursively: a few thousand nested brackets exhaust the stack.
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
-    return parse_config(data, path)
+    except (ValueError, OverflowError) as exc:
+        # PyYAML converts scalars with int() and datetime(): a 5,000-digit integer passes
+        # Python's digit limit, 2026-13-45 is no date. Its message names no line.
+        raise ConfigError(f"{path}: invalid YAML value: {_one_line(str(exc))[:200]}") from None
 
 
 def parse_config(data: object, source: str) -> Config:
@@ -145,7 +159,7 @@ def parse_config(data: object, source: str) -> Config:
     ``source`` names the file in error messages, and a relative ``identity`` path is
     resolved against its directory.
     """
-    return _Parser(source).config(data)
+    return FieldParser(source).config(data)
 
 
 def _one_line(text: str) -> str:
@@ -166,8 +180,9 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-class _Parser:
-    """Validation with error messages that name the file and the dotted key."""
+class FieldParser:
+    """Validation with error messages that name the file and the dotted key (the daemon's
+    config here; ``pilot-registryd``'s reuses it)."""
 
     def __init__(self, source: str) -> None:
         self.source = source

@@ -23,6 +23,9 @@ DROP_LOG_PER_SECOND = 10
 # Section 6: pending requests.
 MAX_PENDING = 256
 MAX_PENDING_UNBOUND_PER_SOURCE = 16
+MAX_PENDING_BOUND_PER_SOURCE = 64  # registry-bound direct requests from one source address
+PENDING_TTL = 7 * 24 * 3600.0
+MAX_TRUST_HISTORY = 1024  # formerly trusted nodes remembered (their requests are protected)
 MAX_TEXT_BYTES = 1024  # stored justification / reason
 
 # Section 7: accept, reject, revoke.
@@ -68,8 +71,14 @@ WEBHOOK_TIMEOUT = 5.0  # one POST
 WEBHOOK_QUEUE = 256  # events waiting for the webhook; the oldest are dropped beyond
 WEBHOOK_LOG_INTERVAL = 60.0  # at most one webhook-failure WARNING per interval
 
-# Section 11: the embedded registry closes a connection idle this long between requests.
-REGISTRY_IDLE_TIMEOUT = 120.0
+# Section 11: the embedded registry (pilot-registryd). Its limits are the defaults of its
+# config's `limits:`, the production registry's values.
+REGISTRY_IDLE_TIMEOUT = 300.0  # a connection silent this long between requests is closed
+REGISTRY_REGISTER_PER_MINUTE = 10  # new keys registered per source address
+REGISTRY_MAX_CONNECTIONS = 1024
+REGISTRY_MAX_CONNECTIONS_PER_SOURCE = 64
+REGISTRY_INBOX_TTL = 24 * 3600.0  # a relayed request or response not polled is dropped
+DEFAULT_REGISTRY_STORE = "~/.pilot-registry/registry.json"  # without --store / --memory
 
 # Section 12: where pilot-handshaked reads its config when --config is not given.
 DEFAULT_CONFIG_PATH = "/etc/pilot-handshake/config.yaml"

@@ -27,7 +27,7 @@ from types import FrameType, TracebackType
 from typing import Any, Callable
 
 from .config import Config, load_config
-from .constants import DEFAULT_CONFIG_PATH, SYSTEMD_STATUS_INTERVAL
+from .constants import DEFAULT_CONFIG_PATH, PENDING_TTL, SYSTEMD_STATUS_INTERVAL
 from .control import ControlServer
 from .errors import HandshakeError, RegistryError, SendError, StoreError
 from .events import EventBus
@@ -139,6 +139,10 @@ class DaemonRuntime:
     def trust_outgoing_ttl(self) -> float:
         """Config ``trust.outgoing_ttl``."""
         return self._config.trust.outgoing_ttl
+
+    def trust_pending_ttl(self) -> float:
+        """The pending-request lifetime (the state helper makes it config ``trust.pending_ttl``)."""
+        return PENDING_TTL
 
     def is_denied(self, node_id: int) -> bool:
         """Whether ``node_id`` is on the deny list."""

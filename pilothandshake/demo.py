@@ -117,7 +117,14 @@ class Demo:
         self._spawn(
             "registry",
             "pilot-registryd",
-            ["--listen", registry, "--config", str(registry_config)],
+            [
+                "--listen",
+                registry,
+                "--config",
+                str(registry_config),
+                "--store",
+                str(self.workdir / "registry.json"),
+            ],
             "listening",
         )
         paths = []

@@ -25,7 +25,7 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -35,9 +35,11 @@ from .constants import (
     MAX_CLOCK_SKEW,
     MAX_MESSAGE_AGE,
     MAX_PENDING,
+    MAX_PENDING_BOUND_PER_SOURCE,
     MAX_PENDING_UNBOUND_PER_SOURCE,
     MAX_REPLAY,
     MAX_REPLAY_PER_SOURCE,
+    MAX_TRUST_HISTORY,
     PORT_HANDSHAKE,
     REAP_INTERVAL,
     REGISTRY_CACHE_TTL,
@@ -72,6 +74,7 @@ from .runtime import Closeable, RegistryClient, Runtime
 from .store import (
     TRUSTED,
     Change,
+    FormerTrust,
     OutgoingRequest,
     PendingHandshake,
     TrustRecord,
@@ -90,6 +93,28 @@ _QUIET = (RegistryError,)
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# How many characters of a peer-supplied value a log line quotes, and of a drop reason.
+_QUOTE_LIMIT = 100
+_REASON_LIMIT = 2 * _QUOTE_LIMIT
+# At most one ERROR line per this many seconds for failed writes of inbound messages.
+_STORE_ERROR_INTERVAL = 60.0
+# A request arriving again by the other path (direct / relay) within this is a duplicate.
+_DUPLICATE_WINDOW = MAX_MESSAGE_AGE
+
+
+def _quote(value: str | int) -> str:
+    """A peer-supplied value for a log line: escaped (``repr``: no forged line breaks) and cut
+    to about ``_QUOTE_LIMIT`` characters, saying how long it was."""
+    if isinstance(value, int):
+        if value.bit_length() > 4 * _QUOTE_LIMIT:  # str() of it would be long (or refused)
+            return f"<an integer of {value.bit_length()} bits>"
+        return str(value)
+    text = repr(value)
+    if len(text) <= _QUOTE_LIMIT:
+        return text
+    return f"{text[:_QUOTE_LIMIT]}... ({len(value)} characters)"
 
 
 def _source_host(remote: str) -> str:
@@ -134,6 +159,8 @@ class DropLog:
         self._summarise(summary)
         if emit:
             node = "?" if node_id is None else str(node_id)
+            if len(reason) > _REASON_LIMIT:  # reasons may quote what the peer sent
+                reason = f"{reason[:_REASON_LIMIT]}..."
             self._logger.warning("dropped message from node %s at %s: %s", node, remote, reason)
 
     def flush(self) -> None:
@@ -226,6 +253,7 @@ class _Inbound:
     bound: bool  # registry-bound; a relayed message always counts as bound
     pinned: bool  # the key equals the key of our trust record for the sender
     strongly_pinned: bool  # ... or of a registry-bound / relayed pending request
+    weakly_pinned: bool  # ... or of any other pending request (the sender's own request)
     relayed: bool
     source: str  # the source address (direct) for per-source quotas
     remote: str  # for log lines
@@ -259,6 +287,8 @@ class _RequestContext:
     auto_approve: bool
     agent_name: str  # allowlist name, "" when not on the allowlist
     agent_ok: bool  # allowlisted and vouched for (row 4)
+    agent_key: bytes | None  # the allowlist entry's pinned key: what row 4 stores
+    agent_mismatch: bool  # a key the request brings differs from that pin
     network: int  # first shared non-backbone network in our own order, 0 if none
 
 
@@ -282,8 +312,9 @@ class Manager:
     (``justification``, ``relayed``), ``handshake.pending``, ``handshake.approved`` (``by``:
     ``operator``, or ``peer`` when our request was accepted), ``handshake.rejected``
     (``reason``), ``handshake.auto_approved`` (``reason``; ``agent`` for trusted agents),
-    ``trust.changed`` (``state``: granted / revoked), ``trust.revoked`` (by us) and
-    ``trust.revoked_by_peer`` (``reason``).
+    ``trust.changed`` (``state``: granted / revoked), ``trust.revoked`` (by us),
+    ``trust.revoked_by_peer`` (``reason``) and ``trust.conflict`` (``registry_key``: a trust
+    record's node ID now bound to another key).
     """
 
     def __init__(
@@ -292,6 +323,7 @@ class Manager:
         *,
         max_replay_per_source: int = MAX_REPLAY_PER_SOURCE,
         max_pending_per_source: int = MAX_PENDING_UNBOUND_PER_SOURCE,
+        max_pending_bound_per_source: int = MAX_PENDING_BOUND_PER_SOURCE,
         reap_interval: float = REAP_INTERVAL,
         metrics: Metrics | None = None,
     ) -> None:
@@ -307,20 +339,44 @@ class Manager:
         self._drops = DropLog()
         self._replay = _ReplaySet(MAX_REPLAY, max_replay_per_source)
         self._max_pending_per_source = max_pending_per_source
+        self._max_pending_bound = max_pending_bound_per_source
         self._reap_interval = reap_interval
         self._arrivals = itertools.count()
         self._pending_arrival: dict[int, int] = {}  # arrival order, for eviction ties
-        self._pending_source: dict[int, str] = {}  # source of unbound direct pending requests
+        self._pending_protected: set[int] = set()  # pending requests never evicted for strangers
         self._cooldown: dict[int, float] = {}  # node -> monotonic time we revoked it
         self._relayed_at: dict[int, float] = {}  # node -> monotonic time of our relayed request
         self._lookups: dict[int, tuple[float, dict[str, Any]]] = {}
         self._reasked: dict[int, float] = {}
+        self._store_error_at = -math.inf
+        self._store_errors_suppressed = 0
+        # Requests decided lately: (node, SHA-256 of the text) -> (relayed, monotonic time).
+        self._recent_requests: OrderedDict[tuple[int, bytes], tuple[bool, float]] = OrderedDict()
+        # Trust records whose node ID the registry now binds to another key (issue 11 item 7):
+        # node -> that key. Not trusted, not pinning, until approved again or removed.
+        self._conflicts: dict[int, bytes] = {}
         self._waiters: dict[int, _Waiters] = {}
         self._listener: Closeable | None = None
         self._reaper: threading.Thread | None = None
         self._stopping = threading.Event()
         self._started = False
         self._stopped = False
+        self._index_pending()
+
+    def _index_pending(self) -> None:
+        """Arrival order and protection of the pending requests loaded from trust.json (a
+        shared network is known only on arrival: loaded entries are protected when
+        allowlisted or in the trust history)."""
+        with self._lock:
+            loaded = sorted(self._store.working.pending.values(), key=lambda p: p.received_at)
+        agents = {p.node_id for p in loaded if self._rt.trusted_agent(p.node_id) is not None}
+        with self._lock:
+            for request in loaded:
+                node = request.node_id
+                self._pending_arrival[node] = next(self._arrivals)
+                key = decode_key(request.public_key)
+                if node in agents or self._in_history(node, key, request.bound):
+                    self._pending_protected.add(node)
 
     # Lifecycle
 
@@ -344,7 +400,7 @@ class Manager:
         )
         self._reaper.start()
         if self._rt.registry() is not None:
-            self._pool.submit(self._backfill_all)
+            self._pool.submit(self._check_records)
 
     def stop(self) -> None:
         """Stop listening and reaping, wait (bounded) for background work, release trust.json.
@@ -394,6 +450,12 @@ class Manager:
             requests = list(self._store.visible.pending.values())
         return sorted(requests, key=lambda request: request.node_id)
 
+    def conflicting_peers(self) -> list[int]:
+        """Node IDs of trust records the registry now binds to a different key, sorted: not
+        trusted until the operator approves the node again or removes the record."""
+        with self._lock:
+            return sorted(self._conflicts)
+
     def pending_count(self) -> int:
         """How many requests are pending."""
         with self._lock:
@@ -425,12 +487,21 @@ class Manager:
                     del self._waiters[node_id]
 
     def _visibly_trusted(self, node_id: int, own: int) -> bool:
-        return (own != 0 and node_id == own) or node_id in self._store.visible.trusted
+        if own != 0 and node_id == own:
+            return True
+        return node_id in self._store.visible.trusted and node_id not in self._conflicts
+
+    def _trusts(self, node: int) -> bool:
+        """Whether ``node`` has a trust record that is not in conflict (working state). Call
+        holding the lock."""
+        return node in self._store.working.trusted and node not in self._conflicts
 
     def _on_commit(self, changes: list[Change]) -> None:
-        # Called by the store under the lock once changes are durable: wake only the
-        # waiters of nodes that just became trusted.
+        # Called by the store under the lock once changes are durable: a new or removed
+        # trust record ends a conflict; wake only the waiters of nodes that became trusted.
         for change in changes:
+            if change.table == TRUSTED:
+                self._conflicts.pop(change.node_id, None)
             if change.table == TRUSTED and change.value is not None:
                 waiters = self._waiters.get(change.node_id)
                 if waiters is not None:
@@ -465,7 +536,21 @@ class Manager:
         try:
             self._process(data, remote)
         except StoreError as exc:
-            log.error("could not persist the message from %s: %s", remote, exc)
+            self._store_error(f"could not persist the message from {remote}: {exc}")
+
+    def _store_error(self, line: str) -> None:
+        """Log a failed write of inbound input at ERROR, at most once a minute (a full disk
+        fails every message): the count of the others comes with the next line."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._store_error_at < _STORE_ERROR_INTERVAL:
+                self._store_errors_suppressed += 1
+                return
+            self._store_error_at = now
+            suppressed, self._store_errors_suppressed = self._store_errors_suppressed, 0
+        if suppressed:
+            line += f" ({suppressed} more failed writes were not logged)"
+        log.error("%s", line)
 
     def _process(self, data: bytes, remote: str) -> None:
         try:
@@ -483,29 +568,44 @@ class Manager:
             return
         now = time.time()
         if not now - MAX_MESSAGE_AGE <= msg.timestamp <= now + MAX_CLOCK_SKEW:
-            self._drops.drop(node, remote, f"timestamp {msg.timestamp} outside the window")
+            self._drops.drop(node, remote, f"timestamp {_quote(msg.timestamp)} outside the window")
             return
         strict = self._rt.trust_strict()
         authenticated = _authenticate(msg, own, strict)
         if isinstance(authenticated, str):
             self._drops.drop(node, remote, authenticated)
             return
-        key, material = authenticated
+        key, material, go_style = authenticated
         with self._lock:
             pin, pin_kind = self._pin(node)
-        same_as_pin = key is not None and key == pin
+        same_as_pin = key == pin
+        registry = self._rt.registry()
+        binding: tuple[bool, dict[str, Any] | None] | str | None = None
         if strict and pin_kind in ("trusted", "bound") and not same_as_pin:
-            self._drops.drop(node, remote, "public key differs from the pinned key")
-            return
+            if pin_kind == "trusted" and registry is not None:
+                # The registry may now bind this node ID to this key: then the record is in
+                # conflict (issue 11 item 7) and no longer pins.
+                binding = self._bind(registry, node, key)
+                with self._lock:
+                    pin, pin_kind = self._pin(node)
+                same_as_pin = key == pin
+            if pin_kind in ("trusted", "bound") and not same_as_pin:
+                self._drops.drop(node, remote, "public key differs from the pinned key")
+                return
         bound = False
         answer: dict[str, Any] | None = None
-        registry = self._rt.registry()
-        if registry is not None and key is not None:
-            binding = self._bind(registry, node, key)
+        if registry is not None:
+            if binding is None:
+                binding = self._bind(registry, node, key)
             if isinstance(binding, str):
                 self._drops.drop(node, remote, binding)
                 return
             bound, answer = binding
+        if go_style and not bound:
+            # The Go signature never changes between messages from S to R: only a key the
+            # registry vouches for may use it (SPEC 8).
+            self._drops.drop(node, remote, "Go-style signature without a registry-bound key")
+            return
         if strict and pin_kind == "weak" and not same_as_pin and not bound:
             self._drops.drop(node, remote, "public key differs from the pending request's key")
             return
@@ -515,6 +615,7 @@ class Manager:
             bound=bound,
             pinned=same_as_pin and pin_kind == "trusted",
             strongly_pinned=same_as_pin and pin_kind in ("trusted", "bound"),
+            weakly_pinned=same_as_pin and pin_kind == "weak",
             relayed=False,
             source=_source_host(remote),
             remote=remote,
@@ -545,9 +646,10 @@ class Manager:
     def _pin(self, node: int) -> tuple[bytes | None, str]:
         """The pinned key of ``node`` and its kind: "trusted", "bound" (a registry-bound or
         relayed pending request), "weak" (any other pending request) or "" (none). A stored
-        key that is not a valid key pins nothing. Call holding the lock."""
+        key that is not a valid key pins nothing, nor does a record in conflict with the
+        registry. Call holding the lock."""
         record = self._store.working.trusted.get(node)
-        if record is not None:
+        if record is not None and node not in self._conflicts:
             key = decode_key(record.public_key)
             if key is not None:
                 return key, "trusted"
@@ -595,12 +697,29 @@ class Manager:
         self, registry: RegistryClient, node: int, key: bytes
     ) -> tuple[bool, dict[str, Any] | None] | str:
         """(registry-bound?, the lookup answer), or the reason to drop the message."""
-        answer = self._lookup(registry, node)
+        answer, problem = self._checked_lookup(registry, node, key)
         registered = _answer_key(answer)
         if registered is None:
             return False, answer
         if registered == key:
             return True, answer
+        if problem:
+            return f"public key differs from the registry's ({problem})"
+        return "public key differs from the registry's"
+
+    def _checked_lookup(
+        self, registry: RegistryClient, node: int, key: bytes | None
+    ) -> tuple[dict[str, Any] | None, str]:
+        """The registry's answer for ``node`` and "", re-asked (SPEC 5: bypassing the cache,
+        at most once per node per 5 s) when its key differs from ``key`` or from the node's
+        trust record; when it cannot be re-asked, the first answer and why. A trust record
+        the re-asked registry still contradicts becomes a conflict (issue 11 item 7)."""
+        answer = self._lookup(registry, node)
+        registered = _answer_key(answer)
+        with self._lock:
+            record_key = self._record_key(node)
+        if registered is None or (key in (None, registered) and record_key in (None, registered)):
+            return answer, ""
         now = time.monotonic()
         with self._lock:
             last = self._reasked.get(node)
@@ -612,38 +731,83 @@ class Manager:
                     }
                 self._reasked[node] = now
         if not allowed:
-            return "public key differs from the registry's (re-ask not allowed yet)"
-        answer = self._lookup(registry, node, fresh=True)
-        if answer is None:
-            return "public key differs from the registry's (re-ask failed)"
-        if _answer_key(answer) != key:
-            return "public key differs from the registry's"
-        return True, answer
+            return answer, "re-ask not allowed yet"
+        fresh = self._lookup(registry, node, fresh=True)
+        if fresh is None:
+            return answer, "re-ask failed"
+        registered = _answer_key(fresh)
+        if record_key is not None and registered is not None and registered != record_key:
+            self._mark_conflict(node, record_key, registered)
+        return fresh, ""
+
+    def _record_key(self, node: int) -> bytes | None:
+        """The valid key of ``node``'s trust record not in conflict, else None. Lock held."""
+        record = self._store.working.trusted.get(node)
+        if record is None or node in self._conflicts:
+            return None
+        return decode_key(record.public_key)
+
+    def _mark_conflict(self, node: int, record_key: bytes, registry_key: bytes) -> None:
+        """The registry binds ``node`` to ``registry_key``, not to the key we trusted: stop
+        trusting and pinning the record until it is approved again or removed."""
+        with self._lock:
+            if self._record_key(node) != record_key:
+                return  # changed meanwhile, or already in conflict
+            self._conflicts[node] = registry_key
+        log.error(
+            "trust record of node %d conflicts with the registry: it now binds that node ID "
+            "to another key (%s); not trusted until approved again or removed",
+            node,
+            b64encode(registry_key),
+        )
+        self._rt.publish_event(
+            "trust.conflict", {"peer_node_id": node, "registry_key": b64encode(registry_key)}
+        )
 
     # Requests (SPEC 6): one decision for direct and relayed requests
 
     def _on_request(self, inbound: _Inbound, justification: str) -> None:
-        context = self._request_context(inbound)
         text = truncate_utf8(justification)
+        fingerprint = (inbound.node_id, hashlib.sha256(text.encode("utf-8")).digest())
+        now = time.monotonic()
+        with self._lock:
+            seen = self._recent_requests.get(fingerprint)
+        if seen is not None and seen[0] != inbound.relayed and now - seen[1] < _DUPLICATE_WINDOW:
+            # The same request by the other path: a slow peer got it directly and the sender
+            # then relayed it (SPEC 3). Decided already; nothing changes, nothing is announced.
+            log.debug("node %d: duplicate request by the other path", inbound.node_id)
+            return
+        context = self._request_context(inbound)
         with self._lock:
             outcome = self._decide_request(inbound, text, context)
         self._finish(outcome, inbound)
+        if not outcome.drop:
+            with self._lock:
+                self._recent_requests[fingerprint] = (inbound.relayed, now)
+                self._recent_requests.move_to_end(fingerprint)
+                while len(self._recent_requests) > _SIDE_TABLE_LIMIT:
+                    self._recent_requests.popitem(last=False)
 
     def _request_context(self, inbound: _Inbound) -> _RequestContext:
         """Gather what the decision needs without holding the lock.
 
-        Row 4: an allowlist entry that pins a key requires that key (the message's, the
-        relay's or the registry's) even for a registry-bound request; an entry without a pin
-        requires the request to be registry-bound (a relayed one always is).
+        Row 4: an allowlist entry that pins a key requires every key the request brings (the
+        message's or the relay's, and the registry's) to equal it, even for a registry-bound
+        request, and the pin is what is stored (a request bringing another key is dropped);
+        an entry without a pin requires the request to be registry-bound (a relayed one
+        always is).
         """
         strict = self._rt.trust_strict()
         registry = self._rt.registry()
         agent = self._rt.trusted_agent(inbound.node_id)
-        agent_ok = False
+        agent_ok = agent_mismatch = False
+        agent_key = None
         if agent is not None:
             if agent.public_key:
-                pinned = decode_key(agent.public_key)
-                agent_ok = pinned is not None and pinned in (inbound.key, inbound.registry_key)
+                agent_key = decode_key(agent.public_key)
+                brought = [k for k in (inbound.key, inbound.registry_key) if k is not None]
+                agent_mismatch = any(k != agent_key for k in brought)
+                agent_ok = agent_key is not None and bool(brought) and not agent_mismatch
             else:
                 agent_ok = inbound.bound
         network = 0
@@ -658,6 +822,8 @@ class Manager:
             auto_approve=self._rt.trust_auto_approve(),
             agent_name=agent.name if agent is not None else "",
             agent_ok=agent_ok,
+            agent_key=agent_key,
+            agent_mismatch=agent_mismatch,
             network=network,
         )
 
@@ -676,10 +842,17 @@ class Manager:
         # Strict mode with a registry: an unbound request must not be trusted automatically,
         # or an impostor could take a real node's ID while the registry is unreachable.
         vouched = inbound.bound or not (context.strict and context.has_registry)
+        # A trust record in conflict with the registry: the operator decides (row 6).
+        automatic = node not in self._conflicts
+        vouched = vouched and automatic
         if context.strict and self._pin_conflict(inbound):
             outcome.drop = "public key differs from the pinned key"
             return outcome
-        if node in working.trusted:
+        if context.agent_mismatch:
+            # Not even pending: its key would pin the node and lock the real agent out.
+            outcome.drop = "public key differs from the allowlist's pinned key"
+            return outcome
+        if self._trusts(node):
             outcome.tasks.append((self._reply_accept, (node, inbound.relayed)))
             return outcome
         if vouched and node in working.outgoing:
@@ -688,14 +861,18 @@ class Manager:
         elif vouched and context.network:
             auto = {"reason": "same_network"}
             self._grant(outcome, node, key, network=context.network)
-        elif context.agent_ok:
+        elif automatic and context.agent_ok:
             auto = {"reason": "trusted_agent", "agent": context.agent_name}
-            self._grant(outcome, node, key)
+            agent_key = b64encode(context.agent_key) if context.agent_key is not None else key
+            self._grant(outcome, node, agent_key)
         elif vouched and context.auto_approve:
             auto = {"reason": "auto_approve"}
             self._grant(outcome, node, key)
         else:
-            outcome.drop = self._hold(outcome, inbound, key, justification)
+            protected = bool(context.agent_name or context.network) or self._in_history(
+                node, inbound.key, inbound.bound
+            )
+            outcome.drop = self._hold(outcome, inbound, key, justification, protected)
             if not outcome.drop:
                 outcome.events.append(("handshake.pending", {"peer_node_id": node}))
             return outcome
@@ -703,58 +880,117 @@ class Manager:
         outcome.tasks.append((self._reply_accept, (node, inbound.relayed)))
         return outcome
 
-    def _hold(self, outcome: _Outcome, inbound: _Inbound, key: str, justification: str) -> str:
-        """Row 6: store the request as pending (SPEC 6 bounds); returns "" or a drop reason."""
+    def _hold(
+        self,
+        outcome: _Outcome,
+        inbound: _Inbound,
+        key: str,
+        justification: str,
+        protected: bool,
+    ) -> str:
+        """Row 6: store the request as pending, within the queue's rule (``_admit``);
+        returns "" or a drop reason. Call holding the lock."""
         node = inbound.node_id
-        pending = self._store.working.pending
-        existing = pending.get(node)
-        if existing is None:
-            quota = self._max_pending_per_source
-            if not inbound.bound and self._unbound_from(inbound.source) >= quota:
-                return "too many pending requests from this source address"
-            if len(pending) >= MAX_PENDING:
-                if not inbound.bound:
-                    return "pending queue full"
-                victim = self._oldest_unbound_pending()
-                if victim is None:
-                    return "pending queue full of registry-bound requests"
-                outcome.notes.append(f"pending queue full: evicted the request of node {victim}")
-                self._forget_pending(outcome, victim)
+        existing = self._store.working.pending.get(node)
+        if existing is None or existing.source != inbound.source:
+            reason = self._admit(outcome, inbound, protected, replacing=existing is not None)
+            if reason:
+                return reason
         if not key and existing is not None:
             key = existing.public_key  # a relayed request without a key keeps the pending one
         bound = inbound.bound or (
             existing is not None and existing.bound and existing.public_key == key
         )
-        request = PendingHandshake(node, key, justification, _utcnow(), bound)
+        request = PendingHandshake(node, key, justification, _utcnow(), bound, inbound.source)
         outcome.seq = self._store.put_pending(request)
         self._pending_arrival[node] = next(self._arrivals)
-        if bound:
-            self._pending_source.pop(node, None)
+        if protected:
+            self._pending_protected.add(node)
         else:
-            self._pending_source[node] = inbound.source
+            self._pending_protected.discard(node)
         return ""
 
-    def _unbound_from(self, source: str) -> int:
-        pending = self._store.working.pending
-        return sum(
-            1
-            for node, where in self._pending_source.items()
-            if where == source and node in pending and not pending[node].bound
-        )
+    def _admit(self, outcome: _Outcome, inbound: _Inbound, protected: bool, replacing: bool) -> str:
+        """The pending queue's rule (SPEC 6 and 15, written out in docs/PROTOCOL.md): "" when
+        a new entry from ``inbound`` may be stored (after evicting one if the queue is full),
+        else the drop reason. Call holding the lock.
 
-    def _oldest_unbound_pending(self) -> int | None:
-        unbound = [p for p in self._store.working.pending.values() if not p.bound]
-        if not unbound:
-            return None
-        oldest = min(
-            unbound, key=lambda p: (p.received_at, self._pending_arrival.get(p.node_id, -1))
+        Protected requests (allowlisted, network-sharing or formerly trusted senders) count
+        against no quota and are never evicted for an unprotected one. An unprotected direct
+        request counts against its source address's quota: 16 unbound, 64 bound. When the
+        queue is full a protected newcomer evicts the oldest unprotected entry of the source
+        holding the most; a bound newcomer evicts the oldest unbound unprotected entry;
+        otherwise the source holding the most unprotected entries gives up its oldest one
+        only when it holds more than the newcomer's source plus one (fairness, the relay
+        being one source). Else the newcomer is dropped.
+        """
+        pending = self._store.working.pending
+        unprotected = [p for p in pending.values() if p.node_id not in self._pending_protected]
+        if not protected and not inbound.relayed:
+            quota = self._max_pending_bound if inbound.bound else self._max_pending_per_source
+            same = sum(
+                1
+                for p in unprotected
+                if p.source == inbound.source
+                and p.bound == inbound.bound
+                and p.node_id != inbound.node_id
+            )
+            if same >= quota:
+                return "too many pending requests from this source address"
+        if replacing or len(pending) < MAX_PENDING:
+            return ""
+        counts = Counter(p.source for p in unprotected)
+        unbound = [p for p in unprotected if not p.bound]
+        if protected:
+            victims = self._of_largest_source(unprotected, counts)
+        elif inbound.bound and unbound:
+            victims = unbound
+        else:
+            victims = self._of_largest_source(unprotected, counts)
+            if victims and len(victims) <= counts[inbound.source] + 1:
+                return "pending queue full"
+        if not victims:
+            return "pending queue full of protected requests"
+        victim = min(victims, key=self._pending_age)
+        outcome.notes.append(
+            f"pending queue full: evicted the request of node {victim.node_id}"
+            f" (source {_quote(victim.source or 'unknown')})"
         )
-        return oldest.node_id
+        self._forget_pending(outcome, victim.node_id)
+        return ""
+
+    def _of_largest_source(
+        self, entries: list[PendingHandshake], counts: Counter[str]
+    ) -> list[PendingHandshake]:
+        """The entries of the source holding the most of ``entries`` (ties: the one holding
+        the oldest entry)."""
+        if not counts:
+            return []
+        most = max(counts.values())
+        tied = [p for p in entries if counts[p.source] == most]
+        source = min(tied, key=self._pending_age).source
+        return [p for p in entries if p.source == source]
+
+    def _pending_age(self, request: PendingHandshake) -> tuple[datetime, int]:
+        return request.received_at, self._pending_arrival.get(request.node_id, -1)
+
+    def _in_history(self, node: int, key: bytes | None, bound: bool) -> bool:
+        """Whether ``node`` is trusted now or was before, and this is the node we knew: its
+        key equals the one we trusted (or, when we had none, the registry vouched for it).
+        Call holding the lock."""
+        state = self._store.working
+        known: TrustRecord | FormerTrust | None = state.trusted.get(node)
+        if known is None:
+            known = state.history.get(node)
+        if known is None:
+            return False
+        known_key = decode_key(known.public_key)
+        return key == known_key if known_key is not None else bound
 
     def _forget_pending(self, outcome: _Outcome, node: int) -> None:
         outcome.seq = self._store.drop_pending(node)
         self._pending_arrival.pop(node, None)
-        self._pending_source.pop(node, None)
+        self._pending_protected.discard(node)
 
     def _grant(
         self, outcome: _Outcome, node: int, key: str, *, mutual: bool = False, network: int = 0
@@ -764,6 +1000,8 @@ class Manager:
         working = self._store.working
         record = TrustRecord(node, key, _utcnow(), mutual, network)
         outcome.seq = self._store.put_trusted(record)
+        if node in working.history:
+            outcome.seq = self._store.drop_history(node)  # trusted now: the record says so
         if node in working.pending:
             self._forget_pending(outcome, node)
         if node in working.outgoing:
@@ -805,11 +1043,11 @@ class Manager:
                 outcome.drop = "accept within the revoke cooldown"
             elif strict and self._pin_conflict(inbound):
                 outcome.drop = "public key differs from the pinned key"
-            elif strict and node not in working.outgoing:
+            elif node not in working.outgoing:
                 outcome.drop = "accept without an outgoing request"
             elif strict and has_registry and not (inbound.bound or inbound.pinned):
                 outcome.drop = "accept neither registry-bound nor pinned"
-            elif node not in working.trusted:
+            elif not self._trusts(node):
                 key = b64encode(inbound.key) if inbound.key is not None else ""
                 outcome.events.append(("handshake.approved", {"peer_node_id": node, "by": "peer"}))
                 self._grant(outcome, node, key, mutual=True)
@@ -827,14 +1065,17 @@ class Manager:
                 outcome.seq = self._store.drop_outgoing(node)
         self._finish(outcome, inbound)
         if not outcome.drop:
-            log.info("node %d rejected our request: %s", node, truncate_utf8(reason) or "-")
+            log.info("node %d rejected our request: %s", node, _quote(reason) if reason else "-")
 
     def _on_revoke(self, inbound: _Inbound, reason: str) -> None:
         node = inbound.node_id
-        strict = self._rt.trust_strict()
         outcome = _Outcome()
         with self._lock:
-            if strict and not (inbound.bound or inbound.strongly_pinned):
+            # In every mode (SPEC 8): otherwise anyone with a key of their own could revoke.
+            # The key of a node's own pending request pins only that request (the weak pin
+            # is never a trusted node's): enough for the sender to withdraw it.
+            withdrawal = inbound.weakly_pinned and node not in self._store.working.trusted
+            if not (inbound.bound or inbound.strongly_pinned or withdrawal):
                 outcome.drop = "revoke neither registry-bound nor signed with the pinned key"
                 was_trusted = False
             else:
@@ -852,19 +1093,31 @@ class Manager:
             outcome.tasks.append((self._revoke_at_registry, (node,)))
         self._finish(outcome)
         self._rt.remove_tunnel_peer(node)
-        log.info("node %d revoked trust: %s", node, payload["reason"] or "-")
+        log.info("node %d revoked trust: %s", node, _quote(reason) if reason else "-")
 
     def _forget(self, outcome: _Outcome, node: int) -> bool:
         """Remove trust, pending and outgoing for ``node``; whether it was trusted. Lock held."""
         working = self._store.working
-        was_trusted = node in working.trusted
-        if was_trusted:
+        record = working.trusted.get(node)
+        was_trusted = record is not None
+        if record is not None:
             outcome.seq = self._store.drop_trusted(node)
+            self._remember(outcome, record)
         if node in working.pending:
             self._forget_pending(outcome, node)
         if node in working.outgoing:
             outcome.seq = self._store.drop_outgoing(node)
         return was_trusted
+
+    def _remember(self, outcome: _Outcome, record: TrustRecord) -> None:
+        """Put ``record``'s node in the trust history, forgetting the entry that ended
+        longest ago beyond ``MAX_TRUST_HISTORY``. Call holding the lock."""
+        history = self._store.working.history
+        if record.node_id not in history and len(history) >= MAX_TRUST_HISTORY:
+            oldest = min(history.values(), key=lambda former: former.ended_at)
+            outcome.seq = self._store.drop_history(oldest.node_id)
+        former = FormerTrust(record.node_id, record.public_key, _utcnow())
+        outcome.seq = self._store.put_history(former)
 
     # Relayed input (from the registry poll): counts as registry-bound
 
@@ -881,7 +1134,9 @@ class Manager:
             self._drops.drop(node, "relay", "relayed public_key is not a valid key")
             return
         registry = self._rt.registry()
-        answer = self._lookup(registry, node) if registry is not None else None
+        answer = None
+        if registry is not None:
+            answer, _ = self._checked_lookup(registry, node, carried)
         registry_key = _answer_key(answer)
         key = carried if carried is not None else registry_key
         with self._lock:
@@ -896,6 +1151,7 @@ class Manager:
             bound=True,
             pinned=key is not None and key == pin and pin_kind == "trusted",
             strongly_pinned=key is not None and key == pin and pin_kind in ("trusted", "bound"),
+            weakly_pinned=key is not None and key == pin and pin_kind == "weak",
             relayed=True,
             source="relay",
             remote="relay",
@@ -931,6 +1187,7 @@ class Manager:
             bound=True,
             pinned=False,
             strongly_pinned=False,
+            weakly_pinned=False,
             relayed=True,
             source="relay",
             remote="relay",
@@ -944,15 +1201,17 @@ class Manager:
         fail (the outgoing entry is forgotten), ``StoreError`` before sending when the
         outgoing entry cannot be written."""
         peer = peer_node_id
+        own = self._rt.node_id()
+        if own != 0 and peer == own:
+            raise HandshakeError(f"node {peer} is this node's own ID: a node cannot ask itself")
         if self.is_trusted(peer):
             return "trusted"
-        own = self._rt.node_id()
         if own == 0:
             raise HandshakeError("this node has no node ID yet (not registered)")
         text = truncate_utf8(justification)
         message = self._message(HANDSHAKE_REQUEST, peer, justification=text)
         with self._lock:
-            if peer in self._store.working.trusted:
+            if self._trusts(peer):
                 return "trusted"
             self._cooldown.pop(peer, None)  # an explicit request is fresh intent
             seq = self._store.put_outgoing(OutgoingRequest(peer, _utcnow()))
@@ -1031,22 +1290,29 @@ class Manager:
         self._finish(outcome)
         return True
 
-    def revoke_trust(self, peer_node_id: int) -> None:
+    def revoke_trust(self, peer_node_id: int) -> str:
         """Stop trusting ``peer_node_id``: remove trust, pending and outgoing, start the
         revoke cooldown, persist, tell the peer (best effort), ``remove_tunnel_peer``; the
-        registry hears of it in the background. Raises ``NotTrustedError`` if it was not
-        trusted (the rest still happens), ``HandshakeError`` for our own node ID."""
+        registry hears of it in the background. Returns "revoked", or "withdrawn" when it
+        was not trusted but we had asked it (the request is cancelled and the peer gets a
+        signed revoke, which removes our pending request there). Raises ``NotTrustedError``
+        when neither (the rest still happens), ``HandshakeError`` for our own node ID."""
         peer = peer_node_id
         own = self._rt.node_id()
         if own != 0 and peer == own:
             raise HandshakeError("a node cannot stop trusting itself")
         outcome = _Outcome()
         with self._lock:
+            asked = peer in self._store.working.outgoing
             was_trusted = self._forget(outcome, peer)
             self._cooldown[peer] = time.monotonic()
         if not was_trusted:
             self._finish(outcome)
-            raise NotTrustedError(f"node {peer} is not trusted")
+            if not asked:
+                raise NotTrustedError(f"node {peer} is not trusted")
+            self._send_best_effort(peer, HANDSHAKE_REVOKE, "request withdrawn")
+            log.info("withdrew our request to node %d", peer)
+            return "withdrawn"
         outcome.events.append(("trust.revoked", {"peer_node_id": peer}))
         outcome.events.append(("trust.changed", {"peer_node_id": peer, "state": "revoked"}))
         self._finish(outcome)
@@ -1057,6 +1323,7 @@ class Manager:
         self._rt.remove_tunnel_peer(peer)
         self._pool.submit(self._revoke_at_registry, peer, quiet=_QUIET)
         log.info("revoked trust in node %d", peer)
+        return "revoked"
 
     # Outgoing messages and background work (run on the pool, never under the lock)
 
@@ -1141,15 +1408,23 @@ class Manager:
             seq = self._store.put_trusted(dataclasses.replace(record, public_key=b64encode(key)))
         self._store.commit(seq)
 
-    def _backfill_all(self) -> None:
+    def _check_records(self) -> None:
+        """At start, with a registry: backfill the keys of keyless trust records, and look
+        up every other record for a conflict with the registry's binding (issue 11 item 7)."""
+        registry = self._rt.registry()
+        if registry is None:
+            return
         with self._lock:
-            keyless = [
-                node
-                for node, record in self._store.working.trusted.items()
-                if decode_key(record.public_key) is None
+            records = [
+                (n, decode_key(r.public_key)) for n, r in self._store.working.trusted.items()
             ]
-        for node in keyless:
-            self._backfill(node)
+        for node, key in records:
+            if self._stopping.is_set():
+                return
+            if key is None:
+                self._backfill(node)
+            else:
+                self._checked_lookup(registry, node, None)
 
     # Reaper (SPEC 7, last item)
 
@@ -1163,32 +1438,42 @@ class Manager:
                 log.warning("reaper failed", exc_info=True)
 
     def _reap(self) -> None:
-        """Forget outgoing requests older than the TTL and expired cooldowns."""
+        """Forget outgoing and pending requests older than their TTLs, and expired cooldowns."""
         cutoff = _utcnow() - timedelta(seconds=self._rt.trust_outgoing_ttl())
+        pending_cutoff = _utcnow() - timedelta(seconds=self._rt.trust_pending_ttl())
         now = time.monotonic()
         outcome = _Outcome()
         with self._lock:
             for node, request in list(self._store.working.outgoing.items()):
                 if request.sent_at < cutoff:
                     outcome.seq = self._store.drop_outgoing(node)
+            expired = [
+                node
+                for node, pending in self._store.working.pending.items()
+                if pending.received_at < pending_cutoff
+            ]
+            for node in expired:
+                self._forget_pending(outcome, node)
+            if expired:
+                outcome.notes.append(f"{len(expired)} pending requests expired")
             self._cooldown = {n: t for n, t in self._cooldown.items() if now - t < REVOKE_COOLDOWN}
             self._relayed_at = {n: t for n, t in self._relayed_at.items() if now - t < RELAY_RECENT}
         self._finish(outcome)
 
 
-def _authenticate(msg: HandshakeMsg, own: int, strict: bool) -> tuple[bytes | None, bytes] | str:
-    """SPEC 5 step 3, local part: (the sender's key or None, the replay material), or the
-    reason to drop. The replay material is what the verified signature covered."""
-    if not strict and msg.public_key == "":
-        canonical = msg.canonical_bytes()  # Go rules: no key, no authentication
-        return (None, canonical) if canonical is not None else "signature is not valid base64"
+def _authenticate(msg: HandshakeMsg, own: int, strict: bool) -> tuple[bytes, bytes, bool] | str:
+    """SPEC 5 step 3, local part, the same in every mode for the key: (the sender's key, the
+    replay material, whether only the Go-style signature verified), or the reason to drop.
+    The replay material is what the verified signature covered. Legacy mode also takes the
+    Go-style ``signature`` over ``handshake:<S>:<R>``; the caller then requires the key to
+    be registry-bound (SPEC 8)."""
     key = decode_key(msg.public_key)
     if key is None:
         return "public_key is not base64 of a 32-byte key"
     challenge = msg.v2_challenge(own)
     signature_v2 = decode_signature(msg.signature_v2)
     if signature_v2 is not None and verify(key, challenge, signature_v2):
-        return key, challenge
+        return key, challenge, False
     if strict:
         return "signature_v2 missing or invalid"
     signature = decode_signature(msg.signature)
@@ -1198,7 +1483,7 @@ def _authenticate(msg: HandshakeMsg, own: int, strict: bool) -> tuple[bytes | No
         and canonical is not None
         and verify(key, handshake_challenge(msg.node_id, own), signature)
     ):
-        return key, canonical
+        return key, canonical, True
     return "no valid signature"
 
 

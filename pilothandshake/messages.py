@@ -54,6 +54,7 @@ __all__ = [
     "respond_challenge",
     "revoke_trust_challenge",
     "send_message",
+    "set_hostname_challenge",
     "set_visibility_challenge",
     "truncate_utf8",
 ]
@@ -196,6 +197,11 @@ def resolve_challenge(requester_id: int, target_id: int) -> bytes:
 def set_visibility_challenge(node_id: int) -> bytes:
     """``set_visibility:<N>``: registry ``set_visibility`` by N."""
     return f"set_visibility:{node_id}".encode()
+
+
+def set_hostname_challenge(node_id: int) -> bytes:
+    """``set_hostname:<N>``: registry ``set_hostname`` by N."""
+    return f"set_hostname:{node_id}".encode()
 
 
 def truncate_utf8(text: str, limit: int = MAX_TEXT_BYTES) -> str:

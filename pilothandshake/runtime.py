@@ -82,6 +82,10 @@ class Runtime(Protocol):
 
     def trust_outgoing_ttl(self) -> float: ...
 
+    def trust_pending_ttl(self) -> float:
+        """Seconds a pending request is kept (config ``trust.pending_ttl``)."""
+        ...
+
     def is_denied(self, node_id: int) -> bool: ...
 
     def publish_event(self, topic: str, payload: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""trust.json: trust records, pending and outgoing requests, and how they reach disk (SPEC 10).
+"""trust.json: trust records, pending and outgoing requests, trust history, and how they reach
+disk (SPEC 10).
 
 The file has the Go daemon's schema, so it moves between the two implementations. Two
 copies of the state live in memory: ``working``, which decisions read and mutate under the
@@ -62,7 +63,8 @@ _JOURNAL_VERSION = 1
 TRUSTED = "trusted"
 PENDING = "pending"
 OUTGOING = "outgoing"
-TABLES = (TRUSTED, PENDING, OUTGOING)
+HISTORY = "history"
+TABLES = (TRUSTED, PENDING, OUTGOING, HISTORY)
 
 MAX_NETWORK = 2**16 - 1
 # Go's zero time.Time: what Go reads for a missing time, and writes back.
@@ -89,7 +91,9 @@ class TrustRecord:
 class PendingHandshake:
     """A handshake request waiting for the operator (Go ``PendingHandshake``).
 
-    ``bound`` records that the registry vouched for the request (SPEC 6); Go ignores it.
+    ``bound`` records that the registry vouched for the request (SPEC 6); ``source`` is where
+    it came from ("relay", or the sender's address for a direct one; "" when unknown), for
+    the pending queue's per-source quotas. Go ignores both.
     """
 
     node_id: int
@@ -97,6 +101,7 @@ class PendingHandshake:
     justification: str
     received_at: datetime
     bound: bool = False
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,17 @@ class OutgoingRequest:
     sent_at: datetime
 
 
-Record = Union[TrustRecord, PendingHandshake, OutgoingRequest]
+@dataclass(frozen=True)
+class FormerTrust:
+    """A node we trusted once and no longer do, with the key it had and when trust ended:
+    the trust history that protects its later requests in the pending queue (not in Go)."""
+
+    node_id: int
+    public_key: str
+    ended_at: datetime
+
+
+Record = Union[TrustRecord, PendingHandshake, OutgoingRequest, FormerTrust]
 
 
 class Change(NamedTuple):
@@ -120,15 +135,18 @@ class Change(NamedTuple):
 
 @dataclass
 class TrustState:
-    """The three tables of trust.json, each keyed by node ID."""
+    """The tables of trust.json, each keyed by node ID."""
 
     trusted: dict[int, TrustRecord] = field(default_factory=dict)
     pending: dict[int, PendingHandshake] = field(default_factory=dict)
     outgoing: dict[int, OutgoingRequest] = field(default_factory=dict)
+    history: dict[int, FormerTrust] = field(default_factory=dict)
 
     def copy(self) -> TrustState:
-        """Return a state with copies of the three dicts (the records are immutable)."""
-        return TrustState(dict(self.trusted), dict(self.pending), dict(self.outgoing))
+        """Return a state with copies of the dicts (the records are immutable)."""
+        return TrustState(
+            dict(self.trusted), dict(self.pending), dict(self.outgoing), dict(self.history)
+        )
 
     def table(self, name: str) -> dict[int, Any]:
         """Return the dict of table ``name`` (one of ``TABLES``)."""
@@ -223,6 +241,8 @@ def _pending_json(request: PendingHandshake) -> str:
     fields["received_at"] = format_time(request.received_at)
     if request.bound:
         fields["bound"] = True
+    if request.source:
+        fields["source"] = _utf8_text(request.source)
     return json.dumps(fields, ensure_ascii=False)
 
 
@@ -230,10 +250,22 @@ def _outgoing_json(request: OutgoingRequest) -> str:
     return json.dumps({"node_id": request.node_id, "sent_at": format_time(request.sent_at)})
 
 
+def _history_json(former: FormerTrust) -> str:
+    return json.dumps(
+        {
+            "node_id": former.node_id,
+            "public_key": _utf8_text(former.public_key),
+            "ended_at": format_time(former.ended_at),
+        },
+        ensure_ascii=False,
+    )
+
+
 _ENCODERS: dict[str, Callable[[Any], str]] = {
     TRUSTED: _trusted_json,
     PENDING: _pending_json,
     OUTGOING: _outgoing_json,
+    HISTORY: _history_json,
 }
 
 
@@ -396,6 +428,7 @@ def _decode_pending(obj: dict[str, Any], where: str) -> PendingHandshake:
         justification=_str(obj, "justification", where),
         received_at=_time(obj, "received_at", where),
         bound=_bool(obj, "bound", where),
+        source=_str(obj, "source", where),
     )
 
 
@@ -406,10 +439,19 @@ def _decode_outgoing(obj: dict[str, Any], where: str) -> OutgoingRequest:
     )
 
 
+def _decode_history(obj: dict[str, Any], where: str) -> FormerTrust:
+    return FormerTrust(
+        node_id=_int(obj, "node_id", where, MAX_NODE_ID),
+        public_key=_str(obj, "public_key", where),
+        ended_at=_time(obj, "ended_at", where),
+    )
+
+
 _DECODERS: dict[str, Callable[[dict[str, Any], str], Record]] = {
     TRUSTED: _decode_trusted,
     PENDING: _decode_pending,
     OUTGOING: _decode_outgoing,
+    HISTORY: _decode_history,
 }
 
 
@@ -724,6 +766,14 @@ class TrustStore:
     def drop_outgoing(self, node_id: int) -> int:
         """Forget the outgoing request to ``node_id``; returns the change's sequence number."""
         return self._change(Change(OUTGOING, node_id, None))
+
+    def put_history(self, former: FormerTrust) -> int:
+        """Remember that ``former.node_id`` was trusted; returns the change's sequence number."""
+        return self._change(Change(HISTORY, former.node_id, former))
+
+    def drop_history(self, node_id: int) -> int:
+        """Forget the trust history of ``node_id``; returns the change's sequence number."""
+        return self._change(Change(HISTORY, node_id, None))
 
     def _change(self, change: Change) -> int:
         # Serialise first: a record that cannot be written fails here and changes nothing.

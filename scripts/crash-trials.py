@@ -54,7 +54,7 @@ from pilothandshake.messages import (  # noqa: E402
     report_trust_challenge,
 )
 from pilothandshake.registry.client import Client  # noqa: E402
-from pilothandshake.registry.server import _load_store  # noqa: E402
+from pilothandshake.registry.storage import decode as decode_registry_store  # noqa: E402
 from pilothandshake.store import load_state  # noqa: E402
 
 NODE_ID = 7  # the daemon's node ID (no registry)
@@ -355,7 +355,7 @@ class _RegistryRun:
         self.rng = rng
         self.report = report
         self.nodes: dict[int, Identity] = {}  # acknowledged registrations
-        self.pairs: set[tuple[int, int]] = set()  # acknowledged report_trust pairs
+        self.pairs: set[tuple[int, int]] = set()  # acknowledged report_trust vouches
         self.children: list[_Child] = []
         self.lock = threading.Lock()
 
@@ -365,6 +365,10 @@ class _RegistryRun:
     def spawn(self) -> _Child:
         argv = [sys.executable, str(ROOT / "bin" / "pilot-registryd"), "--listen"]
         argv += ["127.0.0.1:0", "--store", str(self.store), "--log-level", "warning"]
+        # The writers register thousands of fresh keys from one address.
+        config = self.dir / "registry.yaml"
+        config.write_text("limits:\n  register_per_minute: 1000000\n")
+        argv += ["--config", str(config)]
         child = _Child(argv, self.dir, "registry")
         self.children.append(child)
         return child
@@ -376,8 +380,9 @@ class _RegistryRun:
                 self.problem("the store is missing after a kill")
             return not self.nodes
         try:
-            nodes, trust, next_id = _load_store(str(self.store))
-        except StoreError as exc:
+            stored = decode_registry_store(self.store.read_bytes(), str(self.store))
+            nodes, trust, next_id = stored.nodes, stored.vouches, stored.next_id
+        except (StoreError, OSError) as exc:
             self.problem(f"the store does not parse after a kill: {exc}")
             return False
         for node_id, identity in self.nodes.items():
@@ -415,7 +420,7 @@ class _RegistryRun:
                     killed.set()
                     return
                 with self.lock:
-                    self.pairs.add((min(node_id, peer), max(node_id, peer)))
+                    self.pairs.add((node_id, peer))
                     self.report.acknowledged += 1
         finally:
             client.close()

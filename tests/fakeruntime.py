@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from pilothandshake.constants import OUTGOING_TTL
+from pilothandshake.constants import OUTGOING_TTL, PENDING_TTL
 from pilothandshake.errors import RegistryError, SendError
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.manager import Manager
@@ -155,6 +155,7 @@ class FakeRuntime:
         self.strict = strict
         self.auto_approve = auto_approve
         self.outgoing_ttl = OUTGOING_TTL
+        self.pending_ttl = PENDING_TTL
         self.allowlist: dict[int, AllowlistEntry] = {}
         self.deny: set[int] = set()
         self.registry_client = registry
@@ -197,6 +198,9 @@ class FakeRuntime:
 
     def trust_outgoing_ttl(self) -> float:
         return self.outgoing_ttl
+
+    def trust_pending_ttl(self) -> float:
+        return self.pending_ttl
 
     def is_denied(self, node_id: int) -> bool:
         return node_id in self.deny

@@ -448,11 +448,11 @@ def test_pending_queue_stays_within_its_caps_under_a_flood() -> None:
             request(5000 + n, f"127.0.{n % 100}.9:5000")
         assert manager.pending_count() == MAX_PENDING
         per_source: dict[str, int] = {}
-        for source in manager._pending_source.values():
-            per_source[source] = per_source.get(source, 0) + 1
+        for pending in manager.pending_requests():
+            per_source[pending.source] = per_source.get(pending.source, 0) + 1
         assert max(per_source.values()) <= 16
         assert len(manager._pending_arrival) <= MAX_PENDING
-        assert len(manager._pending_source) <= MAX_PENDING
+        assert len(manager._pending_protected) == 0
     finally:
         manager.close()
 

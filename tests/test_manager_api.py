@@ -56,8 +56,10 @@ def test_send_request_to_a_trusted_peer_or_ourselves_sends_nothing(
     seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
     manager, runtime = nodes.make()
     assert manager.send_request(7, "x") == "trusted"
-    assert manager.send_request(OWN, "x") == "trusted"
-    assert runtime.sent == []
+    # Our own ID is a mistake (issue 11 item 7: IDs that move), not "already trusted".
+    with pytest.raises(HandshakeError, match=f"node {OWN} is this node's own ID"):
+        manager.send_request(OWN, "x")
+    assert runtime.sent == [] and manager.pending_requests() == []
 
 
 def test_send_request_falls_back_to_a_signed_relay(nodes: Nodes) -> None:
@@ -241,8 +243,8 @@ def test_approve_without_relay_fallback_when_the_dial_fails(nodes: Nodes, peer: 
 def test_approve_of_a_keyless_request_backfills_the_key(nodes: Nodes, peer: Peer) -> None:
     registry = FakeRegistry()
     registry.keys[7] = peer.key
-    manager, _ = nodes.make(registry=registry, strict=False)
-    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, public_key="", v2=False), REMOTE)
+    seed_trust(f"{nodes.root}/n1", pending=(PendingHandshake(7, "", "", T0),))
+    manager, _ = nodes.make(registry=registry)
     assert manager.pending_requests()[0].public_key == ""
     manager.approve_handshake(7)
     settle(manager)
@@ -281,16 +283,55 @@ def test_revoke_trust_tells_the_peer_before_removing_the_tunnel(nodes: Nodes, pe
 
 
 def test_revoke_of_an_untrusted_peer_still_clears_it_and_raises(nodes: Nodes) -> None:
-    seed_trust(
-        f"{nodes.root}/n1",
-        pending=(PendingHandshake(7, "", "", T0),),
-        outgoing=(OutgoingRequest(7, T0),),
-    )
+    seed_trust(f"{nodes.root}/n1", pending=(PendingHandshake(7, "", "", T0),))
     manager, runtime = nodes.make()
     with pytest.raises(NotTrustedError):
         manager.revoke_trust(7)
     assert snapshot(manager) == ([], [], {})
     assert runtime.sent == [] and runtime.events == []
+
+
+@pytest.mark.parametrize("with_registry", [False, True])
+def test_revoke_of_a_node_we_only_asked_withdraws_the_request_at_the_peer(
+    nodes: Nodes, with_registry: bool
+) -> None:
+    """Issue 11 item 10e: ``untrust B`` while our request waits at B dropped only our side;
+    B's operator then approved and B trusted a node that no longer asked. Now the request
+    is withdrawn: cancelled here, and B drops it on our signed revoke."""
+    registry = FakeRegistry() if with_registry else None
+    alice, alice_rt = nodes.make(1, registry=registry)
+    bob, bob_rt = nodes.make(2, registry=registry)
+    if registry is not None:
+        registry.keys[1] = alice_rt.identity.public_key_b64
+        registry.keys[2] = bob_rt.identity.public_key_b64
+    wired = {1: alice, 2: bob}
+    alice_rt.deliver = lambda peer, data: wired[peer].process_message(data, "127.0.0.1:1001")
+    bob_rt.deliver = lambda peer, data: wired[peer].process_message(data, "127.0.0.1:1002")
+    assert alice.send_request(2, "sync") == "sent"
+    assert [p.node_id for p in bob.pending_requests()] == [1]
+
+    assert alice.revoke_trust(2) == "withdrawn"
+    assert snapshot(alice) == ([], [], {})
+    assert bob.pending_requests() == []
+    assert bob.approve_handshake(1) is False
+    assert not bob.is_trusted(1) and not alice.is_trusted(2)
+    # Nothing left to withdraw: the second call says so.
+    with pytest.raises(NotTrustedError):
+        alice.revoke_trust(2)
+
+
+def test_a_revoke_signed_by_a_pending_requester_cannot_drop_a_keyless_trust_record(
+    nodes: Nodes, peer: Peer
+) -> None:
+    """The key of a node's own pending request pins only that request."""
+    seed_trust(
+        f"{nodes.root}/n1",
+        trusted=(TrustRecord(7, "", T0),),
+        pending=(PendingHandshake(7, peer.key, "", T0),),
+    )
+    manager, _ = nodes.make()
+    manager.process_message(peer.data(HANDSHAKE_REVOKE, OWN), REMOTE)
+    assert [r.node_id for r in manager.trusted_peers()] == [7]
 
 
 def test_revoking_ourselves_is_refused(nodes: Nodes) -> None:
@@ -467,5 +508,5 @@ def test_revoke_from_a_node_we_know_nothing_of_changes_and_announces_nothing(
 ) -> None:
     manager, runtime = nodes.make(strict=False)
     stranger = Peer(9)
-    manager.process_message(stranger.data(HANDSHAKE_REVOKE, OWN, public_key="", v2=False), REMOTE)
+    manager.process_message(stranger.data(HANDSHAKE_REVOKE, OWN), REMOTE)
     assert runtime.events == [] and runtime.removed == []

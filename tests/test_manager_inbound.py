@@ -5,8 +5,10 @@ replay set and the rate-limited drop log."""
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from typing import Callable
@@ -141,16 +143,37 @@ def test_strict_mode_requires_a_key_and_a_valid_signature_v2(
     assert_dropped(manager, runtime, caplog, make(peer), reason)
 
 
-def test_legacy_mode_accepts_an_unsigned_request_without_key(nodes: Nodes, peer: Peer) -> None:
-    manager, _ = nodes.make(strict=False)
-    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, public_key="", v2=False), REMOTE)
-    assert [(p.node_id, p.public_key) for p in manager.pending_requests()] == [(7, "")]
+@pytest.mark.parametrize("with_registry", [False, True])
+def test_legacy_mode_drops_an_unsigned_request_without_key(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture, with_registry: bool
+) -> None:
+    """SPEC 8 (issue 11, item 10a): in every mode a port-444 message needs a key."""
+    registry = FakeRegistry() if with_registry else None
+    manager, runtime = nodes.make(strict=False, registry=registry)
+    data = peer.data(HANDSHAKE_REQUEST, OWN, public_key="", v2=False)
+    assert_dropped(manager, runtime, caplog, data, "public_key")
 
 
-def test_legacy_mode_accepts_the_go_style_signature(nodes: Nodes, peer: Peer) -> None:
-    manager, _ = nodes.make(strict=False)
+def test_legacy_mode_accepts_the_go_style_signature_over_a_registry_bound_key(
+    nodes: Nodes, peer: Peer
+) -> None:
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    manager, _ = nodes.make(strict=False, registry=registry)
     manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, v2=False, legacy=True), REMOTE)
     assert [(p.node_id, p.public_key) for p in manager.pending_requests()] == [(7, peer.key)]
+
+
+@pytest.mark.parametrize("with_registry", [False, True])
+def test_legacy_mode_drops_the_go_style_signature_over_an_unbound_key(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture, with_registry: bool
+) -> None:
+    """Without a registry, or with one that knows no key for the sender, the replayable Go
+    signature authenticates nothing."""
+    registry = FakeRegistry() if with_registry else None
+    manager, runtime = nodes.make(strict=False, registry=registry)
+    data = peer.data(HANDSHAKE_REQUEST, OWN, v2=False, legacy=True)
+    assert_dropped(manager, runtime, caplog, data, "Go-style signature without a registry-bound")
 
 
 def test_legacy_mode_drops_a_key_without_any_valid_signature(
@@ -161,12 +184,20 @@ def test_legacy_mode_drops_a_key_without_any_valid_signature(
     assert_dropped(manager, runtime, caplog, data, "no valid signature")
 
 
-def test_legacy_unsigned_accept_without_outgoing_request_is_trusted_like_go(
-    nodes: Nodes, peer: Peer
+@pytest.mark.parametrize("signed", [False, True])
+def test_legacy_accept_without_outgoing_request_is_ignored(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture, signed: bool
 ) -> None:
-    manager, _ = nodes.make(strict=False)
-    manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN, public_key="", v2=False), REMOTE)
-    assert [(r.node_id, r.mutual) for r in manager.trusted_peers()] == [(7, True)]
+    """Issue 11 item 10a: an unsigned accept re-trusted a node we never asked; even a signed
+    one grants trust only for our own outgoing request, in every mode."""
+    manager, runtime = nodes.make(strict=False)
+    if signed:
+        data, reason = peer.data(HANDSHAKE_ACCEPT, OWN), "without an outgoing request"
+    else:
+        data, reason = peer.data(HANDSHAKE_ACCEPT, OWN, public_key="", v2=False), "public_key"
+    assert_dropped(manager, runtime, caplog, data, reason)
+    manager.process_relayed_approval(7)
+    assert manager.trusted_peers() == []
 
 
 def test_strict_accept_without_outgoing_request_is_ignored(
@@ -177,17 +208,20 @@ def test_strict_accept_without_outgoing_request_is_ignored(
     assert_dropped(manager, runtime, caplog, data, "without an outgoing request")
 
 
-def test_forged_unsigned_revoke_is_dropped_in_strict_and_applied_in_legacy(
-    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("strict", [True, False])
+def test_forged_revoke_is_dropped_in_every_mode(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture, strict: bool
 ) -> None:
+    """Issue 11 item 10a: an unsigned, keyless revoke claiming node 7 made a legacy node drop
+    it; so would one signed with a key of the attacker's own."""
     seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
-    manager, runtime = nodes.make()
-    forged = Peer(7, Peer(66).identity).message(HANDSHAKE_REVOKE, OWN, public_key="", v2=False)
-    assert_dropped(manager, runtime, caplog, forged.to_json(), "public_key")
-    manager.close()
-    legacy, _ = nodes.make(strict=False)
-    legacy.process_message(forged.to_json(), REMOTE)
-    assert legacy.trusted_peers() == []  # Go's rules: no key, no check
+    manager, runtime = nodes.make(strict=strict)
+    attacker = Peer(7, Peer(66).identity)
+    keyless = attacker.message(HANDSHAKE_REVOKE, OWN, public_key="", v2=False)
+    assert_dropped(manager, runtime, caplog, keyless.to_json(), "public_key")
+    reason = "public key differs from the pinned key" if strict else "pinned key"
+    assert_dropped(manager, runtime, caplog, attacker.data(HANDSHAKE_REVOKE, OWN), reason)
+    assert [r.node_id for r in manager.trusted_peers()] == [7]
 
 
 # The forgeries signature_v2 stops (SPEC 4)
@@ -230,7 +264,9 @@ def test_base64_respelling_of_the_signature_is_a_replay(
 def test_legacy_base64_respelling_of_the_go_signature_is_a_replay(
     nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    manager, runtime = nodes.make(strict=False)
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    manager, runtime = nodes.make(strict=False, registry=registry)
     original = peer.message(HANDSHAKE_REQUEST, OWN, v2=False, legacy=True)
     manager.process_message(original.to_json(), REMOTE)
     manager.reject_handshake(7)
@@ -461,3 +497,44 @@ def test_replay_entries_live_until_their_timestamp_leaves_the_window() -> None:
     for index in range(3):
         assert replay.add(bytes([index]), "A", 150.0, 100.0, privileged=False) == ""
     assert replay.add(b"x", "A", 300.0, 151.0, privileged=False) == ""
+
+
+# Issue 11 item 6: what drop lines quote; a full disk
+
+
+def test_drop_line_quotes_at_most_100_characters_of_a_huge_timestamp(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make()
+    huge = int("9" * 4300)
+    data = json.dumps(
+        {"type": "handshake_request", "node_id": 7, "public_key": peer.key, "timestamp": huge}
+    ).encode()
+    assert_dropped(manager, runtime, caplog, data, "outside the window")
+    (line,) = warnings(caplog)
+    assert len(line) < 250 and "9" * 101 not in line
+
+
+def test_drop_line_cuts_a_long_reason(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        DropLog().drop(7, REMOTE, "x" * 5000)
+    (line,) = warnings(caplog)
+    assert len(line) < 300
+
+
+def test_requests_while_the_disk_is_full_log_one_error(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make()
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with caplog.at_level(logging.ERROR):
+        for node in range(10, 30):
+            manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    monkeypatch.undo()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    assert manager.pending_count() == 0 and runtime.events == []

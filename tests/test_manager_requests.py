@@ -15,7 +15,7 @@ from pilothandshake.identity import decode_signature, verify
 from pilothandshake.manager import Manager
 from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST, respond_challenge
 from pilothandshake.runtime import AllowlistEntry
-from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord
+from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord, load_state
 
 OWN = 1
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
@@ -160,14 +160,44 @@ def test_row4_unpinned_agent_without_registry_goes_pending(nodes: Nodes, peer: P
 
 
 @pytest.mark.parametrize("relayed", [False, True])
-def test_row4_allowlist_pin_differing_from_the_senders_key_is_not_trusted(
-    nodes: Nodes, peer: Peer, registry: FakeRegistry, relayed: bool
+def test_row4_allowlist_pin_differing_from_the_senders_key_is_dropped(
+    nodes: Nodes,
+    peer: Peer,
+    registry: FakeRegistry,
+    relayed: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     manager, runtime = nodes.make(registry=registry)
     runtime.allowlist[7] = AllowlistEntry(7, "deployer", Peer(99).key)
     (send_relayed if relayed else send_direct)(manager, peer)
-    assert manager.trusted_peers() == []
-    assert [p.node_id for p in manager.pending_requests()] == [7]
+    assert manager.trusted_peers() == [] and manager.pending_requests() == []
+    assert "differs from the allowlist's pinned key" in caplog.text
+
+
+def test_row4_malicious_registry_cannot_get_round_the_allowlist_pin(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 11 item 10b: a relayed request from 42 carrying the attacker's key while the
+    registry's lookup returns the agent's key was trusted with the attacker's key; the real
+    agent was then dropped. Every key the request brings must equal the pin."""
+    agent, attacker = Peer(42), Peer(42)
+    registry = FakeRegistry()
+    registry.keys[42] = agent.key  # the lookup says what the pin says
+    manager, runtime = nodes.make(registry=registry)
+    runtime.allowlist[42] = AllowlistEntry(42, "agent", agent.key)
+    manager.process_relayed_request(42, "attacker", attacker.key)
+    assert manager.trusted_peers() == [] and manager.pending_requests() == []
+    # ... and a registry answering the attacker's key does no better with the agent's.
+    registry.keys[42] = attacker.key
+    manager._lookups.clear()
+    manager.process_relayed_request(42, "attacker", agent.key)
+    assert manager.trusted_peers() == [] and manager.pending_requests() == []
+    # The real agent still gets in, under the pinned key.
+    registry.keys[42] = agent.key
+    manager._lookups.clear()
+    manager.process_relayed_request(42, "agent", agent.key)
+    assert [(r.node_id, r.public_key) for r in manager.trusted_peers()] == [(42, agent.key)]
+    assert auto_reason(runtime) == "trusted_agent"
 
 
 @pytest.mark.parametrize("relayed", [False, True])
@@ -331,11 +361,19 @@ def test_unbound_direct_requests_are_limited_per_source_address(
 def test_full_queue_drops_unbound_and_lets_bound_evict_the_oldest_unbound(
     nodes: Nodes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # One unbound request from each of 255 addresses: no source holds more than its share.
     pending = tuple(
-        PendingHandshake(100 + i, "", "", T0.replace(minute=i % 60, second=i // 60), False)
+        PendingHandshake(
+            100 + i,
+            "",
+            "",
+            T0.replace(minute=i % 60, second=i // 60),
+            False,
+            f"10.0.{i // 200}.{i % 200}",
+        )
         for i in range(MAX_PENDING - 1)
     )
-    bound = PendingHandshake(99, "", "", datetime(2020, 1, 1, tzinfo=timezone.utc), True)
+    bound = PendingHandshake(99, "", "", datetime(2020, 1, 1, tzinfo=timezone.utc), True, "relay")
     seed_trust(f"{nodes.root}/n1", pending=(*pending, bound))
     manager, runtime = nodes.make(registry=FakeRegistry())
     assert manager.pending_count() == MAX_PENDING
@@ -353,10 +391,12 @@ def test_full_queue_drops_unbound_and_lets_bound_evict_the_oldest_unbound(
     assert runtime.topics() == ["handshake.received", "handshake.pending"]
 
 
-def test_full_queue_of_bound_requests_drops_even_a_bound_newcomer(
+def test_full_queue_of_relayed_requests_drops_another_relayed_one(
     nodes: Nodes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pending = tuple(PendingHandshake(100 + i, "", "", T0, True) for i in range(MAX_PENDING))
+    pending = tuple(
+        PendingHandshake(100 + i, "", "", T0, True, "relay") for i in range(MAX_PENDING)
+    )
     seed_trust(f"{nodes.root}/n1", pending=pending)
     manager, runtime = nodes.make(registry=FakeRegistry())
     with caplog.at_level(logging.WARNING):
@@ -397,3 +437,30 @@ def test_outgoing_entry_is_kept_across_restart_and_makes_the_later_request_mutua
     send_direct(manager, peer)
     record = assert_granted(manager, runtime, "mutual")
     assert record.mutual is True
+
+
+# Issue 11 item 5: the same request by both paths (a slow peer gets the direct one late)
+
+
+@pytest.mark.parametrize("direct_first", [True, False])
+@pytest.mark.parametrize("auto_approve", [False, True])
+def test_a_duplicate_by_the_other_path_changes_nothing_and_announces_nothing(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, direct_first: bool, auto_approve: bool
+) -> None:
+    manager, runtime = nodes.make(registry=registry, auto_approve=auto_approve)
+    first, second = (send_direct, send_relayed) if direct_first else (send_relayed, send_direct)
+    first(manager, peer, "nightly sync")
+    settle(manager)
+    state = snapshot(manager)
+    on_disk = load_state(f"{nodes.root}/n1/trust.json")
+    events, sent = list(runtime.events), list(runtime.sent)
+    responds = registry.calls_of("respond_handshake")
+    second(manager, peer, "nightly sync")
+    settle(manager)
+    assert snapshot(manager) == state
+    assert load_state(f"{nodes.root}/n1/trust.json") == on_disk
+    assert runtime.events == events and runtime.sent == sent
+    assert registry.calls_of("respond_handshake") == responds
+    # Another text is another request.
+    second(manager, peer, "and something else")
+    assert runtime.topics().count("handshake.received") == 2

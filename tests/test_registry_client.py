@@ -297,3 +297,50 @@ def test_tls_with_pinned_fingerprint(tls_cert: tuple[str, str, str]) -> None:
             Client(address, timeout=1.0).lookup(node_id)
     finally:
         server.stop()
+
+
+def test_hostname_methods_against_the_embedded_registry() -> None:
+    server = RegistryServer("127.0.0.1", 0)
+    server.start()
+    try:
+        address = "{}:{}".format(*server.address)
+        a, b = Identity.generate(), Identity.generate()
+        client_a, client_b = Client(address, a.sign), Client(address, b.sign)
+        answer = client_a.register("127.0.0.1:4000", a.public_key_b64, hostname="agent-a")
+        assert answer["hostname"] == "agent-a"
+        b_id = client_b.register("127.0.0.1:4001", b.public_key_b64, hostname="agent-a")["node_id"]
+        assert client_b.set_hostname(b_id, "agent-b") == {
+            "type": "set_hostname_ok",
+            "node_id": b_id,
+            "hostname": "agent-b",
+        }
+        found = client_a.resolve_hostname("agent-b")
+        assert (found["node_id"], found["public"], found["hostname"]) == (b_id, False, "agent-b")
+        assert client_a.lookup(b_id)["hostname"] == "agent-b"
+        with pytest.raises(RegistryError, match=r"^hostname 'agent-a' is taken by node 1$"):
+            client_b.set_hostname(b_id, "agent-a")
+        with pytest.raises(RegistryError, match="is reserved"):
+            client_b.set_hostname(b_id, "localhost")
+        with pytest.raises(RegistryError, match="is not registered"):
+            client_b.resolve_hostname("nobody")
+        client_a.close()
+        client_b.close()
+    finally:
+        server.stop()
+
+
+def test_registry_error_text_is_kept_but_never_raw(stubs: list[Stub]) -> None:
+    text = "node 99 is not online\n2030-01-01 WARNING forged\x1b[2J" + "z" * 1000
+
+    def answer(stub: Stub, conn: socket.socket, index: int) -> None:
+        while stub.read(conn) is not None:
+            conn.sendall(encode_frame({"type": "error", "error": text}))
+
+    client = Client(make_stub(stubs, answer).address, timeout=2.0)
+    with pytest.raises(RegistryError) as info:
+        client.lookup(99)
+    shown = str(info.value)
+    assert shown.startswith("node 99 is not online\\n2030-01-01 WARNING forged\\x1b[2J")
+    assert shown.isprintable()
+    assert len(shown) < 320
+    client.close()

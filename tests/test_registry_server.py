@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import select
 import signal
@@ -21,8 +23,9 @@ from pilothandshake.constants import MAX_REGISTRY_FRAME_SERVER, REGISTRY_INBOX
 from pilothandshake.errors import ConfigError, RegistryError, StoreError
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import handshake_challenge, respond_challenge
-from pilothandshake.registry.client import Client, read_frame
-from pilothandshake.registry.server import RegistryServer, load_config
+from pilothandshake.registry.client import Client, encode_frame, read_frame
+from pilothandshake.registry.config import Limits, ServerConfig, load_config, parse_networks
+from pilothandshake.registry.server import RegistryServer
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRYD = str(ROOT / "bin" / "pilot-registryd")
@@ -47,8 +50,17 @@ class Node:
 def make_server() -> Iterator[Callable[..., RegistryServer]]:
     servers: list[RegistryServer] = []
 
-    def make(**kwargs: Any) -> RegistryServer:
-        server = RegistryServer("127.0.0.1", 0, **kwargs)
+    def make(
+        networks: dict[int, list[int | str]] | None = None,
+        limits: Limits | None = None,
+        **kwargs: Any,
+    ) -> RegistryServer:
+        # Tests register many identities from 127.0.0.1: the default limit of 10 a minute
+        # is tested on its own.
+        config = ServerConfig(
+            parse_networks(networks, "test"), limits or Limits(register_per_minute=10_000)
+        )
+        server = RegistryServer("127.0.0.1", 0, config=config, **kwargs)
         server.start()
         servers.append(server)
         return server
@@ -114,7 +126,7 @@ def test_unspecified_listen_host_is_replaced_by_the_source_ip(server: RegistrySe
 
 def test_lookup_of_unknown_node_fails(server: RegistryServer) -> None:
     a = Node(server)
-    with pytest.raises(RegistryError, match=r"^request failed$"):
+    with pytest.raises(RegistryError, match=r"^node 99 is not online$"):
         a.client.lookup(99)
 
 
@@ -130,19 +142,22 @@ def test_config_networks_apply_to_a_key_listed_before_registration(
     assert first.client.lookup(second)["networks"] == [0, 3]
 
 
-def test_resolve_requires_public_shared_network_or_trust_pair(
+def test_resolve_requires_public_shared_network_or_the_targets_vouch(
     make_server: Callable[..., RegistryServer],
 ) -> None:
     server = make_server(networks={7: [1, 2]})
     a, b, c, d = (Node(server, f"127.0.0.1:{4000 + i}") for i in range(4))
     # b shares network 7 with a.
     assert a.client.resolve(b.node_id, a.node_id)["real_addr"] == "127.0.0.1:4001"
-    # c is private and unrelated to d: denied.
-    with pytest.raises(RegistryError, match=r"^request failed$"):
+    # c is private and unrelated to d: denied, and the error says why.
+    with pytest.raises(RegistryError, match=r"^node 4 may not resolve private node 3 "):
         d.client.resolve(c.node_id, d.node_id)
-    # A trust pair opens it, in both directions.
+    # c's report of trust in d lets d resolve c, and only that way round.
     c.client.report_trust(c.node_id, d.node_id)
     assert d.client.resolve(c.node_id, d.node_id)["real_addr"] == "127.0.0.1:4002"
+    with pytest.raises(RegistryError, match="may not resolve"):
+        c.client.resolve(d.node_id, c.node_id)
+    d.client.report_trust(d.node_id, c.node_id)
     assert c.client.resolve(d.node_id, c.node_id)["node_id"] == d.node_id
     # Public opens it to anyone.
     with pytest.raises(RegistryError):
@@ -154,15 +169,15 @@ def test_resolve_requires_public_shared_network_or_trust_pair(
 def test_wrong_or_missing_signatures_are_refused(server: RegistryServer) -> None:
     a, b = Node(server), Node(server)
     impostor = Client("{}:{}".format(*server.address), b.identity.sign)
-    with pytest.raises(RegistryError, match=r"^request failed$"):
+    with pytest.raises(RegistryError, match=r"^bad signature from node 1$"):
         impostor.heartbeat(a.node_id)
-    with pytest.raises(RegistryError, match=r"^request failed$"):
+    with pytest.raises(RegistryError, match=r"^bad signature from node 1$"):
         impostor.poll_handshakes(a.node_id)
-    with pytest.raises(RegistryError, match=r"^request failed$"):
+    with pytest.raises(RegistryError, match=r"^missing or malformed signature from node 1$"):
         a.client.call({"type": "heartbeat", "node_id": a.node_id})
-    with pytest.raises(RegistryError, match=r"^request failed$"):
+    with pytest.raises(RegistryError, match=r"^missing or malformed signature"):
         a.client.call({"type": "set_visibility", "node_id": a.node_id, "public": True})
-    with pytest.raises(RegistryError, match=r"^request failed$"):
+    with pytest.raises(RegistryError, match=r"^bad signature from node 1$"):
         # A signature over the right challenge by the wrong key.
         b.client.request_handshake(
             a.node_id, b.node_id, "x", b.sig(handshake_challenge(a.node_id, b.node_id))
@@ -176,7 +191,7 @@ def test_second_request_while_first_waits_fails_until_polled(server: RegistrySer
     sig = a.sig(handshake_challenge(a.node_id, b.node_id))
     ok = a.client.request_handshake(a.node_id, b.node_id, "sync", sig)
     assert ok == {"type": "request_handshake_ok", "status": "delivered"}
-    with pytest.raises(RegistryError, match=r"^request failed$"):
+    with pytest.raises(RegistryError, match=r"^a request from node 1 already waits in node 2's"):
         a.client.request_handshake(a.node_id, b.node_id, "again", sig)
     b.client.poll_handshakes(b.node_id)
     assert a.client.request_handshake(a.node_id, b.node_id, "after poll", sig)["status"]
@@ -230,7 +245,7 @@ def test_accepting_response_creates_trust_pair_and_queues_response(
     with pytest.raises(RegistryError):
         a.client.resolve(b.node_id, a.node_id)
     bad = a.sig(respond_challenge(b.node_id, a.node_id))  # signed by the wrong node
-    with pytest.raises(RegistryError, match=r"^request failed$"):
+    with pytest.raises(RegistryError, match=r"^bad signature from node 2$"):
         b.client.respond_handshake(b.node_id, a.node_id, True, bad)
     b.client.respond_handshake(
         b.node_id, a.node_id, True, b.sig(respond_challenge(b.node_id, a.node_id))
@@ -243,11 +258,11 @@ def test_accepting_response_creates_trust_pair_and_queues_response(
 
 def test_revoking_a_missing_trust_pair_fails(server: RegistryServer) -> None:
     a, b = Node(server), Node(server)
-    with pytest.raises(RegistryError, match=r"^request failed$"):
+    with pytest.raises(RegistryError, match=r"^no trust pair 1-2 to revoke$"):
         a.client.revoke_trust(a.node_id, b.node_id)
     a.client.report_trust(a.node_id, b.node_id)
     b.client.revoke_trust(b.node_id, a.node_id)
-    with pytest.raises(RegistryError, match=r"^request failed$"):
+    with pytest.raises(RegistryError, match=r"^no trust pair 1-2 to revoke$"):
         a.client.revoke_trust(a.node_id, b.node_id)
 
 
@@ -277,14 +292,15 @@ def test_node_missing_heartbeats_goes_offline_and_keeps_its_id(
 def test_request_frame_over_64_kib_is_refused_and_closed(server: RegistryServer) -> None:
     header = struct.pack(">I", MAX_REGISTRY_FRAME_SERVER + 1)
     response, rest = raw_exchange(server, header)
-    assert response == {"type": "error", "error": "request failed"}
+    assert response == {"type": "error", "error": "frame of 65537 bytes exceeds the limit of 65536"}
     assert rest == b""
 
 
 def test_malformed_json_and_fields_get_an_error_not_a_crash(server: RegistryServer) -> None:
     body = b"{not json"
     response, rest = raw_exchange(server, struct.pack(">I", len(body)) + body)
-    assert response == {"type": "error", "error": "request failed"}
+    assert response is not None and response["type"] == "error"
+    assert response["error"].startswith("malformed frame: ")
     assert rest == b""
     a = Node(server)
     for bad in (
@@ -296,8 +312,11 @@ def test_malformed_json_and_fields_get_an_error_not_a_crash(server: RegistryServ
         {"type": "register", "listen_addr": "127.0.0.1:1", "public_key": "AAAA"},
         {"type": "set_visibility", "node_id": 1, "public": "yes", "signature": ""},
     ):
-        with pytest.raises(RegistryError, match=r"^request failed$"):
+        with pytest.raises(RegistryError) as info:
             a.client.call(bad)
+        # The error says which field is wrong (and is never the production's blanket text).
+        assert str(info.value) != "request failed"
+        assert any(word in str(info.value) for word in ("field", "type", "listen_addr", "key"))
     assert a.client.lookup(a.node_id)["node_id"] == a.node_id  # still serving
 
 
@@ -346,7 +365,7 @@ def test_load_config_names_file_and_key(tmp_path: Path) -> None:
     path = tmp_path / "registry.yaml"
     key = Identity.generate().public_key_b64
     path.write_text(f"networks:\n  3: [7, '{key}']\n")
-    assert load_config(str(path)) == {3: [7, key]}
+    assert load_config(str(path)).networks == parse_networks({3: [7, key]}, "same")
     for text, where in (
         ("networks:\n  3: [7, 'not-a-key']\n", "networks.3[1]"),
         ("networks:\n  0: [7]\n", "networks.0"),
@@ -360,12 +379,15 @@ def test_load_config_names_file_and_key(tmp_path: Path) -> None:
         assert where in str(info.value)
 
 
-def start_registryd(*args: str) -> tuple[subprocess.Popen[str], str]:
+def start_registryd(*args: str, home: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Start bin/pilot-registryd; ``home`` replaces $HOME (where the default store goes)."""
+    env = dict(os.environ, HOME=str(home)) if home is not None else None
     proc = subprocess.Popen(
         [sys.executable, REGISTRYD, "--listen", "127.0.0.1:0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 15.0)
@@ -381,7 +403,7 @@ def start_registryd(*args: str) -> tuple[subprocess.Popen[str], str]:
 def test_main_serves_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "registry.yaml"
     config.write_text("networks:\n  3: [1]\n")
-    proc, address = start_registryd("--config", str(config), "--log-level", "warning")
+    proc, address = start_registryd("--memory", "--config", str(config), "--log-level", "warning")
     try:
         ident = Identity.generate()
         client = Client(address, ident.sign)
@@ -400,7 +422,7 @@ def test_main_bad_config_exits_one_naming_file_and_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("networks:\n  3: [7, 'bogus']\n")
     result = subprocess.run(
-        [sys.executable, REGISTRYD, "--listen", "127.0.0.1:0", "--config", str(config)],
+        [sys.executable, REGISTRYD, "--listen", "127.0.0.1:0", "--memory", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=20,
@@ -413,7 +435,7 @@ def test_main_bad_config_exits_one_naming_file_and_key(tmp_path: Path) -> None:
 
 def test_main_port_in_use_exits_one(server: RegistryServer) -> None:
     result = subprocess.run(
-        [sys.executable, REGISTRYD, "--listen", "{}:{}".format(*server.address)],
+        [sys.executable, REGISTRYD, "--listen", "{}:{}".format(*server.address), "--memory"],
         capture_output=True,
         text=True,
         timeout=20,
@@ -433,4 +455,180 @@ def test_store_file_is_plain_json_with_next_id(
     data = json.loads(store.read_text())
     assert data["next_id"] == 3
     assert [n["node_id"] for n in data["nodes"]] == [1, 2]
-    assert data["trust"] == [[1, 2]]
+    assert data["vouches"] == [[1, 2]]
+
+
+# -- issue 11: resolve gating, limits and log lines over real sockets ----------------------
+
+
+@pytest.fixture
+def default_server() -> Iterator[RegistryServer]:
+    """A registry with the production limits (10 new keys a minute per source, ...)."""
+    server = RegistryServer("127.0.0.1", 0)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_attackers_own_calls_never_reveal_a_private_victims_address(
+    default_server: RegistryServer,
+) -> None:
+    victim, attacker = Node(default_server, "127.0.0.1:4001"), Node(default_server)
+    attacker.client.report_trust(attacker.node_id, victim.node_id)
+    attacker.client.respond_handshake(
+        attacker.node_id,
+        victim.node_id,
+        True,
+        attacker.sig(respond_challenge(attacker.node_id, victim.node_id)),
+    )
+    with pytest.raises(RegistryError, match="may not resolve private node"):
+        attacker.client.resolve(victim.node_id, attacker.node_id)
+    # The victim's own vouch is what opens it.
+    victim.client.report_trust(victim.node_id, attacker.node_id)
+    assert attacker.client.resolve(victim.node_id, attacker.node_id)["real_addr"] == (
+        "127.0.0.1:4001"
+    )
+
+
+def test_eleventh_new_key_from_one_address_in_a_minute_is_refused(
+    default_server: RegistryServer,
+) -> None:
+    nodes = [Node(default_server) for _ in range(10)]
+    extra = Identity.generate()
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        nodes[0].client.register("127.0.0.1:4000", extra.public_key_b64)
+    # Registered keys come back freely.
+    again = nodes[3].client.register("127.0.0.1:4100", nodes[3].identity.public_key_b64)
+    assert again["node_id"] == nodes[3].node_id
+
+
+def assert_refused_unread(address: tuple[str, int]) -> None:
+    """A new connection gets no answer: it is reset (at connect, send or receive) or closed."""
+    try:
+        with socket.create_connection(address, timeout=5.0) as extra:
+            extra.sendall(encode_frame({"type": "lookup", "node_id": 1}))
+            assert extra.recv(100) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+
+
+def test_connections_beyond_64_from_one_address_are_reset_unread(
+    default_server: RegistryServer,
+) -> None:
+    held = [socket.create_connection(default_server.address, timeout=5.0) for _ in range(64)]
+    try:
+        wait_until(lambda: default_server.open_connections() == 64)
+        assert_refused_unread(default_server.address)
+        # One held connection still gets answers.
+        held[0].sendall(encode_frame({"type": "lookup", "node_id": 1}))
+        assert read_frame(held[0], 1 << 20, 5.0, 5.0) == {
+            "type": "error",
+            "error": "node 1 is not online",
+        }
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_global_connection_cap_and_idle_timeout_come_from_limits(
+    make_server: Callable[..., RegistryServer],
+) -> None:
+    server = make_server(limits=Limits(max_connections=3, idle_timeout=0.5))
+    held = [socket.create_connection(server.address, timeout=5.0) for _ in range(3)]
+    try:
+        wait_until(lambda: server.open_connections() == 3)
+        assert_refused_unread(server.address)
+        # Idle connections are closed by the server after 0.5 s, freeing the slots.
+        wait_until(lambda: server.open_connections() == 0)
+        for sock in held:
+            sock.settimeout(5.0)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(100) == b""
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_client_strings_never_forge_log_lines(
+    default_server: RegistryServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = "x\n2030-01-01 00:00:00 WARNING pilothandshake.manager: trusted node 7"
+    client = Client("{}:{}".format(*default_server.address))
+    with caplog.at_level(logging.DEBUG, logger="pilothandshake.registry"):
+        with pytest.raises(RegistryError) as info:
+            client.call({"type": forged})
+        with pytest.raises(RegistryError):
+            client.call({"type": "lookup", "node_id": "q" * 9000})
+    client.close()
+    assert "\n" not in str(info.value)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("refused" in m for m in messages)
+    for message in messages:
+        assert "\n" not in message
+        assert len(message) < 400
+
+
+# -- issue 11 item 7: node IDs that do not move -------------------------------------------
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def register_all(address: str, identities: list[Identity]) -> list[int]:
+    client = Client(address)
+    try:
+        return [client.register("127.0.0.1:1", i.public_key_b64)["node_id"] for i in identities]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_registryd_keeps_ids_across_a_restart_unless_told_memory(
+    tmp_path: Path, memory: bool
+) -> None:
+    """Restarted without --store, nodes coming back in reverse order keep their IDs; with
+    --memory they swap (what the README walkthrough did before)."""
+    flags = ["--memory"] if memory else []
+    nodes = [Identity.generate() for _ in range(3)]
+    proc, address = start_registryd(*flags, home=tmp_path)
+    try:
+        assert register_all(address, nodes) == [1, 2, 3]
+    finally:
+        stop(proc)
+    proc, address = start_registryd(*flags, home=tmp_path)
+    try:
+        again = register_all(address, nodes[::-1])[::-1]
+    finally:
+        stop(proc)
+    store = tmp_path / ".pilot-registry" / "registry.json"
+    if memory:
+        assert again == [3, 2, 1]
+        assert not store.parent.exists()
+    else:
+        assert again == [1, 2, 3]
+        assert store.is_file()
+        assert store.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_help_names_the_default_store_and_store_excludes_memory(tmp_path: Path) -> None:
+    shown = subprocess.run(
+        [sys.executable, REGISTRYD, "--help"], capture_output=True, text=True, timeout=20
+    )
+    assert shown.returncode == 0
+    assert "~/.pilot-registry/registry.json" in shown.stdout
+    assert "--memory" in shown.stdout
+    both = subprocess.run(
+        [sys.executable, REGISTRYD, "--listen", "127.0.0.1:0", "--memory", "--store", "x"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert both.returncode == 2
+    assert "not allowed with" in both.stderr

@@ -29,7 +29,7 @@ from pilothandshake.messages import (
     HANDSHAKE_REVOKE,
     send_message,
 )
-from pilothandshake.store import TrustRecord
+from pilothandshake.store import OutgoingRequest, TrustRecord
 
 OWN = 1
 REMOTE = "127.0.0.1:40000"
@@ -228,11 +228,12 @@ def test_strict_daemon_warns_at_start_about_a_non_loopback_registry_without_tls(
 
 
 def test_accept_from_an_already_trusted_peer_changes_nothing(nodes: Nodes, peer: Peer) -> None:
-    """Legacy mode needs no outgoing request, so the accept reaches the "already trusted"
-    rule: the record (``mutual=False``, its approval time) stays as it is."""
+    """An accept for an outgoing request to a node already trusted reaches the "already
+    trusted" rule: the record (``mutual=False``, its approval time) stays as it is."""
     record = TrustRecord(7, peer.key, T0, mutual=False)
-    seed_trust(f"{nodes.root}/n1", trusted=(record,))
-    manager, runtime = nodes.make(strict=False)
+    outgoing = OutgoingRequest(7, datetime.now(timezone.utc))
+    seed_trust(f"{nodes.root}/n1", trusted=(record,), outgoing=(outgoing,))
+    manager, runtime = nodes.make()
     manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN), REMOTE)
     settle(manager)
     assert manager.trusted_peers() == [record]

@@ -27,6 +27,7 @@ from ..messages import (
     report_trust_challenge,
     resolve_challenge,
     revoke_trust_challenge,
+    set_hostname_challenge,
     set_visibility_challenge,
 )
 
@@ -36,6 +37,8 @@ _HEADER = struct.Struct(">I")
 # Idle connections kept per client; more concurrent callers simply open (and then close)
 # extra connections.
 _MAX_IDLE = 4
+# Characters of a registry's error text kept (the embedded registry's fit in far less).
+_MAX_ERROR_TEXT = 300
 
 
 class ConnectionBroken(RegistryError):
@@ -98,6 +101,13 @@ def read_frame(
     return obj
 
 
+def _printable(value: object) -> str:
+    """A registry's error text made safe to show: control characters escaped, cut short."""
+    text = value if isinstance(value, str) else ""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:_MAX_ERROR_TEXT])
+    return shown + ("..." if len(text) > _MAX_ERROR_TEXT else "")
+
+
 def normalize_fingerprint(text: str) -> str:
     """Lowercase hex without colons or spaces, for comparing SHA-256 fingerprints."""
     return text.replace(":", "").replace(" ", "").lower()
@@ -107,11 +117,11 @@ class Client:
     """A thread-safe client of the registry (SPEC section 11).
 
     ``address`` is ``"host:port"``. ``signer(challenge) -> signature`` signs the requests
-    that need it (heartbeat, resolve, set_visibility, report_trust, revoke_trust,
-    poll_handshakes); ``request_handshake`` and ``respond_handshake`` take the caller's
-    signature instead. With ``tls`` and a ``fingerprint`` (hex SHA-256 of the server's DER
-    certificate, colons allowed) the certificate is pinned instead of verified against the
-    system CAs. Every method returns the response dict or raises ``RegistryError``.
+    that need it (heartbeat, resolve, set_visibility, set_hostname, report_trust,
+    revoke_trust, poll_handshakes); ``request_handshake`` and ``respond_handshake`` take
+    the caller's signature instead. With ``tls`` and a ``fingerprint`` (hex SHA-256 of the
+    server's DER certificate, colons allowed) the certificate is pinned instead of verified
+    against the system CAs. Every method returns the response dict or raises ``RegistryError``.
     """
 
     def __init__(
@@ -225,7 +235,9 @@ class Client:
     def _check(self, kind: str, response: dict[str, Any]) -> dict[str, Any]:
         rtype = response.get("type")
         if rtype == "error":
-            raise RegistryError(str(response.get("error") or "request failed"))
+            # The registry's own words reach the user (the embedded registry says why), but
+            # never raw: a hostile registry must not inject lines into logs or terminals.
+            raise RegistryError(_printable(response.get("error")) or "request failed")
         if rtype != f"{kind}_ok":
             raise RegistryError(
                 f"registry {self.address} answered {kind} with unexpected type {rtype!r}"
@@ -250,7 +262,12 @@ class Client:
     def register(
         self, listen_addr: str, public_key_b64: str, owner: str = "", hostname: str = ""
     ) -> dict[str, Any]:
-        """Register (or re-register) a node; the response carries ``node_id``."""
+        """Register (or re-register) a node; the response carries ``node_id``.
+
+        With ``hostname`` the name is set in the same step unless it is taken or invalid:
+        the response then has no ``hostname`` (SPEC 11; the registry may add why in
+        ``hostname_error``).
+        """
         request: dict[str, Any] = {
             "type": "register",
             "listen_addr": listen_addr,
@@ -273,7 +290,8 @@ class Client:
         )
 
     def lookup(self, node_id: int) -> dict[str, Any]:
-        """``node_id``, ``public_key``, ``networks``, ``public`` (and ``real_addr``), as is."""
+        """``node_id``, ``public_key``, ``networks``, ``public`` (and ``real_addr`` when
+        public, ``hostname`` when set), as the registry answered."""
         return self.call({"type": "lookup", "node_id": node_id})
 
     def resolve(self, node_id: int, requester_id: int) -> dict[str, Any]:
@@ -357,3 +375,19 @@ class Client:
                 "signature": self._sign(poll_challenge(node_id)),
             }
         )
+
+    def set_hostname(self, node_id: int, hostname: str) -> dict[str, Any]:
+        """Name ``node_id`` (signed ``set_hostname:<N>``); "" clears. The response carries
+        ``node_id`` and ``hostname``; a taken or invalid name raises ``RegistryError``."""
+        return self.call(
+            {
+                "type": "set_hostname",
+                "node_id": node_id,
+                "hostname": hostname,
+                "signature": self._sign(set_hostname_challenge(node_id)),
+            }
+        )
+
+    def resolve_hostname(self, hostname: str) -> dict[str, Any]:
+        """The node named ``hostname``: ``node_id``, ``public``, ``hostname`` (unsigned)."""
+        return self.call({"type": "resolve_hostname", "hostname": hostname})

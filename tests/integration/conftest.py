@@ -119,7 +119,10 @@ class Registry(Proc):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         config = directory / "registry.yaml"
-        config.write_text(yaml.safe_dump({"networks": networks or {}}))
+        # Fleets in tests register many keys from 127.0.0.1; the limit itself is tested in
+        # tests/test_registry_*.py.
+        limits = {"register_per_minute": 100_000}
+        config.write_text(yaml.safe_dump({"networks": networks or {}, "limits": limits}))
         super().__init__(
             "registry",
             [

@@ -1,0 +1,143 @@
+"""Manager: trust records whose node ID the registry now binds to another key (issue 11
+item 7: an embedded registry restarted without a store handed the IDs out again)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timezone
+
+import pytest
+from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle
+
+from pilothandshake.manager import Manager
+from pilothandshake.messages import HANDSHAKE_REQUEST
+from pilothandshake.store import TrustRecord
+
+OWN = 1
+REMOTE = "127.0.0.1:40000"
+T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def moved(nodes: Nodes) -> tuple[Peer, Peer, FakeRegistry]:
+    """Node 7 was trusted with the old machine's key; the registry now gives 7 to another."""
+    old, new = Peer(7), Peer(7)
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, old.key, T0, mutual=True),))
+    registry = FakeRegistry()
+    registry.keys[7] = new.key
+    return old, new, registry
+
+
+def conflict_events(runtime: FakeRuntime) -> list[dict[str, object]]:
+    return [payload for topic, payload in runtime.events if topic == "trust.conflict"]
+
+
+def test_start_finds_a_record_the_registry_now_binds_to_another_key(
+    nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry], caplog: pytest.LogCaptureFixture
+) -> None:
+    _old, new, registry = moved
+    manager, runtime = nodes.make(registry=registry)
+    assert manager.is_trusted(7)  # until the background check has run
+    with caplog.at_level(logging.ERROR):
+        manager.start()
+        settle(manager)
+    assert manager.conflicting_peers() == [7]
+    assert not manager.is_trusted(7)
+    assert manager.wait_for_trust(7, 0.05) is False
+    assert manager.send_request(7, "who are you now?") == "sent"
+    assert conflict_events(runtime) == [{"peer_node_id": 7, "registry_key": new.key}]
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "node 7 conflicts with the registry" in line
+    # The re-ask of SPEC 5 confirmed it: one cached lookup, one fresh.
+    assert registry.calls_of("lookup") == [(7,), (7,)]
+
+
+def test_a_registry_that_answers_back_the_old_key_on_re_ask_is_no_conflict(
+    nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry]
+) -> None:
+    old, new, registry = moved
+    registry.lookup_answers[7] = [new.key, old.key]  # a stale answer, then the truth
+    manager, runtime = nodes.make(registry=registry)
+    manager.start()
+    settle(manager)
+    assert manager.conflicting_peers() == [] and manager.is_trusted(7)
+    assert conflict_events(runtime) == []
+
+
+def test_the_new_holder_of_the_id_goes_pending_and_approving_it_replaces_the_record(
+    nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry]
+) -> None:
+    """No restart: the new key's registry-bound request itself triggers the lookup that finds
+    the conflict; the record stops pinning, the request waits for the operator."""
+    _old, new, registry = moved
+    registry.networks[OWN] = [3]
+    registry.networks[7] = [3]  # a shared network would trust it automatically otherwise
+    manager, runtime = nodes.make(registry=registry, auto_approve=True)
+    waiter_result: list[bool] = []
+    waiter = threading.Thread(target=lambda: waiter_result.append(manager.wait_for_trust(7, 10)))
+    manager.process_message(new.data(HANDSHAKE_REQUEST, OWN, justification="hi"), REMOTE)
+    assert manager.conflicting_peers() == [7]
+    assert [(p.node_id, p.public_key) for p in manager.pending_requests()] == [(7, new.key)]
+    assert "handshake.auto_approved" not in runtime.topics()
+    # A second request changes nothing about the conflict and announces it no second time.
+    manager.process_message(new.data(HANDSHAKE_REQUEST, OWN, justification="again"), REMOTE)
+    assert len(conflict_events(runtime)) == 1
+    waiter.start()
+    assert manager.approve_handshake(7)
+    waiter.join(10)
+    assert waiter_result == [True]
+    assert manager.conflicting_peers() == []
+    assert [(r.node_id, r.public_key) for r in manager.trusted_peers()] == [(7, new.key)]
+
+
+def test_revoking_a_record_in_conflict_removes_it(
+    nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry]
+) -> None:
+    _old, _new, registry = moved
+    manager, _ = nodes.make(registry=registry)
+    manager.start()
+    settle(manager)
+    assert manager.conflicting_peers() == [7]
+    assert manager.revoke_trust(7) == "revoked"
+    assert manager.conflicting_peers() == [] and manager.trusted_peers() == []
+
+
+def test_the_old_key_is_dropped_once_the_registry_binds_another(
+    nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry]
+) -> None:
+    """The old machine's message carries the record's key; the registry contradicts it,
+    re-asked: the message is dropped and the record is in conflict."""
+    old, _new, registry = moved
+    manager, runtime = nodes.make(registry=registry)
+    manager.process_message(old.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert manager.conflicting_peers() == [7]
+    assert not manager.is_trusted(7)
+    assert runtime.topics() == ["trust.conflict"]
+
+
+def test_without_a_confirmed_re_ask_the_record_still_pins(
+    nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry]
+) -> None:
+    _old, new, registry = moved
+    manager, _ = nodes.make(registry=registry)
+    manager._reasked[7] = float("inf")  # a re-ask is not allowed now
+    manager.process_message(new.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert manager.conflicting_peers() == [] and manager.is_trusted(7)
+    assert manager.pending_requests() == []
+
+
+def test_a_conflict_is_found_without_a_store_too() -> None:
+    registry = FakeRegistry()
+    registry.keys[7] = Peer(7).key
+    manager = Manager(FakeRuntime(OWN, registry=registry))
+    try:
+        manager.process_relayed_request(7, "hello", registry.keys[7])
+        assert manager.approve_handshake(7)
+        registry.keys[7] = Peer(7).key
+        manager._lookups.clear()
+        manager.process_relayed_request(7, "moved", registry.keys[7])
+        assert manager.conflicting_peers() == [7]
+        assert [p.node_id for p in manager.pending_requests()] == [7]
+    finally:
+        manager.close()

@@ -1,0 +1,210 @@
+"""Manager: the pending queue under free registry identities (issue 11 item 1) — per-source
+quotas, protected senders (allowlisted, network-sharing, formerly trusted), fairness between
+sources with the relay as one source, expiry, and the trust history that survives restarts."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust
+
+from pilothandshake import manager as manager_module
+from pilothandshake.constants import MAX_PENDING
+from pilothandshake.manager import Manager
+from pilothandshake.messages import HANDSHAKE_REQUEST
+from pilothandshake.runtime import AllowlistEntry
+from pilothandshake.store import PendingHandshake, TrustRecord, load_state
+
+OWN = 1
+T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+
+
+class Fleet:
+    """Free registry identities: each registers its own key, then asks for trust."""
+
+    def __init__(self, registry: FakeRegistry, first: int, count: int) -> None:
+        self.peers = [Peer(first + i) for i in range(count)]
+        for peer in self.peers:
+            registry.keys[peer.node_id] = peer.key
+
+    def relay(self, manager: Manager) -> None:
+        for peer in self.peers:
+            manager.process_relayed_request(peer.node_id, "let me in", peer.key)
+
+    def direct(self, manager: Manager, remote: str) -> None:
+        for peer in self.peers:
+            manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), remote)
+
+
+def pending_ids(manager: Manager) -> set[int]:
+    return {p.node_id for p in manager.pending_requests()}
+
+
+def memory_manager(registry: FakeRegistry) -> tuple[Manager, FakeRuntime]:
+    runtime = FakeRuntime(OWN, registry=registry)
+    return Manager(runtime), runtime
+
+
+def test_300_relayed_free_identities_leave_room_for_protected_peers_and_a_direct_stranger() -> None:
+    registry = FakeRegistry()
+    manager, runtime = memory_manager(registry)
+    try:
+        former, agent, stranger = Peer(7), Peer(8), Peer(9)
+        registry.keys[former.node_id] = former.key
+        registry.keys[stranger.node_id] = stranger.key
+        # Node 7 was trusted once; node 8 is allowlisted (no pin) but its request is not
+        # registry-bound (the registry knows no key for it), so row 4 leaves it pending.
+        manager.process_relayed_request(7, "first time", former.key)
+        assert manager.approve_handshake(7)
+        manager.revoke_trust(7)
+        runtime.allowlist[8] = AllowlistEntry(8, "agent")
+
+        Fleet(registry, 1000, 300).relay(manager)
+        assert manager.pending_count() == MAX_PENDING
+
+        manager.process_relayed_request(7, "back again", former.key)
+        manager.process_message(agent.data(HANDSHAKE_REQUEST, OWN), "127.0.0.8:4000")
+        manager.process_message(stranger.data(HANDSHAKE_REQUEST, OWN), "127.0.0.9:4000")
+        assert {7, 8, 9} <= pending_ids(manager)
+        assert manager.pending_count() == MAX_PENDING
+
+        # 300 more free identities, relayed and direct, push none of them out.
+        Fleet(registry, 2000, 300).relay(manager)
+        Fleet(registry, 3000, 100).direct(manager, "127.0.0.66:5000")
+        assert {7, 8, 9} <= pending_ids(manager)
+        assert manager.pending_count() == MAX_PENDING
+        sources = [p.source for p in manager.pending_requests()]
+        # The direct flood got in by fairness, at most its share, never the quota's 64.
+        assert 0 < sources.count("127.0.0.66") <= 64
+    finally:
+        manager.close()
+
+
+def test_bound_direct_requests_are_limited_to_64_per_source_address(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = FakeRegistry()
+    manager, runtime = memory_manager(registry)
+    try:
+        Fleet(registry, 1000, 100).direct(manager, "127.0.0.66:5000")
+        assert manager.pending_count() == 64
+        assert "too many pending requests from this source address" in caplog.text
+        # Another address has its own quota.
+        Fleet(registry, 2000, 10).direct(manager, "127.0.0.67:5000")
+        assert manager.pending_count() == 74
+        assert runtime.topics().count("handshake.pending") == 74
+    finally:
+        manager.close()
+
+
+def test_a_stranger_evicts_only_from_a_source_holding_more_than_its_share(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    registry = FakeRegistry()
+    manager, _ = memory_manager(registry)
+    try:
+        flood = Fleet(registry, 1000, MAX_PENDING)
+        flood.relay(manager)
+        oldest = flood.peers[0].node_id
+        # A registry-bound stranger from its own address: the relay holds 256 > 0 + 1.
+        newcomer = Peer(9)
+        registry.keys[9] = newcomer.key
+        manager.process_message(newcomer.data(HANDSHAKE_REQUEST, OWN), "127.0.0.9:4000")
+        assert 9 in pending_ids(manager) and oldest not in pending_ids(manager)
+        assert f"evicted the request of node {oldest} (source 'relay')" in caplog.text
+        # Another relayed stranger: the relay is its own source and already the largest.
+        late = Peer(5000)
+        registry.keys[5000] = late.key
+        caplog.clear()
+        manager.process_relayed_request(5000, "late", late.key)
+        assert 5000 not in pending_ids(manager)
+        assert "pending queue full" in caplog.text
+    finally:
+        manager.close()
+
+
+def test_protected_requests_are_never_evicted_for_strangers(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A queue full of requests from allowlisted nodes.
+    seed_trust(
+        f"{nodes.root}/n1",
+        pending=tuple(
+            PendingHandshake(100 + i, "", "", T0, False, "127.0.0.2") for i in range(MAX_PENDING)
+        ),
+    )
+    registry = FakeRegistry()
+    runtime = FakeRuntime(OWN, f"{nodes.root}/n1", registry=registry)
+    runtime.allowlist.update({n: AllowlistEntry(n, f"a{n}") for n in range(100, 400)})
+    manager = Manager(runtime)
+    nodes.managers.append(manager)
+    stranger = Peer(9)
+    registry.keys[9] = stranger.key
+    with caplog.at_level(logging.WARNING):
+        manager.process_message(stranger.data(HANDSHAKE_REQUEST, OWN), "127.0.0.9:4000")
+        manager.process_relayed_request(9, "relayed", stranger.key)
+    assert pending_ids(manager) == set(range(100, 100 + MAX_PENDING))
+    assert caplog.text.count("pending queue full of protected requests") == 2
+
+
+def test_pending_requests_expire_after_the_pending_ttl(nodes: Nodes) -> None:
+    now = datetime.now(timezone.utc)
+    seed_trust(
+        f"{nodes.root}/n1",
+        pending=(
+            PendingHandshake(7, "", "old", now - timedelta(days=8), False, "127.0.0.7"),
+            PendingHandshake(8, "", "new", now - timedelta(days=6), True, "relay"),
+        ),
+    )
+    manager, runtime = nodes.make()
+    manager._reap()
+    assert pending_ids(manager) == {8}
+    runtime.pending_ttl = 3600.0
+    manager._reap()
+    assert manager.pending_count() == 0
+    assert runtime.events == []
+
+
+def test_trust_history_and_sources_survive_a_restart(nodes: Nodes) -> None:
+    registry = FakeRegistry()
+    former = Peer(7)
+    registry.keys[7] = former.key
+    manager, _ = nodes.make(registry=registry)
+    manager.process_message(former.data(HANDSHAKE_REQUEST, OWN), "127.0.0.7:4000")
+    assert manager.approve_handshake(7)
+    manager.revoke_trust(7)
+    manager.process_relayed_request(7, "again", former.key)
+    manager.close()
+    state = load_state(f"{nodes.root}/n1/trust.json")
+    assert [(f.node_id, f.public_key) for f in state.history.values()] == [(7, former.key)]
+    assert [(p.node_id, p.source) for p in state.pending.values()] == [(7, "relay")]
+    again, _ = nodes.make(registry=registry)
+    assert again._pending_protected == {7}
+    # Trusted again: the record speaks for it, the history entry goes.
+    assert again.approve_handshake(7)
+    assert again._store.visible.history == {}
+
+
+def test_trust_history_is_protected_only_for_the_key_we_trusted(nodes: Nodes) -> None:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, Peer(7).key, T0),))
+    manager, _ = nodes.make()
+    manager.revoke_trust(7)
+    impostor = Peer(7)
+    manager.process_message(impostor.data(HANDSHAKE_REQUEST, OWN), "127.0.0.7:4000")
+    assert pending_ids(manager) == {7}
+    assert manager._pending_protected == set()
+
+
+def test_trust_history_is_bounded(nodes: Nodes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manager_module, "MAX_TRUST_HISTORY", 3)
+    seed_trust(
+        f"{nodes.root}/n1",
+        trusted=tuple(TrustRecord(n, Peer(n).key, T0) for n in range(10, 15)),
+    )
+    manager, _ = nodes.make()
+    for node in range(10, 15):
+        manager.revoke_trust(node)
+    assert sorted(manager._store.visible.history) == [12, 13, 14]

@@ -1,0 +1,480 @@
+"""The embedded registry's rules, driven through ``Registry.handle`` with plain dicts and a
+fake clock: resolve gating by vouches, register rate limits, bounded inboxes, hostnames,
+log lines that carry no raw client strings."""
+
+from __future__ import annotations
+
+import logging
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pilothandshake.identity import Identity, b64encode
+from pilothandshake.messages import (
+    handshake_challenge,
+    poll_challenge,
+    report_trust_challenge,
+    resolve_challenge,
+    respond_challenge,
+    revoke_trust_challenge,
+    set_hostname_challenge,
+    set_visibility_challenge,
+)
+from pilothandshake.registry.config import Limits, parse_networks
+from pilothandshake.registry.state import Registry
+from pilothandshake.registry.storage import Store
+
+HOUR = 3600.0
+
+
+class Clock:
+    """Monotonic seconds that only move when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Peer:
+    """A registered identity and the signed requests it can make."""
+
+    def __init__(self, registry: Registry, port: int = 4000, source: str = "127.0.0.1") -> None:
+        self.registry = registry
+        self.identity = Identity.generate()
+        answer = registry.handle(
+            {
+                "type": "register",
+                "listen_addr": f"127.0.0.1:{port}",
+                "public_key": self.identity.public_key_b64,
+            },
+            source,
+        )
+        assert answer["type"] == "register_ok", answer
+        self.node_id: int = answer["node_id"]
+        self.addr = f"127.0.0.1:{port}"
+
+    def sig(self, challenge: bytes) -> str:
+        return b64encode(self.identity.sign(challenge))
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.registry.handle(request, "127.0.0.1")
+
+    def resolve(self, target: int) -> dict[str, Any]:
+        return self.ask(
+            {
+                "type": "resolve",
+                "node_id": target,
+                "requester_id": self.node_id,
+                "signature": self.sig(resolve_challenge(self.node_id, target)),
+            }
+        )
+
+    def report_trust(self, peer: int) -> dict[str, Any]:
+        return self.ask(
+            {
+                "type": "report_trust",
+                "node_id": self.node_id,
+                "peer_id": peer,
+                "signature": self.sig(report_trust_challenge(self.node_id, peer)),
+            }
+        )
+
+    def revoke_trust(self, peer: int) -> dict[str, Any]:
+        return self.ask(
+            {
+                "type": "revoke_trust",
+                "node_id": self.node_id,
+                "peer_id": peer,
+                "signature": self.sig(revoke_trust_challenge(self.node_id, peer)),
+            }
+        )
+
+    def respond(self, peer: int, accept: bool) -> dict[str, Any]:
+        return self.ask(
+            {
+                "type": "respond_handshake",
+                "node_id": self.node_id,
+                "peer_id": peer,
+                "accept": accept,
+                "signature": self.sig(respond_challenge(self.node_id, peer)),
+            }
+        )
+
+    def request(self, to: int, justification: str = "hi") -> dict[str, Any]:
+        return self.ask(
+            {
+                "type": "request_handshake",
+                "from_node_id": self.node_id,
+                "to_node_id": to,
+                "justification": justification,
+                "signature": self.sig(handshake_challenge(self.node_id, to)),
+            }
+        )
+
+    def poll(self) -> dict[str, Any]:
+        return self.ask(
+            {
+                "type": "poll_handshakes",
+                "node_id": self.node_id,
+                "signature": self.sig(poll_challenge(self.node_id)),
+            }
+        )
+
+    def set_hostname(self, name: str) -> dict[str, Any]:
+        return self.ask(
+            {
+                "type": "set_hostname",
+                "node_id": self.node_id,
+                "hostname": name,
+                "signature": self.sig(set_hostname_challenge(self.node_id)),
+            }
+        )
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def registry(clock: Clock) -> Registry:
+    return Registry(limits=Limits(register_per_minute=10_000), clock=clock)
+
+
+def refused(answer: dict[str, Any], why: str = "") -> bool:
+    return answer["type"] == "error" and why in answer["error"]
+
+
+# -- resolve: only the target's vouch opens its address (issue 11 items 2, 10c) -------------
+
+
+def test_attackers_report_trust_lets_only_the_victim_resolve_the_attacker(
+    registry: Registry,
+) -> None:
+    victim, attacker = Peer(registry, 4001), Peer(registry, 4002)
+    assert attacker.report_trust(victim.node_id)["type"] == "report_trust_ok"
+    assert refused(attacker.resolve(victim.node_id), "may not resolve private node")
+    assert victim.resolve(attacker.node_id)["real_addr"] == attacker.addr
+
+
+def test_unrequested_accept_does_not_let_the_responder_resolve(registry: Registry) -> None:
+    victim, attacker = Peer(registry, 4001), Peer(registry, 4002)
+    assert attacker.respond(victim.node_id, True)["type"] == "respond_handshake_ok"
+    assert refused(attacker.resolve(victim.node_id), "may not resolve")
+    # Even together with its own report_trust and a relayed request of its own.
+    attacker.report_trust(victim.node_id)
+    attacker.request(victim.node_id)
+    assert refused(attacker.resolve(victim.node_id), "may not resolve")
+
+
+def test_each_way_a_target_vouches_lets_the_requester_resolve_it(registry: Registry) -> None:
+    # Reported trust.
+    a, b = Peer(registry, 4001), Peer(registry, 4002)
+    b.report_trust(a.node_id)
+    assert a.resolve(b.node_id)["real_addr"] == b.addr
+    # Accepted a relayed request: the requester may then resolve the acceptor.
+    c, d = Peer(registry, 4003), Peer(registry, 4004)
+    c.request(d.node_id)
+    d.poll()
+    d.respond(c.node_id, True)
+    assert c.resolve(d.node_id)["real_addr"] == d.addr
+    # Sent a relayed request: its target may dial it back.
+    e, f = Peer(registry, 4005), Peer(registry, 4006)
+    e.request(f.node_id)
+    assert f.resolve(e.node_id)["real_addr"] == e.addr
+    assert refused(e.resolve(f.node_id), "may not resolve")
+    # A rejection vouches for nothing.
+    g, h = Peer(registry, 4007), Peer(registry, 4008)
+    h.respond(g.node_id, False)
+    assert refused(g.resolve(h.node_id), "may not resolve")
+
+
+def test_shared_network_or_public_opens_resolve_without_a_vouch(clock: Clock) -> None:
+    registry = Registry(
+        networks=parse_networks({5: [1, 2]}, "test"),
+        limits=Limits(register_per_minute=10_000),
+        clock=clock,
+    )
+    a, b, c = Peer(registry, 4001), Peer(registry, 4002), Peer(registry, 4003)
+    assert a.resolve(b.node_id)["real_addr"] == b.addr
+    assert refused(c.resolve(a.node_id), "may not resolve")
+    a.ask(
+        {
+            "type": "set_visibility",
+            "node_id": a.node_id,
+            "public": True,
+            "signature": a.sig(set_visibility_challenge(a.node_id)),
+        }
+    )
+    assert c.resolve(a.node_id)["real_addr"] == a.addr
+
+
+def test_revoke_by_either_side_removes_the_pair_both_ways(registry: Registry) -> None:
+    a, b = Peer(registry, 4001), Peer(registry, 4002)
+    a.report_trust(b.node_id)
+    b.report_trust(a.node_id)
+    assert a.revoke_trust(b.node_id)["type"] == "revoke_trust_ok"
+    assert refused(a.resolve(b.node_id), "may not resolve")
+    assert refused(b.resolve(a.node_id), "may not resolve")
+    assert refused(b.revoke_trust(a.node_id), "no trust pair 2-1 to revoke")
+
+
+def test_vouches_survive_a_restart_with_their_direction(tmp_path: Path, clock: Clock) -> None:
+    path = str(tmp_path / "registry.json")
+    limits = Limits(register_per_minute=10_000)
+    registry = Registry(Store(path), limits=limits, clock=clock)
+    a, b = Peer(registry, 4001), Peer(registry, 4002)
+    a.report_trust(b.node_id)
+    restarted = Registry(Store(path), limits=limits, clock=clock)
+    a.registry = b.registry = restarted
+    assert b.resolve(a.node_id)["real_addr"] == a.addr
+    assert refused(a.resolve(b.node_id), "may not resolve")
+
+
+def test_version_1_store_pairs_are_read_as_vouched_both_ways(tmp_path: Path) -> None:
+    keys = [Identity.generate() for _ in range(2)]
+    path = tmp_path / "registry.json"
+    nodes = ",".join(
+        f'{{"node_id":{i + 1},"public_key":"{k.public_key_b64}","real_addr":"127.0.0.1:{i}",'
+        '"public":false}'
+        for i, k in enumerate(keys)
+    )
+    path.write_text(f'{{"version":1,"next_id":3,"nodes":[{nodes}],"trust":[[1,2]]}}')
+    state = Store(str(path)).load()
+    assert state.vouches == {(1, 2), (2, 1)}
+    assert state.next_id == 3
+
+
+# -- register: 10 new keys per source address per minute --------------------------------
+
+
+def test_register_is_rate_limited_per_source_and_known_keys_are_exempt(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = Registry(clock=clock)  # the default limits: 10 a minute
+    peers = [Peer(registry, source="10.0.0.1") for _ in range(10)]
+    fresh = Identity.generate()
+    request = {"type": "register", "listen_addr": "10.0.0.1:1", "public_key": fresh.public_key_b64}
+    with caplog.at_level(logging.INFO, logger="pilothandshake.registry"):
+        for _ in range(50):
+            answer = registry.handle(request, "10.0.0.1")
+            assert answer == {"type": "error", "error": "request failed"}
+    # The refusals were logged, but not 50 times.
+    lines = [r for r in caplog.records if "register rate limit" in r.getMessage()]
+    assert 1 <= len(lines) <= 10
+    # A node already registered comes back whenever it likes.
+    again = {
+        "type": "register",
+        "listen_addr": "10.0.0.1:2",
+        "public_key": peers[0].identity.public_key_b64,
+    }
+    assert registry.handle(again, "10.0.0.1")["node_id"] == peers[0].node_id
+    # Another source has its own bucket; this one refills at 10 a minute.
+    assert registry.handle(request | {"listen_addr": "10.0.0.2:1"}, "10.0.0.2")["node_id"] == 11
+    other = Identity.generate().public_key_b64
+    request2 = {"type": "register", "listen_addr": "10.0.0.1:1", "public_key": other}
+    assert registry.handle(request2, "10.0.0.1")["type"] == "error"
+    clock.now += 6.1
+    assert registry.handle(request2, "10.0.0.1")["type"] == "register_ok"
+
+
+# -- relay inboxes: 1 KiB, 24 h, one per sender, 100 per node -----------------------------
+
+
+def test_justification_is_cut_to_1_kib_on_a_utf8_boundary(registry: Registry) -> None:
+    a, b = Peer(registry), Peer(registry)
+    assert a.request(b.node_id, "é" * 2000)["type"] == "request_handshake_ok"
+    [entry] = b.poll()["requests"]
+    assert entry["justification"] == "é" * 512
+    assert len(entry["justification"].encode()) == 1024
+
+
+def test_inbox_entries_expire_after_24_hours(registry: Registry, clock: Clock) -> None:
+    a, b = Peer(registry), Peer(registry)
+    a.request(b.node_id)
+    b.respond(a.node_id, False)
+    clock.now += 24 * HOUR - 1
+    for peer in (a, b):  # heartbeats keep both online
+        peer.ask(
+            {
+                "type": "register",
+                "listen_addr": peer.addr,
+                "public_key": peer.identity.public_key_b64,
+            }
+        )
+    # Still there just before; a second request from a still waits.
+    assert refused(a.request(b.node_id), "already waits")
+    clock.now += 2
+    for peer in (a, b):
+        peer.ask(
+            {
+                "type": "register",
+                "listen_addr": peer.addr,
+                "public_key": peer.identity.public_key_b64,
+            }
+        )
+    assert (b.poll()["requests"], a.poll()["responses"]) == ([], [])
+    assert registry.inbox_entries() == 0
+
+
+def test_responses_keep_one_per_sender(registry: Registry) -> None:
+    a, b = Peer(registry), Peer(registry)
+    b.respond(a.node_id, False)
+    b.respond(a.node_id, True)
+    [response] = a.poll()["responses"]
+    assert response["accept"] is True
+
+
+def test_2000_relayed_requests_of_60_kb_stay_small(clock: Clock) -> None:
+    """Issue 11 item 2: 2,000 relayed requests of 60 KB grew the registry by 115 MiB."""
+    registry = Registry(limits=Limits(register_per_minute=10_000), clock=clock)
+    targets = [Peer(registry) for _ in range(20)]
+    senders = [Peer(registry) for _ in range(100)]
+    text = "x" * 60_000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for target in targets:
+            for sender in senders:
+                assert sender.request(target.node_id, text)["type"] == "request_handshake_ok"
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert registry.inbox_entries() == 2000
+    # 2,000 entries of at most 1 KiB of text and a few small fields each.
+    assert grown < 8 * 1024 * 1024, f"grew {grown} bytes"
+
+
+def test_store_does_not_grow_with_relayed_traffic(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "registry.json"
+    registry = Registry(Store(str(path)), limits=Limits(register_per_minute=10_000), clock=clock)
+    a, b = Peer(registry), Peer(registry)
+    a.request(b.node_id, "y" * 60_000)
+    size = path.stat().st_size
+    for _ in range(50):
+        b.poll()
+        assert a.request(b.node_id, "y" * 60_000)["type"] == "request_handshake_ok"
+    assert path.stat().st_size == size < 4096
+
+
+# -- hostnames (SPEC 11) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "-a", "a-", "A", "a_b", "a.b", "a" * 64, "localhost", "backbone", "broadcast", "é"],
+)
+def test_invalid_or_reserved_hostnames_are_refused(registry: Registry, name: str) -> None:
+    peer = Peer(registry)
+    answer = peer.set_hostname(name)
+    if name == "":
+        assert answer == {"type": "set_hostname_ok", "node_id": peer.node_id, "hostname": ""}
+    else:
+        assert refused(
+            answer, "reserved" if name in ("localhost", "backbone", "broadcast") else "invalid"
+        )
+
+
+def test_hostnames_are_unique_set_cleared_and_resolved(registry: Registry) -> None:
+    a, b = Peer(registry), Peer(registry)
+    ok = a.set_hostname("agent-b")
+    assert ok == {"type": "set_hostname_ok", "node_id": a.node_id, "hostname": "agent-b"}
+    assert refused(b.set_hostname("agent-b"), f"taken by node {a.node_id}")
+    assert a.set_hostname("a" * 63)["hostname"] == "a" * 63  # renaming frees the old name
+    assert b.set_hostname("agent-b")["type"] == "set_hostname_ok"
+    found = registry.handle({"type": "resolve_hostname", "hostname": "agent-b"}, "10.9.9.9")
+    assert (found["node_id"], found["public"], found["hostname"]) == (b.node_id, False, "agent-b")
+    lookup = registry.handle({"type": "lookup", "node_id": b.node_id}, "10.9.9.9")
+    assert lookup["hostname"] == "agent-b"
+    assert b.set_hostname("")["hostname"] == ""
+    assert "hostname" not in registry.handle({"type": "lookup", "node_id": b.node_id}, "x")
+    assert refused(
+        registry.handle({"type": "resolve_hostname", "hostname": "agent-b"}, "x"),
+        "'agent-b' is not registered",
+    )
+    # Only the node's own signature sets its name.
+    forged = b.ask(
+        {
+            "type": "set_hostname",
+            "node_id": a.node_id,
+            "hostname": "mine",
+            "signature": b.sig(set_hostname_challenge(a.node_id)),
+        }
+    )
+    assert refused(forged, "bad signature")
+
+
+def test_register_sets_a_free_hostname_and_skips_a_taken_one(registry: Registry) -> None:
+    first, second = Identity.generate(), Identity.generate()
+
+    def register(ident: Identity, name: str) -> dict[str, Any]:
+        request = {
+            "type": "register",
+            "listen_addr": "127.0.0.1:1",
+            "public_key": ident.public_key_b64,
+            "hostname": name,
+        }
+        return registry.handle(request, "127.0.0.1")
+
+    assert register(first, "alpha")["hostname"] == "alpha"
+    taken = register(second, "alpha")
+    assert taken["type"] == "register_ok" and "hostname" not in taken
+    assert "taken by node 1" in taken["hostname_error"]
+    invalid = register(second, "Not_Valid")
+    assert "hostname" not in invalid and "invalid" in invalid["hostname_error"]
+    # Re-registering without a name keeps the one set; with its own name, answers it.
+    assert "hostname" not in register(first, "")
+    assert register(first, "alpha")["hostname"] == "alpha"
+    lookup = registry.handle({"type": "lookup", "node_id": 1}, "127.0.0.1")
+    assert lookup["hostname"] == "alpha"
+
+
+def test_hostnames_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
+    path = str(tmp_path / "registry.json")
+    registry = Registry(Store(path), clock=clock)
+    peer = Peer(registry)
+    peer.set_hostname("kept")
+    restarted = Registry(Store(path), clock=clock)
+    found = restarted.handle({"type": "resolve_hostname", "hostname": "kept"}, "x")
+    assert found["node_id"] == peer.node_id
+
+
+# -- errors and log lines ---------------------------------------------------------------
+
+
+def test_errors_say_why_in_the_production_shape(registry: Registry) -> None:
+    peer = Peer(registry)
+    assert peer.ask({"type": "lookup", "node_id": 99}) == {
+        "type": "error",
+        "error": "node 99 is not online",
+    }
+    assert peer.request(99) == {"type": "error", "error": "node 99 is not online"}
+
+
+def test_a_type_holding_a_newline_cannot_forge_a_log_line(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = "x\n2030-01-01 00:00:00 WARNING pilothandshake.manager: trusted node 7"
+    long_value = "z" * 10_000
+    with caplog.at_level(logging.DEBUG, logger="pilothandshake.registry"):
+        answer = registry.handle({"type": forged}, "127.0.0.1")
+        registry.handle({"type": "lookup", "node_id": long_value}, "127.0.0.1")
+        registry.handle(
+            {
+                "type": "register",
+                "listen_addr": "evil\nhost:1",
+                "public_key": Identity.generate().public_key_b64,
+            },
+            "127.0.0.1",
+        )
+    assert answer["type"] == "error"
+    assert "\n" not in answer["error"]
+    assert caplog.records
+    for record in caplog.records:
+        message = record.getMessage()
+        assert "\n" not in message
+        assert len(message) < 400
