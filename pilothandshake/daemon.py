@@ -63,9 +63,15 @@ class DaemonRuntime:
     """
 
     def __init__(
-        self, config: Config, identity: Identity, events: EventBus, client: Client | None
+        self,
+        config: Config,
+        identity: Identity,
+        events: EventBus,
+        client: Client | None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
+        self._metrics = metrics if metrics is not None else Metrics()
         self._identity = identity
         self._events = events
         self._client = client
@@ -161,6 +167,7 @@ class DaemonRuntime:
             handler,
             max_connections=config.max_connections,
             max_connections_per_source=config.max_connections_per_source,
+            metrics=self._metrics,
         )
         server.start()
         self._server = server
@@ -251,7 +258,7 @@ class Daemon:
         self.metrics = Metrics(process=True)
         _check_identity_mode(config.identity)
         self.identity = Identity.load_or_create(config.identity)
-        self.events = EventBus(self._current_node_id, config.events.webhook)
+        self.events = EventBus(self._current_node_id, config.events.webhook, metrics=self.metrics)
         self.client: Client | None = None
         registry = config.registry
         if registry is not None:
@@ -260,8 +267,11 @@ class Daemon:
                 self.identity.sign,
                 tls=registry.tls,
                 fingerprint=registry.fingerprint,
+                metrics=self.metrics,
             )
-        self.runtime = DaemonRuntime(config, self.identity, self.events, self.client)
+        self.runtime = DaemonRuntime(
+            config, self.identity, self.events, self.client, metrics=self.metrics
+        )
         try:
             self.manager = Manager(
                 self.runtime,

@@ -137,9 +137,12 @@ class DropLog:
         logger: logging.Logger = log,
         per_second: int = DROP_LOG_PER_SECOND,
         clock: Callable[[], float] = time.monotonic,
+        count: Callable[[str], None] = lambda reason: None,
     ) -> None:
-        """Log to ``logger``, ``per_second`` lines a second by ``clock``."""
+        """Log to ``logger``, ``per_second`` lines a second by ``clock``; ``count`` sees the
+        reason of every drop, logged or not (the drop metric)."""
         self._logger = logger
+        self._count = count
         self._per_second = per_second
         self._clock = clock
         self._lock = threading.Lock()
@@ -149,6 +152,7 @@ class DropLog:
 
     def drop(self, node_id: int | None, remote: str, reason: str) -> None:
         """Record one drop of input from ``node_id`` (None if not decoded) at ``remote``."""
+        self._count(reason)
         with self._lock:
             summary = self._roll(self._clock())
             emit = self._lines < self._per_second
@@ -334,9 +338,9 @@ class Manager:
         self._lock = threading.RLock()
         identity_path = runtime.identity_path()
         path = os.path.join(os.path.dirname(identity_path), TRUST_FILE) if identity_path else ""
-        self._store = TrustStore(path, self._lock, self._on_commit)
+        self._store = TrustStore(path, self._lock, self._on_commit, metrics=self.metrics)
         self._pool = BackgroundPool()
-        self._drops = DropLog()
+        self._drops = DropLog(count=self.metrics.drop)
         self._replay = _ReplaySet(MAX_REPLAY, max_replay_per_source)
         self._max_pending_per_source = max_pending_per_source
         self._max_pending_bound = max_pending_bound_per_source
@@ -558,6 +562,7 @@ class Manager:
         except MessageError as exc:
             self._drops.drop(None, remote, str(exc))
             return
+        self.metrics.message(msg.type, "received")
         node = msg.node_id
         own = self._rt.node_id()
         if node == own:
@@ -1126,6 +1131,7 @@ class Manager:
     ) -> None:
         """Decide a request relayed by the registry (SPEC 6). Raises ``StoreError`` when the
         resulting change cannot be written; bad input is dropped and logged."""
+        self.metrics.relay(HANDSHAKE_REQUEST, "in")
         node = from_node_id
         if self._relayed_refused(node):
             return
@@ -1162,11 +1168,13 @@ class Manager:
 
     def process_relayed_approval(self, from_node_id: int) -> None:
         """Apply an accept relayed by the registry (SPEC 7)."""
+        self.metrics.relay(HANDSHAKE_ACCEPT, "in")
         if not self._relayed_refused(from_node_id):
             self._on_accept(self._relayed(from_node_id))
 
     def process_relayed_rejection(self, from_node_id: int) -> None:
         """Apply a reject relayed by the registry (SPEC 7)."""
+        self.metrics.relay(HANDSHAKE_REJECT, "in")
         if not self._relayed_refused(from_node_id):
             self._on_reject(self._relayed(from_node_id), "")
 
@@ -1217,7 +1225,7 @@ class Manager:
             seq = self._store.put_outgoing(OutgoingRequest(peer, _utcnow()))
         self._store.commit(seq)
         try:
-            self._rt.dial_and_send(peer, PORT_HANDSHAKE, message.to_json())
+            self._dial(peer, message)
             return "sent"
         except SendError as exc:
             direct = str(exc)
@@ -1245,6 +1253,7 @@ class Manager:
             previous = self._relayed_at.get(peer)
         try:
             registry.request_handshake(own, peer, justification, signature)
+            self.metrics.relay(HANDSHAKE_REQUEST, "out")
         except RegistryError as exc:
             if previous is not None and now - previous < RELAY_RECENT:
                 return f"{exc} (an earlier relayed request may still be waiting for node {peer})"
@@ -1354,20 +1363,26 @@ class Manager:
             raise HandshakeError("this node has no identity: cannot sign")
         return b64encode(signature)
 
+    def _dial(self, peer: int, message: HandshakeMsg) -> None:
+        """Deliver ``message`` to the peer's port 444, counted by result; ``SendError``."""
+        try:
+            self._rt.dial_and_send(peer, PORT_HANDSHAKE, message.to_json())
+        except SendError:
+            self.metrics.message(message.type, "failed")
+            raise
+        self.metrics.message(message.type, "sent")
+
     def _send_best_effort(self, peer: int, msg_type: str, reason: str) -> None:
         try:
-            self._rt.dial_and_send(
-                peer, PORT_HANDSHAKE, self._message(msg_type, peer, reason=reason).to_json()
-            )
+            self._dial(peer, self._message(msg_type, peer, reason=reason))
         except HandshakeError as exc:
             log.info("could not send %s to node %d: %s", msg_type, peer, exc)
 
     def _reply_accept(self, peer: int, relayed: bool) -> None:
         """Accept a request: dial back, else (or for a relayed request) through the registry."""
         if not relayed:
-            message = self._message(HANDSHAKE_ACCEPT, peer).to_json()
             try:
-                self._rt.dial_and_send(peer, PORT_HANDSHAKE, message)
+                self._dial(peer, self._message(HANDSHAKE_ACCEPT, peer))
                 return
             except SendError as exc:
                 log.info("direct accept to node %d failed (%s); relaying", peer, exc)
@@ -1380,6 +1395,7 @@ class Manager:
         own = self._rt.node_id()
         signature = self._registry_signature(respond_challenge(own, peer))
         registry.respond_handshake(own, peer, accept, signature)
+        self.metrics.relay(HANDSHAKE_ACCEPT if accept else HANDSHAKE_REJECT, "out")
 
     def _report_trust(self, peer: int) -> None:
         registry = self._rt.registry()

@@ -32,10 +32,24 @@ _DROP_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("stale", ("outside the window",)),
     ("replay", ("replay",)),
     ("key_mismatch", ("key differs",)),
-    ("signature", ("signature", "public_key", "unsigned", "challenge")),
+    ("signature", ("signature", "public_key", "neither registry-bound")),
     ("queue_full", ("queue full", "too many pending")),
-    ("unsolicited", ("without an outgoing request", "revoke cooldown", "not trusted")),
-    ("malformed", ("json", "message", "field", "bytes", "closed", "timed out", "utf-8")),
+    ("unsolicited", ("without an outgoing request", "revoke cooldown")),
+    (
+        "malformed",
+        (
+            "json",
+            "field",
+            "unknown type",
+            "node_id",
+            "too large",
+            "utf-8",
+            "unicode",
+            "non-finite",
+            "timed out",
+            "receive failed",
+        ),
+    ),
 )
 DROP_REASONS = (*(label for label, _ in _DROP_RULES), "other")
 REFUSAL_CAPS = ("max_connections", "max_connections_per_source")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from .constants import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, STOP_TIMEOUT
 from .messages import reset_close
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
 
     Binding happens in the constructor (``OSError`` on a port in use or a privileged port).
     ``start()`` serves on a background thread; ``close()`` stops accepting and waits up to
-    ``drain_timeout`` for the handlers still running.
+    ``drain_timeout`` for the handlers still running. Refusals are counted into ``metrics``
+    by the cap that was reached.
     """
 
     daemon_threads = True
@@ -57,12 +59,14 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         max_connections: int = MAX_CONNECTIONS,
         max_connections_per_source: int = MAX_CONNECTIONS_PER_SOURCE,
         drain_timeout: float = STOP_TIMEOUT,
+        metrics: Metrics | None = None,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.handler = handler
         self.max_connections = max_connections
         self.max_connections_per_source = max_connections_per_source
         self.drain_timeout = drain_timeout
+        self._metrics = metrics if metrics is not None else Metrics()
         self._cond = threading.Condition()
         self._admitted: dict[socket.socket, str] = {}
         self._per_source: dict[str, int] = {}
@@ -129,6 +133,8 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
                 self._admitted[request] = source
                 self._per_source[source] = self._per_source.get(source, 0) + 1
             else:
+                full = len(self._admitted) >= self.max_connections
+                self._metrics.refusal("max_connections" if full else "max_connections_per_source")
                 self._refused += 1
                 now = time.monotonic()
                 report = now - self._refusal_logged_at >= _REFUSAL_LOG_INTERVAL

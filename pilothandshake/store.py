@@ -38,6 +38,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -48,6 +49,7 @@ import filelock
 from .constants import TRUST_LOCK_TIMEOUT
 from .errors import StoreError
 from .messages import MAX_NODE_ID
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -674,7 +676,7 @@ class TrustStore:
     ``path`` "" keeps everything in memory: ``commit`` makes changes visible at once.
     Mutations are made holding ``lock`` (the Manager's); ``commit`` is called without it.
     ``on_commit(changes)`` runs under ``lock`` after each successful write with the changes
-    it made durable, in order.
+    it made durable, in order. Each write is timed and counted into ``metrics``.
     """
 
     def __init__(
@@ -682,6 +684,7 @@ class TrustStore:
         path: str,
         lock: threading.RLock,
         on_commit: Callable[[list[Change]], None],
+        metrics: Metrics | None = None,
     ) -> None:
         """Open the store: create the directory, take its lock, load ``path`` and its journal.
 
@@ -692,6 +695,7 @@ class TrustStore:
         self._lock = lock
         self._done = threading.Condition(lock)
         self._on_commit = on_commit
+        self._metrics = metrics if metrics is not None else Metrics()
         self._directory = os.path.dirname(path) or "."
         self._directory_lock: filelock.FileLock | None = None
         self._closed = False
@@ -837,6 +841,7 @@ class TrustStore:
     def _lead(self, upto: int, line: bytes, snapshot: dict[str, list[bytes]] | None) -> None:
         """Write every change up to ``upto`` (outside the lock), then publish or roll back:
         append ``line`` to the journal, or rewrite trust.json from ``snapshot``."""
+        began = time.monotonic()
         replaced = False
         try:
             if self._closed:
@@ -881,6 +886,7 @@ class TrustStore:
             self._resolved = upto
             self._writing = False
             self._done.notify_all()
+            self._metrics.store_commit(time.monotonic() - began, len(applied))
             try:
                 self._on_commit(applied)
             except Exception:

@@ -3,8 +3,11 @@ endpoint, the ``metrics.listen`` config key and the control command."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ from pilothandshake.control import ControlClient
 from pilothandshake.daemon import Daemon
 from pilothandshake.errors import ConfigError, HandshakeError
 from pilothandshake.metrics import DROP_REASONS, REFUSAL_CAPS, Metrics, MetricsServer, drop_label
+from pilothandshake.server import HandshakeServer
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -57,14 +61,35 @@ def test_every_metric_name_starts_with_the_prefix() -> None:
         ("timestamp 12 outside the window", "stale"),
         ("replayed message", "replay"),
         ("replay set full for this source address", "replay"),
+        ("replay set full", "replay"),
         ("public key differs from the pinned key", "key_mismatch"),
         ("public key differs from the registry's (re-ask failed)", "key_mismatch"),
+        ("public key differs from the allowlist's pinned key", "key_mismatch"),
+        ("public key differs from the pending request's key", "key_mismatch"),
         ("relayed key differs from the pinned key", "key_mismatch"),
+        ("public_key is not base64 of a 32-byte key", "signature"),
+        ("relayed public_key is not a valid key", "signature"),
+        ("signature_v2 missing or invalid", "signature"),
+        ("no valid signature", "signature"),
+        ("Go-style signature without a registry-bound key", "signature"),
+        ("accept neither registry-bound nor pinned", "signature"),
+        ("revoke neither registry-bound nor signed with the pinned key", "signature"),
         ("pending queue full", "queue_full"),
+        ("pending queue full of protected requests", "queue_full"),
         ("too many pending requests from this source address", "queue_full"),
         ("accept without an outgoing request", "unsolicited"),
         ("accept within the revoke cooldown", "unsolicited"),
-        ("message is not valid JSON", "malformed"),
+        ("invalid JSON: Expecting value at line 1 column 1", "malformed"),
+        ("missing field 'type'", "malformed"),
+        ("unknown type 'x'", "malformed"),
+        ("node_id 99999999999 outside 0..4294967295", "malformed"),
+        ("message too large (70000 bytes > 65536)", "malformed"),
+        ("invalid UTF-8 at byte 3", "malformed"),
+        ("string is not valid Unicode (lone surrogate)", "malformed"),
+        ("non-finite number NaN", "malformed"),
+        ("timed out after 10 s", "malformed"),
+        ("receive failed: [Errno 104] Connection reset by peer", "malformed"),
+        ("not a JSON object (list)", "malformed"),
         ("something nobody foresaw", "other"),
     ],
 )
@@ -228,3 +253,54 @@ def test_metrics_address_in_use_fails_start_naming_the_key(short_dir: Path) -> N
             daemon.start()
     # start() stopped everything again: the identity directory is free for a new daemon.
     Daemon(daemon_config(short_dir)).stop()
+
+
+def test_refused_connections_are_counted_by_the_cap_reached() -> None:
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def hold(conn: socket.socket) -> None:
+        entered.release()
+        release.wait(10)
+        conn.close()
+
+    metrics = Metrics()
+    server = HandshakeServer(
+        ("127.0.0.1", 0), hold, max_connections=2, max_connections_per_source=1, metrics=metrics
+    )
+    server.start()
+    opened: list[socket.socket] = []
+
+    def connect(source: str) -> None:
+        sock = socket.socket()
+        opened.append(sock)
+        sock.settimeout(5)
+        sock.bind((source, 0))
+        with contextlib.suppress(ConnectionResetError):  # a refusal may reset the connect
+            sock.connect(server.address)
+
+    def refusals() -> tuple[float, float]:
+        text = metrics.render()
+        return (
+            value(text, "pilot_handshake_refused_connections_total", cap="max_connections"),
+            value(
+                text, "pilot_handshake_refused_connections_total", cap="max_connections_per_source"
+            ),
+        )
+
+    try:
+        connect("127.0.0.1")
+        assert entered.acquire(timeout=5)
+        connect("127.0.0.1")  # a second from the same source: the per-source cap
+        connect("127.0.0.2")
+        assert entered.acquire(timeout=5)
+        connect("127.0.0.3")  # two admitted: the global cap
+        deadline = time.monotonic() + 10
+        while refusals() != (1, 1) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert refusals() == (1, 1)
+    finally:
+        release.set()
+        for sock in opened:
+            sock.close()
+        server.close()
