@@ -23,7 +23,7 @@ from typing import Any
 import _common as c
 
 from pilothandshake.constants import MAX_PENDING, MAX_REPLAY
-from pilothandshake.messages import send_message
+from pilothandshake.wire import send_message
 
 TRUSTED = 10_000
 TARGET_IDLE_MB = 40.0

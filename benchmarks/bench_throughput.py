@@ -29,8 +29,8 @@ from typing import Any
 import _common as c
 import nacl.signing
 
-from pilothandshake.messages import read_message, send_message
 from pilothandshake.store import load_state
+from pilothandshake.wire import read_message, send_message
 
 TARGET_FRACTION = 0.6
 DAEMON_NODE = 1

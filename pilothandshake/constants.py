@@ -8,7 +8,7 @@ PORT_HANDSHAKE = 444
 # Section 3: the message on port 444.
 MAX_MESSAGE_SIZE = 64 * 1024
 READ_DEADLINE = 10.0  # total time for one message to arrive
-SEND_GRACE = 0.5  # how long a sender waits for the peer to close after half-closing
+SEND_GRACE = 2.0  # how long a sender waits for the receiver's end of stream after half-closing
 DIAL_TIMEOUT = 5.0  # connect + write bound for dial_and_send
 
 # Section 5: processing an incoming message.
@@ -48,6 +48,7 @@ HEARTBEAT_FAILURES_BEFORE_REREGISTER = 3
 # Section 15: bounds of the daemon.
 MAX_CONNECTIONS = 256
 MAX_CONNECTIONS_PER_SOURCE = 16
+EVICT_AFTER = 1.0  # at the cap, a connection this old without a whole message makes room
 EVENT_QUEUE = 1024
 POOL_WORKERS = 8
 POOL_QUEUE = 1024

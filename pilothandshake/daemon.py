@@ -33,7 +33,7 @@ from .errors import HandshakeError, RegistryError, SendError, StoreError
 from .events import EventBus
 from .identity import Identity
 from .manager import Manager
-from .messages import parse_address, send_message
+from .messages import parse_address
 from .metrics import Metrics, MetricsServer
 from .registry.client import Client
 from .relay import RegistryLoop
@@ -41,6 +41,7 @@ from .runtime import AllowlistEntry, Closeable
 from .sdnotify import Notifier, Watchdog
 from .server import HandshakeServer
 from .store import corrupt_files
+from .wire import send_message
 
 log = logging.getLogger(__name__)
 

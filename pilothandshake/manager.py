@@ -64,7 +64,6 @@ from .messages import (
     HANDSHAKE_REVOKE,
     HandshakeMsg,
     handshake_challenge,
-    read_message,
     respond_challenge,
     truncate_utf8,
 )
@@ -80,6 +79,7 @@ from .store import (
     TrustRecord,
     TrustStore,
 )
+from .wire import read_message
 
 __all__ = ["DropLog", "Manager"]
 
@@ -775,9 +775,21 @@ class Manager:
         text = truncate_utf8(justification)
         fingerprint = (inbound.node_id, hashlib.sha256(text.encode("utf-8")).digest())
         now = time.monotonic()
+        mark = (inbound.relayed, now)
         with self._lock:
+            # Checked and claimed in one step: after a SIGSTOP both copies arrive at once.
             seen = self._recent_requests.get(fingerprint)
-        if seen is not None and seen[0] != inbound.relayed and now - seen[1] < _DUPLICATE_WINDOW:
+            duplicate = (
+                seen is not None
+                and seen[0] != inbound.relayed
+                and now - seen[1] < _DUPLICATE_WINDOW
+            )
+            if not duplicate:
+                self._recent_requests[fingerprint] = mark
+                self._recent_requests.move_to_end(fingerprint)
+                while len(self._recent_requests) > _SIDE_TABLE_LIMIT:
+                    self._recent_requests.popitem(last=False)
+        if duplicate:
             # The same request by the other path: a slow peer got it directly and the sender
             # then relayed it (SPEC 3). Decided already; nothing changes, nothing is announced.
             log.debug("node %d: duplicate request by the other path", inbound.node_id)
@@ -786,12 +798,10 @@ class Manager:
         with self._lock:
             outcome = self._decide_request(inbound, text, context)
         self._finish(outcome, inbound)
-        if not outcome.drop:
+        if outcome.drop:
             with self._lock:
-                self._recent_requests[fingerprint] = (inbound.relayed, now)
-                self._recent_requests.move_to_end(fingerprint)
-                while len(self._recent_requests) > _SIDE_TABLE_LIMIT:
-                    self._recent_requests.popitem(last=False)
+                if self._recent_requests.get(fingerprint) == mark:
+                    del self._recent_requests[fingerprint]
 
     def _request_context(self, inbound: _Inbound) -> _RequestContext:
         """Gather what the decision needs without holding the lock.

@@ -1,36 +1,24 @@
-"""The wire layer of port 444 (SPEC sections 3 and 4).
+"""The port-444 message codec (SPEC sections 3 and 4), without any I/O.
 
 ``HandshakeMsg`` is the one JSON object a connection carries; ``from_json`` is the strict
 decoder every received byte goes through, ``to_json`` the encoder every sent message goes
-through. The challenge functions spell each signed string of SPEC section 4 once.
-``read_message`` / ``send_message`` move one message over a TCP connection with the bounds
-of SPEC section 3, and ``reset_close`` refuses a connection with a reset.
+through. The challenge functions spell each signed string of SPEC section 4 once. Moving a
+message over a socket is ``wire``'s job.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
 import math
 import re
-import socket
-import struct
-import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .constants import (
-    DIAL_TIMEOUT,
-    MAX_MESSAGE_SIZE,
-    MAX_TEXT_BYTES,
-    PORT_HANDSHAKE,
-    READ_DEADLINE,
-    SEND_GRACE,
-)
-from .errors import MessageError, SendError
+from .constants import MAX_MESSAGE_SIZE, MAX_TEXT_BYTES, PORT_HANDSHAKE
+from .errors import MessageError
 
 __all__ = [
     "HANDSHAKE_ACCEPT",
@@ -47,13 +35,10 @@ __all__ = [
     "heartbeat_challenge",
     "parse_address",
     "poll_challenge",
-    "read_message",
     "report_trust_challenge",
-    "reset_close",
     "resolve_challenge",
     "respond_challenge",
     "revoke_trust_challenge",
-    "send_message",
     "set_hostname_challenge",
     "set_visibility_challenge",
     "truncate_utf8",
@@ -337,140 +322,6 @@ class HandshakeMsg:
         timestamp = _int_field(obj, "timestamp")
         strings = {name: _str_field(obj, name) for name in _STRING_FIELDS}
         return cls(type=msg_type, node_id=node_id, timestamp=timestamp, **strings)
-
-
-_JSON_SPACE = b" \t\r\n"
-# Outside a string only brackets and quotes change the scanner's state; inside, only a quote
-# or a backslash. Multi-byte UTF-8 never contains these bytes, so scanning bytes is exact.
-_OUTSIDE = re.compile(rb'[{}\[\]"]')
-_INSIDE = re.compile(rb'["\\]')
-
-
-class _ObjectScanner:
-    """Finds the end of the first JSON object in a growing buffer, visiting each byte once."""
-
-    def __init__(self) -> None:
-        self.start = -1  # index of the opening brace once seen
-        self.pos = 0  # next byte to examine (may pass the buffer end after a backslash)
-        self.depth = 0
-        self.in_string = False
-
-    def feed(self, buf: bytearray) -> int:
-        """Scan the bytes added since the last call; return the end index (exclusive) of the
-        complete object, or -1. Raises ``MessageError`` if the data is not an object."""
-        if self.start < 0:
-            while self.pos < len(buf) and buf[self.pos] in _JSON_SPACE:
-                self.pos += 1
-            if self.pos == len(buf):
-                return -1
-            if buf[self.pos] != ord("{"):
-                _fail("not a JSON object")
-            self.start = self.pos
-        while True:
-            pattern = _INSIDE if self.in_string else _OUTSIDE
-            found = pattern.search(buf, self.pos)
-            if found is None:
-                self.pos = max(self.pos, len(buf))
-                return -1
-            index = found.start()
-            byte = buf[index]
-            self.pos = index + 1
-            if self.in_string:
-                if byte == ord("\\"):
-                    self.pos = index + 2  # skip the escaped byte, even if not yet received
-                else:
-                    self.in_string = False
-            elif byte == ord('"'):
-                self.in_string = True
-            elif byte in b"{[":
-                self.depth += 1
-            else:
-                self.depth -= 1
-                if self.depth == 0:
-                    return self.pos
-
-
-def read_message(
-    sock: socket.socket, max_size: int = MAX_MESSAGE_SIZE, deadline: float = READ_DEADLINE
-) -> bytes:
-    """Read one JSON object from ``sock`` (SPEC 3 receiving).
-
-    Stops as soon as the bytes form one complete object (returned without surrounding
-    whitespace or trailing bytes) or the peer closes (what was read is returned, for
-    ``from_json`` to reject). Raises ``MessageError`` for "not a JSON object", "too large"
-    (more than ``max_size`` bytes), "timed out" (``deadline`` seconds in total), or a
-    receive error.
-    """
-    end_time = time.monotonic() + deadline
-    buf = bytearray()
-    scanner = _ObjectScanner()
-    while True:
-        remaining = end_time - time.monotonic()
-        if remaining <= 0:
-            _fail(f"timed out after {deadline:g} s")
-        sock.settimeout(remaining)
-        try:
-            # Never read more than one byte past the limit: that byte proves "too large".
-            chunk = sock.recv(min(65536, max_size + 1 - len(buf)))
-        except socket.timeout:
-            _fail(f"timed out after {deadline:g} s")
-        except OSError as exc:
-            _fail(f"receive failed: {exc}")
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-        end = scanner.feed(buf)
-        if end >= 0 and end <= max_size:
-            return bytes(buf[scanner.start : end])
-        if len(buf) > max_size:
-            _fail(f"message too large (more than {max_size} bytes)")
-
-
-def send_message(
-    address: tuple[str, int],
-    data: bytes,
-    timeout: float = DIAL_TIMEOUT,
-    grace: float = SEND_GRACE,
-) -> None:
-    """Deliver one message (SPEC 3 sending): connect, write, half-close, then wait up to
-    ``grace`` seconds for the peer to close. A close or the end of the grace is delivery;
-    a reset, or any error connecting or writing, raises ``SendError`` with the reason.
-    Bytes the peer sends back are read and ignored."""
-    host, port = address
-    where = f"{host}:{port}"
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except (OSError, ValueError) as exc:
-        # ValueError: a host the idna codec refuses ("a..b", a 64-byte label) or with a NUL.
-        raise SendError(f"connect to {where} failed: {exc}") from exc
-    with sock:
-        try:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise SendError(f"send to {where} failed: {exc}") from exc
-        end_time = time.monotonic() + grace
-        while True:
-            remaining = end_time - time.monotonic()
-            if remaining <= 0:
-                return
-            sock.settimeout(remaining)
-            try:
-                if not sock.recv(4096):
-                    return
-            except socket.timeout:
-                return
-            except OSError as exc:
-                raise SendError(f"{where} reset the connection: {exc}") from exc
-
-
-def reset_close(sock: socket.socket) -> None:
-    """Close ``sock`` with a reset (``SO_LINGER`` 0) instead of a normal close; never raises."""
-    # A socket that is already dead cannot take the option; a plain close is all that is left.
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    with contextlib.suppress(OSError):
-        sock.close()
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -2,13 +2,21 @@
 
 Each accepted connection runs the given handler (the Manager's ``handle_connection``) on its
 own daemon thread; the handler reads the one message with its own deadline and size cap and
-closes the socket. A connection beyond the global or the per-source cap is closed at once
-with a reset, without reading it and without spawning a thread, so one slow or hostile host
-cannot starve the others.
+closes the socket. A connection beyond the per-source cap is closed at once with a reset,
+without reading it and without spawning a thread, so one slow or hostile host cannot starve
+the others. At the global cap a newcomer takes the place of the connection open longest
+without a whole message, if that one is older than ``EVICT_AFTER``: hosts trickling bytes
+over many addresses cannot hold every slot (slowloris). Only when none qualifies is the
+newcomer reset.
+
+A connection counts as complete once its write side is shut down: ``wire.read_message``
+does that as soon as it holds one whole message (SPEC 3), so a connection whose message is
+being processed is never evicted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import socketserver
@@ -16,13 +24,44 @@ import threading
 import time
 from typing import Any, Callable
 
-from .constants import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, STOP_TIMEOUT
-from .messages import reset_close
+from .constants import EVICT_AFTER, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, STOP_TIMEOUT
 from .metrics import Metrics
+from .wire import reset_close
 
 log = logging.getLogger(__name__)
 
 _REFUSAL_LOG_INTERVAL = 1.0  # at most one refusal line a second; the rest are counted
+
+
+class _Connection(socket.socket):
+    """An accepted connection that knows when it was opened and whether its message is
+    whole, and that another thread can cut off safely."""
+
+    def __init__(self, accepted: socket.socket) -> None:
+        super().__init__(accepted.family, accepted.type, accepted.proto, accepted.detach())
+        self.opened = time.monotonic()
+        self.complete = False
+        # Serialises close() with evict(): a shutdown() on a closed socket's number could
+        # hit whichever connection was accepted next under the same descriptor.
+        self._guard = threading.Lock()
+
+    def shutdown(self, how: int) -> None:
+        """Shut down a direction; any shutdown by the handler marks the message complete."""
+        self.complete = True
+        super().shutdown(how)
+
+    def close(self) -> None:
+        """Close (guarded against a concurrent ``evict``)."""
+        with self._guard:
+            super().close()
+
+    def evict(self) -> None:
+        """End the connection from another thread: the handler's pending read returns at
+        once with what has arrived, and the handler closes it as usual."""
+        with self._guard:
+            if self.fileno() >= 0:
+                with contextlib.suppress(OSError):
+                    super().shutdown(socket.SHUT_RDWR)
 
 
 class _ConnectionHandler(socketserver.BaseRequestHandler):
@@ -36,7 +75,9 @@ class _ConnectionHandler(socketserver.BaseRequestHandler):
 
 class HandshakeServer(socketserver.ThreadingTCPServer):
     """Serves port 444 with at most ``max_connections`` connections at once, and at most
-    ``max_connections_per_source`` from one source address.
+    ``max_connections_per_source`` from one source address. At the global cap a newcomer
+    evicts the connection open longest (more than ``evict_after`` seconds) without a whole
+    message; only when there is none is the newcomer reset.
 
     Binding happens in the constructor (``OSError`` on a port in use or a privileged port).
     ``start()`` serves on a background thread; ``close()`` stops accepting and waits up to
@@ -58,6 +99,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         *,
         max_connections: int = MAX_CONNECTIONS,
         max_connections_per_source: int = MAX_CONNECTIONS_PER_SOURCE,
+        evict_after: float = EVICT_AFTER,
         drain_timeout: float = STOP_TIMEOUT,
         metrics: Metrics | None = None,
     ) -> None:
@@ -65,12 +107,15 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         self.handler = handler
         self.max_connections = max_connections
         self.max_connections_per_source = max_connections_per_source
+        self.evict_after = evict_after
         self.drain_timeout = drain_timeout
         self._metrics = metrics if metrics is not None else Metrics()
         self._cond = threading.Condition()
-        self._admitted: dict[socket.socket, str] = {}
+        # In admission order, which is the order they were opened in.
+        self._admitted: dict[_Connection, str] = {}
         self._per_source: dict[str, int] = {}
         self._refused = 0
+        self._evicted = 0
         self._refusal_logged_at = -_REFUSAL_LOG_INTERVAL
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -121,38 +166,79 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         with self._cond:
             return self._cond.wait_for(lambda: not self._admitted, timeout)
 
+    def get_request(self) -> tuple[_Connection, Any]:
+        """Accept the next connection, wrapped so the caps can see its age and progress."""
+        conn, address = self.socket.accept()
+        return _Connection(conn), address
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Admit the connection if both caps allow it; otherwise reset it unread."""
+        """Admit the connection if the caps allow it, evicting a slow one at the global cap
+        if need be; otherwise reset it unread."""
         source = str(client_address[0])
+        victim = None
         with self._cond:
-            admitted = (
-                len(self._admitted) < self.max_connections
-                and self._per_source.get(source, 0) < self.max_connections_per_source
-            )
+            now = time.monotonic()
+            admitted = self._per_source.get(source, 0) < self.max_connections_per_source
+            if admitted and len(self._admitted) >= self.max_connections:
+                victim = self._slowest(now)
+                admitted = victim is not None
+            if victim is not None:
+                self._release(victim)
+                self._evicted += 1
             if admitted:
                 self._admitted[request] = source
                 self._per_source[source] = self._per_source.get(source, 0) + 1
             else:
-                full = len(self._admitted) >= self.max_connections
-                self._metrics.refusal("max_connections" if full else "max_connections_per_source")
+                per_source = self._per_source.get(source, 0) >= self.max_connections_per_source
+                self._metrics.refusal(
+                    "max_connections_per_source" if per_source else "max_connections"
+                )
                 self._refused += 1
-                now = time.monotonic()
-                report = now - self._refusal_logged_at >= _REFUSAL_LOG_INTERVAL
-                if report:
-                    refused, self._refused = self._refused, 0
-                    self._refusal_logged_at = now
+            report = (victim is not None or not admitted) and (
+                now - self._refusal_logged_at >= _REFUSAL_LOG_INTERVAL
+            )
+            if report:
+                refused, self._refused = self._refused, 0
+                evicted, self._evicted = self._evicted, 0
+                self._refusal_logged_at = now
                 active, from_source = len(self._admitted), self._per_source.get(source, 0)
+        if victim is not None:
+            victim.evict()
         if not admitted:
             reset_close(request)
-            if report:
-                log.warning(
-                    "connection limit reached (%d active, %d from %s): refused %d connection(s)",
-                    active,
-                    from_source,
-                    source,
-                    refused,
-                )
+        if report:
+            log.warning(
+                "connection limit reached (%d active, %d from %s): refused %d connection(s), "
+                "evicted %d open over %g s without a whole message",
+                active,
+                from_source,
+                source,
+                refused,
+                evicted,
+                self.evict_after,
+            )
         return admitted
+
+    def _slowest(self, now: float) -> _Connection | None:
+        """The connection open longest without a whole message, if older than
+        ``evict_after``. Call holding the lock."""
+        for conn in self._admitted:
+            if not conn.complete:
+                # Admission order is age order: the first unfinished one is the oldest.
+                return conn if now - conn.opened > self.evict_after else None
+        return None
+
+    def _release(self, conn: _Connection) -> None:
+        """Give back the slot of ``conn``, once. Call holding the lock."""
+        source = self._admitted.pop(conn, None)
+        if source is None:
+            return
+        left = self._per_source[source] - 1
+        if left:
+            self._per_source[source] = left
+        else:
+            del self._per_source[source]
+        self._cond.notify_all()
 
     def shutdown_request(self, request: Any) -> None:
         """Close the connection and release its slot (runs after every admitted handler)."""
@@ -160,14 +246,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
             super().shutdown_request(request)
         finally:
             with self._cond:
-                source = self._admitted.pop(request, None)
-                if source is not None:
-                    left = self._per_source[source] - 1
-                    if left:
-                        self._per_source[source] = left
-                    else:
-                        del self._per_source[source]
-                    self._cond.notify_all()
+                self._release(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Log a handler failure as one line with its traceback, not on bare stderr."""

@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 
 from pilothandshake.config import Config, load_config, parse_config
 from pilothandshake.errors import ConfigError, RegistryError, SendError
-from pilothandshake.messages import parse_address, send_message
+from pilothandshake.messages import parse_address
 from pilothandshake.registry.client import Client
+from pilothandshake.wire import send_message
 
 SOURCE = "/etc/pilot-handshake/fuzz.yaml"
 

@@ -47,9 +47,9 @@ from pilothandshake.messages import (
     MESSAGE_TYPES,
     HandshakeMsg,
     decode_b64,
-    read_message,
 )
 from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord
+from pilothandshake.wire import read_message
 
 OWN = 1
 TRUSTED = Peer(7)  # trusted, its key pinned by the trust record

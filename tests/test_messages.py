@@ -1,4 +1,4 @@
-"""The wire layer: strict decoding, encoding, challenges and one-message socket I/O (SPEC 3, 4)."""
+"""The message codec: strict decoding, encoding, challenges and helpers (SPEC 3, 4)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,13 @@ import base64
 import hashlib
 import json
 import re
-import socket
-import threading
-import time
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pilothandshake.constants import MAX_MESSAGE_SIZE
-from pilothandshake.errors import MessageError, SendError
+from pilothandshake.errors import MessageError
 from pilothandshake.messages import (
     HANDSHAKE_ACCEPT,
     HANDSHAKE_REQUEST,
@@ -29,13 +25,10 @@ from pilothandshake.messages import (
     heartbeat_challenge,
     parse_address,
     poll_challenge,
-    read_message,
     report_trust_challenge,
-    reset_close,
     resolve_challenge,
     respond_challenge,
     revoke_trust_challenge,
-    send_message,
     set_visibility_challenge,
     truncate_utf8,
 )
@@ -339,235 +332,6 @@ def test_decode_b64_is_strict() -> None:
     assert decode_b64("QQ==") == b"A"
     for bad in ["", "QQ", "Q Q==", "QQ==\n", "QQ=!", "é", None, 5, b"QQ=="]:
         assert decode_b64(bad) is None
-
-
-# --- reading one message --------------------------------------------------------------------
-
-
-class ChunkSocket:
-    """A socket stand-in returning preset chunks, one per recv, then EOF."""
-
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks = list(chunks)
-        self.recvs = 0
-
-    def settimeout(self, value: float) -> None:
-        assert value > 0
-
-    def recv(self, size: int) -> bytes:
-        self.recvs += 1
-        return self.chunks.pop(0) if self.chunks else b""
-
-
-def test_read_message_finds_the_end_across_recv_boundaries() -> None:
-    data = '{"a":"x\\"}{\\\\","b":[{"c":"é"}],"d":"}"}'.encode()
-    # Split at every byte, so escapes, brackets in strings and UTF-8 straddle recv calls.
-    sock = ChunkSocket([data[i : i + 1] for i in range(len(data))] + [b"trailing"])
-    assert read_message(sock) == data  # type: ignore[arg-type]
-    assert sock.recvs == len(data)
-    assert json.loads(data)["d"] == "}"
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    left, right = socket.socketpair()
-    yield left, right
-    left.close()
-    right.close()
-
-
-def test_read_message_returns_the_object_without_whitespace_or_trailing_bytes(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    reader, writer = pair
-    writer.sendall(b' \r\n\t{"type":"x","n":{"m":[1]}}{"second":2}')
-    started = time.monotonic()
-    assert read_message(reader, deadline=5) == b'{"type":"x","n":{"m":[1]}}'
-    assert time.monotonic() - started < 1  # did not wait for the peer to close
-
-
-def test_read_message_rejects_a_non_object_at_once(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    reader, writer = pair
-    writer.sendall(b"  [1,2]")
-    started = time.monotonic()
-    with pytest.raises(MessageError, match="not a JSON object"):
-        read_message(reader, deadline=5)
-    assert time.monotonic() - started < 1
-
-
-def test_read_message_rejects_more_than_64_kib(pair: tuple[socket.socket, socket.socket]) -> None:
-    reader, writer = pair
-    payload = b'{"x":"' + b"a" * (MAX_MESSAGE_SIZE + 1)
-    sender = threading.Thread(target=writer.sendall, args=(payload,))
-    sender.start()
-    with pytest.raises(MessageError, match="too large"):
-        read_message(reader, deadline=5)
-    reader.close()  # unblocks the sender if the socket buffer is full
-    sender.join(timeout=5)
-    assert not sender.is_alive()
-
-
-def test_read_message_accepts_an_object_of_exactly_the_limit(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    reader, writer = pair
-    payload = b'{"x":"' + b"a" * (MAX_MESSAGE_SIZE - 8) + b'"}'
-    assert len(payload) == MAX_MESSAGE_SIZE
-    sender = threading.Thread(target=writer.sendall, args=(payload + b"more",))
-    sender.start()
-    assert read_message(reader, deadline=5) == payload
-    reader.close()
-    sender.join(timeout=5)
-
-
-def test_read_message_times_out_on_a_silent_peer(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    reader, writer = pair
-    writer.sendall(b'{"type":')
-    started = time.monotonic()
-    with pytest.raises(MessageError, match="timed out"):
-        read_message(reader, deadline=0.3)
-    assert 0.25 <= time.monotonic() - started < 2
-
-
-def test_read_message_deadline_is_total_not_per_recv(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    reader, writer = pair
-    stop = threading.Event()
-
-    def trickle() -> None:
-        writer.sendall(b'{"x":"')
-        for _ in range(100):  # at most 5 s
-            if stop.wait(0.05):
-                return
-            writer.sendall(b"a")
-
-    sender = threading.Thread(target=trickle)
-    sender.start()
-    started = time.monotonic()
-    try:
-        with pytest.raises(MessageError, match="timed out"):
-            read_message(reader, deadline=0.3)
-        assert time.monotonic() - started < 1.5
-    finally:
-        stop.set()
-        sender.join(timeout=5)
-
-
-def test_read_message_returns_partial_bytes_when_the_peer_closes_early(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    reader, writer = pair
-    writer.sendall(b'{"type":"handshake_request"')
-    writer.shutdown(socket.SHUT_WR)
-    data = read_message(reader, deadline=5)
-    assert data == b'{"type":"handshake_request"'
-    with pytest.raises(MessageError, match="invalid JSON"):
-        HandshakeMsg.from_json(data)
-
-
-def test_read_message_returns_empty_bytes_when_the_peer_sends_nothing(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    reader, writer = pair
-    writer.shutdown(socket.SHUT_WR)
-    assert read_message(reader, deadline=5) == b""
-
-
-# --- sending one message --------------------------------------------------------------------
-
-
-class Listener:
-    """A loopback listener whose single accepted connection is handled by ``behaviour``."""
-
-    def __init__(self, behaviour: str) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1)
-        self.sock.settimeout(5)
-        self.address: tuple[str, int] = self.sock.getsockname()
-        self.behaviour = behaviour
-        self.received = b""
-        self.release = threading.Event()
-        self.thread = threading.Thread(target=self.serve)
-        self.thread.start()
-
-    def serve(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return
-        if self.behaviour == "reset":
-            reset_close(conn)
-            return
-        with conn:
-            self.received = read_message(conn, deadline=5)
-            if self.behaviour == "reply":
-                conn.sendall(b"x" * 10000)
-            elif self.behaviour == "hold":
-                self.release.wait(5)
-
-    def close(self) -> None:
-        self.release.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
-
-
-@pytest.fixture
-def listener(request: pytest.FixtureRequest) -> Iterator[Listener]:
-    server = Listener(request.param)
-    yield server
-    server.close()
-
-
-@pytest.mark.parametrize("listener", ["close", "reply"], indirect=True)
-def test_send_message_is_delivered_when_the_peer_reads_and_closes(listener: Listener) -> None:
-    data = full_message().to_json()
-    started = time.monotonic()
-    send_message(listener.address, data, timeout=5, grace=3)
-    assert time.monotonic() - started < 2  # returned at the close, not the end of the grace
-    listener.thread.join(timeout=5)
-    assert listener.received == data
-
-
-@pytest.mark.parametrize("listener", ["hold"], indirect=True)
-def test_send_message_counts_the_end_of_the_grace_as_delivered(listener: Listener) -> None:
-    started = time.monotonic()
-    send_message(listener.address, b"{}", timeout=5, grace=0.2)
-    assert 0.15 <= time.monotonic() - started < 2
-
-
-@pytest.mark.parametrize("listener", ["reset"], indirect=True)
-def test_send_message_raises_send_error_on_reset(listener: Listener) -> None:
-    # Depending on when the reset lands it fails the write, the half-close or the wait.
-    host, port = listener.address
-    with pytest.raises(SendError, match=re.escape(f"{host}:{port}")):
-        send_message(listener.address, full_message().to_json(), timeout=5, grace=3)
-
-
-def test_send_message_raises_send_error_when_refused() -> None:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    address = probe.getsockname()
-    probe.close()  # nothing listens there now
-    with pytest.raises(SendError, match=r"connect to 127\.0\.0\.1"):
-        send_message(address, b"{}", timeout=2, grace=0.2)
-
-
-def test_reset_close_makes_the_peer_see_a_reset_and_never_raises() -> None:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    with server, socket.create_connection(server.getsockname(), timeout=5) as client:
-        conn, _ = server.accept()
-        reset_close(conn)
-        reset_close(conn)  # already closed: still no exception
-        with pytest.raises(ConnectionResetError):
-            client.recv(10)
 
 
 # --- properties -----------------------------------------------------------------------------

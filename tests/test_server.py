@@ -1,5 +1,6 @@
 """HandshakeServer: hands connections to the handler, enforces the connection caps with an
-immediate reset, releases slots, and closes with a bounded wait for handlers in flight."""
+immediate reset, evicts the slowest unfinished connection at the global cap, releases slots,
+and closes with a bounded wait for handlers in flight."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from pilothandshake.errors import MessageError
 from pilothandshake.server import HandshakeServer
+from pilothandshake.wire import read_message
 
 WAIT = 5.0
 
@@ -46,7 +49,7 @@ class Gate:
             return self.cond.wait_for(lambda: len(self.received) >= count, WAIT)
 
 
-def serve(gate: Gate, **caps: int) -> HandshakeServer:
+def serve(gate: Gate | Reader, **caps: float) -> HandshakeServer:
     server = HandshakeServer(("127.0.0.1", 0), gate, **caps)  # type: ignore[arg-type]
     server.start()
     return server
@@ -96,8 +99,10 @@ def test_handler_receives_each_connection_on_the_bound_port(gate: Gate) -> None:
         server.close()
 
 
-def test_connection_beyond_global_cap_is_reset_without_running_handler(gate: Gate) -> None:
-    server = serve(gate, max_connections=2, max_connections_per_source=10)
+def test_connection_beyond_global_cap_is_reset_when_none_is_old_enough_to_evict(
+    gate: Gate,
+) -> None:
+    server = serve(gate, max_connections=2, max_connections_per_source=10, evict_after=60)
     try:
         held = [connect(server), connect(server)]
         assert gate.wait_entered(2)
@@ -112,7 +117,9 @@ def test_connection_beyond_global_cap_is_reset_without_running_handler(gate: Gat
 
 
 def test_per_source_cap_refuses_that_source_but_not_another(gate: Gate) -> None:
-    server = serve(gate, max_connections=10, max_connections_per_source=1)
+    # evict_after 0: even a connection old enough to evict does not make room beyond the
+    # per-source cap.
+    server = serve(gate, max_connections=10, max_connections_per_source=1, evict_after=0)
     try:
         first = connect(server, "127.0.0.1")
         assert gate.wait_entered(1)
@@ -123,6 +130,98 @@ def test_per_source_cap_refuses_that_source_but_not_another(gate: Gate) -> None:
         first.close()
         other.close()
     finally:
+        server.close()
+
+
+class Reader:
+    """A handler that reads one message as the daemon does (``wire.read_message``, which
+    half-closes once the message is whole), records it, then holds the connection (as if
+    still processing) until released."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.read: list[bytes | str] = []
+        self.release = threading.Event()
+
+    def __call__(self, conn: socket.socket) -> None:
+        try:
+            result: bytes | str = read_message(conn, deadline=WAIT)
+        except MessageError as exc:
+            result = str(exc)
+        with self.cond:
+            self.read.append(result)
+            self.cond.notify_all()
+        self.release.wait(WAIT)
+        conn.close()
+
+    def wait_read(self, count: int) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.read) >= count, WAIT)
+
+
+@pytest.fixture
+def reader() -> Iterator[Reader]:
+    r = Reader()
+    yield r
+    r.release.set()
+
+
+def ended(sock: socket.socket) -> bool:
+    """True when the server has ended ``sock`` (end of stream or reset) within WAIT."""
+    sock.settimeout(WAIT)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_at_the_global_cap_a_newcomer_evicts_the_oldest_unfinished_connection(
+    reader: Reader, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve(reader, max_connections=3, max_connections_per_source=10, evict_after=0.2)
+    try:
+        done = connect(server, "127.0.0.2")  # the oldest, but its message is whole
+        done.sendall(b"{}")
+        assert reader.wait_read(1)
+        assert done.recv(1) == b""  # the reader's half-close: read, now "processing"
+        slow = [connect(server, "127.0.0.3"), connect(server, "127.0.0.4")]
+        for sock in slow:
+            sock.sendall(b'{"justification":"')
+        time.sleep(0.3)  # let both unfinished ones age past evict_after
+        caplog.set_level(logging.WARNING, logger="pilothandshake.server")
+        with connect(server, "127.0.0.5") as newcomer:
+            newcomer.sendall(b'{"type":"real"}')
+            assert ended(newcomer)  # read and half-closed: admitted, not reset
+            assert ended(slow[0])  # the older unfinished one made room
+        assert reader.wait_read(3)
+        assert reader.read[1:] == [b'{"justification":"', b'{"type":"real"}']
+        assert server.active_connections() == 3  # the evicted slot was handed over, once
+        slow[1].settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            slow[1].recv(1)  # the younger unfinished one is still being read
+        assert any("evicted 1 open over 0.2 s" in r.getMessage() for r in caplog.records)
+        for sock in (done, *slow):
+            sock.close()
+    finally:
+        reader.release.set()
+        server.close()
+
+
+def test_connections_with_a_whole_message_are_never_evicted(reader: Reader) -> None:
+    server = serve(reader, max_connections=2, max_connections_per_source=10, evict_after=0)
+    try:
+        held = []
+        for index in range(2):
+            sock = connect(server, f"127.0.0.{2 + index}")
+            sock.sendall(b"{}")
+            held.append(sock)
+        assert reader.wait_read(2)
+        assert refused(server, "127.0.0.9")  # both are being processed: no room
+        assert server.active_connections() == 2
+        for sock in held:
+            sock.close()
+    finally:
+        reader.release.set()
         server.close()
 
 

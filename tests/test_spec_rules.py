@@ -27,9 +27,9 @@ from pilothandshake.messages import (
     HANDSHAKE_REJECT,
     HANDSHAKE_REQUEST,
     HANDSHAKE_REVOKE,
-    send_message,
 )
 from pilothandshake.store import OutgoingRequest, TrustRecord
+from pilothandshake.wire import send_message
 
 OWN = 1
 REMOTE = "127.0.0.1:40000"

@@ -38,7 +38,8 @@ from ..constants import (
     REGISTRY_TIMEOUT,
 )
 from ..errors import ConfigError, HandshakeError, RegistryError
-from ..messages import parse_address, reset_close
+from ..messages import parse_address
+from ..wire import reset_close
 from .client import encode_frame, read_frame
 from .config import Limits, ServerConfig, load_config
 from .fields import format_address

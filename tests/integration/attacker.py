@@ -20,12 +20,13 @@ from typing import Any
 from fakeruntime import Peer
 
 from pilothandshake.identity import b64encode
-from pilothandshake.messages import send_message
+from pilothandshake.wire import send_message
 
 __all__ = [
     "Capture",
     "IdleConnections",
     "Peer",
+    "Trickle",
     "flood",
     "junk",
     "rewrite",
@@ -167,6 +168,107 @@ class IdleConnections:
         self.socks = []
 
     def __enter__(self) -> IdleConnections:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Trickle:
+    """Slowloris: ``per_source`` connections from each of ``sources``, each sending one
+    byte a second of a message that never ends; a connection the daemon ends is opened
+    again (at most once a second per slot), so the pressure stays on. ``start()`` runs it
+    on a thread until ``close()`` or ``limit`` seconds."""
+
+    PREFIX = b'{"type":"handshake_request","justification":"'
+
+    def __init__(self, port: int, sources: list[str], per_source: int, limit: float = 60.0) -> None:
+        self.port = port
+        self.slots = [source for source in sources for _ in range(per_source)]
+        self.socks: list[socket.socket | None] = [None] * len(self.slots)
+        self.sent = [0] * len(self.slots)
+        self.reopened = 0
+        self.limit = limit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def open_all(self) -> None:
+        """Open every slot's connection and send its first byte."""
+        for slot in range(len(self.slots)):
+            self._open(slot)
+
+    def _open(self, slot: int) -> None:
+        with contextlib.suppress(OSError):
+            sock = _connect(self.port, self.slots[slot])
+            sock.setblocking(False)
+            self.socks[slot] = sock
+            self.sent[slot] = 0
+            self._send(slot)
+
+    def _send(self, slot: int) -> None:
+        sock = self.socks[slot]
+        if sock is None:
+            return
+        byte = self.PREFIX[self.sent[slot] : self.sent[slot] + 1] or b"a"
+        try:
+            sock.send(byte)
+            self.sent[slot] += 1
+        except OSError:
+            self._drop(slot)
+
+    def _drop(self, slot: int) -> None:
+        sock, self.socks[slot] = self.socks[slot], None
+        if sock is not None:
+            sock.close()
+
+    def open_ones(self, settle: float) -> int:
+        """How many connections the daemon has not ended after watching for ``settle`` s
+        (before ``start()``: the thread owns the connections after it)."""
+        deadline = time.monotonic() + settle
+        while True:
+            self._reap(max(0.0, min(deadline - time.monotonic(), 0.2)))
+            if time.monotonic() >= deadline:
+                return sum(1 for sock in self.socks if sock is not None)
+
+    def _reap(self, wait: float) -> None:
+        """Drop the connections the daemon has ended (end of stream or reset)."""
+        live = {sock: slot for slot, sock in enumerate(self.socks) if sock is not None}
+        readable = select.select(list(live), [], [], wait)[0] if live else []
+        for sock in readable:
+            try:
+                ended = not sock.recv(1)
+            except BlockingIOError:
+                ended = False
+            except OSError:
+                ended = True
+            if ended:
+                self._drop(live[sock])
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            tick = time.monotonic()
+            self._reap(0.0)
+            for slot, sock in enumerate(self.socks):
+                if sock is None:
+                    self.reopened += 1
+                    self._open(slot)
+                else:
+                    self._send(slot)
+            self._stop.wait(max(0.0, 1.0 - (time.monotonic() - tick)))
+
+    def start(self) -> Trickle:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        for slot in range(len(self.socks)):
+            self._drop(slot)
+
+    def __enter__(self) -> Trickle:
         return self
 
     def __exit__(self, *exc: object) -> None:

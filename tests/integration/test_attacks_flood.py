@@ -10,12 +10,18 @@ import json
 import re
 import time
 
-from pilothandshake.constants import MAX_MESSAGE_SIZE, MAX_PENDING, READ_DEADLINE
+from pilothandshake.constants import (
+    EVICT_AFTER,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_SOURCE,
+    MAX_MESSAGE_SIZE,
+    MAX_PENDING,
+)
 from pilothandshake.control import ControlClient
 from pilothandshake.messages import HANDSHAKE_REQUEST
 from pilothandshake.registry.client import Client
 
-from .attacker import IdleConnections, Peer, flood, junk, send_raw, source_address
+from .attacker import IdleConnections, Peer, Trickle, flood, junk, send_raw, source_address
 from .conftest import Fleet, Node, wait_until
 
 OWN = 9
@@ -147,48 +153,69 @@ def test_idle_connections_from_one_host_do_not_delay_a_handshake_from_another(
         assert "connection limit reached" in b.stderr
 
 
-def test_global_cap_refuses_new_connections_at_once_and_recovers_when_idle_ones_time_out(
-    fleet: Fleet,
-) -> None:
+def age_past_evict_after(opened: float) -> None:
+    """Wait until connections opened at ``opened`` (monotonic) may be evicted."""
+    wait_until(
+        lambda: time.monotonic() - opened > EVICT_AFTER + 0.1,
+        timeout=EVICT_AFTER + 1.0,
+        what="the held connections to age past EVICT_AFTER",
+    )
+
+
+def test_at_the_global_cap_a_newcomer_evicts_the_oldest_idle_connection(fleet: Fleet) -> None:
     node = fleet.node("d", node_id=OWN, max_connections=20, max_connections_per_source=4).start()
     sources = [source_address(i) for i in range(5)]  # 5 hosts x 4 = the global cap of 20
     holders = []
     try:
-        opened = time.monotonic()
         for source in sources:
             holders.append(IdleConnections(node.port, 4, source))
         assert sum(len(h.open_ones(settle=0.3)) for h in holders) == 20
+        age_past_evict_after(time.monotonic())
 
-        # A newcomer from yet another host is refused at once, not left hanging.
+        # A newcomer from yet another host is served at once: the oldest idle one makes room.
         started = time.monotonic()
-        outcome = send_raw(
-            node.port, Peer(PEER).data(HANDSHAKE_REQUEST, OWN), source_address(6), wait=5.0
-        )
-        assert outcome == "reset" and time.monotonic() - started < 1.0
-        assert node.pending() == set()
-        wait_until(lambda: "connection limit reached (20 active" in node.stderr)
-        assert timed_status(node) < 1.0  # the operator is never locked out
-
-        # The idle ones are dropped at the 10 s read deadline; service is back then.
-        wait_until(
-            lambda: all(not h.open_ones(settle=0.0) for h in holders),
-            timeout=READ_DEADLINE + 3.0,
-            what="the idle connections timed out",
-        )
-        restored = None
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline:
-            data = Peer(PEER).data(HANDSHAKE_REQUEST, OWN, justification="back")
-            if send_raw(node.port, data, source_address(6), wait=5.0) == "closed":
-                restored = time.monotonic() - opened
-                break
-            time.sleep(0.05)
-        assert restored is not None and restored < READ_DEADLINE + 3.0, restored
+        data = Peer(PEER).data(HANDSHAKE_REQUEST, OWN, justification="newcomer")
+        assert send_raw(node.port, data, source_address(6), wait=5.0) == "closed"
+        assert time.monotonic() - started < 2.0
         wait_until(lambda: node.pending() == {PEER}, what="the newcomer's request pending")
-        assert f"timed out after {READ_DEADLINE:g} s" in node.stderr  # why they were closed
+        first, *others = holders
+        assert first.socks[0] not in first.open_ones(settle=0.5)  # the oldest was evicted
+        assert len(first.open_ones(settle=0.0)) == 3
+        assert sum(len(h.open_ones(settle=0.0)) for h in others) == 16
+        wait_until(lambda: f"evicted 1 open over {EVICT_AFTER:g} s" in node.stderr)
+        assert timed_status(node) < 1.0  # the operator is never locked out
     finally:
         for holder in holders:
             holder.close()
+
+
+def test_slowloris_over_17_hosts_at_the_default_caps_does_not_keep_a_handshake_out(
+    fleet: Fleet,
+) -> None:
+    """17 hosts x 16 connections, each trickling one byte a second and reconnecting when
+    ended: more than the 256-connection cap, held full the whole time. A real handshake
+    from another host still completes within 2 s (issue 11 item 4)."""
+    a, b = fleet.direct_pair(b_config={"trust": {"auto_approve": True}})
+    hosts = MAX_CONNECTIONS // MAX_CONNECTIONS_PER_SOURCE + 1
+    sources = [source_address(i) for i in range(hosts)]
+    with Trickle(b.port, sources, MAX_CONNECTIONS_PER_SOURCE) as attack:
+        attack.open_all()
+        opened = time.monotonic()
+        # The cap is full: the surplus is refused (or, on a slow machine, made room by
+        # evicting the first ones, which then reconnect).
+        assert attack.open_ones(settle=0.5) == MAX_CONNECTIONS
+        attack.start()
+        age_past_evict_after(opened)
+
+        started = time.monotonic()
+        a.control("handshake", node_id=OWN, justification="from 127.0.0.1")
+        wait_until(lambda: a.trusted() == {OWN} and b.trusted() == {PEER}, timeout=2.0)
+        assert time.monotonic() - started < 2.0
+        # Refusal lines come at most once a second, counting what happened since the last.
+        wait_until(
+            lambda: re.search(r"evicted [1-9]\d* open over", b.stderr),
+            what="a refusal line counting evictions",
+        )
 
 
 def test_one_host_flooding_valid_requests_fills_only_its_own_quotas(fleet: Fleet) -> None:

@@ -1,0 +1,167 @@
+"""One port-444 message over TCP (SPEC section 3): the bounded reader, the sender and the
+reset that refuses a connection. What the bytes mean is ``messages``' job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import struct
+import time
+from typing import NoReturn
+
+from .constants import DIAL_TIMEOUT, MAX_MESSAGE_SIZE, READ_DEADLINE, SEND_GRACE
+from .errors import MessageError, SendError
+
+__all__ = ["read_message", "reset_close", "send_message"]
+
+
+def _fail(reason: str) -> NoReturn:
+    raise MessageError(reason)
+
+
+_JSON_SPACE = b" \t\r\n"
+# Outside a string only brackets and quotes change the scanner's state; inside, only a quote
+# or a backslash. Multi-byte UTF-8 never contains these bytes, so scanning bytes is exact.
+_OUTSIDE = re.compile(rb'[{}\[\]"]')
+_INSIDE = re.compile(rb'["\\]')
+
+
+class _ObjectScanner:
+    """Finds the end of the first JSON object in a growing buffer, visiting each byte once."""
+
+    def __init__(self) -> None:
+        self.start = -1  # index of the opening brace once seen
+        self.pos = 0  # next byte to examine (may pass the buffer end after a backslash)
+        self.depth = 0
+        self.in_string = False
+
+    def feed(self, buf: bytearray) -> int:
+        """Scan the bytes added since the last call; return the end index (exclusive) of the
+        complete object, or -1. Raises ``MessageError`` if the data is not an object."""
+        if self.start < 0:
+            while self.pos < len(buf) and buf[self.pos] in _JSON_SPACE:
+                self.pos += 1
+            if self.pos == len(buf):
+                return -1
+            if buf[self.pos] != ord("{"):
+                _fail("not a JSON object")
+            self.start = self.pos
+        while True:
+            pattern = _INSIDE if self.in_string else _OUTSIDE
+            found = pattern.search(buf, self.pos)
+            if found is None:
+                self.pos = max(self.pos, len(buf))
+                return -1
+            index = found.start()
+            byte = buf[index]
+            self.pos = index + 1
+            if self.in_string:
+                if byte == ord("\\"):
+                    self.pos = index + 2  # skip the escaped byte, even if not yet received
+                else:
+                    self.in_string = False
+            elif byte == ord('"'):
+                self.in_string = True
+            elif byte in b"{[":
+                self.depth += 1
+            else:
+                self.depth -= 1
+                if self.depth == 0:
+                    return self.pos
+
+
+def read_message(
+    sock: socket.socket, max_size: int = MAX_MESSAGE_SIZE, deadline: float = READ_DEADLINE
+) -> bytes:
+    """Read one JSON object from ``sock`` (SPEC 3 receiving).
+
+    Stops as soon as the bytes form one complete object (returned without surrounding
+    whitespace or trailing bytes) or the peer closes (what was read is returned, for
+    ``from_json`` to reject). Either way it then shuts down the write side of ``sock``: the
+    sender's end of stream, its proof of delivery, comes before any verifying or deciding,
+    and the caller closes ``sock`` once it has processed the message. Raises
+    ``MessageError`` for "not a JSON object", "too large" (more than ``max_size`` bytes),
+    "timed out" (``deadline`` seconds in total), or a receive error.
+    """
+    end_time = time.monotonic() + deadline
+    buf = bytearray()
+    scanner = _ObjectScanner()
+    while True:
+        remaining = end_time - time.monotonic()
+        if remaining <= 0:
+            _fail(f"timed out after {deadline:g} s")
+        sock.settimeout(remaining)
+        try:
+            # Never read more than one byte past the limit: that byte proves "too large".
+            chunk = sock.recv(min(65536, max_size + 1 - len(buf)))
+        except socket.timeout:
+            _fail(f"timed out after {deadline:g} s")
+        except OSError as exc:
+            _fail(f"receive failed: {exc}")
+        if not chunk:
+            _half_close(sock)
+            return bytes(buf)
+        buf += chunk
+        end = scanner.feed(buf)
+        if end >= 0 and end <= max_size:
+            _half_close(sock)
+            return bytes(buf[scanner.start : end])
+        if len(buf) > max_size:
+            _fail(f"message too large (more than {max_size} bytes)")
+
+
+def _half_close(sock: socket.socket) -> None:
+    # A peer that has already gone away cannot be told; its sender will not be waiting.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+
+
+def send_message(
+    address: tuple[str, int],
+    data: bytes,
+    timeout: float = DIAL_TIMEOUT,
+    grace: float = SEND_GRACE,
+) -> None:
+    """Deliver one message (SPEC 3 sending): connect, write, half-close, then wait up to
+    ``grace`` seconds for the peer's end of stream, which a receiver sends once it has read
+    the whole message. That end of stream (or a normal close) is delivery. A reset, no end
+    of stream within the grace (a peer that accepted the connection but is hung, stopped
+    or swamped), or any error connecting or writing raises ``SendError`` with the reason,
+    so the caller can try the relay. Bytes the peer sends back are read and ignored."""
+    host, port = address
+    where = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except (OSError, ValueError) as exc:
+        # ValueError: a host the idna codec refuses ("a..b", a 64-byte label) or with a NUL.
+        raise SendError(f"connect to {where} failed: {exc}") from exc
+    with sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise SendError(f"send to {where} failed: {exc}") from exc
+        end_time = time.monotonic() + grace
+        remaining = grace
+        while remaining > 0:
+            sock.settimeout(remaining)
+            try:
+                if not sock.recv(4096):
+                    return
+            except socket.timeout:
+                break
+            except OSError as exc:
+                raise SendError(f"{where} reset the connection: {exc}") from exc
+            remaining = end_time - time.monotonic()
+        raise SendError(f"{where} did not confirm the message within {grace:g} s (peer hung?)")
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset (``SO_LINGER`` 0) instead of a normal close; never raises."""
+    # A socket that is already dead cannot take the option; a plain close is all that is left.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.close()

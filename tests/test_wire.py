@@ -1,0 +1,308 @@
+"""One message over TCP: the bounded reader, the sender's delivery rule and the reset that
+refuses a connection (SPEC 3)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pilothandshake.constants import MAX_MESSAGE_SIZE
+from pilothandshake.errors import MessageError, SendError
+from pilothandshake.messages import HANDSHAKE_REQUEST, HandshakeMsg
+from pilothandshake.wire import read_message, reset_close, send_message
+
+MESSAGE = HandshakeMsg(
+    HANDSHAKE_REQUEST, 7, justification="deploy ✓", timestamp=1_700_000_000
+).to_json()
+
+# --- reading one message --------------------------------------------------------------------
+
+
+class ChunkSocket:
+    """A socket stand-in returning preset chunks, one per recv, then EOF."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = list(chunks)
+        self.recvs = 0
+
+    def settimeout(self, value: float) -> None:
+        assert value > 0
+
+    def recv(self, size: int) -> bytes:
+        self.recvs += 1
+        return self.chunks.pop(0) if self.chunks else b""
+
+    def shutdown(self, how: int) -> None:
+        assert how == socket.SHUT_WR
+
+
+def test_read_message_finds_the_end_across_recv_boundaries() -> None:
+    data = '{"a":"x\\"}{\\\\","b":[{"c":"é"}],"d":"}"}'.encode()
+    # Split at every byte, so escapes, brackets in strings and UTF-8 straddle recv calls.
+    sock = ChunkSocket([data[i : i + 1] for i in range(len(data))] + [b"trailing"])
+    assert read_message(sock) == data  # type: ignore[arg-type]
+    assert sock.recvs == len(data)
+    assert json.loads(data)["d"] == "}"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    left, right = socket.socketpair()
+    yield left, right
+    left.close()
+    right.close()
+
+
+def test_read_message_returns_the_object_without_whitespace_or_trailing_bytes(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    reader, writer = pair
+    writer.sendall(b' \r\n\t{"type":"x","n":{"m":[1]}}{"second":2}')
+    started = time.monotonic()
+    assert read_message(reader, deadline=5) == b'{"type":"x","n":{"m":[1]}}'
+    assert time.monotonic() - started < 1  # did not wait for the peer to close
+
+
+def test_read_message_rejects_a_non_object_at_once(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    reader, writer = pair
+    writer.sendall(b"  [1,2]")
+    started = time.monotonic()
+    with pytest.raises(MessageError, match="not a JSON object"):
+        read_message(reader, deadline=5)
+    assert time.monotonic() - started < 1
+
+
+def test_read_message_rejects_more_than_64_kib(pair: tuple[socket.socket, socket.socket]) -> None:
+    reader, writer = pair
+    payload = b'{"x":"' + b"a" * (MAX_MESSAGE_SIZE + 1)
+    sender = threading.Thread(target=writer.sendall, args=(payload,))
+    sender.start()
+    with pytest.raises(MessageError, match="too large"):
+        read_message(reader, deadline=5)
+    reader.close()  # unblocks the sender if the socket buffer is full
+    sender.join(timeout=5)
+    assert not sender.is_alive()
+
+
+def test_read_message_accepts_an_object_of_exactly_the_limit(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    reader, writer = pair
+    payload = b'{"x":"' + b"a" * (MAX_MESSAGE_SIZE - 8) + b'"}'
+    assert len(payload) == MAX_MESSAGE_SIZE
+    sender = threading.Thread(target=writer.sendall, args=(payload + b"more",))
+    sender.start()
+    assert read_message(reader, deadline=5) == payload
+    reader.close()
+    sender.join(timeout=5)
+
+
+def test_read_message_times_out_on_a_silent_peer(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    reader, writer = pair
+    writer.sendall(b'{"type":')
+    started = time.monotonic()
+    with pytest.raises(MessageError, match="timed out"):
+        read_message(reader, deadline=0.3)
+    assert 0.25 <= time.monotonic() - started < 2
+
+
+def test_read_message_deadline_is_total_not_per_recv(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    reader, writer = pair
+    stop = threading.Event()
+
+    def trickle() -> None:
+        writer.sendall(b'{"x":"')
+        for _ in range(100):  # at most 5 s
+            if stop.wait(0.05):
+                return
+            writer.sendall(b"a")
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(MessageError, match="timed out"):
+            read_message(reader, deadline=0.3)
+        assert time.monotonic() - started < 1.5
+    finally:
+        stop.set()
+        sender.join(timeout=5)
+
+
+def test_read_message_returns_partial_bytes_when_the_peer_closes_early(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    reader, writer = pair
+    writer.sendall(b'{"type":"handshake_request"')
+    writer.shutdown(socket.SHUT_WR)
+    data = read_message(reader, deadline=5)
+    assert data == b'{"type":"handshake_request"'
+    with pytest.raises(MessageError, match="invalid JSON"):
+        HandshakeMsg.from_json(data)
+
+
+def test_read_message_returns_empty_bytes_when_the_peer_sends_nothing(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    reader, writer = pair
+    writer.shutdown(socket.SHUT_WR)
+    assert read_message(reader, deadline=5) == b""
+
+
+def test_read_message_shuts_down_its_write_side_once_the_message_is_whole(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The sender's proof of delivery: end of stream as soon as the message is read, while
+    the receiver still holds the connection (it closes only after processing)."""
+    reader, writer = pair
+    writer.settimeout(5)
+    writer.sendall(MESSAGE)  # the writer does not half-close: the object's end is enough
+    assert read_message(reader, deadline=5) == MESSAGE
+    assert writer.recv(1) == b""
+
+
+def test_read_message_does_not_shut_down_before_the_message_is_whole(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    reader, writer = pair
+    writer.sendall(MESSAGE[:-1])
+    with pytest.raises(MessageError, match="timed out"):
+        read_message(reader, deadline=0.2)
+    writer.settimeout(0.2)
+    with pytest.raises(socket.timeout):
+        writer.recv(1)  # no end of stream: an unfinished message is not confirmed
+
+
+# --- sending one message --------------------------------------------------------------------
+
+
+class Listener:
+    """A loopback listener whose single accepted connection is handled by ``behaviour``."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.sock.settimeout(5)
+        self.address: tuple[str, int] = self.sock.getsockname()
+        self.behaviour = behaviour
+        self.received = b""
+        self.release = threading.Event()
+        self.thread = threading.Thread(target=self.serve)
+        self.thread.start()
+
+    def serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        if self.behaviour == "reset":
+            reset_close(conn)
+            return
+        if self.behaviour == "hung":  # accepted, never read: a stopped or swamped peer
+            self.release.wait(5)
+            conn.close()
+            return
+        with conn:
+            if self.behaviour == "reply":  # a receiver that answers before it closes
+                conn.settimeout(5)
+                self.received = conn.recv(65536)
+                conn.sendall(b"x" * 10000)
+                return
+            self.received = read_message(conn, deadline=5)
+            if self.behaviour == "hold":
+                self.release.wait(5)
+
+    def close(self) -> None:
+        self.release.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.fixture
+def listener(request: pytest.FixtureRequest) -> Iterator[Listener]:
+    server = Listener(request.param)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("listener", ["close", "reply"], indirect=True)
+def test_send_message_is_delivered_when_the_peer_reads_and_closes(listener: Listener) -> None:
+    data = MESSAGE
+    started = time.monotonic()
+    send_message(listener.address, data, timeout=5, grace=3)
+    assert time.monotonic() - started < 2  # returned at the close, not the end of the grace
+    listener.thread.join(timeout=5)
+    assert listener.received == data
+
+
+@pytest.mark.parametrize("listener", ["hold"], indirect=True)
+def test_send_message_is_delivered_at_the_receivers_half_close_before_it_closes(
+    listener: Listener,
+) -> None:
+    started = time.monotonic()
+    send_message(listener.address, MESSAGE, timeout=5, grace=3)
+    assert time.monotonic() - started < 2  # did not wait for the grace to run out
+    assert listener.thread.is_alive()  # the receiver still holds the connection
+    assert listener.received == MESSAGE
+
+
+@pytest.mark.parametrize("listener", ["hung"], indirect=True)
+def test_send_message_to_a_peer_that_accepts_but_never_reads_raises_send_error(
+    listener: Listener,
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(SendError, match=r"did not confirm the message within 0\.3 s"):
+        send_message(listener.address, MESSAGE, timeout=5, grace=0.3)
+    assert 0.25 <= time.monotonic() - started < 3
+
+
+def test_send_message_to_a_listener_that_never_accepts_raises_send_error() -> None:
+    """A stopped process: the kernel completes the TCP handshake from the listen backlog,
+    takes the bytes, and nobody ever reads them."""
+    with socket.socket() as backlog:
+        backlog.bind(("127.0.0.1", 0))
+        backlog.listen(4)
+        with pytest.raises(SendError, match="did not confirm"):
+            send_message(backlog.getsockname(), MESSAGE, timeout=5, grace=0.3)
+
+
+@pytest.mark.parametrize("listener", ["reset"], indirect=True)
+def test_send_message_raises_send_error_on_reset(listener: Listener) -> None:
+    # Depending on when the reset lands it fails the write, the half-close or the wait.
+    host, port = listener.address
+    with pytest.raises(SendError, match=re.escape(f"{host}:{port}")):
+        send_message(listener.address, MESSAGE, timeout=5, grace=3)
+
+
+def test_send_message_raises_send_error_when_refused() -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    address = probe.getsockname()
+    probe.close()  # nothing listens there now
+    with pytest.raises(SendError, match=r"connect to 127\.0\.0\.1"):
+        send_message(address, b"{}", timeout=2, grace=0.2)
+
+
+def test_reset_close_makes_the_peer_see_a_reset_and_never_raises() -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    with server, socket.create_connection(server.getsockname(), timeout=5) as client:
+        conn, _ = server.accept()
+        reset_close(conn)
+        reset_close(conn)  # already closed: still no exception
+        with pytest.raises(ConnectionResetError):
+            client.recv(10)
