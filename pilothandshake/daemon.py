@@ -618,9 +618,9 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("config reloaded: allowlist, deny list, peers, auto-approve")
                 notifier.ready(daemon.status_line())
     finally:
-        notifier.stopping()
         if watchdog is not None:
-            watchdog.stop()
+            watchdog.stop()  # first: no ping or status may follow STOPPING=1
+        notifier.stopping()
         stopping = time.monotonic()
         daemon.stop()
         log.info("stopped in %.1f s", time.monotonic() - stopping)

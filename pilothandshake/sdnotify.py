@@ -21,6 +21,8 @@ __all__ = ["Notifier", "Watchdog", "monotonic_usec"]
 
 log = logging.getLogger(__name__)
 
+_STOP_WAIT = 1.0  # seconds Watchdog.stop() waits for a status check in progress
+
 
 def monotonic_usec() -> int:
     """CLOCK_MONOTONIC in microseconds: the ``MONOTONIC_USEC=`` that systemd (since 253)
@@ -124,11 +126,12 @@ class Watchdog:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the thread; does not wait for a ``check`` that hangs (the thread is a daemon
-        thread, so it cannot keep the process alive)."""
+        """Stop the thread: it sends nothing more once this returns, unless its ``check``
+        hangs, which is not waited for beyond ``_STOP_WAIT`` (a daemon thread cannot keep
+        the process alive)."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(self._interval)
+            self._thread.join(_STOP_WAIT)
 
     def _run(self) -> None:
         watchdog = self._notifier.watchdog_usec > 0

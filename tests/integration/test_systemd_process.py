@@ -80,6 +80,9 @@ def test_ready_reload_and_stop_are_notified_in_order_with_watchdog_pings(
     node.signal(signal.SIGTERM)
     assert next_state(systemd, pings) == ["STOPPING=1", "STATUS=stopping"]
     assert node.popen is not None and node.popen.wait(10) == 0
+    systemd.settimeout(0.2)
+    with pytest.raises(socket.timeout):  # nothing after STOPPING=1
+        receive(systemd)
 
 
 def test_status_counts_follow_the_trust_state(fleet: Fleet, systemd: socket.socket) -> None:
