@@ -1,8 +1,17 @@
-"""``pilot-handshakectl``: the operator's command line (SPEC section 13).
+"""``pilot-handshakectl``: the operator's command line (SPEC section 13), built on ``Client``.
 
-It talks to a running ``pilot-handshaked`` over the control socket. Exit codes: 0 ok,
-1 failed (one line on stderr), 2 usage. ``--json`` prints each response exactly as the daemon
-sent it (the ``pilotctl --json`` shape), errors included.
+It talks to a running ``pilot-handshaked`` over the control socket, found in this order:
+``--socket PATH``, else ``--config FILE`` (the daemon's config: ``control.sock`` beside its
+identity), else ``$PILOT_HANDSHAKE_SOCKET``, else beside the identity of the daemon's default
+config ``/etc/pilot-handshake/config.yaml`` when that file is readable, else
+``~/.pilot-handshake/control.sock`` (``client.find_socket``).
+
+Exit codes: 0 ok, 1 failed (one line on stderr), 2 usage. ``--json`` (before or after the
+command) prints each response exactly as the daemon sent it (the ``pilotctl --json`` shape),
+errors included. Every ``NODE`` is a node ID or a hostname the daemon's registry resolves.
+
+Only what a command needs is imported: ``status`` loads neither YAML (unless ``--config``
+or the default config is read) nor crypto nor any of the daemon.
 """
 
 from __future__ import annotations
@@ -11,34 +20,46 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
-from typing import Any, Callable
+import time
 
-from .config import Config, load_config
-from .control import ControlClient, ControlError
-from .errors import ConfigError
-from .identity import fingerprint
-from .messages import MAX_NODE_ID
-from .store import parse_time
+from .client import Client, ControlError, find_socket, raise_for_error
+from .constants import CONTROL_TIMEOUT, DEFAULT_CONFIG_PATH, WAIT_DEFAULT_TIMEOUT
+from .errors import HandshakeError
+
+TYPE_CHECKING = False  # not typing's: importing typing costs a short CLI run milliseconds
+if TYPE_CHECKING:
+    from datetime import datetime
+    from typing import Any, Callable
 
 __all__ = ["main_handshakectl"]
 
-SOCKET_ENV = "PILOT_HANDSHAKE_SOCKET"
 _JUSTIFICATION_WIDTH = 60
+_STATUS_WAIT_DEFAULT = 30.0  # `status --wait` without --timeout
+_STATUS_RETRY = 0.1  # how often `status --wait` tries again while the daemon starts
+_MAX_NODE_ID = 0xFFFFFFFF  # messages.MAX_NODE_ID, without importing the wire format
+
+_EPILOG = f"""\
+the control socket is found from --socket, else --config FILE (control.sock beside the
+identity named there), else $PILOT_HANDSHAKE_SOCKET, else beside the identity of
+{DEFAULT_CONFIG_PATH} when readable, else ~/.pilot-handshake/control.sock.
+NODE is a node ID or a hostname (resolved by the daemon's registry).
+
+exit codes: 0 ok, 1 failed (one line on stderr says why), 2 usage error."""
 
 
 class _Failure(Exception):
     """A command that failed: the one line for stderr."""
 
 
-def _node(text: str) -> int:
-    try:
+def _node(text: str) -> int | str:
+    if text.isascii() and text.isdigit():
         value = int(text, 10)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_NODE_ID:
-        raise argparse.ArgumentTypeError(f"expected a node ID 0..{MAX_NODE_ID}, got {text!r}")
-    return value
+        if value > _MAX_NODE_ID:
+            raise argparse.ArgumentTypeError(f"node ID {text} is above {_MAX_NODE_ID}")
+        return value
+    if not text or not text.isprintable() or text != text.strip():
+        raise argparse.ArgumentTypeError(f"expected a node ID or a hostname, got {text!r}")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -52,62 +73,72 @@ def _seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # --json is also accepted after the command; SUPPRESS keeps the subcommand's default
+    # from overwriting a --json given before it.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON responses"
+    )
     parser = argparse.ArgumentParser(
         prog="pilot-handshakectl",
         description="Operate a running pilot-handshaked over its control socket.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
     parser.add_argument(
-        "--config", metavar="FILE", help="the daemon's config (its socket is beside the identity)"
+        "--config",
+        metavar="FILE",
+        help="the daemon's config: its socket is beside the identity "
+        f"(default: {DEFAULT_CONFIG_PATH} when readable)",
     )
-    parser.add_argument("--json", action="store_true", help="print the daemon's JSON responses")
+    parser.add_argument(
+        "--json", action="store_true", help="print the daemon's JSON responses as sent"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    commands.add_parser("status", help="node ID, listen address, registry, counts")
-    handshake = commands.add_parser("handshake", help="ask a node for trust")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary, parents=[after])
+
+    status = command("status", "node ID, hostname, listen address, registry, counts")
+    status.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the daemon answers and, with a registry, has its node ID",
+    )
+    status.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=_STATUS_WAIT_DEFAULT,
+        metavar="S",
+        help=f"how long --wait waits (default {_STATUS_WAIT_DEFAULT:g})",
+    )
+    handshake = command("handshake", "ask a node for trust")
     handshake.add_argument("node", type=_node, metavar="NODE")
     handshake.add_argument("justification", metavar="JUSTIFICATION")
-    commands.add_parser("pending", help="list pending requests")
-    approve = commands.add_parser("approve", help="approve a pending request")
+    command("pending", "list pending requests")
+    approve = command("approve", "approve a pending request")
     approve.add_argument("node", type=_node, metavar="NODE")
-    reject = commands.add_parser("reject", help="reject a pending request")
+    reject = command("reject", "reject a pending request")
     reject.add_argument("node", type=_node, metavar="NODE")
     reject.add_argument("reason", nargs="?", default="", metavar="REASON")
-    commands.add_parser("trust", help="list trusted peers")
-    untrust = commands.add_parser("untrust", help="revoke trust in a node")
+    command("trust", "list trusted peers (and conflicting records)")
+    untrust = command("untrust", "revoke trust in a node, or withdraw our request to it")
     untrust.add_argument("node", type=_node, metavar="NODE")
-    wait = commands.add_parser("wait", help="wait until a node is trusted (exit 1 on timeout)")
+    wait = command("wait", "wait until a node is trusted (exit 1 on timeout)")
     wait.add_argument("node", type=_node, metavar="NODE")
-    wait.add_argument("--timeout", type=_seconds, default=None, metavar="S")
-    events = commands.add_parser("events", help="show recent events")
+    wait.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=WAIT_DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait (default {WAIT_DEFAULT_TIMEOUT:g})",
+    )
+    events = command("events", "show recent events")
     events.add_argument("--follow", action="store_true", help="keep printing new events")
+    command("metrics", "print the Prometheus metrics (what metrics.listen serves at /metrics)")
     return parser
-
-
-def _socket_path(options: argparse.Namespace) -> str:
-    if options.socket:
-        return str(options.socket)
-    if options.config:
-        return load_config(options.config).control_socket
-    from_env = os.environ.get(SOCKET_ENV)
-    if from_env:
-        return from_env
-    return Config().control_socket
-
-
-def _request_args(options: argparse.Namespace) -> dict[str, Any]:
-    args: dict[str, Any] = {}
-    if hasattr(options, "node"):
-        args["node_id"] = options.node
-    if options.command == "handshake":
-        args["justification"] = options.justification
-    elif options.command == "reject":
-        args["reason"] = options.reason
-    elif options.command == "wait" and options.timeout is not None:
-        args["timeout"] = options.timeout
-    elif options.command == "events":
-        args["follow"] = options.follow
-    return args
 
 
 def _printable(text: str, width: int | None = None) -> str:
@@ -118,7 +149,16 @@ def _printable(text: str, width: int | None = None) -> str:
     return clean
 
 
+def _label(node: Any, hostname: Any = "") -> str:
+    """A node ID with its hostname beside it, when known."""
+    return (
+        f"{node} ({_printable(hostname)})" if isinstance(hostname, str) and hostname else str(node)
+    )
+
+
 def _age(time_text: str, now: datetime) -> str:
+    from .store import parse_time
+
     try:
         seconds = int((now - parse_time(time_text)).total_seconds())
     except ValueError:
@@ -146,7 +186,7 @@ def _show_status(data: dict[str, Any]) -> str:
     else:
         registry_text = "none" if registry is None else str(registry)
     rows = [
-        ["node", str(data.get("node_id", "?"))],
+        ["node", _label(data.get("node_id", "?"), data.get("hostname"))],
         ["listen", str(data.get("listen", "?"))],
         ["registry", registry_text],
         ["trusted", str(data.get("trusted", "?"))],
@@ -165,13 +205,17 @@ def _show_handshake(data: dict[str, Any]) -> str:
 
 
 def _show_pending(data: dict[str, Any]) -> str:
+    from datetime import datetime, timezone
+
+    from .identity import fingerprint  # only this table needs these
+
     pending = data["pending"]
     if not pending:
         return "no pending requests"
     now = datetime.now(timezone.utc)
     rows = [
         [
-            str(p["node_id"]),
+            _label(p["node_id"], p.get("hostname")),
             fingerprint(p["public_key"]) or "-",
             _printable(p["justification"], _JUSTIFICATION_WIDTH),
             _age(p["received_at"], now),
@@ -187,14 +231,27 @@ def _show_trust(data: dict[str, Any]) -> str:
         return "no trusted peers"
     rows = [
         [
-            str(r["node_id"]),
+            _label(r["node_id"], r.get("hostname")),
             "yes" if r["mutual"] else "no",
             str(r["network"]) if r["network"] else "-",
             r["approved_at"],
+            "CONFLICT" if r.get("conflict") else "trusted",
         ]
         for r in trusted
     ]
-    return _table(["NODE", "MUTUAL", "NETWORK", "APPROVED AT"], rows)
+    text = _table(["NODE", "MUTUAL", "NETWORK", "APPROVED AT", "STATE"], rows)
+    if any(r.get("conflict") for r in trusted):
+        text += (
+            "\nCONFLICT: the registry now binds this node ID to another key; it is not "
+            "trusted until you approve it again or untrust it"
+        )
+    return text
+
+
+def _show_untrust(data: dict[str, Any]) -> str:
+    if data.get("status") == "withdrawn":
+        return f"request withdrawn from {data['node_id']} (it was not trusted yet)"
+    return f"untrusted {data['node_id']}"
 
 
 def _show_wait(data: dict[str, Any]) -> str:
@@ -218,25 +275,63 @@ _SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
     "approve": lambda data: f"approved {data['node_id']}",
     "reject": lambda data: f"rejected {data['node_id']}",
     "trust": _show_trust,
-    "untrust": lambda data: f"untrusted {data['node_id']}",
+    "untrust": _show_untrust,
     "wait": _show_wait,
     "events": _show_event,
+    "metrics": lambda data: str(data["text"]).rstrip("\n"),
 }
 
 
+def _request_args(client: Client, options: argparse.Namespace) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    if hasattr(options, "node"):
+        args["node_id"] = client.resolve(options.node)
+    if options.command == "handshake":
+        args["justification"] = options.justification
+    elif options.command == "reject":
+        args["reason"] = options.reason
+    elif options.command == "wait":
+        args["timeout"] = options.timeout
+    elif options.command == "events":
+        args["follow"] = options.follow
+    return args
+
+
+def _status_when_ready(client: Client, timeout: float) -> dict[str, Any]:
+    """The daemon's first ``status`` answer that has a node ID, waiting up to ``timeout``
+    while it starts (its socket appears only once port 444 serves and it registered)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = client.request("status")
+        except ControlError as exc:
+            problem = str(exc)
+        else:
+            data = response.get("data")
+            if response["status"] != "ok" or (isinstance(data, dict) and data.get("node_id")):
+                return response
+            problem = f"pilot-handshaked at {client.path} has no node ID yet (not registered)"
+        if time.monotonic() >= deadline:
+            raise _Failure(f"gave up after {timeout:g} s: {problem}")
+        time.sleep(_STATUS_RETRY)
+
+
 def _run(options: argparse.Namespace) -> None:
-    client = ControlClient(_socket_path(options))
-    args = _request_args(options)
-    if options.command == "events":
-        responses = client.stream("events", **args)
+    client = Client(find_socket(options.socket, options.config), CONTROL_TIMEOUT)
+    if options.command == "status" and options.wait:
+        responses = iter([_status_when_ready(client, options.timeout)])
+    elif options.command == "events":
+        responses = client.stream("events", **_request_args(client, options))
     else:
-        responses = iter([client.request(options.command, **args)])
+        responses = iter([client.request(options.command, **_request_args(client, options))])
     for response in responses:
         if options.json:
             print(json.dumps(response), flush=True)
-        if response["status"] != "ok":
-            raise _Failure(str(response.get("message", "failed")))
-        text = _SHOW[options.command](response["data"])
+        try:
+            data = raise_for_error(response)
+        except HandshakeError as exc:
+            raise _Failure(str(exc)) from None
+        text = _SHOW[options.command](data)
         if not options.json:
             print(text, flush=True)
 
@@ -246,7 +341,7 @@ def main_handshakectl(argv: list[str] | None = None) -> int:
     options = _parser().parse_args(argv)
     try:
         _run(options)
-    except (_Failure, ControlError, ConfigError) as exc:
+    except (_Failure, HandshakeError) as exc:
         print(f"pilot-handshakectl: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

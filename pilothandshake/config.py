@@ -39,6 +39,7 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "Config",
+    "ControlConfig",
     "EventsConfig",
     "FieldParser",
     "RegistryConfig",
@@ -95,6 +96,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """Section ``control``: who besides root and the daemon's user may use the control
+    socket (``group``: the socket becomes mode 0660 owned by that group; "" for none)."""
+
+    group: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``path`` is the file it came from ("" when built in code)."""
 
@@ -106,6 +115,7 @@ class Config:
     peers: dict[int, str] = field(default_factory=dict)
     events: EventsConfig = field(default_factory=EventsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     max_connections: int = MAX_CONNECTIONS
     max_connections_per_source: int = MAX_CONNECTIONS_PER_SOURCE
     max_replay_per_source: int = MAX_REPLAY_PER_SOURCE
@@ -323,6 +333,7 @@ class FieldParser:
                 "peers",
                 "events",
                 "metrics",
+                "control",
                 "max_connections",
                 "max_connections_per_source",
                 "max_replay_per_source",
@@ -340,6 +351,7 @@ class FieldParser:
             peers=self.peers(top.get("peers")),
             events=self.events(top.get("events")),
             metrics=self.metrics(top.get("metrics")),
+            control=self.control(top.get("control")),
             max_connections=self.get(
                 top, "", "max_connections", defaults.max_connections, self.count
             ),
@@ -452,3 +464,13 @@ class FieldParser:
 
     def optional_listen(self, value: object, key: str) -> str:
         return self.listen(value, key) if value != "" else ""
+
+    def control(self, value: object) -> ControlConfig:
+        section = self.section(value, "control", ("group",))
+        return ControlConfig(group=self.get(section, "control", "group", "", self.group))
+
+    def group(self, value: object, key: str) -> str:
+        text = self.string(value, key)
+        if "\x00" in text or text != text.strip():
+            self.fail(key, "a group name (or empty for none)", _describe(value))
+        return text

@@ -1,45 +1,60 @@
-"""The operator's control socket (SPEC section 13): server in the daemon, client in the CLI.
+"""The operator's control socket (SPEC section 13): the server in the daemon.
 
-A Unix stream socket (``control.sock`` beside the identity, mode 0600, only the daemon's own
-uid may talk to it). One JSON request per line, ``{"command": ..., args}``, and one JSON
-response per line, ``{"status": "ok", "data": {...}}`` or ``{"status": "error", "code": ...,
-"message": ...}`` (the ``pilotctl --json`` shape). A connection may carry several requests.
+A Unix stream socket, ``control.sock`` beside the identity. Who may talk to it: root, the
+daemon's own uid, and with ``control.group`` set the members of that group (the socket is
+then mode 0660 and owned by the group, like the docker socket; else mode 0600). One JSON
+request per line, ``{"command": ..., args}``, and one JSON response per line,
+``{"status": "ok", "data": {...}}`` or ``{"status": "error", "code": ..., "message": ...}``
+(the ``pilotctl --json`` shape). A connection may carry several requests.
+
+Bounds: at most ``CONTROL_MAX_CONNECTIONS`` connections at once (a newcomer beyond gets a
+``busy`` error line and is closed); a connection silent for ``CONTROL_IDLE_TIMEOUT`` is
+closed; a ``wait`` ends as soon as its client goes away, so no thread waits for nobody.
 
 ``events`` answers with one ok line per event and then closes the connection: without
-``follow`` the recent events the bus remembers (up to ``EVENT_HISTORY``); with ``follow`` the
-same recent events and then every new one, for as long as the client stays connected.
+``follow`` the recent events the bus remembers (up to ``EVENT_HISTORY``); with ``follow``
+(after those recent events unless ``history`` is false) every new one, for as long as the
+client stays connected.
+
+The client side (``ControlClient``, ``Client``) lives in ``client.py``, which imports nothing
+of the daemon; ``ControlClient`` and ``ControlError`` are re-exported here for callers that
+import them from this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import logging
 import math
 import os
+import pwd
 import select
 import socket
 import socketserver
 import stat
 import struct
 import threading
-from collections.abc import Iterator
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Protocol
 
+from .client import ControlClient, ControlError
 from .constants import (
     CONTROL_IDLE_TIMEOUT,
+    CONTROL_MAX_CONNECTIONS,
     CONTROL_MAX_LINE,
-    CONTROL_TIMEOUT,
+    REGISTRY_CACHE_TTL,
     WAIT_DEFAULT_TIMEOUT,
     WAIT_MAX_TIMEOUT,
 )
-from .errors import HandshakeError, NotTrustedError, SendError, StoreError
+from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
 from .events import EventBus
 from .manager import Manager
 from .messages import MAX_NODE_ID
 from .store import format_time
 
-__all__ = ["COMMANDS", "ControlClient", "ControlError", "ControlServer"]
+__all__ = ["COMMANDS", "ControlClient", "ControlError", "ControlServer", "HostnameRegistry"]
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +67,36 @@ COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "reject": (frozenset({"node_id"}), frozenset({"reason"})),
     "trust": (frozenset(), frozenset()),
     "untrust": (frozenset({"node_id"}), frozenset()),
+    "is_trusted": (frozenset({"node_id"}), frozenset()),
     "wait": (frozenset({"node_id"}), frozenset({"timeout"})),
-    "events": (frozenset(), frozenset({"follow"})),
+    "resolve": (frozenset({"hostname"}), frozenset()),
+    "events": (frozenset(), frozenset({"follow", "history"})),
     "metrics": (frozenset(), frozenset()),
 }
 
+# Commands naming a node for which this node itself is a mistake (it trusts itself anyway).
+_NOT_SELF = frozenset({"handshake", "untrust", "wait"})
+
 _FOLLOW_POLL = 0.5  # how often a following stream checks whether its client is gone
+_WAIT_SLICE = 1.0  # a `wait` checks this often whether its client is gone
 _SHUTDOWN_POLL = 0.1  # how often the accept loop checks for stop(): stop() waits this long
+_MAX_HOSTNAME = 253  # the longest DNS name; the registry applies its own stricter rules
+# Registry lookups one command may make for hostnames: a listing of thousands of peers
+# must not turn into thousands of registry calls (the rest show up on later listings).
+_HOSTNAME_LOOKUPS = 32
+_HOSTNAME_CACHE = 4096
 
 Response = dict[str, Any]
 
 
-class ControlError(HandshakeError):
-    """The control socket cannot be used: the daemon is not running, the socket is taken,
-    or the daemon's answer is unreadable."""
+class HostnameRegistry(Protocol):
+    """What the control socket needs of the registry client for hostnames."""
+
+    def lookup(self, node_id: int) -> dict[str, Any]:
+        """The registry's ``lookup`` answer for ``node_id`` (``hostname`` when set)."""
+
+    def resolve_hostname(self, hostname: str) -> dict[str, Any]:
+        """``{"node_id", "public", "hostname"}`` for ``hostname``; ``RegistryError``."""
 
 
 class _RequestError(Exception):
@@ -99,6 +130,12 @@ def _check_arg(name: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise _RequestError("bad_request", f"{name} must be a string")
         return value
+    if name == "hostname":
+        if not isinstance(value, str) or not 0 < len(value) <= _MAX_HOSTNAME:
+            raise _RequestError(
+                "bad_request", f"hostname must be a string of 1..{_MAX_HOSTNAME} characters"
+            )
+        return value
     if name == "timeout":
         # Never call float() or math.isfinite() on an int before capping it: a JSON integer
         # of 400 digits would raise OverflowError and close the connection unanswered.
@@ -110,7 +147,7 @@ def _check_arg(name: str, value: Any) -> Any:
         ):
             raise _RequestError("bad_request", "timeout must be a number of seconds >= 0")
         return float(min(value, WAIT_MAX_TIMEOUT))
-    if not isinstance(value, bool):  # follow
+    if not isinstance(value, bool):  # follow, history
         raise _RequestError("bad_request", f"{name} must be true or false")
     return value
 
@@ -139,14 +176,25 @@ def _parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     return command, {name: _check_arg(name, value) for name, value in request.items()}
 
 
-def _peer_uid(conn: socket.socket) -> int | None:
-    """The uid of the process at the other end, where the platform tells (Linux)."""
+def _peer_credentials(conn: socket.socket) -> tuple[int, int] | None:
+    """(uid, gid) of the process at the other end, where the platform tells (Linux)."""
     option = getattr(socket, "SO_PEERCRED", None)
     if option is None:
         return None
     size = struct.calcsize("3i")
-    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, option, size))
-    return int(uid)
+    _pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, option, size))
+    return int(uid), int(gid)
+
+
+def _in_group(uid: int, gid: int, group: int) -> bool:
+    """Whether a process of ``uid`` with primary ``gid`` belongs to ``group``."""
+    if gid == group:
+        return True
+    try:
+        user = pwd.getpwuid(uid)
+        return user.pw_gid == group or user.pw_name in grp.getgrgid(group).gr_mem
+    except KeyError:  # a uid or group without an entry: not a member we can prove
+        return False
 
 
 def _client_gone(conn: socket.socket) -> bool:
@@ -166,9 +214,15 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         try:
-            uid = _peer_uid(self.connection)
-            if uid is not None and uid != self.server.owner_uid:
-                self._send(_error("forbidden", f"uid {uid} may not use this daemon's socket"))
+            credentials = _peer_credentials(self.connection)
+            if credentials is not None and not self.server.allowed(*credentials):
+                self._send(
+                    _error(
+                        "forbidden",
+                        f"uid {credentials[0]} may not use this daemon's socket (allowed: "
+                        "root, the daemon's user and the members of control.group)",
+                    )
+                )
                 return
             while not self.server.stopping.is_set():
                 line = self.rfile.readline(CONTROL_MAX_LINE + 1)
@@ -196,17 +250,23 @@ class _Handler(socketserver.StreamRequestHandler):
             self._send(_error(exc.code, exc.message))
             return True
         if command == "events":
-            self._stream_events(args.get("follow", False))
+            self._stream_events(args.get("follow", False), args.get("history", True))
             return False
+        if command == "wait":
+            self._send(self.server.execute(command, args, gone=self._gone))
+            return not self._gone()
         self._send(self.server.execute(command, args))
         return True
 
-    def _stream_events(self, follow: bool) -> None:
+    def _gone(self) -> bool:
+        return _client_gone(self.connection)
+
+    def _stream_events(self, follow: bool, history: bool) -> None:
         if not follow:
             for event in self.server.events.recent():
                 self._send(_ok(event))
             return
-        subscription = self.server.events.subscribe(history=True)
+        subscription = self.server.events.subscribe(history=history)
         try:
             while not self.server.stopping.is_set():
                 news = subscription.get(_FOLLOW_POLL)
@@ -220,9 +280,13 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class ControlServer(socketserver.ThreadingUnixStreamServer):
     """The daemon's control socket at ``path``, answering for ``manager``; ``status``
-    builds the ``status`` answer; ``events`` feeds the ``events`` command."""
+    builds the ``status`` answer, ``node_id`` tells this node's ID; ``events`` feeds the
+    ``events`` command; ``registry`` (None without one) resolves and shows hostnames;
+    ``group`` is config ``control.group`` ("" for none)."""
 
     daemon_threads = True
+    # A burst of clients queues in the kernel rather than failing to connect (EAGAIN).
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -230,6 +294,9 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         manager: Manager,
         status: Callable[[], dict[str, Any]],
         events: EventBus,
+        node_id: Callable[[], int],
+        registry: HostnameRegistry | None = None,
+        group: str = "",
     ) -> None:
         """Prepare the server; nothing is bound until ``start()``."""
         super().__init__(path, _Handler, bind_and_activate=False)
@@ -237,32 +304,59 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         self.manager = manager
         self.status = status
         self.events = events
+        self.node_id = node_id
+        self.registry = registry
+        self.group = group
         self.owner_uid = os.getuid()
+        self.group_gid: int | None = None
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._inode: int | None = None
         self._lock = threading.Lock()
+        self._connections = 0
+        self._hostname_cache: dict[int, tuple[float, str]] = {}
+
+    def allowed(self, uid: int, gid: int) -> bool:
+        """Whether a peer process of ``uid`` / ``gid`` may use the socket."""
+        if uid in (0, self.owner_uid):
+            return True
+        return self.group_gid is not None and _in_group(uid, gid, self.group_gid)
 
     def start(self) -> None:
-        """Bind the socket (mode 0600) and serve in a background thread; idempotent.
+        """Bind the socket (mode 0600, or 0660 owned by ``group``) and serve in a background
+        thread; idempotent.
 
         A stale socket file left by a crashed daemon is replaced; raises ``ControlError``
-        when a live daemon answers on it, or the path cannot be bound.
+        when a live daemon answers on it, the path cannot be bound, or ``group`` does not
+        exist or cannot be given the socket.
         """
         with self._lock:
             if self._thread is not None or self.stopping.is_set():
                 return
+            if self.group:
+                try:
+                    self.group_gid = grp.getgrnam(self.group).gr_gid
+                except KeyError:
+                    raise ControlError(
+                        f"control.group: no group named {self.group!r} on this host"
+                    ) from None
             self._remove_stale_socket()
             # The umask closes the window in which the fresh socket would be open to others.
             old_umask = os.umask(0o177)
             try:
                 self.server_bind()
-                os.chmod(self.path, 0o600)
+                if self.group_gid is not None:
+                    self._give_to_group(self.group_gid)
+                else:
+                    os.chmod(self.path, 0o600)
                 self._inode = os.stat(self.path).st_ino
                 self.server_activate()
             except OSError as exc:
                 self.socket.close()
                 raise ControlError(f"cannot listen on {self.path}: {exc}") from exc
+            except ControlError:
+                self.socket.close()
+                raise
             finally:
                 os.umask(old_umask)
             self._thread = threading.Thread(
@@ -291,6 +385,57 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
 
+    def _give_to_group(self, gid: int) -> None:
+        try:
+            os.chown(self.path, -1, gid)
+        except OSError as exc:
+            raise ControlError(
+                f"control.group: cannot give {self.path} to group {self.group!r}: {exc} "
+                "(the daemon's user must be a member of it)"
+            ) from None
+        os.chmod(self.path, 0o660)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection on its own thread, or refuse it at the connection cap."""
+        with self._lock:
+            full = self._connections >= CONTROL_MAX_CONNECTIONS
+            if not full:
+                self._connections += 1
+        if full:
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, then free its place under the cap."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._connections -= 1
+
+    def _refuse_busy(self, request: socket.socket) -> None:
+        # On the accept thread: never block on a client that does not read.
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(
+                _encode(
+                    _error(
+                        "busy",
+                        f"the control socket already serves {CONTROL_MAX_CONNECTIONS} "
+                        "connections; try again later",
+                    )
+                )
+            )
+        self.shutdown_request(request)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Log a handler failure instead of printing a traceback to stderr."""
         log.exception("control connection failed")
@@ -316,9 +461,19 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             probe.close()
         raise ControlError(f"another pilot-handshaked is already serving {self.path}")
 
-    def execute(self, command: str, args: dict[str, Any]) -> Response:
-        """The response to one validated request other than ``events``; never raises."""
+    def execute(
+        self, command: str, args: dict[str, Any], gone: Callable[[], bool] | None = None
+    ) -> Response:
+        """The response to one validated request other than ``events``; never raises.
+        ``gone`` (for ``wait``) tells when the client went away."""
         try:
+            if command in _NOT_SELF and args["node_id"] == self.node_id() != 0:
+                raise _RequestError(
+                    "own_node",
+                    f"node {args['node_id']} is this node itself; name the peer's node ID",
+                )
+            if command == "wait":
+                return _ok(self._wait(gone=gone, **args))
             return _ok(getattr(self, f"_do_{command}")(**args))
         except _RequestError as exc:
             return _error(exc.code, exc.message)
@@ -328,28 +483,81 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             return _error("send_failed", str(exc))
         except StoreError as exc:
             return _error("store_error", str(exc))
+        except RegistryError as exc:
+            return _error("registry_error", str(exc))
         except HandshakeError as exc:
             return _error("failed", str(exc))
         except Exception:
             log.exception("control command %s failed", command)
             return _error("internal_error", f"{command} failed; see the daemon's log")
 
+    def _hostnames(self, node_ids: list[int]) -> dict[int, str]:
+        """The registry's hostname of each node ("" unknown), from a cache refreshed at
+        most ``_HOSTNAME_LOOKUPS`` nodes per call; the first registry failure ends the
+        lookups of this call, so a registry that is down does not stall the answer."""
+        names: dict[int, str] = {}
+        if self.registry is None:
+            return names
+        now = time.monotonic()
+        lookups = _HOSTNAME_LOOKUPS
+        for node in node_ids:
+            cached = self._hostname_cache.get(node)
+            if cached is not None and now - cached[0] < REGISTRY_CACHE_TTL:
+                names[node] = cached[1]
+                continue
+            if lookups <= 0:
+                continue
+            lookups -= 1
+            try:
+                hostname = self.registry.lookup(node).get("hostname")
+            except (HandshakeError, OSError):
+                lookups = 0
+                continue
+            name = hostname if isinstance(hostname, str) else ""
+            if len(self._hostname_cache) >= _HOSTNAME_CACHE:
+                self._hostname_cache.clear()
+            self._hostname_cache[node] = (now, name)
+            names[node] = name
+        return names
+
     def _do_status(self) -> dict[str, Any]:
-        return self.status()
+        status = self.status()
+        own = status.get("node_id")
+        if isinstance(own, int) and own:
+            status["hostname"] = self._hostnames([own]).get(own, "")
+        return status
+
+    def _do_resolve(self, hostname: str) -> dict[str, Any]:
+        if self.registry is None:
+            raise _RequestError(
+                "no_registry", f"cannot resolve {hostname!r}: this daemon has no registry"
+            )
+        answer = self.registry.resolve_hostname(hostname)
+        node_id = answer.get("node_id")
+        if type(node_id) is not int:
+            raise _RequestError("registry_error", f"the registry did not resolve {hostname!r}")
+        return {
+            "node_id": node_id,
+            "hostname": answer.get("hostname", hostname),
+            "public": bool(answer.get("public")),
+        }
 
     def _do_handshake(self, node_id: int, justification: str) -> dict[str, Any]:
         return {"node_id": node_id, "status": self.manager.send_request(node_id, justification)}
 
     def _do_pending(self) -> dict[str, Any]:
+        pending = self.manager.pending_requests()
+        names = self._hostnames([p.node_id for p in pending])
         return {
             "pending": [
                 {
                     "node_id": p.node_id,
+                    "hostname": names.get(p.node_id, ""),
                     "public_key": p.public_key,
                     "justification": p.justification,
                     "received_at": format_time(p.received_at),
                 }
-                for p in self.manager.pending_requests()
+                for p in pending
             ]
         }
 
@@ -364,102 +572,46 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         return {"node_id": node_id, "status": "rejected"}
 
     def _do_trust(self) -> dict[str, Any]:
+        records = self.manager.trusted_peers()
+        conflicts = set(self.manager.conflicting_peers())
+        names = self._hostnames([r.node_id for r in records])
         return {
             "trusted": [
                 {
                     "node_id": r.node_id,
+                    "hostname": names.get(r.node_id, ""),
                     "public_key": r.public_key,
                     "mutual": r.mutual,
                     "network": r.network,
                     "approved_at": format_time(r.approved_at),
+                    "conflict": r.node_id in conflicts,
                 }
-                for r in self.manager.trusted_peers()
+                for r in records
             ]
         }
 
     def _do_untrust(self, node_id: int) -> dict[str, Any]:
-        self.manager.revoke_trust(node_id)
-        return {"node_id": node_id}
+        return {"node_id": node_id, "status": self.manager.revoke_trust(node_id)}
 
     def _do_metrics(self) -> dict[str, Any]:
         # The Manager carries the daemon's metrics: every part's, in one registry.
         return {"text": self.manager.metrics.render()}
 
-    def _do_wait(self, node_id: int, timeout: float = WAIT_DEFAULT_TIMEOUT) -> dict[str, Any]:
-        return {"node_id": node_id, "trusted": self.manager.wait_for_trust(node_id, timeout)}
+    def _do_is_trusted(self, node_id: int) -> dict[str, Any]:
+        return {"node_id": node_id, "trusted": self.manager.is_trusted(node_id)}
 
-
-class ControlClient:
-    """Talks to a running daemon's control socket at ``path``. ``timeout`` bounds the
-    connect and the answer (``wait`` adds its own timeout; a following stream has none)."""
-
-    def __init__(self, path: str, timeout: float = CONTROL_TIMEOUT) -> None:
-        """Remember where the socket is; nothing is connected until a request."""
-        self.path = path
-        self.timeout = timeout
-
-    def request(self, command: str, **args: Any) -> Response:
-        """Send one request and return the parsed response (ok or error); raises
-        ``ControlError`` when the daemon cannot be reached or answers nonsense."""
-        answer_timeout = self.timeout
-        if command == "wait":
-            answer_timeout += min(
-                float(args.get("timeout", WAIT_DEFAULT_TIMEOUT)), WAIT_MAX_TIMEOUT
-            )
-        with self._open(command, args, answer_timeout) as lines:
-            for response in lines:
-                return response
-        raise ControlError(f"pilot-handshaked closed {self.path} without answering")
-
-    def stream(self, command: str, **args: Any) -> Iterator[Response]:
-        """Send one request and yield every response line until the daemon closes."""
-        answer_timeout = None if args.get("follow") else self.timeout
-        with self._open(command, args, answer_timeout) as lines:
-            yield from lines
-
-    @contextlib.contextmanager
-    def _open(
-        self, command: str, args: dict[str, Any], answer_timeout: float | None
-    ) -> Iterator[Iterator[Response]]:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.path)
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise ControlError(
-                    f"pilot-handshaked is not running (no socket at {self.path})"
-                ) from None
-            except OSError as exc:
-                raise ControlError(f"cannot connect to {self.path}: {exc}") from None
-            try:
-                sock.sendall(json.dumps({"command": command, **args}).encode("utf-8") + b"\n")
-            except (BrokenPipeError, ConnectionResetError):
-                # The daemon may answer and close before reading (a refused uid): its answer
-                # is still buffered, so read it rather than report the broken pipe.
-                pass
-            except OSError as exc:
-                raise ControlError(f"cannot send to {self.path}: {exc}") from None
-            sock.settimeout(answer_timeout)
-            with sock.makefile("rb") as reader:
-                yield self._responses(reader)
-        finally:
-            sock.close()
-
-    def _responses(self, reader: Any) -> Iterator[Response]:
+    def _wait(
+        self,
+        node_id: int,
+        timeout: float = WAIT_DEFAULT_TIMEOUT,
+        gone: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        # The Manager's condition cannot be told that the client left, so wait on it in
+        # slices and stop when the client is gone: no thread keeps waiting for nobody.
+        deadline = time.monotonic() + timeout
         while True:
-            try:
-                line = reader.readline()
-            except socket.timeout:
-                raise ControlError(f"no answer from pilot-handshaked at {self.path}") from None
-            except OSError as exc:
-                raise ControlError(f"lost the connection to {self.path}: {exc}") from None
-            if not line:
-                return
-            try:
-                response = json.loads(line)
-            except ValueError:
-                response = None
-            if not isinstance(response, dict) or response.get("status") not in ("ok", "error"):
-                raise ControlError(f"unreadable answer from pilot-handshaked at {self.path}")
-            yield response
+            left = deadline - time.monotonic()
+            if self.manager.wait_for_trust(node_id, max(0.0, min(left, _WAIT_SLICE))):
+                return {"node_id": node_id, "trusted": True}
+            if left <= _WAIT_SLICE or self.stopping.is_set() or (gone is not None and gone()):
+                return {"node_id": node_id, "trusted": False}

@@ -285,7 +285,13 @@ class Daemon:
             raise
         try:
             self.control = ControlServer(
-                config.control_socket, self.manager, self.status, self.events
+                config.control_socket,
+                self.manager,
+                self.status,
+                self.events,
+                node_id=self.runtime.node_id,
+                registry=self.client,
+                group=config.control.group,
             )
         except BaseException:
             self.manager.close()

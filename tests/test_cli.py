@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import pytest
 from fakeruntime import Peer
-from test_control import Node, running_node
+from integration.conftest import Fleet, process_env
+from test_control import FakeRegistry, Node, running_node
 
 from pilothandshake import cli
 from pilothandshake.cli import main_handshakectl
@@ -53,6 +56,7 @@ def test_status_prints_aligned_fields_and_json_as_sent(
         "status": "ok",
         "data": {
             "node_id": 1,
+            "hostname": "",
             "listen": "127.0.0.1:444",
             "registry": None,
             "trusted": 0,
@@ -67,8 +71,10 @@ def test_handshake_reports_delivery(node: Node, capsys: pytest.CaptureFixture[st
         "request sent to 5\n",
         "",
     )
-    code, _, err = run(node, capsys, "handshake", "1", "me")
-    assert code == 1 and "own ID" in err
+    node.receive_request(Peer(6))
+    node.manager.approve_handshake(6)
+    code, out, _ = run(node, capsys, "handshake", "6", "again", "--json")
+    assert (code, json.loads(out)["data"]) == (0, {"node_id": 6, "status": "trusted"})
 
 
 def test_handshake_failure_exits_1_with_the_reason(
@@ -107,8 +113,9 @@ def test_approve_then_trust_table_then_untrust(
     assert run(node, capsys, "approve", "9") == (0, "approved 9\n", "")
     code, out, _ = run(node, capsys, "trust")
     header, row = out.splitlines()
-    assert header.split() == ["NODE", "MUTUAL", "NETWORK", "APPROVED", "AT"]
+    assert header.split() == ["NODE", "MUTUAL", "NETWORK", "APPROVED", "AT", "STATE"]
     assert row.split()[:3] == ["9", "no", "-"]
+    assert row.split()[-1] == "trusted"
     code, out, _ = run(node, capsys, "--json", "trust")
     assert [r["node_id"] for r in json.loads(out)["data"]["trusted"]] == [9]
     assert run(node, capsys, "untrust", "9") == (0, "untrusted 9\n", "")
@@ -182,7 +189,8 @@ def test_events_prints_recent_events(node: Node, capsys: pytest.CaptureFixture[s
         [],
         ["frobnicate"],
         ["approve"],
-        ["approve", "x"],
+        ["approve", "bad\x1bname"],
+        ["approve", ""],
         ["approve", "4294967296"],
         ["wait", "3", "--timeout", "-1"],
         ["handshake", "3"],
@@ -259,7 +267,7 @@ def test_script_exit_codes_0_1_2_without_tracebacks(node: Node, tmp_path: Path) 
         1,
         "pilot-handshakectl: nothing pending for node 77\n",
     )
-    usage = ctl("--socket", node.path, "approve", "seventy")
+    usage = ctl("--socket", node.path, "approve", "99999999999")
     assert usage.returncode == 2 and "usage:" in usage.stderr
     waited = ctl("--socket", node.path, "wait", "77", "--timeout", "0.1")
     assert waited.returncode == 1 and "timed out" in waited.stderr
@@ -271,3 +279,102 @@ def test_script_exit_codes_0_1_2_without_tracebacks(node: Node, tmp_path: Path) 
         == f"pilot-handshakectl: pilot-handshaked is not running (no socket at {missing})\n"
     )
     assert "Traceback" not in failed.stderr + usage.stderr + waited.stderr + down.stderr
+
+
+def test_json_is_accepted_after_the_command(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(node, capsys, "pending", "--json")
+    assert (code, json.loads(out)) == (0, {"status": "ok", "data": {"pending": []}})
+
+
+def test_help_shows_the_socket_search_defaults_and_exit_codes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main_handshakectl(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit codes: 0 ok, 1 failed" in text
+    assert "$PILOT_HANDSHAKE_SOCKET" in text and "/etc/pilot-handshake/config.yaml" in text
+    with pytest.raises(SystemExit):
+        main_handshakectl(["wait", "--help"])
+    assert "(default 30)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("argv", [["handshake", "1", "me"], ["wait", "1"], ["untrust", "1"]])
+def test_own_node_id_exits_1_naming_the_mistake(
+    node: Node, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    assert run(node, capsys, *argv) == (
+        1,
+        "",
+        "pilot-handshakectl: node 1 is this node itself; name the peer's node ID\n",
+    )
+
+
+def test_untrust_of_a_node_only_asked_says_request_withdrawn(
+    node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node.manager, "revoke_trust", lambda peer: "withdrawn")
+    code, out, err = run(node, capsys, "untrust", "9")
+    assert (code, err) == (0, "")
+    assert out.startswith("request withdrawn from 9")
+
+
+def test_trust_shows_hostnames_and_conflicting_records(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running_node(FakeRegistry({1: "agent-a", 9: "agent-b"})) as started:
+        for peer in (8, 9):
+            started.receive_request(Peer(peer))
+            started.manager.approve_handshake(peer)
+        monkeypatch.setattr(started.manager, "conflicting_peers", lambda: [9])
+        code, out, _ = run(started, capsys, "trust")
+        lines = out.splitlines()
+        assert lines[1].split()[0] == "8" and lines[1].split()[-1] == "trusted"
+        assert lines[2].split()[:2] == ["9", "(agent-b)"] and lines[2].split()[-1] == "CONFLICT"
+        assert lines[3].startswith("CONFLICT: the registry now binds")
+        code, out, _ = run(started, capsys, "status")
+        assert out.splitlines()[0] == "node      1 (agent-a)"
+        started.receive_request(Peer(12))
+        code, out, _ = run(started, capsys, "approve", "agent-b")
+        assert (code, out) == (1, "")  # resolved to 9, which has nothing pending
+
+
+def test_swapped_socket_is_refused_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exposed = tmp_path / "exposed"
+    exposed.mkdir()
+    os.chmod(exposed, 0o777)
+    path = str(exposed / "control.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as forged:
+        forged.bind(path)
+        forged.listen(1)
+        assert main_handshakectl(["--socket", path, "pending"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"pilot-handshakectl: refusing the control socket {path}: ")
+    assert len(err.splitlines()) == 1
+
+
+def test_status_wait_waits_for_the_daemon_to_answer(tmp_path: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="ph-") as root:
+        fleet = Fleet(Path(root))
+        try:
+            daemon = fleet.node("a", node_id=7)
+            waiting = subprocess.Popen(
+                [sys.executable, CTL, "--socket", daemon.socket_path, "status", "--wait"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=process_env(),
+            )
+            daemon.start()
+            out, err = waiting.communicate(timeout=40)
+            assert (waiting.returncode, err) == (0, "")
+            assert out.splitlines()[0] == "node      7"
+        finally:
+            fleet.close()
+    gave_up = ctl("--socket", str(tmp_path / "none.sock"), "status", "--wait", "--timeout", "0.3")
+    assert gave_up.returncode == 1
+    assert gave_up.stderr.startswith("pilot-handshakectl: gave up after 0.3 s: ")

@@ -18,8 +18,11 @@ from typing import Any
 import pytest
 from fakeruntime import FakeRuntime, Peer
 
-from pilothandshake.constants import CONTROL_MAX_LINE
-from pilothandshake.control import ControlClient, ControlError, ControlServer
+from pilothandshake import control
+from pilothandshake.client import ControlClient, ControlError
+from pilothandshake.constants import CONTROL_MAX_CONNECTIONS, CONTROL_MAX_LINE
+from pilothandshake.control import ControlServer
+from pilothandshake.errors import RegistryError
 from pilothandshake.events import EventBus
 from pilothandshake.manager import Manager
 from pilothandshake.messages import HANDSHAKE_REQUEST
@@ -56,8 +59,32 @@ class Node:
         assert peer.node_id in [p.node_id for p in self.manager.pending_requests()]
 
 
+NOBODY = NOGROUP = 65534
+
+
+class FakeRegistry:
+    """Hostnames as the registry client answers them (``lookup``, ``resolve_hostname``)."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+        self.lookups: list[int] = []
+        self.down = False
+
+    def lookup(self, node_id: int) -> dict[str, Any]:
+        self.lookups.append(node_id)
+        if self.down:
+            raise RegistryError("registry unreachable")
+        return {"node_id": node_id, "hostname": self.names.get(node_id, "")}
+
+    def resolve_hostname(self, hostname: str) -> dict[str, Any]:
+        for node_id, name in self.names.items():
+            if name == hostname:
+                return {"node_id": node_id, "public": False, "hostname": name}
+        raise RegistryError(f"hostname {hostname!r} not found")
+
+
 @contextlib.contextmanager
-def running_node() -> Iterator[Node]:
+def running_node(registry: FakeRegistry | None = None, group: str = "") -> Iterator[Node]:
     """A started Manager, EventBus and ControlServer; also used by test_cli."""
     # AF_UNIX paths are limited to ~107 bytes: pytest's tmp_path can be longer.
     directory = tempfile.mkdtemp(dir="/tmp", prefix="phctl-")
@@ -78,7 +105,9 @@ def running_node() -> Iterator[Node]:
         }
 
     path = os.path.join(directory, "control.sock")
-    server = ControlServer(path, manager, status, bus)
+    server = ControlServer(
+        path, manager, status, bus, node_id=lambda: OWN_ID, registry=registry, group=group
+    )
     server.start()
     try:
         yield Node(runtime, manager, bus, server, path, ControlClient(path, timeout=5))
@@ -111,6 +140,7 @@ def test_status_returns_the_status_callable_data(node: Node) -> None:
         "status": "ok",
         "data": {
             "node_id": 1,
+            "hostname": "",
             "listen": "127.0.0.1:444",
             "registry": None,
             "trusted": 0,
@@ -125,8 +155,30 @@ def test_handshake_reports_sent_then_trusted(node: Node) -> None:
         "data": {"node_id": 5, "status": "sent"},
     }
     assert node.runtime.sent_messages()[0][0] == 5
-    response = node.client.request("handshake", node_id=OWN_ID, justification="me")
-    assert response["status"] == "error" and "own ID" in response["message"]
+    node.receive_request(Peer(6))
+    node.manager.approve_handshake(6)
+    response = node.client.request("handshake", node_id=6, justification="again")
+    assert response["data"] == {"node_id": 6, "status": "trusted"}
+
+
+@pytest.mark.parametrize(
+    "request_args",
+    [
+        {"command": "handshake", "justification": "me"},
+        {"command": "wait", "timeout": 5},
+        {"command": "untrust"},
+    ],
+)
+def test_own_node_id_is_an_error_naming_the_mistake(
+    node: Node, request_args: dict[str, Any]
+) -> None:
+    response = node.client.request(node_id=OWN_ID, **request_args)
+    assert response == {
+        "status": "error",
+        "code": "own_node",
+        "message": f"node {OWN_ID} is this node itself; name the peer's node ID",
+    }
+    assert node.runtime.sent_messages() == []
 
 
 def test_handshake_that_cannot_be_delivered_is_send_failed(node: Node) -> None:
@@ -143,7 +195,8 @@ def test_pending_lists_requests_with_rfc3339_times(node: Node) -> None:
     response = node.client.request("pending")
     assert response["status"] == "ok"
     [item] = response["data"]["pending"]
-    assert set(item) == {"node_id", "public_key", "justification", "received_at"}
+    assert set(item) == {"node_id", "hostname", "public_key", "justification", "received_at"}
+    assert item["hostname"] == ""  # no registry: no hostnames
     assert (item["node_id"], item["public_key"], item["justification"]) == (
         9,
         peer.key,
@@ -161,13 +214,22 @@ def test_approve_trusts_the_pending_node_and_trust_lists_it(node: Node) -> None:
     }
     assert node.manager.is_trusted(9)
     [record] = node.client.request("trust")["data"]["trusted"]
-    assert set(record) == {"node_id", "public_key", "mutual", "network", "approved_at"}
+    assert set(record) == {
+        "node_id",
+        "hostname",
+        "public_key",
+        "mutual",
+        "network",
+        "approved_at",
+        "conflict",
+    }
     assert (record["node_id"], record["public_key"], record["mutual"], record["network"]) == (
         9,
         peer.key,
         False,
         0,
     )
+    assert (record["hostname"], record["conflict"]) == ("", False)
     parse_time(record["approved_at"])
 
 
@@ -193,7 +255,10 @@ def test_reject_drops_the_pending_request_and_sends_the_reason(node: Node) -> No
 def test_untrust_revokes_and_untrusted_node_is_not_trusted_error(node: Node) -> None:
     node.receive_request(Peer(9))
     node.manager.approve_handshake(9)
-    assert node.client.request("untrust", node_id=9) == {"status": "ok", "data": {"node_id": 9}}
+    assert node.client.request("untrust", node_id=9) == {
+        "status": "ok",
+        "data": {"node_id": 9, "status": "revoked"},
+    }
     assert not node.manager.is_trusted(9)
     response = node.client.request("untrust", node_id=9)
     assert (response["status"], response["code"]) == ("error", "not_trusted")
@@ -296,11 +361,78 @@ def test_oversized_line_is_refused_and_closes_only_that_connection(node: Node) -
     assert node.client.request("status")["status"] == "ok"
 
 
-def test_connection_from_another_uid_is_refused(node: Node) -> None:
-    node.server.owner_uid = os.getuid() + 1
-    response = node.client.request("status")
-    assert response["status"] == "error"
-    assert response["code"] == "forbidden"
+def test_access_is_root_the_daemon_user_and_the_control_group() -> None:
+    with running_node() as started:
+        server = started.server
+        server.owner_uid = 1234
+        assert server.allowed(0, 0)  # root
+        assert server.allowed(1234, 1234)  # the daemon's own user
+        assert not server.allowed(NOBODY, NOGROUP)
+        server.group_gid = NOGROUP
+        assert server.allowed(NOBODY, 5)  # nobody's entry has nogroup as its group
+        assert server.allowed(4321, NOGROUP)  # primary group of the process
+        assert not server.allowed(4321, 4321)
+
+
+def connect_as_nobody(path: str) -> dict[str, Any]:
+    """A status request from a forked child running as nobody (root drops its rights); the
+    child only touches a socket and a pipe before ``os._exit``."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        answer = b""
+        try:
+            os.setgid(NOGROUP)
+            os.setuid(NOBODY)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                try:
+                    sock.connect(path)
+                except PermissionError:
+                    answer = b'{"denied": "by the file mode"}'
+                else:
+                    sock.sendall(b'{"command": "status"}\n')
+                    answer = sock.makefile("rb").readline()
+        finally:
+            os.write(writer, answer)
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        output = pipe.read()
+    os.waitpid(pid, 0)
+    return dict(json.loads(output))
+
+
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+
+
+@needs_root
+def test_connection_from_another_uid_is_refused_by_the_daemon(node: Node) -> None:
+    os.chmod(os.path.dirname(node.path), 0o711)
+    assert connect_as_nobody(node.path) == {"denied": "by the file mode"}
+    os.chmod(node.path, 0o666)  # past the file mode: the daemon itself still refuses
+    response = connect_as_nobody(node.path)
+    assert (response["status"], response["code"]) == ("error", "forbidden")
+    assert f"uid {NOBODY} may not use" in response["message"]
+
+
+@needs_root
+def test_control_group_gets_a_0660_socket_and_its_members_are_served() -> None:
+    with running_node(group="nogroup") as started:
+        info = os.stat(started.path)
+        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, NOGROUP)
+        os.chmod(os.path.dirname(started.path), 0o711)
+        response = connect_as_nobody(started.path)
+        assert (response["status"], response["data"]["node_id"]) == ("ok", OWN_ID)
+
+
+def test_unknown_control_group_fails_to_start_naming_the_key(node: Node) -> None:
+    path = os.path.join(os.path.dirname(node.path), "group.sock")
+    server = ControlServer(path, node.manager, dict, node.bus, lambda: 1, group="no-such-grp")
+    with pytest.raises(ControlError, match=r"control\.group: no group named 'no-such-grp'"):
+        server.start()
+    server.stop()
+    assert not os.path.exists(path)
 
 
 def test_stale_socket_file_is_replaced_at_start(node: Node) -> None:
@@ -308,17 +440,18 @@ def test_stale_socket_file_is_replaced_at_start(node: Node) -> None:
     leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     leftover.bind(stale)
     leftover.close()  # the file stays, nobody listens: a crashed daemon's socket
-    server = ControlServer(stale, node.manager, lambda: {"node_id": 1}, node.bus)
+    server = ControlServer(stale, node.manager, lambda: {"node_id": 1}, node.bus, lambda: 1)
     server.start()
     try:
-        assert ControlClient(stale).request("status") == {"status": "ok", "data": {"node_id": 1}}
+        response = ControlClient(stale).request("status")
+        assert response == {"status": "ok", "data": {"node_id": 1, "hostname": ""}}
     finally:
         server.stop()
     assert not os.path.exists(stale)
 
 
 def test_second_server_on_a_live_socket_refuses_to_start(node: Node) -> None:
-    second = ControlServer(node.path, node.manager, lambda: {}, node.bus)
+    second = ControlServer(node.path, node.manager, lambda: {}, node.bus, lambda: 1)
     with pytest.raises(ControlError, match="already serving"):
         second.start()
     second.stop()
@@ -329,7 +462,7 @@ def test_regular_file_at_the_socket_path_is_not_replaced(node: Node) -> None:
     path = os.path.join(os.path.dirname(node.path), "file.sock")
     with open(path, "w") as handle:
         handle.write("keep me")
-    server = ControlServer(path, node.manager, lambda: {}, node.bus)
+    server = ControlServer(path, node.manager, lambda: {}, node.bus, lambda: 1)
     with pytest.raises(ControlError, match="not a socket"):
         server.start()
     server.stop()
@@ -354,3 +487,153 @@ def test_internal_failure_is_an_error_response_not_a_traceback(node: Node) -> No
     response = node.client.request("status")
     assert (response["status"], response["code"]) == ("error", "internal_error")
     assert "boom" not in response["message"]
+
+
+def test_is_trusted_answers_for_one_node(node: Node) -> None:
+    assert node.client.request("is_trusted", node_id=9)["data"] == {"node_id": 9, "trusted": False}
+    node.receive_request(Peer(9))
+    node.manager.approve_handshake(9)
+    assert node.client.request("is_trusted", node_id=9)["data"] == {"node_id": 9, "trusted": True}
+
+
+def test_hostnames_come_from_the_registry_and_resolve_names_a_node() -> None:
+    registry = FakeRegistry({OWN_ID: "agent-a", 9: "agent-b"})
+    with running_node(registry) as started:
+        started.receive_request(Peer(9))
+        [pending] = started.client.request("pending")["data"]["pending"]
+        assert pending["hostname"] == "agent-b"
+        started.manager.approve_handshake(9)
+        [record] = started.client.request("trust")["data"]["trusted"]
+        assert record["hostname"] == "agent-b"
+        assert started.client.request("status")["data"]["hostname"] == "agent-a"
+        assert started.client.request("resolve", hostname="agent-b") == {
+            "status": "ok",
+            "data": {"node_id": 9, "hostname": "agent-b", "public": False},
+        }
+        response = started.client.request("resolve", hostname="nobody-here")
+        assert (response["status"], response["code"]) == ("error", "registry_error")
+        assert "nobody-here" in response["message"]
+
+
+def test_hostname_lookups_are_cached_and_stop_at_the_first_registry_failure() -> None:
+    registry = FakeRegistry({})
+    with running_node(registry) as started:
+        for peer in range(10, 15):
+            started.receive_request(Peer(peer))
+        started.client.request("pending")
+        assert sorted(registry.lookups) == [10, 11, 12, 13, 14]
+        started.client.request("pending")
+        assert len(registry.lookups) == 5  # cached
+        started.server._hostname_cache.clear()
+        registry.down = True
+        response = started.client.request("pending")
+        assert response["status"] == "ok"
+        assert [p["hostname"] for p in response["data"]["pending"]] == [""] * 5
+        assert len(registry.lookups) == 6  # one failed lookup, then none
+
+
+def test_resolve_without_a_registry_says_so(node: Node) -> None:
+    response = node.client.request("resolve", hostname="agent-b")
+    assert response == {
+        "status": "error",
+        "code": "no_registry",
+        "message": "cannot resolve 'agent-b': this daemon has no registry",
+    }
+
+
+def test_trust_marks_records_the_registry_now_binds_to_another_key(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for peer in (8, 9):
+        node.receive_request(Peer(peer))
+        node.manager.approve_handshake(peer)
+    monkeypatch.setattr(node.manager, "conflicting_peers", lambda: [9])
+    records = node.client.request("trust")["data"]["trusted"]
+    assert [(r["node_id"], r["conflict"]) for r in records] == [(8, False), (9, True)]
+
+
+def test_untrust_of_a_node_only_asked_says_withdrawn(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node.manager, "revoke_trust", lambda peer: "withdrawn")
+    assert node.client.request("untrust", node_id=9)["data"] == {
+        "node_id": 9,
+        "status": "withdrawn",
+    }
+
+
+def connect(path: str) -> socket.socket:
+    """A connection, retried while the listen queue is full (bounded)."""
+    for _ in range(500):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            time.sleep(0.01)
+            continue
+        return sock
+    raise AssertionError("the control socket's listen queue stayed full")
+
+
+def open_connections(path: str, count: int) -> list[socket.socket]:
+    return [connect(path) for _ in range(count)]
+
+
+def served_connections(server: ControlServer) -> int:
+    with server._lock:
+        return server._connections
+
+
+def wait_for(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
+        time.sleep(0.02)
+
+
+def test_connections_beyond_the_cap_are_refused_with_busy(node: Node) -> None:
+    held = open_connections(node.path, CONTROL_MAX_CONNECTIONS)
+    try:
+        wait_for(lambda: served_connections(node.server) == CONTROL_MAX_CONNECTIONS)
+        response = node.client.request("status")
+        assert response["code"] == "busy"
+        assert f"already serves {CONTROL_MAX_CONNECTIONS} connections" in response["message"]
+        held.pop().close()
+        wait_for(lambda: served_connections(node.server) < CONTROL_MAX_CONNECTIONS)
+        assert node.client.request("status")["status"] == "ok"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_idle_connection_is_closed(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control._Handler, "timeout", 0.3)
+    [sock] = open_connections(node.path, 1)
+    with sock:
+        assert sock.recv(1) == b""  # closed by the daemon, within the 10 s socket timeout
+    wait_for(lambda: served_connections(node.server) == 0)
+
+
+def test_waits_whose_clients_go_away_leave_no_thread_waiting(node: Node) -> None:
+    """400 `wait`s with a huge timeout from clients that then disconnect (issue 11)."""
+    before = threading.active_count()
+    request = json.dumps({"command": "wait", "node_id": 99, "timeout": 10**9}).encode() + b"\n"
+    clients = []
+    try:
+        for _ in range(400):
+            sock = connect(node.path)
+            with contextlib.suppress(OSError):  # refused ones may be closed already
+                sock.sendall(request)
+            clients.append(sock)
+        wait_for(lambda: served_connections(node.server) == CONTROL_MAX_CONNECTIONS)
+        assert threading.active_count() <= before + CONTROL_MAX_CONNECTIONS
+        assert node.manager._waiters  # the daemon does wait on the Manager's condition
+    finally:
+        for sock in clients:
+            sock.close()
+    wait_for(lambda: served_connections(node.server) == 0)
+    wait_for(lambda: threading.active_count() <= before)
+    assert not node.manager._waiters
+    assert node.client.request("status")["status"] == "ok"

@@ -28,6 +28,10 @@ ERROR_CODES = {
     "send_failed",
     "store_error",
     "failed",
+    "own_node",
+    "no_registry",
+    "registry_error",
+    "busy",
 }
 STATUS = b'{"command": "status"}\n'
 
@@ -54,7 +58,16 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
     max_leaves=20,
 )
-ARGS = ["node_id", "justification", "reason", "timeout", "follow", "extra"]
+ARGS = [
+    "node_id",
+    "justification",
+    "reason",
+    "timeout",
+    "follow",
+    "history",
+    "hostname",
+    "extra",
+]
 request_shapes = st.builds(
     lambda command, args: {"command": command, **args},
     st.sampled_from(sorted(COMMANDS)) | json_values,

@@ -92,8 +92,10 @@ def test_counters_move_through_a_direct_handshake_a_relayed_one_and_a_drop(fleet
     assert get(at_a, "pilot_handshake_registry_request_seconds_count", type="register") == 1
     assert get(at_a, "pilot_handshake_process_resident_memory_bytes") > 0
 
-    # B through the control socket: the same text the HTTP endpoint serves.
-    at_b = parse(b.control("metrics")["text"])
+    # B through pilot-handshakectl: the same text the HTTP endpoint serves.
+    printed = b.ctl("metrics")
+    assert printed.returncode == 0, printed.stderr
+    at_b = parse(printed.stdout)
     assert (
         get(
             at_b, "pilot_handshake_relayed_messages_total", type="handshake_request", direction="in"

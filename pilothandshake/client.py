@@ -1,0 +1,502 @@
+"""``Client``: the blocking Python API of a running ``pilot-handshaked`` (SPEC section 13a).
+
+Legacy code on a host where the daemon already runs talks to it through its control socket
+instead of embedding a second node. ``Client`` has the names and types of ``Manager``
+(SPEC section 9), so code moves between the two unchanged::
+
+    from pilothandshake import Client
+    with Client.connect() as node:              # or socket=PATH, or config=FILE
+        node.send_request(42, "nightly sync")   # "sent" | "relayed" | "trusted"
+        if node.wait_for_trust(42, timeout=30):
+            ...
+
+Where the socket is (``find_socket``; ``pilot-handshakectl`` uses the same order): the
+``socket`` argument, else the ``config`` file's identity directory, else
+``$PILOT_HANDSHAKE_SOCKET``, else the identity directory of the daemon's default config
+``/etc/pilot-handshake/config.yaml`` when that file is readable, else the default identity
+directory ``~/.pilot-handshake``; the socket is ``control.sock`` in that directory.
+
+Before connecting, the socket is checked like OpenSSH's StrictModes (``check_socket``): it
+must be a socket owned by the caller, by root, or by the owner of its directory (the daemon's
+state directory); its directory must not be writable by group or others, and every directory
+above it must be owned by root, the caller or that owner and not writable by group or others
+unless it is sticky (like ``/tmp``). Otherwise another user could have put their own socket
+there and would answer with forged data.
+
+Each call uses its own short connection: calls from several threads never wait for each
+other, and a daemon restarted between two calls is simply reached again. This module imports
+nothing heavy (no YAML unless a config file is read, no crypto, no daemon), so a short-lived
+``pilot-handshakectl`` starts fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+
+from .constants import (
+    CONTROL_SOCKET_NAME,
+    CONTROL_TIMEOUT,
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_IDENTITY_PATH,
+    WAIT_DEFAULT_TIMEOUT,
+    WAIT_MAX_TIMEOUT,
+)
+from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
+
+# Not `typing.TYPE_CHECKING`: importing typing alone costs a short CLI run milliseconds.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Any, NoReturn
+
+    from .store import PendingHandshake, TrustRecord
+
+    Response = dict[str, Any]
+
+__all__ = [
+    "SOCKET_ENV",
+    "Client",
+    "ControlClient",
+    "ControlError",
+    "EventStream",
+    "check_socket",
+    "find_socket",
+    "raise_for_error",
+]
+
+SOCKET_ENV = "PILOT_HANDSHAKE_SOCKET"
+
+# Error codes of the control socket that have their own exception; every other code is a
+# plain HandshakeError carrying the daemon's message.
+_ERRORS: dict[str, type[HandshakeError]] = {
+    "not_trusted": NotTrustedError,
+    "store_error": StoreError,
+    "send_failed": SendError,
+    "registry_error": RegistryError,
+}
+
+
+class ControlError(HandshakeError):
+    """The control socket cannot be used: the daemon is not running or does not answer in
+    time, the socket is not safe to talk to, or the daemon's answer is unreadable."""
+
+
+def find_socket(socket_path: str | None = None, config: str | None = None) -> str:
+    """The control socket to use: ``socket_path``, else ``config``'s identity directory,
+    else ``$PILOT_HANDSHAKE_SOCKET``, else the identity directory of the daemon's default
+    config when readable, else the default identity directory (module docstring).
+
+    Raises ``ConfigError`` naming the file when a config file is read and is invalid."""
+    if socket_path:
+        return socket_path
+    if config:
+        return _config_socket(config)
+    from_env = os.environ.get(SOCKET_ENV)
+    if from_env:
+        return from_env
+    if os.access(DEFAULT_CONFIG_PATH, os.R_OK):
+        return _config_socket(DEFAULT_CONFIG_PATH)
+    identity = os.path.expanduser(DEFAULT_IDENTITY_PATH)
+    return os.path.join(os.path.dirname(identity), CONTROL_SOCKET_NAME)
+
+
+def _config_socket(path: str) -> str:
+    # Imported here: YAML and the config's validation cost more than the rest of a CLI run.
+    from .config import load_config
+
+    return load_config(path).control_socket
+
+
+def check_socket(path: str) -> None:
+    """Refuse (``ControlError``) a socket another user could have put in place (module
+    docstring); a missing path is left to ``connect`` to report. A symbolic link is judged
+    both where it is and where it points."""
+    real = os.path.realpath(path)
+    try:
+        info = os.lstat(real)
+        owner = os.stat(os.path.dirname(real)).st_uid
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ControlError(f"cannot check the control socket {path}: {exc}") from None
+    trusted = {0, os.getuid(), owner}
+    if not stat.S_ISSOCK(info.st_mode):
+        _refuse(path, f"{real} is not a socket")
+    if info.st_uid not in trusted:
+        _refuse(path, f"{real} is owned by uid {info.st_uid}, not by the owner of its directory")
+    for directory in {os.path.dirname(os.path.abspath(path)), os.path.dirname(real)}:
+        _check_directories(path, directory, trusted)
+
+
+def _check_directories(path: str, directory: str, trusted: set[int]) -> None:
+    """``directory`` and those above it: owned by a ``trusted`` uid and not writable by
+    group or others (above the first, sticky directories such as /tmp are fine)."""
+    first = True
+    while True:
+        try:
+            info = os.stat(directory)
+        except OSError as exc:
+            raise ControlError(f"cannot check the control socket {path}: {exc}") from None
+        if info.st_uid not in trusted:
+            _refuse(path, f"{directory} is owned by uid {info.st_uid}")
+        writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if writable and (first or not info.st_mode & stat.S_ISVTX):
+            _refuse(path, f"{directory} is writable by group or others")
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return
+        directory, first = parent, False
+
+
+def _refuse(path: str, reason: str) -> NoReturn:
+    raise ControlError(
+        f"refusing the control socket {path}: {reason}, so another user could have replaced "
+        "it; keep the daemon's state directory owned by its user and not writable by others"
+    )
+
+
+def raise_for_error(response: Response) -> Any:
+    """The ``data`` of an ok response; an error response raises the package's exception for
+    its code (``NotTrustedError``, ``StoreError``, ``SendError``, ``RegistryError``, else
+    ``HandshakeError``) with the daemon's message."""
+    if response["status"] == "ok":
+        return response.get("data")
+    error = _ERRORS.get(str(response.get("code")), HandshakeError)
+    raise error(str(response.get("message") or response.get("code") or "failed"))
+
+
+class ControlClient:
+    """The control socket's line protocol at ``path``: one request per connection.
+    ``timeout`` bounds the connect and the answer (``wait`` adds its own timeout)."""
+
+    def __init__(self, path: str, timeout: float = CONTROL_TIMEOUT) -> None:
+        """Remember where the socket is; nothing is connected until a request."""
+        self.path = path
+        self.timeout = timeout
+
+    def request(self, command: str, **args: Any) -> Response:
+        """Send one request and return the parsed response (ok or error); raises
+        ``ControlError`` when the daemon cannot be reached, is not safe to talk to, or does
+        not answer in time."""
+        answer_timeout = self.timeout
+        if command == "wait":
+            answer_timeout += min(
+                float(args.get("timeout", WAIT_DEFAULT_TIMEOUT)), WAIT_MAX_TIMEOUT
+            )
+        sock = self.open(command, args, answer_timeout)
+        try:
+            with sock.makefile("rb") as reader:
+                for response in self.responses(reader):
+                    return response
+        finally:
+            sock.close()
+        raise ControlError(f"pilot-handshaked closed {self.path} without answering")
+
+    def stream(self, command: str, **args: Any) -> Iterator[Response]:
+        """Send one request and yield every response line until the daemon closes; a
+        following stream (``follow``) waits for news without limit."""
+        sock = self.open(command, args, None if args.get("follow") else self.timeout)
+        try:
+            with sock.makefile("rb") as reader:
+                yield from self.responses(reader)
+        finally:
+            sock.close()
+
+    def open(
+        self, command: str, args: dict[str, Any], answer_timeout: float | None
+    ) -> socket.socket:
+        """A connection that has sent one request and reads with ``answer_timeout``."""
+        check_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise ControlError(
+                    f"pilot-handshaked is not running (no socket at {self.path})"
+                ) from None
+            except socket.timeout:
+                raise ControlError(f"no answer from pilot-handshaked at {self.path}") from None
+            except OSError as exc:
+                raise ControlError(f"cannot connect to {self.path}: {exc}") from None
+            try:
+                sock.sendall(json.dumps({"command": command, **args}).encode("utf-8") + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                # The daemon may answer and close before reading (a refused uid, a full
+                # socket): its answer is still buffered, so read it rather than report this.
+                pass
+            except OSError as exc:
+                raise ControlError(f"cannot send to {self.path}: {exc}") from None
+            sock.settimeout(answer_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def responses(self, reader: Any) -> Iterator[Response]:
+        """Parsed response lines from ``reader`` until the daemon closes."""
+        while True:
+            try:
+                line = reader.readline()
+            except socket.timeout:
+                raise ControlError(f"no answer from pilot-handshaked at {self.path}") from None
+            except OSError as exc:
+                raise ControlError(f"lost the connection to {self.path}: {exc}") from None
+            except ValueError:  # the stream was closed under the reader (EventStream.close)
+                return
+            if not line:
+                return
+            try:
+                response = json.loads(line)
+            except ValueError:
+                response = None
+            if not isinstance(response, dict) or response.get("status") not in ("ok", "error"):
+                raise ControlError(f"unreadable answer from pilot-handshaked at {self.path}")
+            yield response
+
+
+class EventStream:
+    """Events from the daemon as they happen (``Client.events``): iterate for the event
+    dicts (``event``, ``node_id``, ``timestamp``, ``data``); ``close()`` ends it, also from
+    another thread while an iteration waits."""
+
+    def __init__(self, wire: ControlClient, history: bool, follow: bool) -> None:
+        """Open the stream; raises ``ControlError`` when the daemon cannot be reached."""
+        self._wire = wire
+        self._sock = wire.open(
+            "events", {"follow": follow, "history": history}, None if follow else wire.timeout
+        )
+        self._reader = self._sock.makefile("rb")
+        self._responses = wire.responses(self._reader)
+        self._closed = threading.Event()
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._closed.is_set():
+            raise StopIteration
+        try:
+            response = next(self._responses)
+        except ControlError:
+            if self._closed.is_set():
+                raise StopIteration from None
+            raise
+        except StopIteration:
+            self.close()
+            raise
+        data: dict[str, Any] = raise_for_error(response)
+        return data
+
+    def close(self) -> None:
+        """Stop the stream and close its connection; idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        # shutdown() wakes a reader blocked in another thread; close() alone would not.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Client:
+    """A running daemon's Manager over its control socket at ``path`` (SPEC 13a).
+
+    Every ``node`` argument is a node ID or a hostname the registry resolves. Errors are the
+    package's own (``raise_for_error``); a daemon that is not running or does not answer
+    within ``timeout`` raises ``ControlError`` (a ``HandshakeError``) naming the socket.
+    Thread-safe: each call has its own connection."""
+
+    def __init__(self, path: str, timeout: float = CONTROL_TIMEOUT) -> None:
+        """A client of the socket at ``path``; nothing is checked until a call
+        (``Client.connect`` checks at once)."""
+        self._wire = ControlClient(path, timeout)
+        self._streams: set[EventStream] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def connect(
+        cls, socket: str | None = None, config: str | None = None, timeout: float = CONTROL_TIMEOUT
+    ) -> Client:
+        """A client of the daemon whose socket ``find_socket(socket, config)`` names, after
+        checking that it answers (``ControlError`` naming the socket when it does not)."""
+        client = cls(find_socket(socket, config), timeout)
+        client.status()
+        return client
+
+    @property
+    def path(self) -> str:
+        """The control socket this client talks to."""
+        return self._wire.path
+
+    def request(self, command: str, **args: Any) -> Response:
+        """One control request as sent and its response as received (ok or error); the
+        raw protocol of SPEC 13 that ``pilot-handshakectl --json`` prints."""
+        if self._closed:
+            raise ControlError(f"this client of {self.path} is closed")
+        return self._wire.request(command, **args)
+
+    def stream(self, command: str, **args: Any) -> Iterator[Response]:
+        """One control request and every response line as received until the daemon
+        closes (``events``)."""
+        if self._closed:
+            raise ControlError(f"this client of {self.path} is closed")
+        return self._wire.stream(command, **args)
+
+    def call(self, command: str, **args: Any) -> Any:
+        """One control request; its ``data``, or the package's exception for an error."""
+        return raise_for_error(self.request(command, **args))
+
+    def resolve(self, node: int | str) -> int:
+        """The node ID of ``node``: an ID (int or decimal digits) as is, else a hostname
+        the daemon resolves through its registry (``RegistryError`` when it cannot)."""
+        if isinstance(node, bool) or not isinstance(node, (int, str)):
+            raise TypeError(f"a node is a node ID or a hostname, not {node!r}")
+        if isinstance(node, int):
+            return node
+        if node.isascii() and node.isdigit():
+            return int(node)
+        return int(self.call("resolve", hostname=node)["node_id"])
+
+    @property
+    def node_id(self) -> int:
+        """The daemon's node ID (0 until it has registered)."""
+        return int(self.status()["node_id"])
+
+    def status(self) -> dict[str, Any]:
+        """What ``pilot-handshakectl status --json`` shows: ``node_id``, ``hostname``,
+        ``listen``, ``registry``, ``trusted`` and ``pending`` counts."""
+        data: dict[str, Any] = self.call("status")
+        return data
+
+    def send_request(self, peer_node_id: int | str, justification: str) -> str:
+        """Ask ``peer_node_id`` for trust: "sent", "relayed" or "trusted" (``SendError``)."""
+        node = self.resolve(peer_node_id)
+        return str(self.call("handshake", node_id=node, justification=justification)["status"])
+
+    def approve_handshake(self, peer_node_id: int | str) -> bool:
+        """Approve the pending request of ``peer_node_id``; False when none is pending."""
+        return self._answer("approve", peer_node_id, {})
+
+    def reject_handshake(self, peer_node_id: int | str, reason: str = "") -> bool:
+        """Reject the pending request of ``peer_node_id``; False when none is pending."""
+        return self._answer("reject", peer_node_id, {"reason": reason})
+
+    def _answer(self, command: str, node: int | str, args: dict[str, Any]) -> bool:
+        response = self.request(command, node_id=self.resolve(node), **args)
+        if response["status"] == "error" and response.get("code") == "not_found":
+            return False
+        raise_for_error(response)
+        return True
+
+    def revoke_trust(self, peer_node_id: int | str) -> str:
+        """Revoke trust in ``peer_node_id``: "revoked", or "withdrawn" when we had only
+        asked it (our request is cancelled there too); ``NotTrustedError`` when neither."""
+        node = self.resolve(peer_node_id)
+        return str(self.call("untrust", node_id=node)["status"])
+
+    def is_trusted(self, node_id: int | str) -> bool:
+        """Whether ``node_id`` is trusted now."""
+        return bool(self.call("is_trusted", node_id=self.resolve(node_id))["trusted"])
+
+    def trusted_peers(self) -> list[TrustRecord]:
+        """The trust records, sorted by node ID."""
+        from .store import TrustRecord, parse_time  # only callers that want records pay
+
+        return [
+            TrustRecord(
+                node_id=r["node_id"],
+                public_key=r["public_key"],
+                approved_at=parse_time(r["approved_at"]),
+                mutual=r["mutual"],
+                network=r["network"],
+            )
+            for r in self.call("trust")["trusted"]
+        ]
+
+    def pending_requests(self) -> list[PendingHandshake]:
+        """The pending requests, sorted by node ID."""
+        from .store import PendingHandshake, parse_time
+
+        return [
+            PendingHandshake(
+                node_id=p["node_id"],
+                public_key=p["public_key"],
+                justification=p["justification"],
+                received_at=parse_time(p["received_at"]),
+            )
+            for p in self.call("pending")["pending"]
+        ]
+
+    def pending_count(self) -> int:
+        """How many requests are pending."""
+        return int(self.status()["pending"])
+
+    def wait_for_trust(self, node_id: int | str, timeout: float | None) -> bool:
+        """Block until ``node_id`` is trusted (True) or ``timeout`` seconds pass (False).
+
+        The daemon waits on its own condition (no polling). ``None`` waits without limit:
+        the daemon caps one wait at an hour, so the client asks again on a fresh connection
+        each time, which also notices a daemon that went away."""
+        node = self.resolve(node_id)
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            left = WAIT_MAX_TIMEOUT
+            if deadline is not None:
+                left = min(left, max(0.0, deadline - time.monotonic()))
+            if self.call("wait", node_id=node, timeout=left)["trusted"]:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def events(self, history: bool = False, follow: bool = True) -> EventStream:
+        """The event stream: with ``history`` the recent events first; with ``follow``
+        (default) new events as they happen until the stream or the client is closed,
+        without it only the recent ones."""
+        stream = EventStream(self._wire, history or not follow, follow)
+        with self._lock:
+            if self._closed:
+                stream.close()
+                raise ControlError(f"this client of {self.path} is closed")
+            self._streams = {s for s in self._streams if not s._closed.is_set()}
+            self._streams.add(stream)
+        return stream
+
+    def close(self) -> None:
+        """Close the client and every event stream it opened; idempotent."""
+        with self._lock:
+            self._closed = True
+            streams, self._streams = self._streams, set()
+        for stream in streams:
+            stream.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,284 @@
+"""``pilothandshake.Client`` against real ``pilot-handshaked`` processes (SPEC 13a)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from integration.conftest import Fleet, Node, process_env, wait_until
+
+from pilothandshake import (
+    Client,
+    HandshakeError,
+    NotTrustedError,
+    PendingHandshake,
+    SendError,
+    TrustRecord,
+)
+from pilothandshake.client import ControlError, check_socket, find_socket
+
+
+@pytest.fixture
+def fleet() -> Iterator[Fleet]:
+    """Real daemons under a short directory (AF_UNIX paths are limited to ~107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="ph-") as root:
+        started = Fleet(Path(root))
+        try:
+            yield started
+        finally:
+            started.close()
+
+
+@pytest.fixture
+def pair(fleet: Fleet) -> tuple[Node, Node]:
+    """Nodes 7 (A) and 9 (B), no registry, each in the other's peers; started."""
+    return fleet.direct_pair()
+
+
+def test_client_has_the_managers_names_and_types(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    with (
+        Client.connect(config=str(a.config_path)) as node_a,
+        Client.connect(socket=b.socket_path) as node_b,
+    ):
+        assert node_a.node_id == 7
+        assert node_a.status()["listen"] == a.address
+        assert node_a.send_request(9, "nightly sync") == "sent"
+        wait_until(lambda: node_b.pending_count() == 1, what="the request at B")
+        [pending] = node_b.pending_requests()
+        assert isinstance(pending, PendingHandshake)
+        assert (pending.node_id, pending.public_key, pending.justification) == (
+            7,
+            a.key,
+            "nightly sync",
+        )
+        assert isinstance(pending.received_at, datetime)
+        assert not node_a.is_trusted(9)
+
+        result: list[bool] = []
+        waiter = threading.Thread(target=lambda: result.append(node_a.wait_for_trust(9, 30)))
+        waiter.start()
+        assert node_b.approve_handshake("7")  # an ID as text works too
+        waiter.join(40)
+        assert result == [True]
+        assert node_a.is_trusted(9)
+        [record] = node_a.trusted_peers()
+        assert isinstance(record, TrustRecord)
+        assert (record.node_id, record.public_key, record.mutual) == (9, b.key, True)
+        assert node_b.approve_handshake(7) is False  # nothing pending any more
+        assert node_b.reject_handshake(12345, "who?") is False
+
+        assert node_a.revoke_trust(9) == "revoked"
+        with pytest.raises(NotTrustedError, match="node 9 is not trusted"):
+            node_a.revoke_trust(9)
+        assert not node_a.wait_for_trust(9, 0.2)
+
+
+def test_wait_without_limit_returns_when_trust_arrives(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    node_a, node_b = Client(a.socket_path), Client(b.socket_path)
+    node_a.send_request(9, "sync")
+    wait_until(lambda: node_b.pending_count() == 1, what="the request at B")
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(node_a.wait_for_trust(9, None)))
+    waiter.start()
+    time.sleep(0.3)  # not synchronisation: gives the wait a chance to be in the daemon first
+    assert result == []
+    node_b.approve_handshake(7)
+    waiter.join(40)
+    assert result == [True]
+
+
+def test_errors_map_to_the_package_exceptions(fleet: Fleet) -> None:
+    node = fleet.node("a", node_id=7, peers={9: "127.0.0.1:1"}).start()
+    with Client.connect(socket=node.socket_path, timeout=5) as client:
+        with pytest.raises(SendError):
+            client.send_request(9, "nobody listens there")
+        with pytest.raises(HandshakeError, match="this node itself"):
+            client.wait_for_trust(7, 1)
+        with pytest.raises(HandshakeError, match="no registry"):
+            client.send_request("agent-b", "by hostname")
+
+
+def test_events_iterate_and_close_from_another_thread(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    client = Client(b.socket_path)
+    stream = client.events()
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(e["event"] for e in stream))
+    reader.start()
+    Client(a.socket_path).send_request(9, "sync")
+    wait_until(lambda: "handshake.pending" in seen, what="B's pending event")
+    client.close()  # ends the stream the client opened, while the reader waits in it
+    reader.join(10)
+    assert not reader.is_alive()
+    with pytest.raises(ControlError, match="closed"):
+        client.status()
+
+
+def test_events_with_history_start_with_the_recent_ones(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    Client(a.socket_path).send_request(9, "sync")
+    wait_until(lambda: b.pending(), what="the request at B")
+    with Client(b.socket_path).events(history=True) as stream:
+        first = next(iter(stream))
+    assert first["event"].startswith("handshake.")
+
+
+def test_daemon_not_running_raises_naming_the_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "control.sock")
+    with pytest.raises(HandshakeError, match=f"not running \\(no socket at {path}\\)"):
+        Client.connect(socket=path)
+
+
+def test_daemon_that_does_not_answer_raises_within_the_timeout(tmp_path: Path) -> None:
+    path = str(tmp_path / "control.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.bind(path)
+        silent.listen(8)  # accepts into the backlog, never answers
+        started = time.monotonic()
+        with pytest.raises(HandshakeError, match=f"no answer from pilot-handshaked at {path}"):
+            Client(path, timeout=0.5).status()
+        assert time.monotonic() - started < 5
+
+
+def test_client_reaches_a_restarted_daemon_again(pair: tuple[Node, Node]) -> None:
+    a, _ = pair
+    client = Client(a.socket_path)
+    assert client.node_id == 7
+    a.restart()
+    assert client.node_id == 7
+    assert client.pending_count() == 0
+
+
+def test_calls_from_many_threads_at_once(pair: tuple[Node, Node]) -> None:
+    a, _ = pair
+    client = Client(a.socket_path)
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                assert client.node_id == 7
+                assert client.trusted_peers() == []
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert failures == []
+
+
+def test_swapped_socket_in_a_world_writable_directory_is_refused(
+    pair: tuple[Node, Node], tmp_path: Path
+) -> None:
+    a, _ = pair
+    exposed = tmp_path / "exposed"
+    exposed.mkdir()
+    os.chmod(exposed, 0o777)  # anyone could have put this control.sock here
+    swapped = exposed / "control.sock"
+    os.symlink(a.socket_path, swapped)  # a live socket, reached through the open directory
+    real = exposed / "real.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as forged:
+        forged.bind(str(real))
+        forged.listen(1)
+        for path in (str(real), str(swapped)):
+            with pytest.raises(ControlError, match="writable by group or others") as info:
+                Client(path).status()
+            assert f"refusing the control socket {path}" in str(info.value)
+    check_socket(a.socket_path)  # the daemon's own socket passes
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a file to another user")
+def test_socket_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as forged:
+        forged.bind(str(path))
+        forged.listen(1)
+        os.chown(path, 65534, 65534)
+        with pytest.raises(ControlError, match="owned by uid 65534"):
+            Client(str(path)).status()
+
+
+def test_socket_search_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("identity: state/identity.json\n")
+    monkeypatch.setenv("PILOT_HANDSHAKE_SOCKET", "/run/from-env.sock")
+    assert find_socket("/run/given.sock", str(config)) == "/run/given.sock"
+    assert find_socket(None, str(config)) == str(tmp_path / "state" / "control.sock")
+    assert find_socket() == "/run/from-env.sock"
+    monkeypatch.delenv("PILOT_HANDSHAKE_SOCKET")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if not os.access("/etc/pilot-handshake/config.yaml", os.R_OK):
+        assert find_socket() == str(tmp_path / ".pilot-handshake" / "control.sock")
+
+
+README_EXAMPLE = """\
+import sys
+from pilothandshake import Client
+
+with Client.connect(socket=sys.argv[1]) as node:   # or config=..., or neither
+    print("I am node", node.node_id)
+    print(node.send_request(9, "nightly sync"))    # "sent" | "relayed" | "trusted"
+    if node.wait_for_trust(9, timeout=30):
+        print("trusted by 9")
+"""
+
+
+def test_readme_example_runs_against_a_real_daemon(pair: tuple[Node, Node], tmp_path: Path) -> None:
+    a, b = pair
+    script = tmp_path / "example.py"
+    script.write_text(textwrap.dedent(README_EXAMPLE))
+    example = subprocess.Popen(
+        [sys.executable, str(script), a.socket_path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=process_env(),
+    )
+    try:
+        wait_until(lambda: b.pending(), timeout=20, what="the example's request at B")
+        b.control("approve", node_id=7)
+        out, err = example.communicate(timeout=40)
+    finally:
+        if example.poll() is None:
+            example.kill()
+            example.wait()
+    assert example.returncode == 0, err
+    assert out.splitlines() == ["I am node 7", "sent", "trusted by 9"]
+
+
+def test_importing_the_client_loads_nothing_heavy() -> None:
+    probe = (
+        "import sys\n"
+        "import pilothandshake\n"
+        "assert not [m for m in sys.modules if m.startswith('pilothandshake.')], sys.modules\n"
+        "from pilothandshake import Client\n"
+        "import pilothandshake.cli\n"
+        "heavy = ('yaml', 'nacl', 'filelock', 'typing', 'pilothandshake.daemon',\n"
+        "         'pilothandshake.store',\n"
+        "         'pilothandshake.manager', 'pilothandshake.config', 'pilothandshake.identity')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=process_env(),
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "[]\n", "")
