@@ -1,13 +1,53 @@
 """Packaging for pilothandshake: the Pilot Protocol trust handshake (port 444)."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+# Read, not imported: importing the package would need its dependencies installed first.
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"$',
+    (HERE / "pilothandshake" / "_version.py").read_text(encoding="utf-8"),
+    re.M,
+).group(1)
+# TODO(lead): the project's public repository; every link below is derived from it.
+URL = "https://github.com/pilothandshake/pilothandshake"
 
 setup(
     name="pilothandshake",
-    version="0.1.0",
+    version=VERSION,
     description="Pilot Protocol trust handshake (port 444): Python package and daemon",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    author="pilothandshake developers",
+    url=URL,
+    project_urls={
+        "Protocol": f"{URL}/blob/main/docs/PROTOCOL.md",
+        "Source": URL,
+        "Issues": f"{URL}/issues",
+        "Pilot Protocol (Go)": "https://github.com/TeoSlayer/pilotprotocol",
+    },
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Environment :: No Input/Output (Daemon)",
+        "Intended Audience :: Developers",
+        "Intended Audience :: System Administrators",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.9",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Security :: Cryptography",
+        "Topic :: System :: Networking",
+        "Typing :: Typed",
+    ],
+    keywords=["pilot protocol", "trust", "handshake", "ed25519", "daemon"],
     python_requires=">=3.9",
     packages=find_packages(include=["pilothandshake", "pilothandshake.*"]),
     package_data={"pilothandshake": ["py.typed"]},
@@ -22,6 +62,7 @@ setup(
             "ruff>=0.5",
             "mypy>=1.8",
             "types-PyYAML",
+            "build",  # tests/test_packaging.py builds the sdist
         ],
         # Only the benchmarks' pictures need it (benchmarks/, BENCHMARKS.md).
         "bench": ["matplotlib"],

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 
+from ._version import __version__ as __version__  # a constant: imports nothing
+
 TYPE_CHECKING = False  # not typing's: importing typing alone costs a short script milliseconds
 if TYPE_CHECKING:
     from typing import Any

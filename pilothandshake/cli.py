@@ -22,6 +22,7 @@ import os
 import sys
 import time
 
+from ._version import __version__
 from .client import Client, ControlError, find_socket, raise_for_error
 from .constants import CONTROL_TIMEOUT, DEFAULT_CONFIG_PATH, WAIT_DEFAULT_TIMEOUT
 from .errors import HandshakeError
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
     parser.add_argument(
         "--config",
@@ -192,6 +194,12 @@ def _show_status(data: dict[str, Any]) -> str:
         ["trusted", str(data.get("trusted", "?"))],
         ["pending", str(data.get("pending", "?"))],
     ]
+    if isinstance(registry, dict) and registry.get("hostname_error"):
+        # The daemon runs without the name it was configured with: say so where it is seen.
+        wanted = _printable(str(registry.get("hostname", "")))
+        rows.insert(
+            1, ["hostname", f"{wanted} not set: {_printable(str(registry['hostname_error']))}"]
+        )
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
 
 

@@ -25,15 +25,17 @@ from .constants import (
     HEARTBEAT_INTERVAL,
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_SOURCE,
+    MAX_NODE_ID,
     MAX_REPLAY_PER_SOURCE,
     OUTGOING_TTL,
+    PENDING_TTL,
     POLL_INTERVAL,
+    TRUST_FILE,
 )
 from .errors import ConfigError
 from .identity import decode_key
-from .messages import MAX_NODE_ID, parse_address
+from .messages import format_address, parse_address
 from .runtime import AllowlistEntry
-from .store import TRUST_FILE
 
 __all__ = [
     "LOG_FORMATS",
@@ -44,7 +46,9 @@ __all__ = [
     "FieldParser",
     "RegistryConfig",
     "TrustConfig",
+    "format_address",
     "load_config",
+    "parse_address",
     "parse_config",
     "read_yaml",
 ]
@@ -55,6 +59,8 @@ LOG_FORMATS = ("text", "json")
 _HEX_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 # Longest accepted duration (about 31 years): within threading.TIMEOUT_MAX everywhere.
 _MAX_SECONDS = 1e9
+# Largest accepted count (connections, replay entries): a C int everywhere it may go.
+_MAX_COUNT = 2**31 - 1
 _T = TypeVar("_T")
 
 
@@ -77,6 +83,7 @@ class TrustConfig:
     strict: bool = True
     auto_approve: bool = False
     outgoing_ttl: float = OUTGOING_TTL
+    pending_ttl: float = PENDING_TTL
     allowlist: dict[int, AllowlistEntry] = field(default_factory=dict)
     deny: frozenset[int] = frozenset()
 
@@ -110,6 +117,8 @@ class Config:
     identity: str = field(default_factory=lambda: os.path.expanduser(DEFAULT_IDENTITY_PATH))
     node_id: int = 0
     listen: str = DEFAULT_LISTEN
+    # Asked of the registry at registration; a taken or invalid name is logged, not fatal.
+    hostname: str = ""
     registry: RegistryConfig | None = None
     trust: TrustConfig = field(default_factory=TrustConfig)
     peers: dict[int, str] = field(default_factory=dict)
@@ -180,6 +189,9 @@ def _describe(value: object) -> str:
     """How a wrong value is shown in an error: scalars as written, containers by kind."""
     if value is None:
         return "null"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        # repr() of a huge integer is long, and past 4,300 digits raises ValueError.
+        return f"an integer of {value.bit_length()} bits"
     if isinstance(value, (bool, int, float, str)):
         text = repr(value)
         return text if len(text) <= 80 else text[:77] + "..."
@@ -248,7 +260,7 @@ class FieldParser:
         return self.integer(value, key, 0, MAX_NODE_ID)
 
     def count(self, value: object, key: str) -> int:
-        return self.integer(value, key, 1)
+        return self.integer(value, key, 1, _MAX_COUNT)
 
     def seconds(self, value: object, key: str) -> float:
         # Compare before converting: float() of a huge YAML integer raises OverflowError.
@@ -328,6 +340,7 @@ class FieldParser:
                 "identity",
                 "node_id",
                 "listen",
+                "hostname",
                 "registry",
                 "trust",
                 "peers",
@@ -344,8 +357,9 @@ class FieldParser:
         defaults = Config()
         return Config(
             identity=self.get(top, "", "identity", defaults.identity, self.identity),
-            node_id=self.get(top, "", "node_id", 0, self.node_id),
+            node_id=self.get(top, "", "node_id", defaults.node_id, self.node_id),
             listen=self.get(top, "", "listen", defaults.listen, self.listen),
+            hostname=self.get(top, "", "hostname", defaults.hostname, self.string),
             registry=self.registry(top.get("registry")),
             trust=self.trust(top.get("trust")),
             peers=self.peers(top.get("peers")),
@@ -379,8 +393,9 @@ class FieldParser:
         section = self.section(value, "registry", known)
         if "address" not in section:
             self.fail("registry.address", "host:port of the registry (the key is required)")
-        tls = self.get(section, "registry", "tls", False, self.boolean)
-        pin = self.get(section, "registry", "fingerprint", "", self.fingerprint)
+        defaults = RegistryConfig(address="")
+        tls = self.get(section, "registry", "tls", defaults.tls, self.boolean)
+        pin = self.get(section, "registry", "fingerprint", defaults.fingerprint, self.fingerprint)
         if pin and not tls:
             # A pin without TLS would silently protect nothing.
             self.fail("registry.tls", "true when registry.fingerprint is set", "false")
@@ -389,21 +404,33 @@ class FieldParser:
             tls=tls,
             fingerprint=pin,
             poll_interval=self.get(
-                section, "registry", "poll_interval", POLL_INTERVAL, self.seconds
+                section, "registry", "poll_interval", defaults.poll_interval, self.seconds
             ),
             heartbeat_interval=self.get(
-                section, "registry", "heartbeat_interval", HEARTBEAT_INTERVAL, self.seconds
+                section,
+                "registry",
+                "heartbeat_interval",
+                defaults.heartbeat_interval,
+                self.seconds,
             ),
-            public=self.get(section, "registry", "public", False, self.boolean),
+            public=self.get(section, "registry", "public", defaults.public, self.boolean),
         )
 
     def trust(self, value: object) -> TrustConfig:
-        known = ("strict", "auto_approve", "outgoing_ttl", "allowlist", "deny")
+        known = ("strict", "auto_approve", "outgoing_ttl", "pending_ttl", "allowlist", "deny")
         section = self.section(value, "trust", known)
+        defaults = TrustConfig()
         return TrustConfig(
-            strict=self.get(section, "trust", "strict", True, self.boolean),
-            auto_approve=self.get(section, "trust", "auto_approve", False, self.boolean),
-            outgoing_ttl=self.get(section, "trust", "outgoing_ttl", OUTGOING_TTL, self.seconds),
+            strict=self.get(section, "trust", "strict", defaults.strict, self.boolean),
+            auto_approve=self.get(
+                section, "trust", "auto_approve", defaults.auto_approve, self.boolean
+            ),
+            outgoing_ttl=self.get(
+                section, "trust", "outgoing_ttl", defaults.outgoing_ttl, self.seconds
+            ),
+            pending_ttl=self.get(
+                section, "trust", "pending_ttl", defaults.pending_ttl, self.seconds
+            ),
             allowlist=self.allowlist(section.get("allowlist")),
             deny=self.deny(section.get("deny")),
         )
@@ -454,7 +481,9 @@ class FieldParser:
 
     def events(self, value: object) -> EventsConfig:
         section = self.section(value, "events", ("webhook",))
-        return EventsConfig(webhook=self.get(section, "events", "webhook", "", self.webhook))
+        return EventsConfig(
+            webhook=self.get(section, "events", "webhook", EventsConfig().webhook, self.webhook)
+        )
 
     def metrics(self, value: object) -> MetricsConfig:
         section = self.section(value, "metrics", ("listen",))
@@ -467,7 +496,9 @@ class FieldParser:
 
     def control(self, value: object) -> ControlConfig:
         section = self.section(value, "control", ("group",))
-        return ControlConfig(group=self.get(section, "control", "group", "", self.group))
+        return ControlConfig(
+            group=self.get(section, "control", "group", ControlConfig().group, self.group)
+        )
 
     def group(self, value: object, key: str) -> str:
         text = self.string(value, key)

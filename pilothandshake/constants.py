@@ -4,6 +4,8 @@ Durations are float seconds; sizes are bytes.
 """
 
 PORT_HANDSHAKE = 444
+MAX_NODE_ID = 2**32 - 1  # node IDs are unsigned 32-bit
+MAX_NETWORK = 2**16 - 1  # network IDs are unsigned 16-bit
 
 # Section 3: the message on port 444.
 MAX_MESSAGE_SIZE = 64 * 1024
@@ -24,13 +26,13 @@ DROP_LOG_PER_SECOND = 10
 MAX_PENDING = 256
 MAX_PENDING_UNBOUND_PER_SOURCE = 16
 MAX_PENDING_BOUND_PER_SOURCE = 64  # registry-bound direct requests from one source address
-PENDING_TTL = 7 * 24 * 3600.0
 MAX_TRUST_HISTORY = 1024  # formerly trusted nodes remembered (their requests are protected)
 MAX_TEXT_BYTES = 1024  # stored justification / reason
 
 # Section 7: accept, reject, revoke.
 REVOKE_COOLDOWN = 5 * 60.0
 OUTGOING_TTL = 7 * 24 * 3600.0
+PENDING_TTL = 7 * 24 * 3600.0  # config trust.pending_ttl: a pending request expires (section 15)
 REAP_INTERVAL = 5 * 60.0
 RELAY_RECENT = 60.0  # an earlier relayed request this recent may still wait in the inbox
 
@@ -54,9 +56,8 @@ POOL_WORKERS = 8
 POOL_QUEUE = 1024
 STOP_TIMEOUT = 10.0  # how long stop() waits for background work
 
-# Section 10: trust.json. How long a write waits for trust.json.lock held by another process
-# before it fails (rolled back, StoreError) instead of hanging every caller.
-TRUST_LOCK_TIMEOUT = 30.0
+# Section 10: trust.json, beside the identity file.
+TRUST_FILE = "trust.json"
 
 # Sections 12-14: config defaults, the control socket and the event stream.
 DEFAULT_IDENTITY_PATH = "~/.pilot-handshake/identity.json"

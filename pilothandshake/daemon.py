@@ -26,14 +26,15 @@ import time
 from types import FrameType, TracebackType
 from typing import Any, Callable
 
-from .config import Config, load_config
-from .constants import DEFAULT_CONFIG_PATH, PENDING_TTL, SYSTEMD_STATUS_INTERVAL
+from . import fsutil
+from ._version import __version__
+from .config import Config, format_address, load_config, parse_address
+from .constants import DEFAULT_CONFIG_PATH, SYSTEMD_STATUS_INTERVAL
 from .control import ControlServer
 from .errors import HandshakeError, RegistryError, SendError, StoreError
 from .events import EventBus
 from .identity import Identity
 from .manager import Manager
-from .messages import parse_address
 from .metrics import Metrics, MetricsServer
 from .registry.client import Client
 from .relay import RegistryLoop
@@ -45,13 +46,11 @@ from .wire import send_message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Daemon", "DaemonRuntime", "main"]
+__all__ = ["NODE_FILE", "NODE_ID_CHANGED", "Daemon", "DaemonRuntime", "main"]
 
-
-def format_address(address: tuple[str, int]) -> str:
-    """``host:port``, with an IPv6 host in brackets."""
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+# Beside the identity: the node ID the registry gave this key last time, and which registry.
+NODE_FILE = "node.json"
+NODE_ID_CHANGED = "node.id_changed"  # event topic, payload {"old", "new"}
 
 
 class DaemonRuntime:
@@ -85,7 +84,7 @@ class DaemonRuntime:
         return self._config
 
     def reload(self, config: Config) -> None:
-        """Take ``trust`` (allowlist, deny, auto_approve, strict, outgoing_ttl) and ``peers``
+        """Take ``trust`` (allowlist, deny, auto_approve, strict, the TTLs) and ``peers``
         from ``config``; the rest needs a restart."""
         self._config = dataclasses.replace(self._config, trust=config.trust, peers=config.peers)
 
@@ -148,8 +147,8 @@ class DaemonRuntime:
         return self._config.trust.outgoing_ttl
 
     def trust_pending_ttl(self) -> float:
-        """The pending-request lifetime (the state helper makes it config ``trust.pending_ttl``)."""
-        return PENDING_TTL
+        """Config ``trust.pending_ttl``."""
+        return self._config.trust.pending_ttl
 
     def is_denied(self, node_id: int) -> bool:
         """Whether ``node_id`` is on the deny list."""
@@ -208,6 +207,69 @@ class DaemonRuntime:
         return self._client
 
 
+class NodeIdMemory:
+    """The node ID the registry assigned last time, kept in ``node.json`` beside the
+    identity: a registry that forgot its nodes hands out IDs anew, and every trust record
+    naming this node elsewhere then points at another machine, silently.
+
+    ``check(registry, node_id)`` compares a fresh assignment with the remembered one of the
+    same registry: a change is logged as an ERROR and published as ``node.id_changed``;
+    the new ID is then remembered.
+    """
+
+    def __init__(self, path: str, publish: Callable[[str, dict[str, Any]], None]) -> None:
+        """Read ``path`` (missing or unreadable: nothing remembered, the next check writes)."""
+        self.path = path
+        self._publish = publish
+        self._registry, self._node_id = "", 0
+        try:
+            remembered = json.loads(fsutil.read_file(path))
+            registry, node_id = remembered["registry"], remembered["node_id"]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
+            log.warning("ignoring %s: %s", path, exc)
+            return
+        if isinstance(registry, str) and type(node_id) is int:
+            self._registry, self._node_id = registry, node_id
+
+    def check(self, registry: str, node_id: int) -> None:
+        """Note that ``registry`` assigned ``node_id`` to this node."""
+        old = self._node_id if registry == self._registry else 0
+        if old == node_id:
+            return
+        if old:
+            log.error(
+                "registry %s gave this node ID %d, but it was node %d before: the registry "
+                "lost its nodes (run it with a store), and peers that trusted node %d now "
+                "name another machine by that ID",
+                registry,
+                node_id,
+                old,
+                old,
+            )
+            self._publish(NODE_ID_CHANGED, {"old": old, "new": node_id})
+        self._registry, self._node_id = registry, node_id
+        try:
+            data = json.dumps({"registry": registry, "node_id": node_id}).encode()
+            fsutil.write_atomically(self.path, data + b"\n")
+        except OSError as exc:
+            log.error("cannot remember node ID %d in %s: %s", node_id, self.path, exc)
+
+
+def _prepare_state_directory(identity: str) -> None:
+    """Create the state directory (the identity file's) mode 0700 when missing, and refuse
+    one, or an identity file, that another user owns or that others can write: whoever
+    can write there can swap the key or plant links (like OpenSSH's StrictModes)."""
+    directory = os.path.dirname(identity) or "."
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create state directory {directory}: {exc}") from exc
+    fsutil.check_private(directory, "state directory")
+    fsutil.check_private(identity, "identity file")
+
+
 def _check_identity_mode(path: str) -> None:
     """Refuse an identity file others can read: its private key would not be private."""
     try:
@@ -238,9 +300,10 @@ def _bind_error(listen: str, exc: OSError) -> HandshakeError:
         return HandshakeError(f"cannot listen on {listen}: address already in use")
     if exc.errno == errno.EACCES:
         return HandshakeError(
-            f"cannot listen on {listen}: permission denied; run as root, grant "
-            "CAP_NET_BIND_SERVICE (setcap 'cap_net_bind_service=+ep' "
-            "$(readlink -f $(which python3))), or listen on a port >= 1024"
+            # Not `setcap` on the interpreter: that would grant every script it runs.
+            f"cannot listen on {listen}: permission denied; a port below 1024 needs "
+            "CAP_NET_BIND_SERVICE: run under the systemd unit (AmbientCapabilities), or "
+            "listen on a port >= 1024 and redirect the port to it"
         )
     return HandshakeError(f"cannot listen on {listen}: {exc.strerror or exc}")
 
@@ -257,6 +320,7 @@ class Daemon:
         """Build every part from ``config``; nothing listens until ``start()``."""
         self.config = config
         self.metrics = Metrics(process=True)
+        _prepare_state_directory(config.identity)
         _check_identity_mode(config.identity)
         self.identity = Identity.load_or_create(config.identity)
         self.events = EventBus(self._current_node_id, config.events.webhook, metrics=self.metrics)
@@ -272,6 +336,9 @@ class Daemon:
             )
         self.runtime = DaemonRuntime(
             config, self.identity, self.events, self.client, metrics=self.metrics
+        )
+        self._node_memory = NodeIdMemory(
+            os.path.join(os.path.dirname(config.identity), NODE_FILE), self.events.publish
         )
         try:
             self.manager = Manager(
@@ -349,6 +416,11 @@ class Daemon:
             "registry": registry,
             "trusted": len(self.manager.trusted_peers()),
             "pending": self.manager.pending_count(),
+            "webhook": (
+                {"url": self.config.events.webhook, "dropped": self.events.webhook_dropped}
+                if self.config.events.webhook
+                else None
+            ),
         }
 
     def status_line(self) -> str:
@@ -379,8 +451,20 @@ class Daemon:
             self.stop()
             raise
 
+    def _on_registered(self, node_id: int) -> None:
+        self.runtime.set_node_id(node_id)
+        if self.config.registry is not None:
+            self._node_memory.check(self.config.registry.address, node_id)
+
     def _start(self) -> None:
         registry = self.config.registry
+        if not self.config.trust.strict:
+            log.warning(
+                "trust.strict is false (legacy mode): a Go-style signature over a "
+                "registry-bound key is accepted in place of signature_v2, and relayed input "
+                "is handled as the Go daemon does; every port-444 message still needs a valid "
+                "key and signature, and an accept still needs our own outgoing request"
+            )
         if (
             registry is not None
             and self.config.trust.strict
@@ -406,7 +490,8 @@ class Daemon:
                 poll_interval=registry.poll_interval,
                 heartbeat_interval=registry.heartbeat_interval,
                 public=registry.public,
-                on_node_id=self.runtime.set_node_id,
+                hostname=self.config.hostname,
+                on_node_id=self._on_registered,
             )
             self.loop.register_once()
             self.loop.start()
@@ -532,6 +617,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="pilot-handshaked",
         description="Serve the Pilot Protocol trust handshake (port 444).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--config",
         default=DEFAULT_CONFIG_PATH,

@@ -1,17 +1,22 @@
 """The two-node demo (``scripts/demo.sh``, or ``python -m pilothandshake.demo``).
 
 Starts an embedded registry and two daemons on loopback, on free unprivileged ports, in a
-temporary directory (configs written from ``conf/demo-*.yaml``), then walks through a whole
-handshake with the real ``pilot-handshakectl`` commands, printing each command and its
-output: A asks B for trust, B lists and approves it, both list trust, A waits, A revokes,
-B sees it gone. Every process is stopped at the end, also on failure. Exit code 0 on
-success; 1 with a message saying which step failed.
+temporary directory (mode 0700), then walks through a whole handshake with the real
+``pilot-handshakectl`` commands, printing each command and its output: A asks B for trust,
+B lists and approves it, both list trust, A waits, A revokes, B sees it gone. The daemons'
+logs must hold no WARNING or ERROR: the happy path is quiet. Every process is stopped at the
+end, also on failure. Exit code 0 on success; 1 with a message saying which step failed.
+
+The node configs are made here (``node_config``), not read from ``conf/``, so the demo also
+runs from an installed wheel; ``conf/demo-node-*.yaml`` hold the same settings for the
+README's walkthrough (``tests/test_packaging.py`` keeps the two in step).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 import signal
@@ -26,8 +31,11 @@ from typing import Any, Callable
 import yaml
 
 CHECKOUT = Path(__file__).resolve().parents[1]
+NODES = ("a", "b")
 START_TIMEOUT = 15.0
 STEP_TIMEOUT = 15.0
+# The level field of the text log format (daemon and registry alike).
+_LOUD = re.compile(r" (WARNING|ERROR|CRITICAL) ")
 
 
 class DemoError(Exception):
@@ -38,6 +46,25 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def node_config(name: str, directory: Path, listen: str, registry: str) -> dict[str, Any]:
+    """Demo node ``name``'s config: state in ``directory``, serving ``listen``."""
+    return {
+        "identity": str(directory / f"node-{name}" / "identity.json"),
+        "hostname": f"node-{name}",
+        "listen": listen,
+        "registry": {
+            "address": registry,
+            "poll_interval": 0.5,
+            "heartbeat_interval": 60,
+            # Resolvable by anyone, so the other node can dial this one's port 444 directly.
+            "public": True,
+        },
+        "trust": {"strict": True, "auto_approve": False},
+        "log_level": "info",
+        "log_format": "text",
+    }
 
 
 def _command(name: str) -> list[str]:
@@ -87,68 +114,53 @@ class _Process:
 class Demo:
     """The demo's processes and steps, under one temporary directory."""
 
-    def __init__(self, workdir: Path, conf: Path) -> None:
+    def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.conf = conf
         self.processes: list[_Process] = []
         self.ctl = _command("pilot-handshakectl")
 
-    def _node_config(self, name: str, registry: str) -> Path:
-        """Write node ``name``'s config from its template, on fresh paths and ports."""
-        template = self.conf / f"demo-node-{name}.yaml"
-        try:
-            config: dict[str, Any] = yaml.safe_load(template.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise DemoError(f"cannot read the template {template}: {exc}") from exc
-        directory = self.workdir / f"node-{name}"
-        directory.mkdir(mode=0o700)
-        config["identity"] = str(directory / "identity.json")
-        config["listen"] = f"127.0.0.1:{_free_port()}"
-        config["registry"]["address"] = registry
-        path = self.workdir / f"node-{name}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
-
     def start(self) -> tuple[Path, Path]:
-        """Start the registry, then A, then B; returns their config paths."""
+        """Start the registry (its state in a temporary store), then A, then B; returns
+        their config paths."""
         registry = f"127.0.0.1:{_free_port()}"
-        registry_config = self.workdir / "registry.yaml"
-        shutil.copyfile(self.conf / "demo-registry.yaml", registry_config)
-        self._spawn(
-            "registry",
-            "pilot-registryd",
-            [
-                "--listen",
-                registry,
-                "--config",
-                str(registry_config),
-                "--store",
-                str(self.workdir / "registry.json"),
-            ],
-            "listening",
-        )
+        store = str(self.workdir / "registry.json")
+        self._spawn("registry", "pilot-registryd", ["--listen", registry, "--store", store])
         paths = []
-        for name in ("a", "b"):
-            path = self._node_config(name, registry)
-            args = ["--config", str(path)]
-            self._spawn(f"node {name.upper()}", "pilot-handshaked", args, "pilot-handshaked: node")
+        for name in NODES:
+            config = node_config(name, self.workdir, f"127.0.0.1:{_free_port()}", registry)
+            path = self.workdir / f"node-{name}.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            self._spawn(f"node {name.upper()}", "pilot-handshaked", ["--config", str(path)])
             paths.append(path)
         return paths[0], paths[1]
 
-    def _spawn(self, name: str, program: str, args: list[str], marker: str) -> None:
+    def _spawn(self, name: str, program: str, args: list[str]) -> None:
         log_path = self.workdir / (name.replace(" ", "-").lower() + ".log")
         print(f"$ {' '.join(shlex.quote(a) for a in [program, *args])} &   # {name}")
         process = _Process(name, [*_command(program), *args], log_path)
         self.processes.append(process)
-        process.wait_for(marker)
+        # Both programs print one "... listening on ADDRESS" line once they serve.
+        process.wait_for(" listening on ")
 
     def stop(self) -> None:
-        """Stop every process started (in reverse order); never raises."""
+        """Stop every process started (in reverse order); never raises. Idempotent."""
         for process in reversed(self.processes):
             try:
                 process.stop()
             except OSError as exc:
                 print(f"# could not stop {process.name}: {exc}", file=sys.stderr)
+
+    def check_quiet(self) -> None:
+        """Fail if any process logged a WARNING or worse: nothing went wrong, so nothing
+        should say so (call after ``stop``, which may log too)."""
+        noisy = [
+            f"{process.name}: {line}"
+            for process in self.processes
+            for line in process.log_path.read_text(errors="replace").splitlines()
+            if _LOUD.search(line)
+        ]
+        if noisy:
+            raise DemoError("the happy path logged warnings:\n" + "\n".join(noisy))
 
     def run(self, config: Path, *args: str, show: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``pilot-handshakectl --config CONFIG ARGS``; print it and its output."""
@@ -217,18 +229,17 @@ class Demo:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; 0 on success, 1 with a message on failure."""
     parser = argparse.ArgumentParser(prog="pilothandshake.demo", description=__doc__)
-    parser.add_argument(
-        "--conf", default=str(CHECKOUT / "conf"), help="directory of the demo-*.yaml templates"
-    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="pilot-demo-"))
+    workdir = Path(tempfile.mkdtemp(prefix="pilot-demo-"))  # mode 0700
     demo: Demo | None = None
     started = time.monotonic()
     try:
-        demo = Demo(workdir, Path(args.conf))
+        demo = Demo(workdir)
         a, b = demo.start()
         demo.walk_through(a, b)
+        demo.stop()
+        demo.check_quiet()
     except (DemoError, OSError) as exc:
         print(f"\ndemo FAILED: {exc}", file=sys.stderr)
         if demo is not None:

@@ -6,6 +6,12 @@ control-socket subscribers (each with its own bounded queue) and to the webhook 
 (another bounded queue and thread). Wherever a queue is full the oldest event is dropped and
 counted, so a slow consumer never slows the Manager down. The bus also keeps the last
 ``EVENT_HISTORY`` events, so ``pilot-handshakectl events`` can show what just happened.
+
+A webhook POST has one total deadline (``WEBHOOK_TIMEOUT``) from connect to the status line,
+so a server that answers one byte at a time cannot hold the worker longer; only a 2xx answer
+counts as delivered, and a redirect is not followed (it could send the event to another
+host). Every event the webhook loses (queue full, or a failed POST) is counted in
+``EventBus.webhook_dropped`` and reported in one WARNING per ``WEBHOOK_LOG_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import contextlib
 import functools
 import json
 import logging
+import socket
+import ssl
 import threading
 import time
-import urllib.request
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from .constants import (
     EVENT_HISTORY,
@@ -35,6 +43,64 @@ __all__ = ["EventBus", "Subscription"]
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
+
+_MAX_STATUS_LINE = 8 * 1024  # bytes read looking for the status line of a webhook's answer
+
+
+class WebhookError(Exception):
+    """A webhook POST that did not get a 2xx answer in time."""
+
+
+def post_json(url: str, body: bytes, timeout: float) -> int:
+    """POST ``body`` as JSON to the http(s) ``url`` and return the status code, all within
+    ``timeout`` seconds in total (connect, TLS, send, status line); redirects are returned,
+    never followed. Raises ``WebhookError`` (a timeout or OS error included)."""
+    deadline = time.monotonic() + timeout
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WebhookError(f"no answer within {timeout:g} s")
+        return left
+
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if https else 80)
+        sock = socket.create_connection((host, port), timeout=remaining())
+    except (OSError, ValueError) as exc:
+        raise WebhookError(f"cannot connect: {exc}") from exc
+    try:
+        if https:
+            sock.settimeout(remaining())
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: {parts.netloc.rpartition('@')[2]}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        # Since Python 3.5 a socket timeout bounds the whole sendall, not each chunk.
+        sock.settimeout(remaining())
+        sock.sendall(head.encode("latin-1") + body)
+        answer = b""
+        while b"\r\n" not in answer and len(answer) < _MAX_STATUS_LINE:
+            sock.settimeout(remaining())
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            answer += chunk
+    except socket.timeout:
+        raise WebhookError(f"no answer within {timeout:g} s") from None
+    except (OSError, UnicodeError) as exc:  # ssl errors are OSErrors
+        raise WebhookError(str(exc) or type(exc).__name__) from exc
+    finally:
+        sock.close()
+    fields = answer.split(b"\r\n", 1)[0].split(None, 2)
+    if len(fields) < 2 or not fields[0].startswith(b"HTTP/") or not fields[1].isdigit():
+        raise WebhookError("no HTTP status line in the answer")
+    return int(fields[1])
 
 
 def _rfc3339(moment: float) -> str:
@@ -113,14 +179,16 @@ class Subscription:
 
 
 class _Webhook:
-    """POSTs events to one URL from its own thread; failures are logged, never raised."""
+    """POSTs events to one URL from its own thread; failures are counted and logged
+    (rate-limited), never raised."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._queue = _DropOldestQueue(WEBHOOK_QUEUE)
         self._thread: threading.Thread | None = None
         self._last_warning = -WEBHOOK_LOG_INTERVAL
-        self._failures_unlogged = 0
+        self.failed = 0  # POSTs that did not get a 2xx answer
+        self._dropped_logged = 0  # dropped events already reported in a WARNING
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="event-webhook", daemon=True)
@@ -136,7 +204,8 @@ class _Webhook:
 
     @property
     def dropped(self) -> int:
-        return self._queue.dropped
+        """Events lost: pushed out of the full queue, or whose POST failed."""
+        return self._queue.dropped + self.failed
 
     def _run(self) -> None:
         while True:
@@ -146,32 +215,34 @@ class _Webhook:
             self._post(event)
 
     def _post(self, event: Event) -> None:
-        request = urllib.request.Request(
-            self.url,
-            data=json.dumps(event).encode("utf-8"),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
+        body = json.dumps(event).encode("utf-8")
         try:
-            with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT) as response:
-                response.read(1024)
-        except Exception as exc:  # any failure of a best-effort POST is only worth a log line
-            self._warn(exc)
+            status = post_json(self.url, body, WEBHOOK_TIMEOUT)
+            if not 200 <= status < 300:
+                redirect = " (redirects are not followed)" if 300 <= status < 400 else ""
+                raise WebhookError(f"answered HTTP {status}{redirect}")
+        except WebhookError as exc:
+            self.failed += 1
+            self._warn(str(exc))
+            return
+        if self.dropped > self._dropped_logged:
+            self._warn("its queue was full")
 
-    def _warn(self, exc: Exception) -> None:
+    def _warn(self, reason: str) -> None:
         # At most one line per interval, so an unreachable webhook cannot flood the log.
         now = time.monotonic()
         if now - self._last_warning < WEBHOOK_LOG_INTERVAL:
-            self._failures_unlogged += 1
             return
-        more = (
-            f" ({self._failures_unlogged} more failures since the last report)"
-            if self._failures_unlogged
-            else ""
+        dropped = self.dropped
+        log.warning(
+            "webhook %s: %s; %d events dropped since the last report (%d in all)",
+            self.url,
+            reason,
+            dropped - self._dropped_logged,
+            dropped,
         )
-        log.warning("webhook %s failed: %s%s", self.url, exc, more)
         self._last_warning = now
-        self._failures_unlogged = 0
+        self._dropped_logged = dropped
 
 
 class EventBus:
@@ -205,7 +276,7 @@ class EventBus:
 
     @property
     def webhook_dropped(self) -> int:
-        """Events the webhook never received because its queue was full."""
+        """Events the webhook did not take: its queue was full, or the POST failed."""
         return self._webhook.dropped if self._webhook is not None else 0
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:

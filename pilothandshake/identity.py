@@ -16,6 +16,7 @@ import tempfile
 import nacl.exceptions
 import nacl.signing
 
+from . import fsutil
 from .errors import StoreError
 from .messages import decode_b64
 
@@ -97,8 +98,8 @@ class Identity:
         path and the problem; it is never replaced, since that would change the node's key.
         """
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
+            # Never through a link: a planted identity.json link must not pick the key.
+            data = fsutil.read_file(path)
         except FileNotFoundError:
             return cls._create(path)
         except OSError as exc:
@@ -129,7 +130,7 @@ class Identity:
                 created = _publish(temp, path)
             finally:
                 _remove_quietly(temp)
-            _fsync_directory(directory)
+            fsutil.fsync_directory(directory)
         except OSError as exc:
             raise StoreError(f"{path}: cannot create identity: {exc}") from exc
         if not created:
@@ -183,17 +184,3 @@ def _publish(temp: str, path: str) -> bool:
 def _remove_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the new directory entry durable; platforms that cannot open a directory skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .constants import MAX_MESSAGE_SIZE, MAX_TEXT_BYTES, PORT_HANDSHAKE
+from .constants import MAX_MESSAGE_SIZE, MAX_NODE_ID, MAX_TEXT_BYTES, PORT_HANDSHAKE
 from .errors import MessageError
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "PORT_HANDSHAKE",
     "HandshakeMsg",
     "decode_b64",
+    "format_address",
     "handshake_challenge",
     "handshake_v2_challenge",
     "heartbeat_challenge",
@@ -50,7 +51,6 @@ HANDSHAKE_REJECT = "handshake_reject"
 HANDSHAKE_REVOKE = "handshake_revoke"
 MESSAGE_TYPES = frozenset({HANDSHAKE_REQUEST, HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE})
 
-MAX_NODE_ID = 2**32 - 1
 
 _STRING_FIELDS = ("public_key", "justification", "signature", "reason", "signature_v2")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -322,6 +322,13 @@ class HandshakeMsg:
         timestamp = _int_field(obj, "timestamp")
         strings = {name: _str_field(obj, name) for name in _STRING_FIELDS}
         return cls(type=msg_type, node_id=node_id, timestamp=timestamp, **strings)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """``host:port`` of ``(host, port)``, with an IPv6 host in brackets: what
+    ``parse_address`` reads back."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_address(text: str) -> tuple[str, int]:

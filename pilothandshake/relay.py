@@ -8,6 +8,11 @@ is unreachable the daemon keeps serving direct handshakes. Heartbeats are also s
 backoff pace while polls fail, and after ``HEARTBEAT_FAILURES_BEFORE_REREGISTER`` failed
 heartbeats in a row the loop registers again (the real registry rate-limits ``register``,
 hence the backoff).
+
+A poll answer comes from the network: at most ``MAX_RELAY_ITEMS_PER_POLL`` of its items are
+processed, and malformed or excess items are counted and reported in one WARNING per
+``RELAY_LOG_INTERVAL``, so a hostile or broken registry cannot flood the log or hold the
+loop.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
-from .constants import HEARTBEAT_FAILURES_BEFORE_REREGISTER, MAX_BACKOFF
+from .constants import HEARTBEAT_FAILURES_BEFORE_REREGISTER, MAX_BACKOFF, MAX_NODE_ID
 from .errors import RegistryError
 from .identity import Identity
-from .messages import MAX_NODE_ID
 
 log = logging.getLogger(__name__)
+
+# The real registry's inbox holds at most 100 requests per node; more in one answer is junk.
+MAX_RELAY_ITEMS_PER_POLL = 256
+RELAY_LOG_INTERVAL = 10.0  # at most one WARNING about dropped relay items per interval
 
 
 class LoopRegistry(Protocol):
@@ -58,11 +66,48 @@ def _node_id(value: Any) -> int:
     return value if type(value) is int and 0 < value <= MAX_NODE_ID else 0
 
 
+class _DropReport:
+    """Counts relay items dropped (malformed, or past the per-poll bound) and logs them in
+    one WARNING per ``RELAY_LOG_INTERVAL``, with an example of the last malformed one."""
+
+    def __init__(self) -> None:
+        self._last = -RELAY_LOG_INTERVAL
+        self._malformed = 0
+        self._excess = 0
+        self._example = ""
+
+    def malformed(self, kind: str, item: Any) -> None:
+        self._malformed += 1
+        self._example = f"{kind} {item!r:.100}"
+
+    def excess(self, count: int) -> None:
+        self._excess += count
+
+    def flush(self, address: str) -> None:
+        """Log what was counted, unless a line was logged less than an interval ago."""
+        now = time.monotonic()
+        if not (self._malformed or self._excess) or now - self._last < RELAY_LOG_INTERVAL:
+            return
+        log.warning(
+            "relay %s: dropped %d malformed items (last: %s) and %d past the limit of %d per poll",
+            address,
+            self._malformed,
+            self._example or "none",
+            self._excess,
+            MAX_RELAY_ITEMS_PER_POLL,
+        )
+        self._last = now
+        self._malformed = self._excess = 0
+        self._example = ""
+
+
 class RegistryLoop:
     """Keeps this node registered and drains its relay inbox on a background thread.
 
-    ``listen_addr`` is what ``register`` announces; ``on_node_id(node_id)`` runs whenever
-    the registry assigns an ID (the runtime's ``node_id()`` reads it). Thread-safe.
+    ``listen_addr`` is what ``register`` announces, with ``hostname`` when not "" (a name
+    the registry refuses is an ERROR and shows in ``state()``, never a failed start);
+    ``on_node_id(node_id)`` runs whenever the registry assigns an ID (the runtime's
+    ``node_id()`` reads it). Thread-safe.
     """
 
     def __init__(
@@ -75,6 +120,7 @@ class RegistryLoop:
         poll_interval: float,
         heartbeat_interval: float,
         public: bool = False,
+        hostname: str = "",
         on_node_id: Callable[[int], None] | None = None,
         max_backoff: float = MAX_BACKOFF,
     ) -> None:
@@ -85,6 +131,8 @@ class RegistryLoop:
         self._poll_interval = poll_interval
         self._heartbeat_interval = heartbeat_interval
         self._public = public
+        self._hostname = hostname
+        self._hostname_error = ""
         self._on_node_id = on_node_id
         self._max_backoff = max_backoff
         self._lock = threading.Lock()
@@ -98,6 +146,7 @@ class RegistryLoop:
         self._failures = 0
         self._heartbeat_failures = 0
         self._next_heartbeat = 0.0
+        self._drops = _DropReport()
 
     # -- state ------------------------------------------------------------------------
 
@@ -108,13 +157,16 @@ class RegistryLoop:
             return self._node_id
 
     def state(self) -> dict[str, Any]:
-        """The registry's state for ``status``: address, reachability, last error."""
+        """The registry's state for ``status``: address, reachability, last error, and the
+        hostname asked for with why the registry did not set it ("" when it did)."""
         with self._lock:
             return {
                 "address": self._client.address,
                 "reachable": self._reachable,
                 "registered": self._node_id != 0,
                 "error": self._last_error,
+                "hostname": self._hostname,
+                "hostname_error": self._hostname_error,
             }
 
     def _note(self, ok: bool, error: str = "") -> None:
@@ -132,7 +184,9 @@ class RegistryLoop:
     def register_once(self) -> bool:
         """Register now (used once before ``start()``); True on success."""
         try:
-            response = self._client.register(self.listen_addr, self._identity.public_key_b64)
+            response = self._client.register(
+                self.listen_addr, self._identity.public_key_b64, hostname=self._hostname
+            )
         except RegistryError as exc:
             self._note(False, f"register failed: {exc}")
             return False
@@ -144,6 +198,7 @@ class RegistryLoop:
             changed = node_id != self._node_id
             self._node_id = node_id
         self._note(True)
+        self._check_hostname(response)
         self._heartbeat_failures = 0
         self._next_heartbeat = time.monotonic() + self._heartbeat_interval
         # A registry that lost this node lost its visibility too.
@@ -154,6 +209,18 @@ class RegistryLoop:
                 self._on_node_id(node_id)
         self._ensure_visibility(node_id)
         return True
+
+    def _check_hostname(self, response: dict[str, Any]) -> None:
+        # The registry registers the node without a name it refuses (taken or invalid) and
+        # then leaves ``hostname`` out of its answer.
+        if not self._hostname:
+            return
+        granted = response.get("hostname") == self._hostname
+        error = "" if granted else "the registry did not set it (taken by another node, or invalid)"
+        with self._lock:
+            changed, self._hostname_error = error != self._hostname_error, error
+        if error and changed:
+            log.error("hostname %r: %s", self._hostname, error)
 
     def start(self) -> None:
         """Start the background thread. Idempotent."""
@@ -234,15 +301,22 @@ class RegistryLoop:
         self._note(True)
         requests = response.get("requests")
         responses = response.get("responses")
-        for item in requests if isinstance(requests, list) else []:
-            self._deliver_request(item)
-        for item in responses if isinstance(responses, list) else []:
+        requests = requests if isinstance(requests, list) else []
+        responses = responses if isinstance(responses, list) else []
+        budget = MAX_RELAY_ITEMS_PER_POLL
+        # Responses first: they complete our own requests, and are few.
+        for item in responses[:budget]:
             self._deliver_response(item)
+        budget = max(0, budget - len(responses))
+        for item in requests[:budget]:
+            self._deliver_request(item)
+        self._drops.excess(max(0, len(responses) + len(requests) - MAX_RELAY_ITEMS_PER_POLL))
+        self._drops.flush(self._client.address)
         return True
 
     def _deliver_request(self, item: Any) -> None:
         if not isinstance(item, dict) or not _node_id(item.get("from_node_id")):
-            log.warning("relay: dropped a malformed request: %.200r", item)
+            self._drops.malformed("request", item)
             return
         justification = item.get("justification")
         public_key = item.get("public_key")
@@ -261,7 +335,7 @@ class RegistryLoop:
             or not _node_id(item.get("from_node_id"))
             or type(item.get("accept")) is not bool
         ):
-            log.warning("relay: dropped a malformed response: %.200r", item)
+            self._drops.malformed("response", item)
             return
         peer = item["from_node_id"]
         try:

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections import deque
@@ -46,15 +45,14 @@ from typing import Any, Callable, NamedTuple, Union
 
 import filelock
 
-from .constants import TRUST_LOCK_TIMEOUT
+from . import fsutil
+from .constants import MAX_NETWORK, MAX_NODE_ID
 from .errors import StoreError
-from .messages import MAX_NODE_ID
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-TRUST_FILE = "trust.json"
-DIRECTORY_LOCK = "handshake.lock"
+LOCK_SUFFIX = ".lock"
 JOURNAL_SUFFIX = ".journal"
 # Compact when the journal would pass max(JOURNAL_MIN_BYTES, JOURNAL_RATIO * trust.json's size):
 # a rewrite then costs about as much as the appends it saves replaying, and a startup replays at
@@ -68,7 +66,6 @@ OUTGOING = "outgoing"
 HISTORY = "history"
 TABLES = (TRUSTED, PENDING, OUTGOING, HISTORY)
 
-MAX_NETWORK = 2**16 - 1
 # Go's zero time.Time: what Go reads for a missing time, and writes back.
 ZERO_TIME = datetime(1, 1, 1, tzinfo=timezone.utc)
 
@@ -505,8 +502,7 @@ class _Loaded(NamedTuple):
 
 def _load(path: str) -> _Loaded:
     try:
-        with open(path, "rb") as source:
-            data: bytes | None = source.read()
+        data: bytes | None = fsutil.read_file(path)
     except FileNotFoundError:
         data = None
     except OSError as exc:
@@ -570,8 +566,7 @@ def _replay_journal(path: str, digest: str | None, state: TrustState) -> int:
     """Apply the journal at ``path`` to ``state``, read from a trust.json whose SHA-256 is
     ``digest`` (None: no trust.json). Returns the journal's size in bytes (0: absent)."""
     try:
-        with open(path, "rb") as source:
-            data = source.read()
+        data = fsutil.read_file(path)
     except FileNotFoundError:
         return 0
     except OSError as exc:
@@ -614,64 +609,12 @@ def _replay_journal(path: str, digest: str | None, state: TrustState) -> int:
     return len(data)
 
 
-def _lock_directory(directory: str) -> filelock.FileLock:
-    """Take the identity directory's lock for the life of a store (SPEC 10: one daemon per
-    identity). flock on its own open file, so a second store in this process fails too."""
-    path = os.path.join(directory, DIRECTORY_LOCK)
-    # thread_local=False: close() may run on another thread than the one that opened.
-    lock = filelock.FileLock(path, timeout=0, mode=0o600, thread_local=False)
-    try:
-        lock.acquire()
-    except filelock.Timeout as exc:
-        raise StoreError(
-            f"identity directory {directory} is in use by another pilot-handshake process "
-            f"(lock {path})"
-        ) from exc
-    except OSError as exc:
-        raise StoreError(f"cannot lock {path}: {exc}") from exc
-    return lock
-
-
-def _temporary_prefix(path: str) -> str:
-    """How the names of ``path``'s temporary files begin (they end in ``.tmp``)."""
-    return f".{os.path.basename(path)}."
-
-
-def _remove_stale_temporaries(path: str) -> None:
-    """Delete temporary files a killed writer left beside ``path``.
-
-    Call holding the directory lock: no other writer of ``path`` can be mid-write, so every
-    such file is litter. They are never read as state; removing them keeps crashes from
-    accumulating files in the identity directory.
-    """
-    directory = os.path.dirname(path) or "."
-    prefix = _temporary_prefix(path)
-    try:
-        names = os.listdir(directory)
-    except OSError as exc:
-        log.warning("cannot list %s for stale temporary files: %s", directory, exc)
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            stale = os.path.join(directory, name)
-            try:
-                os.unlink(stale)
-            except OSError as exc:
-                log.warning("cannot remove stale temporary file %s: %s", stale, exc)
-            else:
-                log.info("removed %s, left by an interrupted write", stale)
-
-
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class TrustStore:
-    """trust.json and its journal with group commit and the identity directory lock (SPEC 10).
+    """trust.json and its journal with group commit, holding trust.json.lock (SPEC 10).
+
+    The lock is taken once, at open, and released at close: it keeps any other process
+    (a second daemon, a tool) from writing trust.json, and so is also the "one daemon per
+    identity directory" lock. Writes never wait for it.
 
     ``path`` "" keeps everything in memory: ``commit`` makes changes visible at once.
     Mutations are made holding ``lock`` (the Manager's); ``commit`` is called without it.
@@ -686,7 +629,8 @@ class TrustStore:
         on_commit: Callable[[list[Change]], None],
         metrics: Metrics | None = None,
     ) -> None:
-        """Open the store: create the directory, take its lock, load ``path`` and its journal.
+        """Open the store: create the directory, take trust.json.lock, load ``path`` and its
+        journal.
 
         Writes nothing. Raises ``StoreError`` when the directory is in use or a file does not
         parse.
@@ -697,7 +641,9 @@ class TrustStore:
         self._on_commit = on_commit
         self._metrics = metrics if metrics is not None else Metrics()
         self._directory = os.path.dirname(path) or "."
-        self._directory_lock: filelock.FileLock | None = None
+        # Held from open to close; None in memory (and once closed). One object, taken by
+        # one thread: filelock gives no exclusion between threads sharing an object.
+        self._file_lock: filelock.FileLock | None = None
         self._closed = False
         self._seq = 0  # the last sequence number handed out
         self._resolved = 0  # every change up to this one was written or rolled back
@@ -721,12 +667,14 @@ class TrustStore:
                 os.makedirs(self._directory, mode=0o700, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create {self._directory}: {exc}") from exc
-            self._directory_lock = _lock_directory(self._directory)
-            _remove_stale_temporaries(path)
+            self._file_lock = fsutil.hold_lock(
+                path + LOCK_SUFFIX, f"identity directory {self._directory}"
+            )
+            fsutil.remove_stale_temporaries(path)
             try:
                 loaded = _load(path)
             except StoreError:
-                self._directory_lock.release()
+                self._file_lock.release()
                 raise
         state = loaded.state
         self._base, self._trust_size, self._journal_size = (
@@ -734,13 +682,6 @@ class TrustStore:
             loaded.size,
             loaded.journal,
         )
-        # One lock object, used only by the writer: filelock gives no exclusion between
-        # threads sharing an object, and two objects on one path in one thread deadlock.
-        self._file_lock: filelock.FileLock | None = None
-        if path:
-            self._file_lock = filelock.FileLock(
-                path + ".lock", timeout=TRUST_LOCK_TIMEOUT, mode=0o600
-            )
         self._fragments = {name: _Fragments(name, state.table(name)) for name in TABLES}
         self.visible = state
         self.working = state.copy()
@@ -847,15 +788,14 @@ class TrustStore:
             if self._closed:
                 raise OSError("the trust store is closed")
             if self._file_lock is not None:
-                with self._file_lock:
-                    if snapshot is not None:
-                        data = _document(snapshot)
-                        self._open_journal()
-                        self._replace(data)
-                        replaced = True
-                        self._after_replace(data)
-                    else:
-                        self._append(line)
+                if snapshot is not None:
+                    data = _document(snapshot)
+                    self._open_journal()
+                    self._replace(data)
+                    replaced = True
+                    self._after_replace(data)
+                else:
+                    self._append(line)
         except OSError as exc:
             error = f"cannot write {self.path or 'the trust state'}: {exc}"
             with self._done:
@@ -897,7 +837,7 @@ class TrustStore:
         """The journal's descriptor, created (mode 0600) on first use; the caller fsyncs the
         directory after creating it (a compaction does, right after its rename)."""
         if self._journal_fd is None:
-            fd = os.open(self._journal_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = fsutil.open_nofollow(self._journal_path, os.O_RDWR | os.O_CREAT)
             try:
                 if os.fstat(fd).st_mode & 0o777 != 0o600:
                     os.fchmod(fd, 0o600)  # copied in from elsewhere
@@ -933,7 +873,7 @@ class TrustStore:
         self._base, self._trust_size = _digest(data), len(data)
         # The journal's header names the file just replaced: never append to it again.
         self._journal_ours = False
-        _fsync_directory(self._directory)
+        fsutil.fsync_directory(self._directory)
         if self._journal_size != 0:
             fd = self._open_journal()
             try:
@@ -948,26 +888,14 @@ class TrustStore:
 
     def _rewrite(self, data: bytes) -> None:
         """Compact: replace trust.json with ``data`` and empty the journal."""
-        assert self._file_lock is not None
-        with self._file_lock:
-            self._open_journal()
-            self._replace(data)
-            self._after_replace(data)
+        self._open_journal()
+        self._replace(data)
+        self._after_replace(data)
 
     def _replace(self, data: bytes) -> None:
-        fd, temporary = tempfile.mkstemp(
-            prefix=_temporary_prefix(self.path), suffix=".tmp", dir=self._directory
-        )
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        # The rename only: _after_replace fsyncs the directory (which also makes a
+        # just-created journal's entry durable), after _lead has noted that the disk changed.
+        fsutil.replace_file(self.path, data)
 
     def _roll_back(self, error: str) -> dict[str, list[bytes]]:
         """Undo every change since the last successful write and fail all of them.
@@ -1005,8 +933,8 @@ class TrustStore:
         return ""
 
     def close(self) -> None:
-        """Wait for a write in flight, compact the journal into trust.json, release the
-        directory lock; later commits fail. Changes not yet committed are rolled back.
+        """Wait for a write in flight, compact the journal into trust.json, release
+        trust.json.lock; later commits fail. Changes not yet committed are rolled back.
 
         Idempotent. A failed compaction is logged: the journal still holds every change.
         """
@@ -1014,7 +942,7 @@ class TrustStore:
             self._closed = True
             while self._writing:
                 self._done.wait()
-            if self._directory_lock is None:
+            if self._file_lock is None:
                 return
             error = f"cannot write {self.path}: the trust store is closed"
             if self._log:
@@ -1022,7 +950,7 @@ class TrustStore:
             snapshot = self._render() if self._journal_size != 0 else None
             self._writing = True  # commits wait, then find the store closed
         try:
-            if snapshot is not None and self._file_lock is not None:
+            if snapshot is not None:
                 try:
                     self._rewrite(_document(snapshot))
                 except OSError as exc:
@@ -1033,8 +961,8 @@ class TrustStore:
                     with contextlib.suppress(OSError):
                         os.close(self._journal_fd)
                     self._journal_fd = None
-                if self._directory_lock is not None:
-                    self._directory_lock.release()
-                    self._directory_lock = None
+                if self._file_lock is not None:
+                    self._file_lock.release()
+                    self._file_lock = None
                 self._writing = False
                 self._done.notify_all()

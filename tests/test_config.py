@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from pilothandshake.config import Config, load_config, parse_config
+from pilothandshake.config import Config, format_address, load_config, parse_address, parse_config
 from pilothandshake.errors import ConfigError
 from pilothandshake.runtime import AllowlistEntry
 
@@ -50,17 +52,35 @@ def test_registry_section_defaults_apply_when_only_address_given(tmp_path: Path)
     assert config.registry.public is False
 
 
-def test_example_config_parses_with_every_section(tmp_path: Path) -> None:
-    config = load_config(str(EXAMPLE))
-    assert config.node_id == 7
-    assert config.registry is not None and config.registry.address == "127.0.0.1:9000"
+def test_example_config_holds_only_defaults_and_enables_nothing(tmp_path: Path) -> None:
+    # Copied as it is, conf/example.yaml sets only where the state lives and which registry
+    # to use: every other key is at its default, so no allowlist, deny or peers entry.
+    example = load_config(str(EXAMPLE))
+    minimal = load_config(
+        write(
+            tmp_path,
+            "identity: /var/lib/pilot-handshake/identity.json\n"
+            "registry: {address: '127.0.0.1:9000'}\n",
+        )
+    )
+    assert dataclasses.replace(example, path="") == dataclasses.replace(minimal, path="")
+    assert example.trust.allowlist == {} and example.peers == {}
+    assert example.trust.deny == frozenset()
+
+
+def test_example_configs_commented_out_entries_are_valid_when_enabled(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    text = re.sub(r"^\s*(allowlist: \[\]|deny: \[\]|peers: \{\})\n", "", text, flags=re.M)
+    text = re.sub(
+        r"^(\s*)# ((?:allowlist|deny|peers):.*|  (?:- \{|\d+:).*)$", r"\1\2", text, flags=re.M
+    )
+    config = load_config(write(tmp_path, text))
     assert config.trust.allowlist == {
         42: AllowlistEntry(42, "build-agent", ""),
         43: AllowlistEntry(43, "deployer", KEY),
     }
     assert config.trust.deny == frozenset({13})
     assert config.peers == {42: "10.0.0.5:444"}
-    assert config.identity == os.path.expanduser("~/.pilot-handshake/identity.json")
 
 
 def test_relative_identity_resolves_against_the_config_directory(tmp_path: Path) -> None:
@@ -120,7 +140,7 @@ def test_integer_accepted_for_seconds_and_null_section_means_defaults(tmp_path: 
         ("peers: {42: '10.0.0.5'}\n", "peers.42", "host:port"),
         ("peers: {x: '10.0.0.5:444'}\n", "peers.x", "an integer"),
         ("events: {webhook: 'ftp://x/y'}\n", "events.webhook", "http"),
-        ("max_connections: 0\n", "max_connections", ">= 1"),
+        ("max_connections: 0\n", "max_connections", "an integer 1.."),
         ("max_connections_per_source: 2.5\n", "max_connections_per_source", "an integer"),
         ("log_level: verbose\n", "log_level", "debug, info, warning, error"),
         ("log_format: xml\n", "log_format", "text, json"),
@@ -170,3 +190,48 @@ def test_config_built_in_code_has_defaults_and_is_frozen() -> None:
     assert config.control_socket == os.path.expanduser("~/.pilot-handshake/control.sock")
     with pytest.raises(AttributeError):
         config.node_id = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "max_replay_per_source: " + "9" * 5000 + "\n",  # past Python's int() digit limit
+        "trust: {deny: [" + "1" * 5000 + "]}\n",
+        "node_id: 2026-13-45\n",  # YAML's timestamp constructor raises ValueError
+    ],
+)
+def test_every_parse_failure_is_a_config_error_naming_the_file(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert len(str(info.value)) < 400
+
+
+def test_huge_hex_integer_is_described_without_printing_it(tmp_path: Path) -> None:
+    # int() of hex has no digit limit, but repr() of the result would raise ValueError.
+    path = write(tmp_path, "node_id: 0x" + "f" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"node_id: expected an integer 0\.\.\d+, got an integer"):
+        load_config(path)
+
+
+def test_counts_have_an_upper_bound(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"max_connections: expected an integer 1\.\.2147483647"):
+        load_config(write(tmp_path, "max_connections: 0x" + "f" * 40 + "\n"))
+
+
+def test_pending_ttl_and_hostname(tmp_path: Path) -> None:
+    default = load_config(write(tmp_path, ""))
+    assert default.trust.pending_ttl == 604800 and default.hostname == ""
+    config = load_config(write(tmp_path, "hostname: build-1\ntrust: {pending_ttl: 60}\n"))
+    assert config.trust.pending_ttl == 60 and config.hostname == "build-1"
+    with pytest.raises(ConfigError, match=r"trust\.pending_ttl: expected a number of seconds"):
+        load_config(write(tmp_path, "trust: {pending_ttl: 0}\n"))
+    with pytest.raises(ConfigError, match="hostname: expected a string"):
+        load_config(write(tmp_path, "hostname: 5\n"))
+
+
+def test_format_address_is_what_parse_address_reads_back() -> None:
+    for address in (("127.0.0.1", 444), ("::1", 0), ("example.org", 65535)):
+        assert parse_address(format_address(address)) == address
+    assert format_address(("::1", 444)) == "[::1]:444"

@@ -9,6 +9,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,13 @@ from typing import Any
 import pytest
 import yaml
 
-from pilothandshake.config import Config, RegistryConfig, TrustConfig
+from pilothandshake.config import (
+    Config,
+    EventsConfig,
+    RegistryConfig,
+    TrustConfig,
+    format_address,
+)
 from pilothandshake.daemon import (
     Daemon,
     DaemonRuntime,
@@ -24,9 +31,16 @@ from pilothandshake.daemon import (
     main,
     move_corrupt_aside,
 )
-from pilothandshake.errors import HandshakeError, RegistryError, SendError, StoreError
+from pilothandshake.errors import (
+    ConfigError,
+    HandshakeError,
+    RegistryError,
+    SendError,
+    StoreError,
+)
 from pilothandshake.events import EventBus
 from pilothandshake.identity import Identity
+from pilothandshake.registry.server import RegistryServer
 from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import load_state
 
@@ -178,6 +192,7 @@ def test_daemon_start_and_stop_are_idempotent_and_release_everything(short_dir: 
         "registry": None,
         "trusted": 0,
         "pending": 0,
+        "webhook": None,
     }
     assert os.path.exists(config.control_socket)
     daemon.stop()
@@ -273,3 +288,142 @@ def test_main_with_a_bad_config_prints_one_line_and_returns_1(
     assert err.startswith("pilot-handshaked: ") and str(config) in err and "listen" in err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 1
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_missing_state_directory_is_created_private(short_dir: Path) -> None:
+    state = short_dir / "state"
+    Daemon(node_config(short_dir, identity=str(state / "identity.json"))).stop()
+    assert (state.stat().st_mode & 0o777) == 0o700
+
+
+def test_state_directory_writable_by_others_is_refused_naming_the_fix(short_dir: Path) -> None:
+    os.chmod(short_dir, 0o777)
+    with pytest.raises(StoreError) as caught:
+        Daemon(node_config(short_dir))
+    message = str(caught.value)
+    assert f"state directory {short_dir} is writable by group or others" in message
+    assert f"run: chmod go-w {short_dir}" in message
+    assert not (short_dir / "identity.json").exists()  # refused before anything is written
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_identity_file_owned_by_another_user_is_refused(short_dir: Path) -> None:
+    identity = short_dir / "identity.json"
+    Identity.load_or_create(str(identity))
+    os.chown(identity, 12345, 12345)
+    with pytest.raises(StoreError, match=f"identity file {identity} is owned by uid 12345"):
+        Daemon(node_config(short_dir))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_state_directory_owned_by_another_user_is_refused(short_dir: Path) -> None:
+    os.chown(short_dir, 12345, 12345)
+    with pytest.raises(StoreError, match=f"state directory {short_dir} is owned by uid 12345"):
+        Daemon(node_config(short_dir))
+
+
+def test_planted_journal_link_is_refused_and_its_target_untouched(short_dir: Path) -> None:
+    victim = short_dir.parent / f"{short_dir.name}-victim"
+    victim.write_bytes(b"root's file\n")
+    os.chmod(victim, 0o644)
+    try:
+        (short_dir / "trust.json.journal").symlink_to(victim)
+        with pytest.raises(StoreError, match="symbolic link"):
+            Daemon(node_config(short_dir))
+        assert victim.read_bytes() == b"root's file\n"
+        assert (victim.stat().st_mode & 0o777) == 0o644
+    finally:
+        victim.unlink()
+
+
+def test_reload_of_a_file_with_a_5000_digit_integer_keeps_the_old_config(
+    short_dir: Path,
+) -> None:
+    path = short_dir / "config.yaml"
+    path.write_text(
+        yaml.safe_dump({"identity": str(short_dir / "identity.json"), "listen": "127.0.0.1:0"})
+    )
+    daemon = Daemon.from_file(str(path))
+    try:
+        before = daemon.config
+        path.write_text(path.read_text() + "trust: {deny: [" + "7" * 5000 + "]}\n")
+        with pytest.raises(ConfigError, match=str(path)):
+            daemon.reload()
+        assert daemon.config is before
+    finally:
+        daemon.stop()
+
+
+def test_runtime_reads_pending_ttl_from_the_config() -> None:
+    config = Config(listen="127.0.0.1:0", trust=TrustConfig(pending_ttl=30.0))
+    assert runtime(config).trust_pending_ttl() == 30.0
+
+
+def test_status_shows_the_events_the_webhook_dropped(short_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"  # nothing listens after this
+    config = node_config(short_dir, events=EventsConfig(webhook=url))
+    with Daemon(config) as daemon:
+        assert daemon.status()["webhook"] == {"url": url, "dropped": 0}
+        daemon.events.publish("handshake.received", {"peer_node_id": 5})
+        deadline = time.monotonic() + WAIT
+        while daemon.status()["webhook"]["dropped"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert daemon.status()["webhook"]["dropped"] == 1
+    assert Daemon(node_config(short_dir)).status()["webhook"] is None
+
+
+@pytest.fixture
+def embedded_registry() -> Iterator[str]:
+    server = RegistryServer("127.0.0.1", 0)
+    server.start()
+    try:
+        yield format_address(server.address)
+    finally:
+        server.stop()
+
+
+def registered_config(directory: Path, registry: str) -> Config:
+    return node_config(directory, node_id=0, registry=RegistryConfig(address=registry))
+
+
+def test_a_node_id_the_registry_changed_is_an_error_and_an_event(
+    short_dir: Path, embedded_registry: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory = short_dir / "node.json"
+    memory.write_text(json.dumps({"registry": embedded_registry, "node_id": 99}))
+    daemon = Daemon(registered_config(short_dir, embedded_registry))
+    subscription = daemon.events.subscribe()
+    with caplog.at_level(logging.ERROR, logger="pilothandshake.daemon"), daemon:
+        assert daemon.node_id == 1
+        event = subscription.get(timeout=WAIT)
+    assert event is not None and event["event"] == "node.id_changed"
+    assert event["data"] == {"old": 99, "new": 1} and event["node_id"] == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "ID 1, but it was node 99 before" in errors[0]
+    assert json.loads(memory.read_text()) == {"registry": embedded_registry, "node_id": 1}
+    assert memory.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_same_node_id_again_is_no_event(
+    short_dir: Path, embedded_registry: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = registered_config(short_dir, embedded_registry)
+    with Daemon(config) as first:
+        assert first.node_id == 1
+    daemon = Daemon(config)
+    subscription = daemon.events.subscribe()
+    with caplog.at_level(logging.ERROR, logger="pilothandshake.daemon"), daemon:
+        assert daemon.node_id == 1
+        assert subscription.get(timeout=0.2) is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_legacy_mode_logs_one_warning_saying_what_it_relaxes(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = node_config(short_dir, trust=TrustConfig(strict=False))
+    with caplog.at_level(logging.WARNING, logger="pilothandshake.daemon"), Daemon(config):
+        pass
+    (line,) = [r.getMessage() for r in caplog.records if "legacy mode" in r.getMessage()]
+    assert "Go-style signature" in line and "still needs a valid key and signature" in line

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import logging
 import queue
 import re
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -215,3 +217,104 @@ def test_event_time_is_taken_at_publish_and_formatted_as_utc_milliseconds(
     assert events._rfc3339(0.0) == "1970-01-01T00:00:00.000Z"
     assert events._rfc3339(951782399.9994) == "2000-02-28T23:59:59.999Z"
     assert events._rfc3339(951868800.5) == "2000-03-01T00:00:00.500Z"
+
+
+class _Drip(socketserver.BaseRequestHandler):
+    """Reads the request, then answers one byte at a time, never finishing a line."""
+
+    def handle(self) -> None:
+        self.request.recv(65536)
+        for _ in range(200):  # 20 s at most
+            try:
+                self.request.sendall(b"H")
+            except OSError:
+                return
+            time.sleep(0.1)
+
+
+class _Redirect(http.server.BaseHTTPRequestHandler):
+    location = ""
+
+    def do_POST(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", self.location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve(server: socketserver.BaseServer) -> Iterator[str]:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        yield f"http://{host!s}:{port}/hook"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_slow_drip_webhook_is_abandoned_at_its_total_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(events, "WEBHOOK_TIMEOUT", 0.5)
+    drip = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Drip)
+    drip.daemon_threads = True
+    with serve(drip) as url:
+        started = time.monotonic()
+        with pytest.raises(events.WebhookError, match=r"no answer within 0\.5 s"):
+            events.post_json(url, b"{}", 0.5)
+        # A per-read timeout would wait for the drip's 20 s; the deadline is total.
+        assert time.monotonic() - started < 5
+        bus = EventBus(lambda: 1, webhook=url)
+        bus.start()
+        try:
+            bus.publish("handshake.received", {"peer_node_id": 1})
+            assert wait_for(lambda: bus.webhook_dropped == 1, timeout=5)
+        finally:
+            bus.stop(timeout=2)
+
+
+def test_webhook_redirect_is_not_followed_and_counts_as_dropped(
+    webhook_server: tuple[str, queue.Queue[tuple[str, str, Any]]],
+) -> None:
+    elsewhere, received = webhook_server
+    handler = type("Handler", (_Redirect,), {"location": elsewhere})
+    redirect = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    with serve(redirect) as url:
+        bus = EventBus(lambda: 1, webhook=url)
+        bus.start()
+        try:
+            bus.publish("handshake.received", {"peer_node_id": 1})
+            assert wait_for(lambda: bus.webhook_dropped == 1)
+        finally:
+            bus.stop(timeout=2)
+    assert received.empty()
+
+
+def test_webhook_success_drops_nothing(
+    webhook_server: tuple[str, queue.Queue[tuple[str, str, Any]]],
+) -> None:
+    url, received = webhook_server
+    bus = EventBus(lambda: 1, webhook=url)
+    bus.start()
+    try:
+        for index in range(3):
+            bus.publish("handshake.received", {"peer_node_id": index})
+        for _ in range(3):
+            received.get(timeout=5)
+    finally:
+        bus.stop(timeout=2)
+    assert bus.webhook_dropped == 0

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -59,3 +64,89 @@ def test_readme_runtime_completes_a_handshake_between_two_managers(tmp_path: Pat
         manager_a.stop()
         manager_b.stop()
     assert '"node_id": 42' in (tmp_path / "a" / "trust.json").read_text()
+
+
+# The walkthrough's fixed ports; the test swaps each for a free one.
+WALKTHROUGH_PORTS = (19000, 14441, 14442)
+WALKTHROUGH_CONFIGS = ("demo-registry.yaml", "demo-node-a.yaml", "demo-node-b.yaml")
+WALKTHROUGH_TIMEOUT = 120.0
+
+
+def _walkthrough_script(ports: dict[int, int]) -> tuple[str, list[str]]:
+    """The README's walkthrough as one bash script: the start block as pasted, every
+    ``$ pilot-handshakectl ...`` / ``$ cat`` / ``$ grep`` line of its transcripts (each
+    followed by a marker line with its exit code), then the stop block."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Walkthrough by hand", 1)[1].split("\n## ", 1)[0]
+    shell_blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    (start,) = [b for b in shell_blocks if "mktemp -d" in b]
+    (stop,) = [b for b in shell_blocks if "kill %1 %2 %3" in b]
+    commands = re.findall(r"^\$ (.+)$", section, re.M)
+    lines = [start]
+    for index, command in enumerate(commands):
+        lines.append(f"{command}\necho '@@ {index} rc='$?")
+    lines.append(stop)
+    lines.append("wait")  # for the daemons to exit after the stop block's SIGTERM
+    script = "\n".join(lines)
+    for fixed, free in ports.items():
+        script = script.replace(str(fixed), str(free))
+    return script, commands
+
+
+def _fake_checkout(root: Path, ports: dict[int, int]) -> None:
+    """What the walkthrough needs of a checkout: ``conf/`` (ports swapped for free ones, so
+    the test never binds a fixed port) and ``.venv/bin`` holding the three programs."""
+    (root / "conf").mkdir(parents=True)
+    for name in WALKTHROUGH_CONFIGS:
+        config = (README.parent / "conf" / name).read_text()
+        for fixed, free in ports.items():
+            config = config.replace(str(fixed), str(free))
+        (root / "conf" / name).write_text(config)
+    scripts = root / ".venv" / "bin"
+    scripts.mkdir(parents=True)
+    for program in ("pilot-registryd", "pilot-handshaked", "pilot-handshakectl"):
+        source = (README.parent / "bin" / program).read_text()
+        (scripts / program).write_text(f"#!{sys.executable}\n{source}")
+        (scripts / program).chmod(0o755)
+
+
+def test_readme_walkthrough_pasted_as_one_block_works(tmp_path: Path) -> None:
+    ports = {fixed: _free_port() for fixed in WALKTHROUGH_PORTS}
+    checkout = tmp_path / "checkout"
+    _fake_checkout(checkout, ports)
+    script, commands = _walkthrough_script(ports)
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(README.parent))
+    env.pop("PILOT_HANDSHAKE_SOCKET", None)
+    process = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=checkout,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the daemons join this group: one signal stops them all
+    )
+    try:
+        out, _ = process.communicate(timeout=WALKTHROUGH_TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(10)
+    results = dict(re.findall(r"^@@ (\d+) rc=(\d+)$", out, re.M))
+    assert len(results) == len(commands), out
+    # Output of command i: after marker i-1 (the start block's output precedes command 0's).
+    outputs = re.split(r"^@@ \d+ rc=\d+$", out, flags=re.M)
+    untrust_at = next(i for i, c in enumerate(commands) if " untrust " in c)
+    for index, command in enumerate(commands):
+        expected = "0"
+        if command.startswith("grep -c"):
+            expected = "1"  # grep's exit code when it counted no match in any file
+        elif " approve " in command and index > untrust_at:
+            expected = "1"  # nothing pending any more
+        assert results[str(index)] == expected, f"{command}:\n{outputs[index]}"
+    by_command = dict(zip(commands, outputs))
+    assert "nightly sync" in by_command["pilot-handshakectl --config demo-node-b.yaml pending"]
+    trust_a = by_command["pilot-handshakectl --config demo-node-a.yaml trust"]
+    assert re.search(r"^2\b.*\byes\b", trust_a, re.M), trust_a
+    counts = re.findall(r"^\S+\.log:(\d+)$", by_command["grep -c WARNING *.log"], re.M)
+    assert counts == ["0", "0", "0"], out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ import pytest
 
 from pilothandshake.errors import RegistryError
 from pilothandshake.identity import Identity
-from pilothandshake.relay import RegistryLoop
+from pilothandshake.relay import MAX_RELAY_ITEMS_PER_POLL, RegistryLoop
 
 WAIT = 5.0
 
@@ -173,10 +174,10 @@ def test_polled_requests_and_responses_reach_the_manager(
     loop.start()
     assert target.wait_count(4)
     assert target.seen == [
-        ("request", 9, "sync", "KEY"),
-        ("request", 10, "no key", ""),
         ("approval", 11),
         ("rejection", 12),
+        ("request", 9, "sync", "KEY"),
+        ("request", 10, "no key", ""),
     ]
 
 
@@ -194,7 +195,7 @@ def test_malformed_relay_entries_are_dropped_and_the_rest_delivered(
     loop = make_loop()
     loop.start()
     assert target.wait_count(2)
-    assert target.seen == [("request", 3, "", ""), ("approval", 4)]
+    assert target.seen == [("approval", 4), ("request", 3, "", "")]
     # The loop survived the bad entries and keeps polling.
     polls = registry.count("poll")
     assert registry.wait_for(lambda: registry.count("poll") > polls + 2)
@@ -268,3 +269,71 @@ def test_stop_wakes_a_sleeping_loop_promptly(
     loop.stop()
     assert time.monotonic() - started < 1.0
     loop.stop()  # idempotent
+
+
+def relay_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "pilothandshake.relay" and r.levelno == logging.WARNING
+    ]
+
+
+def test_a_flood_of_malformed_items_is_one_warning_line_not_one_per_item(
+    registry: FakeRegistry,
+    make_loop: Callable[..., RegistryLoop],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pilothandshake.relay")
+    registry.requests = ["junk"] * 50_000 + [{"from_node_id": "x" * 10_000}]
+    registry.responses = [{"from_node_id": 4, "accept": "yes"}] * 50_000
+    loop = make_loop()
+    loop.start()
+    assert registry.wait_for(lambda: registry.count("poll") >= 3)
+    loop.stop()
+    (line,) = relay_warnings(caplog)
+    assert "dropped 256 malformed items" in line
+    assert "99745 past the limit of 256 per poll" in line
+    assert len(line) < 400  # the example is quoted to about 100 characters
+
+
+def test_at_most_the_bound_of_items_is_processed_per_poll(
+    registry: FakeRegistry, target: Target, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    registry.requests = [{"from_node_id": n, "justification": ""} for n in range(1, 1001)]
+    registry.responses = [{"from_node_id": 5000, "accept": True}]
+    loop = make_loop()
+    loop.start()
+    assert registry.wait_for(lambda: registry.count("poll") >= 3)
+    loop.stop()
+    assert len(target.seen) == MAX_RELAY_ITEMS_PER_POLL
+    assert target.seen[0] == ("approval", 5000)  # responses are not crowded out by requests
+
+
+def test_hostname_is_asked_at_registration_and_a_refusal_is_an_error_in_state(
+    registry: FakeRegistry,
+    make_loop: Callable[..., RegistryLoop],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    asked: list[str] = []
+
+    def register(
+        listen_addr: str, public_key_b64: str, owner: str = "", hostname: str = ""
+    ) -> dict[str, Any]:
+        asked.append(hostname)
+        answer: dict[str, Any] = {"type": "register_ok", "node_id": 5}
+        if hostname != "taken":
+            answer["hostname"] = hostname
+        return answer
+
+    registry.register = register  # type: ignore[method-assign]
+    loop = make_loop(hostname="build-1")
+    assert loop.register_once()
+    assert asked == ["build-1"]
+    assert loop.state()["hostname_error"] == ""
+    caplog.set_level(logging.ERROR, logger="pilothandshake.relay")
+    refused = make_loop(hostname="taken")
+    assert refused.register_once()  # registered all the same
+    assert refused.node_id == 5
+    assert "taken by another node" in refused.state()["hostname_error"]
+    assert any("hostname 'taken'" in r.getMessage() for r in caplog.records)

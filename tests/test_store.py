@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -59,8 +58,8 @@ def trust_path(tmp_path: Path) -> Path:
 
 
 def leftovers(directory: Path) -> list[str]:
-    """Files in ``directory`` other than the trust file, its journal and the two lock files."""
-    expected = {"trust.json", "trust.json.journal", "trust.json.lock", "handshake.lock"}
+    """Files in ``directory`` other than the trust file, its journal and its lock file."""
+    expected = {"trust.json", "trust.json.journal", "trust.json.lock"}
     return sorted(name for name in os.listdir(directory) if name not in expected)
 
 
@@ -304,7 +303,7 @@ def test_second_process_on_one_directory_fails_with_a_clear_message(trust_path: 
     first.close()
     assert result.returncode == 3, result.stderr
     assert f"identity directory {trust_path.parent} is in use" in result.stdout
-    assert str(trust_path.parent / "handshake.lock") in result.stdout
+    assert str(trust_path.parent / "trust.json.lock") in result.stdout
 
 
 # Commit
@@ -528,34 +527,45 @@ def test_failure_after_the_rename_restores_the_durable_state(
     opened.close()
 
 
-def test_write_lock_held_elsewhere_fails_the_commit_instead_of_hanging(
-    trust_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(store, "TRUST_LOCK_TIMEOUT", 0.2)
+def try_lock_in_another_process(path: Path) -> bool:
+    """Whether another process can take the file lock ``path`` right now."""
+    code = (
+        "import sys, filelock\n"
+        "try:\n"
+        "    filelock.FileLock(sys.argv[1], timeout=0).acquire()\n"
+        "except filelock.Timeout:\n"
+        "    sys.exit(3)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, timeout=20, check=False
+    )
+    assert result.returncode in (0, 3), result.stderr
+    return result.returncode == 0
+
+
+def test_trust_lock_is_held_from_open_to_close_not_per_write(trust_path: Path) -> None:
+    lock_path = trust_path.with_name("trust.json.lock")
     opened, lock = open_store(trust_path)
-    holder_ready, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with filelock.FileLock(str(trust_path) + ".lock"):
-            holder_ready.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert holder_ready.wait(5)
-    with lock:
-        seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
-    started = time.monotonic()
-    with pytest.raises(StoreError, match=f"cannot write {trust_path}"):
-        opened.commit(seq)
-    assert time.monotonic() - started < 5
-    release.set()
-    holder.join(5)
-    assert opened.working == opened.visible == TrustState()
+    assert not try_lock_in_another_process(lock_path)  # before any write
     with lock:
         seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
     opened.commit(seq)
-    assert sorted(load_state(str(trust_path)).trusted) == [1]
+    assert not try_lock_in_another_process(lock_path)  # between writes
+    opened.close()
+    assert try_lock_in_another_process(lock_path)
+
+
+def test_trust_lock_held_by_another_process_refuses_to_open_naming_the_directory(
+    trust_path: Path,
+) -> None:
+    trust_path.parent.mkdir(mode=0o700)
+    in_use = f"identity directory {trust_path.parent} is in use"
+    with (
+        filelock.FileLock(str(trust_path) + ".lock", timeout=0),
+        pytest.raises(StoreError, match=in_use),
+    ):
+        open_store(trust_path)
+    opened, _ = open_store(trust_path)
     opened.close()
 
 
@@ -921,3 +931,26 @@ def test_close_rolls_back_changes_never_committed(trust_path: Path) -> None:
         opened.commit(seq)
     assert opened.working == before == load_state(str(trust_path))
     assert trust_path.read_bytes() == encode_state(before)
+
+
+# Links planted in the state directory
+
+
+@pytest.mark.parametrize("name", ["trust.json", "trust.json.journal"])
+def test_planted_link_is_refused_and_its_target_never_truncated_or_chmodded(
+    trust_path: Path, tmp_path: Path, name: str
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's file")
+    victim.chmod(0o644)
+    trust_path.parent.mkdir(mode=0o700)
+    (trust_path.parent / name).symlink_to(victim)
+    with pytest.raises(StoreError, match="symbolic link"):
+        opened, lock = open_store(trust_path)
+        # Old code opened it: make it write and compact, as a daemon would.
+        with lock:
+            seq = opened.put_trusted(TrustRecord(7, KEY_A, T0))
+        opened.commit(seq)
+        opened.close()
+    assert victim.read_bytes() == b"someone else's file"
+    assert victim.stat().st_mode & 0o777 == 0o644

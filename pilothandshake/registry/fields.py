@@ -10,7 +10,7 @@ import ipaddress
 import re
 from typing import Any, NoReturn
 
-from ..messages import MAX_NODE_ID, parse_address
+from ..messages import MAX_NODE_ID, format_address, parse_address
 from .ratelimit import quote
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "Refused",
     "address_text",
     "bool_field",
-    "format_address",
     "hostname_problem",
     "node_field",
     "real_addr",
@@ -103,12 +102,6 @@ def real_addr(listen_addr: str, source: str) -> str:
             refuse(f"listen_addr {quote(listen_addr)} has an invalid host")
         unspecified = False
     return format_address((source if unspecified else host, port))
-
-
-def format_address(address: tuple[str, int]) -> str:
-    """``host:port``, an IPv6 host in brackets (what ``parse_address`` reads back)."""
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def address_text(node_id: int) -> str:

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
 
+from .._version import __version__
 from ..constants import (
     DEFAULT_REGISTRY_STORE,
     DROP_LOG_PER_SECOND,
@@ -38,11 +39,10 @@ from ..constants import (
     REGISTRY_TIMEOUT,
 )
 from ..errors import ConfigError, HandshakeError, RegistryError
-from ..messages import parse_address
+from ..messages import format_address, parse_address
 from ..wire import reset_close
 from .client import encode_frame, read_frame
 from .config import Limits, ServerConfig, load_config
-from .fields import format_address
 from .ratelimit import RateLimitedLog
 from .state import Registry
 from .storage import Store
@@ -298,6 +298,7 @@ exit codes:
     parser.add_argument(
         "--config", default="", metavar="PATH", help="YAML with networks: and limits:"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--tls-cert", default="", metavar="PATH", help="serve TLS (PEM)")
     parser.add_argument("--tls-key", default="", metavar="PATH", help="key of --tls-cert")
     parser.add_argument(

@@ -18,14 +18,12 @@ pair vouched both ways, which is what it granted.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 
+from .. import fsutil
 from ..errors import StoreError
 from ..identity import b64encode, decode_key
 
@@ -155,14 +153,13 @@ class Store:
     def load(self) -> StoreState:
         """The stored state; a missing file is created empty now, so an unwritable path
         fails at start rather than at the first registration. Raises ``StoreError``."""
-        _remove_stale_temporaries(self.path)
+        fsutil.remove_stale_temporaries(self.path)
         try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
+            raw = fsutil.read_file(self.path)
         except FileNotFoundError:
             state = StoreState()
             try:
-                _write_atomically(self.path, encode(state))
+                fsutil.write_atomically(self.path, encode(state))
             except OSError as exc:
                 raise StoreError(
                     f"{self.path}: cannot write registry store: {exc.strerror or exc}"
@@ -181,54 +178,5 @@ class Store:
         """
         with self._write_lock:
             if seq > self._written:
-                _write_atomically(self.path, data)
+                fsutil.write_atomically(self.path, data)
                 self._written = seq
-
-
-# TODO(fsutil): once main has pilothandshake/fsutil.py (the state helper), the two
-# functions below give way to fsutil.write_atomically / remove_stale_temporaries, and the
-# store takes fsutil.hold_lock so two registries never share one file.
-
-
-def _temporary_prefix(path: str) -> str:
-    return f".{os.path.basename(path)}."
-
-
-def _remove_stale_temporaries(path: str) -> None:
-    """Delete temporary files a killed registry left beside ``path`` (never state)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    prefix = _temporary_prefix(path)
-    try:
-        names = os.listdir(directory)
-    except OSError as exc:
-        log.warning("cannot list %s for stale temporary files: %s", directory, exc)
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("cannot remove stale temporary file %s: %s", name, exc)
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "bin"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+BIND_ATTEMPTS = 3  # a port taken between free_port() and the bind: try another
 POLL = 0.2  # registry poll_interval used by every node in these tests
 
 
@@ -66,9 +67,11 @@ class Proc:
         self.out_path = directory / f"{name}.out"
         self.err_path = directory / f"{name}.err"
         self.popen: subprocess.Popen[bytes] | None = None
+        self.terminated = False
 
     def spawn(self) -> None:
         """Start the process (appending to its output files)."""
+        self.terminated = False
         with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
             self.popen = subprocess.Popen(
                 self.argv, stdout=out, stderr=err, env=process_env(), cwd=self.directory
@@ -93,16 +96,30 @@ class Proc:
                 pytest.fail(f"{self.name} did not print {marker!r} in {timeout} s:\n{self.stderr}")
             time.sleep(0.02)
 
+    def lost_its_port(self, timeout: float = START_TIMEOUT) -> bool:
+        """Whether the child exited because its listen port was taken (it says so in its
+        first lines, before it prints its start line)."""
+        assert self.popen is not None
+        deadline = time.monotonic() + timeout
+        while self.popen.poll() is None and time.monotonic() < deadline:
+            if self.stdout:
+                return False
+            time.sleep(0.02)
+        return self.popen.poll() is not None and "already in use" in self.stderr
+
     def signal(self, signum: int) -> None:
         if self.popen is not None and self.popen.poll() is None:
             self.popen.send_signal(signum)
+            self.terminated = self.terminated or signum == signal.SIGTERM
 
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after STOP_TIMEOUT; returns the exit code."""
+        """SIGTERM (once: a second one during interpreter shutdown kills the process), then
+        SIGKILL after STOP_TIMEOUT; returns the exit code."""
         if self.popen is None:
             return None
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            if not self.terminated:
+                self.signal(signal.SIGTERM)
             try:
                 self.popen.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -112,9 +129,12 @@ class Proc:
 
 
 class Registry(Proc):
-    """A pilot-registryd on a free port."""
+    """A pilot-registryd on a free port; with ``memory`` it keeps nothing (``--memory``),
+    else its store is ``registry.json`` in its directory."""
 
-    def __init__(self, directory: Path, networks: dict[int, list[Any]] | None = None) -> None:
+    def __init__(
+        self, directory: Path, networks: dict[int, list[Any]] | None = None, memory: bool = False
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -130,8 +150,7 @@ class Registry(Proc):
                 str(BIN / "pilot-registryd"),
                 "--listen",
                 self.address,
-                "--store",
-                str(directory / "registry.json"),
+                *(["--memory"] if memory else ["--store", str(directory / "registry.json")]),
                 "--config",
                 str(config),
             ],
@@ -142,6 +161,24 @@ class Registry(Proc):
         self.spawn()
         self.wait_output("listening")
         return self
+
+    def spawn(self) -> None:
+        # free_port() closed its probe before the child binds: another process on this
+        # machine may take the port first. Then the child fails at once; try another port.
+        for _ in range(BIND_ATTEMPTS):
+            super().spawn()
+            if not self.lost_its_port():
+                return
+            self.port = free_port()
+            old = self.address
+            self.address = f"127.0.0.1:{self.port}"
+            self.argv[self.argv.index(old)] = self.address
+
+    def restart(self) -> Registry:
+        """Stop (cleanly) and start again on the same address."""
+        assert self.stop() == 0, self.stderr
+        self.out_path.write_bytes(b"")  # a fresh "listening" line to wait for
+        return self.start()
 
 
 class Node(Proc):
@@ -179,7 +216,14 @@ class Node(Proc):
 
     def start(self) -> Node:
         """Start and wait for the start line (the node ID is known then, if it registered)."""
-        self.spawn()
+        for _ in range(BIND_ATTEMPTS):
+            self.spawn()
+            if not self.lost_its_port():
+                break
+            # See Registry.spawn: the port was taken between free_port() and the bind.
+            self.port = free_port()
+            self.config["listen"] = f"127.0.0.1:{self.port}"
+            self.write_config()
         self.wait_output("pilot-handshaked: node")
         return self
 
@@ -233,8 +277,10 @@ class Fleet:
         self.root = root
         self.procs: list[Proc] = []
 
-    def registry(self, networks: dict[int, list[Any]] | None = None) -> Registry:
-        reg = Registry(self.root / f"registry{len(self.procs)}", networks)
+    def registry(
+        self, networks: dict[int, list[Any]] | None = None, memory: bool = False
+    ) -> Registry:
+        reg = Registry(self.root / f"registry{len(self.procs)}", networks, memory)
         self.procs.append(reg)
         return reg
 

@@ -108,6 +108,26 @@ def test_sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one(fleet: Fleet
     assert b.popen is not None and b.popen.poll() is None
 
 
+HUGE_INTEGER = "max_replay_per_source: " + "9" * 5000 + "\n"  # past int()'s digit limit
+
+
+def test_5000_digit_integer_is_one_line_at_start_and_kept_out_at_sighup(fleet: Fleet) -> None:
+    node = fleet.node("a", node_id=7)
+    good = node.config_path.read_text()
+    node.config_path.write_text(good + HUGE_INTEGER)
+    line = one_error_line(run_daemon(node))
+    assert str(node.config_path) in line
+
+    node.config_path.write_text(good)
+    node.start()
+    node.config_path.write_text(good + HUGE_INTEGER)
+    node.signal(signal.SIGHUP)
+    wait_until(lambda: "keeping the old config" in node.stderr, what="reload failure logged")
+    assert "Traceback" not in node.stderr
+    assert node.popen is not None and node.popen.poll() is None
+    assert node.status()["node_id"] == 7
+
+
 def test_sigterm_stops_the_daemon_with_exit_0_and_removes_the_socket(fleet: Fleet) -> None:
     node = fleet.node("a", node_id=7).start()
     assert os.path.exists(node.socket_path)

@@ -133,7 +133,6 @@ def test_files_the_daemon_creates_are_private_even_with_umask_0(fleet: Fleet) ->
         "trust.json",
         "trust.json.lock",
         "control.sock",
-        "handshake.lock",
     ):
         assert mode(node.directory / name) == 0o600, name
     leftover = [p.name for p in node.directory.iterdir() if mode(p) & 0o077 and p.is_file()]
