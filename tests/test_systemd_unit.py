@@ -3,6 +3,7 @@ the hardening need, and systemd's own checks of both where systemd's tools are i
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pilothandshake.config import load_config
 from pilothandshake.constants import DEFAULT_CONFIG_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,3 +167,11 @@ def test_sysusers_file_is_accepted_by_systemd_sysusers() -> None:
         )
     assert result.returncode == 0, result.stderr
     assert "Creating user 'pilot-handshake'" in result.stdout + result.stderr
+
+
+def test_example_config_keeps_its_state_in_the_units_state_directory() -> None:
+    # ProtectSystem=strict leaves only the state directory writable (and ProtectHome hides
+    # the default ~/.pilot-handshake): the config the unit reads must point there.
+    config = load_config(str(ROOT / "conf" / "example.yaml"))
+    assert os.path.dirname(config.identity) == STATE_DIRECTORY
+    assert os.path.dirname(config.control_socket) == STATE_DIRECTORY
