@@ -81,9 +81,10 @@ def test_counters_move_through_a_direct_handshake_a_relayed_one_and_a_drop(fleet
         )
         == 1
     )
+    # B's accept comes through the relay; C's too when C cannot dial private A back yet.
     assert (
         get(at_a, "pilot_handshake_relayed_messages_total", type="handshake_accept", direction="in")
-        == 1
+        >= 1
     )
     assert get(at_a, "pilot_handshake_trusted_peers") == 2
     assert get(at_a, "pilot_handshake_outgoing_requests") == 0
