@@ -66,5 +66,7 @@ setup(
         ],
         # Only the benchmarks' pictures need it (benchmarks/, BENCHMARKS.md).
         "bench": ["matplotlib"],
+        # scripts/mutation.sh (RELIABILITY.md records the score).
+        "mutation": ["mutmut>=3.2"],
     },
 )

@@ -45,6 +45,7 @@ REGISTRY_NODE_EXPIRY = 3 * 60.0
 HEARTBEAT_INTERVAL = 60.0
 POLL_INTERVAL = 2.0
 MAX_BACKOFF = 30.0
+REGISTRY_START_GRACE = 10.0  # registry failures before the first registration are INFO this long
 HEARTBEAT_FAILURES_BEFORE_REREGISTER = 3
 
 # Section 15: bounds of the daemon.

@@ -370,7 +370,7 @@ class Daemon:
         self.metrics.watch(
             trusted=lambda: len(self.manager.trusted_peers()),
             pending=self.manager.pending_count,
-            outgoing=self.manager.outgoing_count,
+            outgoing=lambda: len(self.manager.outgoing_requests()),
             active_connections=self.runtime.active_connections,
             registry_up=self._registry_up if registry is not None else None,
         )

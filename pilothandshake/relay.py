@@ -22,7 +22,12 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
-from .constants import HEARTBEAT_FAILURES_BEFORE_REREGISTER, MAX_BACKOFF, MAX_NODE_ID
+from .constants import (
+    HEARTBEAT_FAILURES_BEFORE_REREGISTER,
+    MAX_BACKOFF,
+    MAX_NODE_ID,
+    REGISTRY_START_GRACE,
+)
 from .errors import RegistryError
 from .identity import Identity
 
@@ -123,6 +128,7 @@ class RegistryLoop:
         hostname: str = "",
         on_node_id: Callable[[int], None] | None = None,
         max_backoff: float = MAX_BACKOFF,
+        start_grace: float = REGISTRY_START_GRACE,
     ) -> None:
         self._client = client
         self._identity = identity
@@ -147,6 +153,10 @@ class RegistryLoop:
         self._heartbeat_failures = 0
         self._next_heartbeat = 0.0
         self._drops = _DropReport()
+        self._created = time.monotonic()
+        self._start_grace = start_grace
+        self._complained = False  # a WARNING was logged for the outage going on
+        self._waiting_said = False  # the start-up INFO was logged
 
     # -- state ------------------------------------------------------------------------
 
@@ -170,14 +180,31 @@ class RegistryLoop:
             }
 
     def _note(self, ok: bool, error: str = "") -> None:
+        """Record reachability; one WARNING per outage, one INFO when it ends.
+
+        While the first registration is younger than ``start_grace``, failures are INFO: a
+        fleet started all at once (or a README block pasted whole) starts its daemons
+        before the registry listens, and that is no fault.
+        """
         with self._lock:
-            was_reachable = self._reachable
             self._reachable = ok
             self._last_error = error
-        if ok and not was_reachable and self._failures:
-            log.info("registry %s reachable again", self._client.address)
-        elif not ok and (was_reachable or not self._failures):
+            registered = self._node_id != 0
+        if ok:
+            if self._complained:
+                log.info("registry %s reachable again", self._client.address)
+            self._complained = self._waiting_said = False
+        elif self._complained:
+            return
+        elif not registered and time.monotonic() - self._created < self._start_grace:
+            if not self._waiting_said:
+                log.info(
+                    "registry %s not reachable yet (%s); retrying", self._client.address, error
+                )
+                self._waiting_said = True
+        else:
             log.warning("registry %s: %s", self._client.address, error)
+            self._complained = True
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -119,6 +119,31 @@ class FakeRegistry:
         return {"type": "poll_handshakes_ok", "requests": requests, "responses": responses}
 
 
+class FakeClock:
+    """A Manager clock (``clock=``) that moves only when told to: ``advance(seconds)`` ages
+    caches, cooldowns and windows. Wall time starts at the real time, so messages signed now
+    are inside the timestamp window."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wall = time.time()
+        self._monotonic = 1_000.0
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self._monotonic
+
+    def time(self) -> float:
+        with self._lock:
+            return self._wall
+
+    def advance(self, seconds: float) -> None:
+        """Move both clocks ``seconds`` forward."""
+        with self._lock:
+            self._wall += seconds
+            self._monotonic += seconds
+
+
 class _Listener:
     def __init__(self) -> None:
         self.closed = False
@@ -324,13 +349,12 @@ def seed_trust(
 
 def settle(manager: Manager, timeout: float = 5.0) -> None:
     """Wait until the Manager's background work (replies, registry calls) has run."""
-    assert manager._pool.drain(timeout), "background work did not finish"
+    assert manager.drain(timeout), "background work did not finish"
 
 
 def snapshot(manager: Manager) -> tuple[Any, ...]:
     """Everything a reader can see, to compare before and after a drop."""
-    with manager._lock:
-        outgoing = dict(manager._store.visible.outgoing)
+    outgoing = {request.node_id: request for request in manager.outgoing_requests()}
     return (manager.trusted_peers(), manager.pending_requests(), outgoing)
 
 

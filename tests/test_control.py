@@ -629,11 +629,11 @@ def test_waits_whose_clients_go_away_leave_no_thread_waiting(node: Node) -> None
             clients.append(sock)
         wait_for(lambda: served_connections(node.server) == CONTROL_MAX_CONNECTIONS)
         assert threading.active_count() <= before + CONTROL_MAX_CONNECTIONS
-        assert node.manager._waiters  # the daemon does wait on the Manager's condition
+        assert node.manager.waiting()  # the daemon does wait on the Manager's condition
     finally:
         for sock in clients:
             sock.close()
     wait_for(lambda: served_connections(node.server) == 0)
     wait_for(lambda: threading.active_count() <= before)
-    assert not node.manager._waiters
+    assert node.manager.waiting() == 0
     assert node.client.request("status")["status"] == "ok"

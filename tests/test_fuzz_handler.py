@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from strategies import json_values
 
-import pilothandshake.manager as manager_module
+import pilothandshake.manager.core as manager_core
 from pilothandshake.constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE, MAX_PENDING
 from pilothandshake.errors import MessageError
 from pilothandshake.identity import Identity, b64encode, decode_key, decode_signature, verify
@@ -369,7 +369,7 @@ def test_handle_connection_gives_up_on_an_unfinished_message_at_the_deadline(
     deadline passes (shortened here from 10 s), with nothing changed."""
     deadline = 0.3
     monkeypatch.setattr(
-        manager_module, "read_message", functools.partial(read_message, deadline=deadline)
+        manager_core, "read_message", functools.partial(read_message, deadline=deadline)
     )
 
     @fuzz(10)
@@ -390,13 +390,12 @@ def test_handle_connection_gives_up_on_an_unfinished_message_at_the_deadline(
 # -- bounds ---------------------------------------------------------------------------------
 
 
-def test_replay_set_stays_within_its_caps_under_a_flood(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replay_set_stays_within_its_caps_under_a_flood() -> None:
     """Thousands of distinct, validly signed messages from 20 source addresses: the replay
     set never exceeds its total cap (shrunk to 512 here) nor 64 per source, and memory
     stops growing once the caps are reached."""
-    monkeypatch.setattr(manager_module, "MAX_REPLAY", 512)
-    manager = Manager(FakeRuntime(OWN), max_replay_per_source=64)
-    replay = manager._replay
+    manager = Manager(FakeRuntime(OWN), max_replay=512, max_replay_per_source=64)
+    replay = manager._intake._replay
     sender = Identity.generate()
     key = sender.public_key_b64
     now = int(time.time())
@@ -451,8 +450,8 @@ def test_pending_queue_stays_within_its_caps_under_a_flood() -> None:
         for pending in manager.pending_requests():
             per_source[pending.source] = per_source.get(pending.source, 0) + 1
         assert max(per_source.values()) <= 16
-        assert len(manager._pending_arrival) <= MAX_PENDING
-        assert len(manager._pending_protected) == 0
+        assert len(manager._state._arrival) <= MAX_PENDING
+        assert len(manager._state._protected) == 0
     finally:
         manager.close()
 

@@ -4,6 +4,7 @@ the outgoing TTL, lifecycle, persistence across restarts and failed writes."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
 from datetime import datetime, timezone
@@ -128,6 +129,25 @@ def test_accept_for_our_outgoing_request_grants_mutual_trust(nodes: Nodes, peer:
     assert registry.calls_of("report_trust") == [(OWN, 7)]
     assert runtime.topics() == ["handshake.approved", "trust.changed"]
     assert runtime.events[0][1] == {"peer_node_id": 7, "by": "peer"}
+
+
+def test_an_accept_from_a_peer_already_trusted_is_ignored_without_a_warning(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The happy path logs no WARNING: the relayed copy of a direct accept, and a second
+    accept (Go sends one each way), find the peer trusted and are ignored at DEBUG."""
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    manager, runtime = nodes.make(registry=registry)
+    manager.send_request(7, "sync")
+    with caplog.at_level(logging.DEBUG, logger="pilothandshake"):
+        manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN), REMOTE)
+        manager.process_relayed_approval(7)
+        manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN, reason="again"), REMOTE)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert caplog.text.count("accept from a node already trusted") == 2
+    assert runtime.topics() == ["handshake.approved", "trust.changed"]
+    assert [r.node_id for r in manager.trusted_peers()] == [7]
 
 
 def test_strict_accept_with_registry_must_be_bound_or_pinned(nodes: Nodes, peer: Peer) -> None:

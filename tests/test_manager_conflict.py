@@ -8,7 +8,7 @@ import threading
 from datetime import datetime, timezone
 
 import pytest
-from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle
+from fakeruntime import FakeClock, FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle
 
 from pilothandshake.manager import Manager
 from pilothandshake.messages import HANDSHAKE_REQUEST
@@ -119,23 +119,33 @@ def test_the_old_key_is_dropped_once_the_registry_binds_another(
 def test_without_a_confirmed_re_ask_the_record_still_pins(
     nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry]
 ) -> None:
-    _old, new, registry = moved
-    manager, _ = nodes.make(registry=registry)
-    manager._reasked[7] = float("inf")  # a re-ask is not allowed now
-    manager.process_message(new.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    """The re-ask answers the old key (no conflict); within 5 s the next differing answer
+    cannot be re-asked, so the record still pins; 5 s later the re-ask confirms it."""
+    old, new, registry = moved
+    registry.lookup_answers[7] = [new.key, old.key]
+    clock = FakeClock()
+    manager, _ = nodes.make(registry=registry, clock=clock)
+    manager.process_message(new.data(HANDSHAKE_REQUEST, OWN, justification="a"), REMOTE)
+    clock.advance(4.9)  # the old key is cached; the re-ask was 4.9 s ago
+    manager.process_message(new.data(HANDSHAKE_REQUEST, OWN, justification="b"), REMOTE)
     assert manager.conflicting_peers() == [] and manager.is_trusted(7)
     assert manager.pending_requests() == []
+    assert registry.calls_of("lookup") == [(7,), (7,)]
+    clock.advance(0.2)
+    manager.process_message(new.data(HANDSHAKE_REQUEST, OWN, justification="c"), REMOTE)
+    assert manager.conflicting_peers() == [7]
 
 
 def test_a_conflict_is_found_without_a_store_too() -> None:
     registry = FakeRegistry()
     registry.keys[7] = Peer(7).key
-    manager = Manager(FakeRuntime(OWN, registry=registry))
+    clock = FakeClock()
+    manager = Manager(FakeRuntime(OWN, registry=registry), clock=clock)
     try:
         manager.process_relayed_request(7, "hello", registry.keys[7])
         assert manager.approve_handshake(7)
         registry.keys[7] = Peer(7).key
-        manager._lookups.clear()
+        clock.advance(30.0)  # the cached answer expires
         manager.process_relayed_request(7, "moved", registry.keys[7])
         assert manager.conflicting_peers() == [7]
         assert [p.node_id for p in manager.pending_requests()] == [7]

@@ -16,7 +16,8 @@ from typing import Callable
 import pytest
 from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle, snapshot
 
-from pilothandshake.manager import DropLog, Manager, _ReplaySet
+from pilothandshake.manager import DropLog, Manager
+from pilothandshake.manager.replay import ReplaySet
 from pilothandshake.messages import (
     HANDSHAKE_ACCEPT,
     HANDSHAKE_REQUEST,
@@ -477,7 +478,7 @@ def test_undecodable_fields_never_reach_the_store(nodes: Nodes) -> None:
 
 
 def test_replay_set_total_bound_lets_privileged_messages_evict_from_the_largest_source() -> None:
-    replay = _ReplaySet(max_total=4, max_per_source=10)
+    replay = ReplaySet(max_total=4, max_per_source=10)
     for digest in (b"a1", b"a2", b"a3"):
         assert replay.add(digest, "A", 1000.0, 0.0, privileged=False) == ""
     assert replay.add(b"b1", "B", 1000.0, 0.0, privileged=False) == ""
@@ -489,7 +490,7 @@ def test_replay_set_total_bound_lets_privileged_messages_evict_from_the_largest_
 
 
 def test_replay_entries_live_until_their_timestamp_leaves_the_window() -> None:
-    replay = _ReplaySet(max_total=4, max_per_source=4)
+    replay = ReplaySet(max_total=4, max_per_source=4)
     assert replay.add(b"d", "A", 100.0, 50.0, privileged=False) == ""
     assert replay.add(b"d", "A", 100.0, 99.0, privileged=False) == "replayed message"
     assert replay.add(b"d", "A", 200.0, 100.0, privileged=False) == ""

@@ -10,7 +10,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust
 
-from pilothandshake import manager as manager_module
 from pilothandshake.constants import MAX_PENDING
 from pilothandshake.manager import Manager
 from pilothandshake.messages import HANDSHAKE_REQUEST
@@ -160,10 +159,10 @@ def test_pending_requests_expire_after_the_pending_ttl(nodes: Nodes) -> None:
         ),
     )
     manager, runtime = nodes.make()
-    manager._reap()
+    manager.reap()
     assert pending_ids(manager) == {8}
     runtime.pending_ttl = 3600.0
-    manager._reap()
+    manager.reap()
     assert manager.pending_count() == 0
     assert runtime.events == []
 
@@ -182,10 +181,10 @@ def test_trust_history_and_sources_survive_a_restart(nodes: Nodes) -> None:
     assert [(f.node_id, f.public_key) for f in state.history.values()] == [(7, former.key)]
     assert [(p.node_id, p.source) for p in state.pending.values()] == [(7, "relay")]
     again, _ = nodes.make(registry=registry)
-    assert again._pending_protected == {7}
+    assert again._state._protected == {7}  # not observable without filling the queue
     # Trusted again: the record speaks for it, the history entry goes.
     assert again.approve_handshake(7)
-    assert again._store.visible.history == {}
+    assert load_state(f"{nodes.root}/n1/trust.json").history == {}
 
 
 def test_trust_history_is_protected_only_for_the_key_we_trusted(nodes: Nodes) -> None:
@@ -195,16 +194,15 @@ def test_trust_history_is_protected_only_for_the_key_we_trusted(nodes: Nodes) ->
     impostor = Peer(7)
     manager.process_message(impostor.data(HANDSHAKE_REQUEST, OWN), "127.0.0.7:4000")
     assert pending_ids(manager) == {7}
-    assert manager._pending_protected == set()
+    assert manager._state._protected == set()  # not observable without filling the queue
 
 
-def test_trust_history_is_bounded(nodes: Nodes, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(manager_module, "MAX_TRUST_HISTORY", 3)
+def test_trust_history_is_bounded(nodes: Nodes) -> None:
     seed_trust(
         f"{nodes.root}/n1",
         trusted=tuple(TrustRecord(n, Peer(n).key, T0) for n in range(10, 15)),
     )
-    manager, _ = nodes.make()
+    manager, _ = nodes.make(max_trust_history=3)
     for node in range(10, 15):
         manager.revoke_trust(node)
-    assert sorted(manager._store.visible.history) == [12, 13, 14]
+    assert sorted(load_state(f"{nodes.root}/n1/trust.json").history) == [12, 13, 14]

@@ -8,7 +8,16 @@ import logging
 from datetime import datetime, timezone
 
 import pytest
-from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle, snapshot
+from fakeruntime import (
+    FakeClock,
+    FakeRegistry,
+    FakeRuntime,
+    Nodes,
+    Peer,
+    seed_trust,
+    settle,
+    snapshot,
+)
 
 from pilothandshake.constants import MAX_PENDING
 from pilothandshake.identity import decode_signature, verify
@@ -183,18 +192,19 @@ def test_row4_malicious_registry_cannot_get_round_the_allowlist_pin(
     agent, attacker = Peer(42), Peer(42)
     registry = FakeRegistry()
     registry.keys[42] = agent.key  # the lookup says what the pin says
-    manager, runtime = nodes.make(registry=registry)
+    clock = FakeClock()
+    manager, runtime = nodes.make(registry=registry, clock=clock)
     runtime.allowlist[42] = AllowlistEntry(42, "agent", agent.key)
     manager.process_relayed_request(42, "attacker", attacker.key)
     assert manager.trusted_peers() == [] and manager.pending_requests() == []
     # ... and a registry answering the attacker's key does no better with the agent's.
     registry.keys[42] = attacker.key
-    manager._lookups.clear()
+    clock.advance(30.0)  # the cached answer expires
     manager.process_relayed_request(42, "attacker", agent.key)
     assert manager.trusted_peers() == [] and manager.pending_requests() == []
     # The real agent still gets in, under the pinned key.
     registry.keys[42] = agent.key
-    manager._lookups.clear()
+    clock.advance(30.0)  # the cached answer expires
     manager.process_relayed_request(42, "agent", agent.key)
     assert [(r.node_id, r.public_key) for r in manager.trusted_peers()] == [(42, agent.key)]
     assert auto_reason(runtime) == "trusted_agent"

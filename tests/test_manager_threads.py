@@ -56,7 +56,7 @@ def test_wait_for_trust_times_out(nodes: Nodes) -> None:
     started = time.monotonic()
     assert manager.wait_for_trust(7, 0.05) is False
     assert 0.04 <= time.monotonic() - started < 2
-    assert manager._waiters == {}
+    assert manager.waiting() == 0
 
 
 def test_wait_for_trust_of_ourselves_or_a_trusted_peer_returns_at_once(nodes: Nodes) -> None:
@@ -92,16 +92,15 @@ def test_two_hundred_waiters_all_wake(nodes: Nodes, same_node: bool) -> None:
     threads = [start_thread(wait, node) for node in ids]
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
-        with manager._lock:
-            if sum(w.count for w in manager._waiters.values()) == 200:
-                break
+        if manager.waiting() == 200:
+            break
         time.sleep(0.005)
     for node in sorted(set(ids)):
         manager.process_relayed_request(node, "go")
     for thread in threads:
         thread.join(WAIT)
     assert results == [True] * 200
-    assert manager._waiters == {}
+    assert manager.waiting() == 0
 
 
 def test_a_grant_wakes_only_the_waiters_of_the_granted_node(nodes: Nodes) -> None:
@@ -109,9 +108,9 @@ def test_a_grant_wakes_only_the_waiters_of_the_granted_node(nodes: Nodes) -> Non
     result: list[bool] = []
     waiter = start_thread(lambda: result.append(manager.wait_for_trust(7, WAIT)))
     deadline = time.monotonic() + WAIT
-    while 7 not in manager._waiters and time.monotonic() < deadline:
+    while manager.waiting() == 0 and time.monotonic() < deadline:
         time.sleep(0.002)
-    condition = manager._waiters[7].condition
+    condition = manager._state._waiters[7].condition  # to count its notifications
     notified: list[int] = []
     notify_all = condition.notify_all
 

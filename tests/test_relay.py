@@ -337,3 +337,31 @@ def test_hostname_is_asked_at_registration_and_a_refusal_is_an_error_in_state(
     assert refused.node_id == 5
     assert "taken by another node" in refused.state()["hostname_error"]
     assert any("hostname 'taken'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_registry_not_up_yet_at_start_is_info_then_one_warning_per_outage(
+    registry: FakeRegistry,
+    make_loop: Callable[..., RegistryLoop],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A fleet started at once (or a README block pasted whole) starts daemons before the
+    # registry listens: no WARNING during the start grace, one once the grace is over.
+    caplog.set_level(logging.INFO, logger="pilothandshake.relay")
+    registry.down = True
+    waiting = make_loop(start_grace=60.0)
+    for _ in range(3):
+        assert not waiting.register_once()
+    assert relay_warnings(caplog) == []
+    said = f"registry {registry.address} not reachable yet (register failed: connection refused)"
+    assert [r.getMessage() for r in caplog.records].count(f"{said}; retrying") == 1
+    late = make_loop(start_grace=0.0)
+    for _ in range(3):
+        assert not late.register_once()
+    assert relay_warnings(caplog) == [
+        f"registry {registry.address}: register failed: connection refused"
+    ]
+    registry.down = False
+    assert late.register_once()
+    registry.down = True
+    assert not late.register_once()  # registered once: a new outage warns again, no grace
+    assert len(relay_warnings(caplog)) == 2

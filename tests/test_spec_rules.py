@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from fakeruntime import FakeRegistry, Nodes, Peer, seed_trust, settle, snapshot
+from fakeruntime import FakeClock, FakeRegistry, Nodes, Peer, seed_trust, settle, snapshot
 
 from pilothandshake.config import Config, RegistryConfig
 from pilothandshake.daemon import Daemon
@@ -113,19 +113,14 @@ def test_pin_compares_decoded_key_bytes_not_base64_text(nodes: Nodes, peer: Peer
 def test_registry_answer_is_cached_for_30_seconds_only(nodes: Nodes, peer: Peer) -> None:
     registry = FakeRegistry()
     registry.keys[7] = peer.key
-    manager, _ = nodes.make(registry=registry)
+    clock = FakeClock()
+    manager, _ = nodes.make(registry=registry, clock=clock)
     manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification="a"), REMOTE)
     assert registry.calls_of("lookup") == [(7,)]
-
-    def age_cache(seconds: float) -> None:
-        with manager._lock:
-            at, answer = manager._lookups[7]
-            manager._lookups[7] = (at - seconds, answer)
-
-    age_cache(29.0)
+    clock.advance(29.0)
     manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification="b"), REMOTE)
     assert registry.calls_of("lookup") == [(7,)]
-    age_cache(1.5)  # now 30.5 s old: stale
+    clock.advance(1.5)  # now 30.5 s old: stale
     manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification="c"), REMOTE)
     assert registry.calls_of("lookup") == [(7,), (7,)]
     assert manager.pending_requests()[0].justification == "c"

@@ -6,8 +6,6 @@ approve it into a one-sided trust. ``untrust`` of a node never asked still fails
 
 from __future__ import annotations
 
-import pytest
-
 from pilothandshake.messages import HANDSHAKE_REVOKE
 
 from .attacker import Peer, send_raw
@@ -57,12 +55,6 @@ def test_untrust_of_a_pending_request_withdraws_it_at_the_peer(fleet: Fleet) -> 
     assert "trust.changed" not in b.topics()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a withdrawal cannot reach a private peer that was asked through the "
-    "relay (it may not resolve us, and the registry relays no revoke); untrust still says "
-    "'request withdrawn'",
-)
 def test_untrust_withdraws_a_request_that_went_through_the_relay(fleet: Fleet) -> None:
     registry = fleet.registry().start()
     a = fleet.node("a", registry).start()

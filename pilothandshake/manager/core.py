@@ -1,0 +1,445 @@
+"""The ``Manager``: lifecycle, the public API (SPEC 9), commits and the reaper.
+
+Every change follows one path (SPEC 16):
+
+1. gather, outside the lock: ``Intake`` (signatures, registry answers, runtime settings);
+2. decide, under the lock, on the live working state: a pure ``decide_*`` returns a
+   ``Decision``, whose changes go into ``store.working`` at once (``State.apply``) — so
+   whatever changed while we gathered is seen, and the pin is checked again;
+3. commit, outside the lock: ``store.commit`` returns once the changes are on disk;
+4. only then: log lines, events, and the decision's effects (``Effects.run``), inline or on
+   the background pool (``_finish``).
+
+Readers (``is_trusted``, ``trusted_peers`` ...) see ``store.visible``: durable state only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from typing import Any, Callable
+
+from ..constants import (
+    MAX_PENDING,
+    MAX_PENDING_BOUND_PER_SOURCE,
+    MAX_PENDING_UNBOUND_PER_SOURCE,
+    MAX_REPLAY,
+    MAX_REPLAY_PER_SOURCE,
+    MAX_TRUST_HISTORY,
+    PORT_HANDSHAKE,
+    REAP_INTERVAL,
+    STOP_TIMEOUT,
+    TRUST_FILE,
+)
+from ..errors import (
+    HandshakeError,
+    MessageError,
+    NotTrustedError,
+    RegistryError,
+    SendError,
+    StoreError,
+)
+from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REQUEST, truncate_utf8
+from ..metrics import Metrics
+from ..pool import BackgroundPool
+from ..runtime import Closeable, Runtime
+from ..store import OUTGOING, Change, OutgoingRequest, PendingHandshake, TrustRecord
+from ..wire import read_message
+from .clock import Clock, Now, SystemClock
+from .decide import (
+    Decision,
+    Inbound,
+    decide_accept,
+    decide_approve,
+    decide_dismiss,
+    decide_reap,
+    decide_reject,
+    decide_request,
+    decide_revoke,
+    decide_untrust,
+)
+from .droplog import DropLog, ErrorLog
+from .effects import Effects
+from .intake import Intake, remote_address
+from .queue import Limits
+from .replay import ReplaySet
+from .state import State
+
+__all__ = ["Manager"]
+
+log = logging.getLogger(__name__)
+
+_QUIET = (RegistryError,)  # background failures logged at DEBUG: the registry is best effort
+# At most one ERROR line per this many seconds for failed writes of inbound messages.
+_STORE_ERROR_INTERVAL = 60.0
+# What each port-444 message type is decided by.
+_DECIDE = {
+    HANDSHAKE_ACCEPT: decide_accept,
+    HANDSHAKE_REJECT: decide_reject,
+}
+
+
+class Manager:
+    """The trust handshake of one node (Go ``Manager``); every public method is thread-safe.
+
+    Loads ``trust.json`` beside ``runtime.identity_path()`` (memory only when that is "");
+    a file that does not parse, or a directory used by another process, raises
+    ``StoreError``. Events (SPEC 14; topics in ``decide``), all with ``peer_node_id``:
+    ``handshake.received`` (``justification``, ``relayed``), ``handshake.pending``,
+    ``handshake.approved`` (``by``: ``operator``, or ``peer`` when our request was
+    accepted), ``handshake.rejected`` (``reason``), ``handshake.auto_approved`` (``reason``;
+    ``agent`` for trusted agents), ``trust.changed`` (``state``: granted / revoked),
+    ``trust.revoked`` (by us), ``trust.revoked_by_peer`` (``reason``) and ``trust.conflict``
+    (``registry_key``: a trust record's node ID now bound to another key). ``clock``
+    (default: the system's) is read for every age, cooldown, cache and timestamp.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        max_replay: int = MAX_REPLAY,
+        max_replay_per_source: int = MAX_REPLAY_PER_SOURCE,
+        max_pending_per_source: int = MAX_PENDING_UNBOUND_PER_SOURCE,
+        max_pending_bound_per_source: int = MAX_PENDING_BOUND_PER_SOURCE,
+        max_trust_history: int = MAX_TRUST_HISTORY,
+        reap_interval: float = REAP_INTERVAL,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        """Open the trust store of ``runtime``; nothing is bound until ``start()``.
+        ``metrics`` (the daemon's) is counted into; without it the Manager has its own."""
+        self._rt = runtime
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        identity_path = runtime.identity_path()
+        path = os.path.join(os.path.dirname(identity_path), TRUST_FILE) if identity_path else ""
+        self._state = State(path, self.metrics)
+        self._lock = self._state.lock
+        self._store = self._state.store
+        self._pool = BackgroundPool()
+        self._drops = DropLog(clock=self._clock.monotonic, count=self.metrics.drop)
+        limits = Limits(
+            MAX_PENDING, max_pending_per_source, max_pending_bound_per_source, max_trust_history
+        )
+        replay = ReplaySet(max_replay, max_replay_per_source)
+        self._intake = Intake(
+            runtime, self._clock, self._state, self._drops, replay, limits, self.metrics
+        )
+        self._limits = limits
+        self._effects = Effects(runtime, self._clock, self._intake.backfill, self.metrics)
+        self._reap_interval = reap_interval
+        # A full disk fails every inbound message: one ERROR line a minute says so.
+        self._store_errors = ErrorLog(_STORE_ERROR_INTERVAL, clock=self._clock.monotonic)
+        self._listener: Closeable | None = None
+        self._reaper: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._started = False
+        self._stopped = False
+        self._state.index_pending(runtime)
+
+    # Lifecycle
+
+    def start(self) -> None:
+        """Bind port 444 through the runtime, start the reaper, backfill keyless trust records
+        in the background (with a registry). A second call does nothing."""
+        with self._lock:
+            if self._stopped:
+                raise HandshakeError("a stopped Manager cannot be started again")
+            if self._started:
+                return
+            self._started = True
+        try:
+            self._listener = self._rt.port_listener(PORT_HANDSHAKE, self.handle_connection)
+        except BaseException:
+            with self._lock:
+                self._started = False
+            raise
+        self._reaper = threading.Thread(
+            target=self._reap_loop, name="handshake-reaper", daemon=True
+        )
+        self._reaper.start()
+        if self._rt.registry() is not None:
+            self._pool.submit(self._intake.check_records, self._stopping)
+
+    def stop(self) -> None:
+        """Stop listening and reaping, wait (bounded) for background work, release trust.json.
+
+        Does nothing before ``start()`` or when already stopped.
+        """
+        with self._lock:
+            if not self._started or self._stopped:
+                return
+            self._stopped = True
+        self._stopping.set()
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except Exception:
+                log.warning("closing the port %d listener failed", PORT_HANDSHAKE, exc_info=True)
+        if self._reaper is not None:
+            self._reaper.join(STOP_TIMEOUT)
+        self._pool.shutdown(STOP_TIMEOUT)
+        self._drops.flush()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the background workers and release the trust store and its directory lock
+        (``stop()`` does this too); for a Manager that is never started. Later state changes
+        fail with ``StoreError``."""
+        self._pool.shutdown(STOP_TIMEOUT)
+        self._store.close()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the background work queued so far; whether it
+        all ran."""
+        return self._pool.drain(timeout)
+
+    # Readers: durable state only
+
+    def is_trusted(self, node_id: int) -> bool:
+        """Whether ``node_id`` is trusted (a node trusts itself once its ID is known)."""
+        return self._state.trusted(node_id, self._rt.node_id())
+
+    def trusted_peers(self) -> list[TrustRecord]:
+        """Trust records, sorted by node ID."""
+        return self._state.records()
+
+    def pending_requests(self) -> list[PendingHandshake]:
+        """Pending requests, sorted by node ID."""
+        return self._state.pending()
+
+    def outgoing_requests(self) -> list[OutgoingRequest]:
+        """Our requests waiting for an answer, sorted by node ID."""
+        return self._state.outgoing()
+
+    def conflicting_peers(self) -> list[int]:
+        """Node IDs of trust records the registry now binds to a different key, sorted: not
+        trusted until the operator approves the node again or removes the record."""
+        return self._state.in_conflict()
+
+    def pending_count(self) -> int:
+        """How many requests are pending."""
+        with self._lock:
+            return len(self._store.visible.pending)
+
+    def wait_for_trust(self, node_id: int, timeout: float | None) -> bool:
+        """Block until ``node_id`` is trusted (True) or ``timeout`` seconds pass (False);
+        ``None`` waits without limit. Woken by a per-node condition, never by polling."""
+        return self._state.wait(node_id, self._rt.node_id(), timeout)
+
+    def waiting(self) -> int:
+        """How many ``wait_for_trust`` calls are blocked now."""
+        return self._state.waiting()
+
+    # Decide, commit, announce
+
+    def _decide(self, decide: Callable[..., Decision | None], *args: Any) -> Decision | None:
+        """Decide on the live working state under the lock, apply, then ``_finish``."""
+        now = Now.read(self._clock)
+        with self._lock:
+            decision = decide(self._state.view(), *args, now)
+            seq = None if decision is None else self._state.apply(decision)
+        if decision is not None:
+            inbound = args[0] if args and isinstance(args[0], Inbound) else None
+            self._finish(decision, seq, inbound)
+        return decision
+
+    def _finish(self, decision: Decision, seq: int | None, inbound: Inbound | None) -> None:
+        """Make the decision durable, then log, publish, and carry out its effects: inline
+        ones now, in order, then the rest on the pool. Raises ``StoreError`` (nothing
+        published) when the write failed."""
+        if decision.drop:
+            node = None if inbound is None else inbound.node_id
+            self._drops.drop(node, "" if inbound is None else inbound.remote, decision.drop)
+            return
+        if decision.quiet:
+            log.debug("%s", decision.quiet)
+        if seq is not None:
+            self._store.commit(seq)
+        for note in decision.notes:
+            log.info("%s", note)
+        for topic, payload in decision.events:
+            self._rt.publish_event(topic, payload)
+        for effect in decision.inline:
+            self._effects.run(effect)
+        for effect in decision.effects:
+            self._pool.submit(self._effects.run, effect, quiet=_QUIET)
+
+    # Port 444 and relayed input
+
+    def handle_connection(self, conn: socket.socket) -> None:
+        """Serve one port-444 connection: read one message, process it, close. Never raises."""
+        try:
+            remote = remote_address(conn)
+            try:
+                data = read_message(conn)
+            except MessageError as exc:
+                self._drops.drop(None, remote, str(exc))
+                return
+            self.process_message(data, remote)
+        except Exception:
+            log.error(
+                "unexpected error serving a port %d connection", PORT_HANDSHAKE, exc_info=True
+            )
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def process_message(self, data: bytes, remote: str) -> None:
+        """Process one received message (SPEC 5) from ``remote`` (``"host:port"``).
+
+        Drops are logged (WARNING, rate-limited) and change nothing; a failed write of the
+        resulting change is logged at ERROR. Never raises for bad input.
+        """
+        try:
+            received = self._intake.message(data, remote)
+            if received is not None:
+                self._dispatch(*received)
+        except StoreError as exc:
+            self._store_errors.error(f"could not persist the message from {remote}: {exc}")
+
+    def _dispatch(self, msg_type: str, inbound: Inbound) -> None:
+        if msg_type == HANDSHAKE_REQUEST:
+            self._on_request(inbound)
+        else:
+            context = self._intake.answer_context()
+            self._decide(_DECIDE.get(msg_type, decide_revoke), inbound, context)
+
+    def _on_request(self, inbound: Inbound) -> None:
+        """SPEC 6, direct or relayed; a request arriving again by the other path is ignored."""
+        mark = self._intake.claim(inbound)
+        if mark is None:
+            # The same request by the other path: a slow peer got it directly and the sender
+            # then relayed it (SPEC 3). Decided already; nothing changes, nothing is announced.
+            log.debug("node %d: duplicate request by the other path", inbound.node_id)
+            return
+        decision = self._decide(decide_request, inbound, self._intake.request_context(inbound))
+        if decision is None or decision.drop:
+            self._intake.release(inbound, mark)
+
+    def process_relayed_request(
+        self, from_node_id: int, justification: str, public_key: str = ""
+    ) -> None:
+        """Decide a request relayed by the registry (SPEC 6). Raises ``StoreError`` when the
+        resulting change cannot be written; bad input is dropped and logged."""
+        self.metrics.relay(HANDSHAKE_REQUEST, "in")
+        inbound = self._intake.relayed(from_node_id, public_key, justification, request=True)
+        if inbound is not None:
+            self._on_request(inbound)
+
+    def process_relayed_approval(self, from_node_id: int) -> None:
+        """Apply an accept relayed by the registry (SPEC 7)."""
+        self.metrics.relay(HANDSHAKE_ACCEPT, "in")
+        self._relayed_answer(decide_accept, from_node_id)
+
+    def process_relayed_rejection(self, from_node_id: int) -> None:
+        """Apply a reject relayed by the registry (SPEC 7)."""
+        self.metrics.relay(HANDSHAKE_REJECT, "in")
+        self._relayed_answer(decide_reject, from_node_id)
+
+    def _relayed_answer(self, decide: Callable[..., Decision], node: int) -> None:
+        inbound = self._intake.relayed(node)
+        if inbound is not None:
+            self._decide(decide, inbound, self._intake.answer_context())
+
+    # Operator API (SPEC 7)
+
+    def send_request(self, peer_node_id: int, justification: str) -> str:
+        """Ask ``peer_node_id`` for trust: "trusted" if it already is, "sent" when delivered
+        directly, "relayed" when sent through the registry. Raises ``SendError`` when both
+        fail (the outgoing entry is forgotten), ``StoreError`` before sending when the
+        outgoing entry cannot be written."""
+        peer = peer_node_id
+        own = self._rt.node_id()
+        if own != 0 and peer == own:
+            raise HandshakeError(f"node {peer} is this node's own ID: a node cannot ask itself")
+        if self.is_trusted(peer):
+            return "trusted"
+        if own == 0:
+            raise HandshakeError("this node has no node ID yet (not registered)")
+        message = self._effects.message(
+            HANDSHAKE_REQUEST, peer, justification=truncate_utf8(justification)
+        )
+        now = Now.read(self._clock)
+        with self._lock:
+            if self._state.trusts(peer):
+                return "trusted"
+            self._state.revoked_at.pop(peer, None)  # an explicit request is fresh intent
+            seq = self._state.change(Change(OUTGOING, peer, OutgoingRequest(peer, now.wall)))
+        self._store.commit(seq)
+        try:
+            return self._effects.deliver_request(peer, message)
+        except SendError:
+            self._forget_outgoing(peer)
+            raise
+
+    def _forget_outgoing(self, peer: int) -> None:
+        with self._lock:
+            outgoing = self._store.working.outgoing
+            undo = self._state.change(Change(OUTGOING, peer, None)) if peer in outgoing else None
+        if undo is not None:
+            try:
+                self._store.commit(undo)
+            except StoreError as exc:
+                log.error("could not forget the outgoing request to node %d: %s", peer, exc)
+
+    def approve_handshake(self, peer_node_id: int) -> bool:
+        """Trust the pending requester ``peer_node_id`` (``mutual=False``); False when nothing
+        was pending. Raises ``StoreError`` (nothing announced) when the write fails."""
+        return self._decide(decide_approve, peer_node_id) is not None
+
+    def reject_handshake(self, peer_node_id: int, reason: str = "") -> bool:
+        """Drop the pending request of ``peer_node_id`` and tell it why; False when nothing
+        was pending. Raises ``StoreError`` when the write fails."""
+        text = truncate_utf8(reason)
+        return self._decide(lambda view, now: decide_dismiss(view, peer_node_id, text)) is not None
+
+    def revoke_trust(self, peer_node_id: int) -> str:
+        """Stop trusting ``peer_node_id``: remove trust, pending and outgoing, start the
+        revoke cooldown, persist, tell the peer (best effort), ``remove_tunnel_peer``; the
+        registry hears of it in the background. Returns "revoked", or "withdrawn" when it
+        was not trusted but we had asked it (the request is cancelled and the peer gets a
+        signed revoke, which removes our pending request there). Raises ``NotTrustedError``
+        when neither (the rest still happens), ``HandshakeError`` for our own node ID."""
+        peer = peer_node_id
+        own = self._rt.node_id()
+        if own != 0 and peer == own:
+            raise HandshakeError("a node cannot stop trusting itself")
+
+        def untrust(view: Any, now: Now) -> Decision:
+            self._state.revoked_at[peer] = now.monotonic
+            return decide_untrust(view, peer, now, self._limits)
+
+        decision = self._decide(untrust)
+        assert decision is not None
+        if not decision.result:
+            raise NotTrustedError(f"node {peer} is not trusted")
+        return decision.result
+
+    # Background work (on the pool or the reaper thread, never under the lock)
+
+    def _reap_loop(self) -> None:
+        while not self._stopping.wait(self._reap_interval):
+            try:
+                self.reap()
+            except StoreError as exc:
+                log.error("reaper could not persist: %s", exc)
+            except Exception:
+                log.warning("reaper failed", exc_info=True)
+
+    def reap(self) -> None:
+        """Forget outgoing and pending requests older than their TTLs, and expired cooldowns
+        (SPEC 7; the reaper thread calls this every ``reap_interval``)."""
+        outgoing_ttl = self._rt.trust_outgoing_ttl()
+        pending_ttl = self._rt.trust_pending_ttl()
+
+        def reap(view: Any, now: Now) -> Decision:
+            self._state.end_cooldowns(now.monotonic)
+            return decide_reap(view, now, outgoing_ttl, pending_ttl)
+
+        self._effects.forget_relayed()
+        self._decide(reap)

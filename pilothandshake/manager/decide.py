@@ -1,0 +1,458 @@
+"""The decisions of SPEC 6 and 7, as pure functions of plain data.
+
+Each ``decide_*`` reads a ``View`` of the working state, what arrived (``Inbound``), what
+was gathered about it outside the lock (``Context``) and the time (``Now``), and returns a
+``Decision``: the store changes to make, the events to publish once they are durable, the
+effects to carry out, log lines, or the reason to drop the input. Nothing here holds a
+lock, reads a clock, opens a socket or calls the runtime: the Manager (``core``) gathers,
+calls a decision under its lock on the live working state (so the checks made outside the
+lock are re-checked, SPEC 16), commits the changes and then runs the effects.
+
+The table of SPEC 6 is ``REQUEST_ROWS``: one ``Row`` per line of the SPEC's table, in its
+order, first match wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from ..constants import REVOKE_COOLDOWN
+from ..identity import b64encode, decode_key
+from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE
+from ..store import (
+    HISTORY,
+    OUTGOING,
+    PENDING,
+    TRUSTED,
+    Change,
+    FormerTrust,
+    PendingHandshake,
+    TrustRecord,
+    TrustState,
+)
+from .auth import Pin, PinKind, pin_of, pin_problem
+from .clock import Now
+from .droplog import quote
+from .effects import (
+    Backfill,
+    Effect,
+    RemoveTunnelPeer,
+    ReplyAccept,
+    ReportTrust,
+    Respond,
+    RevokeAtRegistry,
+    Send,
+)
+from .queue import Limits, admit, in_history
+
+# Event topics (SPEC 14), all with payload ``peer_node_id``.
+RECEIVED = "handshake.received"  # justification, relayed
+PENDING_EVENT = "handshake.pending"
+APPROVED = "handshake.approved"  # by: operator | peer
+REJECTED = "handshake.rejected"  # reason
+AUTO_APPROVED = "handshake.auto_approved"  # reason (a row's name); agent for trusted agents
+TRUST_CHANGED = "trust.changed"  # state: granted | revoked
+REVOKED = "trust.revoked"  # by us
+REVOKED_BY_PEER = "trust.revoked_by_peer"  # reason
+CONFLICT = "trust.conflict"  # registry_key: a trust record's node ID bound to another key
+
+WITHDRAWN = "request withdrawn"  # the reason a requester gives when it cancels its request
+
+Event = tuple[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """An authenticated message's origin and text, as the decisions see it."""
+
+    node_id: int
+    key: bytes | None  # authenticated (direct), or carried / from the registry (relayed)
+    bound: bool  # registry-bound; a relayed message always counts as bound
+    pin: PinKind | None = None  # the kind of pin ``key`` matched when it was checked
+    relayed: bool = False
+    source: str = ""  # the source address (direct) or "relay", for per-source quotas
+    remote: str = ""  # for log lines
+    text: str = ""  # justification (request) or reason (reject, revoke), truncated
+    registry_key: bytes | None = None
+    networks: tuple[int, ...] = ()
+
+    @property
+    def pinned(self) -> bool:
+        """The key equals the key of our trust record for the sender."""
+        return self.pin is PinKind.TRUSTED
+
+
+@dataclass(frozen=True)
+class Context:
+    """Runtime settings and registry answers a decision needs, gathered outside the lock."""
+
+    strict: bool = True
+    has_registry: bool = False
+    auto_approve: bool = False
+    agent_name: str = ""  # allowlist name, "" when not on the allowlist
+    agent_ok: bool = False  # allowlisted and vouched for (row 4)
+    agent_key: bytes | None = None  # the allowlist entry's pinned key: what row 4 stores
+    agent_mismatch: bool = False  # a key the request brings differs from that pin
+    network: int = 0  # first shared non-backbone network in our own order, 0 if none
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class View:
+    """The working state a decision reads, with the Manager's side tables."""
+
+    state: TrustState
+    conflicts: Container[int] = frozenset()  # trust records the registry contradicts
+    revoked_at: Mapping[int, float] = field(default_factory=dict)  # monotonic revoke times
+    arrival: Mapping[int, int] = field(default_factory=dict)  # pending arrival order
+    protected: Container[int] = frozenset()  # pending requests never evicted for strangers
+
+    def trusts(self, node: int) -> bool:
+        """Whether ``node`` has a trust record not in conflict."""
+        return node in self.state.trusted and node not in self.conflicts
+
+
+@dataclass
+class Decision:
+    """What a decision wants: made durable first (``changes``), then announced."""
+
+    changes: list[Change] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    effects: list[Effect] = field(default_factory=list)  # on the background pool
+    inline: list[Effect] = field(default_factory=list)  # before the call returns, in order
+    notes: list[str] = field(default_factory=list)  # INFO lines, logged once durable
+    protected: set[int] = field(default_factory=set)  # new pending entries that are protected
+    drop: str = ""  # the input is dropped: a WARNING, nothing else
+    quiet: str = ""  # the input is ignored: a DEBUG line, nothing else
+    result: str = ""  # what an operator call returns
+
+    def dropped(self, reason: str) -> Decision:
+        """A decision that only drops the input, for ``reason``."""
+        return Decision(drop=reason)
+
+
+# SPEC 6
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of SPEC 6's table: ``when`` it applies, and ``grant`` the trust record's
+    (key, mutual, network) and the event's extra payload; None for rows that grant nothing."""
+
+    name: str
+    when: Callable[[View, Inbound, Context], bool]
+    grant: Callable[[Inbound, Context], tuple[str, bool, int, dict[str, Any]]] | None
+
+
+def _vouched(view: View, inbound: Inbound, context: Context) -> bool:
+    # Strict mode with a registry: an unbound request must not be trusted automatically, or
+    # an impostor could take a real node's ID while the registry is unreachable. A trust
+    # record in conflict with the registry: the operator decides (row 6).
+    unbound_ok = not (context.strict and context.has_registry)
+    return (inbound.bound or unbound_ok) and inbound.node_id not in view.conflicts
+
+
+def _key(inbound: Inbound) -> str:
+    return b64encode(inbound.key) if inbound.key is not None else ""
+
+
+REQUEST_ROWS: tuple[Row, ...] = (
+    Row("already_trusted", lambda v, i, c: v.trusts(i.node_id), None),
+    Row(
+        "mutual",
+        lambda v, i, c: _vouched(v, i, c) and i.node_id in v.state.outgoing,
+        lambda i, c: (_key(i), True, 0, {}),
+    ),
+    Row(
+        "same_network",
+        lambda v, i, c: _vouched(v, i, c) and c.network != 0,
+        lambda i, c: (_key(i), False, c.network, {}),
+    ),
+    Row(
+        "trusted_agent",
+        lambda v, i, c: i.node_id not in v.conflicts and c.agent_ok,
+        lambda i, c: (
+            b64encode(c.agent_key) if c.agent_key is not None else _key(i),
+            False,
+            0,
+            {"agent": c.agent_name},
+        ),
+    ),
+    Row(
+        "auto_approve",
+        lambda v, i, c: _vouched(v, i, c) and c.auto_approve,
+        lambda i, c: (_key(i), False, 0, {}),
+    ),
+    Row("pending", lambda v, i, c: True, None),
+)
+
+
+def decide_request(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+    """A handshake request, direct or relayed (SPEC 6)."""
+    node = inbound.node_id
+    payload = {"peer_node_id": node, "justification": inbound.text, "relayed": inbound.relayed}
+    decision = Decision(events=[(RECEIVED, payload)])
+    problem = pin_problem(_pin(view, node), inbound.key, context.strict)
+    if problem:
+        return decision.dropped(problem)
+    if context.agent_mismatch:
+        # Not even pending: its key would pin the node and lock the real agent out.
+        return decision.dropped("public key differs from the allowlist's pinned key")
+    row = next(row for row in REQUEST_ROWS if row.when(view, inbound, context))
+    if row.name == "already_trusted":
+        decision.effects.append(ReplyAccept(node, inbound.relayed))
+    elif row.grant is None:
+        return _hold(decision, view, inbound, context, now)
+    else:
+        key, mutual, network, extra = row.grant(inbound, context)
+        _grant(decision, view, node, key, now, mutual=mutual, network=network)
+        auto = {"peer_node_id": node, "reason": row.name, **extra}
+        decision.events.insert(1, (AUTO_APPROVED, auto))
+        decision.effects.append(ReplyAccept(node, inbound.relayed))
+    return decision
+
+
+def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+    """Row 6: store the request as pending, within the queue's rule (``queue.admit``)."""
+    node = inbound.node_id
+    pending = view.state.pending
+    existing = pending.get(node)
+    protected = bool(context.agent_name or context.network) or in_history(
+        view.state, node, inbound.key, inbound.bound
+    )
+    key = _key(inbound)
+    request = PendingHandshake(node, key, inbound.text, now.wall, inbound.bound, inbound.source)
+    if existing is None or existing.source != inbound.source:
+        admission = admit(
+            pending,
+            view.protected,
+            view.arrival,
+            context.limits,
+            request,
+            relayed=inbound.relayed,
+            is_protected=protected,
+            replacing=existing is not None,
+        )
+        if admission.drop:
+            return decision.dropped(admission.drop)
+        if admission.evict is not None:
+            victim = admission.evict
+            decision.notes.append(
+                f"pending queue full: evicted the request of node {victim.node_id}"
+                f" (source {quote(victim.source or 'unknown')})"
+            )
+            decision.changes.append(Change(PENDING, victim.node_id, None))
+    if existing is not None and not key:
+        key = existing.public_key  # a relayed request without a key keeps the pending one
+    bound = inbound.bound or (
+        existing is not None and existing.bound and existing.public_key == key
+    )
+    decision.changes.append(Change(PENDING, node, replace(request, public_key=key, bound=bound)))
+    if protected:
+        decision.protected.add(node)
+    decision.events.append((PENDING_EVENT, {"peer_node_id": node}))
+    return decision
+
+
+def _grant(
+    decision: Decision,
+    view: View,
+    node: int,
+    key: str,
+    now: Now,
+    *,
+    mutual: bool = False,
+    network: int = 0,
+) -> None:
+    """Trust ``node``: the one place trust is granted."""
+    state = view.state
+    decision.changes.append(
+        Change(TRUSTED, node, TrustRecord(node, key, now.wall, mutual, network))
+    )
+    if node in state.history:
+        decision.changes.append(Change(HISTORY, node, None))  # trusted now: the record says so
+    for table in (PENDING, OUTGOING):
+        if node in state.table(table):
+            decision.changes.append(Change(table, node, None))
+    decision.events.append((TRUST_CHANGED, {"peer_node_id": node, "state": "granted"}))
+    decision.effects.append(ReportTrust(node))
+    if decode_key(key) is None:
+        decision.effects.append(Backfill(node))
+    decision.notes.append(f"trusted node {node}")
+
+
+def _forget(decision: Decision, view: View, node: int, now: Now, limits: Limits) -> bool:
+    """Remove trust, pending and outgoing for ``node``, remembering a trust record in the
+    history (forgetting the entry that ended longest ago beyond ``limits.max_history``);
+    whether it was trusted."""
+    state = view.state
+    record = state.trusted.get(node)
+    if record is not None:
+        decision.changes.append(Change(TRUSTED, node, None))
+        history = state.history
+        if node not in history and len(history) >= limits.max_history:
+            oldest = min(history.values(), key=lambda former: former.ended_at)
+            decision.changes.append(Change(HISTORY, oldest.node_id, None))
+        former = FormerTrust(node, record.public_key, now.wall)
+        decision.changes.append(Change(HISTORY, node, former))
+    for table in (PENDING, OUTGOING):
+        if node in state.table(table):
+            decision.changes.append(Change(table, node, None))
+    return record is not None
+
+
+def _pin(view: View, node: int) -> Pin:
+    return pin_of(view.state.trusted, view.state.pending, view.conflicts, node)
+
+
+def _believed(inbound: Inbound, context: Context) -> bool:
+    """SPEC 8: with a registry, strict mode believes an answer only when it is registry-bound
+    or matches a trust-record pin."""
+    return not (context.strict and context.has_registry) or inbound.bound or inbound.pinned
+
+
+# SPEC 7: received
+
+
+def decide_accept(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+    """An accept, direct or relayed (SPEC 7)."""
+    node = inbound.node_id
+    decision = Decision()
+    revoked_at = view.revoked_at.get(node)
+    problem = pin_problem(_pin(view, node), inbound.key, context.strict)
+    if revoked_at is not None and now.monotonic - revoked_at < REVOKE_COOLDOWN:
+        return decision.dropped("accept within the revoke cooldown")
+    if problem:
+        return decision.dropped(problem)
+    if view.trusts(node):
+        # The relayed copy of a direct accept, or a peer accepting twice: the happy path.
+        decision.quiet = f"node {node}: accept from a node already trusted"
+        return decision
+    if node not in view.state.outgoing:
+        return decision.dropped("accept without an outgoing request")
+    if not _believed(inbound, context):
+        return decision.dropped("accept neither registry-bound nor pinned")
+    decision.events.append((APPROVED, {"peer_node_id": node, "by": "peer"}))
+    _grant(decision, view, node, _key(inbound), now, mutual=True)
+    return decision
+
+
+def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+    """A reject of our request, direct or relayed (SPEC 7)."""
+    node = inbound.node_id
+    decision = Decision()
+    if not _believed(inbound, context):
+        return decision.dropped("reject neither registry-bound nor pinned")
+    if node in view.state.outgoing:
+        decision.changes.append(Change(OUTGOING, node, None))
+    elif inbound.relayed and node in view.state.pending:
+        # We never asked it, but it asked us: the requester withdrew its request through the
+        # relay (decide_untrust), the only way to reach a private node.
+        decision.changes.append(Change(PENDING, node, None))
+        decision.events.append((REVOKED_BY_PEER, {"peer_node_id": node, "reason": WITHDRAWN}))
+        decision.notes.append(f"node {node} withdrew its request")
+        return decision
+    decision.notes.append(f"node {node} rejected our request: {_quoted(inbound.text)}")
+    return decision
+
+
+def decide_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+    """A revoke from a peer (SPEC 7), in every mode only when registry-bound or signed with
+    the pinned key (SPEC 8): otherwise anyone with a key of their own could revoke."""
+    node = inbound.node_id
+    decision = Decision()
+    # The key of a node's own pending request pins only that request (the weak pin is never
+    # a trusted node's): enough for the sender to withdraw it.
+    withdrawal = inbound.pin is PinKind.WEAK and node not in view.state.trusted
+    strong = inbound.pin is not None and inbound.pin.strong
+    if not (inbound.bound or strong or withdrawal):
+        return decision.dropped("revoke neither registry-bound nor signed with the pinned key")
+    was_trusted = _forget(decision, view, node, now, context.limits)
+    if not decision.changes:
+        decision.quiet = f"node {node} revoked trust we never had"
+        return decision
+    decision.events.append((REVOKED_BY_PEER, {"peer_node_id": node, "reason": inbound.text}))
+    if was_trusted:
+        decision.events.append((TRUST_CHANGED, {"peer_node_id": node, "state": "revoked"}))
+        decision.effects.append(RevokeAtRegistry(node))
+    decision.inline.append(RemoveTunnelPeer(node))
+    decision.notes.append(f"node {node} revoked trust: {_quoted(inbound.text)}")
+    return decision
+
+
+def _quoted(text: str) -> str:
+    return quote(text) if text else "-"
+
+
+# SPEC 7: the operator's calls
+
+
+def decide_approve(view: View, node: int, now: Now) -> Decision | None:
+    """``approve_handshake``: the pending request of ``node`` becomes trust (``mutual=False``);
+    None when nothing is pending."""
+    request = view.state.pending.get(node)
+    if request is None:
+        return None
+    decision = Decision(events=[(APPROVED, {"peer_node_id": node, "by": "operator"})])
+    _grant(decision, view, node, request.public_key, now)
+    # respond_handshake already relays the answer: the direct send has no fallback.
+    decision.effects += [Respond(node, True), Send(node, HANDSHAKE_ACCEPT)]
+    return decision
+
+
+def decide_dismiss(view: View, node: int, reason: str) -> Decision | None:
+    """``reject_handshake``: drop the pending request of ``node`` and tell it ``reason``
+    (truncated); None when nothing is pending."""
+    if node not in view.state.pending:
+        return None
+    return Decision(
+        changes=[Change(PENDING, node, None)],
+        events=[(REJECTED, {"peer_node_id": node, "reason": reason})],
+        effects=[Respond(node, False), Send(node, HANDSHAKE_REJECT, reason)],
+    )
+
+
+def decide_untrust(view: View, node: int, now: Now, limits: Limits) -> Decision:
+    """``revoke_trust``: remove trust, pending and outgoing. ``result`` "revoked" when it was
+    trusted, "withdrawn" when we had only asked it (the peer gets a signed revoke, which
+    removes our pending request there), "" when neither."""
+    decision = Decision()
+    asked = node in view.state.outgoing
+    if _forget(decision, view, node, now, limits):
+        decision.result = "revoked"
+        decision.events.append((REVOKED, {"peer_node_id": node}))
+        decision.events.append((TRUST_CHANGED, {"peer_node_id": node, "state": "revoked"}))
+        # Before remove_tunnel_peer: the peer should hear it while reachable. The registry
+        # hears last: once it drops the trust pair it no longer resolves a private peer for
+        # us, and the direct revoke could not be dialled.
+        decision.inline += [Send(node, HANDSHAKE_REVOKE), RemoveTunnelPeer(node)]
+        decision.effects.append(RevokeAtRegistry(node))
+        decision.notes.append(f"revoked trust in node {node}")
+    elif asked:
+        decision.result = "withdrawn"
+        decision.inline.append(Send(node, HANDSHAKE_REVOKE, WITHDRAWN))
+        # A private peer we asked through the relay cannot be dialled, and the relay has no
+        # revoke: a relayed rejection of the peer from us tells it (decide_reject).
+        decision.effects.append(Respond(node, False))
+        decision.notes.append(f"withdrew our request to node {node}")
+    return decision
+
+
+def decide_reap(view: View, now: Now, outgoing_ttl: float, pending_ttl: float) -> Decision:
+    """The reaper (SPEC 7): forget outgoing and pending requests older than their TTLs."""
+    decision = Decision()
+    state = view.state
+    for node, request in state.outgoing.items():
+        if (now.wall - request.sent_at).total_seconds() > outgoing_ttl:
+            decision.changes.append(Change(OUTGOING, node, None))
+    expired = [
+        node
+        for node, pending in state.pending.items()
+        if (now.wall - pending.received_at).total_seconds() > pending_ttl
+    ]
+    decision.changes += [Change(PENDING, node, None) for node in expired]
+    if expired:
+        decision.notes.append(f"{len(expired)} pending requests expired")
+    return decision

@@ -1,0 +1,243 @@
+"""What a decision wants done outside the lock, as data, and the one place that does it.
+
+A decision returns effects (``ReplyAccept``, ``ReportTrust``, ``Respond``, ``Send``,
+``RevokeAtRegistry``, ``Backfill``, ``RemoveTunnelPeer``) instead of calling out, so tests
+assert on them directly. ``Effects.run`` carries one out: it signs messages, dials peers and
+calls the registry through the ``Runtime``. The Manager runs them only after the decision's
+changes are durable, never under its lock (SPEC 16).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Union
+
+from ..constants import PORT_HANDSHAKE, RELAY_RECENT
+from ..errors import HandshakeError, RegistryError, SendError
+from ..identity import b64encode
+from ..messages import (
+    HANDSHAKE_ACCEPT,
+    HANDSHAKE_REJECT,
+    HANDSHAKE_REQUEST,
+    HandshakeMsg,
+    handshake_challenge,
+    respond_challenge,
+)
+from ..metrics import Metrics
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+    from .clock import Clock
+
+__all__ = [
+    "Backfill",
+    "Effect",
+    "Effects",
+    "RemoveTunnelPeer",
+    "ReplyAccept",
+    "ReportTrust",
+    "Respond",
+    "RevokeAtRegistry",
+    "Send",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplyAccept:
+    """Accept a request (SPEC 6): dial an accept back, else (or when the request was relayed)
+    ``respond_handshake(accept=True)`` through the registry."""
+
+    peer: int
+    relayed: bool
+
+
+@dataclass(frozen=True)
+class ReportTrust:
+    """``report_trust(self, peer)`` at the registry, after a trust grant."""
+
+    peer: int
+
+
+@dataclass(frozen=True)
+class Respond:
+    """``respond_handshake(self, peer, accept)`` at the registry (the relayed answer)."""
+
+    peer: int
+    accept: bool
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send a signed ``msg_type`` with ``reason`` directly to ``peer``, best effort: a failure
+    is logged, never relayed."""
+
+    peer: int
+    msg_type: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RevokeAtRegistry:
+    """``revoke_trust(self, peer)`` at the registry."""
+
+    peer: int
+
+
+@dataclass(frozen=True)
+class Backfill:
+    """Fill in the key of ``peer``'s trust record from the registry (SPEC 6)."""
+
+    peer: int
+
+
+@dataclass(frozen=True)
+class RemoveTunnelPeer:
+    """``runtime.remove_tunnel_peer(peer)``: the embedding application's hook."""
+
+    peer: int
+
+
+Effect = Union[
+    ReplyAccept, ReportTrust, Respond, Send, RevokeAtRegistry, Backfill, RemoveTunnelPeer
+]
+
+
+class Effects:
+    """Carries out effects through ``runtime``; ``backfill`` is the Manager's (it writes the
+    trust store). Message timestamps come from ``clock``."""
+
+    def __init__(
+        self, runtime: Runtime, clock: Clock, backfill: Callable[[int], None], metrics: Metrics
+    ) -> None:
+        """Run effects for ``runtime``; messages sent count in ``metrics``."""
+        self._rt = runtime
+        self._metrics = metrics
+        self._clock = clock
+        self._backfill = backfill
+        self._lock = threading.Lock()
+        self._relayed_at: dict[int, float] = {}  # node -> monotonic time of our relayed request
+
+    def run(self, effect: Effect) -> None:
+        """Carry out ``effect``. Registry calls raise ``RegistryError``; signing without an
+        identity raises ``HandshakeError``."""
+        registry = self._rt.registry()
+        own = self._rt.node_id()
+        if isinstance(effect, ReplyAccept):
+            self._reply_accept(effect.peer, effect.relayed)
+        elif isinstance(effect, Send):
+            self.send_best_effort(effect.peer, effect.msg_type, effect.reason)
+        elif isinstance(effect, RemoveTunnelPeer):
+            self._rt.remove_tunnel_peer(effect.peer)
+        elif isinstance(effect, Backfill):
+            self._backfill(effect.peer)
+        elif registry is None:
+            return  # the rest talk to the registry
+        elif isinstance(effect, ReportTrust):
+            registry.report_trust(own, effect.peer)
+        elif isinstance(effect, RevokeAtRegistry):
+            registry.revoke_trust(own, effect.peer)
+        else:
+            self._respond(effect.peer, effect.accept)
+
+    def message(
+        self, msg_type: str, peer: int, *, justification: str = "", reason: str = ""
+    ) -> HandshakeMsg:
+        """A signed message to ``peer``: ``signature_v2`` only (SPEC 4)."""
+        public_key = self._rt.public_key()
+        if public_key is None:
+            raise HandshakeError("this node has no identity: cannot sign")
+        message = HandshakeMsg(
+            type=msg_type,
+            node_id=self._rt.node_id(),
+            public_key=b64encode(public_key),
+            justification=justification,
+            reason=reason,
+            timestamp=int(self._clock.time()),
+        )
+        message.signature_v2 = self.signature(message.v2_challenge(peer))
+        return message
+
+    def signature(self, challenge: bytes) -> str:
+        """Our signature of ``challenge``, base64 (messages and registry credentials)."""
+        signature = self._rt.sign(challenge)
+        if signature is None:
+            raise HandshakeError("this node has no identity: cannot sign")
+        return b64encode(signature)
+
+    def send_best_effort(self, peer: int, msg_type: str, reason: str) -> None:
+        """Send a signed ``msg_type`` to ``peer`` directly; a failure is logged."""
+        try:
+            self._dial(peer, self.message(msg_type, peer, reason=reason))
+        except HandshakeError as exc:
+            log.info("could not send %s to node %d: %s", msg_type, peer, exc)
+
+    def _reply_accept(self, peer: int, relayed: bool) -> None:
+        if not relayed:
+            message = self.message(HANDSHAKE_ACCEPT, peer)
+            try:
+                self._dial(peer, message)
+                return
+            except SendError as exc:
+                log.info("direct accept to node %d failed (%s); relaying", peer, exc)
+        self._respond(peer, True)
+
+    def _respond(self, peer: int, accept: bool) -> None:
+        registry = self._rt.registry()
+        if registry is None:
+            return
+        own = self._rt.node_id()
+        registry.respond_handshake(own, peer, accept, self.signature(respond_challenge(own, peer)))
+        self._metrics.relay(HANDSHAKE_ACCEPT if accept else HANDSHAKE_REJECT, "out")
+
+    def _dial(self, peer: int, message: HandshakeMsg) -> None:
+        """Deliver ``message`` to the peer's port 444, counted by result; ``SendError``."""
+        try:
+            self._rt.dial_and_send(peer, PORT_HANDSHAKE, message.to_json())
+        except SendError:
+            self._metrics.message(message.type, "failed")
+            raise
+        self._metrics.message(message.type, "sent")
+
+    def deliver_request(self, peer: int, message: HandshakeMsg) -> str:
+        """Send our request ``message`` to ``peer`` (SPEC 7): "sent" when delivered directly,
+        "relayed" through the registry; ``SendError`` giving both reasons when both fail."""
+        try:
+            self._dial(peer, message)
+            return "sent"
+        except SendError as exc:
+            direct = str(exc)
+        relay = self._relay_request(peer, message.justification)
+        if not relay:
+            return "relayed"
+        raise SendError(f"cannot reach node {peer}: direct: {direct}; relay: {relay}")
+
+    def _relay_request(self, peer: int, justification: str) -> str:
+        """Send a request through the registry; "" on success, else why it failed."""
+        registry = self._rt.registry()
+        if registry is None:
+            return "no registry configured"
+        own = self._rt.node_id()
+        signature = self.signature(handshake_challenge(own, peer))
+        now = self._clock.monotonic()
+        with self._lock:
+            previous = self._relayed_at.get(peer)
+        try:
+            registry.request_handshake(own, peer, justification, signature)
+            self._metrics.relay(HANDSHAKE_REQUEST, "out")
+        except RegistryError as exc:
+            if previous is not None and now - previous < RELAY_RECENT:
+                return f"{exc} (an earlier relayed request may still be waiting for node {peer})"
+            return str(exc)
+        with self._lock:
+            self._relayed_at[peer] = now
+        return ""
+
+    def forget_relayed(self) -> None:
+        """Forget relayed requests older than ``RELAY_RECENT`` (the reaper)."""
+        now = self._clock.monotonic()
+        with self._lock:
+            self._relayed_at = {n: t for n, t in self._relayed_at.items() if now - t < RELAY_RECENT}

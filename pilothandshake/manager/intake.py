@@ -1,0 +1,379 @@
+"""Everything before a decision, outside the lock: SPEC 5 steps 1-4 for port-444 messages,
+the same checks for relayed input, and the registry answers a request decision needs.
+
+``Intake`` reads the working state only under the Manager's lock, and briefly; registry
+calls and signature checks happen without it (SPEC 16). What it hands on is an
+``Inbound`` (and, for requests, a ``Context``); the decision re-checks the pin on the live
+state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import socket
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from ..constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE
+from ..errors import MessageError
+from ..identity import b64encode, decode_key
+from ..messages import HANDSHAKE_REQUEST, HandshakeMsg, truncate_utf8
+from ..metrics import Metrics
+from ..runtime import RegistryClient, Runtime
+from ..store import TRUSTED, Change
+from .auth import Pin, PinKind, authenticate, pin_of, pin_problem
+from .binding import SIDE_TABLE_LIMIT, Binding, Checked, answer_key, answer_networks
+from .clock import Clock
+from .decide import CONFLICT, Context, Inbound
+from .droplog import DropLog, quote
+from .queue import Limits
+from .replay import ReplaySet
+from .state import State
+
+__all__ = ["RELAY", "Intake", "remote_address", "source_host"]
+
+log = logging.getLogger(__name__)
+
+RELAY = "relay"  # the source and remote of relayed input: one source for quotas
+# A request arriving again by the other path (direct / relay) within this is a duplicate.
+_DUPLICATE_WINDOW = MAX_MESSAGE_AGE
+
+
+def _fingerprint(inbound: Inbound) -> tuple[int, bytes]:
+    return inbound.node_id, hashlib.sha256(inbound.text.encode("utf-8")).digest()
+
+
+def source_host(remote: str) -> str:
+    """The host part of ``"host:port"`` / ``"[v6]:port"``: quotas count per address, not port."""
+    if remote.startswith("["):
+        return remote[1:].partition("]")[0]
+    host, sep, port = remote.rpartition(":")
+    return host if sep and port.isdigit() else remote
+
+
+def remote_address(conn: socket.socket) -> str:
+    """``"host:port"`` (``"[v6]:port"``) of a connection's peer, for log lines and quotas."""
+    try:
+        peer = conn.getpeername()
+    except OSError:
+        return "unknown"
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = str(peer[0]), peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(peer) or "local"
+
+
+class Intake:
+    """Turns received input into ``Inbound``s, or drops it (logged by ``drops``).
+
+    Shares the Manager's ``state`` (its lock, store and conflicts); ``replay`` is used under
+    the lock. Also backfills keyless trust records (SPEC 6) and checks every record against
+    the registry at start.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        clock: Clock,
+        state: State,
+        drops: DropLog,
+        replay: ReplaySet,
+        limits: Limits,
+        metrics: Metrics,
+    ) -> None:
+        """Gather for the Manager that owns these; received messages count in ``metrics``."""
+        self._rt = runtime
+        self._metrics = metrics
+        self._clock = clock
+        self._state = state
+        self._lock = state.lock
+        self._store = state.store
+        self._conflicts = state.conflicts
+        self._drops = drops
+        self._replay = replay
+        self._limits = limits
+        self.binding = Binding(clock.monotonic)
+        # Requests decided lately: (node, SHA-256 of the text) -> (relayed, monotonic time).
+        self._recent: OrderedDict[tuple[int, bytes], tuple[bool, float]] = OrderedDict()
+
+    def claim(self, inbound: Inbound) -> tuple[bool, float] | None:
+        """Claim this request for deciding; None when it is a duplicate: decided lately after
+        arriving by the other path (direct or relayed), so it changes nothing and publishes
+        nothing again. Checked and claimed in one step: after a SIGSTOP both copies arrive
+        at once. Returns the claim, for ``release``."""
+        fingerprint = _fingerprint(inbound)
+        mark = (inbound.relayed, self._clock.monotonic())
+        with self._lock:
+            seen = self._recent.get(fingerprint)
+            other_path = seen is not None and seen[0] != inbound.relayed
+            if other_path and seen is not None and mark[1] - seen[1] < _DUPLICATE_WINDOW:
+                return None
+            self._recent[fingerprint] = mark
+            self._recent.move_to_end(fingerprint)
+            while len(self._recent) > SIDE_TABLE_LIMIT:
+                self._recent.popitem(last=False)
+        return mark
+
+    def release(self, inbound: Inbound, mark: tuple[bool, float]) -> None:
+        """Give up the claim ``mark`` of a request that was dropped: a copy by the other path
+        is then decided on its own."""
+        fingerprint = _fingerprint(inbound)
+        with self._lock:
+            if self._recent.get(fingerprint) == mark:
+                del self._recent[fingerprint]
+
+    def message(self, data: bytes, remote: str) -> tuple[str, Inbound] | None:
+        """SPEC 5 steps 1-4 for a port-444 message from ``remote``: its type and origin, or
+        None when it was dropped."""
+        try:
+            msg = HandshakeMsg.from_json(data)
+        except MessageError as exc:
+            self._drops.drop(None, remote, str(exc))
+            return None
+        self._metrics.message(msg.type, "received")
+        node = msg.node_id
+        if self.refused(node, remote):
+            return None
+        now = self._clock.time()
+        if not now - MAX_MESSAGE_AGE <= msg.timestamp <= now + MAX_CLOCK_SKEW:
+            self._drops.drop(node, remote, f"timestamp {quote(msg.timestamp)} outside the window")
+            return None
+        strict = self._rt.trust_strict()
+        authenticated = authenticate(msg, self._rt.node_id(), strict)
+        if isinstance(authenticated, str):
+            self._drops.drop(node, remote, authenticated)
+            return None
+        key = authenticated.key
+        pin = self.pin(node)
+        registry = self._rt.registry()
+        bound: bool | str = False
+        answer: dict[str, Any] | None = None
+        checked = False
+        if pin_problem(pin, key, strict) and pin.kind is PinKind.TRUSTED and registry is not None:
+            # The registry may now bind this node ID to this key: then a trust record is in
+            # conflict (issue 11 item 7) and no longer pins.
+            answer, bound = self._bind(registry, node, key)
+            checked = True
+            pin = self.pin(node)
+        problem = pin_problem(pin, key, strict)
+        if problem:
+            self._drops.drop(node, remote, problem)
+            return None
+        if registry is not None and not checked:
+            answer, bound = self._bind(registry, node, key)
+        if isinstance(bound, str):
+            self._drops.drop(node, remote, bound)
+            return None
+        if authenticated.go_style and not bound:
+            # The Go signature never changes between messages from S to R: only a key the
+            # registry vouches for may use it (SPEC 8).
+            self._drops.drop(node, remote, "Go-style signature without a registry-bound key")
+            return None
+        problem = pin_problem(pin, key, strict, bound)
+        if problem:
+            self._drops.drop(node, remote, problem)
+            return None
+        text = msg.justification if msg.type == HANDSHAKE_REQUEST else msg.reason
+        inbound = Inbound(
+            node_id=node,
+            key=key,
+            bound=bound,
+            pin=pin.matched_by(key),
+            source=source_host(remote),
+            remote=remote,
+            text=truncate_utf8(text),
+            registry_key=answer_key(answer),
+            networks=answer_networks(answer),
+        )
+        digest = hashlib.sha256(authenticated.material).digest()
+        expires = msg.timestamp + MAX_MESSAGE_AGE
+        privileged = bound or inbound.pinned
+        with self._lock:
+            reason = self._replay.add(digest, inbound.source, expires, now, privileged)
+        if reason:
+            self._drops.drop(node, remote, reason)
+            return None
+        return msg.type, inbound
+
+    def relayed(
+        self, node: int, public_key: str = "", text: str = "", *, request: bool = False
+    ) -> Inbound | None:
+        """Relayed input from ``node`` (it counts as registry-bound: the registry checked its
+        signature); None when dropped. A ``request`` carries ``public_key`` (maybe "") and
+        is looked up at the registry; relayed answers carry no key."""
+        if self.refused(node, RELAY):
+            return None
+        carried = decode_key(public_key) if public_key else None
+        if public_key and carried is None:
+            self._drops.drop(node, RELAY, "relayed public_key is not a valid key")
+            return None
+        answer = None
+        registry = self._rt.registry()
+        if registry is not None and request:
+            answer = self.checked_lookup(registry, node, carried)
+        registry_key = answer_key(answer)
+        key = carried if carried is not None else registry_key
+        pin = self.pin(node)
+        problem = pin_problem(pin, key, self._rt.trust_strict(), bound=True)
+        if problem:
+            self._drops.drop(node, RELAY, problem)
+            return None
+        return Inbound(
+            node_id=node,
+            key=key,
+            bound=True,
+            pin=pin.matched_by(key),
+            relayed=True,
+            source=RELAY,
+            remote=RELAY,
+            text=truncate_utf8(text),
+            registry_key=registry_key,
+            networks=answer_networks(answer),
+        )
+
+    def refused(self, node: int, remote: str) -> bool:
+        """SPEC 5 step 1: input claiming our own node ID, or from a denied node, is dropped."""
+        if node == self._rt.node_id():
+            self._drops.drop(node, remote, "message claims our own node ID")
+            return True
+        if self._rt.is_denied(node):
+            self._drops.drop(node, remote, "node is on the deny list")
+            return True
+        return False
+
+    def pin(self, node: int) -> Pin:
+        """The pin of ``node`` in the working state now."""
+        with self._lock:
+            state = self._store.working
+            return pin_of(state.trusted, state.pending, self._conflicts, node)
+
+    def _bind(
+        self, registry: RegistryClient, node: int, key: bytes
+    ) -> tuple[dict[str, Any] | None, bool | str]:
+        """The lookup answer and whether ``key`` is registry-bound, or the reason to drop."""
+        checked = self._checked(registry, node, key)
+        return checked.answer, checked.bound(key)
+
+    def checked_lookup(
+        self, registry: RegistryClient, node: int, key: bytes | None
+    ) -> dict[str, Any] | None:
+        """The registry's answer for ``node``, re-asked when it differs from ``key`` or the
+        trust record (SPEC 5); a record the registry still contradicts becomes a conflict."""
+        return self._checked(registry, node, key).answer
+
+    def _checked(self, registry: RegistryClient, node: int, key: bytes | None) -> Checked:
+        record_key = self.record_key(node)
+        checked = self.binding.checked(registry, node, key, record_key)
+        if checked.conflict is not None and record_key is not None:
+            self._note_conflict(node, record_key, checked.conflict)
+        return checked
+
+    def record_key(self, node: int) -> bytes | None:
+        """The valid key of ``node``'s trust record not in conflict, else None."""
+        with self._lock:
+            record = self._store.working.trusted.get(node)
+            if record is None or node in self._conflicts:
+                return None
+            return decode_key(record.public_key)
+
+    def _note_conflict(self, node: int, record_key: bytes, registry_key: bytes) -> None:
+        """The registry binds ``node`` to ``registry_key``, not to ``record_key``, the key we
+        trusted: stop trusting and pinning the record until it is approved again or removed."""
+        with self._lock:
+            if self.record_key(node) != record_key:
+                return  # changed meanwhile, or already in conflict
+            self._conflicts[node] = registry_key
+        log.error(
+            "trust record of node %d conflicts with the registry: it now binds that node ID "
+            "to another key (%s); not trusted until approved again or removed",
+            node,
+            b64encode(registry_key),
+        )
+        payload = {"peer_node_id": node, "registry_key": b64encode(registry_key)}
+        self._rt.publish_event(CONFLICT, payload)
+
+    def backfill(self, node: int) -> None:
+        """Fill in the key of a trust record that has none from the registry (SPEC 6)."""
+        registry = self._rt.registry()
+        if registry is None:
+            return
+        # Fresh: a cached answer is likely the very one that had no key.
+        key = answer_key(self.binding.lookup(registry, node, fresh=True))
+        if key is None:
+            log.debug("no key to backfill for node %d", node)
+            return
+        with self._state.lock:
+            record = self._state.store.working.trusted.get(node)
+            if record is None or decode_key(record.public_key) is not None:
+                return
+            keyed = dataclasses.replace(record, public_key=b64encode(key))
+            seq = self._state.change(Change(TRUSTED, node, keyed))
+        self._state.store.commit(seq)
+
+    def check_records(self, stopping: threading.Event) -> None:
+        """At start, with a registry: backfill the keys of keyless trust records, and look
+        up every other record for a conflict with the registry's binding (issue 11 item 7),
+        until ``stopping`` is set."""
+        registry = self._rt.registry()
+        if registry is None:
+            return
+        with self._state.lock:
+            trusted = self._state.store.working.trusted
+            records = [(n, decode_key(r.public_key)) for n, r in trusted.items()]
+        for node, key in records:
+            if stopping.is_set():
+                return
+            if key is None:
+                self.backfill(node)
+            else:
+                self.checked_lookup(registry, node, None)
+
+    def request_context(self, inbound: Inbound) -> Context:
+        """What a request decision needs from the runtime and the registry.
+
+        Row 4: an allowlist entry that pins a key requires every key the request brings (the
+        message's or the relay's, and the registry's) to equal it, even for a registry-bound
+        request, and the pin is what is stored (a request bringing another key is dropped);
+        an entry without a pin requires the request to be registry-bound (a relayed one
+        always is).
+        """
+        registry = self._rt.registry()
+        agent = self._rt.trusted_agent(inbound.node_id)
+        agent_ok = agent_mismatch = False
+        agent_key = None
+        if agent is not None:
+            if agent.public_key:
+                agent_key = decode_key(agent.public_key)
+                brought = [k for k in (inbound.key, inbound.registry_key) if k is not None]
+                agent_mismatch = any(k != agent_key for k in brought)
+                agent_ok = agent_key is not None and bool(brought) and not agent_mismatch
+            else:
+                agent_ok = inbound.bound
+        network = 0
+        own = self._rt.node_id()
+        if registry is not None and inbound.networks and own != 0:
+            ours = answer_networks(self.binding.lookup(registry, own))
+            shared = [n for n in ours if n in inbound.networks]
+            network = shared[0] if shared else 0
+        return Context(
+            strict=self._rt.trust_strict(),
+            has_registry=registry is not None,
+            auto_approve=self._rt.trust_auto_approve(),
+            agent_name=agent.name if agent is not None else "",
+            agent_ok=agent_ok,
+            agent_key=agent_key,
+            agent_mismatch=agent_mismatch,
+            network=network,
+            limits=self._limits,
+        )
+
+    def answer_context(self) -> Context:
+        """What an accept, reject or revoke decision needs from the runtime."""
+        return Context(
+            strict=self._rt.trust_strict(),
+            has_registry=self._rt.registry() is not None,
+            limits=self._limits,
+        )

@@ -1,0 +1,190 @@
+"""The Manager's state: the trust store, the side tables decisions read, and the one lock.
+
+``State`` owns the lock every decision runs under, the ``TrustStore`` (whose ``working``
+copy decisions read and change, and whose ``visible`` copy readers see), and the tables that
+are not persisted: conflicts with the registry, revoke times, the pending queue's arrival
+order and protection, and the per-node waiters of ``wait_for_trust``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..constants import REVOKE_COOLDOWN
+from ..identity import decode_key
+from ..metrics import Metrics
+from ..runtime import Runtime
+from ..store import (
+    HISTORY,
+    OUTGOING,
+    PENDING,
+    TRUSTED,
+    Change,
+    OutgoingRequest,
+    PendingHandshake,
+    TrustRecord,
+    TrustStore,
+)
+from .decide import Decision, View
+from .queue import in_history
+
+__all__ = ["State"]
+
+
+@dataclass
+class _Waiters:
+    condition: threading.Condition
+    count: int = 0
+
+
+class State:
+    """The working and durable state of one Manager, at ``path`` ("" = memory only)."""
+
+    def __init__(self, path: str, metrics: Metrics) -> None:
+        """Open the trust store (``StoreError`` when it does not parse or is in use); its
+        writes are counted into ``metrics``."""
+        self.lock = threading.RLock()
+        self.store = TrustStore(path, self.lock, self._on_commit, metrics=metrics)
+        # Trust records whose node ID the registry now binds to another key (issue 11 item 7):
+        # node -> that key. Not trusted, not pinning, until approved again or removed.
+        self.conflicts: dict[int, bytes] = {}
+        self.revoked_at: dict[int, float] = {}  # node -> monotonic time we revoked it
+        self._arrivals = itertools.count()
+        self._arrival: dict[int, int] = {}  # pending arrival order, for eviction ties
+        self._protected: set[int] = set()  # pending requests never evicted for strangers
+        self._waiters: dict[int, _Waiters] = {}
+
+    def index_pending(self, runtime: Runtime) -> None:
+        """Arrival order and protection of the pending requests loaded from trust.json (a
+        shared network is known only on arrival: loaded entries are protected when
+        allowlisted or in the trust history). Call without the lock."""
+        with self.lock:
+            loaded = sorted(self.store.working.pending.values(), key=lambda p: p.received_at)
+        agents = {p.node_id for p in loaded if runtime.trusted_agent(p.node_id) is not None}
+        with self.lock:
+            for request in loaded:
+                node = request.node_id
+                self._arrival[node] = next(self._arrivals)
+                key = decode_key(request.public_key)
+                if node in agents or in_history(self.store.working, node, key, request.bound):
+                    self._protected.add(node)
+
+    # Deciding: call holding the lock.
+
+    def view(self) -> View:
+        """The live working state and side tables (nothing copied)."""
+        return View(
+            self.store.working, self.conflicts, self.revoked_at, self._arrival, self._protected
+        )
+
+    def trusts(self, node: int) -> bool:
+        """Whether ``node`` has a trust record not in conflict (working state)."""
+        return self.view().trusts(node)
+
+    def end_cooldowns(self, now: float) -> None:
+        """Forget revokes at least ``REVOKE_COOLDOWN`` older than ``now`` (monotonic)."""
+        expired = [n for n, at in self.revoked_at.items() if now - at >= REVOKE_COOLDOWN]
+        for node in expired:
+            del self.revoked_at[node]
+
+    def apply(self, decision: Decision) -> int | None:
+        """Make ``decision``'s changes in the working state, keeping the pending queue's side
+        tables in step; the last change's sequence number (None: no change)."""
+        seq = None
+        for change in decision.changes:
+            seq = self.change(change)
+            if change.table != PENDING:
+                continue
+            node = change.node_id
+            if change.value is None:
+                self._arrival.pop(node, None)
+            else:
+                self._arrival[node] = next(self._arrivals)
+            if change.value is not None and node in decision.protected:
+                self._protected.add(node)
+            else:
+                self._protected.discard(node)
+        return seq
+
+    def change(self, change: Change) -> int:
+        """One change through the store's writer of its table; its sequence number."""
+        store = self.store
+        writers: dict[str, tuple[Callable[[Any], int], Callable[[int], int]]] = {
+            TRUSTED: (store.put_trusted, store.drop_trusted),
+            PENDING: (store.put_pending, store.drop_pending),
+            OUTGOING: (store.put_outgoing, store.drop_outgoing),
+            HISTORY: (store.put_history, store.drop_history),
+        }
+        put, drop = writers[change.table]
+        return drop(change.node_id) if change.value is None else put(change.value)
+
+    def _on_commit(self, changes: list[Change]) -> None:
+        # Called by the store under the lock once changes are durable, so a waiter woken
+        # here finds them in ``visible``, and no grant slips between a waiter's check and
+        # its wait. A new or removed trust record ends a conflict; only the waiters of nodes
+        # that became trusted are woken.
+        for change in changes:
+            if change.table != TRUSTED:
+                continue
+            self.conflicts.pop(change.node_id, None)
+            waiters = self._waiters.get(change.node_id)
+            if change.value is not None and waiters is not None:
+                waiters.condition.notify_all()
+
+    # Readers: durable state only; each takes the lock.
+
+    def trusted(self, node_id: int, own: int) -> bool:
+        """Whether ``node_id`` is trusted (``own``, when known, always is)."""
+        with self.lock:
+            return self._visibly_trusted(node_id, own)
+
+    def records(self) -> list[TrustRecord]:
+        """Trust records, sorted by node ID."""
+        with self.lock:
+            return sorted(self.store.visible.trusted.values(), key=lambda r: r.node_id)
+
+    def pending(self) -> list[PendingHandshake]:
+        """Pending requests, sorted by node ID."""
+        with self.lock:
+            return sorted(self.store.visible.pending.values(), key=lambda p: p.node_id)
+
+    def outgoing(self) -> list[OutgoingRequest]:
+        """Our requests waiting for an answer, sorted by node ID."""
+        with self.lock:
+            return sorted(self.store.visible.outgoing.values(), key=lambda o: o.node_id)
+
+    def in_conflict(self) -> list[int]:
+        """Node IDs of trust records in conflict with the registry, sorted."""
+        with self.lock:
+            return sorted(self.conflicts)
+
+    def wait(self, node_id: int, own: int, timeout: float | None) -> bool:
+        """Block until ``node_id`` is trusted (True) or ``timeout`` passes (False)."""
+        with self.lock:
+            if self._visibly_trusted(node_id, own):
+                return True
+            waiters = self._waiters.get(node_id)
+            if waiters is None:
+                waiters = self._waiters[node_id] = _Waiters(threading.Condition(self.lock))
+            waiters.count += 1
+            try:
+                return waiters.condition.wait_for(
+                    lambda: self._visibly_trusted(node_id, own), timeout
+                )
+            finally:
+                waiters.count -= 1
+                if not waiters.count:
+                    del self._waiters[node_id]
+
+    def waiting(self) -> int:
+        """How many ``wait`` calls are blocked now."""
+        with self.lock:
+            return sum(waiters.count for waiters in self._waiters.values())
+
+    def _visibly_trusted(self, node_id: int, own: int) -> bool:
+        if own != 0 and node_id == own:
+            return True
+        return node_id in self.store.visible.trusted and node_id not in self.conflicts

@@ -1,0 +1,14 @@
+#!/bin/sh
+# Mutation testing of the pure decision modules (pyproject.toml [tool.mutmut]): mutate
+# manager/decide.py and manager/auth.py, run their fast tests against every mutant, list
+# the survivors and print the score. Needs mutmut: pip install -e '.[mutation]'.
+set -eu
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/mutmut ] && PATH="$PWD/.venv/bin:$PATH"
+rm -rf mutants
+mutmut run >/dev/null 2>&1 || true
+mutmut results --all true > mutants.txt
+grep -vE ": killed$" mutants.txt || true
+killed=$(grep -cE ": killed$" mutants.txt || true)
+total=$(grep -cE ": [a-z ]+$" mutants.txt || true)
+echo "mutation score: $killed killed of $total mutants"
