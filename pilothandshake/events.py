@@ -36,6 +36,7 @@ from .constants import (
     WEBHOOK_QUEUE,
     WEBHOOK_TIMEOUT,
 )
+from .metrics import Metrics
 
 __all__ = ["EventBus", "Subscription"]
 
@@ -249,10 +250,16 @@ class EventBus:
     published before ``start()`` wait in the queue."""
 
     def __init__(
-        self, node_id: Callable[[], int], webhook: str = "", max_queue: int = EVENT_QUEUE
+        self,
+        node_id: Callable[[], int],
+        webhook: str = "",
+        max_queue: int = EVENT_QUEUE,
+        metrics: Metrics | None = None,
     ) -> None:
-        """Build a stopped bus; ``webhook`` "" means no webhook."""
+        """Build a stopped bus; ``webhook`` "" means no webhook. Each published event is
+        counted into ``metrics`` (its own when not given)."""
         self._node_id = node_id
+        self._metrics = metrics if metrics is not None else Metrics()
         self._max_queue = max_queue
         self._queue = _DropOldestQueue(max_queue)
         self._webhook = _Webhook(webhook) if webhook else None
@@ -274,6 +281,7 @@ class EventBus:
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
         """Queue an event; never blocks (when the queue is full the oldest event is dropped)."""
+        self._metrics.event(topic)
         self._queue.put(
             {
                 "event": topic,
