@@ -10,6 +10,7 @@ empty YAML key (``trust:`` with nothing under it, i.e. null) means "all defaults
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -141,6 +142,39 @@ class Config:
     def control_socket(self) -> str:
         """The control socket, ``control.sock`` beside the identity file."""
         return os.path.join(os.path.dirname(self.identity), CONTROL_SOCKET_NAME)
+
+    def security_warnings(self) -> list[str]:
+        """Valid settings that weaken security, one line each (the daemon logs them at start)."""
+        warnings = []
+        if not self.trust.strict:
+            warnings.append(
+                "trust.strict is false (legacy mode): a Go-style signature over a "
+                "registry-bound key is accepted in place of signature_v2, and relayed input "
+                "is handled as the Go daemon does; every port-444 message still needs a valid "
+                "key and signature, and an accept still needs our own outgoing request"
+            )
+        registry = self.registry
+        if (
+            registry is not None
+            and self.trust.strict
+            and not registry.tls
+            and not _is_loopback(parse_address(registry.address)[0])
+        ):
+            warnings.append(
+                f"registry {registry.address} is not on loopback and TLS is off: its "
+                "signatures travel in the clear and can be replayed; set registry.tls (and "
+                "fingerprint)"
+            )
+        return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_config(path: str) -> Config:
