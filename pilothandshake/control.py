@@ -37,7 +37,7 @@ import struct
 import threading
 from typing import Any, Callable
 
-from .client import ControlClient, ControlError
+from .client import ControlClient
 from .constants import CONTROL_IDLE_TIMEOUT, CONTROL_MAX_CONNECTIONS, CONTROL_MAX_LINE
 from .control_commands import (
     ControlCommands,
@@ -49,6 +49,7 @@ from .control_commands import (
     ok_response,
     parse_request,
 )
+from .errors import ControlError
 from .events import EventBus
 from .manager import Manager
 
