@@ -443,13 +443,3 @@ class Daemon:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def __getattr__(name: str) -> Any:
-    """``main`` for the copies of bin/pilot-handshaked that installs made before the entry
-    point moved to ``handshaked`` (they import it from here; reinstalling replaces them)."""
-    if name == "main":
-        from .handshaked import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
