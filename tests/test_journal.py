@@ -269,31 +269,25 @@ def test_decode_line_takes_every_node_id_from_0_to_the_maximum() -> None:
     ]
 
 
-@pytest.mark.parametrize("case", ["torn write", "unfinished last line", "replaced trust.json"])
+@pytest.mark.parametrize(
+    ("tail", "replaced", "message"),
+    [
+        (b'[["tru', False, "ignoring 6 bytes of an unfinished write at the end of {path}"),
+        (b"\0\n", False, "ignoring the unfinished last line 4 of {path}"),
+        (b"", True, "ignoring {path}: it extends a trust.json that has since been replaced"),
+    ],
+)
 def test_what_replay_ignores_is_logged_naming_the_journal(
-    trust: Path, caplog: pytest.LogCaptureFixture, case: str
+    trust: Path, caplog: pytest.LogCaptureFixture, tail: bytes, replaced: bool, message: str
 ) -> None:
     data = write_journal(trust, WRITES[:2])  # the header, then lines 2 and 3
     path = journal_path(trust)
-    expected = {
-        "torn write": (
-            data + b'[["tru',
-            f"ignoring 6 bytes of an unfinished write at the end of {path}",
-        ),
-        "unfinished last line": (data + b"\0\n", f"ignoring the unfinished last line 4 of {path}"),
-        "replaced trust.json": (
-            data,
-            f"ignoring {path}: it extends a trust.json that has since been replaced",
-        ),
-    }
-    content, message = expected[case]
-    path.write_bytes(content)
-    if case == "replaced trust.json":
+    path.write_bytes(data + tail)
+    if replaced:
         trust.write_bytes(encode_state(after(2)))
     replay(str(path), digest(trust.read_bytes()), BASE.copy())
-    assert [r.getMessage() for r in caplog.records if r.name == "pilothandshake.store.journal"] == [
-        message
-    ]
+    logged = [r.getMessage() for r in caplog.records if r.name == "pilothandshake.store.journal"]
+    assert logged == [message.format(path=path)]
 
 
 # The writer: Journal on the file
@@ -312,17 +306,18 @@ def mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
 
 
-def test_open_creates_the_journal_with_mode_0600_and_makes_a_copied_in_one_0600(
-    trust: Path,
-) -> None:
+def test_open_creates_the_journal_with_mode_0600(trust: Path) -> None:
     journal = Journal(str(journal_path(trust)), 0, None)
     journal.open()
     journal.close()
     assert journal_path(trust).read_bytes() == b""
     assert mode(journal_path(trust)) == 0o600
-    # An operator copied a journal in with the umask's mode: open makes it private again.
+
+
+@pytest.mark.parametrize("copied", [0o644, 0o640, 0o601])
+def test_open_makes_a_journal_copied_in_with_another_mode_0600(trust: Path, copied: int) -> None:
     data = write_journal(trust, WRITES)
-    journal_path(trust).chmod(0o644)
+    journal_path(trust).chmod(copied)  # an operator copied it in with another mode
     journal = Journal(str(journal_path(trust)), len(data), digest(trust.read_bytes()))
     journal.open()
     journal.close()
