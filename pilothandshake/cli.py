@@ -24,7 +24,7 @@ import time
 
 from ._version import __version__
 from .client import Client, ControlError, raise_for_error
-from .constants import CONTROL_TIMEOUT, DEFAULT_CONFIG_PATH, WAIT_DEFAULT_TIMEOUT
+from .constants import CONTROL_TIMEOUT, DEFAULT_CONFIG_PATH, MAX_NODE_ID, WAIT_DEFAULT_TIMEOUT
 from .control_socket import find_socket
 from .errors import HandshakeError
 
@@ -38,7 +38,6 @@ __all__ = ["main_handshakectl"]
 _JUSTIFICATION_WIDTH = 60
 _STATUS_WAIT_DEFAULT = 30.0  # `status --wait` without --timeout
 _STATUS_RETRY = 0.1  # how often `status --wait` tries again while the daemon starts
-_MAX_NODE_ID = 0xFFFFFFFF  # messages.MAX_NODE_ID, without importing the wire format
 
 _EPILOG = f"""\
 the control socket is found from --socket, else --config FILE (control.sock beside the
@@ -56,8 +55,8 @@ class _Failure(Exception):
 def _node(text: str) -> int | str:
     if text.isascii() and text.isdigit():
         value = int(text, 10)
-        if value > _MAX_NODE_ID:
-            raise argparse.ArgumentTypeError(f"node ID {text} is above {_MAX_NODE_ID}")
+        if value > MAX_NODE_ID:
+            raise argparse.ArgumentTypeError(f"node ID {text} is above {MAX_NODE_ID}")
         return value
     if not text or not text.isprintable() or text != text.strip():
         raise argparse.ArgumentTypeError(f"expected a node ID or a hostname, got {text!r}")

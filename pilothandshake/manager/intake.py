@@ -20,7 +20,7 @@ from typing import Any
 from ..constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE
 from ..errors import MessageError
 from ..identity import b64encode, decode_key
-from ..messages import HANDSHAKE_REQUEST, HandshakeMsg, truncate_utf8
+from ..messages import HANDSHAKE_REQUEST, HandshakeMsg, format_address, truncate_utf8
 from ..metrics import Metrics
 from ..runtime import RegistryClient, Runtime
 from ..store import TRUSTED, Change
@@ -61,8 +61,7 @@ def remote_address(conn: socket.socket) -> str:
     except OSError:
         return "unknown"
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = str(peer[0]), peer[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address((str(peer[0]), int(peer[1])))
     return str(peer) or "local"
 
 

@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from ..constants import (
+    MAX_NETWORK,
+    MAX_NODE_ID,
     REGISTRY_IDLE_TIMEOUT,
     REGISTRY_MAX_CONNECTIONS,
     REGISTRY_MAX_CONNECTIONS_PER_SOURCE,
     REGISTRY_REGISTER_PER_MINUTE,
 )
 from ..identity import decode_key
-from ..messages import MAX_NODE_ID
 from ..yamlconfig import FieldParser, read_yaml
 
 __all__ = [
-    "MAX_NETWORK_ID",
     "Limits",
     "Members",
     "NetworkEntry",
@@ -39,7 +39,6 @@ __all__ = [
     "parse_networks",
 ]
 
-MAX_NETWORK_ID = 2**16 - 1
 
 NetworkEntry = Union[int, str]
 
@@ -91,7 +90,7 @@ def parse_networks(raw: object, source: str) -> dict[int, Members]:
     for network, members in raw.items():
         key = f"networks.{network}"
         # A YAML key written as 3 is an int; "3" is a string and refused like any other.
-        parser.integer(network, key, 1, MAX_NETWORK_ID)
+        parser.integer(network, key, 1, MAX_NETWORK)
         if not isinstance(members, Sequence) or isinstance(members, str):
             parser.fail(key, "a list of members (node IDs or base64 public keys)")
         node_ids: set[int] = set()
