@@ -375,6 +375,21 @@ CASES: dict[str, Case] = {
         direct(bound=False),
         drop="reject neither registry-bound nor pinned",
     ),
+    "a relayed reject from a node whose request we hold: it withdrew the request": Case(
+        decide_reject,
+        View(state(pending_=(pending(),))),
+        relayed(),
+        changes=[("pending", 7, False)],
+        events=["trust.revoked_by_peer"],
+        payloads={"trust.revoked_by_peer": {"peer_node_id": 7, "reason": "request withdrawn"}},
+        notes=["node 7 withdrew its request"],
+    ),
+    "a direct reject never removes the sender's pending request": Case(
+        decide_reject,
+        View(state(pending_=(pending(),))),
+        direct(),
+        notes=["node 7 rejected our request: -"],
+    ),
     "reject without a registry is believed": Case(
         decide_reject,
         View(state(outgoing=(7,))),
@@ -547,6 +562,8 @@ def test_untrust_revokes_withdraws_or_finds_nothing() -> None:
     withdrawn = decide_untrust(View(state(outgoing=(7,))), 7, NOW, Limits())
     assert withdrawn.result == "withdrawn" and withdrawn.events == []
     assert withdrawn.inline == [Send(7, "handshake_revoke", "request withdrawn")]
+    # A private peer asked through the relay hears of it as a relayed rejection.
+    assert withdrawn.effects == [Respond(7, False)]
     assert changes_of(withdrawn) == [("outgoing", 7, False)]
     nothing = decide_untrust(View(state(pending_=(pending(),))), 7, NOW, Limits())
     assert (nothing.result, changes_of(nothing), nothing.inline) == (

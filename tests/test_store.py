@@ -25,11 +25,13 @@ from pilothandshake.store import (
     TrustRecord,
     TrustState,
     TrustStore,
+    codec,
     decode_state,
     encode_state,
     format_time,
     load_state,
     parse_time,
+    trust_store,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "go_trust.json"
@@ -431,9 +433,9 @@ def test_concurrent_commits_share_writes(trust_path: Path, monkeypatch: pytest.M
 
 
 def rewrite_every_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every write a compaction (a full rewrite of trust.json), never a journal append."""
-    monkeypatch.setattr(store, "JOURNAL_MIN_BYTES", 0)
-    monkeypatch.setattr(store, "JOURNAL_RATIO", 0.0)
+    """Make every write a checkpoint (a full rewrite of trust.json), never a journal append."""
+    monkeypatch.setattr(trust_store, "JOURNAL_MIN_BYTES", 0)
+    monkeypatch.setattr(trust_store, "JOURNAL_RATIO", 0.0)
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
@@ -647,7 +649,7 @@ def test_a_write_serialises_only_the_changed_record(
     many = TrustState(trusted={node: TrustRecord(node, KEY_A, T0) for node in range(1, 3001)})
     trust_path.write_bytes(encode_state(many))
     opened, lock = open_store(trust_path)
-    formatted = count_calls(monkeypatch, store, "format_time")
+    formatted = count_calls(monkeypatch, codec, "format_time")
     with lock:
         seq = opened.put_trusted(TrustRecord(1500, KEY_B, T0, mutual=True))
     opened.commit(seq)
@@ -693,7 +695,7 @@ def journal_of(trust_path: Path) -> Path:
 
 
 def store_with_journal(trust_path: Path) -> tuple[TrustStore, threading.RLock]:
-    """An open store whose first write compacted and whose next three writes were appended."""
+    """An open store whose first write checkpointed and whose next three writes were appended."""
     opened, lock = open_store(trust_path)
     with lock:
         seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
@@ -736,14 +738,16 @@ def test_journal_is_replayed_after_a_crash(trust_path: Path, tmp_path: Path) -> 
     assert reopened.visible == expected == load_state(str(crashed))
     with lock:
         seq = reopened.put_outgoing(OutgoingRequest(9, T0))
-    reopened.commit(seq)  # compacts: the journal left by the crash is folded in and emptied
+    reopened.commit(
+        seq
+    )  # checkpoints: the journal left by the crash goes into trust.json and is emptied
     assert journal_of(crashed).read_bytes() == b""
     assert decode_state(crashed.read_bytes()) == reopened.visible
     assert reopened.visible.trusted == expected.trusted
     reopened.close()
 
 
-def test_close_compacts_the_journal_into_a_complete_trust_json(trust_path: Path) -> None:
+def test_close_checkpoints_the_journal_into_a_complete_trust_json(trust_path: Path) -> None:
     opened, _ = store_with_journal(trust_path)
     state = opened.visible.copy()
     opened.close()
@@ -782,7 +786,7 @@ def test_a_torn_last_journal_line_is_ignored_and_dropped_by_the_next_write(
     reopened.commit(seq)
     with lock:
         seq = reopened.put_trusted(TrustRecord(21, KEY_A, T0))
-    reopened.commit(seq)  # appended after the compaction, not after the torn bytes
+    reopened.commit(seq)  # appended after the checkpoint, not after the torn bytes
     assert load_state(str(trust_path)) == reopened.visible
     assert tail not in journal_of(trust_path).read_bytes()
     reopened.close()
@@ -820,7 +824,7 @@ def test_a_journal_for_a_replaced_trust_json_is_never_applied(trust_path: Path) 
     opened, _ = store_with_journal(trust_path)
     journal = journal_of(trust_path).read_bytes()
     opened.close()
-    # A compaction cut short after its rename, or a file put there since (Go, an operator).
+    # A checkpoint cut short after its rename, or a file put there since (Go, an operator).
     journal_of(trust_path).write_bytes(journal)
     assert load_state(str(trust_path)) == decode_state(trust_path.read_bytes())
     other = TrustState(trusted={50: TrustRecord(50, KEY_B, T0)})
@@ -830,10 +834,10 @@ def test_a_journal_for_a_replaced_trust_json_is_never_applied(trust_path: Path) 
     assert load_state(str(trust_path)) == TrustState()
 
 
-def test_journal_is_compacted_when_it_outgrows_the_threshold(
+def test_journal_is_checkpointed_when_it_outgrows_the_threshold(
     trust_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "JOURNAL_MIN_BYTES", 4096)
+    monkeypatch.setattr(trust_store, "JOURNAL_MIN_BYTES", 4096)
     rewrites = count_calls(monkeypatch, os, "replace")
     opened, lock = open_store(trust_path)
     largest = 0
@@ -845,7 +849,7 @@ def test_journal_is_compacted_when_it_outgrows_the_threshold(
         largest = max(largest, size)
         assert size <= max(4096, trust_path.stat().st_size)
     assert load_state(str(trust_path)) == opened.visible
-    # 300 records of about 110 bytes: trust.json ends near 33 KB and the journal compacts each
+    # 300 records of about 110 bytes: trust.json ends near 33 KB and the journal checkpoints each
     # time it passes the file's size, a handful of times in all, not once per write.
     assert 3 <= rewrites[0] <= 20
     assert largest > 4096
@@ -947,7 +951,7 @@ def test_planted_link_is_refused_and_its_target_never_truncated_or_chmodded(
     (trust_path.parent / name).symlink_to(victim)
     with pytest.raises(StoreError, match="symbolic link"):
         opened, lock = open_store(trust_path)
-        # Old code opened it: make it write and compact, as a daemon would.
+        # Old code opened it: make it write and checkpoint, as a daemon would.
         with lock:
             seq = opened.put_trusted(TrustRecord(7, KEY_A, T0))
         opened.commit(seq)

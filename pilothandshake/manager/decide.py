@@ -58,6 +58,8 @@ REVOKED = "trust.revoked"  # by us
 REVOKED_BY_PEER = "trust.revoked_by_peer"  # reason
 CONFLICT = "trust.conflict"  # registry_key: a trust record's node ID bound to another key
 
+WITHDRAWN = "request withdrawn"  # the reason a requester gives when it cancels its request
+
 Event = tuple[str, dict[str, Any]]
 
 
@@ -345,6 +347,13 @@ def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> D
         return decision.dropped("reject neither registry-bound nor pinned")
     if node in view.state.outgoing:
         decision.changes.append(Change(OUTGOING, node, None))
+    elif inbound.relayed and node in view.state.pending:
+        # We never asked it, but it asked us: the requester withdrew its request through the
+        # relay (decide_untrust), the only way to reach a private node.
+        decision.changes.append(Change(PENDING, node, None))
+        decision.events.append((REVOKED_BY_PEER, {"peer_node_id": node, "reason": WITHDRAWN}))
+        decision.notes.append(f"node {node} withdrew its request")
+        return decision
     decision.notes.append(f"node {node} rejected our request: {_quoted(inbound.text)}")
     return decision
 
@@ -423,7 +432,10 @@ def decide_untrust(view: View, node: int, now: Now, limits: Limits) -> Decision:
         decision.notes.append(f"revoked trust in node {node}")
     elif asked:
         decision.result = "withdrawn"
-        decision.inline.append(Send(node, HANDSHAKE_REVOKE, "request withdrawn"))
+        decision.inline.append(Send(node, HANDSHAKE_REVOKE, WITHDRAWN))
+        # A private peer we asked through the relay cannot be dialled, and the relay has no
+        # revoke: a relayed rejection of the peer from us tells it (decide_reject).
+        decision.effects.append(Respond(node, False))
         decision.notes.append(f"withdrew our request to node {node}")
     return decision
 

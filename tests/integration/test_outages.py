@@ -24,12 +24,11 @@ from typing import Any
 import pytest
 from fakeruntime import FakeRuntime, Peer
 
-import pilothandshake.store
 from pilothandshake.constants import SEND_GRACE
 from pilothandshake.errors import StoreError
 from pilothandshake.identity import Identity
 from pilothandshake.manager import Manager
-from pilothandshake.store import decode_state, load_state
+from pilothandshake.store import decode_state, load_state, trust_store
 from pilothandshake.wire import reset_close
 
 from .conftest import Fleet, Node, Registry, wait_until
@@ -375,7 +374,7 @@ def test_daemon_on_a_read_only_identity_directory_refuses_to_start_with_one_line
         pytest.param("pwrite", errno.EROFS, id="read-only-at-journal-append"),
         pytest.param("replace", errno.EROFS, id="read-only-at-rename"),
         # trust.json.lock is held from open to close, so no write opens it: a read-only
-        # directory shows at the compaction's temporary file instead.
+        # directory shows at the checkpoint's temporary file instead.
         pytest.param("open", errno.EROFS, id="read-only-at-the-temporary-file"),
     ],
 )
@@ -396,10 +395,10 @@ def test_failed_write_fails_the_api_call_and_leaves_memory_and_file_alone(
                 raise OSError(code, os.strerror(code))
 
             if function in ("replace", "open"):
-                # Approvals append to the journal; force the compaction that renames.
-                monkeypatch.setattr(pilothandshake.store, "JOURNAL_MIN_BYTES", 0)
-                monkeypatch.setattr(pilothandshake.store, "JOURNAL_RATIO", 0.0)
-            monkeypatch.setattr(pilothandshake.store.os, function, failing)
+                # Approvals append to the journal; force the checkpoint that renames.
+                monkeypatch.setattr(trust_store, "JOURNAL_MIN_BYTES", 0)
+                monkeypatch.setattr(trust_store, "JOURNAL_RATIO", 0.0)
+            monkeypatch.setattr(os, function, failing)
             with pytest.raises(StoreError, match=os.strerror(code)) as failure:
                 manager.approve_handshake(5)
             monkeypatch.undo()

@@ -57,12 +57,6 @@ def test_untrust_of_a_pending_request_withdraws_it_at_the_peer(fleet: Fleet) -> 
     assert "trust.changed" not in b.topics()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a withdrawal cannot reach a private peer that was asked through the "
-    "relay (it may not resolve us, and the registry relays no revoke); untrust still says "
-    "'request withdrawn'",
-)
 def test_untrust_withdraws_a_request_that_went_through_the_relay(fleet: Fleet) -> None:
     registry = fleet.registry().start()
     a = fleet.node("a", registry).start()
