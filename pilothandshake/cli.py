@@ -139,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     events = command("events", "show recent events")
     events.add_argument("--follow", action="store_true", help="keep printing new events")
+    command("metrics", "print the Prometheus metrics (what metrics.listen serves at /metrics)")
     return parser
 
 
@@ -285,6 +286,7 @@ _SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
     "untrust": _show_untrust,
     "wait": _show_wait,
     "events": _show_event,
+    "metrics": lambda data: str(data["text"]).rstrip("\n"),
 }
 
 

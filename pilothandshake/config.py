@@ -96,6 +96,13 @@ class EventsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Section ``metrics``: the ``HOST:PORT`` that serves ``/metrics`` over HTTP ("" = off)."""
+
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     """Section ``control``: who besides root and the daemon's user may use the control
     socket (``group``: the socket becomes mode 0660 owned by that group; "" for none)."""
@@ -116,6 +123,7 @@ class Config:
     trust: TrustConfig = field(default_factory=TrustConfig)
     peers: dict[int, str] = field(default_factory=dict)
     events: EventsConfig = field(default_factory=EventsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     max_connections: int = MAX_CONNECTIONS
     max_connections_per_source: int = MAX_CONNECTIONS_PER_SOURCE
@@ -337,6 +345,7 @@ class FieldParser:
                 "trust",
                 "peers",
                 "events",
+                "metrics",
                 "control",
                 "max_connections",
                 "max_connections_per_source",
@@ -355,6 +364,7 @@ class FieldParser:
             trust=self.trust(top.get("trust")),
             peers=self.peers(top.get("peers")),
             events=self.events(top.get("events")),
+            metrics=self.metrics(top.get("metrics")),
             control=self.control(top.get("control")),
             max_connections=self.get(
                 top, "", "max_connections", defaults.max_connections, self.count
@@ -474,6 +484,15 @@ class FieldParser:
         return EventsConfig(
             webhook=self.get(section, "events", "webhook", EventsConfig().webhook, self.webhook)
         )
+
+    def metrics(self, value: object) -> MetricsConfig:
+        section = self.section(value, "metrics", ("listen",))
+        return MetricsConfig(
+            listen=self.get(section, "metrics", "listen", "", self.optional_listen)
+        )
+
+    def optional_listen(self, value: object, key: str) -> str:
+        return self.listen(value, key) if value != "" else ""
 
     def control(self, value: object) -> ControlConfig:
         section = self.section(value, "control", ("group",))

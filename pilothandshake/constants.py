@@ -86,3 +86,7 @@ DEFAULT_REGISTRY_STORE = "~/.pilot-registry/registry.json"  # without --store / 
 
 # Section 12: where pilot-handshaked reads its config when --config is not given.
 DEFAULT_CONFIG_PATH = "/etc/pilot-handshake/config.yaml"
+
+# Section 13c: how often STATUS= is refreshed under systemd without a watchdog (with one, at
+# every WATCHDOG=1, half of WatchdogSec=).
+SYSTEMD_STATUS_INTERVAL = 30.0

@@ -71,6 +71,7 @@ COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "wait": (frozenset({"node_id"}), frozenset({"timeout"})),
     "resolve": (frozenset({"hostname"}), frozenset()),
     "events": (frozenset(), frozenset({"follow", "history"})),
+    "metrics": (frozenset(), frozenset()),
 }
 
 # Commands naming a node for which this node itself is a mistake (it trusts itself anyway).
@@ -591,6 +592,10 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
 
     def _do_untrust(self, node_id: int) -> dict[str, Any]:
         return {"node_id": node_id, "status": self.manager.revoke_trust(node_id)}
+
+    def _do_metrics(self) -> dict[str, Any]:
+        # The Manager carries the daemon's metrics: every part's, in one registry.
+        return {"text": self.manager.metrics.render()}
 
     def _do_is_trusted(self, node_id: int) -> dict[str, Any]:
         return {"node_id": node_id, "trusted": self.manager.is_trusted(node_id)}

@@ -29,15 +29,17 @@ from typing import Any, Callable
 from . import fsutil
 from ._version import __version__
 from .config import Config, format_address, load_config, parse_address
-from .constants import DEFAULT_CONFIG_PATH
+from .constants import DEFAULT_CONFIG_PATH, SYSTEMD_STATUS_INTERVAL
 from .control import ControlServer
 from .errors import HandshakeError, RegistryError, SendError, StoreError
 from .events import EventBus
 from .identity import Identity
 from .manager import Manager
+from .metrics import Metrics, MetricsServer
 from .registry.client import Client
 from .relay import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
+from .sdnotify import Notifier, Watchdog
 from .server import HandshakeServer
 from .store import corrupt_files
 from .wire import send_message
@@ -61,9 +63,15 @@ class DaemonRuntime:
     """
 
     def __init__(
-        self, config: Config, identity: Identity, events: EventBus, client: Client | None
+        self,
+        config: Config,
+        identity: Identity,
+        events: EventBus,
+        client: Client | None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
+        self._metrics = metrics if metrics is not None else Metrics()
         self._identity = identity
         self._events = events
         self._client = client
@@ -89,6 +97,11 @@ class DaemonRuntime:
         """The bound (host, port) of port 444, None before it is bound."""
         server = self._server
         return server.address if server is not None else None
+
+    def active_connections(self) -> int:
+        """How many port-444 connections are being served (0 before it is bound)."""
+        server = self._server
+        return server.active_connections() if server is not None else 0
 
     def close_listener(self) -> None:
         """Stop accepting on port 444 and wait (bounded) for the handlers in flight."""
@@ -154,6 +167,7 @@ class DaemonRuntime:
             handler,
             max_connections=config.max_connections,
             max_connections_per_source=config.max_connections_per_source,
+            metrics=self._metrics,
         )
         server.start()
         self._server = server
@@ -312,10 +326,11 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         """Build every part from ``config``; nothing listens until ``start()``."""
         self.config = config
+        self.metrics = Metrics(process=True)
         _prepare_state_directory(config.identity)
         _check_identity_mode(config.identity)
         self.identity = Identity.load_or_create(config.identity)
-        self.events = EventBus(self._current_node_id, config.events.webhook)
+        self.events = EventBus(self._current_node_id, config.events.webhook, metrics=self.metrics)
         self.client: Client | None = None
         registry = config.registry
         if registry is not None:
@@ -324,13 +339,20 @@ class Daemon:
                 self.identity.sign,
                 tls=registry.tls,
                 fingerprint=registry.fingerprint,
+                metrics=self.metrics,
             )
-        self.runtime = DaemonRuntime(config, self.identity, self.events, self.client)
+        self.runtime = DaemonRuntime(
+            config, self.identity, self.events, self.client, metrics=self.metrics
+        )
         self._node_memory = NodeIdMemory(
             os.path.join(os.path.dirname(config.identity), NODE_FILE), self.events.publish
         )
         try:
-            self.manager = Manager(self.runtime, max_replay_per_source=config.max_replay_per_source)
+            self.manager = Manager(
+                self.runtime,
+                max_replay_per_source=config.max_replay_per_source,
+                metrics=self.metrics,
+            )
         except BaseException:
             if self.client is not None:
                 self.client.close()
@@ -351,6 +373,14 @@ class Daemon:
                 self.client.close()
             raise
         self.loop: RegistryLoop | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.metrics.watch(
+            trusted=lambda: len(self.manager.trusted_peers()),
+            pending=self.manager.pending_count,
+            outgoing=lambda: len(self.manager.outgoing_requests()),
+            active_connections=self.runtime.active_connections,
+            registry_up=self._registry_up if registry is not None else None,
+        )
         self._lock = threading.Lock()
         self._started = False
         self._stopped = False
@@ -359,6 +389,10 @@ class Daemon:
     def from_file(cls, path: str) -> Daemon:
         """Load and validate the YAML config at ``path`` (``ConfigError``) and build."""
         return cls(load_config(path))
+
+    def _registry_up(self) -> float:
+        loop = self.loop
+        return 1.0 if loop is not None and loop.state()["reachable"] else 0.0
 
     def _current_node_id(self) -> int:
         return self.runtime.node_id()
@@ -395,6 +429,20 @@ class Daemon:
                 else None
             ),
         }
+
+    def status_line(self) -> str:
+        """``status()`` in one line, for systemd's ``STATUS=``; asks the Manager, so it
+        is also the watchdog's proof that the Manager answers."""
+        status = self.status()
+        line = (
+            f"node {status['node_id']} on {status['listen']}: "
+            f"{status['trusted']} trusted, {status['pending']} pending"
+        )
+        registry = status["registry"]
+        if registry is not None:
+            state = "reachable" if registry.get("reachable") else "unreachable"
+            line += f", registry {registry['address']} {state}"
+        return line
 
     def start(self) -> None:
         """Bind port 444, register (one synchronous try), start the registry loop, the
@@ -455,6 +503,20 @@ class Daemon:
             self.loop.register_once()
             self.loop.start()
         self.control.start()
+        if self.config.metrics.listen:
+            try:
+                self.metrics_server = MetricsServer(self.config.metrics.listen, self.metrics)
+            except OSError as exc:
+                raise HandshakeError(
+                    f"cannot serve metrics on {self.config.metrics.listen} (metrics.listen): "
+                    f"{exc.strerror or exc}"
+                ) from exc
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """The bound (host, port) of ``/metrics`` over HTTP, None when not served."""
+        server = self.metrics_server
+        return server.address if server is not None else None
 
     def stop(self) -> None:
         """Stop accepting, let handlers in flight finish, stop the registry loop, the
@@ -464,6 +526,8 @@ class Daemon:
             if self._stopped:
                 return
             self._stopped = True
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.runtime.close_listener()
         if self.loop is not None:
             self.loop.stop()
@@ -578,7 +642,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the policy. Returns the exit
-    code: 0 after a clean stop, 1 when it cannot start (one line on stderr says why)."""
+    code: 0 after a clean stop, 1 when it cannot start (one line on stderr says why).
+
+    Under systemd (``$NOTIFY_SOCKET``) it tells the manager each step (SPEC 13c): ``READY=1``
+    once port 444 and the control socket serve, ``RELOADING=1`` / ``READY=1`` around a
+    reload, ``STOPPING=1``, and ``STATUS=`` / ``WATCHDOG=1`` from a ``Watchdog`` thread."""
     args = _parse_args(argv)
     try:
         config = load_config(args.config)
@@ -615,12 +683,22 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
 
     registry = config.registry.address if config.registry is not None else "none"
+    metrics = daemon.metrics_address
+    served = f", metrics http://{format_address(metrics)}/metrics" if metrics else ""
     print(
         f"pilot-handshaked: node {daemon.node_id} listening on "
         f"{format_address(daemon.listen_address)}, registry {registry}, "
-        f"control {config.control_socket}",
+        f"control {config.control_socket}{served}",
         flush=True,
     )
+    notifier = Notifier.from_environment()
+    watchdog = None
+    if notifier.enabled:
+        notifier.ready(daemon.status_line())
+        usec = notifier.watchdog_usec
+        interval = usec / 2e6 if usec else SYSTEMD_STATUS_INTERVAL
+        watchdog = Watchdog(notifier, interval, daemon.status_line)
+        watchdog.start()
     try:
         while True:
             wake.wait(1.0)
@@ -629,15 +707,20 @@ def main(argv: list[str] | None = None) -> int:
                 signum = signals.pop(0)
                 if signum != signal.SIGHUP:
                     log.info("received %s: stopping", signal.Signals(signum).name)
-                    stopping = time.monotonic()
-                    daemon.stop()
-                    log.info("stopped in %.1f s", time.monotonic() - stopping)
                     return 0
+                notifier.reloading()
                 try:
                     daemon.reload()
                 except HandshakeError as exc:
                     log.error("config reload failed, keeping the old config: %s", exc)
                 else:
                     log.info("config reloaded: allowlist, deny list, peers, auto-approve")
+                notifier.ready(daemon.status_line())
     finally:
+        if watchdog is not None:
+            watchdog.stop()  # first: no ping or status may follow STOPPING=1
+        notifier.stopping()
+        stopping = time.monotonic()
         daemon.stop()
+        log.info("stopped in %.1f s", time.monotonic() - stopping)
+        notifier.close()

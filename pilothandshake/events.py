@@ -39,6 +39,7 @@ from .constants import (
     WEBHOOK_QUEUE,
     WEBHOOK_TIMEOUT,
 )
+from .metrics import Metrics
 
 __all__ = ["EventBus", "Subscription"]
 
@@ -260,10 +261,16 @@ class EventBus:
     default queue size) and reach the history, subscribers and webhook at ``start()``."""
 
     def __init__(
-        self, node_id: Callable[[], int], webhook: str = "", max_queue: int = EVENT_QUEUE
+        self,
+        node_id: Callable[[], int],
+        webhook: str = "",
+        max_queue: int = EVENT_QUEUE,
+        metrics: Metrics | None = None,
     ) -> None:
-        """Build a stopped bus; ``webhook`` "" means no webhook."""
+        """Build a stopped bus; ``webhook`` "" means no webhook. Each published event is
+        counted into ``metrics`` (its own when not given)."""
         self._node_id = node_id
+        self._metrics = metrics if metrics is not None else Metrics()
         self._max_queue = max_queue
         self._queue = _DropOldestQueue(max_queue)
         self._webhook = _Webhook(webhook) if webhook else None
@@ -288,6 +295,7 @@ class EventBus:
         """Hand an event to the history and every consumer's queue; never blocks (a full
         queue drops its oldest event). Before ``start()`` it waits in the bus's queue; after
         ``stop()`` it is discarded."""
+        self._metrics.event(topic)
         event = {
             "event": topic,
             "node_id": self._node_id(),

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable
 
 from .constants import EVICT_AFTER, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, STOP_TIMEOUT
+from .metrics import Metrics
 from .wire import reset_close
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
 
     Binding happens in the constructor (``OSError`` on a port in use or a privileged port).
     ``start()`` serves on a background thread; ``close()`` stops accepting and waits up to
-    ``drain_timeout`` for the handlers still running.
+    ``drain_timeout`` for the handlers still running. Refusals are counted into ``metrics``
+    by the cap that was reached.
     """
 
     daemon_threads = True
@@ -99,6 +101,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         max_connections_per_source: int = MAX_CONNECTIONS_PER_SOURCE,
         evict_after: float = EVICT_AFTER,
         drain_timeout: float = STOP_TIMEOUT,
+        metrics: Metrics | None = None,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.handler = handler
@@ -106,6 +109,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         self.max_connections_per_source = max_connections_per_source
         self.evict_after = evict_after
         self.drain_timeout = drain_timeout
+        self._metrics = metrics if metrics is not None else Metrics()
         self._cond = threading.Condition()
         # In admission order, which is the order they were opened in.
         self._admitted: dict[_Connection, str] = {}
@@ -185,6 +189,10 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
                 self._admitted[request] = source
                 self._per_source[source] = self._per_source.get(source, 0) + 1
             else:
+                per_source = self._per_source.get(source, 0) >= self.max_connections_per_source
+                self._metrics.refusal(
+                    "max_connections_per_source" if per_source else "max_connections"
+                )
                 self._refused += 1
             report = (victim is not None or not admitted) and (
                 now - self._refusal_logged_at >= _REFUSAL_LOG_INTERVAL

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Mutation testing of the pure decision modules (pyproject.toml [tool.mutmut]): mutate
-# manager/decide.py and manager/auth.py, run their fast tests against every mutant, list
+# manager/decide.py, manager/auth.py and store/journal.py, run their fast tests against every mutant, list
 # the survivors and print the score. Needs mutmut: pip install -e '.[mutation]'.
 set -eu
 cd "$(dirname "$0")/.."

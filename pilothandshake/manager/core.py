@@ -43,6 +43,7 @@ from ..errors import (
     StoreError,
 )
 from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REQUEST, truncate_utf8
+from ..metrics import Metrics
 from ..pool import BackgroundPool
 from ..runtime import Closeable, Runtime
 from ..store import OUTGOING, Change, OutgoingRequest, PendingHandshake, TrustRecord
@@ -107,24 +108,29 @@ class Manager:
         max_trust_history: int = MAX_TRUST_HISTORY,
         reap_interval: float = REAP_INTERVAL,
         clock: Clock | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        """Open the trust store of ``runtime``; nothing is bound until ``start()``."""
+        """Open the trust store of ``runtime``; nothing is bound until ``start()``.
+        ``metrics`` (the daemon's) is counted into; without it the Manager has its own."""
         self._rt = runtime
+        self.metrics = metrics if metrics is not None else Metrics()
         self._clock: Clock = clock if clock is not None else SystemClock()
         identity_path = runtime.identity_path()
         path = os.path.join(os.path.dirname(identity_path), TRUST_FILE) if identity_path else ""
-        self._state = State(path)
+        self._state = State(path, self.metrics)
         self._lock = self._state.lock
         self._store = self._state.store
         self._pool = BackgroundPool()
-        self._drops = DropLog(clock=self._clock.monotonic)
+        self._drops = DropLog(clock=self._clock.monotonic, count=self.metrics.drop)
         limits = Limits(
             MAX_PENDING, max_pending_per_source, max_pending_bound_per_source, max_trust_history
         )
         replay = ReplaySet(max_replay, max_replay_per_source)
-        self._intake = Intake(runtime, self._clock, self._state, self._drops, replay, limits)
+        self._intake = Intake(
+            runtime, self._clock, self._state, self._drops, replay, limits, self.metrics
+        )
         self._limits = limits
-        self._effects = Effects(runtime, self._clock, self._intake.backfill)
+        self._effects = Effects(runtime, self._clock, self._intake.backfill, self.metrics)
         self._reap_interval = reap_interval
         # A full disk fails every inbound message: one ERROR line a minute says so.
         self._store_errors = ErrorLog(_STORE_ERROR_INTERVAL, clock=self._clock.monotonic)
@@ -321,16 +327,19 @@ class Manager:
     ) -> None:
         """Decide a request relayed by the registry (SPEC 6). Raises ``StoreError`` when the
         resulting change cannot be written; bad input is dropped and logged."""
+        self.metrics.relay(HANDSHAKE_REQUEST, "in")
         inbound = self._intake.relayed(from_node_id, public_key, justification, request=True)
         if inbound is not None:
             self._on_request(inbound)
 
     def process_relayed_approval(self, from_node_id: int) -> None:
         """Apply an accept relayed by the registry (SPEC 7)."""
+        self.metrics.relay(HANDSHAKE_ACCEPT, "in")
         self._relayed_answer(decide_accept, from_node_id)
 
     def process_relayed_rejection(self, from_node_id: int) -> None:
         """Apply a reject relayed by the registry (SPEC 7)."""
+        self.metrics.relay(HANDSHAKE_REJECT, "in")
         self._relayed_answer(decide_reject, from_node_id)
 
     def _relayed_answer(self, decide: Callable[..., Decision], node: int) -> None:

@@ -45,9 +45,12 @@ class DropLog:
         logger: logging.Logger = log,
         per_second: int = DROP_LOG_PER_SECOND,
         clock: Callable[[], float] = time.monotonic,
+        count: Callable[[str], None] = lambda reason: None,
     ) -> None:
-        """Log to ``logger``, ``per_second`` lines a second by ``clock``."""
+        """Log to ``logger``, ``per_second`` lines a second by ``clock``; ``count`` sees the
+        reason of every drop, logged or not (the drop metric)."""
         self._logger = logger
+        self._count = count
         self._per_second = per_second
         self._clock = clock
         self._lock = threading.Lock()
@@ -57,6 +60,7 @@ class DropLog:
 
     def drop(self, node_id: int | None, remote: str, reason: str) -> None:
         """Record one drop of input from ``node_id`` (None if not decoded) at ``remote``."""
+        self._count(reason)
         with self._lock:
             summary = self._roll(self._clock())
             emit = self._lines < self._per_second

@@ -19,10 +19,13 @@ from ..errors import HandshakeError, RegistryError, SendError
 from ..identity import b64encode
 from ..messages import (
     HANDSHAKE_ACCEPT,
+    HANDSHAKE_REJECT,
+    HANDSHAKE_REQUEST,
     HandshakeMsg,
     handshake_challenge,
     respond_challenge,
 )
+from ..metrics import Metrics
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -107,9 +110,12 @@ class Effects:
     """Carries out effects through ``runtime``; ``backfill`` is the Manager's (it writes the
     trust store). Message timestamps come from ``clock``."""
 
-    def __init__(self, runtime: Runtime, clock: Clock, backfill: Callable[[int], None]) -> None:
-        """Run effects for ``runtime``."""
+    def __init__(
+        self, runtime: Runtime, clock: Clock, backfill: Callable[[int], None], metrics: Metrics
+    ) -> None:
+        """Run effects for ``runtime``; messages sent count in ``metrics``."""
         self._rt = runtime
+        self._metrics = metrics
         # Optional in the Runtime protocol: without it every peer is worth a dial.
         self._can_dial: Callable[[int], bool] = getattr(runtime, "can_dial", _always)
         self._clock = clock
@@ -178,8 +184,7 @@ class Effects:
     def send_best_effort(self, peer: int, msg_type: str, reason: str) -> None:
         """Send a signed ``msg_type`` to ``peer`` directly; a failure is logged."""
         try:
-            message = self.message(msg_type, peer, reason=reason)
-            self._rt.dial_and_send(peer, PORT_HANDSHAKE, message.to_json())
+            self._dial(peer, self.message(msg_type, peer, reason=reason))
         except HandshakeError as exc:
             log.info("could not send %s to node %d: %s", msg_type, peer, exc)
 
@@ -191,9 +196,9 @@ class Effects:
     def _reply_accept(self, reply: ReplyAccept) -> None:
         peer = reply.peer
         if self._direct(reply):
-            message = self.message(HANDSHAKE_ACCEPT, peer).to_json()
+            message = self.message(HANDSHAKE_ACCEPT, peer)
             try:
-                self._rt.dial_and_send(peer, PORT_HANDSHAKE, message)
+                self._dial(peer, message)
                 return
             except SendError as exc:
                 log.info("direct accept to node %d failed (%s); relaying", peer, exc)
@@ -205,12 +210,22 @@ class Effects:
             return
         own = self._rt.node_id()
         registry.respond_handshake(own, peer, accept, self.signature(respond_challenge(own, peer)))
+        self._metrics.relay(HANDSHAKE_ACCEPT if accept else HANDSHAKE_REJECT, "out")
+
+    def _dial(self, peer: int, message: HandshakeMsg) -> None:
+        """Deliver ``message`` to the peer's port 444, counted by result; ``SendError``."""
+        try:
+            self._rt.dial_and_send(peer, PORT_HANDSHAKE, message.to_json())
+        except SendError:
+            self._metrics.message(message.type, "failed")
+            raise
+        self._metrics.message(message.type, "sent")
 
     def deliver_request(self, peer: int, message: HandshakeMsg) -> str:
         """Send our request ``message`` to ``peer`` (SPEC 7): "sent" when delivered directly,
         "relayed" through the registry; ``SendError`` giving both reasons when both fail."""
         try:
-            self._rt.dial_and_send(peer, PORT_HANDSHAKE, message.to_json())
+            self._dial(peer, message)
             return "sent"
         except SendError as exc:
             direct = str(exc)
@@ -231,6 +246,7 @@ class Effects:
             previous = self._relayed_at.get(peer)
         try:
             registry.request_handshake(own, peer, justification, signature)
+            self._metrics.relay(HANDSHAKE_REQUEST, "out")
         except RegistryError as exc:
             if previous is not None and now - previous < RELAY_RECENT:
                 return f"{exc} (an earlier relayed request may still be waiting for node {peer})"

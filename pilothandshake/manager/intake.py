@@ -21,6 +21,7 @@ from ..constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE
 from ..errors import MessageError
 from ..identity import b64encode, decode_key
 from ..messages import HANDSHAKE_REQUEST, HandshakeMsg, truncate_utf8
+from ..metrics import Metrics
 from ..runtime import RegistryClient, Runtime
 from ..store import TRUSTED, Change
 from .auth import Pin, PinKind, authenticate, pin_of, pin_problem
@@ -81,9 +82,11 @@ class Intake:
         drops: DropLog,
         replay: ReplaySet,
         limits: Limits,
+        metrics: Metrics,
     ) -> None:
-        """Gather for the Manager that owns these."""
+        """Gather for the Manager that owns these; received messages count in ``metrics``."""
         self._rt = runtime
+        self._metrics = metrics
         self._clock = clock
         self._state = state
         self._lock = state.lock
@@ -130,6 +133,7 @@ class Intake:
         except MessageError as exc:
             self._drops.drop(None, remote, str(exc))
             return None
+        self._metrics.message(msg.type, "received")
         node = msg.node_id
         if self.refused(node, remote):
             return None

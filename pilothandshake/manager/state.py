@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from ..constants import REVOKE_COOLDOWN
 from ..identity import decode_key
+from ..metrics import Metrics
 from ..runtime import Runtime
 from ..store import (
     HISTORY,
@@ -42,10 +43,11 @@ class _Waiters:
 class State:
     """The working and durable state of one Manager, at ``path`` ("" = memory only)."""
 
-    def __init__(self, path: str) -> None:
-        """Open the trust store (``StoreError`` when it does not parse or is in use)."""
+    def __init__(self, path: str, metrics: Metrics) -> None:
+        """Open the trust store (``StoreError`` when it does not parse or is in use); its
+        writes are counted into ``metrics``."""
         self.lock = threading.RLock()
-        self.store = TrustStore(path, self.lock, self._on_commit)
+        self.store = TrustStore(path, self.lock, self._on_commit, metrics=metrics)
         # Trust records whose node ID the registry now binds to another key (issue 11 item 7):
         # node -> that key. Not trusted, not pinning, until approved again or removed.
         self.conflicts: dict[int, bytes] = {}

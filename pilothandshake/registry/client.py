@@ -30,6 +30,7 @@ from ..messages import (
     set_hostname_challenge,
     set_visibility_challenge,
 )
+from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class Client:
     the caller's signature instead. With ``tls`` and a ``fingerprint`` (hex SHA-256 of the
     server's DER certificate, colons allowed) the certificate is pinned instead of verified
     against the system CAs. Every method returns the response dict or raises ``RegistryError``.
+    Every request is counted and timed into ``metrics`` (its own when not given).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class Client:
         tls: bool = False,
         fingerprint: str = "",
         timeout: float = REGISTRY_TIMEOUT,
+        metrics: Metrics | None = None,
     ) -> None:
         try:
             self._host, self._port = parse_address(address)
@@ -140,6 +143,7 @@ class Client:
         self.address = address
         self._signer = signer
         self._timeout = timeout
+        self._metrics = metrics if metrics is not None else Metrics()
         self._fingerprint = normalize_fingerprint(fingerprint)
         self._tls: ssl.SSLContext | None = None
         if tls:
@@ -225,12 +229,20 @@ class Client:
         a timeout, a failed connect or a malformed or oversized frame is not retried.
         """
         kind = str(request.get("type"))
+        began = time.monotonic()
+        outcome = "unreachable"  # no answer: connect, send or receive failed
         try:
-            response = self._attempt(self._checkout(), request)
-        except ConnectionBroken as exc:
-            log.debug("registry %s: %s; retrying %s once", self.address, exc, kind)
-            response = self._attempt(self._connect(), request)
-        return self._check(kind, response)
+            try:
+                response = self._attempt(self._checkout(), request)
+            except ConnectionBroken as exc:
+                log.debug("registry %s: %s; retrying %s once", self.address, exc, kind)
+                response = self._attempt(self._connect(), request)
+            outcome = "error"
+            checked = self._check(kind, response)
+            outcome = "ok"
+            return checked
+        finally:
+            self._metrics.registry_request(kind, outcome, time.monotonic() - began)
 
     def _check(self, kind: str, response: dict[str, Any]) -> dict[str, Any]:
         rtype = response.get("type")

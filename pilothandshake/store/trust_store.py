@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from typing import Callable, NamedTuple
 
@@ -46,6 +47,7 @@ import filelock
 
 from .. import fsutil
 from ..errors import StoreError
+from ..metrics import Metrics
 from .codec import Fragments, decode_state, document
 from .journal import JOURNAL_SUFFIX, Journal, digest, encode_line, replay
 from .records import (
@@ -130,7 +132,7 @@ class TrustStore:
     ``path`` "" keeps everything in memory: ``commit`` makes changes visible at once.
     Mutations are made holding ``lock`` (the Manager's); ``commit`` is called without it.
     ``on_commit(changes)`` runs under ``lock`` after each successful write with the changes
-    it made durable, in order.
+    it made durable, in order. Each write is timed and counted into ``metrics``.
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class TrustStore:
         path: str,
         lock: threading.RLock,
         on_commit: Callable[[list[Change]], None],
+        metrics: Metrics | None = None,
     ) -> None:
         """Open the store: create the directory, take trust.json.lock, load ``path`` and its
         journal.
@@ -151,6 +154,7 @@ class TrustStore:
         self._current = threading.Condition(lock)
         self._next = threading.Condition(lock)
         self._on_commit = on_commit
+        self._metrics = metrics if metrics is not None else Metrics()
         self._directory = os.path.dirname(path) or "."
         # Held from open to close; None in memory (and once closed). One object, taken by
         # one thread: filelock gives no exclusion between threads sharing an object.
@@ -308,6 +312,7 @@ class TrustStore:
     def _lead(self, upto: int, line: bytes, snapshot: dict[str, list[bytes]] | None) -> None:
         """Write every change up to ``upto`` (outside the lock), then publish or roll back:
         append ``line`` to the journal, or checkpoint ``snapshot`` into trust.json."""
+        began = time.monotonic()
         replaced = False
         try:
             if self._closed:
@@ -347,6 +352,7 @@ class TrustStore:
                 applied.append(change)
             self._resolved = upto
             self._end_write()
+            self._metrics.store_commit(time.monotonic() - began, len(applied))
             try:
                 self._on_commit(applied)
             except Exception:

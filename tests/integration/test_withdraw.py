@@ -6,8 +6,6 @@ approve it into a one-sided trust. ``untrust`` of a node never asked still fails
 
 from __future__ import annotations
 
-import pytest
-
 from pilothandshake.messages import HANDSHAKE_REVOKE
 
 from .attacker import Peer, send_raw

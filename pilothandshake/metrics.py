@@ -1,0 +1,244 @@
+"""Prometheus metrics (SPEC 13b), made with ``prometheus_client``.
+
+Each ``Metrics`` has a ``CollectorRegistry`` of its own, so several daemons or Managers in one
+process never share or collide. The daemon builds one and hands it to every part it
+composes; a part built without one (an embedded ``Manager``, a test) makes its own, so each
+hook is one unconditional call. ``pilot-handshakectl metrics`` prints ``render()``;
+``metrics.listen`` serves the same text over HTTP (``serve``).
+"""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+from typing import Callable
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import MetricsHandler, generate_latest
+
+from .messages import parse_address
+
+__all__ = ["DROP_REASONS", "REFUSAL_CAPS", "Metrics", "MetricsServer", "drop_label"]
+
+PREFIX = "pilot_handshake"
+
+# Drop reasons are free text written for the log; the metric keeps a fixed, small set of
+# labels so a flood of odd input cannot create unbounded series. First match wins.
+_DROP_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("own_node_id", ("our own node id",)),
+    ("denied", ("deny list",)),
+    ("stale", ("outside the window",)),
+    ("replay", ("replay",)),
+    ("key_mismatch", ("key differs",)),
+    ("signature", ("signature", "public_key", "neither registry-bound")),
+    ("queue_full", ("queue full", "too many pending")),
+    ("unsolicited", ("without an outgoing request", "revoke cooldown")),
+    (
+        "malformed",
+        (
+            "json",
+            "field",
+            "unknown type",
+            "node_id",
+            "too large",
+            "utf-8",
+            "unicode",
+            "non-finite",
+            "timed out",
+            "receive failed",
+        ),
+    ),
+)
+DROP_REASONS = (*(label for label, _ in _DROP_RULES), "other")
+REFUSAL_CAPS = ("max_connections", "max_connections_per_source")
+
+# A scraper that connects and sends nothing is cut off after this long (seconds).
+_HTTP_TIMEOUT = 10.0
+
+# Seconds: a registry round trip on a LAN up to its 5 s timeout; a store write is an fsync.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_CHANGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def drop_label(reason: str) -> str:
+    """The label in ``DROP_REASONS`` for a drop reason as the log writes it."""
+    text = reason.lower()
+    for label, needles in _DROP_RULES:
+        if any(needle in text for needle in needles):
+            return label
+    return "other"
+
+
+class Metrics:
+    """Every metric of one daemon (or one embedded Manager), in ``self.registry``."""
+
+    def __init__(self, *, process: bool = False) -> None:
+        """The metrics, all at zero; ``process`` adds the process collector (CPU, memory,
+        file descriptors of this process: only the daemon, which owns its process)."""
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages = Counter(
+            f"{PREFIX}_messages",
+            "Handshake messages on port 444 by type and result: received, sent (delivered to "
+            "the peer's port 444) or failed (not delivered directly)",
+            ["type", "result"],
+            registry=r,
+        )
+        self.drops = Counter(f"{PREFIX}_drops", "Dropped input by reason", ["reason"], registry=r)
+        self.events = Counter(
+            f"{PREFIX}_events", "Events published by topic", ["topic"], registry=r
+        )
+        self.relayed = Counter(
+            f"{PREFIX}_relayed_messages",
+            "Handshake messages carried by the registry relay, by type and direction (in, out)",
+            ["type", "direction"],
+            registry=r,
+        )
+        self.registry_requests = Counter(
+            f"{PREFIX}_registry_requests",
+            "Registry requests by type and outcome (ok, error, unreachable)",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.registry_latency = Histogram(
+            f"{PREFIX}_registry_request_seconds",
+            "Registry request latency by type",
+            ["type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.refused = Counter(
+            f"{PREFIX}_refused_connections",
+            "Port-444 connections refused by the cap that was reached",
+            ["cap"],
+            registry=r,
+        )
+        self.store_write = Histogram(
+            f"{PREFIX}_store_write_seconds",
+            "Time to make one group of trust-state changes durable",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_changes = Histogram(
+            f"{PREFIX}_store_changes_per_write",
+            "Trust-state changes made durable by one write",
+            buckets=_CHANGES_BUCKETS,
+            registry=r,
+        )
+        self.trusted = Gauge(f"{PREFIX}_trusted_peers", "Trusted peers", registry=r)
+        self.pending = Gauge(f"{PREFIX}_pending_requests", "Pending requests", registry=r)
+        self.outgoing = Gauge(
+            f"{PREFIX}_outgoing_requests", "Our requests waiting for an answer", registry=r
+        )
+        self.active_connections = Gauge(
+            f"{PREFIX}_active_connections", "Port-444 connections being served", registry=r
+        )
+        # Series that exist from the start, so a rate() sees the first increment.
+        for reason in DROP_REASONS:
+            self.drops.labels(reason)
+        for cap in REFUSAL_CAPS:
+            self.refused.labels(cap)
+        if process:
+            ProcessCollector(namespace=PREFIX, registry=r)
+
+    # Hooks: one call at each place where the thing happens.
+
+    def message(self, kind: str, result: str) -> None:
+        """Count one handshake message of type ``kind`` with ``result``."""
+        self.messages.labels(kind, result).inc()
+
+    def drop(self, reason: str) -> None:
+        """Count one dropped input; ``reason`` is the log's text (see ``drop_label``)."""
+        self.drops.labels(drop_label(reason)).inc()
+
+    def event(self, topic: str) -> None:
+        """Count one published event."""
+        self.events.labels(topic).inc()
+
+    def relay(self, kind: str, direction: str) -> None:
+        """Count one message of type ``kind`` carried by the registry relay ("in", "out")."""
+        self.relayed.labels(kind, direction).inc()
+
+    def registry_request(self, kind: str, outcome: str, seconds: float) -> None:
+        """Count one registry request of type ``kind`` and record its latency."""
+        self.registry_requests.labels(kind, outcome).inc()
+        self.registry_latency.labels(kind).observe(seconds)
+
+    def refusal(self, cap: str) -> None:
+        """Count one connection refused because ``cap`` (in ``REFUSAL_CAPS``) was reached."""
+        self.refused.labels(cap).inc()
+
+    def store_commit(self, seconds: float, changes: int) -> None:
+        """Record one durable write of ``changes`` trust-state changes."""
+        self.store_write.observe(seconds)
+        self.store_changes.observe(changes)
+
+    def watch(
+        self,
+        *,
+        trusted: Callable[[], float],
+        pending: Callable[[], float],
+        outgoing: Callable[[], float],
+        active_connections: Callable[[], float],
+        registry_up: Callable[[], float] | None,
+    ) -> None:
+        """Read the gauges from these functions at every scrape. Without a registry
+        (``registry_up`` None) there is no registry gauge, rather than one reading 0."""
+        self.trusted.set_function(trusted)
+        self.pending.set_function(pending)
+        self.outgoing.set_function(outgoing)
+        self.active_connections.set_function(active_connections)
+        if registry_up is not None:
+            Gauge(
+                f"{PREFIX}_registry_up",
+                "1 when the registry answered the last request, else 0",
+                registry=self.registry,
+            ).set_function(registry_up)
+
+    def render(self) -> str:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry).decode("utf-8")
+
+
+class _Handler(MetricsHandler):
+    """``GET /metrics``; any other path is 404."""
+
+    timeout = _HTTP_TIMEOUT
+
+    def do_GET(self) -> None:
+        """Serve the metrics of the server's registry."""
+        if urlsplit(self.path).path != "/metrics":
+            self.send_error(404, "only /metrics is served here")
+            return
+        super().do_GET()
+
+
+class MetricsServer(socketserver.ThreadingTCPServer):
+    """``/metrics`` over HTTP on ``HOST:PORT`` (config ``metrics.listen``), each scrape on a
+    daemon thread. Binds and starts serving in the constructor (``OSError`` when the address
+    is taken); ``close()`` stops it."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, listen: str, metrics: Metrics) -> None:
+        """Bind ``listen`` and serve ``metrics``."""
+        host, port = parse_address(listen)
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        handler = type("_RegistryHandler", (_Handler,), {"registry": metrics.registry})
+        super().__init__((host, port), handler)
+        self._thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the real port when 0 was asked for."""
+        return str(self.server_address[0]), int(self.server_address[1])
+
+    def close(self) -> None:
+        """Stop serving and close the socket."""
+        self.shutdown()
+        self.server_close()
+        self._thread.join()

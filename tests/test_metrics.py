@@ -1,0 +1,306 @@
+"""Metrics (SPEC 13b): names, the fixed drop labels, one registry per daemon, the HTTP
+endpoint, the ``metrics.listen`` config key and the control command."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from pilothandshake.config import Config, load_config, parse_config
+from pilothandshake.control import ControlClient
+from pilothandshake.daemon import Daemon
+from pilothandshake.errors import ConfigError, HandshakeError
+from pilothandshake.metrics import DROP_REASONS, REFUSAL_CAPS, Metrics, MetricsServer, drop_label
+from pilothandshake.server import HandshakeServer
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape: (name, sorted labels) -> value."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (AF_UNIX socket paths are limited to ~107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="phm-") as root:
+        yield Path(root)
+
+
+def test_every_metric_name_starts_with_the_prefix() -> None:
+    metrics = Metrics(process=True)
+    names = {family.name for family in text_string_to_metric_families(metrics.render())}
+    assert names and all(name.startswith("pilot_handshake_") for name in names)
+    assert "pilot_handshake_process_cpu_seconds" in names  # the process collector
+
+
+@pytest.mark.parametrize(
+    ("reason", "label"),
+    [
+        ("message claims our own node ID", "own_node_id"),
+        ("relayed message claims our own node ID", "own_node_id"),
+        ("node is on the deny list", "denied"),
+        ("timestamp 12 outside the window", "stale"),
+        ("replayed message", "replay"),
+        ("replay set full for this source address", "replay"),
+        ("replay set full", "replay"),
+        ("public key differs from the pinned key", "key_mismatch"),
+        ("public key differs from the registry's (re-ask failed)", "key_mismatch"),
+        ("public key differs from the allowlist's pinned key", "key_mismatch"),
+        ("public key differs from the pending request's key", "key_mismatch"),
+        ("relayed key differs from the pinned key", "key_mismatch"),
+        ("public_key is not base64 of a 32-byte key", "signature"),
+        ("relayed public_key is not a valid key", "signature"),
+        ("signature_v2 missing or invalid", "signature"),
+        ("no valid signature", "signature"),
+        ("Go-style signature without a registry-bound key", "signature"),
+        ("accept neither registry-bound nor pinned", "signature"),
+        ("revoke neither registry-bound nor signed with the pinned key", "signature"),
+        ("pending queue full", "queue_full"),
+        ("pending queue full of protected requests", "queue_full"),
+        ("too many pending requests from this source address", "queue_full"),
+        ("accept without an outgoing request", "unsolicited"),
+        ("accept within the revoke cooldown", "unsolicited"),
+        ("invalid JSON: Expecting value at line 1 column 1", "malformed"),
+        ("missing field 'type'", "malformed"),
+        ("unknown type 'x'", "malformed"),
+        ("node_id 99999999999 outside 0..4294967295", "malformed"),
+        ("message too large (70000 bytes > 65536)", "malformed"),
+        ("invalid UTF-8 at byte 3", "malformed"),
+        ("string is not valid Unicode (lone surrogate)", "malformed"),
+        ("non-finite number NaN", "malformed"),
+        ("timed out after 10 s", "malformed"),
+        ("receive failed: [Errno 104] Connection reset by peer", "malformed"),
+        ("not a JSON object (list)", "malformed"),
+        ("something nobody foresaw", "other"),
+    ],
+)
+def test_drop_reasons_map_to_a_fixed_set_of_labels(reason: str, label: str) -> None:
+    assert drop_label(reason) == label
+    assert label in DROP_REASONS
+
+
+def test_drop_and_refusal_series_exist_at_zero_from_the_start() -> None:
+    text = Metrics().render()
+    for reason in DROP_REASONS:
+        assert ("pilot_handshake_drops_total", (("reason", reason),)) in samples(text)
+    for cap in REFUSAL_CAPS:
+        assert ("pilot_handshake_refused_connections_total", (("cap", cap),)) in samples(text)
+
+
+def test_two_metrics_objects_in_one_process_count_apart() -> None:
+    first, second = Metrics(process=True), Metrics(process=True)  # no "Duplicated timeseries"
+    first.drop("replayed message")
+    first.message("handshake_request", "received")
+    assert value(first.render(), "pilot_handshake_drops_total", reason="replay") == 1
+    assert value(second.render(), "pilot_handshake_drops_total", reason="replay") == 0
+    assert value(second.render(), "pilot_handshake_messages_total", type="handshake_request") == 0
+
+
+def test_hooks_move_their_metrics() -> None:
+    metrics = Metrics()
+    metrics.message("handshake_accept", "sent")
+    metrics.event("trust.changed")
+    metrics.relay("handshake_accept", "out")
+    metrics.registry_request("lookup", "ok", 0.02)
+    metrics.refusal("max_connections_per_source")
+    metrics.store_commit(0.004, 3)
+    text = metrics.render()
+    assert (
+        value(text, "pilot_handshake_messages_total", type="handshake_accept", result="sent") == 1
+    )
+    assert value(text, "pilot_handshake_events_total", topic="trust.changed") == 1
+    assert (
+        value(
+            text, "pilot_handshake_relayed_messages_total", type="handshake_accept", direction="out"
+        )
+        == 1
+    )
+    assert value(text, "pilot_handshake_registry_requests_total", type="lookup", outcome="ok") == 1
+    assert value(text, "pilot_handshake_registry_request_seconds_count", type="lookup") == 1
+    assert (
+        value(text, "pilot_handshake_refused_connections_total", cap="max_connections_per_source")
+        == 1
+    )
+    assert value(text, "pilot_handshake_store_write_seconds_count") == 1
+    assert value(text, "pilot_handshake_store_changes_per_write_sum") == 3
+
+
+def test_gauges_are_read_at_scrape_and_registry_up_exists_only_with_a_registry() -> None:
+    counts = {"trusted": 2}
+    metrics = Metrics()
+    metrics.watch(
+        trusted=lambda: counts["trusted"],
+        pending=lambda: 1,
+        outgoing=lambda: 0,
+        active_connections=lambda: 3,
+        registry_up=None,
+    )
+    assert value(metrics.render(), "pilot_handshake_trusted_peers") == 2
+    counts["trusted"] = 5
+    text = metrics.render()
+    assert value(text, "pilot_handshake_trusted_peers") == 5
+    assert value(text, "pilot_handshake_active_connections") == 3
+    assert "pilot_handshake_registry_up" not in text
+
+    with_registry = Metrics()
+    with_registry.watch(
+        trusted=lambda: 0,
+        pending=lambda: 0,
+        outgoing=lambda: 0,
+        active_connections=lambda: 0,
+        registry_up=lambda: 1,
+    )
+    assert value(with_registry.render(), "pilot_handshake_registry_up") == 1
+
+
+def test_http_endpoint_serves_metrics_only_at_slash_metrics() -> None:
+    metrics = Metrics()
+    metrics.drop("node is on the deny list")
+    server = MetricsServer("127.0.0.1:0", metrics)
+    try:
+        host, port = server.address
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            text = response.read().decode()
+        assert value(text, "pilot_handshake_drops_total", reason="denied") == 1
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"http://{host}:{port}/", timeout=10)
+        assert caught.value.code == 404
+    finally:
+        server.close()
+    with pytest.raises(OSError):
+        socket.create_connection((host, port), timeout=2).close()
+
+
+def test_metrics_listen_is_off_by_default_and_validated_like_listen() -> None:
+    assert Config().metrics.listen == ""
+    assert parse_config({}, "c.yaml").metrics.listen == ""
+    assert parse_config({"metrics": {"listen": "127.0.0.1:9464"}}, "c.yaml").metrics.listen == (
+        "127.0.0.1:9464"
+    )
+    assert parse_config({"metrics": {"listen": "[::1]:0"}}, "c.yaml").metrics.listen == "[::1]:0"
+    with pytest.raises(ConfigError, match=r"c\.yaml: metrics\.listen: expected host:port"):
+        parse_config({"metrics": {"listen": "nonsense"}}, "c.yaml")
+    with pytest.raises(ConfigError, match=r"c\.yaml: metrics\.port: unknown key"):
+        parse_config({"metrics": {"port": 9464}}, "c.yaml")
+
+
+def daemon_config(directory: Path, **extra: object) -> Config:
+    path = directory / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "identity": str(directory / "identity.json"),
+                "node_id": 7,
+                "listen": "127.0.0.1:0",
+                **extra,
+            }
+        )
+    )
+    return load_config(str(path))
+
+
+def test_embedded_daemon_serves_its_own_metrics_over_http_and_the_control_socket(
+    short_dir: Path,
+) -> None:
+    (short_dir / "a").mkdir()
+    (short_dir / "b").mkdir()
+    first = Daemon(daemon_config(short_dir / "a", metrics={"listen": "127.0.0.1:0"}))
+    second = Daemon(daemon_config(short_dir / "b"))  # same process, its own registry
+    with first, second:
+        assert second.metrics_address is None
+        first.metrics.drop("replayed message")
+        host, port = first.metrics_address or ("", 0)
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+            scraped = response.read().decode()
+        assert value(scraped, "pilot_handshake_drops_total", reason="replay") == 1
+        assert "pilot_handshake_registry_up" not in scraped  # no registry configured
+        assert "pilot_handshake_process_open_fds" in scraped
+        answer = ControlClient(first.config.control_socket).request("metrics")
+        assert answer["status"] == "ok"
+        assert value(answer["data"]["text"], "pilot_handshake_drops_total", reason="replay") == 1
+        other = ControlClient(second.config.control_socket).request("metrics")
+        assert value(other["data"]["text"], "pilot_handshake_drops_total", reason="replay") == 0
+
+
+def test_metrics_address_in_use_fails_start_naming_the_key(short_dir: Path) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = f"127.0.0.1:{blocker.getsockname()[1]}"
+        daemon = Daemon(daemon_config(short_dir, metrics={"listen": taken}))
+        with pytest.raises(HandshakeError, match=rf"cannot serve metrics on {taken} "):
+            daemon.start()
+    # start() stopped everything again: the identity directory is free for a new daemon.
+    Daemon(daemon_config(short_dir)).stop()
+
+
+def test_refused_connections_are_counted_by_the_cap_reached() -> None:
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def hold(conn: socket.socket) -> None:
+        entered.release()
+        release.wait(10)
+        conn.close()
+
+    metrics = Metrics()
+    server = HandshakeServer(
+        ("127.0.0.1", 0), hold, max_connections=2, max_connections_per_source=1, metrics=metrics
+    )
+    server.start()
+    opened: list[socket.socket] = []
+
+    def connect(source: str) -> None:
+        sock = socket.socket()
+        opened.append(sock)
+        sock.settimeout(5)
+        sock.bind((source, 0))
+        with contextlib.suppress(ConnectionResetError):  # a refusal may reset the connect
+            sock.connect(server.address)
+
+    def refusals() -> tuple[float, float]:
+        text = metrics.render()
+        return (
+            value(text, "pilot_handshake_refused_connections_total", cap="max_connections"),
+            value(
+                text, "pilot_handshake_refused_connections_total", cap="max_connections_per_source"
+            ),
+        )
+
+    try:
+        connect("127.0.0.1")
+        assert entered.acquire(timeout=5)
+        connect("127.0.0.1")  # a second from the same source: the per-source cap
+        connect("127.0.0.2")
+        assert entered.acquire(timeout=5)
+        connect("127.0.0.3")  # two admitted: the global cap
+        deadline = time.monotonic() + 10
+        while refusals() != (1, 1) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert refusals() == (1, 1)
+    finally:
+        release.set()
+        for sock in opened:
+            sock.close()
+        server.close()
