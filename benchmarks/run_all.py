@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick]
 
-Each benchmark writes benchmarks/results/<name>[-quick].json and the two pictures
-(approvals.png, wake_latency.png); the exit code is non-zero only if a benchmark failed to
+Each benchmark writes benchmarks/results/<name>[-quick].json and the three pictures
+(approvals.png, wake_latency.png, fleet.png); the exit code is non-zero only if a benchmark failed to
 run, not when a target is missed.
 """
 
@@ -21,6 +21,9 @@ BENCHMARKS = (
     "bench_relay.py",
     "bench_memory.py",
     "bench_startup.py",
+    "bench_flood.py",
+    "bench_fleet.py",
+    "bench_cli.py",
 )
 
 
