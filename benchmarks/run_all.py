@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/run_all.py [--quick]
 
 Each benchmark writes benchmarks/results/<name>[-quick].json and the three pictures
-(approvals.png, wake_latency.png, fleet.png); the exit code is non-zero only if a benchmark failed to
-run, not when a target is missed.
+(approvals.png, wake_latency.png, fleet.png); the exit code is non-zero only if a benchmark
+failed to run, not when a target is missed.
 """
 
 from __future__ import annotations
