@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -226,24 +225,19 @@ def test_socket_search_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
         assert find_socket() == str(tmp_path / ".pilot-handshake" / "control.sock")
 
 
-README_EXAMPLE = """\
-import sys
-from pilothandshake import Client
-
-with Client.connect(socket=sys.argv[1]) as node:   # or config=..., or neither
-    print("I am node", node.node_id)
-    print(node.send_request(9, "nightly sync"))    # "sent" | "relayed" | "trusted"
-    if node.wait_for_trust(9, timeout=30):
-        print("trusted by 9")
-"""
+def readme_client_example() -> str:
+    """The README's "From another process" block, as written there."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## From another process", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_readme_example_runs_against_a_real_daemon(pair: tuple[Node, Node], tmp_path: Path) -> None:
     a, b = pair
     script = tmp_path / "example.py"
-    script.write_text(textwrap.dedent(README_EXAMPLE))
+    script.write_text(readme_client_example())
     example = subprocess.Popen(
-        [sys.executable, str(script), a.socket_path],
+        [sys.executable, str(script), str(a.config_path), "9"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
