@@ -52,6 +52,7 @@ from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, S
 from .events import EventBus
 from .manager import Manager
 from .messages import MAX_NODE_ID
+from .server import serve_until_closed, wake_acceptor
 from .store import format_time
 
 __all__ = ["COMMANDS", "ControlClient", "ControlError", "ControlServer", "HostnameRegistry"]
@@ -79,7 +80,6 @@ _NOT_SELF = frozenset({"handshake", "untrust", "wait"})
 
 _FOLLOW_POLL = 0.5  # how often a following stream checks whether its client is gone
 _WAIT_SLICE = 1.0  # a `wait` checks this often whether its client is gone
-_SHUTDOWN_POLL = 0.1  # how often the accept loop checks for stop(): stop() waits this long
 _MAX_HOSTNAME = 253  # the longest DNS name; the registry applies its own stricter rules
 # Registry lookups one command may make for hostnames: a listing of thousands of peers
 # must not turn into thousands of registry calls (the rest show up on later listings).
@@ -360,8 +360,8 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             finally:
                 os.umask(old_umask)
             self._thread = threading.Thread(
-                target=self.serve_forever,
-                kwargs={"poll_interval": _SHUTDOWN_POLL},
+                target=serve_until_closed,
+                args=(self, self.stopping.is_set),
                 name="control-server",
             )
             self._thread.daemon = True
@@ -377,9 +377,9 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         if thread is None:
             self.server_close()
             return
-        self.shutdown()
-        self.server_close()
+        wake_acceptor(self)
         thread.join()
+        self.server_close()
         # Remove the file only if it is still ours (not a successor daemon's socket).
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
