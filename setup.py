@@ -12,8 +12,6 @@ VERSION = re.search(
     (HERE / "pilothandshake" / "_version.py").read_text(encoding="utf-8"),
     re.M,
 ).group(1)
-# TODO(lead): the project's public repository; every link below is derived from it.
-URL = "https://github.com/pilothandshake/pilothandshake"
 
 setup(
     name="pilothandshake",
@@ -22,13 +20,9 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     author="pilothandshake developers",
-    url=URL,
-    project_urls={
-        "Protocol": f"{URL}/blob/main/docs/PROTOCOL.md",
-        "Source": URL,
-        "Issues": f"{URL}/issues",
-        "Pilot Protocol (Go)": "https://github.com/TeoSlayer/pilotprotocol",
-    },
+    # No home page: the project's public address is not decided yet, and none is invented.
+    # The protocol it speaks is the Go original's (docs/PROTOCOL.md ships in the sdist).
+    project_urls={"Pilot Protocol (Go)": "https://github.com/TeoSlayer/pilotprotocol"},
     license="Apache-2.0",
     license_files=["LICENSE"],
     classifiers=[

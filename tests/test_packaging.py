@@ -119,7 +119,7 @@ def test_sdist_metadata_names_license_author_urls_and_classifiers(sdist: Path) -
     assert license_text == "Apache-2.0"
     assert meta["Author"] == "pilothandshake developers"
     assert meta["Home-page"] or meta.get_all("Project-URL")
-    assert any("PROTOCOL.md" in url for url in meta.get_all("Project-URL") or [])
+    assert any("pilotprotocol" in url for url in meta.get_all("Project-URL") or [])
     classifiers = meta.get_all("Classifier") or []
     assert "Programming Language :: Python :: 3.9" in classifiers
     assert "Typing :: Typed" in classifiers

@@ -194,7 +194,8 @@ def test_at_the_global_cap_a_newcomer_evicts_the_oldest_unfinished_connection(
             assert ended(newcomer)  # read and half-closed: admitted, not reset
             assert ended(slow[0])  # the older unfinished one made room
         assert reader.wait_read(3)
-        assert reader.read[1:] == [b'{"justification":"', b'{"type":"real"}']
+        # Two handler threads finish these two reads: in either order on a loaded machine.
+        assert sorted(reader.read[1:]) == [b'{"justification":"', b'{"type":"real"}']
         assert server.active_connections() == 3  # the evicted slot was handed over, once
         slow[1].settimeout(0.2)
         with pytest.raises(socket.timeout):
