@@ -1,8 +1,8 @@
 """Coverage-guided fuzzing of the control-socket request parser (SPEC 13) with atheris.
 
-Each input is one request line for ``_parse_request`` (inputs starting with 0x01 become a
+Each input is one request line for ``parse_request`` (inputs starting with 0x01 become a
 request object with a real command and fuzzed JSON arguments). Invariants (a violation
-raises; atheris saves the input as ``crash-*``): only the parser's ``_RequestError``
+raises; atheris saves the input as ``crash-*``): only the parser's ``RequestError``
 escapes; an accepted request names a known command with well-typed arguments (``timeout``
 a float in 0..WAIT_MAX_TIMEOUT); every error response can be encoded for the wire.
 
@@ -17,7 +17,13 @@ import atheris
 
 with atheris.instrument_imports():
     from pilothandshake.constants import WAIT_MAX_TIMEOUT
-    from pilothandshake.control import COMMANDS, _encode, _error, _parse_request, _RequestError
+    from pilothandshake.control_commands import (
+        COMMANDS,
+        RequestError,
+        encode_response,
+        error_response,
+        parse_request,
+    )
 
 ARGS = ["node_id", "justification", "reason", "timeout", "follow"]
 
@@ -29,9 +35,9 @@ def TestOneInput(data: bytes) -> None:
         value = data[2:].decode("utf-8", "replace")
         data = f'{{"command": "{command}", "{arg}": {value}}}'.encode()
     try:
-        command, args = _parse_request(data)
-    except _RequestError as exc:
-        _encode(_error(exc.code, exc.message))
+        command, args = parse_request(data)
+    except RequestError as exc:
+        encode_response(error_response(exc.code, exc.message))
         return
     if command not in COMMANDS:
         raise AssertionError(f"accepted unknown command {command!r}")

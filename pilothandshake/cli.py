@@ -4,7 +4,7 @@ It talks to a running ``pilot-handshaked`` over the control socket, found in thi
 ``--socket PATH``, else ``--config FILE`` (the daemon's config: ``control.sock`` beside its
 identity), else ``$PILOT_HANDSHAKE_SOCKET``, else beside the identity of the daemon's default
 config ``/etc/pilot-handshake/config.yaml`` when that file is readable, else
-``~/.pilot-handshake/control.sock`` (``client.find_socket``).
+``~/.pilot-handshake/control.sock`` (``control_socket.find_socket``).
 
 Exit codes: 0 ok, 1 failed (one line on stderr), 2 usage. ``--json`` (before or after the
 command) prints each response exactly as the daemon sent it (the ``pilotctl --json`` shape),
@@ -23,8 +23,9 @@ import sys
 import time
 
 from ._version import __version__
-from .client import Client, ControlError, find_socket, raise_for_error
+from .client import Client, ControlError, raise_for_error
 from .constants import CONTROL_TIMEOUT, DEFAULT_CONFIG_PATH, WAIT_DEFAULT_TIMEOUT
+from .control_socket import find_socket
 from .errors import HandshakeError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs a short CLI run milliseconds

@@ -1,37 +1,27 @@
-"""The composition root: ``DaemonRuntime``, ``Daemon`` and the ``pilot-handshaked`` entry point
-(SPEC sections 1, 11, 12, 12a).
+"""The composition root: ``DaemonRuntime`` and ``Daemon`` (SPEC sections 1, 11, 12, 12a).
 
 ``Daemon(config)`` builds everything from a parsed config: the identity, the event bus, the
 registry client, the runtime, the ``Manager`` (which loads ``trust.json`` and takes the
 identity directory's lock), the control socket and the registry loop. ``start()`` binds port
 444 (the ``listen`` address), registers once, and starts the background threads; ``stop()``
-undoes it. ``main()`` adds signals, logging and exit codes around it.
+undoes it. The ``pilot-handshaked`` program around it (signals, logging, exit codes) is
+``handshaked.main()``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import errno
-import ipaddress
-import json
 import logging
 import os
-import signal
 import socket
-import stat
-import sys
 import threading
-import time
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, Callable
 
-from . import fsutil
-from ._version import __version__
 from .config import Config, format_address, load_config, parse_address
-from .constants import DEFAULT_CONFIG_PATH, SYSTEMD_STATUS_INTERVAL
 from .control import ControlServer
-from .errors import HandshakeError, RegistryError, SendError, StoreError
+from .errors import HandshakeError, RegistryError, SendError
 from .events import EventBus
 from .identity import Identity
 from .manager import Manager
@@ -39,18 +29,13 @@ from .metrics import Metrics, MetricsServer
 from .registry.client import Client
 from .relay import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
-from .sdnotify import Notifier, Watchdog
 from .server import HandshakeServer
-from .store import corrupt_files
+from .statedir import NODE_FILE, NodeIdMemory, check_identity_mode, prepare_state_directory
 from .wire import send_message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NODE_FILE", "NODE_ID_CHANGED", "Daemon", "DaemonRuntime", "main"]
-
-# Beside the identity: the node ID the registry gave this key last time, and which registry.
-NODE_FILE = "node.json"
-NODE_ID_CHANGED = "node.id_changed"  # event topic, payload {"old", "new"}
+__all__ = ["Daemon", "DaemonRuntime"]
 
 
 class DaemonRuntime:
@@ -214,93 +199,6 @@ class DaemonRuntime:
         return self._client
 
 
-class NodeIdMemory:
-    """The node ID the registry assigned last time, kept in ``node.json`` beside the
-    identity: a registry that forgot its nodes hands out IDs anew, and every trust record
-    naming this node elsewhere then points at another machine, silently.
-
-    ``check(registry, node_id)`` compares a fresh assignment with the remembered one of the
-    same registry: a change is logged as an ERROR and published as ``node.id_changed``;
-    the new ID is then remembered.
-    """
-
-    def __init__(self, path: str, publish: Callable[[str, dict[str, Any]], None]) -> None:
-        """Read ``path`` (missing or unreadable: nothing remembered, the next check writes)."""
-        self.path = path
-        self._publish = publish
-        self._registry, self._node_id = "", 0
-        try:
-            remembered = json.loads(fsutil.read_file(path))
-            registry, node_id = remembered["registry"], remembered["node_id"]
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
-            log.warning("ignoring %s: %s", path, exc)
-            return
-        if isinstance(registry, str) and type(node_id) is int:
-            self._registry, self._node_id = registry, node_id
-
-    def check(self, registry: str, node_id: int) -> None:
-        """Note that ``registry`` assigned ``node_id`` to this node."""
-        old = self._node_id if registry == self._registry else 0
-        if old == node_id:
-            return
-        if old:
-            log.error(
-                "registry %s gave this node ID %d, but it was node %d before: the registry "
-                "lost its nodes (run it with a store), and peers that trusted node %d now "
-                "name another machine by that ID",
-                registry,
-                node_id,
-                old,
-                old,
-            )
-            self._publish(NODE_ID_CHANGED, {"old": old, "new": node_id})
-        self._registry, self._node_id = registry, node_id
-        try:
-            data = json.dumps({"registry": registry, "node_id": node_id}).encode()
-            fsutil.write_atomically(self.path, data + b"\n")
-        except OSError as exc:
-            log.error("cannot remember node ID %d in %s: %s", node_id, self.path, exc)
-
-
-def _prepare_state_directory(identity: str) -> None:
-    """Create the state directory (the identity file's) mode 0700 when missing, and refuse
-    one, or an identity file, that another user owns or that others can write: whoever
-    can write there can swap the key or plant links (like OpenSSH's StrictModes)."""
-    directory = os.path.dirname(identity) or "."
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create state directory {directory}: {exc}") from exc
-    fsutil.check_private(directory, "state directory")
-    fsutil.check_private(identity, "identity file")
-
-
-def _check_identity_mode(path: str) -> None:
-    """Refuse an identity file others can read: its private key would not be private."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot read identity: {exc}") from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise StoreError(
-            f"identity file {path} is readable by group or others (mode "
-            f"{stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
-        )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _bind_error(listen: str, exc: OSError) -> HandshakeError:
     """One clear line for a failure to bind port 444."""
     if exc.errno == errno.EADDRINUSE:
@@ -327,8 +225,8 @@ class Daemon:
         """Build every part from ``config``; nothing listens until ``start()``."""
         self.config = config
         self.metrics = Metrics(process=True)
-        _prepare_state_directory(config.identity)
-        _check_identity_mode(config.identity)
+        prepare_state_directory(config.identity)
+        check_identity_mode(config.identity)
         self.identity = Identity.load_or_create(config.identity)
         self.events = EventBus(self._current_node_id, config.events.webhook, metrics=self.metrics)
         self.client: Client | None = None
@@ -465,24 +363,8 @@ class Daemon:
 
     def _start(self) -> None:
         registry = self.config.registry
-        if not self.config.trust.strict:
-            log.warning(
-                "trust.strict is false (legacy mode): a Go-style signature over a "
-                "registry-bound key is accepted in place of signature_v2, and relayed input "
-                "is handled as the Go daemon does; every port-444 message still needs a valid "
-                "key and signature, and an accept still needs our own outgoing request"
-            )
-        if (
-            registry is not None
-            and self.config.trust.strict
-            and not registry.tls
-            and not _is_loopback(parse_address(registry.address)[0])
-        ):
-            log.warning(
-                "registry %s is not on loopback and TLS is off: its signatures travel in the "
-                "clear and can be replayed; set registry.tls (and fingerprint)",
-                registry.address,
-            )
+        for warning in self.config.security_warnings():
+            log.warning("%s", warning)
         self.events.start()
         try:
             self.manager.start()
@@ -568,159 +450,3 @@ class Daemon:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-# -- the pilot-handshaked entry point ---------------------------------------------------
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line (``time``, ``level``, ``logger``, ``message``), for log
-    shippers; a traceback goes in ``exception``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """The record as one JSON line."""
-        entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def configure_logging(level: str, log_format: str) -> None:
-    """Log to stderr at ``level`` as text or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-def move_corrupt_aside(path: str) -> list[str]:
-    """Rename trust.json (at ``path``) and its journal, whichever does not parse, to
-    ``<name>.corrupt-<timestamp>``; returns the new names (none when both load)."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    moved = []
-    for name in corrupt_files(path):
-        os.replace(name, f"{name}.corrupt-{stamp}")
-        moved.append(f"{name}.corrupt-{stamp}")
-    return moved
-
-
-def _fail(message: str) -> int:
-    print(f"pilot-handshaked: {message}", file=sys.stderr, flush=True)
-    return 1
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="pilot-handshaked",
-        description="Serve the Pilot Protocol trust handshake (port 444).",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG_PATH,
-        metavar="PATH",
-        help=f"YAML config file (default {DEFAULT_CONFIG_PATH})",
-    )
-    parser.add_argument(
-        "--move-corrupt-aside",
-        action="store_true",
-        help="rename a trust.json that does not parse to trust.json.corrupt-<time> and "
-        "start with empty trust state",
-    )
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the policy. Returns the exit
-    code: 0 after a clean stop, 1 when it cannot start (one line on stderr says why).
-
-    Under systemd (``$NOTIFY_SOCKET``) it tells the manager each step (SPEC 13c): ``READY=1``
-    once port 444 and the control socket serve, ``RELOADING=1`` / ``READY=1`` around a
-    reload, ``STOPPING=1``, and ``STATUS=`` / ``WATCHDOG=1`` from a ``Watchdog`` thread."""
-    args = _parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except HandshakeError as exc:
-        return _fail(str(exc))
-    configure_logging(config.log_level, config.log_format)
-    if args.move_corrupt_aside:
-        try:
-            moved = move_corrupt_aside(config.trust_path)
-        except OSError as exc:
-            return _fail(f"cannot move {config.trust_path} aside: {exc}")
-        for name in moved:
-            log.warning("moved corrupt trust state aside to %s", name)
-
-    signals: list[int] = []
-    wake = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        signals.append(signum)
-        wake.set()
-
-    for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(handled, on_signal)
-
-    try:
-        daemon = Daemon(config)
-        daemon.start()
-    except HandshakeError as exc:
-        message = str(exc)
-        if corrupt_files(config.trust_path):
-            message += "; start with --move-corrupt-aside to move it aside and start empty"
-        return _fail(message)
-    except OSError as exc:
-        return _fail(str(exc))
-
-    registry = config.registry.address if config.registry is not None else "none"
-    metrics = daemon.metrics_address
-    served = f", metrics http://{format_address(metrics)}/metrics" if metrics else ""
-    print(
-        f"pilot-handshaked: node {daemon.node_id} listening on "
-        f"{format_address(daemon.listen_address)}, registry {registry}, "
-        f"control {config.control_socket}{served}",
-        flush=True,
-    )
-    notifier = Notifier.from_environment()
-    watchdog = None
-    if notifier.enabled:
-        notifier.ready(daemon.status_line())
-        usec = notifier.watchdog_usec
-        interval = usec / 2e6 if usec else SYSTEMD_STATUS_INTERVAL
-        watchdog = Watchdog(notifier, interval, daemon.status_line)
-        watchdog.start()
-    try:
-        while True:
-            wake.wait(1.0)
-            wake.clear()
-            while signals:
-                signum = signals.pop(0)
-                if signum != signal.SIGHUP:
-                    log.info("received %s: stopping", signal.Signals(signum).name)
-                    return 0
-                notifier.reloading()
-                try:
-                    daemon.reload()
-                except HandshakeError as exc:
-                    log.error("config reload failed, keeping the old config: %s", exc)
-                else:
-                    log.info("config reloaded: allowlist, deny list, peers, auto-approve")
-                notifier.ready(daemon.status_line())
-    finally:
-        if watchdog is not None:
-            watchdog.stop()  # first: no ping or status may follow STOPPING=1
-        notifier.stopping()
-        stopping = time.monotonic()
-        daemon.stop()
-        log.info("stopped in %.1f s", time.monotonic() - stopping)
-        notifier.close()

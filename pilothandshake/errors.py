@@ -27,3 +27,8 @@ class SendError(HandshakeError):
 
 class StoreError(HandshakeError):
     """Trust state or the identity could not be read or written; names the file and the OS error."""
+
+
+class ControlError(HandshakeError):
+    """The control socket cannot be used: the daemon is not running or does not answer in
+    time, the socket is not safe to talk to, or the daemon's answer is unreadable."""

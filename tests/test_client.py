@@ -24,7 +24,8 @@ from pilothandshake import (
     SendError,
     TrustRecord,
 )
-from pilothandshake.client import ControlError, check_socket, find_socket
+from pilothandshake.client import ControlError
+from pilothandshake.control_socket import check_socket, find_socket
 
 
 @pytest.fixture

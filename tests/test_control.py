@@ -391,7 +391,8 @@ def connect_as_nobody(path: str) -> dict[str, Any]:
                 except PermissionError:
                     answer = b'{"denied": "by the file mode"}'
                 else:
-                    # A refusing daemon may answer and close before the request is sent.
+                    # The daemon may refuse and close before the request is sent: its
+                    # answer is still buffered, so read it (as ControlClient does).
                     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         sock.sendall(b'{"command": "status"}\n')
                     answer = sock.makefile("rb").readline()
@@ -485,7 +486,7 @@ def test_internal_failure_is_an_error_response_not_a_traceback(node: Node) -> No
     def broken() -> dict[str, Any]:
         raise RuntimeError("boom")
 
-    node.server.status = broken
+    node.server.commands.status = broken
     response = node.client.request("status")
     assert (response["status"], response["code"]) == ("error", "internal_error")
     assert "boom" not in response["message"]
@@ -526,7 +527,7 @@ def test_hostname_lookups_are_cached_and_stop_at_the_first_registry_failure() ->
         assert sorted(registry.lookups) == [10, 11, 12, 13, 14]
         started.client.request("pending")
         assert len(registry.lookups) == 5  # cached
-        started.server._hostname_cache.clear()
+        started.server.commands._hostname_cache.clear()
         registry.down = True
         response = started.client.request("pending")
         assert response["status"] == "ok"

@@ -24,13 +24,7 @@ from pilothandshake.config import (
     TrustConfig,
     format_address,
 )
-from pilothandshake.daemon import (
-    Daemon,
-    DaemonRuntime,
-    JsonLogFormatter,
-    main,
-    move_corrupt_aside,
-)
+from pilothandshake.daemon import Daemon, DaemonRuntime
 from pilothandshake.errors import (
     ConfigError,
     HandshakeError,
@@ -39,7 +33,9 @@ from pilothandshake.errors import (
     StoreError,
 )
 from pilothandshake.events import EventBus
+from pilothandshake.handshaked import main, move_corrupt_aside
 from pilothandshake.identity import Identity
+from pilothandshake.logsetup import JsonLogFormatter
 from pilothandshake.registry.server import RegistryServer
 from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import load_state
@@ -405,7 +401,7 @@ def test_a_node_id_the_registry_changed_is_an_error_and_an_event(
     memory.write_text(json.dumps({"registry": embedded_registry, "node_id": 99}))
     daemon = Daemon(registered_config(short_dir, embedded_registry))
     subscription = daemon.events.subscribe()
-    with caplog.at_level(logging.ERROR, logger="pilothandshake.daemon"), daemon:
+    with caplog.at_level(logging.ERROR, logger="pilothandshake.statedir"), daemon:
         assert daemon.node_id == 1
         event = subscription.get(timeout=WAIT)
     assert event is not None and event["event"] == "node.id_changed"
@@ -424,7 +420,7 @@ def test_the_same_node_id_again_is_no_event(
         assert first.node_id == 1
     daemon = Daemon(config)
     subscription = daemon.events.subscribe()
-    with caplog.at_level(logging.ERROR, logger="pilothandshake.daemon"), daemon:
+    with caplog.at_level(logging.ERROR, logger="pilothandshake.statedir"), daemon:
         assert daemon.node_id == 1
         assert subscription.get(timeout=0.2) is None
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_control import Node, running_node
 
-from pilothandshake.control import COMMANDS, _parse_request
+from pilothandshake.control_commands import COMMANDS, parse_request
 
 ERROR_CODES = {
     "bad_request",
@@ -164,7 +164,7 @@ def test_random_request_shapes_get_documented_answers(node: Node) -> None:
 
 
 def test_parser_raises_only_its_request_error() -> None:
-    """Straight to the parser, faster than the socket: only ``_RequestError`` may escape."""
+    """Straight to the parser, faster than the socket: only ``RequestError`` may escape."""
 
     @fuzz(300)
     @given(
@@ -174,9 +174,9 @@ def test_parser_raises_only_its_request_error() -> None:
     )
     def check(line: bytes) -> None:
         try:
-            command, args = _parse_request(line)
+            command, args = parse_request(line)
         except Exception as exc:
-            assert type(exc).__name__ == "_RequestError", repr(exc)
+            assert type(exc).__name__ == "RequestError", repr(exc)
             return
         assert command in COMMANDS
         if "timeout" in args:
@@ -189,7 +189,7 @@ def test_huge_integer_timeout_is_a_bad_request_not_a_dropped_connection(node: No
     """Regression (found by the fuzzer): a 400-digit ``timeout`` raised OverflowError in the
     parser, so the connection closed with no answer. Now it is capped like any long wait."""
     line = b'{"command": "wait", "node_id": 1, "timeout": 1' + b"0" * 400 + b"}"
-    command, args = _parse_request(line)
+    command, args = parse_request(line)
     assert (command, args["timeout"]) == ("wait", 3600.0)
     [response, status] = exchange(node.path, b'{"command": "pending", "x": 1' + b"0" * 400 + b"}")
     assert response["code"] == "bad_request"

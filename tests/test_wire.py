@@ -199,6 +199,7 @@ class Listener:
         self.address: tuple[str, int] = self.sock.getsockname()
         self.behaviour = behaviour
         self.received = b""
+        self.read = threading.Event()  # set once ``received`` holds what was read
         self.release = threading.Event()
         self.thread = threading.Thread(target=self.serve)
         self.thread.start()
@@ -222,6 +223,7 @@ class Listener:
                 conn.sendall(b"x" * 10000)
                 return
             self.received = read_message(conn, deadline=5)
+            self.read.set()
             if self.behaviour == "hold":
                 self.release.wait(5)
 
@@ -256,6 +258,9 @@ def test_send_message_is_delivered_at_the_receivers_half_close_before_it_closes(
     send_message(listener.address, MESSAGE, timeout=5, grace=3)
     assert time.monotonic() - started < 2  # did not wait for the grace to run out
     assert listener.thread.is_alive()  # the receiver still holds the connection
+    # The sender returns at the half-close, inside read_message: the thread may not have
+    # stored what it read yet.
+    assert listener.read.wait(5)
     assert listener.received == MESSAGE
 
 

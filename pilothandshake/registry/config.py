@@ -1,6 +1,6 @@
 """``pilot-registryd``'s YAML config (SPEC 11): networks and limits.
 
-Loaded and checked with the daemon config's reader and field parser (``..config``), so
+Loaded and checked with the shared reader and field parser (``..yamlconfig``), so
 every failure is a ``ConfigError`` naming the file, the dotted key and what was expected,
 in the same words as the daemon's::
 
@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
-from ..config import FieldParser, read_yaml
 from ..constants import (
     REGISTRY_IDLE_TIMEOUT,
     REGISTRY_MAX_CONNECTIONS,
@@ -28,6 +27,7 @@ from ..constants import (
 )
 from ..identity import decode_key
 from ..messages import MAX_NODE_ID
+from ..yamlconfig import FieldParser, read_yaml
 
 __all__ = [
     "MAX_NETWORK_ID",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -268,6 +269,18 @@ class Node(Proc):
 
     def topics(self) -> list[str]:
         return [str(e["event"]) for e in self.events()]
+
+    def serving(self) -> int:
+        """Port-444 connections being served now (the metrics gauge): a message is decided
+        after the daemon half-closed its connection, before it closes it (SPEC 3)."""
+        text = self.control("metrics")["text"]
+        match = re.search(r"^pilot_handshake_active_connections (\S+)$", text, re.M)
+        assert match, text
+        return int(float(match.group(1)))
+
+    def settle(self) -> None:
+        """Wait until every message read so far is decided (no connection being served)."""
+        wait_until(lambda: self.serving() == 0, timeout=30.0, what="the daemon idle")
 
 
 class Fleet:

@@ -55,9 +55,8 @@ def test_legitimate_request_is_processed_after_10000_junk_messages(fleet: Fleet)
     started = time.monotonic()
     counts = flood(node.port, payloads, sources, timeout=40.0)
     elapsed = time.monotonic() - started
-    assert counts["unsent"] == 0 and counts["error"] == 0 and counts["open"] == 0, counts
-    # Sent one at a time per source, under the per-source cap: every one is read.
-    assert counts["closed"] == 10_000, counts
+    assert counts["unsent"] == 0 and counts["open"] == 0, counts
+    assert counts["closed"] == 10_000, counts  # every one read (a refused one sent again)
 
     peer = Peer(PEER)
     assert send_raw(node.port, peer.data(HANDSHAKE_REQUEST, OWN, justification="real")) == (
@@ -87,8 +86,8 @@ def test_invented_identities_cannot_keep_a_registry_bound_peer_out_of_a_full_que
     invented = [Peer(100_000 + i) for i in range(300)]
     payloads = [p.data(HANDSHAKE_REQUEST, own, justification="let me in") for p in invented]
     counts = flood(node.port, payloads, [source_address(i) for i in range(20)], timeout=40.0)
-    # The daemon closes each connection only after processing (and persisting) it.
-    assert counts["closed"] == 300, counts
+    assert counts["closed"] == 300, counts  # every one read
+    node.settle()  # and decided
     before = {int(p["node_id"]): p for p in node.control("pending")["pending"]}
     assert len(before) == MAX_PENDING
     assert ": pending queue full" in node.stderr  # the 44 beyond it were dropped
@@ -203,7 +202,13 @@ def test_slowloris_over_17_hosts_at_the_default_caps_does_not_keep_a_handshake_o
         opened = time.monotonic()
         # The cap is full: the surplus is refused (or, on a slow machine, made room by
         # evicting the first ones, which then reconnect).
-        assert attack.open_ones(settle=0.5) == MAX_CONNECTIONS
+        # A loaded machine may still hold some in the accept backlog: wait until the daemon
+        # has taken or refused every one.
+        wait_until(
+            lambda: attack.open_ones(settle=0.2) == MAX_CONNECTIONS,
+            timeout=15.0,
+            what="the cap full and the surplus refused",
+        )
         attack.start()
         age_past_evict_after(opened)
 
@@ -226,6 +231,7 @@ def test_one_host_flooding_valid_requests_fills_only_its_own_quotas(fleet: Fleet
     payloads = [p.data(HANDSHAKE_REQUEST, OWN, justification="me too") for p in invented]
     counts = flood(node.port, payloads, ["127.0.0.2"], timeout=30.0)
     assert counts["closed"] == 100, counts
+    node.settle()
     held = node.pending()
     assert len(held) == 16
     assert "too many pending requests from this source address" in node.stderr

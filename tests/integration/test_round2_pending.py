@@ -83,10 +83,11 @@ def relay_requests(client: Client, peers: list[Peer], to: int) -> None:
         relayed(client, peers[-1], to, deadline)
 
 
-def direct_requests(port: int, peers: list[Peer], to: int, source: str) -> None:
+def direct_requests(b: Node, peers: list[Peer], to: int, source: str) -> None:
     payloads = [p.data(HANDSHAKE_REQUEST, to, justification="free identity") for p in peers]
-    counts = flood(port, payloads, [source], timeout=30.0)
-    assert counts["closed"] == len(peers), counts  # each read; B closes after deciding it
+    counts = flood(b.port, payloads, [source], timeout=60.0)
+    assert counts["closed"] == len(peers), counts  # each one read
+    b.settle()  # and decided, before anything else arrives
 
 
 def held_count(pending: set[int], peers: list[Peer]) -> int:
@@ -126,8 +127,8 @@ def test_free_identities_do_not_push_real_nodes_out_of_the_pending_queue(
     registry_client.append(client)
     started = time.monotonic()
     junk = register(client, 300)
-    direct_requests(b.port, junk[:QUOTA], own, REAL_SOURCE)
-    direct_requests(b.port, junk[QUOTA : 2 * QUOTA], own, JUNK_SOURCE)
+    direct_requests(b, junk[:QUOTA], own, REAL_SOURCE)
+    direct_requests(b, junk[QUOTA : 2 * QUOTA], own, JUNK_SOURCE)
     relay_requests(client, junk[2 * QUOTA :], own)
     assert pending_count(b) == MAX_PENDING
     assert ": pending queue full" in b.stderr  # 44 relayed ones were dropped
@@ -161,9 +162,9 @@ def test_free_identities_do_not_push_real_nodes_out_of_the_pending_queue(
     # 300 more: direct from both full addresses, direct from a fresh address (which takes
     # its quota from the relay's share, the largest), relayed.
     more = register(client, 300)
-    direct_requests(b.port, more[:50], own, REAL_SOURCE)
-    direct_requests(b.port, more[50:100], own, JUNK_SOURCE)
-    direct_requests(b.port, more[100:200], own, LATE_SOURCE)
+    direct_requests(b, more[:50], own, REAL_SOURCE)
+    direct_requests(b, more[50:100], own, JUNK_SOURCE)
+    direct_requests(b, more[100:200], own, LATE_SOURCE)
     relay_requests(client, more[200:], own)
     pending = b.pending()
     assert len(pending) == MAX_PENDING

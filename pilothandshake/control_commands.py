@@ -1,0 +1,336 @@
+"""The control socket's commands (SPEC section 13): what each takes, how a request line is
+checked, and what each does. The socket server (``control.py``) reads the lines and writes
+the answers; nothing here touches a socket.
+
+``COMMANDS`` lists every command with its required and optional arguments; a command ``x``
+is carried out by ``ControlCommands._do_x`` (``wait`` by ``_wait``; ``events`` streams, so
+the server answers it). ``execute`` never raises: every failure is an error response whose
+``code`` says what went wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from typing import Any, Callable, Protocol
+
+from .constants import REGISTRY_CACHE_TTL, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
+from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
+from .manager import Manager
+from .messages import MAX_NODE_ID
+from .store import format_time
+
+__all__ = [
+    "COMMANDS",
+    "ControlCommands",
+    "HostnameRegistry",
+    "RequestError",
+    "Response",
+    "encode_response",
+    "error_response",
+    "ok_response",
+    "parse_request",
+]
+
+log = logging.getLogger(__name__)
+
+# command -> (required arguments, optional arguments)
+COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "status": (frozenset(), frozenset()),
+    "handshake": (frozenset({"node_id", "justification"}), frozenset()),
+    "pending": (frozenset(), frozenset()),
+    "approve": (frozenset({"node_id"}), frozenset()),
+    "reject": (frozenset({"node_id"}), frozenset({"reason"})),
+    "trust": (frozenset(), frozenset()),
+    "untrust": (frozenset({"node_id"}), frozenset()),
+    "is_trusted": (frozenset({"node_id"}), frozenset()),
+    "wait": (frozenset({"node_id"}), frozenset({"timeout"})),
+    "resolve": (frozenset({"hostname"}), frozenset()),
+    "events": (frozenset(), frozenset({"follow", "history"})),
+    "metrics": (frozenset(), frozenset()),
+}
+
+# Commands naming a node for which this node itself is a mistake (it trusts itself anyway).
+_NOT_SELF = frozenset({"handshake", "untrust", "wait"})
+
+_WAIT_SLICE = 1.0  # a `wait` checks this often whether its client is gone
+_MAX_HOSTNAME = 253  # the longest DNS name; the registry applies its own stricter rules
+# Registry lookups one command may make for hostnames: a listing of thousands of peers
+# must not turn into thousands of registry calls (the rest show up on later listings).
+_HOSTNAME_LOOKUPS = 32
+_HOSTNAME_CACHE = 4096
+
+Response = dict[str, Any]
+
+
+class HostnameRegistry(Protocol):
+    """What the control socket needs of the registry client for hostnames."""
+
+    def lookup(self, node_id: int) -> dict[str, Any]:
+        """The registry's ``lookup`` answer for ``node_id`` (``hostname`` when set)."""
+
+    def resolve_hostname(self, hostname: str) -> dict[str, Any]:
+        """``{"node_id", "public", "hostname"}`` for ``hostname``; ``RegistryError``."""
+
+
+class RequestError(Exception):
+    """A request that gets an error response (``code``, ``message``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def ok_response(data: Any) -> Response:
+    """An ok response carrying ``data``."""
+    return {"status": "ok", "data": data}
+
+
+def error_response(code: str, message: str) -> Response:
+    """An error response: ``code`` for programs, ``message`` for people."""
+    return {"status": "error", "code": code, "message": message}
+
+
+def encode_response(response: Response) -> bytes:
+    """One response as a line on the wire."""
+    return json.dumps(response, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def _check_arg(name: str, value: Any) -> Any:
+    """The argument ``name`` if well-typed; ``timeout`` is capped to ``WAIT_MAX_TIMEOUT``."""
+    if name == "node_id":
+        if type(value) is not int or not 0 <= value <= MAX_NODE_ID:
+            raise RequestError("bad_request", f"node_id must be an integer 0..{MAX_NODE_ID}")
+        return value
+    if name in ("justification", "reason"):
+        if not isinstance(value, str):
+            raise RequestError("bad_request", f"{name} must be a string")
+        return value
+    if name == "hostname":
+        if not isinstance(value, str) or not 0 < len(value) <= _MAX_HOSTNAME:
+            raise RequestError(
+                "bad_request", f"hostname must be a string of 1..{_MAX_HOSTNAME} characters"
+            )
+        return value
+    if name == "timeout":
+        # Never call float() or math.isfinite() on an int before capping it: a JSON integer
+        # of 400 digits would raise OverflowError and close the connection unanswered.
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value))
+            or value < 0
+        ):
+            raise RequestError("bad_request", "timeout must be a number of seconds >= 0")
+        return float(min(value, WAIT_MAX_TIMEOUT))
+    if not isinstance(value, bool):  # follow, history
+        raise RequestError("bad_request", f"{name} must be true or false")
+    return value
+
+
+def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """The command and its checked arguments of one request line; ``RequestError`` says
+    why a line is not a valid request."""
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError("bad_request", f"request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise RequestError("bad_request", "request must be a JSON object")
+    command = request.pop("command", None)
+    if not isinstance(command, str):
+        raise RequestError("bad_request", 'request needs a "command" string')
+    if command not in COMMANDS:
+        raise RequestError(
+            "unknown_command", f"unknown command {command!r} (known: {', '.join(COMMANDS)})"
+        )
+    required, optional = COMMANDS[command]
+    missing = sorted(required - request.keys())
+    unknown = sorted(request.keys() - required - optional)
+    if missing:
+        raise RequestError("bad_request", f"{command} needs {', '.join(missing)}")
+    if unknown:
+        raise RequestError("bad_request", f"{command} does not take {', '.join(unknown)}")
+    return command, {name: _check_arg(name, value) for name, value in request.items()}
+
+
+class ControlCommands:
+    """Carries out the commands for ``manager``: ``status`` builds the ``status`` answer,
+    ``node_id`` tells this node's ID, ``registry`` (None without one) resolves and shows
+    hostnames; ``stopping`` is set when the server stops, which ends every ``wait``."""
+
+    def __init__(
+        self,
+        manager: Manager,
+        status: Callable[[], dict[str, Any]],
+        node_id: Callable[[], int],
+        registry: HostnameRegistry | None,
+        stopping: threading.Event,
+    ) -> None:
+        self.manager = manager
+        self.status = status
+        self.node_id = node_id
+        self.registry = registry
+        self.stopping = stopping
+        self._hostname_cache: dict[int, tuple[float, str]] = {}
+
+    def execute(
+        self, command: str, args: dict[str, Any], gone: Callable[[], bool] | None = None
+    ) -> Response:
+        """The response to one validated request other than ``events``; never raises.
+        ``gone`` (for ``wait``) tells when the client went away."""
+        try:
+            if command in _NOT_SELF and args["node_id"] == self.node_id() != 0:
+                raise RequestError(
+                    "own_node",
+                    f"node {args['node_id']} is this node itself; name the peer's node ID",
+                )
+            if command == "wait":
+                return ok_response(self._wait(gone=gone, **args))
+            return ok_response(getattr(self, f"_do_{command}")(**args))
+        except RequestError as exc:
+            return error_response(exc.code, exc.message)
+        except NotTrustedError as exc:
+            return error_response(
+                "not_trusted", str(exc) or f"node {args.get('node_id')} is not trusted"
+            )
+        except SendError as exc:
+            return error_response("send_failed", str(exc))
+        except StoreError as exc:
+            return error_response("store_error", str(exc))
+        except RegistryError as exc:
+            return error_response("registry_error", str(exc))
+        except HandshakeError as exc:
+            return error_response("failed", str(exc))
+        except Exception:
+            log.exception("control command %s failed", command)
+            return error_response("internal_error", f"{command} failed; see the daemon's log")
+
+    def _hostnames(self, node_ids: list[int]) -> dict[int, str]:
+        """The registry's hostname of each node ("" unknown), from a cache refreshed at
+        most ``_HOSTNAME_LOOKUPS`` nodes per call; the first registry failure ends the
+        lookups of this call, so a registry that is down does not stall the answer."""
+        names: dict[int, str] = {}
+        if self.registry is None:
+            return names
+        now = time.monotonic()
+        lookups = _HOSTNAME_LOOKUPS
+        for node in node_ids:
+            cached = self._hostname_cache.get(node)
+            if cached is not None and now - cached[0] < REGISTRY_CACHE_TTL:
+                names[node] = cached[1]
+                continue
+            if lookups <= 0:
+                continue
+            lookups -= 1
+            try:
+                hostname = self.registry.lookup(node).get("hostname")
+            except (HandshakeError, OSError):
+                lookups = 0
+                continue
+            name = hostname if isinstance(hostname, str) else ""
+            if len(self._hostname_cache) >= _HOSTNAME_CACHE:
+                self._hostname_cache.clear()
+            self._hostname_cache[node] = (now, name)
+            names[node] = name
+        return names
+
+    def _do_status(self) -> dict[str, Any]:
+        status = self.status()
+        own = status.get("node_id")
+        if isinstance(own, int) and own:
+            status["hostname"] = self._hostnames([own]).get(own, "")
+        return status
+
+    def _do_resolve(self, hostname: str) -> dict[str, Any]:
+        if self.registry is None:
+            raise RequestError(
+                "no_registry", f"cannot resolve {hostname!r}: this daemon has no registry"
+            )
+        answer = self.registry.resolve_hostname(hostname)
+        node_id = answer.get("node_id")
+        if type(node_id) is not int:
+            raise RequestError("registry_error", f"the registry did not resolve {hostname!r}")
+        return {
+            "node_id": node_id,
+            "hostname": answer.get("hostname", hostname),
+            "public": bool(answer.get("public")),
+        }
+
+    def _do_handshake(self, node_id: int, justification: str) -> dict[str, Any]:
+        return {"node_id": node_id, "status": self.manager.send_request(node_id, justification)}
+
+    def _do_pending(self) -> dict[str, Any]:
+        pending = self.manager.pending_requests()
+        names = self._hostnames([p.node_id for p in pending])
+        return {
+            "pending": [
+                {
+                    "node_id": p.node_id,
+                    "hostname": names.get(p.node_id, ""),
+                    "public_key": p.public_key,
+                    "justification": p.justification,
+                    "received_at": format_time(p.received_at),
+                }
+                for p in pending
+            ]
+        }
+
+    def _do_approve(self, node_id: int) -> dict[str, Any]:
+        if not self.manager.approve_handshake(node_id):
+            raise RequestError("not_found", f"nothing pending for node {node_id}")
+        return {"node_id": node_id, "status": "approved"}
+
+    def _do_reject(self, node_id: int, reason: str = "") -> dict[str, Any]:
+        if not self.manager.reject_handshake(node_id, reason):
+            raise RequestError("not_found", f"nothing pending for node {node_id}")
+        return {"node_id": node_id, "status": "rejected"}
+
+    def _do_trust(self) -> dict[str, Any]:
+        records = self.manager.trusted_peers()
+        conflicts = set(self.manager.conflicting_peers())
+        names = self._hostnames([r.node_id for r in records])
+        return {
+            "trusted": [
+                {
+                    "node_id": r.node_id,
+                    "hostname": names.get(r.node_id, ""),
+                    "public_key": r.public_key,
+                    "mutual": r.mutual,
+                    "network": r.network,
+                    "approved_at": format_time(r.approved_at),
+                    "conflict": r.node_id in conflicts,
+                }
+                for r in records
+            ]
+        }
+
+    def _do_untrust(self, node_id: int) -> dict[str, Any]:
+        return {"node_id": node_id, "status": self.manager.revoke_trust(node_id)}
+
+    def _do_metrics(self) -> dict[str, Any]:
+        # The Manager carries the daemon's metrics: every part's, in one registry.
+        return {"text": self.manager.metrics.render()}
+
+    def _do_is_trusted(self, node_id: int) -> dict[str, Any]:
+        return {"node_id": node_id, "trusted": self.manager.is_trusted(node_id)}
+
+    def _wait(
+        self,
+        node_id: int,
+        timeout: float = WAIT_DEFAULT_TIMEOUT,
+        gone: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        # The Manager's condition cannot be told that the client left, so wait on it in
+        # slices and stop when the client is gone: no thread keeps waiting for nobody.
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if self.manager.wait_for_trust(node_id, max(0.0, min(left, _WAIT_SLICE))):
+                return {"node_id": node_id, "trusted": True}
+            if left <= _WAIT_SLICE or self.stopping.is_set() or (gone is not None and gone()):
+                return {"node_id": node_id, "trusted": False}
