@@ -344,7 +344,7 @@ def write_trust_file(
 
 class BenchRuntime:
     """A Runtime for an in-process ``Manager``: persistence beside ``identity_path``, no
-    registry, dials fail at once (as a daemon's do for a peer with no known address)."""
+    registry, no peer can be dialled (as in a daemon for a peer with no known address)."""
 
     def __init__(self, identity_path: str, node_id: int = 1, auto_approve: bool = False) -> None:
         self._identity = Identity.generate()
@@ -387,6 +387,10 @@ class BenchRuntime:
 
     def port_listener(self, port: int, handler: Callable[[socket.socket], None]) -> _NoListener:
         return _NoListener()
+
+    def can_dial(self, node_id: int) -> bool:
+        # As DaemonRuntime answers for a peer with no peers entry and no registry.
+        return False
 
     def dial_and_send(self, peer_node_id: int, port: int, data: bytes) -> None:
         from pilothandshake.errors import SendError

@@ -4,7 +4,8 @@ Every node listens on an address of its own (127.0.0.<10+i>), all N are in one r
 network (SPEC 6 row 3: trust by shared network), and every node asks every other for trust
 (full mesh: N x (N-1) requests through the control sockets, one thread per node). Figures
 for each N: the time from the first request until every pair is trusted both ways, the
-registry's CPU seconds in that time, the daemons' total RSS, and the fleet's idle CPU (all
+registry's CPU seconds and the registry requests per second in that time (counted by
+the daemons' metrics), the daemons' total RSS, and the fleet's idle CPU (all
 daemons plus the registry) over 30 s after convergence, as a percentage of one core. Every
 log is checked for ERROR lines. Targets for N = 50: full mesh <= 60 s, idle <= 5 % of one
 core, no error.
@@ -51,6 +52,16 @@ def _free_port(host: str) -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def _registry_requests(sockets: list[str]) -> float:
+    """Registry requests made so far by all the daemons (their metrics, control ``metrics``)."""
+    total = 0.0
+    for path in sockets:
+        for line in _control(path, "metrics")["data"]["text"].splitlines():
+            if line.startswith("pilot_handshake_registry_requests_total{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _errors(path: str) -> list[str]:
@@ -122,6 +133,7 @@ def one_fleet(size: int, idle_seconds: float) -> dict[str, Any]:
                 line = daemon.start()
                 node_ids.append(int(line.split("node ", 1)[1].split()[0]))
                 sockets.append(os.path.join(directory, "control.sock"))
+            requests0 = _registry_requests(sockets)
             started = time.monotonic()
             reg_cpu0 = c.cpu_seconds(registry.pid)
             failures: list[str] = []
@@ -150,6 +162,7 @@ def one_fleet(size: int, idle_seconds: float) -> dict[str, Any]:
             for thread in threads:
                 thread.join(60)
             reg_cpu = c.cpu_seconds(registry.pid) - reg_cpu0
+            requests = _registry_requests(sockets) - requests0
             rss_mib = sum(c.rss_kib(daemon.pid) for daemon in daemons) / 1024
             pids = [registry.pid, *(daemon.pid for daemon in daemons)]
             time.sleep(2.0)  # let the last background reports settle before idling
@@ -168,6 +181,8 @@ def one_fleet(size: int, idle_seconds: float) -> dict[str, Any]:
         "converged": done,
         "mesh_s": mesh_s,
         "registry_cpu_s": reg_cpu,
+        "registry_requests": requests,
+        "registry_requests_per_s": requests / mesh_s,
         "daemon_rss_mib": rss_mib,
         "idle_cpu_pct": idle_pct,
         "request_failures": failures[:5],
@@ -192,7 +207,9 @@ def main() -> int:
         results.append(result)
         print(
             f"  N={size}: full mesh {result['mesh_s']:.1f} s (converged {result['converged']}), "
-            f"registry CPU {result['registry_cpu_s']:.2f} s, daemons RSS "
+            f"registry CPU {result['registry_cpu_s']:.2f} s, "
+            f"{result['registry_requests']:.0f} registry requests "
+            f"({result['registry_requests_per_s']:.0f}/s), daemons RSS "
             f"{result['daemon_rss_mib']:.0f} MiB, idle fleet {result['idle_cpu_pct']:.2f} % "
             f"of a core, errors {result['error_count']}, failed requests "
             f"{len(result['request_failures'])}"

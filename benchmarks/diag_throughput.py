@@ -8,17 +8,22 @@ attributes of ``TrustStore``; it is a diagnostic, not a benchmark.
 
 ``--threads N`` sets the client threads per process (4 processes; default 4).
 ``--switch-interval S`` sets the GIL switch interval of this process (default 5 ms), to see
-whether threads waiting for the GIL bound the rate. ``--what-if-no-write`` skips the file
-write (NOT durable: an upper bound showing what the rest of the daemon costs when
-persistence is free). Never quote it as a throughput figure.
+whether threads waiting for the GIL bound the rate. ``--count-wakeups`` counts the returns
+of ``Condition.wait`` per message, by the function that waited (each is a thread hand-off:
+group commit, queues, the pool, thread start). ``--what-if-no-write`` skips the file write
+(NOT durable: an upper bound showing what the rest of the daemon costs when persistence is
+free). Never quote it as a throughput figure.
 
     .venv/bin/python benchmarks/diag_throughput.py [--quick] [--threads N] [--what-if-no-write]
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import queue
 import sys
+import threading
 import time
 from typing import Any
 
@@ -27,6 +32,29 @@ import bench_throughput as bt
 
 from pilothandshake.config import load_config
 from pilothandshake.daemon import Daemon
+
+
+def count_wakeups() -> collections.Counter[str]:
+    """From now on, count each return of ``threading.Condition.wait`` in this process by
+    the function above threading/queue that waited; returns the live counter."""
+    counts: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    original = threading.Condition.wait
+    plumbing = {threading.__file__, queue.__file__}
+
+    def wait(self: threading.Condition, timeout: float | None = None) -> bool:
+        frame = sys._getframe(1)
+        while frame.f_back is not None and frame.f_code.co_filename in plumbing:
+            frame = frame.f_back
+        code = frame.f_code
+        where = getattr(code, "co_qualname", code.co_name)
+        result = original(self, timeout)
+        with lock:
+            counts[where] += 1
+        return result
+
+    threading.Condition.wait = wait  # type: ignore[method-assign]
+    return counts
 
 
 def diagnose(total: int, no_write: bool, threads: int) -> dict[str, Any]:
@@ -71,6 +99,7 @@ def main() -> int:
 
     def extra(parser: Any) -> None:
         parser.add_argument("--what-if-no-write", action="store_true")
+        parser.add_argument("--count-wakeups", action="store_true")
         parser.add_argument("--threads", type=int, default=4, help="per client process (4)")
         parser.add_argument(
             "--switch-interval", type=float, default=0.0, help="sys.setswitchinterval (s)"
@@ -82,6 +111,7 @@ def main() -> int:
         sys.setswitchinterval(args.switch_interval)
     total = 600 if args.quick else 4000
     for run in range(args.runs):
+        wakeups = count_wakeups() if args.count_wakeups else None
         f = diagnose(total, args.what_if_no_write, args.threads)
         label = " (WHAT-IF: writes skipped, not durable)" if args.what_if_no_write else ""
         label += f" ({4 * args.threads} clients)"
@@ -92,6 +122,10 @@ def main() -> int:
             f"{f['writer_busy'] * 100:.0f}% of the run; CPU per message {f['user_us']:.0f} us "
             f"user + {f['system_us']:.0f} us system"
         )
+        if wakeups is not None:
+            print(f"  Condition wake-ups per message: {sum(wakeups.values()) / total:.2f}")
+            for where, count in wakeups.most_common():
+                print(f"    {count / total:6.2f}  {where}")
     return 0
 
 

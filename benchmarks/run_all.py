@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick]
 
-Each benchmark writes benchmarks/results/<name>[-quick].json and the two pictures
-(approvals.png, wake_latency.png); the exit code is non-zero only if a benchmark failed to
-run, not when a target is missed.
+Each benchmark writes benchmarks/results/<name>[-quick].json and the three pictures
+(approvals.png, wake_latency.png, fleet.png); the exit code is non-zero only if a benchmark
+failed to run, not when a target is missed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ BENCHMARKS = (
     "bench_relay.py",
     "bench_memory.py",
     "bench_startup.py",
+    "bench_flood.py",
+    "bench_fleet.py",
+    "bench_cli.py",
 )
 
 

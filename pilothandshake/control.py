@@ -52,13 +52,13 @@ from .control_commands import (
 from .errors import ControlError
 from .events import EventBus
 from .manager import Manager
+from .server import serve_until_closed, wake_acceptor
 
 __all__ = ["ControlClient", "ControlError", "ControlServer"]
 
 log = logging.getLogger(__name__)
 
 _FOLLOW_POLL = 0.5  # how often a following stream checks whether its client is gone
-_SHUTDOWN_POLL = 0.1  # how often the accept loop checks for stop(): stop() waits this long
 
 
 def _peer_credentials(conn: socket.socket) -> tuple[int, int] | None:
@@ -243,8 +243,8 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             finally:
                 os.umask(old_umask)
             self._thread = threading.Thread(
-                target=self.serve_forever,
-                kwargs={"poll_interval": _SHUTDOWN_POLL},
+                target=serve_until_closed,
+                args=(self, self.stopping.is_set),
                 name="control-server",
             )
             self._thread.daemon = True
@@ -260,9 +260,9 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         if thread is None:
             self.server_close()
             return
-        self.shutdown()
-        self.server_close()
+        wake_acceptor(self)
         thread.join()
+        self.server_close()
         # Remove the file only if it is still ours (not a successor daemon's socket).
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:

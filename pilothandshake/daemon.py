@@ -163,6 +163,13 @@ class DaemonRuntime:
         address the registry resolves; raises ``SendError``."""
         send_message(self._peer_address(peer_node_id), data)
 
+    def can_dial(self, node_id: int) -> bool:
+        """Whether ``dial_and_send`` may reach ``node_id``: it has a ``peers`` address, or
+        we are registered with a registry that may resolve it. Asks nothing on the network."""
+        return bool(self._config.peers.get(node_id)) or (
+            self._client is not None and self.node_id() != 0
+        )
+
     def _peer_address(self, peer: int) -> tuple[str, int]:
         static = self._config.peers.get(peer)
         if static:

@@ -1,11 +1,14 @@
 """The event stream (SPEC section 14): a bounded, never-blocking bus with subscribers and a
 webhook.
 
-``publish`` only appends to a bounded queue; a dispatcher thread fans each event out to the
-control-socket subscribers (each with its own bounded queue) and to the webhook worker
-(another bounded queue and thread). Wherever a queue is full the oldest event is dropped and
-counted, so a slow consumer never slows the Manager down. The bus also keeps the last
-``EVENT_HISTORY`` events, so ``pilot-handshakectl events`` can show what just happened.
+``publish`` appends the event to the recent history (the last ``EVENT_HISTORY`` events, so
+``pilot-handshakectl events`` can show what just happened) and to the bounded queue of each
+consumer: every control-socket subscriber and the webhook worker has its own queue and thread.
+No thread sits between the publisher and those queues, so an event nobody follows costs one
+append and wakes no thread. Wherever a queue is full the oldest event is dropped and counted,
+so a slow consumer never slows the Manager down. Events published before ``start()`` wait in
+the bus's own bounded queue. The timestamp is taken at publish and formatted only for a
+consumer that reads the event.
 
 A webhook POST has one total deadline (``WEBHOOK_TIMEOUT``) from connect to the status line,
 so a server that answers one byte at a time cannot hold the worker longer; only a 2xx answer
@@ -107,9 +110,9 @@ def _rfc3339(moment: float) -> str:
     """Format a ``time.time()`` value as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (UTC).
 
     Milliseconds: events often come in bursts, and their order should show. ``publish``
-    stores the bare float and the dispatcher formats it, so the Manager's threads (three
-    events per accepted request) pay for one ``time.time()`` only; the dispatcher formats the
-    seconds once per second.
+    stores the bare float, so the Manager's threads (three events per accepted request) pay
+    for one ``time.time()`` only; a consumer formats it (``_readable``), the seconds part
+    once per second.
     """
     # Whole microseconds first, rounded as datetime.fromtimestamp does: 0.001 is 0.000999...
     seconds, micros = divmod(round(moment * 1_000_000), 1_000_000)
@@ -119,6 +122,12 @@ def _rfc3339(moment: float) -> str:
 @functools.lru_cache(maxsize=4)
 def _second(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def _readable(event: Event) -> Event:
+    """The event as consumers see it: a copy with its timestamp formatted (the stored one,
+    shared by every consumer and the history, keeps the float)."""
+    return {**event, "timestamp": _rfc3339(event["timestamp"])}
 
 
 class _DropOldestQueue:
@@ -167,7 +176,8 @@ class Subscription:
 
     def get(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after ``timeout`` seconds (or once closed)."""
-        return self._queue.get(timeout)
+        event = self._queue.get(timeout)
+        return None if event is None else _readable(event)
 
     def close(self) -> None:
         """Stop receiving events; a blocked ``get`` returns None."""
@@ -215,7 +225,7 @@ class _Webhook:
             self._post(event)
 
     def _post(self, event: Event) -> None:
-        body = json.dumps(event).encode("utf-8")
+        body = json.dumps(_readable(event)).encode("utf-8")
         try:
             status = post_json(self.url, body, WEBHOOK_TIMEOUT)
             if not 200 <= status < 300:
@@ -247,7 +257,8 @@ class _Webhook:
 
 class EventBus:
     """The daemon's event stream. ``node_id`` gives this node's ID at publish time; events
-    published before ``start()`` wait in the queue."""
+    published before ``start()`` wait in a queue of ``max_queue`` (also each subscriber's
+    default queue size) and reach the history, subscribers and webhook at ``start()``."""
 
     def __init__(
         self,
@@ -266,12 +277,13 @@ class EventBus:
         self._lock = threading.Lock()
         self._subscribers: list[Subscription] = []
         self._history: collections.deque[Event] = collections.deque(maxlen=EVENT_HISTORY)
-        self._dispatcher: threading.Thread | None = None
+        self._started = False
         self._stopped = False
 
     @property
     def dropped(self) -> int:
-        """Events dropped because the bus's own queue was full."""
+        """Events dropped because the queue of events published before ``start()`` was
+        full."""
         return self._queue.dropped
 
     @property
@@ -280,16 +292,29 @@ class EventBus:
         return self._webhook.dropped if self._webhook is not None else 0
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
-        """Queue an event; never blocks (when the queue is full the oldest event is dropped)."""
+        """Hand an event to the history and every consumer's queue; never blocks (a full
+        queue drops its oldest event). Before ``start()`` it waits in the bus's queue; after
+        ``stop()`` it is discarded."""
         self._metrics.event(topic)
-        self._queue.put(
-            {
-                "event": topic,
-                "node_id": self._node_id(),
-                "timestamp": time.time(),  # formatted by _dispatch
-                "data": dict(payload),
-            }
-        )
+        event = {
+            "event": topic,
+            "node_id": self._node_id(),
+            "timestamp": time.time(),  # formatted for whoever reads it: _readable
+            "data": dict(payload),
+        }
+        with self._lock:
+            if self._started:
+                self._fan_out(event)
+            else:
+                self._queue.put(event)  # closed once stopped: then a no-op
+
+    def _fan_out(self, event: Event) -> None:
+        """Deliver ``event``; call holding ``_lock``, so every consumer sees one order."""
+        self._history.append(event)
+        for subscription in self._subscribers:
+            subscription._deliver(event)
+        if self._webhook is not None:
+            self._webhook.submit(event)
 
     def subscribe(self, history: bool = False, max_queue: int | None = None) -> Subscription:
         """A new subscriber receiving every event dispatched from now on; with ``history``
@@ -304,54 +329,41 @@ class EventBus:
         return subscription
 
     def recent(self) -> list[Event]:
-        """The last dispatched events, oldest first."""
+        """The last published events (since ``start()``), oldest first."""
         with self._lock:
-            return list(self._history)
+            history = list(self._history)
+        return [_readable(event) for event in history]
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         with self._lock, contextlib.suppress(ValueError):
             self._subscribers.remove(subscription)
 
     def start(self) -> None:
-        """Start dispatching (idempotent; a stopped bus stays stopped)."""
+        """Start delivering: the events queued so far first (idempotent; a stopped bus
+        stays stopped)."""
         with self._lock:
-            if self._dispatcher is not None or self._stopped:
+            if self._started or self._stopped:
                 return
-            self._dispatcher = threading.Thread(
-                target=self._dispatch, name="event-dispatcher", daemon=True
-            )
-        if self._webhook is not None:
-            self._webhook.start()
-        self._dispatcher.start()
+            self._started = True
+            if self._webhook is not None:
+                self._webhook.start()
+            while True:
+                event = self._queue.get(0)
+                if event is None:
+                    break
+                self._fan_out(event)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Deliver what is queued, then stop the threads (bounded by ``timeout``); idempotent.
-        Subscribers are closed."""
+        """Let the webhook deliver what it holds (bounded by ``timeout``), then stop it;
+        close the subscribers. Idempotent; later events are discarded."""
         with self._lock:
             if self._stopped:
                 return
             self._stopped = True
-            dispatcher = self._dispatcher
+            self._started = False
             subscribers = list(self._subscribers)
         self._queue.close()
-        deadline = time.monotonic() + timeout
-        if dispatcher is not None:
-            dispatcher.join(timeout)
         if self._webhook is not None:
-            self._webhook.stop(max(0.0, deadline - time.monotonic()))
+            self._webhook.stop(timeout)
         for subscription in subscribers:
             subscription.close()
-
-    def _dispatch(self) -> None:
-        while True:
-            event = self._queue.get(None)
-            if event is None:
-                return
-            # Before anyone sees the event: subscribers and the webhook get the string.
-            event["timestamp"] = _rfc3339(event["timestamp"])
-            with self._lock:
-                self._history.append(event)
-                for subscription in self._subscribers:
-                    subscription._deliver(event)
-            if self._webhook is not None:
-                self._webhook.submit(event)

@@ -54,7 +54,13 @@ class RegistryClient(Protocol):
 
 
 class Runtime(Protocol):
-    """What the core needs from its host, nothing more (SPEC section 9)."""
+    """What the core needs from its host, nothing more (SPEC section 9).
+
+    One more method is optional (the Manager looks it up with ``getattr``, so a runtime
+    without it keeps working): ``can_dial(node_id) -> bool``, whether ``dial_and_send``
+    may reach that node, answered without network I/O. When it says False the Manager
+    neither builds nor signs a direct accept: it answers through the registry at once.
+    """
 
     def node_id(self) -> int:
         """This node's ID; 0 until known (before registration)."""

@@ -33,6 +33,23 @@ log = logging.getLogger(__name__)
 _REFUSAL_LOG_INTERVAL = 1.0  # at most one refusal line a second; the rest are counted
 
 
+def serve_until_closed(server: socketserver.TCPServer, closed: Callable[[], bool]) -> None:
+    """Accept connections on ``server`` until ``closed()``, waiting with no timeout: an idle
+    server wakes for nothing (``serve_forever`` polls, ten times a second in a daemon, and a
+    fleet of idle daemons paid for it). The closer sets its flag, then calls
+    ``wake_acceptor``."""
+    while not closed():
+        server.handle_request()
+
+
+def wake_acceptor(server: socketserver.TCPServer) -> None:
+    """Wake a ``serve_until_closed`` loop blocked in accept: on Linux, shutting down a
+    listening socket makes the waiting poll() return and accept() fail (the loop then
+    sees its flag); the socket accepts nothing more."""
+    with contextlib.suppress(OSError):
+        server.socket.shutdown(socket.SHUT_RDWR)
+
+
 class _Connection(socket.socket):
     """An accepted connection that knows when it was opened and whether its message is
     whole, and that another thread can cut off safely."""
@@ -137,8 +154,8 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
             if self._thread is not None or self._closed:
                 return
             self._thread = threading.Thread(
-                target=self.serve_forever,
-                kwargs={"poll_interval": 0.1},
+                target=serve_until_closed,
+                args=(self, lambda: self._closed),
                 name=f"handshake-server-{self.address[1]}",
                 daemon=True,
             )
@@ -153,7 +170,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
             self._closed = True
             thread = self._thread
         if thread is not None:
-            self.shutdown()
+            wake_acceptor(self)
             thread.join()
         self.server_close()
         if not self.wait_idle(self.drain_timeout):

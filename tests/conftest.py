@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import selectors
 import shutil
+import socketserver
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakeruntime import Nodes, Peer
@@ -41,3 +44,19 @@ def tls_cert(tmp_path: Path) -> tuple[str, str, str]:
         check=True, capture_output=True, text=True, timeout=30,
     ).stdout  # fmt: skip
     return cert, key, out.strip().split("=", 1)[1]
+
+
+@pytest.fixture
+def accept_polls(monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
+    """The timeout of every ``select`` made by socketserver's selector from now on (an accept
+    loop that polls shows up as repeated finite timeouts)."""
+    polls: list[float | None] = []
+    selector = socketserver._ServerSelector  # type: ignore[attr-defined]
+    original = selector.select
+
+    def select(self: selectors.BaseSelector, timeout: float | None = None) -> Any:
+        polls.append(timeout)
+        return original(self, timeout)
+
+    monkeypatch.setattr(selector, "select", select)
+    return polls

@@ -640,3 +640,17 @@ def test_waits_whose_clients_go_away_leave_no_thread_waiting(node: Node) -> None
     wait_for(lambda: threading.active_count() <= before)
     assert node.manager.waiting() == 0
     assert node.client.request("status")["status"] == "ok"
+
+
+def test_an_idle_control_socket_waits_without_polling_and_stops_at_once(
+    accept_polls: list[float | None],
+) -> None:
+    polls = accept_polls
+    with running_node() as started:
+        wait_for(lambda: bool(polls))
+        time.sleep(0.5)  # idle: the accept loop must not wake (it polled every 0.1 s)
+        assert polls == [None]
+        assert started.client.request("status")["status"] == "ok"
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 2.0  # woken, not timed out
+    assert not os.path.exists(started.path)

@@ -122,6 +122,17 @@ def test_dial_falls_back_to_the_registry_resolve() -> None:
     assert resolver.asked == [(9, 3)]
 
 
+def test_can_dial_answers_from_the_peers_map_and_registration_without_asking() -> None:
+    alone = runtime(Config(peers={9: "127.0.0.1:1"}))
+    assert (alone.can_dial(9), alone.can_dial(10)) == (True, False)
+    resolver = FakeResolver({"real_addr": "127.0.0.1:1"})
+    registered = runtime(Config(), resolver)
+    assert registered.can_dial(10) is False  # not registered yet: nothing to resolve with
+    registered.set_node_id(3)
+    assert registered.can_dial(10) is True
+    assert resolver.asked == []
+
+
 @pytest.mark.parametrize(
     ("client", "node_id", "reason"),
     [

@@ -83,6 +83,16 @@ def test_history_subscription_replays_recent_events_then_new_ones(bus: EventBus)
     assert [e["data"]["peer_node_id"] for e in got if e] == [1, 2]
 
 
+def test_publish_reaches_the_history_itself_with_no_thread_in_between(bus: EventBus) -> None:
+    before = set(threading.enumerate())
+    bus.start()
+    bus.publish("handshake.received", {"peer_node_id": 1})
+    # Delivered when publish returns, with no dispatcher thread woken for an event nobody
+    # follows (no subscriber, no webhook: no thread at all).
+    assert [e["data"]["peer_node_id"] for e in bus.recent()] == [1]
+    assert set(threading.enumerate()) - before == set()
+
+
 def test_closed_subscription_returns_none_and_stops_receiving(bus: EventBus) -> None:
     subscription = bus.subscribe()
     bus.start()

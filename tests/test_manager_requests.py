@@ -312,6 +312,40 @@ def test_direct_accept_reply_falls_back_to_the_relay_when_the_dial_fails(
     assert [c[:3] for c in registry.calls_of("respond_handshake")] == [(OWN, 7, True)]
 
 
+class _Unreachable(FakeRuntime):
+    """A runtime that says it cannot dial any peer, and records what it signs."""
+
+    def __init__(self, directory: str, registry: FakeRegistry | None) -> None:
+        super().__init__(OWN, directory, auto_approve=True, registry=registry)
+        self.signed: list[bytes] = []
+
+    def can_dial(self, node_id: int) -> bool:
+        return False
+
+    def sign(self, msg: bytes) -> bytes | None:
+        self.signed.append(msg)
+        return super().sign(msg)
+
+
+@pytest.mark.parametrize("with_registry", [True, False])
+def test_accept_reply_is_not_built_for_a_peer_the_runtime_cannot_dial(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, with_registry: bool
+) -> None:
+    runtime = _Unreachable(nodes.root, registry if with_registry else None)
+    manager = Manager(runtime)
+    nodes.managers.append(manager)
+    send_direct(manager, peer)
+    settle(manager)
+    assert manager.is_trusted(7)
+    assert runtime.sent == []  # no dial, and no accept signed for one
+    if with_registry:
+        assert [c[:3] for c in registry.calls_of("respond_handshake")] == [(OWN, 7, True)]
+        assert runtime.signed == [respond_challenge(OWN, 7)]
+    else:
+        assert runtime.signed == []
+        assert manager._pool._threads == []  # nothing to do: nothing handed to the pool
+
+
 def test_relayed_request_with_an_invalid_key_is_dropped(
     nodes: Nodes, caplog: pytest.LogCaptureFixture
 ) -> None:

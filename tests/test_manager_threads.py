@@ -315,8 +315,9 @@ def test_manager_satisfies_the_runtime_protocol_through_a_custom_runtime() -> No
 
 
 def test_close_of_a_never_started_manager_stops_its_background_workers(nodes: Nodes) -> None:
-    manager, _ = nodes.make(auto_approve=True, strict=False)
-    manager.process_relayed_request(7, "starts background work")  # report_trust, reply
+    # With a registry: report_trust and the relayed reply are real background work.
+    manager, _ = nodes.make(registry=FakeRegistry(), auto_approve=True, strict=False)
+    manager.process_relayed_request(7, "starts background work")
     workers = manager._pool._threads
     assert workers
     manager.close()

@@ -333,3 +333,23 @@ def test_close_before_start_releases_the_port(gate: Gate) -> None:
     server.close()
     again = HandshakeServer(address, gate)
     again.close()
+
+
+def test_an_idle_server_waits_without_polling_and_closes_at_once(
+    gate: Gate, accept_polls: list[float | None]
+) -> None:
+    polls = accept_polls
+    server = serve(gate)
+    deadline = time.monotonic() + WAIT
+    while not polls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # idle: the accept loop must not wake (it polled every 0.1 s)
+    assert polls == [None]
+    with connect(server) as sock:  # still serves
+        sock.sendall(b"hello")
+        gate.release.set()
+        assert gate.wait_received(1)
+    started = time.monotonic()
+    server.close()
+    assert time.monotonic() - started < 2.0  # woken, not timed out
+    assert gate.received == [b"hello"]

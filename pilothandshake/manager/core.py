@@ -267,7 +267,8 @@ class Manager:
         for effect in decision.inline:
             self._effects.run(effect)
         for effect in decision.effects:
-            self._pool.submit(self._effects.run, effect, quiet=_QUIET)
+            if self._effects.needed(effect):
+                self._pool.submit(self._effects.run, effect, quiet=_QUIET)
 
     # Port 444 and relayed input
 

@@ -116,10 +116,23 @@ class Effects:
         """Run effects for ``runtime``; messages sent count in ``metrics``."""
         self._rt = runtime
         self._metrics = metrics
+        # Optional in the Runtime protocol: without it every peer is worth a dial.
+        self._can_dial: Callable[[int], bool] = getattr(runtime, "can_dial", _always)
         self._clock = clock
         self._backfill = backfill
         self._lock = threading.Lock()
         self._relayed_at: dict[int, float] = {}  # node -> monotonic time of our relayed request
+
+    def needed(self, effect: Effect) -> bool:
+        """Whether ``run(effect)`` would do anything: not when all it does is call the
+        registry and there is none, nor for a reply to a peer we cannot dial with no
+        registry to relay it. The Manager hands the pool only effects that are needed: a
+        hand-off to a worker thread costs more than the rest of such an effect."""
+        if isinstance(effect, (Send, RemoveTunnelPeer)):
+            return True
+        if self._rt.registry() is not None:
+            return True
+        return isinstance(effect, ReplyAccept) and self._direct(effect)
 
     def run(self, effect: Effect) -> None:
         """Carry out ``effect``. Registry calls raise ``RegistryError``; signing without an
@@ -127,7 +140,7 @@ class Effects:
         registry = self._rt.registry()
         own = self._rt.node_id()
         if isinstance(effect, ReplyAccept):
-            self._reply_accept(effect.peer, effect.relayed)
+            self._reply_accept(effect)
         elif isinstance(effect, Send):
             self.send_best_effort(effect.peer, effect.msg_type, effect.reason)
         elif isinstance(effect, RemoveTunnelPeer):
@@ -175,8 +188,14 @@ class Effects:
         except HandshakeError as exc:
             log.info("could not send %s to node %d: %s", msg_type, peer, exc)
 
-    def _reply_accept(self, peer: int, relayed: bool) -> None:
-        if not relayed:
+    def _direct(self, reply: ReplyAccept) -> bool:
+        """Whether ``reply`` is worth a dial: the request came directly and the runtime may
+        reach the peer. Otherwise the accept is neither built nor signed."""
+        return not reply.relayed and self._can_dial(reply.peer)
+
+    def _reply_accept(self, reply: ReplyAccept) -> None:
+        peer = reply.peer
+        if self._direct(reply):
             message = self.message(HANDSHAKE_ACCEPT, peer)
             try:
                 self._dial(peer, message)
@@ -241,3 +260,7 @@ class Effects:
         now = self._clock.monotonic()
         with self._lock:
             self._relayed_at = {n: t for n, t in self._relayed_at.items() if now - t < RELAY_RECENT}
+
+
+def _always(peer: int) -> bool:
+    return True
