@@ -40,6 +40,7 @@ from pilothandshake.store import (  # noqa: E402
 BENCH_DIR = os.path.join(ROOT, "benchmarks")
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 DAEMON = os.path.join(ROOT, "bin", "pilot-handshaked")
+REGISTRYD = os.path.join(ROOT, "bin", "pilot-registryd")
 LOOPBACK = "127.0.0.1"
 
 
@@ -226,6 +227,24 @@ def yaml_config(directory: str, node_id: int, port: int, **extra: Any) -> str:
         # JSON is YAML: no need to import PyYAML here.
         json.dump(config, out, indent=2)
     return path
+
+
+def start_registry(directory: str, config: str = "") -> tuple[subprocess.Popen[bytes], str]:
+    """``bin/pilot-registryd`` on a free loopback port, its store and log in ``directory``
+    (and ``--config config`` when given); returns the process and its address once it
+    accepts. Raises ``RuntimeError`` when it does not start."""
+    port = free_port()
+    address = f"{LOOPBACK}:{port}"
+    argv = [sys.executable, REGISTRYD, "--listen", address]
+    argv += ["--store", os.path.join(directory, "registry.json")]
+    argv += ["--config", config] if config else []
+    with open(os.path.join(directory, "registry.log"), "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT)
+    if not wait_until(lambda: can_connect(port), 20.0, 0.05):
+        proc.kill()
+        proc.wait(5)
+        raise RuntimeError("pilot-registryd did not start")
+    return proc, address
 
 
 class DaemonProcess:

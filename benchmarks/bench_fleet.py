@@ -31,7 +31,6 @@ import yaml
 
 from pilothandshake.identity import Identity
 
-REGISTRYD = os.path.join(c.ROOT, "bin", "pilot-registryd")
 NETWORK = 7
 TARGET_MESH_S = 60.0
 TARGET_IDLE_PCT = 5.0
@@ -77,8 +76,6 @@ def one_fleet(size: int, idle_seconds: float) -> dict[str, Any]:
             os.makedirs(directory, mode=0o700)
             identity = Identity.load_or_create(os.path.join(directory, "identity.json"))
             keys.append(identity.public_key_b64)
-        reg_port = c.free_port()
-        reg_addr = f"{c.LOOPBACK}:{reg_port}"
         reg_config = os.path.join(root, "registry.yaml")
         with open(reg_config, "w", encoding="utf-8") as out:
             # YAML, not JSON: a network ID must be an integer key ("3" is refused).
@@ -94,26 +91,9 @@ def one_fleet(size: int, idle_seconds: float) -> dict[str, Any]:
                 out,
             )
         logs = [os.path.join(root, "registry.log")]
-        with open(logs[0], "w", encoding="utf-8") as log:
-            registry = subprocess.Popen(
-                [
-                    sys.executable,
-                    REGISTRYD,
-                    "--listen",
-                    reg_addr,
-                    "--store",
-                    os.path.join(root, "registry.json"),
-                    "--config",
-                    reg_config,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                cwd=c.ROOT,
-            )
+        registry, reg_addr = c.start_registry(root, reg_config)
         daemons: list[c.DaemonProcess] = []
         try:
-            if not c.wait_until(lambda: c.can_connect(reg_port), 20.0, 0.05):
-                raise RuntimeError("pilot-registryd did not start")
             sockets, node_ids = [], []
             for index in range(size):
                 directory = os.path.join(root, f"node-{index}")

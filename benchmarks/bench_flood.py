@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import random
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -40,7 +39,6 @@ TARGET_P99_MS = 100.0
 LEGIT_SOURCE = "127.0.0.2"
 ATTACKER_SOURCES = [f"127.0.0.{10 + index}" for index in range(8)]
 INTERVAL = 0.1
-REGISTRYD = os.path.join(c.ROOT, "bin", "pilot-registryd")
 
 
 # The attackers: one process each, one thread, a source address of its own.
@@ -138,18 +136,11 @@ def _legit_round(
         due = start + seq * INTERVAL
         time.sleep(max(0.0, due - time.monotonic()))
         text = f"legit {tag} {seq}"
-        msg = HandshakeMsg(
-            type=HANDSHAKE_REQUEST,
-            node_id=node,
-            public_key=identity.public_key_b64,
-            justification=text,
-            timestamp=int(time.time()),
-        )
-        msg.signature_v2 = b64encode(identity.sign(msg.v2_challenge(target)))
+        data = c.signed_request(identity, node, target, text)
         began = time.monotonic()
         with contextlib.suppress(OSError):  # noqa: SIM117 (3.9 has no parenthesised with)
             with socket.create_connection((c.LOOPBACK, port), 2.0, (LEGIT_SOURCE, 0)) as sock:
-                sock.sendall(msg.to_json())
+                sock.sendall(data)
                 sock.shutdown(socket.SHUT_WR)
         sent.append((text, began))
     latencies, lost = [], 0
@@ -181,26 +172,8 @@ def _stats(latencies: list[float], lost: int) -> dict[str, float]:
 
 def one_run(seconds: float) -> dict[str, Any]:
     with c.temp_dir() as directory:
-        reg_port = c.free_port()
-        reg_addr = f"{c.LOOPBACK}:{reg_port}"
-        reg_log = open(os.path.join(directory, "registry.log"), "w")  # noqa: SIM115
-        registry = subprocess.Popen(
-            [
-                sys.executable,
-                REGISTRYD,
-                "--listen",
-                reg_addr,
-                "--store",
-                os.path.join(directory, "registry.json"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=reg_log,
-            cwd=c.ROOT,
-        )
-        reg_log.close()
+        registry, reg_addr = c.start_registry(directory)
         try:
-            if not c.wait_until(lambda: c.can_connect(reg_port), 20.0, 0.05):
-                raise RuntimeError("pilot-registryd did not start")
             legit = Identity.generate()
             client = RegistryClient(reg_addr, legit.sign)
             legit_node = int(client.register(f"{LEGIT_SOURCE}:1", legit.public_key_b64)["node_id"])
