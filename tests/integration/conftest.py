@@ -78,6 +78,20 @@ class Proc:
                 self.argv, stdout=out, stderr=err, env=process_env(), cwd=self.directory
             )
 
+    def spawn_listening(self) -> None:
+        """Start a child that listens on a port free_port() chose. free_port() closed its
+        probe before the child binds, so another process on this machine may take the
+        port first; the child then exits at once, and starts again on another port."""
+        for _ in range(BIND_ATTEMPTS):
+            self.spawn()
+            if not self.lost_its_port():
+                return
+            self.move_to(free_port())
+
+    def move_to(self, port: int) -> None:
+        """Listen on ``port`` from the next spawn on (its listen port was taken)."""
+        raise NotImplementedError
+
     @property
     def stdout(self) -> str:
         return self.out_path.read_text(errors="replace") if self.out_path.exists() else ""
@@ -159,21 +173,14 @@ class Registry(Proc):
         )
 
     def start(self) -> Registry:
-        self.spawn()
+        self.spawn_listening()
         self.wait_output("listening")
         return self
 
-    def spawn(self) -> None:
-        # free_port() closed its probe before the child binds: another process on this
-        # machine may take the port first. Then the child fails at once; try another port.
-        for _ in range(BIND_ATTEMPTS):
-            super().spawn()
-            if not self.lost_its_port():
-                return
-            self.port = free_port()
-            old = self.address
-            self.address = f"127.0.0.1:{self.port}"
-            self.argv[self.argv.index(old)] = self.address
+    def move_to(self, port: int) -> None:
+        old, self.port = self.address, port
+        self.address = f"127.0.0.1:{port}"
+        self.argv[self.argv.index(old)] = self.address
 
     def restart(self) -> Registry:
         """Stop (cleanly) and start again on the same address."""
@@ -217,16 +224,14 @@ class Node(Proc):
 
     def start(self) -> Node:
         """Start and wait for the start line (the node ID is known then, if it registered)."""
-        for _ in range(BIND_ATTEMPTS):
-            self.spawn()
-            if not self.lost_its_port():
-                break
-            # See Registry.spawn: the port was taken between free_port() and the bind.
-            self.port = free_port()
-            self.config["listen"] = f"127.0.0.1:{self.port}"
-            self.write_config()
+        self.spawn_listening()
         self.wait_output("pilot-handshaked: node")
         return self
+
+    def move_to(self, port: int) -> None:
+        self.port = port
+        self.config["listen"] = f"127.0.0.1:{port}"
+        self.write_config()
 
     def restart(self) -> Node:
         assert self.stop() == 0, self.stderr
