@@ -31,15 +31,37 @@ from .wire import reset_close
 log = logging.getLogger(__name__)
 
 _REFUSAL_LOG_INTERVAL = 1.0  # at most one refusal line a second; the rest are counted
+_ACCEPT_RETRY = 0.05  # pause after a failed accept() before the next one
 
 
 def serve_until_closed(server: socketserver.TCPServer, closed: Callable[[], bool]) -> None:
-    """Accept connections on ``server`` until ``closed()``, waiting with no timeout: an idle
-    server wakes for nothing (``serve_forever`` polls, ten times a second in a daemon, and a
-    fleet of idle daemons paid for it). The closer sets its flag, then calls
-    ``wake_acceptor``."""
+    """Accept connections on ``server`` until ``closed()``, blocking in accept() itself: an
+    idle server wakes for nothing, and a busy one makes one system call per connection, not
+    a poll() on a fresh selector before each accept() as ``handle_request`` does (the port
+    444 lever of issue 10). The closer sets its flag, then calls ``wake_acceptor``. A failed
+    accept (out of file descriptors, say) is logged at most once a second and retried after
+    a short pause, so it cannot spin a core."""
+    logged_at = -_REFUSAL_LOG_INTERVAL
     while not closed():
-        server.handle_request()
+        try:
+            request, address = server.get_request()
+        except OSError as exc:
+            if closed():
+                return
+            now = time.monotonic()
+            if now - logged_at >= _REFUSAL_LOG_INTERVAL:
+                logged_at = now
+                log.warning("accept on %s failed: %s", server.server_address, exc)
+            time.sleep(_ACCEPT_RETRY)
+            continue
+        if not server.verify_request(request, address):
+            server.shutdown_request(request)
+            continue
+        try:
+            server.process_request(request, address)
+        except Exception:
+            server.handle_error(request, address)
+            server.shutdown_request(request)
 
 
 def wake_acceptor(server: socketserver.TCPServer) -> None:
@@ -51,16 +73,21 @@ def wake_acceptor(server: socketserver.TCPServer) -> None:
 
 
 class _Connection(socket.socket):
-    """An accepted connection that knows when it was opened and whether its message is
-    whole, and that another thread can cut off safely."""
+    """An accepted connection that knows its peer, when it was opened and whether its
+    message is whole, and that another thread can cut off safely."""
 
-    def __init__(self, accepted: socket.socket) -> None:
-        super().__init__(accepted.family, accepted.type, accepted.proto, accepted.detach())
+    def __init__(self, listener: socket.socket, fd: int, peer: Any) -> None:
+        super().__init__(listener.family, listener.type, listener.proto, fd)
+        self.peer = peer
         self.opened = time.monotonic()
         self.complete = False
         # Serialises close() with evict(): a shutdown() on a closed socket's number could
         # hit whichever connection was accepted next under the same descriptor.
         self._guard = threading.Lock()
+
+    def getpeername(self) -> Any:
+        """The peer's address as accept() returned it (no system call)."""
+        return self.peer
 
     def shutdown(self, how: int) -> None:
         """Shut down a direction; any shutdown by the handler marks the message complete."""
@@ -184,9 +211,12 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
             return self._cond.wait_for(lambda: not self._admitted, timeout)
 
     def get_request(self) -> tuple[_Connection, Any]:
-        """Accept the next connection, wrapped so the caps can see its age and progress."""
-        conn, address = self.socket.accept()
-        return _Connection(conn), address
+        """Accept the next connection, wrapped so the caps can see its age and progress.
+
+        ``socket._accept()`` is what ``socket.accept()`` calls: taking the descriptor from it
+        builds one socket object per connection instead of two (each costs a system call)."""
+        fd, address = self.socket._accept()  # type: ignore[attr-defined]
+        return _Connection(self.socket, fd, address), address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit the connection if the caps allow it, evicting a slow one at the global cap
@@ -258,9 +288,12 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         self._cond.notify_all()
 
     def shutdown_request(self, request: Any) -> None:
-        """Close the connection and release its slot (runs after every admitted handler)."""
+        """Close the connection and release its slot (runs after every admitted handler).
+        Only a close: ``TCPServer``'s shutdown(SHUT_WR) first would be a second system call
+        for a write side that ``read_message`` has already shut down (or that a reset
+        ended)."""
         try:
-            super().shutdown_request(request)
+            self.close_request(request)
         finally:
             with self._cond:
                 self._release(request)

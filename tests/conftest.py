@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from fakeruntime import Nodes, Peer
 
+from pilothandshake.server import HandshakeServer
+
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[Nodes]:
@@ -47,16 +49,26 @@ def tls_cert(tmp_path: Path) -> tuple[str, str, str]:
 
 
 @pytest.fixture
-def accept_polls(monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
-    """The timeout of every ``select`` made by socketserver's selector from now on (an accept
-    loop that polls shows up as repeated finite timeouts)."""
-    polls: list[float | None] = []
+def accept_waits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, one entry per wait of a socketserver accept loop: ``"accept"`` for each
+    call of a server's ``get_request`` and ``"select <timeout>"`` for each poll of
+    socketserver's selector. An accept loop that polls, or that accepts with a timeout and
+    goes round again, shows up as repeated entries while the server is idle."""
+    waits: list[str] = []
     selector = socketserver._ServerSelector  # type: ignore[attr-defined]
-    original = selector.select
+    select = selector.select
 
-    def select(self: selectors.BaseSelector, timeout: float | None = None) -> Any:
-        polls.append(timeout)
-        return original(self, timeout)
+    def counted_select(self: selectors.BaseSelector, timeout: float | None = None) -> Any:
+        waits.append(f"select {timeout}")
+        return select(self, timeout)
 
-    monkeypatch.setattr(selector, "select", select)
-    return polls
+    monkeypatch.setattr(selector, "select", counted_select)
+    for server in (socketserver.TCPServer, HandshakeServer):
+        get_request = server.get_request
+
+        def counted_get_request(self: Any, original: Any = get_request) -> Any:
+            waits.append("accept")
+            return original(self)
+
+        monkeypatch.setattr(server, "get_request", counted_get_request)
+    return waits

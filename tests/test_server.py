@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -336,15 +337,14 @@ def test_close_before_start_releases_the_port(gate: Gate) -> None:
 
 
 def test_an_idle_server_waits_without_polling_and_closes_at_once(
-    gate: Gate, accept_polls: list[float | None]
+    gate: Gate, accept_waits: list[str]
 ) -> None:
-    polls = accept_polls
     server = serve(gate)
     deadline = time.monotonic() + WAIT
-    while not polls and time.monotonic() < deadline:
+    while not accept_waits and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.5)  # idle: the accept loop must not wake (it polled every 0.1 s)
-    assert polls == [None]
+    assert accept_waits == ["accept"]  # one blocking accept(), no poll before it
     with connect(server) as sock:  # still serves
         sock.sendall(b"hello")
         gate.release.set()
@@ -353,3 +353,29 @@ def test_an_idle_server_waits_without_polling_and_closes_at_once(
     server.close()
     assert time.monotonic() - started < 2.0  # woken, not timed out
     assert gate.received == [b"hello"]
+
+
+def test_a_failing_accept_is_logged_once_retried_and_serving_goes_on(
+    gate: Gate, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    failures = [OSError(24, "Too many open files")] * 3
+    accept = HandshakeServer.get_request
+
+    def flaky(self: HandshakeServer) -> Any:
+        if failures:
+            raise failures.pop()
+        return accept(self)
+
+    monkeypatch.setattr(HandshakeServer, "get_request", flaky)
+    with caplog.at_level(logging.WARNING, logger="pilothandshake.server"):
+        server = serve(gate)
+        try:
+            with connect(server) as sock:  # served once the failures are over
+                sock.sendall(b"hello")
+                gate.release.set()
+                assert gate.wait_received(1)
+        finally:
+            server.close()
+    assert not failures
+    lines = [r.getMessage() for r in caplog.records if "accept on" in r.getMessage()]
+    assert len(lines) == 1 and "Too many open files" in lines[0]  # 3 failures in < 1 s

@@ -31,6 +31,9 @@ class ChunkSocket:
         self.chunks = list(chunks)
         self.recvs = 0
 
+    def gettimeout(self) -> float:
+        return 1.0  # a socket with a timeout: every recv waits with the message's deadline
+
     def settimeout(self, value: float) -> None:
         assert value > 0
 
@@ -57,6 +60,27 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     yield left, right
     left.close()
     right.close()
+
+
+def test_a_message_already_arrived_is_read_without_setting_a_timeout(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    left, right = pair
+    left.sendall(MESSAGE)
+    assert right.gettimeout() is None
+    assert read_message(right) == MESSAGE
+    assert right.gettimeout() is None  # one recv of what had arrived: no ioctl, no poll
+    assert left.recv(10) == b""  # and the half-close came
+
+
+def test_a_blocking_socket_waits_for_a_late_message_with_the_deadline(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    left, right = pair
+    threading.Timer(0.2, left.sendall, (MESSAGE,)).start()
+    assert read_message(right, deadline=5.0) == MESSAGE
+    timeout = right.gettimeout()
+    assert timeout is not None and 4.0 < timeout <= 5.0  # waited with what was left of 5 s
 
 
 def test_read_message_returns_the_object_without_whitespace_or_trailing_bytes(
