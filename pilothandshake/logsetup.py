@@ -36,6 +36,9 @@ def configure_logging(level: str, log_format: str) -> None:
         handler.setFormatter(JsonLogFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Neither format shows the thread; without this, the first line logged by a port-444
+    # handler thread (a raw ``_thread``, see ``server``) would register a dummy Thread object.
+    logging.logThreads = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -16,6 +16,7 @@ being processed is never evicted.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import logging
 import socket
@@ -217,6 +218,14 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         builds one socket object per connection instead of two (each costs a system call)."""
         fd, address = self.socket._accept()  # type: ignore[attr-defined]
         return _Connection(self.socket, fd, address), address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection on a new thread of its own, started with ``_thread``:
+        ``threading.Thread.start`` blocks the accepting thread until the new one has
+        signalled that it runs, a hand-off on every connection (issue 10). Nothing here needs
+        a ``Thread`` object: ``close`` waits for the handlers through the slots they hold, and
+        like ``daemon_threads`` these threads do not keep the process alive."""
+        _thread.start_new_thread(self.process_request_thread, (request, client_address))
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit the connection if the caps allow it, evicting a slow one at the global cap

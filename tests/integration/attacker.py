@@ -131,13 +131,21 @@ def flood(
 
 
 class IdleConnections:
-    """``count`` connections from ``source`` that send nothing, held until ``close()``."""
+    """``count`` connections from ``source`` that send nothing, held until ``close()``.
+
+    A connection the daemon refuses may be reset before ``connect`` has returned (a timed
+    connect checks its result after the handshake, and the reset can come first): it is
+    counted in ``reset_at_connect`` and not held."""
 
     def __init__(self, port: int, count: int, source: str) -> None:
         self.socks: list[socket.socket] = []
+        self.reset_at_connect = 0
         try:
             for _ in range(count):
-                self.socks.append(_connect(port, source))
+                try:
+                    self.socks.append(_connect(port, source))
+                except ConnectionResetError:
+                    self.reset_at_connect += 1
         except BaseException:
             self.close()
             raise
