@@ -77,8 +77,8 @@ class _Connection(socket.socket):
     """An accepted connection that knows its peer, when it was opened and whether its
     message is whole, and that another thread can cut off safely."""
 
-    def __init__(self, listener: socket.socket, fd: int, peer: Any) -> None:
-        super().__init__(listener.family, listener.type, listener.proto, fd)
+    def __init__(self, kind: tuple[int, int, int], fd: int, peer: Any) -> None:
+        super().__init__(*kind, fd)
         self.peer = peer
         self.opened = time.monotonic()
         self.complete = False
@@ -165,6 +165,9 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         self._thread: threading.Thread | None = None
         self._closed = False
         super().__init__(address, _ConnectionHandler)
+        # (family, type, proto) of accepted sockets as plain ints: the socket properties
+        # convert to enums on every read, which the one accepting thread pays per connection.
+        self._kind = (int(self.socket.family), int(self.socket.type), self.socket.proto)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -217,7 +220,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         ``socket._accept()`` is what ``socket.accept()`` calls: taking the descriptor from it
         builds one socket object per connection instead of two (each costs a system call)."""
         fd, address = self.socket._accept()  # type: ignore[attr-defined]
-        return _Connection(self.socket, fd, address), address
+        return _Connection(self._kind, fd, address), address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve the connection on a new thread of its own, started with ``_thread``:
