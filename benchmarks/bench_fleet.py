@@ -53,7 +53,7 @@ NETWORK = 7
 TARGET_MESH_S = 60.0
 TARGET_IDLE_PCT = 5.0
 PYTHON_SERIES = "pilot-registryd"
-GO_SERIES = "Go registry"
+GO_SERIES = "Go registry (auto-approve)"
 GO_TRUST = "auto_approve + public (the Go registry has no custom networks)"
 
 
@@ -310,7 +310,7 @@ def main() -> int:
     go = _go_binaries()
     print(f"bench_fleet: sizes {sizes}, idle {idle:.0f} s")
     if go:
-        print(f"  second series: {GO_SERIES} {go[0]}, beacon {go[1]}; trust there by {GO_TRUST}")
+        print(f"  second series: the Go registry {go[0]} (beacon {go[1]}), trust by {GO_TRUST}")
     series: dict[str, list[dict[str, Any]]] = {PYTHON_SERIES: []}
     if go:
         series[GO_SERIES] = []
@@ -332,7 +332,7 @@ def main() -> int:
     if go:
         saved.update(go_results=series[GO_SERIES], go_registry=go[0], go_trust=GO_TRUST)
     c.save("fleet", args, saved)
-    if not args.quick and len(sizes) > 1:
+    if not (args.quick or args.no_save) and len(sizes) > 1:
         _plot(series)
     return 0
 
