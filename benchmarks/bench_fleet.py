@@ -10,13 +10,29 @@ daemons plus the registry) over 30 s after convergence, as a percentage of one c
 log is checked for ERROR lines. Targets for N = 50: full mesh <= 60 s, idle <= 5 % of one
 core, no error.
 
+With ``PILOT_GO_REGISTRY=/path/to/registry`` (the Go Pilot registry; its ``beacon`` is taken
+from beside it, or from ``PILOT_GO_BEACON``) every N runs a second time against the Go
+registry and a Go beacon, as a second series. That registry has no networks but the backbone:
+it refuses ``create_network``, ``join_network`` and ``leave_network`` ("custom networks are
+WIP") and its ``lookup`` answers ``networks: [0]``. So in that series every node trusts by
+``trust.auto_approve`` (SPEC 6 row 5) instead of by shared network, and registers as public
+(``registry.public``): the Go registry resolves a private node only for a trust pair or a
+shared network, and without ``resolve`` every first request would go through the relay
+inbox instead of port 444. It stores a node's address as the source address of the
+registration with the port the node names; the daemons' registry connections come from
+127.0.0.1, so there the nodes listen on 127.0.0.1, each on a port of its own (their port-444
+traffic comes from 127.0.0.1 in both series). Its register limit (10 per source address per
+minute, not configurable) is met by registering each key once from 127.0.0.(10+i) before the
+daemon starts; the daemon's own registration (same key) is then exempt. Registry CPU and the
+idle fleet include the Go registry (and the beacon, in the idle figure); its log lines are
+slog text, checked for ``level=ERROR``.
+
     .venv/bin/python benchmarks/bench_fleet.py [--quick] [--sizes 10,25,50] [--idle S]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import socket
@@ -24,16 +40,127 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import _common as c
 import yaml
 
 from pilothandshake.identity import Identity
+from pilothandshake.registry.client import encode_frame, read_frame
 
 NETWORK = 7
 TARGET_MESH_S = 60.0
 TARGET_IDLE_PCT = 5.0
+PYTHON_SERIES = "pilot-registryd"
+GO_SERIES = "Go registry (auto-approve)"
+GO_TRUST = "auto_approve + public (the Go registry has no custom networks)"
+
+
+@dataclass
+class Registry:
+    """The registry of one run: its processes (the registry first, then any beacon), its
+    address and the logs to scan."""
+
+    procs: list[subprocess.Popen[bytes]]
+    address: str
+    logs: list[str]
+    go: bool = False
+
+    def stop(self) -> None:
+        """SIGTERM every process and wait (bounded); SIGKILL one that does not stop."""
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def _go_binaries() -> tuple[str, str] | None:
+    """The Go registry and beacon from ``PILOT_GO_REGISTRY`` (and ``PILOT_GO_BEACON``, else
+    the ``beacon`` beside the registry); None when the variable is not set."""
+    registry = os.environ.get("PILOT_GO_REGISTRY", "")
+    if not registry:
+        return None
+    beacon = os.environ.get("PILOT_GO_BEACON", "") or os.path.join(
+        os.path.dirname(registry), "beacon"
+    )
+    for path in (registry, beacon):
+        if not os.access(path, os.X_OK):
+            sys.exit(f"bench_fleet: {path} is not an executable (PILOT_GO_REGISTRY/_BEACON)")
+    return registry, beacon
+
+
+def _spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    with open(log_path, "w", encoding="utf-8") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _start_python_registry(root: str, keys: list[str]) -> Registry:
+    config = os.path.join(root, "registry.yaml")
+    with open(config, "w", encoding="utf-8") as out:
+        # YAML, not JSON: a network ID must be an integer key ("3" is refused).
+        yaml.safe_dump(
+            {
+                "networks": {NETWORK: keys},
+                "limits": {
+                    "register_per_minute": 10 * len(keys),
+                    "max_connections": 4096,
+                    "max_connections_per_source": 4096,
+                },
+            },
+            out,
+        )
+    registry, address = c.start_registry(root, config)
+    return Registry([registry], address, [os.path.join(root, "registry.log")])
+
+
+def _start_go_registry(root: str, binaries: tuple[str, str]) -> Registry:
+    registry_bin, beacon_bin = binaries
+    beacon_log = os.path.join(root, "beacon.log")
+    registry_log = os.path.join(root, "registry.log")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((c.LOOPBACK, 0))
+        beacon_addr = f"{c.LOOPBACK}:{probe.getsockname()[1]}"
+    started = Registry([], "", [registry_log, beacon_log], go=True)
+    try:
+        beacon = _spawn([beacon_bin, "-addr", beacon_addr], beacon_log)
+        started.procs.append(beacon)
+
+        def beacon_up() -> bool:
+            with open(beacon_log, encoding="utf-8", errors="replace") as log:
+                return "beacon listening" in log.read()
+
+        if not c.wait_until(beacon_up, 20.0, 0.05):
+            raise RuntimeError(f"the Go beacon did not start (see {beacon_log})")
+        port = c.free_port()
+        started.address = f"{c.LOOPBACK}:{port}"
+        argv = [registry_bin, "-addr", started.address, "-beacon", beacon_addr]
+        argv += ["-store", os.path.join(root, "go-registry.json"), "-log-level", "info"]
+        started.procs.insert(0, _spawn(argv, registry_log))
+        if not c.wait_until(lambda: c.can_connect(port), 20.0, 0.05):
+            raise RuntimeError(f"the Go registry did not start (see {registry_log})")
+    except BaseException:
+        started.stop()
+        raise
+    return started
+
+
+def _register_from(registry: str, host: str, key: str, listen: str) -> None:
+    """Register ``key`` at the Go registry over a connection from ``host``: the Go registry
+    allows 10 registrations per source address per minute, and a node of a real fleet
+    registers from an address of its own."""
+    reg_host, reg_port = registry.rsplit(":", 1)
+    with socket.create_connection(
+        (reg_host, int(reg_port)), timeout=10.0, source_address=(host, 0)
+    ) as sock:
+        sock.sendall(encode_frame({"type": "register", "listen_addr": listen, "public_key": key}))
+        answer = read_frame(sock, 1 << 20, 10.0, 10.0)
+    if answer is None or answer.get("type") != "register_ok":
+        raise RuntimeError(f"the Go registry refused to register {host}: {answer}")
 
 
 def _control(path: str, command: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
@@ -64,11 +191,18 @@ def _registry_requests(sockets: list[str]) -> float:
 
 
 def _errors(path: str) -> list[str]:
+    """ERROR lines of a log: ours (text or JSON) and the Go programs' (slog text)."""
     with open(path, encoding="utf-8", errors="replace") as log:
-        return [line.rstrip() for line in log if " ERROR " in line or '"ERROR"' in line]
+        return [
+            line.rstrip()
+            for line in log
+            if " ERROR " in line or '"ERROR"' in line or "level=ERROR" in line
+        ]
 
 
-def one_fleet(size: int, idle_seconds: float) -> dict[str, Any]:
+def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dict[str, Any]:
+    """One run of ``size`` nodes against pilot-registryd, or against the Go registry and
+    beacon ``go`` (registry, beacon paths); its figures."""
     with c.temp_dir("pilot-fleet-") as root:
         keys = []
         for index in range(size):
@@ -76,35 +210,28 @@ def one_fleet(size: int, idle_seconds: float) -> dict[str, Any]:
             os.makedirs(directory, mode=0o700)
             identity = Identity.load_or_create(os.path.join(directory, "identity.json"))
             keys.append(identity.public_key_b64)
-        reg_config = os.path.join(root, "registry.yaml")
-        with open(reg_config, "w", encoding="utf-8") as out:
-            # YAML, not JSON: a network ID must be an integer key ("3" is refused).
-            yaml.safe_dump(
-                {
-                    "networks": {NETWORK: keys},
-                    "limits": {
-                        "register_per_minute": 10 * size,
-                        "max_connections": 4096,
-                        "max_connections_per_source": 4096,
-                    },
-                },
-                out,
-            )
-        logs = [os.path.join(root, "registry.log")]
-        registry, reg_addr = c.start_registry(root, reg_config)
+        registry = _start_go_registry(root, go) if go else _start_python_registry(root, keys)
+        logs = list(registry.logs)
         daemons: list[c.DaemonProcess] = []
         try:
             sockets, node_ids = [], []
             for index in range(size):
                 directory = os.path.join(root, f"node-{index}")
                 host = f"127.0.0.{10 + index}"
+                # The Go registry stores a node's address as the source address of its
+                # registration with the port it names, and the daemon registers from
+                # 127.0.0.1: there each node listens on 127.0.0.1 (a port of its own).
+                listen_host = c.LOOPBACK if registry.go else host
+                listen = f"{listen_host}:{_free_port(listen_host)}"
+                if registry.go:
+                    _register_from(registry.address, host, keys[index], listen)
                 config = c.yaml_config(
                     directory,
                     0,
                     0,
-                    listen=f"{host}:{_free_port(host)}",
-                    registry={"address": reg_addr},
-                    trust={"auto_approve": False},
+                    listen=listen,
+                    registry={"address": registry.address, "public": registry.go},
+                    trust={"auto_approve": registry.go},
                     log_level="warning",
                 )
                 logs.append(os.path.join(directory, "daemon.log"))
@@ -113,9 +240,10 @@ def one_fleet(size: int, idle_seconds: float) -> dict[str, Any]:
                 line = daemon.start()
                 node_ids.append(int(line.split("node ", 1)[1].split()[0]))
                 sockets.append(os.path.join(directory, "control.sock"))
+            reg_pid = registry.procs[0].pid
             requests0 = _registry_requests(sockets)
             started = time.monotonic()
-            reg_cpu0 = c.cpu_seconds(registry.pid)
+            reg_cpu0 = c.cpu_seconds(reg_pid)
             failures: list[str] = []
 
             def ask_all(index: int) -> None:
@@ -141,10 +269,10 @@ def one_fleet(size: int, idle_seconds: float) -> dict[str, Any]:
             mesh_s = time.monotonic() - started
             for thread in threads:
                 thread.join(60)
-            reg_cpu = c.cpu_seconds(registry.pid) - reg_cpu0
+            reg_cpu = c.cpu_seconds(reg_pid) - reg_cpu0
             requests = _registry_requests(sockets) - requests0
             rss_mib = sum(c.rss_kib(daemon.pid) for daemon in daemons) / 1024
-            pids = [registry.pid, *(daemon.pid for daemon in daemons)]
+            pids = [*(p.pid for p in registry.procs), *(daemon.pid for daemon in daemons)]
             time.sleep(2.0)  # let the last background reports settle before idling
             before = sum(c.cpu_seconds(pid) for pid in pids)
             time.sleep(idle_seconds)
@@ -152,12 +280,11 @@ def one_fleet(size: int, idle_seconds: float) -> dict[str, Any]:
         finally:
             for daemon in daemons:
                 daemon.stop()
-            registry.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                registry.wait(15)
+            registry.stop()
         errors = [line for path in logs for line in _errors(path)]
     return {
         "size": size,
+        "registry": GO_SERIES if go else PYTHON_SERIES,
         "converged": done,
         "mesh_s": mesh_s,
         "registry_cpu_s": reg_cpu,
@@ -180,47 +307,68 @@ def main() -> int:
     args = c.parse_args(__doc__.splitlines()[0], _extra, default_runs=1)
     sizes = [int(s) for s in args.sizes.split(",") if s] or ([5] if args.quick else [10, 25, 50])
     idle = args.idle or (5.0 if args.quick else 30.0)
+    go = _go_binaries()
     print(f"bench_fleet: sizes {sizes}, idle {idle:.0f} s")
-    results = []
+    if go:
+        print(f"  second series: the Go registry {go[0]} (beacon {go[1]}), trust by {GO_TRUST}")
+    series: dict[str, list[dict[str, Any]]] = {PYTHON_SERIES: []}
+    if go:
+        series[GO_SERIES] = []
     for size in sizes:
-        result = one_fleet(size, idle)
-        results.append(result)
-        print(
-            f"  N={size}: full mesh {result['mesh_s']:.1f} s (converged {result['converged']}), "
-            f"registry CPU {result['registry_cpu_s']:.2f} s, "
-            f"{result['registry_requests']:.0f} registry requests "
-            f"({result['registry_requests_per_s']:.0f}/s), daemons RSS "
-            f"{result['daemon_rss_mib']:.0f} MiB, idle fleet {result['idle_cpu_pct']:.2f} % "
-            f"of a core, errors {result['error_count']}, failed requests "
-            f"{len(result['request_failures'])}"
-        )
-        for line in result["errors"][:3]:
-            print(f"    error: {line}")
-    last = results[-1]
-    if last["size"] >= 50:
-        c.verdict("full mesh at N=50", last["mesh_s"], TARGET_MESH_S, at_most=True, unit=" s")
-        c.verdict("idle fleet", last["idle_cpu_pct"], TARGET_IDLE_PCT, at_most=True, unit=" %")
-        c.verdict("errors", last["error_count"], 0, at_most=True)
-    c.save("fleet", args, {"results": results})
-    if not args.quick and len(results) > 1:
-        _plot(results)
+        # Both series of one N back to back, so a change in the machine's load hits both.
+        for label, results in series.items():
+            result = one_fleet(size, idle, go if label == GO_SERIES else None)
+            results.append(result)
+            _print(result)
+    for label, results in series.items():
+        last = results[-1]
+        if last["size"] >= 50:
+            name = f"({label})"
+            mesh, idle_pct = last["mesh_s"], last["idle_cpu_pct"]
+            c.verdict(f"full mesh at N=50 {name}", mesh, TARGET_MESH_S, at_most=True, unit=" s")
+            c.verdict(f"idle fleet {name}", idle_pct, TARGET_IDLE_PCT, at_most=True, unit=" %")
+            c.verdict(f"errors {name}", last["error_count"], 0, at_most=True)
+    saved: dict[str, Any] = {"results": series[PYTHON_SERIES]}
+    if go:
+        saved.update(go_results=series[GO_SERIES], go_registry=go[0], go_trust=GO_TRUST)
+    c.save("fleet", args, saved)
+    if not (args.quick or args.no_save) and len(sizes) > 1:
+        _plot(series)
     return 0
 
 
-def _plot(results: list[dict[str, Any]]) -> None:
+def _print(result: dict[str, Any]) -> None:
+    print(
+        f"  N={result['size']} {result['registry']}: full mesh {result['mesh_s']:.1f} s "
+        f"(converged {result['converged']}), registry CPU {result['registry_cpu_s']:.2f} s, "
+        f"{result['registry_requests']:.0f} registry requests "
+        f"({result['registry_requests_per_s']:.0f}/s), daemons RSS "
+        f"{result['daemon_rss_mib']:.0f} MiB, idle fleet {result['idle_cpu_pct']:.2f} % "
+        f"of a core, errors {result['error_count']}, failed requests "
+        f"{len(result['request_failures'])}"
+    )
+    for line in result["errors"][:3]:
+        print(f"    error: {line}")
+
+
+def _plot(series: dict[str, list[dict[str, Any]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [r["size"] for r in results]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(sizes, [r["mesh_s"] for r in results], marker="o")
+    for label, results in series.items():
+        sizes = [r["size"] for r in results]
+        left.plot(sizes, [r["mesh_s"] for r in results], marker="o", label=label)
+        right.plot(sizes, [r["idle_cpu_pct"] for r in results], marker="o", label=label)
     left.set_xlabel("nodes")
     left.set_ylabel("time to full mesh (s)")
-    right.plot(sizes, [r["idle_cpu_pct"] for r in results], marker="o")
     right.set_xlabel("nodes")
     right.set_ylabel("idle fleet CPU (% of one core)")
+    if len(series) > 1:
+        left.legend()
+        right.legend()
     c.save_figure(fig, os.path.join(c.BENCH_DIR, "fleet.png"))
 
 
