@@ -88,22 +88,22 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _handshake_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("node", type=_node, metavar="NODE")
-    parser.add_argument("justification", metavar="JUSTIFICATION")
-
-
 def _node_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("node", type=_node, metavar="NODE")
 
 
+def _handshake_arguments(parser: argparse.ArgumentParser) -> None:
+    _node_argument(parser)
+    parser.add_argument("justification", metavar="JUSTIFICATION")
+
+
 def _reject_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("node", type=_node, metavar="NODE")
+    _node_argument(parser)
     parser.add_argument("reason", nargs="?", default="", metavar="REASON")
 
 
 def _wait_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("node", type=_node, metavar="NODE")
+    _node_argument(parser)
     parser.add_argument(
         "--timeout",
         type=_seconds,
@@ -161,7 +161,7 @@ def _unsized(prog: str) -> argparse.HelpFormatter:
     """The formatter of a parser being built. argparse makes one for every argument added,
     only to check its metavar; sized to the terminal, as help is, the first one would import
     ``shutil`` (2 ms of a ``status`` run) for nothing. ``_parser`` swaps in the sized ones."""
-    return argparse.HelpFormatter(prog, width=80)
+    return argparse.HelpFormatter(prog, width=80)  # any width: nothing it formats is shown
 
 
 def _parser(only: str | None = None) -> argparse.ArgumentParser:
