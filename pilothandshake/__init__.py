@@ -14,8 +14,6 @@ the crypto, so a short-lived script or ``pilot-handshakectl`` starts fast.
 
 from __future__ import annotations
 
-import importlib
-
 from ._version import __version__ as __version__  # a constant: imports nothing
 
 TYPE_CHECKING = False  # not typing's: importing typing alone costs a short script milliseconds
@@ -103,6 +101,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib  # here, not above: importing a submodule directly does not need it
+
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups do not come back here
     return value

@@ -31,7 +31,7 @@ from .errors import HandshakeError
 TYPE_CHECKING = False  # not typing's: importing typing costs a short CLI run milliseconds
 if TYPE_CHECKING:
     from datetime import datetime
-    from typing import Any, Callable
+    from typing import Any, Callable, NoReturn
 
 __all__ = ["main_handshakectl"]
 
@@ -73,18 +73,111 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the daemon answers and, with a registry, has its node ID",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=_STATUS_WAIT_DEFAULT,
+        metavar="S",
+        help=f"how long --wait waits (default {_STATUS_WAIT_DEFAULT:g})",
+    )
+
+
+def _node_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("node", type=_node, metavar="NODE")
+
+
+def _handshake_arguments(parser: argparse.ArgumentParser) -> None:
+    _node_argument(parser)
+    parser.add_argument("justification", metavar="JUSTIFICATION")
+
+
+def _reject_arguments(parser: argparse.ArgumentParser) -> None:
+    _node_argument(parser)
+    parser.add_argument("reason", nargs="?", default="", metavar="REASON")
+
+
+def _wait_arguments(parser: argparse.ArgumentParser) -> None:
+    _node_argument(parser)
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=WAIT_DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait (default {WAIT_DEFAULT_TIMEOUT:g})",
+    )
+
+
+def _events_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--follow", action="store_true", help="keep printing new events")
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+# Every command, in the order --help lists them: its summary, and what adds its arguments.
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "status": ("node ID, hostname, listen address, registry, counts", _status_arguments),
+    "handshake": ("ask a node for trust", _handshake_arguments),
+    "pending": ("list pending requests", _no_arguments),
+    "approve": ("approve a pending request", _node_argument),
+    "reject": ("reject a pending request", _reject_arguments),
+    "trust": ("list trusted peers (and conflicting records)", _no_arguments),
+    "untrust": ("revoke trust in a node, or withdraw our request to it", _node_argument),
+    "wait": ("wait until a node is trusted (exit 1 on timeout)", _wait_arguments),
+    "events": ("show recent events", _events_arguments),
+    "metrics": (
+        "print the Prometheus metrics (what metrics.listen serves at /metrics)",
+        _no_arguments,
+    ),
+}
+
+
+class _FullParserNeeded(Exception):
+    """What ``_OneCommandParser`` would print depends on the commands it lacks."""
+
+
+class _OneCommandParser(argparse.ArgumentParser):
+    """The top-level parser built with one command only (``_parse``). Its help and its
+    errors would leave the other commands out (the list in --help, the choices in "invalid
+    choice"), so it prints neither: ``_parse`` asks the full parser instead."""
+
+    def format_help(self) -> str:
+        """Never: the help lists every command."""
+        raise _FullParserNeeded
+
+    def error(self, message: str) -> NoReturn:
+        """Never: the full parser says it, in its own words."""
+        raise _FullParserNeeded
+
+
+def _unsized(prog: str) -> argparse.HelpFormatter:
+    """The formatter of a parser being built. argparse makes one for every argument added,
+    only to check its metavar; sized to the terminal, as help is, the first one would import
+    ``shutil`` (2 ms of a ``status`` run) for nothing. ``_parser`` swaps in the sized ones."""
+    return argparse.HelpFormatter(prog, width=80)  # any width: nothing it formats is shown
+
+
+def _parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser with every command, or with the command ``only`` alone
+    (a ``_OneCommandParser``, see ``_parse``)."""
     # --json is also accepted after the command; SUPPRESS keeps the subcommand's default
     # from overwriting a --json given before it.
-    after = argparse.ArgumentParser(add_help=False)
+    after = argparse.ArgumentParser(add_help=False, formatter_class=_unsized)
     after.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON responses"
     )
-    parser = argparse.ArgumentParser(
+    parser = (argparse.ArgumentParser if only is None else _OneCommandParser)(
         prog="pilot-handshakectl",
         description="Operate a running pilot-handshaked over its control socket.",
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_unsized,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
@@ -97,50 +190,46 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", help="print the daemon's JSON responses as sent"
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # The commands' own parsers are plain ones: their help and errors are the same
+    # whichever other commands exist.
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=argparse.ArgumentParser
+    )
     commands.required = True
-
-    def command(name: str, summary: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=summary, description=summary, parents=[after])
-
-    status = command("status", "node ID, hostname, listen address, registry, counts")
-    status.add_argument(
-        "--wait",
-        action="store_true",
-        help="wait until the daemon answers and, with a registry, has its node ID",
-    )
-    status.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=_STATUS_WAIT_DEFAULT,
-        metavar="S",
-        help=f"how long --wait waits (default {_STATUS_WAIT_DEFAULT:g})",
-    )
-    handshake = command("handshake", "ask a node for trust")
-    handshake.add_argument("node", type=_node, metavar="NODE")
-    handshake.add_argument("justification", metavar="JUSTIFICATION")
-    command("pending", "list pending requests")
-    approve = command("approve", "approve a pending request")
-    approve.add_argument("node", type=_node, metavar="NODE")
-    reject = command("reject", "reject a pending request")
-    reject.add_argument("node", type=_node, metavar="NODE")
-    reject.add_argument("reason", nargs="?", default="", metavar="REASON")
-    command("trust", "list trusted peers (and conflicting records)")
-    untrust = command("untrust", "revoke trust in a node, or withdraw our request to it")
-    untrust.add_argument("node", type=_node, metavar="NODE")
-    wait = command("wait", "wait until a node is trusted (exit 1 on timeout)")
-    wait.add_argument("node", type=_node, metavar="NODE")
-    wait.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=WAIT_DEFAULT_TIMEOUT,
-        metavar="S",
-        help=f"seconds to wait (default {WAIT_DEFAULT_TIMEOUT:g})",
-    )
-    events = command("events", "show recent events")
-    events.add_argument("--follow", action="store_true", help="keep printing new events")
-    command("metrics", "print the Prometheus metrics (what metrics.listen serves at /metrics)")
+    for name, (summary, add_arguments) in _COMMANDS.items():
+        if only is None or name == only:
+            add_arguments(
+                commands.add_parser(
+                    name,
+                    help=summary,
+                    description=summary,
+                    parents=[after],
+                    formatter_class=_unsized,
+                )
+            )
+    # Built: help and errors are formatted to the terminal's width, as argparse's default.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for command in commands.choices.values():
+        command.formatter_class = argparse.HelpFormatter
     return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """``argv`` (default ``sys.argv[1:]``) parsed, building only the parser of the command
+    that is run when that is possible: building all ten costs a short run milliseconds.
+
+    The first word of ``argv`` that names a command is a guess that argparse checks: a
+    parser with only that command parses ``argv``, and when it cannot answer exactly as the
+    full parser would (the guess was an option's value, as in ``--socket status pending``;
+    a usage error; the top-level --help), the full parser parses ``argv`` again."""
+    args = sys.argv[1:] if argv is None else argv
+    guess = next((arg for arg in args if arg in _COMMANDS), None)
+    if guess is not None:
+        try:
+            return _parser(guess).parse_args(args)
+        except _FullParserNeeded:
+            pass
+    return _parser().parse_args(args)
 
 
 def _printable(text: str, width: int | None = None) -> str:
@@ -346,7 +435,7 @@ def _run(options: argparse.Namespace) -> None:
 
 def main_handshakectl(argv: list[str] | None = None) -> int:
     """Run ``pilot-handshakectl`` with ``argv`` (default ``sys.argv[1:]``); the exit code."""
-    options = _parser().parse_args(argv)
+    options = _parse(argv)
     try:
         _run(options)
     except (_Failure, HandshakeError) as exc:

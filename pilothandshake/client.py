@@ -21,10 +21,9 @@ nothing heavy (no YAML unless a config file is read, no crypto, no daemon), so a
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -181,18 +180,20 @@ class EventStream:
         )
         self._reader = self._sock.makefile("rb")
         self._responses = wire.responses(self._reader)
-        self._closed = threading.Event()
+        # A plain flag, not a threading.Event: nothing waits on it, and importing threading
+        # would cost every pilot-handshakectl run most of a millisecond.
+        self._closed = False
 
     def __iter__(self) -> EventStream:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if self._closed.is_set():
+        if self._closed:
             raise StopIteration
         try:
             response = next(self._responses)
         except ControlError:
-            if self._closed.is_set():
+            if self._closed:
                 raise StopIteration from None
             raise
         except StopIteration:
@@ -203,9 +204,11 @@ class EventStream:
 
     def close(self) -> None:
         """Stop the stream and close its connection; idempotent."""
-        if self._closed.is_set():
+        if self._closed:
             return
-        self._closed.set()
+        self._closed = True
+        import contextlib  # here: a stream's end pays for it, not every pilot-handshakectl run
+
         # shutdown() wakes a reader blocked in another thread; close() alone would not.
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -236,7 +239,7 @@ class Client:
         (``Client.connect`` checks at once)."""
         self._wire = ControlClient(path, timeout)
         self._streams: set[EventStream] = set()
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()  # threading.Lock, without importing threading
         self._closed = False
 
     @classmethod
@@ -383,7 +386,7 @@ class Client:
             if self._closed:
                 stream.close()
                 raise ControlError(f"this client of {self.path} is closed")
-            self._streams = {s for s in self._streams if not s._closed.is_set()}
+            self._streams = {s for s in self._streams if not s._closed}
             self._streams.add(stream)
         return stream
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -298,6 +299,68 @@ def test_help_shows_the_socket_search_defaults_and_exit_codes(
     with pytest.raises(SystemExit):
         main_handshakectl(["wait", "--help"])
     assert "(default 30)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--socket", "S", "--json", "status", "--wait"],
+        ["--socket", "status", "pending"],  # the first command word is the socket's path
+        ["--config", "pending", "reject", "5", "no"],
+        ["handshake", "status", "why"],
+        ["--help", "status"],  # the top-level help lists every command
+        ["status", "--help"],
+        ["status", "extra"],
+        ["status", "--timeout", "-1"],
+        ["--socket", "S", "frobnicate", "status"],
+    ],
+)
+def test_parsing_with_only_the_named_command_answers_as_the_full_parser(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+
+    def outcome(parse: Callable[[list[str]], object]) -> tuple[object, str, str]:
+        try:
+            result: object = vars(parse(argv))
+        except SystemExit as exc:
+            result = exc.code
+        out, err = capsys.readouterr()
+        return result, out, err
+
+    assert outcome(cli._parse) == outcome(lambda args: cli._parser().parse_args(args))
+
+
+def test_a_command_builds_its_own_parser_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[str | None] = []
+    full_parser = cli._parser
+
+    def parser(only: str | None = None) -> argparse.ArgumentParser:
+        built.append(only)
+        return full_parser(only)
+
+    monkeypatch.setattr(cli, "_parser", parser)
+    assert cli._parse(["--socket", "S", "status"]).command == "status"
+    assert built == ["status"]
+    assert cli._parse(["--socket", "status", "pending"]).command == "pending"
+    assert built == ["status", "status", None]
+
+
+def test_help_is_wrapped_to_the_terminal_with_the_epilog_as_written(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "40")
+    epilog = [line for line in cli._EPILOG.splitlines() if line]
+    with pytest.raises(SystemExit):
+        main_handshakectl(["--help"])
+    shown = capsys.readouterr().out.splitlines()
+    assert all(line in shown for line in epilog)
+    with pytest.raises(SystemExit):
+        main_handshakectl(["wait", "--help"])
+    wait_help = capsys.readouterr().out.splitlines()
+    # The rest is wrapped to the terminal's width (argparse's usage may overrun it by one).
+    assert "  --socket PATH  the daemon's control" in shown
+    assert max(len(line) for line in wait_help) <= 41
 
 
 @pytest.mark.parametrize("argv", [["handshake", "1", "me"], ["wait", "1"], ["untrust", "1"]])
