@@ -9,14 +9,19 @@ that is verified, decided and written to trust.json (group commit), and its CPU 
 then. After the daemon stops, the run checks that trust.json holds every sender.
 
 Baselines in the same run, with the same client: (a) a bare ``ThreadingTCPServer`` in its own
-process that reads one message and closes (the transport ceiling); (b) the raw PyNaCl verify
-rate on one thread. Target: daemon >= 0.6 x ceiling.
+process that reads one message and closes (the transport ceiling); (b) the floor: the same
+server that also decodes the message and verifies its signature, writing nothing (only its
+CPU per message is compared: its clients' clock, like the ceiling's, ends at the end of
+stream, which comes before the verify); (c) the
+raw PyNaCl verify rate on one thread. Targets: daemon >= 0.6 x ceiling, <= 350 us of daemon
+CPU per message.
 
     .venv/bin/python benchmarks/bench_throughput.py [--quick] [--runs N]
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import multiprocessing
 import os
@@ -32,10 +37,12 @@ import _common as c
 import nacl.signing
 
 from pilothandshake.client import Client
+from pilothandshake.messages import HandshakeMsg
 from pilothandshake.store import load_state
 from pilothandshake.wire import read_message, send_message
 
 TARGET_FRACTION = 0.6
+TARGET_CPU_US = 350.0
 DAEMON_NODE = 1
 
 
@@ -55,9 +62,20 @@ class _BareServer(socketserver.ThreadingTCPServer):
     request_queue_size = 256
 
 
-def serve_bare() -> int:
-    """Run the bare server until SIGTERM; print its port first."""
-    server = _BareServer((c.LOOPBACK, 0), _ReadOne)
+class _Verify(socketserver.BaseRequestHandler):
+    """The floor of the needed work on the same transport: read, decode, verify the
+    ``signature_v2`` with the key the message carries; no decision, nothing written."""
+
+    def handle(self) -> None:
+        with contextlib.suppress(Exception):
+            msg = HandshakeMsg.from_json(read_message(self.request))
+            key = nacl.signing.VerifyKey(base64.b64decode(msg.public_key))
+            key.verify(msg.v2_challenge(DAEMON_NODE), base64.b64decode(msg.signature_v2))
+
+
+def serve_bare(handler: type[socketserver.BaseRequestHandler]) -> int:
+    """Run a bare server with ``handler`` until SIGTERM; print its port first."""
+    server = _BareServer((c.LOOPBACK, 0), handler)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(server.server_address[1], flush=True)
     server.serve_forever(poll_interval=0.5)
@@ -140,10 +158,12 @@ def drive(port: int, total: int, processes: int, threads: int, first_node: int) 
     }
 
 
-def run_bare(total: int, processes: int, threads: int) -> dict[str, Any]:
-    """The transport ceiling."""
+def run_bare(
+    total: int, processes: int, threads: int, mode: str = "--serve-bare"
+) -> dict[str, Any]:
+    """The transport ceiling (``--serve-bare``), or the floor (``--serve-floor``)."""
     proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--serve-bare"],
+        [sys.executable, os.path.abspath(__file__), mode],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -225,7 +245,9 @@ def verify_rate(seconds: float) -> float:
 def main() -> int:
     """Run the benchmark; print figures and targets."""
     if "--serve-bare" in sys.argv:
-        return serve_bare()
+        return serve_bare(_ReadOne)
+    if "--serve-floor" in sys.argv:
+        return serve_bare(_Verify)
 
     def extra(parser: Any) -> None:
         parser.add_argument("--py-spy", default="", help="profile the daemon into FILE (raw)")
@@ -237,15 +259,25 @@ def main() -> int:
     runs: list[dict[str, Any]] = []
     for run in range(args.runs):
         bare = run_bare(total, processes, threads)
+        floor = run_bare(total, processes, threads, "--serve-floor")
         daemon = run_daemon(total, processes, threads, args.py_spy)
         verify = verify_rate(0.3 if args.quick else 1.5)
         ratio = daemon["per_second"] / bare["per_second"]
-        runs.append({"bare": bare, "daemon": daemon, "verify_per_second": verify, "ratio": ratio})
+        runs.append(
+            {
+                "bare": bare,
+                "floor": floor,
+                "daemon": daemon,
+                "verify_per_second": verify,
+                "ratio": ratio,
+            }
+        )
         print(
             f"  run {run + 1}: bare {bare['per_second']:.0f}/s, daemon "
-            f"{daemon['per_second']:.0f}/s ({daemon['failed']} failed, "
-            f"{daemon['trusted_on_disk']} trusted on disk), server CPU per message: bare "
-            f"{bare['server_cpu_us']:.0f} us, daemon {daemon['server_cpu_us']:.0f} us, "
+            f"{daemon['per_second']:.0f}/s "
+            f"({daemon['failed']} failed, {daemon['trusted_on_disk']} trusted on disk), server "
+            f"CPU per message: bare {bare['server_cpu_us']:.0f} us, floor "
+            f"{floor['server_cpu_us']:.0f} us, daemon {daemon['server_cpu_us']:.0f} us, "
             f"verify {verify:.0f}/s, ratio {ratio:.2f}"
         )
     summary = {
@@ -253,15 +285,23 @@ def main() -> int:
         "daemon_per_second": c.median([r["daemon"]["per_second"] for r in runs]),
         "verify_per_second": c.median([r["verify_per_second"] for r in runs]),
         "ratio": c.median([r["ratio"] for r in runs]),
+        "daemon_cpu_us": c.median([r["daemon"]["server_cpu_us"] for r in runs]),
+        "bare_cpu_us": c.median([r["bare"]["server_cpu_us"] for r in runs]),
+        "floor_cpu_us": c.median([r["floor"]["server_cpu_us"] for r in runs]),
         "messages": total,
         "clients": f"{processes} processes x {threads} threads",
     }
     print(
-        f"median: transport ceiling {summary['bare_per_second']:.0f} msg/s, daemon "
-        f"{summary['daemon_per_second']:.0f} msg/s, PyNaCl verify "
-        f"{summary['verify_per_second']:.0f}/s (one thread)"
+        f"median: transport ceiling {summary['bare_per_second']:.0f} msg/s "
+        f"({summary['bare_cpu_us']:.0f} us CPU per message; the floor "
+        f"{summary['floor_cpu_us']:.0f} us), daemon "
+        f"{summary['daemon_per_second']:.0f} msg/s ({summary['daemon_cpu_us']:.0f} us), PyNaCl "
+        f"verify {summary['verify_per_second']:.0f}/s (one thread)"
     )
     summary["met"] = c.verdict("daemon / ceiling", summary["ratio"], TARGET_FRACTION, at_most=False)
+    c.verdict(
+        "daemon CPU per message", summary["daemon_cpu_us"], TARGET_CPU_US, at_most=True, unit=" us"
+    )
     c.save("throughput", args, {"summary": summary, "runs": runs})
     return 0
 
