@@ -79,12 +79,16 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="wait until the daemon answers and, with a registry, has its node ID",
     )
+    _timeout_argument(parser, _STATUS_WAIT_DEFAULT, "how long --wait waits")
+
+
+def _timeout_argument(parser: argparse.ArgumentParser, default: float, what: str) -> None:
     parser.add_argument(
         "--timeout",
         type=_seconds,
-        default=_STATUS_WAIT_DEFAULT,
+        default=default,
         metavar="S",
-        help=f"how long --wait waits (default {_STATUS_WAIT_DEFAULT:g})",
+        help=f"{what} (default {default:g})",
     )
 
 
@@ -104,13 +108,7 @@ def _reject_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _wait_arguments(parser: argparse.ArgumentParser) -> None:
     _node_argument(parser)
-    parser.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=WAIT_DEFAULT_TIMEOUT,
-        metavar="S",
-        help=f"seconds to wait (default {WAIT_DEFAULT_TIMEOUT:g})",
-    )
+    _timeout_argument(parser, WAIT_DEFAULT_TIMEOUT, "seconds to wait")
 
 
 def _events_arguments(parser: argparse.ArgumentParser) -> None:
