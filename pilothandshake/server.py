@@ -31,7 +31,8 @@ from .wire import reset_close
 
 log = logging.getLogger(__name__)
 
-_REFUSAL_LOG_INTERVAL = 1.0  # at most one refusal line a second; the rest are counted
+# At most one line a second for refusals (the rest are counted) and for failed accepts.
+_LOG_INTERVAL = 1.0
 _ACCEPT_RETRY = 0.05  # pause after a failed accept() before the next one
 
 
@@ -42,7 +43,7 @@ def serve_until_closed(server: socketserver.TCPServer, closed: Callable[[], bool
     444 lever of issue 10). The closer sets its flag, then calls ``wake_acceptor``. A failed
     accept (out of file descriptors, say) is logged at most once a second and retried after
     a short pause, so it cannot spin a core."""
-    logged_at = -_REFUSAL_LOG_INTERVAL
+    logged_at = -_LOG_INTERVAL
     while not closed():
         try:
             request, address = server.get_request()
@@ -50,7 +51,7 @@ def serve_until_closed(server: socketserver.TCPServer, closed: Callable[[], bool
             if closed():
                 return
             now = time.monotonic()
-            if now - logged_at >= _REFUSAL_LOG_INTERVAL:
+            if now - logged_at >= _LOG_INTERVAL:
                 logged_at = now
                 log.warning("accept on %s failed: %s", server.server_address, exc)
             time.sleep(_ACCEPT_RETRY)
@@ -67,8 +68,8 @@ def serve_until_closed(server: socketserver.TCPServer, closed: Callable[[], bool
 
 def wake_acceptor(server: socketserver.TCPServer) -> None:
     """Wake a ``serve_until_closed`` loop blocked in accept: on Linux, shutting down a
-    listening socket makes the waiting poll() return and accept() fail (the loop then
-    sees its flag); the socket accepts nothing more."""
+    listening socket makes the blocked accept() fail (the loop then sees its flag); the
+    socket accepts nothing more."""
     with contextlib.suppress(OSError):
         server.socket.shutdown(socket.SHUT_RDWR)
 
@@ -161,7 +162,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         self._per_source: dict[str, int] = {}
         self._refused = 0
         self._evicted = 0
-        self._refusal_logged_at = -_REFUSAL_LOG_INTERVAL
+        self._refusal_logged_at = -_LOG_INTERVAL
         self._thread: threading.Thread | None = None
         self._closed = False
         super().__init__(address, _ConnectionHandler)
@@ -254,7 +255,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
                 )
                 self._refused += 1
             report = (victim is not None or not admitted) and (
-                now - self._refusal_logged_at >= _REFUSAL_LOG_INTERVAL
+                now - self._refusal_logged_at >= _LOG_INTERVAL
             )
             if report:
                 refused, self._refused = self._refused, 0
