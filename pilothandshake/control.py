@@ -52,6 +52,7 @@ from .control_commands import (
 from .errors import ControlError
 from .events import EventBus
 from .manager import Manager
+from .override import override
 from .server import serve_until_closed, wake_acceptor
 
 __all__ = ["ControlClient", "ControlError", "ControlServer"]
@@ -97,6 +98,7 @@ class _Handler(socketserver.StreamRequestHandler):
     server: ControlServer
     timeout = CONTROL_IDLE_TIMEOUT  # an idle client does not hold a thread forever
 
+    @override
     def handle(self) -> None:
         try:
             credentials = _peer_credentials(self.connection)
@@ -278,6 +280,7 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             ) from None
         os.chmod(self.path, 0o660)
 
+    @override
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve the connection on its own thread, or refuse it at the connection cap."""
         with self._lock:
@@ -293,6 +296,7 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             self._release()
             raise
 
+    @override
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Serve one connection, then free its place under the cap."""
         try:
@@ -319,8 +323,10 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             )
         self.shutdown_request(request)
 
-    def handleerror_response(self, request: Any, client_address: Any) -> None:
-        """Log a handler failure instead of printing a traceback to stderr."""
+    @override
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log a handler failure through the daemon's logging (its format, JSON too)
+        instead of socketserver's bare traceback on stderr."""
         log.exception("control connection failed")
 
     def _remove_stale_socket(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ from pilothandshake.constants import CONTROL_MAX_CONNECTIONS, CONTROL_MAX_LINE
 from pilothandshake.control import ControlServer
 from pilothandshake.errors import RegistryError
 from pilothandshake.events import EventBus
+from pilothandshake.logsetup import configure_logging
 from pilothandshake.manager import Manager
 from pilothandshake.messages import HANDSHAKE_REQUEST
 from pilothandshake.store import parse_time
@@ -490,6 +492,38 @@ def test_internal_failure_is_an_error_response_not_a_traceback(node: Node) -> No
     response = node.client.request("status")
     assert (response["status"], response["code"]) == ("error", "internal_error")
     assert "boom" not in response["message"]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_failing_handler_is_logged_in_the_configured_format_not_as_a_bare_traceback(
+    node: Node, log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15 item 8: socketserver calls ``handle_error`` by that name; the override that a
+    rename had made dead printed a bare traceback, whatever ``log_format`` said."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom in a handler")
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.logThreads
+    configure_logging("info", log_format)
+    try:
+        node.server.commands.execute = broken  # type: ignore[method-assign]
+        assert raw_exchange(node.path, b'{"command": "status"}\n') == []  # closed, no answer
+    finally:
+        root.handlers[:], level, logging.logThreads = saved
+        root.setLevel(level)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert not any(line.startswith("Exception occurred during processing") for line in lines)
+    if log_format == "json":
+        entries = [json.loads(line) for line in lines]  # every line is one JSON object
+        (entry,) = [e for e in entries if e["level"] == "error"]
+        assert entry["logger"] == "pilothandshake.control"
+        assert entry["message"] == "control connection failed"
+        assert "RuntimeError: boom in a handler" in entry["exception"]
+    else:
+        assert " ERROR pilothandshake.control: control connection failed" in lines[0]
+        assert lines[-1] == "RuntimeError: boom in a handler"
 
 
 def test_is_trusted_answers_for_one_node(node: Node) -> None:
