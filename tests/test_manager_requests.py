@@ -508,3 +508,31 @@ def test_a_duplicate_by_the_other_path_changes_nothing_and_announces_nothing(
     # Another text is another request.
     second(manager, peer, "and something else")
     assert runtime.topics().count("handshake.received") == 2
+
+
+# Issue 15 item 6: an impostor's direct request shadowed the real relayed one.
+
+
+@pytest.mark.parametrize("relayed_key", [True, False])
+def test_an_impostors_request_with_the_real_text_is_replaced_by_the_real_relayed_one(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, relayed_key: bool
+) -> None:
+    """While the node's lookup fails, an impostor sends a direct request under its ID with
+    the text the real node will use: it is pending, weakly pinned. The real request then
+    arrives relayed: not a duplicate (another key), and it replaces the weak entry. A
+    relayed copy without a key keeps the impostor's key, but never makes it bound."""
+    manager, runtime = nodes.make(registry=registry)
+    impostor = Peer(peer.node_id)
+    registry.lookup_errors.add(peer.node_id)
+    send_direct(manager, impostor, "nightly sync")
+    assert [(p.public_key, p.bound) for p in manager.pending_requests()] == [(impostor.key, False)]
+    manager.process_relayed_request(peer.node_id, "nightly sync", peer.key if relayed_key else "")
+    (pending,) = manager.pending_requests()
+    if relayed_key:
+        assert (pending.public_key, pending.bound) == (peer.key, True)
+        assert runtime.topics().count("handshake.received") == 2
+        # The real key now pins: the impostor cannot take the entry back.
+        send_direct(manager, impostor, "nightly sync again")
+        assert manager.pending_requests()[0].public_key == peer.key
+    else:
+        assert (pending.public_key, pending.bound) == (impostor.key, False)

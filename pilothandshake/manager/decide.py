@@ -245,10 +245,13 @@ def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, no
             )
             decision.changes.append(Change(PENDING, victim.node_id, None))
     if existing is not None and not key:
-        key = existing.public_key  # a relayed request without a key keeps the pending one
-    bound = inbound.bound or (
-        existing is not None and existing.bound and existing.public_key == key
-    )
+        # A relayed request without a key keeps the pending one, and its standing: the relay
+        # vouched for no key, so a weakly pinned key must not become bound through it.
+        key, bound = existing.public_key, existing.bound
+    else:
+        bound = inbound.bound or (
+            existing is not None and existing.bound and existing.public_key == key
+        )
     decision.changes.append(Change(PENDING, node, replace(request, public_key=key, bound=bound)))
     if protected:
         decision.protected.add(node)

@@ -42,8 +42,12 @@ RELAY = "relay"  # the source and remote of relayed input: one source for quotas
 _DUPLICATE_WINDOW = MAX_MESSAGE_AGE
 
 
-def _fingerprint(inbound: Inbound) -> tuple[int, bytes]:
-    return inbound.node_id, hashlib.sha256(inbound.text.encode("utf-8")).digest()
+def _fingerprint(inbound: Inbound) -> tuple[int, bytes, bytes]:
+    # A duplicate is the same node, key and text (SPEC 3; only requests are claimed, so the
+    # type is the same too): an impostor's request with the real node's text must not make
+    # the real node's request a duplicate.
+    text = hashlib.sha256(inbound.text.encode("utf-8")).digest()
+    return inbound.node_id, inbound.key or b"", text
 
 
 def source_host(remote: str) -> str:
@@ -95,8 +99,9 @@ class Intake:
         self._replay = replay
         self._limits = limits
         self.binding = Binding(clock.monotonic)
-        # Requests decided lately: (node, SHA-256 of the text) -> (relayed, monotonic time).
-        self._recent: OrderedDict[tuple[int, bytes], tuple[bool, float]] = OrderedDict()
+        # Requests decided lately: (node, key, SHA-256 of the text) -> (relayed, monotonic
+        # time).
+        self._recent: OrderedDict[tuple[int, bytes, bytes], tuple[bool, float]] = OrderedDict()
 
     def claim(self, inbound: Inbound) -> tuple[bool, float] | None:
         """Claim this request for deciding; None when it is a duplicate: decided lately after
