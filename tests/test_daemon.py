@@ -167,10 +167,9 @@ def test_no_receipt_or_one_not_signed_by_the_peers_key_is_a_failed_send(
     receiver = Receiver(signer, receiver_id=10 if answer == "wrong node" else 9)
     rt = runtime(Config(node_id=3, peers={9: receiver.address}))
     rt.set_peer_keys(lambda node: peer.public_key)
-    with (
-        caplog.at_level(logging.WARNING, logger="pilothandshake.daemon"),
-        pytest.raises(SendError, match=f"did not prove the key of node 9: {problem}"),
-    ):
+    expected = f"did not prove the key of node 9: {problem}"
+    logged = caplog.at_level(logging.WARNING, logger="pilothandshake.daemon")
+    with logged, pytest.raises(SendError, match=expected):
         rt.dial_and_send(9, 444, MESSAGE)
     receiver.close()
     assert receiver.data == [MESSAGE]
