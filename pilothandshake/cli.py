@@ -119,6 +119,11 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
     pass
 
 
+def _name_argument(parser: argparse.ArgumentParser) -> None:
+    # Not a NODE: the name is not resolved (a moved name would refuse to resolve).
+    parser.add_argument("name", metavar="NAME")
+
+
 # Every command, in the order --help lists them: its summary, and what adds its arguments.
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "status": ("node ID, hostname, listen address, registry, counts", _status_arguments),
@@ -133,6 +138,10 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "metrics": (
         "print the Prometheus metrics (what metrics.listen serves at /metrics)",
         _no_arguments,
+    ),
+    "forget-name": (
+        "forget a hostname's pinned node and key (after it moved on purpose)",
+        _name_argument,
     ),
 }
 
@@ -374,6 +383,7 @@ _SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
     "wait": _show_wait,
     "events": _show_event,
     "metrics": lambda data: str(data["text"]).rstrip("\n"),
+    "forget-name": lambda data: f"forgot hostname {_printable(data['hostname'])}",
 }
 
 
@@ -389,6 +399,8 @@ def _request_args(client: Client, options: argparse.Namespace) -> dict[str, Any]
         args["timeout"] = options.timeout
     elif options.command == "events":
         args["follow"] = options.follow
+    elif options.command == "forget-name":
+        args["hostname"] = options.name
     return args
 
 
@@ -418,7 +430,8 @@ def _run(options: argparse.Namespace) -> None:
     elif options.command == "events":
         responses = client.stream("events", **_request_args(client, options))
     else:
-        responses = iter([client.request(options.command, **_request_args(client, options))])
+        command = options.command.replace("-", "_")  # forget-name: the socket's forget_name
+        responses = iter([client.request(command, **_request_args(client, options))])
     for response in responses:
         if options.json:
             print(json.dumps(response), flush=True)

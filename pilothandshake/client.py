@@ -277,7 +277,9 @@ class Client:
 
     def resolve(self, node: int | str) -> int:
         """The node ID of ``node``: an ID (int or decimal digits) as is, else a hostname
-        the daemon resolves through its registry (``RegistryError`` when it cannot)."""
+        the daemon resolves through its registry (``RegistryError`` when it cannot) and
+        checks against its pin (``HandshakeError`` naming both when the name moved to
+        another node or key: see ``forget_name``)."""
         if isinstance(node, bool) or not isinstance(node, (int, str)):
             raise TypeError(f"a node is a node ID or a hostname, not {node!r}")
         if isinstance(node, int):
@@ -285,6 +287,15 @@ class Client:
         if node.isascii() and node.isdigit():
             return int(node)
         return int(self.call("resolve", hostname=node)["node_id"])
+
+    def forget_name(self, name: str) -> bool:
+        """Drop the daemon's pin of hostname ``name`` (SPEC 17), after it moved to another
+        node or key on purpose; False when it was not pinned."""
+        response = self.request("forget_name", hostname=name)
+        if response["status"] == "error" and response.get("code") == "not_found":
+            return False
+        raise_for_error(response)
+        return True
 
     @property
     def node_id(self) -> int:

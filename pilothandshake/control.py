@@ -52,6 +52,7 @@ from .control_commands import (
 from .errors import ControlError
 from .events import EventBus
 from .manager import Manager
+from .names import NamePins
 from .override import override
 from .server import serve_until_closed, wake_acceptor
 
@@ -186,8 +187,10 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         node_id: Callable[[], int],
         registry: HostnameRegistry | None = None,
         group: str = "",
+        names: NamePins | None = None,
     ) -> None:
-        """Prepare the server; nothing is bound until ``start()``."""
+        """Prepare the server; nothing is bound until ``start()``. ``names`` pins the
+        hostnames resolved for commands (SPEC 17)."""
         super().__init__(path, _Handler, bind_and_activate=False)
         self.path = path
         self.events = events
@@ -195,7 +198,9 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         self.owner_uid = os.getuid()
         self.group_gid: int | None = None
         self.stopping = threading.Event()
-        self.commands = ControlCommands(manager, status, node_id, registry, self.stopping)
+        self.commands = ControlCommands(
+            manager, status, node_id, registry, self.stopping, names, events.publish
+        )
         self._thread: threading.Thread | None = None
         self._inode: int | None = None
         self._lock = threading.Lock()

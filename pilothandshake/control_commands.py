@@ -19,8 +19,10 @@ from typing import Any, Callable, Protocol
 
 from .constants import REGISTRY_CACHE_TTL, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
 from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
+from .identity import decode_key
 from .manager import Manager
 from .messages import MAX_NODE_ID
+from .names import HOSTNAME_CHANGED, HostnameMoved, NamePins
 from .store import format_time
 
 __all__ = [
@@ -49,6 +51,7 @@ COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "is_trusted": (frozenset({"node_id"}), frozenset()),
     "wait": (frozenset({"node_id"}), frozenset({"timeout"})),
     "resolve": (frozenset({"hostname"}), frozenset()),
+    "forget_name": (frozenset({"hostname"}), frozenset()),
     "events": (frozenset(), frozenset({"follow", "history"})),
     "metrics": (frozenset(), frozenset()),
 }
@@ -161,7 +164,9 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
 class ControlCommands:
     """Carries out the commands for ``manager``: ``status`` builds the ``status`` answer,
     ``node_id`` tells this node's ID, ``registry`` (None without one) resolves and shows
-    hostnames; ``stopping`` is set when the server stops, which ends every ``wait``."""
+    hostnames; ``stopping`` is set when the server stops, which ends every ``wait``.
+    ``names`` pins each hostname resolved for a command (SPEC 17; a memory-only pin set
+    when not given); ``publish`` announces ``hostname.changed``."""
 
     def __init__(
         self,
@@ -170,12 +175,16 @@ class ControlCommands:
         node_id: Callable[[], int],
         registry: HostnameRegistry | None,
         stopping: threading.Event,
+        names: NamePins | None = None,
+        publish: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.manager = manager
         self.status = status
         self.node_id = node_id
         self.registry = registry
         self.stopping = stopping
+        self.names = names if names is not None else NamePins("")
+        self.publish = publish
         self._hostname_cache: dict[int, tuple[float, str]] = {}
 
     def execute(
@@ -247,6 +256,10 @@ class ControlCommands:
         return status
 
     def _do_resolve(self, hostname: str) -> dict[str, Any]:
+        """The node a hostname names, for a command's NODE argument: the registry's answer,
+        checked against the name's pin (SPEC 17). The first resolve pins ``name -> (node ID,
+        key)``; one that maps the name elsewhere fails naming both, publishes
+        ``hostname.changed``, and the command that asked does nothing."""
         if self.registry is None:
             raise RequestError(
                 "no_registry", f"cannot resolve {hostname!r}: this daemon has no registry"
@@ -255,11 +268,28 @@ class ControlCommands:
         node_id = answer.get("node_id")
         if type(node_id) is not int:
             raise RequestError("registry_error", f"the registry did not resolve {hostname!r}")
+        key = self.registry.lookup(node_id).get("public_key")
+        if not isinstance(key, str) or decode_key(key) is None:
+            raise RequestError(
+                "registry_error", f"the registry gave no key for node {node_id} ({hostname!r})"
+            )
+        try:
+            self.names.check(hostname, node_id, key)
+        except HostnameMoved as exc:
+            log.error("%s", exc)
+            if self.publish is not None:
+                self.publish(HOSTNAME_CHANGED, exc.payload())
+            raise RequestError("hostname_moved", str(exc)) from None
         return {
             "node_id": node_id,
             "hostname": answer.get("hostname", hostname),
             "public": bool(answer.get("public")),
         }
+
+    def _do_forget_name(self, hostname: str) -> dict[str, Any]:
+        if not self.names.forget(hostname):
+            raise RequestError("not_found", f"hostname {hostname} is not pinned")
+        return {"hostname": hostname, "status": "forgotten"}
 
     def _do_handshake(self, node_id: int, justification: str) -> dict[str, Any]:
         return {"node_id": node_id, "status": self.manager.send_request(node_id, justification)}

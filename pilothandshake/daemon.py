@@ -27,6 +27,7 @@ from .identity import Identity, verify
 from .manager import Manager
 from .messages import receipt_challenge
 from .metrics import Metrics, MetricsServer
+from .names import NAMES_FILE, NamePins
 from .registry.client import Client
 from .relay import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
@@ -294,6 +295,7 @@ class Daemon:
                 node_id=self.runtime.node_id,
                 registry=self.client,
                 group=config.control.group,
+                names=NamePins(os.path.join(os.path.dirname(config.identity), NAMES_FILE)),
             )
         except BaseException:
             self.manager.close()

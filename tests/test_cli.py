@@ -441,3 +441,30 @@ def test_status_wait_waits_for_the_daemon_to_answer(tmp_path: Path) -> None:
     gave_up = ctl("--socket", str(tmp_path / "none.sock"), "status", "--wait", "--timeout", "0.3")
     assert gave_up.returncode == 1
     assert gave_up.stderr.startswith("pilot-handshakectl: gave up after 0.3 s: ")
+
+
+def test_a_moved_hostname_fails_the_command_and_forget_name_drops_the_pin(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 15 item 1 (SPEC 17): `handshake build-agent` after the name moved to another
+    node does nothing and says how to accept the move."""
+    registry = FakeRegistry({9: "build-agent"})
+    with running_node(registry) as started:
+        code, out, err = run(started, capsys, "handshake", "build-agent", "hello")
+        assert (code, out, err) == (0, "request sent to 9\n", "")
+        registry.names = {12: "build-agent"}
+        registry.keys[12] = Peer(12).key
+        sent = len(started.runtime.sent)
+        code, out, err = run(started, capsys, "handshake", "build-agent", "hello")
+        assert (code, out) == (1, "")
+        assert err.strip() == (
+            "pilot-handshakectl: hostname build-agent moved from node 9 to node 12; if that "
+            "is expected: pilot-handshakectl forget-name build-agent"
+        )
+        assert len(started.runtime.sent) == sent  # the command did nothing
+        assert run(started, capsys, "forget-name", "build-agent")[:2] == (
+            0,
+            "forgot hostname build-agent\n",
+        )
+        code, out, err = run(started, capsys, "forget-name", "build-agent")
+        assert (code, err.strip()) == (1, "pilot-handshakectl: hostname build-agent is not pinned")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -69,6 +70,7 @@ class FakeRegistry:
 
     def __init__(self, names: dict[int, str]) -> None:
         self.names = names
+        self.keys = {node: Peer(node).key for node in names}
         self.lookups: list[int] = []
         self.down = False
 
@@ -76,7 +78,8 @@ class FakeRegistry:
         self.lookups.append(node_id)
         if self.down:
             raise RegistryError("registry unreachable")
-        return {"node_id": node_id, "hostname": self.names.get(node_id, "")}
+        key = self.keys.get(node_id, "")
+        return {"node_id": node_id, "hostname": self.names.get(node_id, ""), "public_key": key}
 
     def resolve_hostname(self, hostname: str) -> dict[str, Any]:
         for node_id, name in self.names.items():
@@ -567,6 +570,59 @@ def test_hostname_lookups_are_cached_and_stop_at_the_first_registry_failure() ->
         assert response["status"] == "ok"
         assert [p["hostname"] for p in response["data"]["pending"]] == [""] * 5
         assert len(registry.lookups) == 6  # one failed lookup, then none
+
+
+def test_a_resolved_hostname_is_pinned_and_a_move_fails_naming_both() -> None:
+    """Issue 15 item 1 (SPEC 17): the registry's name is a hint; the first answer is pinned,
+    and a later one that maps the name to another node or key is refused, announced, and
+    kept out of the command until the operator forgets the pin."""
+    registry = FakeRegistry({9: "build-agent"})
+    with running_node(registry) as started:
+        assert started.client.request("resolve", hostname="build-agent")["data"]["node_id"] == 9
+        pinned_key = registry.keys[9]
+        registry.names = {12: "build-agent"}  # the name now belongs to another node
+        registry.keys[12] = Peer(12).key
+        response = started.client.request("resolve", hostname="build-agent")
+        assert response == {
+            "status": "error",
+            "code": "hostname_moved",
+            "message": "hostname build-agent moved from node 9 to node 12; if that is "
+            "expected: pilot-handshakectl forget-name build-agent",
+        }
+        changed = [e["data"] for e in started.bus.recent() if e["event"] == "hostname.changed"]
+        assert changed == [
+            {
+                "peer_node_id": 9,
+                "hostname": "build-agent",
+                "public_key": pinned_key,
+                "new_node_id": 12,
+                "new_public_key": registry.keys[12],
+            }
+        ]
+        assert started.client.request("forget_name", hostname="build-agent")["data"] == {
+            "hostname": "build-agent",
+            "status": "forgotten",
+        }
+        assert started.client.request("resolve", hostname="build-agent")["data"]["node_id"] == 12
+        response = started.client.request("forget_name", hostname="nobody")
+        assert (response["status"], response["code"]) == ("error", "not_found")
+
+
+def test_the_same_node_with_another_key_is_a_moved_hostname_too() -> None:
+    registry = FakeRegistry({9: "build-agent"})
+    with running_node(registry) as started:
+        started.client.request("resolve", hostname="build-agent")
+        old = registry.keys[9]
+        registry.keys[9] = Peer(9).key  # the attack of issue 15: the ID re-bound to a new key
+        response = started.client.request("resolve", hostname="build-agent")
+        assert response["code"] == "hostname_moved"
+        assert re.fullmatch(
+            r"hostname build-agent moved from node 9 \(key [0-9a-f]{16}\) to node 9 "
+            r"\(key [0-9a-f]{16}\); if that is expected: pilot-handshakectl forget-name "
+            r"build-agent",
+            response["message"],
+        )
+        assert old != registry.keys[9]
 
 
 def test_resolve_without_a_registry_says_so(node: Node) -> None:
