@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any, Callable
 
 from .config import Config, format_address, load_config, parse_address
+from .constants import STOP_TIMEOUT
 from .control import ControlServer
 from .errors import HandshakeError, RegistryError, SendError
 from .events import EventBus
@@ -27,7 +28,7 @@ from .identity import Identity, verify
 from .manager import Manager
 from .messages import receipt_challenge
 from .metrics import Metrics, MetricsServer
-from .names import NAMES_FILE, NamePins
+from .names import NAMES_FILE, HostnameLearner, NamePins
 from .registry.client import Client
 from .relay import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
@@ -287,6 +288,7 @@ class Daemon:
             raise
         self.runtime.set_peer_keys(self.manager.peer_key)
         try:
+            self.names = NamePins(os.path.join(os.path.dirname(config.identity), NAMES_FILE))
             self.control = ControlServer(
                 config.control_socket,
                 self.manager,
@@ -295,7 +297,7 @@ class Daemon:
                 node_id=self.runtime.node_id,
                 registry=self.client,
                 group=config.control.group,
-                names=NamePins(os.path.join(os.path.dirname(config.identity), NAMES_FILE)),
+                names=self.names,
             )
         except BaseException:
             self.manager.close()
@@ -304,6 +306,12 @@ class Daemon:
             raise
         self.loop: RegistryLoop | None = None
         self.metrics_server: MetricsServer | None = None
+        # A trusted peer's hostname is pinned when first learnt (SPEC 17).
+        self.learner = (
+            HostnameLearner(self.names, self.events, self.client.lookup, self.manager.peer_key)
+            if self.client is not None
+            else None
+        )
         self.metrics.watch(
             trusted=lambda: len(self.manager.trusted_peers()),
             pending=self.manager.pending_count,
@@ -398,6 +406,8 @@ class Daemon:
         for warning in self.config.security_warnings():
             log.warning("%s", warning)
         self.events.start()
+        if self.learner is not None:
+            self.learner.start()
         try:
             self.manager.start()
         except OSError as exc:
@@ -449,6 +459,8 @@ class Daemon:
         # stop() does nothing for a Manager that never started; the directory lock must
         # still be released.
         self.manager.close()
+        if self.learner is not None:
+            self.learner.stop(STOP_TIMEOUT)
         self.events.stop()
         self.control.stop()
         if self.client is not None:

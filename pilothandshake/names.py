@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from typing import Any, Callable
 
 from . import fsutil
 from .errors import HandshakeError, StoreError
-from .identity import decode_key, fingerprint
+from .events import EventBus
+from .identity import b64encode, decode_key, fingerprint
 
-__all__ = ["HOSTNAME_CHANGED", "NAMES_FILE", "HostnameMoved", "NamePins"]
+__all__ = ["HOSTNAME_CHANGED", "NAMES_FILE", "HostnameLearner", "HostnameMoved", "NamePins"]
 
 log = logging.getLogger(__name__)
 
@@ -167,3 +169,78 @@ def _load(path: str) -> dict[str, tuple[int, str]]:
             raise StoreError(f"{path}: names.{name}: expected node_id (integer), public_key")
         pins[name] = (node, key)
     return pins
+
+
+class HostnameLearner:
+    """Pins the hostname of each peer we come to trust, when first learnt (SPEC 17).
+
+    Follows ``events`` on a thread of its own: after a ``trust.changed`` grant it asks
+    ``lookup`` (the registry's) for the peer and pins the hostname there, but only when the
+    registry binds the peer to the key we trust (``trusted_key``); a name pinned already is
+    left as it is. Best effort: a failed lookup pins nothing (the next command that resolves
+    the name pins it)."""
+
+    def __init__(
+        self,
+        pins: NamePins,
+        events: EventBus,
+        lookup: Callable[[int], dict[str, Any]],
+        trusted_key: Callable[[int], bytes | None],
+    ) -> None:
+        """Learn into ``pins``; nothing runs until ``start()``."""
+        self._pins = pins
+        self._events = events
+        self._lookup = lookup
+        self._trusted_key = trusted_key
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Follow the event stream on a daemon thread."""
+        subscription = self._events.subscribe()
+        self._thread = threading.Thread(
+            target=self._run, args=(subscription,), name="hostname-learner", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Stop following (waits up to ``timeout`` for a lookup in flight)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self, subscription: Any) -> None:
+        try:
+            while not self._stopping.is_set():
+                event = subscription.get(_FOLLOW_POLL)
+                data = event.get("data") if event is not None else None
+                if (
+                    event is not None
+                    and event.get("event") == _TRUST_CHANGED
+                    and isinstance(data, dict)
+                    and data.get("state") == "granted"
+                    and type(data.get("peer_node_id")) is int
+                ):
+                    self.learn(data["peer_node_id"])
+        finally:
+            subscription.close()
+
+    def learn(self, node_id: int) -> None:
+        """Pin the registry's hostname of the trusted ``node_id``, if it has one and the
+        registry binds the key we trust."""
+        try:
+            answer = self._lookup(node_id)
+        except (HandshakeError, OSError) as exc:
+            log.debug("no hostname learnt for node %d: %s", node_id, exc)
+            return
+        name = answer.get("hostname")
+        key = decode_key(answer.get("public_key"))
+        if not isinstance(name, str) or not name or key is None:
+            return
+        if key != self._trusted_key(node_id):
+            return  # the registry binds another key: that name is not our peer's
+        self._pins.learn(name, node_id, b64encode(key))
+
+
+_TRUST_CHANGED = "trust.changed"
+_FOLLOW_POLL = 0.5  # how often the learner checks whether it should stop

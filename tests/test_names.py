@@ -6,13 +6,15 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 from fakeruntime import Peer
 
 from pilothandshake.errors import StoreError
-from pilothandshake.names import HostnameMoved, NamePins
+from pilothandshake.events import EventBus
+from pilothandshake.names import HostnameLearner, HostnameMoved, NamePins
 
 
 def test_a_pin_survives_a_restart_and_a_move_is_refused_after_it(tmp_path: Path) -> None:
@@ -70,3 +72,33 @@ def test_a_pin_that_cannot_be_written_is_not_kept(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot write"):
         pins.check("a", 1, Peer(1).key)
     assert pins.pinned("a") is None
+
+
+def test_a_trusted_peers_hostname_is_pinned_when_first_learnt(tmp_path: Path) -> None:
+    """Only for the key we trust: a registry that binds the peer's ID to another key does
+    not get to name it."""
+    peer, other = Peer(7), Peer(8)
+    pins = NamePins(str(tmp_path / "names.json"))
+    answers = {
+        7: {"hostname": "build-agent", "public_key": peer.key},
+        8: {"hostname": "db", "public_key": Peer(8).key},  # not the key we trusted
+    }
+    trusted = {7: peer.key, 8: other.key}
+    bus = EventBus(lambda: 1)
+    bus.start()
+    learner = HostnameLearner(
+        pins, bus, lambda node: answers[node], lambda node: base64.b64decode(trusted[node])
+    )
+    learner.start()
+    try:
+        bus.publish("trust.changed", {"peer_node_id": 8, "state": "granted"})
+        bus.publish("trust.changed", {"peer_node_id": 7, "state": "revoked"})
+        bus.publish("trust.changed", {"peer_node_id": 7, "state": "granted"})
+        deadline = time.monotonic() + 10
+        while pins.pinned("build-agent") is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        learner.stop(5)
+        bus.stop(timeout=2)
+    assert NamePins(str(tmp_path / "names.json")).pinned("build-agent") == (7, peer.key)
+    assert pins.pinned("db") is None
