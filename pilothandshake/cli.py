@@ -101,6 +101,16 @@ def _handshake_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("justification", metavar="JUSTIFICATION")
 
 
+def _approve_arguments(parser: argparse.ArgumentParser) -> None:
+    _node_argument(parser)
+    parser.add_argument(
+        "--new-key",
+        metavar="FPR",
+        help="approve a KEY CHANGED request: its key's fingerprint (hex, or a prefix of at "
+        "least 16 digits) or base64 key",
+    )
+
+
 def _reject_arguments(parser: argparse.ArgumentParser) -> None:
     _node_argument(parser)
     parser.add_argument("reason", nargs="?", default="", metavar="REASON")
@@ -129,7 +139,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "status": ("node ID, hostname, listen address, registry, counts", _status_arguments),
     "handshake": ("ask a node for trust", _handshake_arguments),
     "pending": ("list pending requests", _no_arguments),
-    "approve": ("approve a pending request", _node_argument),
+    "approve": ("approve a pending request", _approve_arguments),
     "reject": ("reject a pending request", _reject_arguments),
     "trust": ("list trusted peers (and conflicting records)", _no_arguments),
     "untrust": ("revoke trust in a node, or withdraw our request to it", _node_argument),
@@ -320,7 +330,8 @@ def _show_pending(data: dict[str, Any]) -> str:
     rows = [
         [
             _label(p["node_id"], p.get("hostname")),
-            fingerprint(p["public_key"]) or "-",
+            (fingerprint(p["public_key"]) or "-")
+            + (" KEY CHANGED" if p.get("key_changed") else ""),
             _printable(p["justification"], _JUSTIFICATION_WIDTH),
             _age(p["received_at"], now),
         ]
@@ -393,6 +404,8 @@ def _request_args(client: Client, options: argparse.Namespace) -> dict[str, Any]
         args["node_id"] = client.resolve(options.node)
     if options.command == "handshake":
         args["justification"] = options.justification
+    elif options.command == "approve" and options.new_key is not None:
+        args["new_key"] = options.new_key
     elif options.command == "reject":
         args["reason"] = options.reason
     elif options.command == "wait":

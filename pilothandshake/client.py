@@ -313,9 +313,14 @@ class Client:
         node = self.resolve(peer_node_id)
         return str(self.call("handshake", node_id=node, justification=justification)["status"])
 
-    def approve_handshake(self, peer_node_id: int | str) -> bool:
-        """Approve the pending request of ``peer_node_id``; False when none is pending."""
-        return self._answer("approve", peer_node_id, {})
+    def approve_handshake(self, peer_node_id: int | str, new_key: str | None = None) -> bool:
+        """Approve the pending request of ``peer_node_id``; False when none is pending. A
+        KEY CHANGED request (SPEC 17) is refused (``HandshakeError``) unless ``new_key``
+        names its key: its hex fingerprint, a prefix of at least 16 hex digits, or the
+        base64 key."""
+        return self._answer(
+            "approve", peer_node_id, {} if new_key is None else {"new_key": new_key}
+        )
 
     def reject_handshake(self, peer_node_id: int | str, reason: str = "") -> bool:
         """Reject the pending request of ``peer_node_id``; False when none is pending."""

@@ -10,6 +10,7 @@ the server answers it). ``execute`` never raises: every failure is an error resp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from .constants import REGISTRY_CACHE_TTL, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOU
 from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
 from .identity import decode_key
 from .manager import Manager
+from .manager.auth import key_changed
 from .messages import MAX_NODE_ID
 from .names import HOSTNAME_CHANGED, HostnameMoved, NamePins
 from .store import format_time
@@ -44,7 +46,7 @@ COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "status": (frozenset(), frozenset()),
     "handshake": (frozenset({"node_id", "justification"}), frozenset()),
     "pending": (frozenset(), frozenset()),
-    "approve": (frozenset({"node_id"}), frozenset()),
+    "approve": (frozenset({"node_id"}), frozenset({"new_key"})),
     "reject": (frozenset({"node_id"}), frozenset({"reason"})),
     "trust": (frozenset(), frozenset()),
     "untrust": (frozenset({"node_id"}), frozenset()),
@@ -109,7 +111,7 @@ def _check_arg(name: str, value: Any) -> Any:
         if type(value) is not int or not 0 <= value <= MAX_NODE_ID:
             raise RequestError("bad_request", f"node_id must be an integer 0..{MAX_NODE_ID}")
         return value
-    if name in ("justification", "reason"):
+    if name in ("justification", "reason", "new_key"):
         if not isinstance(value, str):
             raise RequestError("bad_request", f"{name} must be a string")
         return value
@@ -159,6 +161,12 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     if unknown:
         raise RequestError("bad_request", f"{command} does not take {', '.join(unknown)}")
     return command, {name: _check_arg(name, value) for name, value in request.items()}
+
+
+def _fingerprint(public_key: str) -> str:
+    """The hex SHA-256 of the raw key (what ``approve --new-key`` takes), "" for no key."""
+    raw = decode_key(public_key)
+    return hashlib.sha256(raw).hexdigest() if raw is not None else ""
 
 
 class ControlCommands:
@@ -296,6 +304,7 @@ class ControlCommands:
 
     def _do_pending(self) -> dict[str, Any]:
         pending = self.manager.pending_requests()
+        records = {r.node_id: r for r in self.manager.trusted_peers()}
         names = self._hostnames([p.node_id for p in pending])
         return {
             "pending": [
@@ -303,6 +312,8 @@ class ControlCommands:
                     "node_id": p.node_id,
                     "hostname": names.get(p.node_id, ""),
                     "public_key": p.public_key,
+                    "fingerprint": _fingerprint(p.public_key),
+                    "key_changed": key_changed(records.get(p.node_id), p),
                     "justification": p.justification,
                     "received_at": format_time(p.received_at),
                 }
@@ -310,8 +321,8 @@ class ControlCommands:
             ]
         }
 
-    def _do_approve(self, node_id: int) -> dict[str, Any]:
-        if not self.manager.approve_handshake(node_id):
+    def _do_approve(self, node_id: int, new_key: str | None = None) -> dict[str, Any]:
+        if not self.manager.approve_handshake(node_id, new_key=new_key):
             raise RequestError("not_found", f"nothing pending for node {node_id}")
         return {"node_id": node_id, "status": "approved"}
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
 import socket
@@ -22,7 +24,7 @@ from test_control import FakeRegistry, Node, running_node
 from pilothandshake import cli
 from pilothandshake.cli import main_handshakectl
 from pilothandshake.identity import fingerprint
-from pilothandshake.store import format_time
+from pilothandshake.store import TrustRecord, format_time
 
 CTL = str(Path(__file__).resolve().parent.parent / "bin" / "pilot-handshakectl")
 
@@ -468,3 +470,31 @@ def test_a_moved_hostname_fails_the_command_and_forget_name_drops_the_pin(
         )
         code, out, err = run(started, capsys, "forget-name", "build-agent")
         assert (code, err.strip()) == (1, "pilot-handshakectl: hostname build-agent is not pinned")
+
+
+def test_a_key_changed_request_is_marked_and_approve_passes_the_named_key(
+    node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 item 5 (SPEC 17): node 9 is trusted with one key and asks again with another
+    (the decision itself is tested in test_manager_conflict)."""
+    peer = Peer(9)
+    node.receive_request(peer)
+    trusted_with = Peer(9).key
+    record = TrustRecord(9, trusted_with, datetime.now(timezone.utc))
+    monkeypatch.setattr(node.manager, "trusted_peers", lambda: [record])
+    code, out, _ = run(node, capsys, "pending")
+    assert code == 0 and f"{fingerprint(peer.key)} KEY CHANGED" in out
+    code, out, _ = run(node, capsys, "--json", "pending")
+    (entry,) = json.loads(out)["data"]["pending"]
+    full = hashlib.sha256(base64.b64decode(peer.key)).hexdigest()
+    assert (entry["key_changed"], entry["fingerprint"]) == (True, full)
+    asked: list[tuple[int, str | None]] = []
+
+    def approve(peer_node_id: int, new_key: str | None = None) -> bool:
+        asked.append((peer_node_id, new_key))
+        return True
+
+    monkeypatch.setattr(node.manager, "approve_handshake", approve)
+    assert run(node, capsys, "approve", "9", "--new-key", full[:16])[:2] == (0, "approved 9\n")
+    assert run(node, capsys, "approve", "9")[0] == 0
+    assert asked == [(9, full[:16]), (9, None)]

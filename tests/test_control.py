@@ -200,8 +200,17 @@ def test_pending_lists_requests_with_rfc3339_times(node: Node) -> None:
     response = node.client.request("pending")
     assert response["status"] == "ok"
     [item] = response["data"]["pending"]
-    assert set(item) == {"node_id", "hostname", "public_key", "justification", "received_at"}
+    assert set(item) == {
+        "node_id",
+        "hostname",
+        "public_key",
+        "fingerprint",
+        "key_changed",
+        "justification",
+        "received_at",
+    }
     assert item["hostname"] == ""  # no registry: no hostnames
+    assert item["key_changed"] is False and len(item["fingerprint"]) == 64
     assert (item["node_id"], item["public_key"], item["justification"]) == (
         9,
         peer.key,

@@ -55,6 +55,7 @@ from ..pool import BackgroundPool
 from ..runtime import Closeable, Runtime
 from ..store import OUTGOING, Change, OutgoingRequest, PendingHandshake, TrustRecord
 from ..wire import read_message, write_receipt
+from .auth import approval_problem
 from .binding import answer_key
 from .clock import Clock, Now, SystemClock
 from .decide import (
@@ -434,10 +435,34 @@ class Manager:
             except StoreError as exc:
                 log.error("could not forget the outgoing request to node %d: %s", peer, exc)
 
-    def approve_handshake(self, peer_node_id: int) -> bool:
-        """Trust the pending requester ``peer_node_id`` (``mutual=False``); False when nothing
-        was pending. Raises ``StoreError`` (nothing announced) when the write fails."""
-        return self._decide(decide_approve, peer_node_id) is not None
+    def approve_handshake(self, peer_node_id: int, new_key: str | None = None) -> bool:
+        """Trust the pending requester ``peer_node_id`` (``mutual=False``), or a trust record
+        in conflict with the registry again with its own key; False when neither. Raises
+        ``StoreError`` (nothing announced) when the write fails.
+
+        A KEY CHANGED request (SPEC 17: the node has a trust record with another key) is
+        refused with ``HandshakeError`` unless ``new_key`` names its key: the hex
+        fingerprint ``pending`` shows, a prefix of at least 16 hex digits, or the base64
+        key."""
+        peer = peer_node_id
+        refused: list[str] = []
+
+        def approve(view: Any, now: Now) -> Decision | None:
+            request = view.state.pending.get(peer)
+            if request is not None:
+                problem = approval_problem(view.state.trusted.get(peer), request, new_key)
+                if problem:
+                    refused.append(problem)
+                    return None
+            elif new_key is not None:
+                refused.append(f"nothing pending for node {peer}: --new-key names no request")
+                return None
+            return decide_approve(view, peer, now)
+
+        decision = self._decide(approve)
+        if refused:
+            raise HandshakeError(refused[0])
+        return decision is not None
 
     def reject_handshake(self, peer_node_id: int, reason: str = "") -> bool:
         """Drop the pending request of ``peer_node_id`` and tell it why; False when nothing

@@ -168,6 +168,11 @@ class Intake:
             return None
         if registry is not None and not checked:
             answer, bound = self._bind(registry, node, key)
+        if isinstance(bound, str) and pin.kind is not None and pin.kind.record and key == pin.key:
+            # A trust record's own key always authenticates its peer, whatever key the
+            # registry now binds to the node ID (SPEC 5 step 3, round 3): not bound, and the
+            # record is in conflict, which the decision sees.
+            bound = False
         if isinstance(bound, str):
             self._drops.drop(node, remote, bound)
             return None
