@@ -391,9 +391,9 @@ def test_unbound_direct_requests_are_limited_per_source_address(
     # A replacement from a node already pending is not a new entry.
     again = peers[0].data(HANDSHAKE_REQUEST, OWN, justification="again")
     manager.process_message(again, "127.0.0.1:1")
-    # Another address has its own quota.
+    # Another /24 has its own quota.
     other = peers[2].data(HANDSHAKE_REQUEST, OWN, justification="other")
-    manager.process_message(other, "127.0.0.2:5000")
+    manager.process_message(other, "127.0.1.2:5000")
     assert [(p.node_id, p.justification) for p in manager.pending_requests()] == [
         (10, "again"),
         (11, ""),
@@ -405,7 +405,7 @@ def test_unbound_direct_requests_are_limited_per_source_address(
 def test_full_queue_drops_unbound_and_lets_bound_evict_the_oldest_unbound(
     nodes: Nodes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # One unbound request from each of 255 addresses: no source holds more than its share.
+    # One unbound request from each of 255 /24s: no source holds more than its share.
     pending = tuple(
         PendingHandshake(
             100 + i,
@@ -413,7 +413,7 @@ def test_full_queue_drops_unbound_and_lets_bound_evict_the_oldest_unbound(
             "",
             T0.replace(minute=i % 60, second=i // 60),
             False,
-            f"10.0.{i // 200}.{i % 200}",
+            f"10.{i // 200}.{i % 200}.1",
         )
         for i in range(MAX_PENDING - 1)
     )

@@ -29,7 +29,7 @@ from .binding import SIDE_TABLE_LIMIT, Binding, Checked, answer_key, answer_netw
 from .clock import Clock
 from .decide import CONFLICT, Context, Inbound
 from .droplog import DropLog, quote
-from .queue import Limits
+from .queue import RELAY, Limits
 from .replay import ReplaySet
 from .state import State
 
@@ -37,7 +37,6 @@ __all__ = ["RELAY", "Intake", "remote_address", "source_host"]
 
 log = logging.getLogger(__name__)
 
-RELAY = "relay"  # the source and remote of relayed input: one source for quotas
 # A request arriving again by the other path (direct / relay) within this is a duplicate.
 _DUPLICATE_WINDOW = MAX_MESSAGE_AGE
 
