@@ -160,6 +160,23 @@ def test_row4_pinned_allowlist_key_needs_no_registry(nodes: Nodes, peer: Peer) -
     assert_accept_replied(manager, runtime, relayed=False)
 
 
+def test_row4_a_pinned_allowlist_key_is_not_looked_up_so_a_hung_registry_cannot_delay_it(
+    nodes: Nodes, peer: Peer
+) -> None:
+    """Round 3: the receipt waits for the decision (SPEC 3), and the sender waits 2 s; a
+    registry that hangs for its 5 s must not hold back a message the operator's pin already
+    decides. The pin binds the key as the registry's lookup would (SPEC 6 row 4)."""
+    registry = FakeRegistry()
+    registry.lookup_errors.add(7)
+    manager, runtime = nodes.make(registry=registry)
+    runtime.allowlist[7] = AllowlistEntry(7, "deployer", peer.key)
+    manager.send_request(7, "hello")
+    send_direct(manager, peer)
+    assert registry.calls_of("lookup") == []
+    record = assert_granted(manager, runtime, "mutual")  # bound by the pin: row 2 applies
+    assert record.public_key == peer.key
+
+
 def test_row4_unpinned_agent_without_registry_goes_pending(nodes: Nodes, peer: Peer) -> None:
     manager, runtime = nodes.make()
     runtime.allowlist[7] = AllowlistEntry(7, "build-agent")

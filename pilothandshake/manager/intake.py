@@ -166,7 +166,10 @@ class Intake:
             self._drops.drop(node, remote, problem)
             return None
         if registry is not None and not checked:
-            answer, bound = self._bind(registry, node, key)
+            if self._agent_pinned(node, key):
+                bound = True  # the operator's pin stands in for the registry's binding
+            else:
+                answer, bound = self._bind(registry, node, key)
         if isinstance(bound, str) and pin.kind is not None and pin.kind.record and key == pin.key:
             # A trust record's own key always authenticates its peer, whatever key the
             # registry now binds to the node ID (SPEC 5 step 3, round 3): not bound, and the
@@ -241,6 +244,14 @@ class Intake:
             registry_key=registry_key,
             networks=answer_networks(answer),
         )
+
+    def _agent_pinned(self, node: int, key: bytes) -> bool:
+        """Whether ``key`` is the key the allowlist pins for ``node``. The operator's key
+        binds then, as the registry's would (SPEC 6 row 4 treats the two alike), so the
+        registry is not asked: a hung registry must not hold back the message's receipt
+        past the sender's grace (SPEC 3)."""
+        agent = self._rt.trusted_agent(node)
+        return agent is not None and bool(agent.public_key) and decode_key(agent.public_key) == key
 
     def refused(self, node: int, remote: str) -> bool:
         """SPEC 5 step 1: input claiming our own node ID, or from a denied node, is dropped."""
