@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 NAMES_FILE = "names.json"  # beside the identity
 HOSTNAME_CHANGED = "hostname.changed"  # event topic (SPEC 14)
+_TRUST_CHANGED = "trust.changed"  # what the learner follows (grants only)
+_FOLLOW_POLL = 0.5  # how often the learner checks whether it should stop
 
 
 class HostnameMoved(HandshakeError):
@@ -240,7 +242,3 @@ class HostnameLearner:
         if key != self._trusted_key(node_id):
             return  # the registry binds another key: that name is not our peer's
         self._pins.learn(name, node_id, b64encode(key))
-
-
-_TRUST_CHANGED = "trust.changed"
-_FOLLOW_POLL = 0.5  # how often the learner checks whether it should stop

@@ -9,9 +9,10 @@ without a whole message, if that one is older than ``EVICT_AFTER``: hosts trickl
 over many addresses cannot hold every slot (slowloris). Only when none qualifies is the
 newcomer reset.
 
-A connection counts as complete once its write side is shut down: ``wire.read_message``
-does that as soon as it holds one whole message (SPEC 3), so a connection whose message is
-being processed is never evicted.
+A connection counts as complete once the handler shuts down a direction of it:
+``wire.read_message`` shuts down the read side as soon as it holds one whole message
+(SPEC 3), so a connection whose message is being processed (its receipt not yet written) is
+never evicted.
 """
 
 from __future__ import annotations
