@@ -10,28 +10,31 @@ from __future__ import annotations
 import json
 import time
 
-from .conftest import Fleet, Node, wait_until
+from .conftest import Fleet, Node, Registry, wait_until
 from .test_outages import kill, restart
 
 # The outbox's first retry (10 s) and backoff, plus A's poll backoff, after the return.
 DELIVERY_DEADLINE = 60.0
 
 
-def asked_through_the_relay(a: Node, b: Node) -> tuple[int, int]:
-    a_id, b_id = a.node_id, b.node_id
-    assert a.control("handshake", node_id=b_id, justification="nightly sync")["status"] == "relayed"
-    wait_until(lambda: a_id in b.pending(), timeout=20, what="the relayed request at B")
-    return a_id, b_id
-
-
-def test_an_approval_given_during_a_registry_outage_arrives_after_it(fleet: Fleet) -> None:
+def asked_through_the_relay(fleet: Fleet) -> tuple[Node, Node, Registry]:
+    """A (public) asks B (private, so only through the relay); then the registry is killed
+    and B knows it is down."""
     registry = fleet.registry().start()
     a, b = fleet.node("a", registry, public=True), fleet.node("b", registry)
     a.start()
     b.start()
-    a_id, b_id = asked_through_the_relay(a, b)
+    a_id, b_id = a.node_id, b.node_id
+    assert a.control("handshake", node_id=b_id, justification="nightly sync")["status"] == "relayed"
+    wait_until(lambda: a_id in b.pending(), timeout=20, what="the relayed request at B")
     kill(registry)
     wait_until(lambda: not b.status()["registry"]["reachable"], timeout=20, what="B sees it down")
+    return a, b, registry
+
+
+def test_an_approval_given_during_a_registry_outage_arrives_after_it(fleet: Fleet) -> None:
+    a, b, registry = asked_through_the_relay(fleet)
+    a_id, b_id = a.node_id, b.node_id
     b.control("approve", node_id=a_id)  # B trusts A at once; the answer cannot leave
     assert a_id in b.trusted()
     wait_until(lambda: b.status()["undelivered"] == 1, timeout=20, what="the kept approval")
@@ -48,13 +51,8 @@ def test_an_approval_given_during_a_registry_outage_arrives_after_it(fleet: Flee
 
 
 def test_a_rejection_given_during_a_registry_outage_arrives_after_it(fleet: Fleet) -> None:
-    registry = fleet.registry().start()
-    a, b = fleet.node("a", registry, public=True), fleet.node("b", registry)
-    a.start()
-    b.start()
-    a_id, b_id = asked_through_the_relay(a, b)
-    kill(registry)
-    wait_until(lambda: not b.status()["registry"]["reachable"], timeout=20, what="B sees it down")
+    a, b, registry = asked_through_the_relay(fleet)
+    a_id, b_id = a.node_id, b.node_id
     b.control("reject", node_id=a_id, reason="not today")
     wait_until(lambda: b.status()["undelivered"] == 1, timeout=20, what="the kept rejection")
     restart(registry)
