@@ -10,7 +10,6 @@ the server answers it). ``execute`` never raises: every failure is an error resp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 from .constants import REGISTRY_CACHE_TTL, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
 from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
-from .identity import decode_key
+from .identity import decode_key, full_fingerprint
 from .manager import Manager
 from .manager.auth import key_changed
 from .messages import MAX_NODE_ID
@@ -161,12 +160,6 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     if unknown:
         raise RequestError("bad_request", f"{command} does not take {', '.join(unknown)}")
     return command, {name: _check_arg(name, value) for name, value in request.items()}
-
-
-def _fingerprint(public_key: str) -> str:
-    """The hex SHA-256 of the raw key (what ``approve --new-key`` takes), "" for no key."""
-    raw = decode_key(public_key)
-    return hashlib.sha256(raw).hexdigest() if raw is not None else ""
 
 
 class ControlCommands:
@@ -312,7 +305,7 @@ class ControlCommands:
                     "node_id": p.node_id,
                     "hostname": names.get(p.node_id, ""),
                     "public_key": p.public_key,
-                    "fingerprint": _fingerprint(p.public_key),
+                    "fingerprint": full_fingerprint(p.public_key),
                     "key_changed": key_changed(records.get(p.node_id), p),
                     "justification": p.justification,
                     "received_at": format_time(p.received_at),

@@ -9,12 +9,11 @@ again under the lock just before a decision (SPEC 16). ``key_changed`` and
 from __future__ import annotations
 
 import enum
-import hashlib
 import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
-from ..identity import decode_key, decode_signature, verify
+from ..identity import decode_key, decode_signature, full_fingerprint, verify
 from ..messages import HandshakeMsg, handshake_challenge
 from ..store import PendingHandshake, TrustRecord
 
@@ -166,7 +165,7 @@ def approval_problem(
     too (the operator meant a specific key)."""
     node = request.node_id
     key = decode_key(request.public_key)
-    shown = hashlib.sha256(key).hexdigest() if key is not None else ""
+    shown = full_fingerprint(request.public_key)
     if new_key is None:
         if not key_changed(record, request):
             return ""
@@ -175,11 +174,12 @@ def approval_problem(
             f"key node {node} was trusted with; if the node really has a new key: approve "
             f"{node} --new-key {shown[:_MIN_PREFIX]}; else reject {node}"
         )
-    named = new_key.strip().lower()
-    if decode_key(new_key.strip()) is not None:
-        matches = decode_key(new_key.strip()) == key
-    elif _HEX.fullmatch(named) and _MIN_PREFIX <= len(named) <= 64:
-        matches = bool(shown) and shown.startswith(named)
+    named = new_key.strip()
+    named_key = decode_key(named)
+    if named_key is not None:
+        matches = named_key == key
+    elif _HEX.fullmatch(named.lower()) and _MIN_PREFIX <= len(named) <= 64:
+        matches = bool(shown) and shown.startswith(named.lower())
     else:
         return (
             f"--new-key {new_key!r}: expected the key's fingerprint (64 hex digits, or a prefix "
