@@ -64,10 +64,12 @@ class ReportTrust:
 
 @dataclass(frozen=True)
 class Respond:
-    """``respond_handshake(self, peer, accept)`` at the registry (the relayed answer)."""
+    """``respond_handshake(self, peer, accept)`` at the registry (the relayed answer), with a
+    rejection's ``reason``."""
 
     peer: int
     accept: bool
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class Effects:
         elif isinstance(effect, RevokeAtRegistry):
             registry.revoke_trust(own, effect.peer)
         else:
-            self._respond(effect.peer, effect.accept)
+            self._respond(effect.peer, effect.accept, effect.reason)
 
     def message(
         self, msg_type: str, peer: int, *, justification: str = "", reason: str = ""
@@ -204,12 +206,13 @@ class Effects:
                 log.info("direct accept to node %d failed (%s); relaying", peer, exc)
         self._respond(peer, True)
 
-    def _respond(self, peer: int, accept: bool) -> None:
+    def _respond(self, peer: int, accept: bool, reason: str = "") -> None:
         registry = self._rt.registry()
         if registry is None:
             return
         own = self._rt.node_id()
-        registry.respond_handshake(own, peer, accept, self.signature(respond_challenge(own, peer)))
+        signature = self.signature(respond_challenge(own, peer))
+        registry.respond_handshake(own, peer, accept, signature, reason)
         self._metrics.relay(HANDSHAKE_ACCEPT if accept else HANDSHAKE_REJECT, "out")
 
     def _dial(self, peer: int, message: HandshakeMsg) -> None:
