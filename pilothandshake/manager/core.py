@@ -377,7 +377,7 @@ class Manager:
 
     # Operator API (SPEC 7)
 
-    def send_request(self, peer_node_id: int, justification: str) -> str:
+    def send_request(self, peer_node_id: int, justification: str = "") -> str:
         """Ask ``peer_node_id`` for trust: "trusted" if it already is, "sent" when delivered
         directly, "relayed" when sent through the registry. Raises ``SendError`` when both
         fail (the outgoing entry is forgotten), ``StoreError`` before sending when the
