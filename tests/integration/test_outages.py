@@ -325,7 +325,7 @@ def approve_fails_and_changes_nothing(node: Node, directory: Path, os_error: str
     result = node.ctl("--json", "approve", "5")
     assert result.returncode == 1
     response = json.loads(result.stdout)
-    assert response["code"] == "store_error"
+    assert response["code"] == "internal"
     assert str(directory / "trust.json") in response["message"]
     assert os_error in response["message"]
     # Memory never runs ahead of the disk: still pending, not trusted, file untouched.
