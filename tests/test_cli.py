@@ -510,7 +510,7 @@ def test_requests_lists_every_state_with_unix_times(
         run(node, capsys, "untrust", "4")[1]
         == "request withdrawn from 4 (it was not trusted yet)\n"
     )
-    code, out, _ = run(node, capsys, "requests")
+    _, out, _ = run(node, capsys, "requests")
     header, *rows = out.splitlines()
     assert header.split() == ["NODE", "PATH", "STATE", "SENT", "REASON"]
     assert [row.split()[:3] for row in rows] == [

@@ -438,7 +438,7 @@ def test_stop_returns_within_stop_timeout_however_many_registry_calls_hang(
         trusted=tuple(TrustRecord(p.node_id, p.key, T0) for p in peers),
         pending=tuple(PendingHandshake(p.node_id, p.key, "hi", T0, True) for p in askers),
     )
-    manager, runtime = nodes.make(registry=registry)
+    manager, _ = nodes.make(registry=registry)
     try:
         manager.start()  # checks every record at the registry: the first lookup hangs
         for asker in askers:  # grants: report_trust and respond_handshake hang too
