@@ -814,8 +814,9 @@ def test_a_conflict_with_the_registry_is_noted_once_with_an_alarm() -> None:
     assert decision.conflicts == {7: B}
     assert decision.events == [("trust.conflict", {"peer_node_id": 7, "registry_key": B64})]
     assert "conflicts with the registry" in decision.alarms[0]
-    assert decide_conflict(View(state((trusted(),)), conflicts={7}), 7, A, B, NOW).empty
-    assert decide_conflict(view, 7, B, A, NOW).empty  # the record's key changed meanwhile
+    assert decide_conflict(View(state((trusted(),)), conflicts={7}), 7, A, B, NOW) == Decision()
+    changed = decide_conflict(view, 7, B, A, NOW)  # the record's key changed meanwhile
+    assert changed == Decision()
 
 
 # Go's payloads (SPEC 14) and the reason a peer is trusted

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Callable
 
 from ..constants import REVOKE_COOLDOWN
@@ -156,11 +157,6 @@ class Decision:
     drop: str = ""  # the input is dropped: a WARNING, nothing else
     quiet: str = ""  # the input is ignored: a DEBUG line, nothing else
     result: str = ""  # what an operator call returns
-
-    @property
-    def empty(self) -> bool:
-        """Nothing to apply to the state."""
-        return not (self.changes or self.cooldowns or self.conflicts)
 
     def dropped(self, reason: str) -> Decision:
         """A decision that only drops the input, for ``reason``."""
@@ -540,7 +536,7 @@ def decide_send(view: View, node: int, now: Now) -> Decision:
     return Decision(changes=[Change(OUTGOING, node, request)], cooldowns={node: None})
 
 
-def decide_sent(view: View, node: int, sent_at: Any, path: str, now: Now) -> Decision:
+def decide_sent(view: View, node: int, sent_at: datetime, path: str, now: Now) -> Decision:
     """Our request to ``node`` of ``sent_at`` went by ``path``: noted while it waits."""
     request = view.state.outgoing.get(node)
     if request is None or request.sent_at != sent_at or request.path == path:
@@ -548,7 +544,7 @@ def decide_sent(view: View, node: int, sent_at: Any, path: str, now: Now) -> Dec
     return Decision(changes=[Change(OUTGOING, node, replace(request, path=path))])
 
 
-def decide_unsent(view: View, node: int, sent_at: Any, now: Now) -> Decision:
+def decide_unsent(view: View, node: int, sent_at: datetime, now: Now) -> Decision:
     """Our request to ``node`` of ``sent_at`` reached it by no path: forget it, unless an
     answer or a newer request came meanwhile."""
     request = view.state.outgoing.get(node)
