@@ -432,7 +432,7 @@ class Manager:
         """Stop trusting ``peer_node_id``: remove trust, pending and outgoing, start the
         revoke cooldown, persist, tell the peer (best effort), ``remove_tunnel_peer``; the
         registry hears of it in the background. Returns "revoked", or "withdrawn" when it
-        was not trusted but we had asked it (the request is cancelled and the peer gets a
+        was not trusted but we had asked it (our request ends ``withdrawn`` and the peer gets a
         signed revoke, which removes our pending request there). Raises ``NotTrustedError``
         when neither (the rest still happens), ``HandshakeError`` for our own node ID."""
         peer = peer_node_id
