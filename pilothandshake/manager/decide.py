@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from ..constants import REVOKE_COOLDOWN
 from ..identity import b64encode, decode_key
-from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE
+from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE, WITHDRAWN
 from ..store import (
     ACCEPTED,
     DIRECT,
@@ -75,8 +75,6 @@ ACCEPTED_REASON = "mutual"  # the peer accepted our request: mutual, as Go recor
 LOCAL = "local"  # we revoked it
 BY_PEER = "by_peer"  # the peer revoked it
 _RELAYED_SUFFIX = ("trusted_agent", "auto_approve")
-
-WITHDRAWN = "request withdrawn"  # the reason a requester gives when it cancels its request
 
 Event = tuple[str, dict[str, Any]]
 
