@@ -120,6 +120,8 @@ class Case:
     record: tuple[str, bool, int] | None = None  # (public_key, mutual, network)
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] | None = None  # the INFO lines, when the case states them
+    cooldowns: dict[int, float | None] = field(default_factory=dict)  # side-table changes
+    conflicts: dict[int, bytes | None] = field(default_factory=dict)
 
 
 GRANTED = ["handshake.received", "handshake.auto_approved", "trust.changed"]
@@ -490,6 +492,64 @@ CASES: dict[str, Case] = {
         effects=[RevokeAtRegistry(7)],
         inline=[RemoveTunnelPeer(7)],
     ),
+    # SPEC 7: our own requests, every transition a decision (the operator's and the reaper's
+    # decisions take no Inbound: the table calls them on node 7)
+    "send: a fresh request, waiting, and the revoke cooldown ends": Case(
+        lambda v, i, c, n: decide_send(v, 7, n),
+        View(state(outgoing=(OutgoingRequest(7, T0, state="rejected"),)), revoked_at={7: 1.0}),
+        direct(),
+        changes=[("outgoing", 7, "waiting")],
+        cooldowns={7: None},
+    ),
+    "send to a trusted node: nothing changes": Case(
+        lambda v, i, c, n: decide_send(v, 7, n), View(state((trusted(),))), direct()
+    ),
+    "sent through the relay: the path is noted": Case(
+        lambda v, i, c, n: decide_sent(v, 7, T0, "relay", n),
+        View(state(outgoing=(7,))),
+        direct(),
+        changes=[("outgoing", 7, "waiting")],
+    ),
+    "sent by neither path: forgotten": Case(
+        lambda v, i, c, n: decide_unsent(v, 7, T0, n),
+        View(state(outgoing=(7,))),
+        direct(),
+        changes=[("outgoing", 7, False)],
+    ),
+    "untrust before an answer: withdrawn, cooldown starts": Case(
+        lambda v, i, c, n: decide_untrust(v, 7, Limits(), n),
+        View(state(outgoing=(7,))),
+        direct(),
+        changes=[("outgoing", 7, "withdrawn")],
+        effects=[Respond(7, False)],
+        inline=[Send(7, "handshake_revoke", "request withdrawn")],
+        cooldowns={7: NOW.monotonic},
+    ),
+    "reaper: a request waiting past outgoing_ttl expires": Case(
+        lambda v, i, c, n: decide_reap(v, 3600.0, 3600.0, n),
+        View(state(outgoing=(7,))),
+        direct(),
+        changes=[("outgoing", 7, "expired")],
+    ),
+    "reaper: an ended request is forgotten outgoing_ttl after it ended": Case(
+        lambda v, i, c, n: decide_reap(v, 3600.0, 3600.0, n),
+        View(state(outgoing=(OutgoingRequest(7, T0, state="rejected", ended_at=T0),))),
+        direct(),
+        changes=[("outgoing", 7, False)],
+    ),
+    "backfill: the registry's key fills in a keyless record": Case(
+        lambda v, i, c, n: decide_backfill(v, 7, A, n),
+        View(state((trusted(""),))),
+        direct(),
+        changes=[("trusted", 7, True)],
+    ),
+    "conflict: the registry binds the node to another key": Case(
+        lambda v, i, c, n: decide_conflict(v, 7, A, B, n),
+        View(state((trusted(),))),
+        direct(),
+        events=["trust.conflict"],
+        conflicts={7: B},
+    ),
 }
 
 
@@ -521,6 +581,7 @@ def test_decision_table(name: str) -> None:
         return
     assert [topic for topic, _ in decision.events] == case.events
     assert changes_of(decision) == case.changes
+    assert (decision.cooldowns, decision.conflicts) == (case.cooldowns, case.conflicts)
     assert decision.effects == case.effects
     assert decision.inline == case.inline
     payloads = dict(decision.events)
