@@ -543,3 +543,16 @@ def test_revoke_from_a_node_we_know_nothing_of_changes_and_announces_nothing(
     stranger = Peer(9)
     manager.process_message(stranger.data(HANDSHAKE_REVOKE, OWN), REMOTE)
     assert runtime.events == [] and runtime.removed == []
+
+
+def test_a_rejection_tells_its_reason_both_ways(nodes: Nodes, peer: Peer) -> None:
+    """Issue 16: the relayed answer carries the reason too (the registry may pass it on)."""
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    manager, runtime = nodes.make(registry=registry)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert manager.reject_handshake(7, "not today")
+    settle(manager)
+    [(own, to, accept, _signature, reason)] = registry.calls_of("respond_handshake")
+    assert (own, to, accept, reason) == (OWN, 7, False, "not today")
+    assert [m.reason for _, m in runtime.sent_messages()] == ["not today"]
