@@ -157,8 +157,9 @@ class Intake:
         answer: dict[str, Any] | None = None
         checked = False
         if pin_problem(pin, key, strict) and pin.kind is PinKind.TRUSTED and registry is not None:
-            # The registry may now bind this node ID to this key: then a trust record is in
-            # conflict (issue 11 item 7) and no longer pins.
+            # The registry may now bind this node ID to this key: then the trust record is in
+            # conflict (issue 11 item 7): its key still authenticates its peer, and this
+            # registry-bound key may wait as KEY CHANGED (SPEC 17).
             answer, bound = self._bind(registry, node, key)
             checked = True
             pin = self.pin(node)
