@@ -283,10 +283,9 @@ def _show_status(data: dict[str, Any]) -> str:
     ]
     if isinstance(registry, dict) and registry.get("hostname_error"):
         # The daemon runs without the name it was configured with: say so where it is seen.
-        wanted = _printable(str(registry.get("hostname", "")))
-        rows.insert(
-            1, ["hostname", f"{wanted} not set: {_printable(str(registry['hostname_error']))}"]
-        )
+        rows.insert(1, ["hostname", _printable(str(registry["hostname_error"]))])
+    if data.get("public_key"):
+        rows.append(["key", f"{data.get('fingerprint') or '-'}  {data['public_key']}"])
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
 
 

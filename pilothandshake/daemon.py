@@ -23,7 +23,7 @@ from .config import Config, format_address, load_config, parse_address
 from .control import ControlServer
 from .errors import HandshakeError, RegistryError, SendError
 from .events import EventBus
-from .identity import Identity
+from .identity import Identity, fingerprint
 from .manager import Manager
 from .metrics import Metrics, MetricsServer
 from .registry.client import Client
@@ -306,7 +306,9 @@ class Daemon:
         return self.runtime.listen_address or parse_address(self.config.listen)
 
     def status(self) -> dict[str, Any]:
-        """What ``pilot-handshakectl status`` shows (SPEC 13)."""
+        """What ``pilot-handshakectl status`` shows (SPEC 13), with this node's own public
+        key and its fingerprint (the form ``pending`` shows), so an operator can pin this
+        node in a peer's allowlist without opening identity.json."""
         loop = self.loop
         registry = None
         if self.config.registry is not None:
@@ -321,6 +323,8 @@ class Daemon:
             "registry": registry,
             "trusted": len(self.manager.trusted_peers()),
             "pending": self.manager.pending_count(),
+            "public_key": self.identity.public_key_b64,
+            "fingerprint": fingerprint(self.identity.public_key_b64),
             "webhook": (
                 {"url": self.config.events.webhook, "dropped": self.events.webhook_dropped}
                 if self.config.events.webhook

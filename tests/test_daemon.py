@@ -434,3 +434,19 @@ def test_legacy_mode_logs_one_warning_saying_what_it_relaxes(
         pass
     (line,) = [r.getMessage() for r in caplog.records if "legacy mode" in r.getMessage()]
     assert "Go-style signature" in line and "still needs a valid key and signature" in line
+
+
+def test_status_shows_the_nodes_own_key_as_pending_shows_keys(
+    short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pilothandshake.cli import main_handshakectl
+    from pilothandshake.identity import fingerprint
+
+    with Daemon(node_config(short_dir)) as daemon:
+        key = daemon.identity.public_key_b64
+        status = daemon.status()
+        assert (status["public_key"], status["fingerprint"]) == (key, fingerprint(key))
+        assert len(status["fingerprint"]) == 16
+        assert main_handshakectl(["--socket", daemon.config.control_socket, "status"]) == 0
+        shown = capsys.readouterr().out
+    assert f"key       {fingerprint(key)}  {key}" in shown.splitlines(), shown
