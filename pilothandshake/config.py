@@ -95,9 +95,11 @@ class EventsConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """Section ``metrics``: the ``HOST:PORT`` that serves ``/metrics`` over HTTP ("" = off)."""
+    """Section ``metrics``: the ``HOST:PORT`` that serves ``/metrics`` over HTTP ("" = off);
+    ``created_series`` keeps the ``_created`` series of counters and histograms."""
 
     listen: str = ""
+    created_series: bool = False
 
 
 @dataclass(frozen=True)
@@ -447,9 +449,10 @@ class _ConfigParser(FieldParser):
         )
 
     def metrics(self, value: object) -> MetricsConfig:
-        section = self.section(value, "metrics", ("listen",))
+        section = self.section(value, "metrics", ("listen", "created_series"))
         return MetricsConfig(
-            listen=self.get(section, "metrics", "listen", "", self.optional_listen)
+            listen=self.get(section, "metrics", "listen", "", self.optional_listen),
+            created_series=self.get(section, "metrics", "created_series", False, self.boolean),
         )
 
     def control(self, value: object) -> ControlConfig:

@@ -224,7 +224,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         """Build every part from ``config``; nothing listens until ``start()``."""
         self.config = config
-        self.metrics = Metrics(process=True)
+        self.metrics = Metrics(process=True, created=config.metrics.created_series)
         prepare_state_directory(config.identity)
         check_identity_mode(config.identity)
         self.identity = Identity.load_or_create(config.identity)
