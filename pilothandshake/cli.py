@@ -38,6 +38,9 @@ __all__ = ["main_handshakectl"]
 _JUSTIFICATION_WIDTH = 60
 _STATUS_WAIT_DEFAULT = 30.0  # `status --wait` without --timeout
 _STATUS_RETRY = 0.1  # how often `status --wait` tries again while the daemon starts
+# A state lock taken this recently before `status --wait` began, and free, was taken by the
+# daemon the operator just started (and that has exited since).
+_RECENT_LOCK = 5.0
 
 _EPILOG = f"""\
 the control socket is found from --socket, else --config FILE (control.sock beside the
@@ -393,8 +396,10 @@ def _request_args(client: Client, options: argparse.Namespace) -> dict[str, Any]
 
 def _status_when_ready(client: Client, timeout: float) -> dict[str, Any]:
     """The daemon's first ``status`` answer that has a node ID, waiting up to ``timeout``
-    while it starts (its socket appears only once port 444 serves and it registered)."""
+    while it starts (its socket appears only once port 444 serves and it registered).
+    Stops at once when no daemon holds the state directory any more (``_daemon_exited``)."""
     deadline = time.monotonic() + timeout
+    exited = _daemon_exited(client.path)
     while True:
         try:
             response = client.request("status")
@@ -405,9 +410,47 @@ def _status_when_ready(client: Client, timeout: float) -> dict[str, Any]:
             if response["status"] != "ok" or (isinstance(data, dict) and data.get("node_id")):
                 return response
             problem = f"pilot-handshaked at {client.path} has no node ID yet (not registered)"
+        gone = exited()
+        if gone:
+            raise _Failure(gone)
         if time.monotonic() >= deadline:
             raise _Failure(f"gave up after {timeout:g} s: {problem}")
         time.sleep(_STATUS_RETRY)
+
+
+def _daemon_exited(socket_path: str) -> Callable[[], str]:
+    """A check, called once per try of ``status --wait``: why no daemon will answer at
+    ``socket_path`` ("" while one may still). The state lock tells: a daemon takes it (and
+    touches it) at start. Free on two tries in a row after it was held, or taken, during
+    the wait, or taken less than ``_RECENT_LOCK`` seconds before the wait began, it belonged
+    to a daemon that has exited, such as one that died at start on "address already in
+    use". A lock free since long before the wait may belong to a daemon still starting."""
+    from .statelock import lock_path, probe
+
+    path = lock_path(socket_path)
+    first = previous = probe(path)
+    recent = first is not None and first.stamp is not None and (
+        time.time() - first.stamp[1] / 1e9 < _RECENT_LOCK
+    )
+    held = False
+
+    def exited() -> str:
+        nonlocal previous, held
+        now, before = probe(path), previous
+        previous = now
+        if first is None or now is None:
+            return ""  # no /proc/locks: wait as before
+        held = held or now.held
+        taken = held or recent or now.stamp != first.stamp
+        if now.held or not taken or before != now:
+            return ""
+        return (
+            f"no pilot-handshaked holds {os.path.dirname(path)} (its lock {path} is free "
+            "again): it exited; its log says why (its stderr, or journalctl -u "
+            "pilot-handshaked under systemd)"
+        )
+
+    return exited
 
 
 def _run(options: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ from test_control import FakeRegistry, Node, running_node
 
 from pilothandshake import cli
 from pilothandshake.cli import main_handshakectl
+from pilothandshake.config import Config
 from pilothandshake.identity import fingerprint
 from pilothandshake.store import format_time
 
@@ -217,7 +218,7 @@ def test_daemon_not_running_is_one_line_naming_the_socket(
 def test_socket_found_from_config_file(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
     config = os.path.join(os.path.dirname(node.path), "config.yaml")
     with open(config, "w") as handle:
-        handle.write("identity: identity.json\n")
+        handle.write("identity: identity.json\nnode_id: 7\n")
     assert main_handshakectl(["--config", config, "approve", "8"]) == 1
     assert "nothing pending for node 8" in capsys.readouterr().err
 
@@ -441,3 +442,45 @@ def test_status_wait_waits_for_the_daemon_to_answer(tmp_path: Path) -> None:
     gave_up = ctl("--socket", str(tmp_path / "none.sock"), "status", "--wait", "--timeout", "0.3")
     assert gave_up.returncode == 1
     assert gave_up.stderr.startswith("pilot-handshakectl: gave up after 0.3 s: ")
+
+
+def test_status_wait_stops_at_once_when_the_daemon_exited_at_start(tmp_path: Path) -> None:
+    """The walkthrough's stumble: the daemon died on "address already in use" while
+    `status --wait` waited for it (issue 19). The state lock, taken and free again, says so
+    long before the timeout; the message says where to look."""
+    with tempfile.TemporaryDirectory(prefix="ph-") as root:
+        fleet = Fleet(Path(root))
+        try:
+            for restart in (False, True):  # a fresh state directory, then an existing one
+                daemon = fleet.node("a", node_id=7)
+                waiting = subprocess.Popen(
+                    [
+                        *(sys.executable, CTL, "--socket", daemon.socket_path),
+                        *("status", "--wait", "--timeout", "600"),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=process_env(),
+                )
+                with socket.socket() as blocker:
+                    blocker.bind(("127.0.0.1", daemon.port))
+                    blocker.listen()
+                    daemon.spawn()
+                    assert daemon.popen is not None and daemon.popen.wait(60) == 1
+                out, err = waiting.communicate(timeout=120)
+                assert (waiting.returncode, out) == (1, ""), (restart, err)
+                assert "it exited; its log says why" in err, err
+                # Started after the daemon died (it had taken the lock moments before).
+                late = ctl("--socket", daemon.socket_path, "status", "--wait", "--timeout", "600")
+                assert late.returncode == 1 and "it exited" in late.stderr, late.stderr
+        finally:
+            fleet.close()
+
+
+def test_the_cli_names_the_lock_the_store_takes() -> None:
+    from pilothandshake.statelock import lock_path
+    from pilothandshake.store import LOCK_SUFFIX
+
+    config = Config(identity="/srv/x/identity.json", node_id=7)
+    assert lock_path(config.control_socket) == config.trust_path + LOCK_SUFFIX
