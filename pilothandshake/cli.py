@@ -96,17 +96,32 @@ def _timeout_argument(parser: argparse.ArgumentParser, default: float, what: str
 
 
 def _node_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("node", type=_node, metavar="NODE")
+    parser.add_argument(
+        "node",
+        type=_node,
+        metavar="NODE",
+        help="the peer: a node ID, or a hostname the daemon's registry resolves",
+    )
 
 
 def _handshake_arguments(parser: argparse.ArgumentParser) -> None:
     _node_argument(parser)
-    parser.add_argument("justification", metavar="JUSTIFICATION")
+    parser.add_argument(
+        "justification",
+        metavar="JUSTIFICATION",
+        help="why this node asks, shown to the peer's operator in `pending` (1 KiB kept)",
+    )
 
 
 def _reject_arguments(parser: argparse.ArgumentParser) -> None:
     _node_argument(parser)
-    parser.add_argument("reason", nargs="?", default="", metavar="REASON")
+    parser.add_argument(
+        "reason",
+        nargs="?",
+        default="",
+        metavar="REASON",
+        help="why, sent to the node that asked (default: none)",
+    )
 
 
 def _wait_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +131,16 @@ def _wait_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _events_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--follow", action="store_true", help="keep printing new events")
+    parser.add_argument(
+        "--no-history",
+        dest="history",
+        action="store_false",
+        help="with --follow: only events from now on, not the recent ones first",
+    )
+
+
+def _completion_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete for")
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,6 +162,31 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         "print the Prometheus metrics (what metrics.listen serves at /metrics)",
         _no_arguments,
     ),
+    "reload": (
+        "reload the daemon's config, as SIGHUP does, and say what needs a restart",
+        _no_arguments,
+    ),
+    "completion": (
+        "print the shell completion script for bash or zsh (needs no daemon)",
+        _completion_arguments,
+    ),
+}
+
+_EXIT_OK_FAILED = "exit codes: 0 ok, 1 failed (one line on stderr says why), 2 usage error."
+# Each command's --help ends with its exit codes; the ones not listed use _EXIT_OK_FAILED.
+_EXIT_CODES = {
+    "status": "exit codes: 0 ok, 1 failed (not running; with --wait: gave up, or the daemon "
+    "exited), 2 usage error.",
+    "approve": "exit codes: 0 approved, 1 nothing pending for NODE (or failed), 2 usage error.",
+    "reject": "exit codes: 0 rejected, 1 nothing pending for NODE (or failed), 2 usage error.",
+    "wait": "exit codes: 0 trusted, 1 timed out (or failed), 2 usage error.",
+    "events": "exit codes: 0 ok (also when --follow ends with Ctrl-C), 1 failed, 2 usage error.",
+    "reload": "exit codes: 0 reloaded, 1 the file is invalid (the daemon keeps its config; "
+    "the message says why) or failed, 2 usage error.",
+    "completion": "exit codes: 0 printed, 2 usage error.\n\n"
+    'bash: eval "$(pilot-handshakectl completion bash)" in ~/.bashrc, or save it as\n'
+    "  /etc/bash_completion.d/pilot-handshakectl\n"
+    'zsh:  pilot-handshakectl completion zsh > "${fpath[1]}/_pilot-handshakectl"',
 }
 
 
@@ -204,6 +254,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                     name,
                     help=summary,
                     description=summary,
+                    epilog=_EXIT_CODES.get(name, _EXIT_OK_FAILED),
                     parents=[after],
                     formatter_class=_unsized,
                 )
@@ -211,7 +262,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     # Built: help and errors are formatted to the terminal's width, as argparse's default.
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     for command in commands.choices.values():
-        command.formatter_class = argparse.HelpFormatter
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -365,6 +416,14 @@ def _show_event(data: dict[str, Any]) -> str:
     return _printable(f"{data.get('timestamp', '?')} {data.get('event', '?')} {details}").rstrip()
 
 
+def _show_reload(data: dict[str, Any]) -> str:
+    restart = data.get("restart_needed") or []
+    text = f"reloaded {data.get('config', 'the config')}: allowlist, deny list, peers, auto-approve"
+    if restart:
+        text += f"\nchanged but needs a restart: {', '.join(map(str, restart))}"
+    return text
+
+
 _SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
     "status": _show_status,
     "handshake": _show_handshake,
@@ -376,6 +435,7 @@ _SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
     "wait": _show_wait,
     "events": _show_event,
     "metrics": lambda data: str(data["text"]).rstrip("\n"),
+    "reload": _show_reload,
 }
 
 
@@ -391,6 +451,8 @@ def _request_args(client: Client, options: argparse.Namespace) -> dict[str, Any]
         args["timeout"] = options.timeout
     elif options.command == "events":
         args["follow"] = options.follow
+        if not options.history:
+            args["history"] = False
     return args
 
 
@@ -429,8 +491,10 @@ def _daemon_exited(socket_path: str) -> Callable[[], str]:
 
     path = lock_path(socket_path)
     first = previous = probe(path)
-    recent = first is not None and first.stamp is not None and (
-        time.time() - first.stamp[1] / 1e9 < _RECENT_LOCK
+    recent = (
+        first is not None
+        and first.stamp is not None
+        and (time.time() - first.stamp[1] / 1e9 < _RECENT_LOCK)
     )
     held = False
 
@@ -476,6 +540,11 @@ def _run(options: argparse.Namespace) -> None:
 def main_handshakectl(argv: list[str] | None = None) -> int:
     """Run ``pilot-handshakectl`` with ``argv`` (default ``sys.argv[1:]``); the exit code."""
     options = _parse(argv)
+    if options.command == "completion":
+        from .completion import script
+
+        print(script(options.shell, _parser()), end="")
+        return 0
     try:
         _run(options)
     except (_Failure, HandshakeError) as exc:

@@ -270,6 +270,7 @@ class Daemon:
             if self.client is not None:
                 self.client.close()
             raise
+        self.control.commands.reload = self.apply_reload
         self.loop: RegistryLoop | None = None
         self.metrics_server: MetricsServer | None = None
         self.metrics.watch(
@@ -426,9 +427,10 @@ class Daemon:
         if self.client is not None:
             self.client.close()
 
-    def reload(self) -> None:
+    def reload(self) -> list[str]:
         """Re-read the config file and apply its ``trust`` and ``peers`` sections (SIGHUP).
-        Raises ``ConfigError`` (the old config stays) when the file is invalid."""
+        Raises ``ConfigError`` (the old config stays) when the file is invalid. Returns the
+        other keys that changed: they need a restart (and are logged)."""
         if not self.config.path:
             raise HandshakeError("this daemon was not built from a file; nothing to reload")
         fresh = load_config(self.config.path)
@@ -442,6 +444,23 @@ class Daemon:
         self.config = self.runtime.config
         if ignored:
             log.warning("config reload: changes to %s need a restart", ", ".join(ignored))
+        return ignored
+
+    def apply_reload(self) -> dict[str, Any]:
+        """``reload()`` as SIGHUP and ``pilot-handshakectl reload`` do it: logged either way;
+        the answer names what was reloaded and what needs a restart. ``HandshakeError``
+        (the old config stays) when the file is invalid."""
+        try:
+            restart = self.reload()
+        except HandshakeError as exc:
+            log.error("config reload failed, keeping the old config: %s", exc)
+            raise
+        log.info("config reloaded: allowlist, deny list, peers, auto-approve")
+        return {
+            "reloaded": ["trust", "peers"],
+            "restart_needed": restart,
+            "config": self.config.path,
+        }
 
     def __enter__(self) -> Daemon:
         self.start()
