@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -484,3 +485,35 @@ def test_the_cli_names_the_lock_the_store_takes() -> None:
 
     config = Config(identity="/srv/x/identity.json", node_id=7)
     assert lock_path(config.control_socket) == config.trust_path + LOCK_SUFFIX
+
+
+def test_events_no_history_asks_the_daemon_for_new_events_only() -> None:
+    follow = cli._parse(["--socket", "S", "events", "--follow", "--no-history"])
+    assert cli._request_args(None, follow) == {"follow": True, "history": False}  # type: ignore[arg-type]
+    recent = cli._parse(["--socket", "S", "events", "--follow"])
+    assert cli._request_args(None, recent) == {"follow": True}  # type: ignore[arg-type]
+
+
+def test_completion_scripts_come_from_the_parser_and_bash_completes_commands() -> None:
+    bash_script = ctl("completion", "bash")
+    assert bash_script.returncode == 0
+    for command in cli._COMMANDS:
+        assert command in bash_script.stdout
+    probe = (
+        bash_script.stdout
+        + "COMP_WORDS=(pilot-handshakectl events --); COMP_CWORD=2; _pilot_handshakectl; "
+        'echo "${COMPREPLY[*]}"\n'
+        + "COMP_WORDS=(pilot-handshakectl rel); COMP_CWORD=1; _pilot_handshakectl; "
+        'echo "${COMPREPLY[*]}"\n'
+    )
+    run = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert run.stdout.splitlines() == ["--follow --help --json --no-history", "reload"], run
+    zsh_script = ctl("completion", "zsh")
+    assert zsh_script.returncode == 0 and zsh_script.stdout.startswith(
+        "#compdef pilot-handshakectl"
+    )
+    assert "'--no-history[" in zsh_script.stdout and "'--timeout[" in zsh_script.stdout
+    zsh = shutil.which("zsh")
+    if zsh is not None:  # the script at least parses
+        check = subprocess.run([zsh, "-n"], input=zsh_script.stdout, text=True, timeout=30)
+        assert check.returncode == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -254,3 +255,30 @@ def test_check_config_lists_every_problem_without_binding_or_locking(fleet: Flee
         env=process_env(),
     )
     assert (good.returncode, good.stdout.strip()) == (0, f"{node.config_path}: OK"), good.stderr
+
+
+def test_ctl_reload_is_the_sighup_path_with_its_result(fleet: Fleet) -> None:
+    a, b = fleet.direct_pair()
+    b.config["trust"] = {"deny": [7]}
+    b.config["max_connections"] = 99  # needs a restart: said, not applied
+    b.write_config()
+    done = b.ctl("reload")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"reloaded {b.config_path}: allowlist, deny list, peers, auto-approve",
+        "changed but needs a restart: max_connections",
+    ]
+    as_json = b.ctl("--json", "reload")
+    data = json.loads(as_json.stdout)["data"]
+    assert data["restart_needed"] == ["max_connections"] and data["reloaded"] == ["trust", "peers"]
+    # The deny list is in force: A's request is dropped (at INFO: asked for).
+    a.control("handshake", node_id=9, justification="denied?")
+    wait_until(lambda: "deny list" in b.stderr, what="B's drop")
+    assert b.pending() == set()
+    lines = [ln for ln in b.stderr.splitlines() if "dropped message" in ln]
+    assert lines and all(" INFO " in ln and "deny list" in ln for ln in lines), lines
+
+    b.config_path.write_text("trust: {deny: [nope]}\n")
+    bad = b.ctl("reload")
+    assert bad.returncode == 1 and "trust.deny[0]" in bad.stderr, bad.stderr
+    assert "keeping the old config" in b.stderr
