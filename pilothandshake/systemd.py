@@ -63,7 +63,7 @@ def install(prefix: str = "/", bindir: str | None = None) -> list[str]:
 
     unit = _under(prefix, f"/etc/systemd/system/{UNIT_NAME}")
     text = shipped_file(UNIT_NAME).read_text(encoding="utf-8")
-    _write(unit, text.replace(SHIPPED_EXEC, str(daemon)), 0o644)
+    _write(unit, text.replace(f"ExecStart={SHIPPED_EXEC} ", f"ExecStart={daemon} "), 0o644)
     done.append(f"installed {unit} (ExecStart={daemon})")
 
     sysusers = _under(prefix, "/etc/sysusers.d/pilot-handshake.conf")
