@@ -33,7 +33,6 @@ from .constants import (
 from .errors import ConfigError
 from .identity import decode_key
 from .messages import MAX_NODE_ID, format_address, parse_address
-from .registry.fields import hostname_problem
 from .runtime import AllowlistEntry
 from .yamlconfig import FieldParser, describe, read_yaml
 
@@ -214,19 +213,24 @@ def check_config(path: str) -> list[str]:
 
 
 class _ConfigParser(FieldParser):
-    """The sections of the daemon's config on top of the field checks. A problem is noted
-    in ``problems`` and the parse goes on with the key's default, so one pass finds every
-    problem of a file."""
+    """The sections of the daemon's config on top of the field checks. While ``config()``
+    parses a whole file, a problem is noted in ``problems`` and the parse goes on with the
+    key's default, so one pass finds every problem; any other use raises the first, as
+    ``FieldParser`` does."""
 
     def __init__(self, source: str) -> None:
         super().__init__(source)
         self.problems: list[str] = []
+        self._collecting = False
 
     def noting(self, default: _T, parse: Callable[..., _T], *args: Any) -> _T:
-        """``parse(*args)``, or ``default`` with its ``ConfigError`` noted in ``problems``."""
+        """``parse(*args)``, or (while ``config()`` runs) ``default`` with its
+        ``ConfigError`` noted in ``problems``."""
         try:
             return parse(*args)
         except ConfigError as exc:
+            if not self._collecting:
+                raise
             self.problems.append(str(exc))
             return default
 
@@ -256,6 +260,13 @@ class _ConfigParser(FieldParser):
         self.noting(None, self.fail, key, expected, got)
 
     def config(self, data: object) -> Config:
+        self._collecting = True
+        try:
+            return self._config(data)
+        finally:
+            self._collecting = False
+
+    def _config(self, data: object) -> Config:
         top = self.section(
             data,
             "",
@@ -432,6 +443,10 @@ class _ConfigParser(FieldParser):
 
     def hostname(self, value: object, key: str) -> str:
         """This node's name at the registry ("" for none), by the registry's own rule."""
+        # Imported here: the registry package loads its client, which a CLI reading only
+        # the socket's location from a config does not need.
+        from .registry.fields import hostname_problem
+
         text = self.string(value, key)
         if text and hostname_problem(text):
             self.fail(

@@ -14,7 +14,7 @@ from ._version import __version__
 
 __all__ = ["PROGRAMS", "render", "write_all"]
 
-_SEE_ALSO = ("pilot-handshaked", "pilot-handshakectl", "pilot-registryd")
+PROGRAMS = ("pilot-handshaked", "pilot-handshakectl", "pilot-registryd")
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
@@ -27,9 +27,6 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
         "pilot-handshakectl": _parser(),
         "pilot-registryd": registry_parser(),
     }
-
-
-PROGRAMS = _SEE_ALSO
 
 
 def _escape(text: str) -> str:
@@ -98,7 +95,7 @@ def render(name: str, parser: argparse.ArgumentParser) -> str:
                 lines += [".PP", ".nf", _escape(sub.epilog), ".fi"]
     if parser.epilog:
         lines += [".SH NOTES", ".nf", _escape(parser.epilog), ".fi"]
-    others = [f"\\fB{_escape(o)}\\fR(1)" for o in _SEE_ALSO if o != name]
+    others = [f"\\fB{_escape(o)}\\fR(1)" for o in PROGRAMS if o != name]
     lines += [".SH SEE ALSO", ", ".join(others)]
     return "\n".join(lines) + "\n"
 

@@ -337,3 +337,12 @@ def test_a_node_written_as_a_hostname_says_a_node_id_is_expected(
 ) -> None:
     with pytest.raises(ConfigError, match=key + r".*not a hostname|" + key + r".*by its ID"):
         load_config(write(tmp_path, "node_id: 7\n" + text))
+
+
+def test_outside_a_whole_parse_the_first_problem_is_raised() -> None:
+    from pilothandshake.config import _ConfigParser
+
+    parser = _ConfigParser("c.yaml")
+    with pytest.raises(ConfigError, match=r"c\.yaml: identity: expected"):
+        parser.get({"identity": ""}, "", "identity", "x", parser.identity)
+    assert parser.problems == []
