@@ -183,10 +183,9 @@ _EXIT_CODES = {
     "events": "exit codes: 0 ok (also when --follow ends with Ctrl-C), 1 failed, 2 usage error.",
     "reload": "exit codes: 0 reloaded, 1 the file is invalid (the daemon keeps its config; "
     "the message says why) or failed, 2 usage error.",
-    "completion": "exit codes: 0 printed, 2 usage error.\n\n"
-    'bash: eval "$(pilot-handshakectl completion bash)" in ~/.bashrc, or save it as\n'
-    "  /etc/bash_completion.d/pilot-handshakectl\n"
-    'zsh:  pilot-handshakectl completion zsh > "${fpath[1]}/_pilot-handshakectl"',
+    "completion": "exit codes: 0 printed, 2 usage error. For bash, save the script as "
+    "/etc/bash_completion.d/pilot-handshakectl (or eval it in ~/.bashrc); for zsh, as "
+    "_pilot-handshakectl in a directory of $fpath.",
 }
 
 
@@ -262,7 +261,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     # Built: help and errors are formatted to the terminal's width, as argparse's default.
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     for command in commands.choices.values():
-        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        command.formatter_class = argparse.HelpFormatter
     return parser
 
 
