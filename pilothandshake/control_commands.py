@@ -322,7 +322,7 @@ class ControlCommands:
     def _do_reload(self) -> dict[str, Any]:
         # The SIGHUP path: a bad file keeps the old config and is an error answer here.
         if self.reload is None:
-            raise RequestError("invalid_state", "this daemon has no config file to reload")
+            raise HandshakeError("this daemon has no config file to reload")
         return self.reload()
 
     def _do_is_trusted(self, node_id: int) -> dict[str, Any]:

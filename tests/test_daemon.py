@@ -34,7 +34,7 @@ from pilothandshake.errors import (
 )
 from pilothandshake.events import EventBus
 from pilothandshake.handshaked import main, move_corrupt_aside
-from pilothandshake.identity import Identity
+from pilothandshake.identity import Identity, fingerprint
 from pilothandshake.logsetup import JsonLogFormatter
 from pilothandshake.registry.server import RegistryServer
 from pilothandshake.runtime import AllowlistEntry
@@ -199,6 +199,8 @@ def test_daemon_start_and_stop_are_idempotent_and_release_everything(short_dir: 
         "registry": None,
         "trusted": 0,
         "pending": 0,
+        "public_key": daemon.identity.public_key_b64,
+        "fingerprint": fingerprint(daemon.identity.public_key_b64),
         "webhook": None,
     }
     assert os.path.exists(config.control_socket)
@@ -348,7 +350,9 @@ def test_reload_of_a_file_with_a_5000_digit_integer_keeps_the_old_config(
 ) -> None:
     path = short_dir / "config.yaml"
     path.write_text(
-        yaml.safe_dump({"identity": str(short_dir / "identity.json"), "listen": "127.0.0.1:0"})
+        yaml.safe_dump(
+            {"identity": str(short_dir / "identity.json"), "listen": "127.0.0.1:0", "node_id": 7}
+        )
     )
     daemon = Daemon.from_file(str(path))
     try:
@@ -440,7 +444,6 @@ def test_status_shows_the_nodes_own_key_as_pending_shows_keys(
     short_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from pilothandshake.cli import main_handshakectl
-    from pilothandshake.identity import fingerprint
 
     with Daemon(node_config(short_dir)) as daemon:
         key = daemon.identity.public_key_b64
