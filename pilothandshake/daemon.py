@@ -324,6 +324,8 @@ class Daemon:
             "registry": registry,
             "trusted": len(self.manager.trusted_peers()),
             "pending": self.manager.pending_count(),
+            # Our answers that neither path delivered yet, being retried (SPEC 7 outbox).
+            "undelivered": self.manager.undelivered_answers(),
             "public_key": self.identity.public_key_b64,
             "fingerprint": fingerprint(self.identity.public_key_b64),
             "webhook": (

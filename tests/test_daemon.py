@@ -201,6 +201,7 @@ def test_daemon_start_and_stop_are_idempotent_and_release_everything(short_dir: 
         "pending": 0,
         "public_key": daemon.identity.public_key_b64,
         "fingerprint": fingerprint(daemon.identity.public_key_b64),
+        "undelivered": 0,
         "webhook": None,
     }
     assert os.path.exists(config.control_socket)
