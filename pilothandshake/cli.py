@@ -38,8 +38,9 @@ __all__ = ["main_handshakectl"]
 _JUSTIFICATION_WIDTH = 60
 _STATUS_WAIT_DEFAULT = 30.0  # `status --wait` without --timeout
 _STATUS_RETRY = 0.1  # how often `status --wait` tries again while the daemon starts
-# A state lock taken this recently before `status --wait` began, and free, was taken by the
-# daemon the operator just started (and that has exited since).
+# A state lock taken this recently before `status --wait` began, and free since, was taken
+# by a daemon that has exited; one started again takes it within this long (see
+# _daemon_exited).
 _RECENT_LOCK = 5.0
 
 _EPILOG = f"""\
@@ -483,14 +484,18 @@ def _status_when_ready(client: Client, timeout: float) -> dict[str, Any]:
 
 def _daemon_exited(socket_path: str) -> Callable[[], str]:
     """A check, called once per try of ``status --wait``: why no daemon will answer at
-    ``socket_path`` ("" while one may still). The state lock tells: a daemon takes it (and
-    touches it) at start. Free on two tries in a row after it was held, or taken, during
-    the wait, or taken less than ``_RECENT_LOCK`` seconds before the wait began, it belonged
-    to a daemon that has exited, such as one that died at start on "address already in
-    use". A lock free since long before the wait may belong to a daemon still starting."""
+    ``socket_path`` ("" while one may still). The state lock tells, as a daemon takes it
+    (and touches it) at start: free on two tries in a row after it was held, or taken,
+    during the wait, it belonged to a daemon that has exited, such as one that died at start
+    on "address already in use". Taken less than ``_RECENT_LOCK`` seconds before the wait
+    began and free since, it belonged to one that exited just before; that is said after
+    ``_RECENT_LOCK`` seconds more, the time a daemon started again (the port freed) has to
+    take the lock. A lock free since long before the wait says nothing (a daemon may be
+    starting): the wait goes on until its timeout."""
     from .statelock import lock_path, probe
 
     path = lock_path(socket_path)
+    began = time.monotonic()
     first = previous = probe(path)
     recent = (
         first is not None
@@ -506,8 +511,9 @@ def _daemon_exited(socket_path: str) -> Callable[[], str]:
         if first is None or now is None:
             return ""  # no /proc/locks: wait as before
         held = held or now.held
-        taken = held or recent or now.stamp != first.stamp
-        if now.held or not taken or before != now:
+        during = held or now.stamp != first.stamp
+        before_wait = recent and time.monotonic() - began >= _RECENT_LOCK
+        if now.held or before != now or not (during or before_wait):
             return ""
         return (
             f"no pilot-handshaked holds {os.path.dirname(path)} (its lock {path} is free "

@@ -479,6 +479,29 @@ def test_status_wait_stops_at_once_when_the_daemon_exited_at_start(tmp_path: Pat
             fleet.close()
 
 
+def test_status_wait_for_a_daemon_started_again_after_a_failed_start_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """The walkthrough's retry: the first start died on a taken port, the port is freed,
+    the daemon is started again and `status --wait` at once: the lock the dead daemon took
+    moments ago must not be read as "exited" while the new one starts."""
+    with tempfile.TemporaryDirectory(prefix="ph-") as root:
+        fleet = Fleet(Path(root))
+        try:
+            daemon = fleet.node("a", node_id=7)
+            with socket.socket() as blocker:
+                blocker.bind(("127.0.0.1", daemon.port))
+                blocker.listen()
+                daemon.spawn()
+                assert daemon.popen is not None and daemon.popen.wait(60) == 1
+            daemon.spawn()
+            waited = ctl("--socket", daemon.socket_path, "status", "--wait", "--timeout", "60")
+            assert waited.returncode == 0, waited.stderr
+            assert waited.stdout.splitlines()[0] == "node      7"
+        finally:
+            fleet.close()
+
+
 def test_the_cli_names_the_lock_the_store_takes() -> None:
     from pilothandshake.statelock import lock_path
     from pilothandshake.store import LOCK_SUFFIX
