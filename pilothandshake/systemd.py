@@ -10,8 +10,9 @@ scratch directory to try it out):
 - ``etc/sysusers.d/pilot-handshake.conf``, the system user the unit runs as;
 - ``etc/pilot-handshake/config.yaml``, the example config, only when there is none: an
   operator's config is never overwritten;
-- ``usr/local/bin/pilot-handshakectl``, a link to this installation's, so operators find it
-  on their PATH (left alone when something else is there).
+- ``usr/local/bin/pilot-handshakectl`` and ``pilot-handshaked``, links to this
+  installation's, so operators find them on their PATH (left alone when something else that
+  is not a link is there).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _write(path: Path, text: str, mode: int) -> None:
 
 def install(prefix: str = "/", bindir: str | None = None) -> list[str]:
     """Install the unit, the sysusers file, the example config (unless a config exists) and
-    the ``pilot-handshakectl`` link under ``prefix``; returns one line per file saying what
+    the links to the programs under ``prefix``; returns one line per file saying what
     was done. ``bindir`` holds this installation's scripts (default: beside
     ``sys.executable``). Raises ``OSError`` when a file cannot be written."""
     scripts = Path(bindir) if bindir is not None else Path(sys.executable).parent
@@ -77,14 +78,15 @@ def install(prefix: str = "/", bindir: str | None = None) -> list[str]:
         _write(config, shipped_file(EXAMPLE_NAME).read_text(encoding="utf-8"), 0o644)
         done.append(f"installed {config} (the example config: edit it)")
 
-    ctl = _under(prefix, "/usr/local/bin/pilot-handshakectl")
-    target = scripts / "pilot-handshakectl"
-    if ctl.is_symlink() or not ctl.exists():
-        ctl.parent.mkdir(parents=True, exist_ok=True)
-        if ctl.is_symlink():
-            ctl.unlink()
-        ctl.symlink_to(target)
-        done.append(f"linked {ctl} -> {target}")
-    else:
-        done.append(f"kept {ctl} (not a link; this installation's is {target})")
+    for program in ("pilot-handshakectl", "pilot-handshaked"):
+        link = _under(prefix, f"/usr/local/bin/{program}")
+        target = scripts / program
+        if link.is_symlink() or not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(target)
+            done.append(f"linked {link} -> {target}")
+        else:
+            done.append(f"kept {link} (not a link; this installation's is {target})")
     return done

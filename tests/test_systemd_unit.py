@@ -103,9 +103,9 @@ def test_install_systemd_into_a_scratch_root(tmp_path: Path) -> None:
     assert (root / "etc/sysusers.d/pilot-handshake.conf").read_text() == SYSUSERS.read_text()
     config = root / DEFAULT_CONFIG_PATH.lstrip("/")
     assert config.read_text() == (ROOT / "conf" / "example.yaml").read_text()
-    assert os.readlink(root / "usr/local/bin/pilot-handshakectl") == str(
-        bindir / "pilot-handshakectl"
-    )
+    for program in ("pilot-handshakectl", "pilot-handshaked"):
+        assert os.readlink(root / "usr/local/bin" / program) == str(bindir / program)
+
     assert stat.S_IMODE(unit.stat().st_mode) == 0o644
     # Run again: an operator's config is kept, the unit replaced.
     config.write_text("# mine\n")
