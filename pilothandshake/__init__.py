@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     )
     from .runtime import AllowlistEntry, RegistryClient, Runtime
     from .service import Service
-    from .store import PendingHandshake, TrustRecord
+    from .store import OutgoingRequest, PendingHandshake, TrustRecord
 
 # Public name -> the module that defines it.
 _EXPORTS = {
@@ -62,6 +62,7 @@ _EXPORTS = {
     "Manager": "manager",
     "MessageError": "errors",
     "NotTrustedError": "errors",
+    "OutgoingRequest": "store",
     "PendingHandshake": "store",
     "RegistryClient": "runtime",
     "RegistryError": "errors",
@@ -88,6 +89,7 @@ __all__ = [
     "Manager",
     "MessageError",
     "NotTrustedError",
+    "OutgoingRequest",
     "PendingHandshake",
     "RegistryClient",
     "RegistryError",
