@@ -22,13 +22,36 @@ import pytest
 from pilothandshake.constants import MAX_REGISTRY_FRAME_SERVER, REGISTRY_INBOX
 from pilothandshake.errors import ConfigError, RegistryError, StoreError
 from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import handshake_challenge, respond_challenge
+from pilothandshake.messages import handshake_challenge, register_challenge, respond_challenge
 from pilothandshake.registry.client import Client, encode_frame, read_frame
 from pilothandshake.registry.config import Limits, ServerConfig, load_config, parse_networks
 from pilothandshake.registry.server import RegistryServer
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRYD = str(ROOT / "bin" / "pilot-registryd")
+# Tests register many identities from 127.0.0.1: the limits are tested on their own.
+ROOMY = Limits(
+    register_per_minute=100_000,
+    mutations_per_minute_per_node=100_000,
+    mutations_per_minute_per_source=1_000_000,
+)
+
+
+def signed_register(
+    identity: Identity, listen_addr: str, stamp: int | None = None, **fields: Any
+) -> dict[str, Any]:
+    """A ``register`` request signed by ``identity`` (SPEC 17), stamped now by default."""
+    stamp = int(time.time()) if stamp is None else stamp
+    key = identity.public_key_b64
+    signature = b64encode(identity.sign(register_challenge(key, stamp)))
+    return {
+        "type": "register",
+        "listen_addr": listen_addr,
+        "public_key": key,
+        "timestamp": stamp,
+        "signature": signature,
+        **fields,
+    }
 
 
 class Node:
@@ -57,9 +80,7 @@ def make_server() -> Iterator[Callable[..., RegistryServer]]:
     ) -> RegistryServer:
         # Tests register many identities from 127.0.0.1: the default limit of 10 a minute
         # is tested on its own.
-        config = ServerConfig(
-            parse_networks(networks, "test"), limits or Limits(register_per_minute=10_000)
-        )
+        config = ServerConfig(parse_networks(networks, "test"), limits or ROOMY)
         server = RegistryServer("127.0.0.1", 0, config=config, **kwargs)
         server.start()
         servers.append(server)
@@ -282,9 +303,12 @@ def test_node_missing_heartbeats_goes_offline_and_keeps_its_id(
         time.sleep(0.05)
     else:
         pytest.fail("node never went offline")
-    with pytest.raises(RegistryError):
-        a.client.heartbeat(a.node_id)
+    # An unsigned register answers the ID but proves nothing: a stays offline (SPEC 17).
     assert a.client.register("127.0.0.1:4000", a.identity.public_key_b64)["node_id"] == 1
+    with pytest.raises(RegistryError, match="not online"):
+        b.client.lookup(a.node_id)
+    # Its own signed heartbeat brings it back, with its ID and its pairs.
+    a.client.heartbeat(a.node_id)
     assert b.client.lookup(a.node_id)["node_id"] == a.node_id
     b.client.revoke_trust(b.node_id, a.node_id)  # the pair survived
 
@@ -445,13 +469,15 @@ def test_main_port_in_use_exits_one(server: RegistryServer) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_store_file_is_plain_json_with_next_id(
+def test_store_file_is_plain_json_with_next_id_after_a_clean_stop(
     make_server: Callable[..., RegistryServer], tmp_path: Path
 ) -> None:
     store = tmp_path / "registry.json"
     server = make_server(store_path=str(store))
     a, b = Node(server), Node(server)
     a.client.report_trust(a.node_id, b.node_id)
+    server.stop()  # compacts: the snapshot alone is current
+    assert (tmp_path / "registry.json.journal").read_bytes() == b""
     data = json.loads(store.read_text())
     assert data["next_id"] == 3
     assert [n["node_id"] for n in data["nodes"]] == [1, 2]
@@ -497,9 +523,11 @@ def test_eleventh_new_key_from_one_address_in_a_minute_is_refused(
     extra = Identity.generate()
     with pytest.raises(RegistryError, match=r"^request failed$"):
         nodes[0].client.register("127.0.0.1:4000", extra.public_key_b64)
-    # Registered keys come back freely.
-    again = nodes[3].client.register("127.0.0.1:4100", nodes[3].identity.public_key_b64)
+    # Registered keys come back freely when they sign (SPEC 17); unsigned they pay.
+    again = nodes[3].client.call(signed_register(nodes[3].identity, "127.0.0.1:4100"))
     assert again["node_id"] == nodes[3].node_id
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        nodes[3].client.register("127.0.0.1:4100", nodes[3].identity.public_key_b64)
 
 
 def assert_refused_unread(address: tuple[str, int]) -> None:

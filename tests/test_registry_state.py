@@ -5,6 +5,7 @@ log lines that carry no raw client strings."""
 from __future__ import annotations
 
 import logging
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ import pytest
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import (
     handshake_challenge,
+    heartbeat_challenge,
     poll_challenge,
+    register_challenge,
     report_trust_challenge,
     resolve_challenge,
     respond_challenge,
@@ -30,10 +33,11 @@ HOUR = 3600.0
 
 
 class Clock:
-    """Monotonic seconds that only move when a test says so."""
+    """Seconds that only move when a test says so: the registry's monotonic and wall clock
+    both (it starts at the real time, so signed registers made now are fresh)."""
 
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = float(int(time.time()))
 
     def __call__(self) -> float:
         return self.now
@@ -59,6 +63,31 @@ class Peer:
 
     def sig(self, challenge: bytes) -> str:
         return b64encode(self.identity.sign(challenge))
+
+    def register(
+        self, stamp: int | None = None, source: str = "127.0.0.1", **fields: Any
+    ) -> dict[str, Any]:
+        """A ``register`` of this node's key signed by it (SPEC 17), with ``fields``."""
+        stamp = int(time.time()) if stamp is None else stamp
+        key = self.identity.public_key_b64
+        request = {
+            "type": "register",
+            "listen_addr": self.addr,
+            "public_key": key,
+            "timestamp": stamp,
+            "signature": self.sig(register_challenge(key, stamp)),
+            **fields,
+        }
+        return self.registry.handle(request, source)
+
+    def heartbeat(self) -> dict[str, Any]:
+        return self.ask(
+            {
+                "type": "heartbeat",
+                "node_id": self.node_id,
+                "signature": self.sig(heartbeat_challenge(self.node_id)),
+            }
+        )
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         return self.registry.handle(request, "127.0.0.1")
@@ -140,9 +169,17 @@ def clock() -> Clock:
     return Clock()
 
 
+# Every test node registers from 127.0.0.1: the limits themselves are tested on their own.
+ROOMY = Limits(
+    register_per_minute=100_000,
+    mutations_per_minute_per_node=100_000,
+    mutations_per_minute_per_source=1_000_000,
+)
+
+
 @pytest.fixture
 def registry(clock: Clock) -> Registry:
-    return Registry(limits=Limits(register_per_minute=10_000), clock=clock)
+    return Registry(limits=ROOMY, clock=clock, wall=clock)
 
 
 def refused(answer: dict[str, Any], why: str = "") -> bool:
@@ -196,8 +233,9 @@ def test_each_way_a_target_vouches_lets_the_requester_resolve_it(registry: Regis
 def test_shared_network_or_public_opens_resolve_without_a_vouch(clock: Clock) -> None:
     registry = Registry(
         networks=parse_networks({5: [1, 2]}, "test"),
-        limits=Limits(register_per_minute=10_000),
+        limits=ROOMY,
         clock=clock,
+        wall=clock,
     )
     a, b, c = Peer(registry, 4001), Peer(registry, 4002), Peer(registry, 4003)
     assert a.resolve(b.node_id)["real_addr"] == b.addr
@@ -225,11 +263,11 @@ def test_revoke_by_either_side_removes_the_pair_both_ways(registry: Registry) ->
 
 def test_vouches_survive_a_restart_with_their_direction(tmp_path: Path, clock: Clock) -> None:
     path = str(tmp_path / "registry.json")
-    limits = Limits(register_per_minute=10_000)
-    registry = Registry(Store(path), limits=limits, clock=clock)
+    registry = Registry(Store(path), limits=ROOMY, clock=clock, wall=clock)
     a, b = Peer(registry, 4001), Peer(registry, 4002)
     a.report_trust(b.node_id)
-    restarted = Registry(Store(path), limits=limits, clock=clock)
+    registry.close()
+    restarted = Registry(Store(path), limits=ROOMY, clock=clock, wall=clock)
     a.registry = b.registry = restarted
     assert b.resolve(a.node_id)["real_addr"] == a.addr
     assert refused(a.resolve(b.node_id), "may not resolve")
@@ -266,13 +304,15 @@ def test_register_is_rate_limited_per_source_and_known_keys_are_exempt(
     # The refusals were logged, but not 50 times.
     lines = [r for r in caplog.records if "register rate limit" in r.getMessage()]
     assert 1 <= len(lines) <= 10
-    # A node already registered comes back whenever it likes.
-    again = {
+    # A node already registered comes back whenever it likes, signed (SPEC 17); unsigned,
+    # it pays like a new key, so nobody can re-register someone else's key for free.
+    assert peers[0].register(source="10.0.0.1")["node_id"] == peers[0].node_id
+    unsigned = {
         "type": "register",
         "listen_addr": "10.0.0.1:2",
         "public_key": peers[0].identity.public_key_b64,
     }
-    assert registry.handle(again, "10.0.0.1")["node_id"] == peers[0].node_id
+    assert registry.handle(unsigned, "10.0.0.1") == {"type": "error", "error": "request failed"}
     # Another source has its own bucket; this one refills at 10 a minute.
     assert registry.handle(request | {"listen_addr": "10.0.0.2:1"}, "10.0.0.2")["node_id"] == 11
     other = Identity.generate().public_key_b64
@@ -299,24 +339,12 @@ def test_inbox_entries_expire_after_24_hours(registry: Registry, clock: Clock) -
     b.respond(a.node_id, False)
     clock.now += 24 * HOUR - 1
     for peer in (a, b):  # heartbeats keep both online
-        peer.ask(
-            {
-                "type": "register",
-                "listen_addr": peer.addr,
-                "public_key": peer.identity.public_key_b64,
-            }
-        )
+        assert peer.heartbeat()["type"] == "heartbeat_ok"
     # Still there just before; a second request from a still waits.
     assert refused(a.request(b.node_id), "already waits")
     clock.now += 2
     for peer in (a, b):
-        peer.ask(
-            {
-                "type": "register",
-                "listen_addr": peer.addr,
-                "public_key": peer.identity.public_key_b64,
-            }
-        )
+        assert peer.heartbeat()["type"] == "heartbeat_ok"
     assert (b.poll()["requests"], a.poll()["responses"]) == ([], [])
     assert registry.inbox_entries() == 0
 
@@ -331,7 +359,7 @@ def test_responses_keep_one_per_sender(registry: Registry) -> None:
 
 def test_2000_relayed_requests_of_60_kb_stay_small(clock: Clock) -> None:
     """Issue 11 item 2: 2,000 relayed requests of 60 KB grew the registry by 115 MiB."""
-    registry = Registry(limits=Limits(register_per_minute=10_000), clock=clock)
+    registry = Registry(limits=ROOMY, clock=clock, wall=clock)
     targets = [Peer(registry) for _ in range(20)]
     senders = [Peer(registry) for _ in range(100)]
     text = "x" * 60_000
@@ -351,7 +379,7 @@ def test_2000_relayed_requests_of_60_kb_stay_small(clock: Clock) -> None:
 
 def test_store_does_not_grow_with_relayed_traffic(tmp_path: Path, clock: Clock) -> None:
     path = tmp_path / "registry.json"
-    registry = Registry(Store(str(path)), limits=Limits(register_per_minute=10_000), clock=clock)
+    registry = Registry(Store(str(path)), limits=ROOMY, clock=clock, wall=clock)
     a, b = Peer(registry), Peer(registry)
     a.request(b.node_id, "y" * 60_000)
     size = path.stat().st_size
@@ -438,6 +466,7 @@ def test_hostnames_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
     registry = Registry(Store(path), clock=clock)
     peer = Peer(registry)
     peer.set_hostname("kept")
+    registry.close()
     restarted = Registry(Store(path), clock=clock)
     found = restarted.handle({"type": "resolve_hostname", "hostname": "kept"}, "x")
     assert found["node_id"] == peer.node_id

@@ -4,7 +4,14 @@ The protocol lives in ``state.Registry.handle``; this module moves frames (SPEC 
 enforces the connection limits of the config's ``limits:``: at most ``max_connections``
 connections at once and ``max_connections_per_source`` from one address (more are reset
 unread, without a thread), and a connection silent for ``idle_timeout`` between requests
-is closed.
+is closed. A connection whose poll is held (``wait``, SPEC 18) gives its slot back while
+it waits: held polls have their own bound (one per node, ``limits.max_held_polls`` in
+all, kept by ``state.Registry``), so a fleet's open polls never crowd out the caps meant
+for floods. ``stop`` answers every held poll, then closes the connections and the store.
+
+``pilot-registryd`` reloads its config (networks and every limit) on SIGHUP; a config
+that does not load is an ERROR and the running one is kept. Command-line options
+(``--listen``, ``--store``, ``--tls-*``) are read once, at start.
 
 The command line is durable by default: without ``--store`` it keeps its state in
 ``~/.pilot-registry/registry.json`` (``DEFAULT_REGISTRY_STORE``), because node IDs handed
@@ -53,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # How often serve_forever checks for shutdown: bounds how long stop() takes.
 _SHUTDOWN_POLL = 0.1
+# How long stop() waits for handlers to finish the request they are in.
+_STOP_WAIT = 2.0
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -92,7 +101,12 @@ class _Handler(socketserver.BaseRequestHandler):
             if request is None:
                 return
             try:
-                sock.sendall(encode_frame(registry.handle(request, source)))
+                if request.get("type") == "poll_handshakes" and request.get("wait"):
+                    with self.server.held(self.request):
+                        response = registry.handle(request, source)
+                else:
+                    response = registry.handle(request, source)
+                sock.sendall(encode_frame(response))
             except OSError as exc:
                 log.debug("cannot answer %s: %s", source, exc)
                 return
@@ -157,13 +171,33 @@ class _TCPServer(socketserver.ThreadingTCPServer):
             super().shutdown_request(request)
         finally:
             with self._lock:
-                source = self._admitted.pop(request, None)
-                if source is not None:
-                    left = self._per_source[source] - 1
-                    if left:
-                        self._per_source[source] = left
-                    else:
-                        del self._per_source[source]
+                self._release(request)
+
+    def _release(self, request: Any) -> str | None:
+        """Give back ``request``'s slot (call holding self._lock); its source, or None."""
+        source = self._admitted.pop(request, None)
+        if source is not None:
+            left = self._per_source[source] - 1
+            if left:
+                self._per_source[source] = left
+            else:
+                del self._per_source[source]
+        return source
+
+    @contextlib.contextmanager
+    def held(self, request: Any) -> Iterator[None]:
+        """While a poll of ``request``'s connection is held, its slot is free for others;
+        it takes one again afterwards (above the cap if need be: held polls are bounded
+        on their own)."""
+        with self._lock:
+            source = self._release(request)
+        try:
+            yield
+        finally:
+            if source is not None:
+                with self._lock:
+                    self._admitted[request] = source
+                    self._per_source[source] = self._per_source.get(source, 0) + 1
 
     def open_connections(self) -> int:
         """How many connections are admitted right now."""
@@ -181,13 +215,20 @@ class _TCPServer(socketserver.ThreadingTCPServer):
             with self._lock:
                 self._connections.discard(sock)
 
-    def close_connections(self) -> None:
-        """Shut down every open connection (their handler threads then end)."""
+    def close_connections(self, timeout: float) -> None:
+        """Shut down every open connection and wait up to ``timeout`` seconds for their
+        handlers to finish (so none is mid-request when the store closes)."""
         with self._lock:
             connections = list(self._connections)
         for sock in connections:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._connections:
+                    return
+            time.sleep(0.01)
 
 
 class RegistryServer:
@@ -235,8 +276,13 @@ class RegistryServer:
         return str(host), int(port)
 
     def open_connections(self) -> int:
-        """How many client connections are open right now."""
+        """How many client connections hold a slot right now (held polls do not)."""
         return self._server.open_connections()
+
+    def reconfigure(self, config: ServerConfig) -> None:
+        """Use ``config``'s networks and limits from now on (what SIGHUP does)."""
+        self._server.limits = config.limits
+        self.registry.reconfigure(config.networks, config.limits)
 
     def start(self) -> None:
         """Serve in a background thread."""
@@ -249,13 +295,16 @@ class RegistryServer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop serving, close the listening socket and every open connection. Idempotent."""
+        """Stop serving: close the listening socket, answer every held poll, close every
+        connection, then the store (its snapshot then alone current). Idempotent."""
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
             self._thread = None
         self._server.server_close()
-        self._server.close_connections()
+        self.registry.end_polls()
+        self._server.close_connections(_STOP_WAIT)
+        self.registry.close()
 
     def __enter__(self) -> RegistryServer:
         self.start()
@@ -276,6 +325,10 @@ state:
     {DEFAULT_REGISTRY_STORE}
   (its directory is created, mode 0700), so node IDs survive a restart.
   --memory keeps nothing on disk: every restart hands out IDs afresh.
+
+signals:
+  SIGTERM, SIGINT  stop (held polls are answered, the store is compacted)
+  SIGHUP           reload --config (networks, limits); a bad one is logged and not used
 
 exit codes:
   0  stopped by SIGTERM or SIGINT
@@ -354,19 +407,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    stop = threading.Event()
+    wake = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        received.append(signum)
+        wake.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     server.start()
     print(f"pilot-registryd listening on {format_address(server.address)}", flush=True)
     log.info("store: %s", store_path or "none (--memory)")
-    # A bounded wait keeps the main thread responsive to signals on every platform.
-    while not stop.wait(1.0):
-        pass
+    while True:
+        # A bounded wait keeps the main thread responsive to signals on every platform.
+        wake.wait(1.0)
+        wake.clear()
+        signals, received[:] = list(received), []
+        if signal.SIGHUP in signals:
+            _reload(server, args.config)
+        if signal.SIGTERM in signals or signal.SIGINT in signals:
+            break
     server.stop()
     log.info("pilot-registryd stopped")
     return 0
+
+
+def _reload(server: RegistryServer, path: str) -> None:
+    """SIGHUP: load the config again and use it; keep the running one if it fails."""
+    if not path:
+        log.warning("SIGHUP: started without --config, nothing to reload")
+        return
+    try:
+        config = load_config(path)
+    except HandshakeError as exc:
+        log.error("SIGHUP: %s; keeping the running config", exc)
+        return
+    server.reconfigure(config)
+    log.info(
+        "SIGHUP: reloaded %s (%d networks; limits %s)",
+        path,
+        len(config.networks),
+        ", ".join(f"{k}={v:g}" for k, v in vars(config.limits).items()),
+    )
