@@ -382,8 +382,9 @@ class Registry:
                 refuse(f"register rate limit for {source}", FAILED)
             if node_id is None:
                 if len(self._state.nodes) >= self._limits.max_nodes:
-                    log.warning("refused a new node: limits.max_nodes (%d) reached",
-                                self._limits.max_nodes)  # fmt: skip
+                    log.warning(
+                        "refused a new node: limits.max_nodes (%d) reached", self._limits.max_nodes
+                    )
                     refuse(f"limits.max_nodes ({self._limits.max_nodes}) reached", FAILED)
                 node_id = self._state.next_id
                 changes.apply(node_op(Node(node_id, key, address)))
@@ -468,8 +469,9 @@ class Registry:
         self._limit_node(node_id)
         with self._change() as changes:
             node = self._state.nodes[node_id]
-            self._put(changes, Node(node_id, node.public_key, node.real_addr, public,
-                                    node.hostname))  # fmt: skip
+            self._put(
+                changes, Node(node_id, node.public_key, node.real_addr, public, node.hostname)
+            )
         return {"type": "set_visibility_ok"}
 
     def _report_trust(self, request: dict[str, Any], source: str) -> dict[str, Any]:
@@ -607,8 +609,9 @@ class Registry:
             problem = self._hostname_holder(node, hostname)
             if problem:
                 refuse(problem)
-            self._put(changes, Node(node_id, node.public_key, node.real_addr, node.public,
-                                    hostname))  # fmt: skip
+            self._put(
+                changes, Node(node_id, node.public_key, node.real_addr, node.public, hostname)
+            )
         return {"type": "set_hostname_ok", "node_id": node_id, "hostname": hostname}
 
     def _resolve_hostname(self, request: dict[str, Any], source: str) -> dict[str, Any]:

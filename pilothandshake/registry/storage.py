@@ -59,12 +59,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import filelock
+
 from .. import fsutil
 from ..constants import MAX_NODE_ID
 from ..errors import StoreError
 from ..identity import b64encode, decode_key
 
 __all__ = [
+    "COMPACT_AT",
     "JOURNAL_SUFFIX",
     "Changes",
     "Inbox",
@@ -84,7 +87,7 @@ JOURNAL_SUFFIX = ".journal"
 _VERSION = 3
 # Compact when the journal is larger than the snapshot and than this (small stores
 # compact rarely; a big one at most once per snapshot's worth of changes).
-_COMPACT_MIN_BYTES = 1 << 20
+COMPACT_AT = 1 << 20
 
 Op = list[Any]
 
@@ -202,8 +205,14 @@ class Changes:
 
 def node_op(node: Node) -> Op:
     """The op that records ``node`` as it now is."""
-    return ["node", node.node_id, b64encode(node.public_key), node.real_addr, node.public,
-            node.hostname]  # fmt: skip
+    return [
+        "node",
+        node.node_id,
+        b64encode(node.public_key),
+        node.real_addr,
+        node.public,
+        node.hostname,
+    ]
 
 
 # -- checking what was read from disk ----------------------------------------------------
@@ -460,16 +469,20 @@ Capture = Callable[[], tuple[int, StoreState]]
 class Store:
     """The store at ``path`` (snapshot) and ``path + ".journal"``, as its one writer sees it.
 
-    ``load`` once; then, under the registry's lock, ``stage`` the ops of a request (which
-    numbers its line), and after releasing the lock ``commit`` up to that number (group
-    commit: one writer at a time writes every staged line and fsyncs). ``start_compactor``
-    runs the background compaction; ``close`` stops it and leaves the snapshot alone
-    current. Thread-safe.
+    ``load`` once (it takes ``path + ".lock"``: one registry per store); then, under the
+    registry's lock, ``stage`` the ops of a request (which numbers its line), and after
+    releasing the lock ``commit`` up to that number (group commit: one writer at a time
+    writes every staged line and fsyncs). ``start_compactor`` runs the background
+    compaction, when the journal is larger than the snapshot and than ``compact_at``
+    bytes; ``close`` stops it, leaves the snapshot alone current and releases the lock.
+    Thread-safe.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, compact_at: int = COMPACT_AT) -> None:
         self.path = path
         self.journal_path = path + JOURNAL_SUFFIX
+        self._compact_at = compact_at
+        self._file_lock: filelock.FileLock | None = None
         self._lock = threading.Lock()  # staged lines and numbers
         self._write_lock = threading.Lock()  # the journal file: one writer at a time
         self._pending: list[tuple[int, bytes]] = []
@@ -493,6 +506,15 @@ class Store:
         """The stored state; creates an empty snapshot when there is none (so an unwritable
         path fails at start, not at the first registration), cuts off a torn last journal
         line and opens the journal for appending. Raises ``StoreError``."""
+        self._file_lock = fsutil.hold_lock(self.path + ".lock", f"registry store {self.path}")
+        try:
+            return self._load()
+        except BaseException:
+            self._file_lock.release()
+            self._file_lock = None
+            raise
+
+    def _load(self) -> StoreState:
         fsutil.remove_stale_temporaries(self.path)
         fsutil.remove_stale_temporaries(self.journal_path)
         state, seq = _read_snapshot(self.path)
@@ -558,7 +580,7 @@ class Store:
                 end += len(line)
                 self._ends[number] = end
             self._size, self._durable = end, batch[-1][0]
-            if self._size > max(_COMPACT_MIN_BYTES, self._snapshot_size):
+            if self._size > max(self._compact_at, self._snapshot_size):
                 self._wanted.set()
 
     def start_compactor(self, capture: Capture) -> None:
@@ -622,3 +644,6 @@ class Store:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+        if self._file_lock is not None:
+            self._file_lock.release()
+            self._file_lock = None
