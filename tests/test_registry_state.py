@@ -507,3 +507,200 @@ def test_a_type_holding_a_newline_cannot_forge_a_log_line(
         message = record.getMessage()
         assert "\n" not in message
         assert len(message) < 400
+
+
+# -- round 3: a directory, not an authority (SPEC 17, issue 15 item 1) -------------------
+
+
+def lookup(registry: Registry, node_id: int) -> dict[str, Any]:
+    return registry.handle({"type": "lookup", "node_id": node_id}, "10.9.9.9")
+
+
+def test_unsigned_register_of_a_known_key_changes_nothing(registry: Registry, clock: Clock) -> None:
+    victim, other = Peer(registry, 4001), Peer(registry, 4002)
+    assert victim.register(hostname="build-agent")["hostname"] == "build-agent"
+    victim.report_trust(other.node_id)  # so that other may resolve the victim
+    # What the attacker read from a lookup: the victim's key. It re-registers it from its
+    # own host with a sink address and another name.
+    forged = {
+        "type": "register",
+        "listen_addr": "10.66.6.6:9",
+        "public_key": victim.identity.public_key_b64,
+        "hostname": "x",
+        "owner": "someone",
+    }
+    answer = registry.handle(forged, "10.66.6.6")
+    assert answer["node_id"] == victim.node_id
+    assert "hostname" not in answer and "changes nothing" in answer["hostname_error"]
+    assert lookup(registry, victim.node_id)["hostname"] == "build-agent"
+    assert other.resolve(victim.node_id)["real_addr"] == victim.addr
+    found = registry.handle({"type": "resolve_hostname", "hostname": "build-agent"}, "x")
+    assert found["node_id"] == victim.node_id
+    assert refused(registry.handle({"type": "resolve_hostname", "hostname": "x"}, "x"))
+    # Not even liveness: an offline victim stays offline until it signs something.
+    clock.now += 3 * 60 + 1
+    assert refused(lookup(registry, victim.node_id), "not online")
+    registry.handle(forged, "10.66.6.6")
+    assert refused(lookup(registry, victim.node_id), "not online")
+    assert victim.heartbeat()["type"] == "heartbeat_ok"
+    assert lookup(registry, victim.node_id)["public_key"] == victim.identity.public_key_b64
+
+
+def test_a_signed_register_moves_the_nodes_own_record(registry: Registry) -> None:
+    node, other = Peer(registry, 4001), Peer(registry, 4002)
+    node.report_trust(other.node_id)
+    node.addr = "127.0.0.1:4999"
+    answer = node.register(hostname="moved")
+    assert (answer["node_id"], answer["hostname"]) == (node.node_id, "moved")
+    assert answer["features"] == ["wait_poll"]
+    assert other.resolve(node.node_id)["real_addr"] == "127.0.0.1:4999"
+    assert lookup(registry, node.node_id)["hostname"] == "moved"
+
+
+def test_a_stale_or_foreign_register_signature_is_refused_and_changes_nothing(
+    registry: Registry, clock: Clock
+) -> None:
+    node = Peer(registry, 4001)
+    node.register(hostname="kept")
+    stale = node.register(stamp=int(time.time()) - 301, hostname="stale")
+    assert refused(stale, "from the registry's clock (more than 300 s): check the node's clock")
+    future = node.register(stamp=int(time.time()) + 301, hostname="future")
+    assert refused(future, "more than 300 s")
+    # Signed by another key over the victim's key and a fresh time.
+    intruder = Identity.generate()
+    stamp, key = int(time.time()), node.identity.public_key_b64
+    foreign = {
+        "type": "register",
+        "listen_addr": "10.66.6.6:9",
+        "public_key": key,
+        "hostname": "stolen",
+        "timestamp": stamp,
+        "signature": b64encode(intruder.sign(register_challenge(key, stamp))),
+    }
+    assert refused(registry.handle(foreign, "10.66.6.6"), "bad register signature")
+    assert refused(registry.handle(dict(foreign, timestamp="now"), "x"), "timestamp")
+    assert lookup(registry, node.node_id)["hostname"] == "kept"
+
+
+def test_owner_never_binds_a_node_id_to_another_key(registry: Registry) -> None:
+    first, second = Identity.generate(), Identity.generate()
+    ids = []
+    for identity in (first, second):
+        request = {
+            "type": "register",
+            "listen_addr": "127.0.0.1:1",
+            "public_key": identity.public_key_b64,
+            "owner": "alice@example.com",
+        }
+        ids.append(registry.handle(request, "127.0.0.1")["node_id"])
+    assert ids == [1, 2]
+    assert lookup(registry, 1)["public_key"] == first.public_key_b64
+
+
+# -- round 3: every mutating request rate-limited, caps (SPEC 15, 17) -------------------
+
+
+def test_mutations_are_limited_per_node_and_per_source_prefix(clock: Clock) -> None:
+    limits = Limits(
+        register_per_minute=100, mutations_per_minute_per_node=5, mutations_per_minute_per_source=12
+    )
+    registry = Registry(limits=limits, clock=clock, wall=clock)
+    # Each registration spends a token of its source (10.0.0.0/24 here).
+    a = Peer(registry, 4001, source="10.0.0.1")
+    b = Peer(registry, 4002, source="10.0.0.2")
+    c = Peer(registry, 4003, source="10.0.1.1")
+    src = {a: "10.0.0.1", b: "10.0.0.2", c: "10.0.1.1"}
+
+    def toggle(peer: Peer, public: bool) -> dict[str, Any]:
+        request = {
+            "type": "set_visibility",
+            "node_id": peer.node_id,
+            "public": public,
+            "signature": peer.sig(set_visibility_challenge(peer.node_id)),
+        }
+        return registry.handle(request, src[peer])
+
+    # a has 5 tokens of its own.
+    answers = [toggle(a, i % 2 == 0)["type"] for i in range(6)]
+    assert answers == ["set_visibility_ok"] * 5 + ["error"]
+    # b shares a's /24 (12 tokens: 2 spent registering, 6 by a, its refused one too): 4
+    # more, then the source is empty even though b's own bucket is not.
+    answers = [toggle(b, i % 2 == 0)["type"] for i in range(4)]
+    assert answers == ["set_visibility_ok"] * 4
+    assert toggle(b, True) == {"type": "error", "error": "request failed"}
+    # Another /24 has its own bucket.
+    assert toggle(c, True)["type"] == "set_visibility_ok"
+    # Forged requests in b's name from elsewhere spend the forger's source, never b's node.
+    clock.now += 60
+    for _ in range(10):
+        forged = {
+            "type": "set_visibility",
+            "node_id": b.node_id,
+            "public": False,
+            "signature": c.sig(set_visibility_challenge(b.node_id)),
+        }
+        registry.handle(forged, "10.0.2.1")
+    assert [toggle(b, i % 2 == 0)["type"] for i in range(5)] == ["set_visibility_ok"] * 5
+    # Reads are never limited.
+    assert all(lookup(registry, a.node_id)["type"] == "lookup_ok" for _ in range(50))
+
+
+def test_every_mutating_request_spends_a_token(clock: Clock) -> None:
+    limits = Limits(mutations_per_minute_per_node=1, mutations_per_minute_per_source=10**6)
+    registry = Registry(limits=limits, clock=clock, wall=clock)
+    a, b = Peer(registry, 4001), Peer(registry, 4002)
+    calls = {
+        "register": lambda: a.register(),
+        "set_hostname": lambda: a.set_hostname("a"),
+        "set_visibility": lambda: a.ask(
+            {
+                "type": "set_visibility",
+                "node_id": a.node_id,
+                "public": True,
+                "signature": a.sig(set_visibility_challenge(a.node_id)),
+            }
+        ),
+        "report_trust": lambda: a.report_trust(b.node_id),
+        "revoke_trust": lambda: a.revoke_trust(b.node_id),
+        "request_handshake": lambda: a.request(b.node_id),
+        "respond_handshake": lambda: a.respond(b.node_id, True),
+    }
+    for name, call in calls.items():
+        clock.now += 60  # a full bucket: one token
+        a.heartbeat(), b.heartbeat()
+        b.report_trust(a.node_id)  # so that a revoke has a pair to remove
+        first = call()
+        assert first["type"] != "error", (name, first)
+        assert call() == {"type": "error", "error": "request failed"}, name
+    # Polls, lookups, resolves and heartbeats are not mutations.
+    assert a.poll()["type"] == "poll_handshakes_ok"
+    assert a.heartbeat()["type"] == "heartbeat_ok"
+
+
+def test_new_keys_beyond_max_nodes_are_refused(clock: Clock) -> None:
+    registry = Registry(limits=Limits(register_per_minute=100, max_nodes=3), clock=clock)
+    peers = [Peer(registry, 4000 + i) for i in range(3)]
+    extra = Identity.generate()
+    request = {"type": "register", "listen_addr": "127.0.0.1:1", "public_key": extra.public_key_b64}
+    assert registry.handle(request, "127.0.0.1") == {"type": "error", "error": "request failed"}
+    # Known nodes still come back.
+    assert peers[0].register()["node_id"] == peers[0].node_id
+
+
+def test_vouches_beyond_max_vouches_per_node_are_refused_and_relaying_goes_on(
+    clock: Clock,
+) -> None:
+    limits = Limits(register_per_minute=100, max_vouches_per_node=2)
+    registry = Registry(limits=limits, clock=clock, wall=clock)
+    a, *others = [Peer(registry, 4000 + i) for i in range(5)]
+    assert a.report_trust(others[0].node_id)["type"] == "report_trust_ok"
+    assert a.report_trust(others[1].node_id)["type"] == "report_trust_ok"
+    assert a.report_trust(others[0].node_id)["type"] == "report_trust_ok"  # already given
+    assert refused(a.report_trust(others[2].node_id), "limits.max_vouches_per_node")
+    # A relayed request still goes through, only without the vouch that opens resolve.
+    assert a.request(others[2].node_id)["type"] == "request_handshake_ok"
+    assert others[2].poll()["requests"][0]["from_node_id"] == a.node_id
+    assert refused(others[2].resolve(a.node_id), "may not resolve")
+    # Revoking frees a place.
+    a.revoke_trust(others[0].node_id)
+    assert a.report_trust(others[2].node_id)["type"] == "report_trust_ok"

@@ -382,8 +382,11 @@ class Registry:
                 refuse(f"register rate limit for {source}", FAILED)
             if node_id is None:
                 if len(self._state.nodes) >= self._limits.max_nodes:
-                    log.warning(
-                        "refused a new node: limits.max_nodes (%d) reached", self._limits.max_nodes
+                    self._refusals.log(
+                        logging.WARNING,
+                        tick,
+                        "refused a new node: limits.max_nodes (%d) reached",
+                        self._limits.max_nodes,
                     )
                     refuse(f"limits.max_nodes ({self._limits.max_nodes}) reached", FAILED)
                 node_id = self._state.next_id
