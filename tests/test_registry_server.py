@@ -442,6 +442,56 @@ def test_main_serves_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
             proc.wait(timeout=10)
 
 
+def read_stderr_until(proc: subprocess.Popen[str], text: str, timeout: float = 15.0) -> str:
+    """Lines of ``proc``'s stderr up to the first holding ``text``; fails after ``timeout``."""
+    assert proc.stderr is not None
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], deadline - time.monotonic())
+        line = proc.stderr.readline() if ready else ""
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if text in line:
+            return line
+    pytest.fail(f"no {text!r} on stderr (exit {proc.poll()}): {''.join(seen)}")
+
+
+def test_sighup_reloads_networks_and_limits_and_a_bad_config_is_kept_out(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 item 1: SIGHUP used to end pilot-registryd with status 129."""
+    config = tmp_path / "registry.yaml"
+    config.write_text("networks:\n  3: [1]\nlimits:\n  register_per_minute: 1\n")
+    proc, address = start_registryd("--memory", "--config", str(config))
+    client = Client(address)
+    try:
+        first, second = Identity.generate(), Identity.generate()
+        assert client.register("127.0.0.1:4000", first.public_key_b64)["node_id"] == 1
+        assert client.lookup(1)["networks"] == [0, 3]
+        with pytest.raises(RegistryError, match=r"^request failed$"):
+            client.register("127.0.0.1:4001", second.public_key_b64)
+        config.write_text("networks:\n  4: [1]\nlimits:\n  register_per_minute: 100\n")
+        proc.send_signal(signal.SIGHUP)
+        read_stderr_until(proc, "SIGHUP: reloaded")
+        assert client.register("127.0.0.1:4001", second.public_key_b64)["node_id"] == 2
+        assert client.lookup(1)["networks"] == [0, 4]
+        # A config that does not load is an ERROR naming file and key; the running one stays.
+        config.write_text("networks:\n  5: [1]\nlimits:\n  register_per_minute: 'x'\n")
+        proc.send_signal(signal.SIGHUP)
+        line = read_stderr_until(proc, "keeping the running config")
+        assert "ERROR" in line and str(config) in line and "limits.register_per_minute" in line
+        assert proc.poll() is None
+        assert client.lookup(1)["networks"] == [0, 4]
+        client.close()
+        stop(proc)
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 def test_main_bad_config_exits_one_naming_file_and_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("networks:\n  3: [7, 'bogus']\n")
