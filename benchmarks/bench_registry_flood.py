@@ -129,20 +129,44 @@ def attack(address: str, victim_key: str, seconds: float) -> None:
         node_id = exchange(sock, register())["node_id"]
     peer = 1
     cycle = [
-        lambda: {"type": "set_hostname", "node_id": node_id, "hostname": "attacker",
-                 "signature": sig(set_hostname_challenge(node_id))},
-        lambda: {"type": "set_visibility", "node_id": node_id, "public": True,
-                 "signature": sig(set_visibility_challenge(node_id))},
-        lambda: {"type": "set_visibility", "node_id": node_id, "public": False,
-                 "signature": sig(set_visibility_challenge(node_id))},
-        lambda: {"type": "report_trust", "node_id": node_id, "peer_id": peer,
-                 "signature": sig(report_trust_challenge(node_id, peer))},
-        lambda: {"type": "revoke_trust", "node_id": node_id, "peer_id": peer,
-                 "signature": sig(revoke_trust_challenge(node_id, peer))},
-        lambda: {"type": "register", "listen_addr": "127.0.0.1:9", "public_key": victim_key,
-                 "hostname": "stolen"},
+        lambda: {
+            "type": "set_hostname",
+            "node_id": node_id,
+            "hostname": "attacker",
+            "signature": sig(set_hostname_challenge(node_id)),
+        },
+        lambda: {
+            "type": "set_visibility",
+            "node_id": node_id,
+            "public": True,
+            "signature": sig(set_visibility_challenge(node_id)),
+        },
+        lambda: {
+            "type": "set_visibility",
+            "node_id": node_id,
+            "public": False,
+            "signature": sig(set_visibility_challenge(node_id)),
+        },
+        lambda: {
+            "type": "report_trust",
+            "node_id": node_id,
+            "peer_id": peer,
+            "signature": sig(report_trust_challenge(node_id, peer)),
+        },
+        lambda: {
+            "type": "revoke_trust",
+            "node_id": node_id,
+            "peer_id": peer,
+            "signature": sig(revoke_trust_challenge(node_id, peer)),
+        },
+        lambda: {
+            "type": "register",
+            "listen_addr": "127.0.0.1:9",
+            "public_key": victim_key,
+            "hostname": "stolen",
+        },
         register,
-    ]  # fmt: skip
+    ]
     counts = {"sent": 0, "refused": 0}
     lock = threading.Lock()
     end = time.monotonic() + seconds
@@ -178,8 +202,10 @@ def scenario(seconds: float, nodes: int, vouches: int, lifted: bool) -> dict[str
         config = os.path.join(directory, "registry.yaml")
         limits = {"register_per_minute": 1000}
         if lifted:
-            limits |= {"mutations_per_minute_per_node": 10**9,
-                       "mutations_per_minute_per_source": 10**9}  # fmt: skip
+            limits |= {
+                "mutations_per_minute_per_node": 10**9,
+                "mutations_per_minute_per_source": 10**9,
+            }
         with open(config, "w", encoding="utf-8") as out:
             json.dump({"limits": limits}, out)
         proc, address = c.start_registry(directory, config)
@@ -231,8 +257,10 @@ def main() -> None:
     args = c.parse_args(__doc__.split("\n\n")[0], extra, default_runs=1)
     seconds = 6.0 if args.quick else args.seconds
     nodes, vouches = (2000, 8000) if args.quick else (NODES, VOUCHES)
-    print(f"pilot-registryd, {nodes} nodes / {vouches} vouches, attacker on {CONNECTIONS} "
-          f"connections for {seconds:g} s")  # fmt: skip
+    print(
+        f"pilot-registryd, {nodes} nodes / {vouches} vouches, attacker on {CONNECTIONS} "
+        f"connections for {seconds:g} s"
+    )
     results = []
     for lifted in (False, True):
         result = scenario(seconds, nodes, vouches, lifted)
