@@ -50,6 +50,7 @@ class SimNode:
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.identity = Identity.generate()
+        self.lock = threading.Lock()
         self.sock = socket.create_connection(target, timeout=30)
         key, stamp = self.identity.public_key_b64, int(time.time())
         answer = self.call(
@@ -67,8 +68,9 @@ class SimNode:
         return b64encode(self.identity.sign(challenge))
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.sock.sendall(encode_frame(request))
-        answer = read_frame(self.sock, 1 << 20, 30.0, 30.0)
+        with self.lock:  # another thread may be making this node's peer calls
+            self.sock.sendall(encode_frame(request))
+            answer = read_frame(self.sock, 1 << 20, 30.0, 30.0)
         assert answer is not None
         return answer
 

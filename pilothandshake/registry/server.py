@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -48,7 +49,7 @@ from ..constants import (
 from ..errors import ConfigError, HandshakeError, RegistryError
 from ..messages import format_address, parse_address
 from ..wire import reset_close
-from .client import encode_frame, read_frame
+from .client import ConnectionBroken, encode_frame
 from .config import Limits, ServerConfig, load_config
 from .ratelimit import RateLimitedLog
 from .state import Registry
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 _SHUTDOWN_POLL = 0.1
 # How long stop() waits for handlers to finish the request they are in.
 _STOP_WAIT = 2.0
+_HEADER_SIZE = 4
+_RECV_SIZE = 65536
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -86,10 +89,10 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def _serve(self, sock: socket.socket, source: str) -> None:
         registry = self.server.registry
-        idle = self.server.limits.idle_timeout
+        frames = _Frames(sock)
         while True:
             try:
-                request = read_frame(sock, MAX_REGISTRY_FRAME_SERVER, idle, REGISTRY_TIMEOUT)
+                request = frames.read(self.server.limits.idle_timeout)
             except RegistryError as exc:
                 self.server.note("bad frame from %s: %s; closing", source, exc)
                 with contextlib.suppress(OSError):
@@ -110,6 +113,77 @@ class _Handler(socketserver.BaseRequestHandler):
             except OSError as exc:
                 log.debug("cannot answer %s: %s", source, exc)
                 return
+
+
+class _Frames:
+    """The request frames of one connection (SPEC 11), read into a buffer so that a frame
+    that arrives whole costs one ``recv``: on this server the transport, not the answer,
+    is most of a request's CPU (BENCHMARKS.md, round 3). The socket keeps one timeout,
+    ``min(idle, REGISTRY_TIMEOUT)``, for every wait (answers are sent with it too), so no
+    request pays for changing it; longer waits are counted out of such waits."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+        self._timeout = -1.0
+
+    def read(self, idle: float) -> dict[str, Any] | None:
+        """The next request; None when the peer closed between frames. Raises
+        ``RegistryError`` for a frame over the limit or not a JSON object, ``OSError``
+        (``socket.timeout``) after ``idle`` seconds without a frame or ``REGISTRY_TIMEOUT``
+        seconds without the rest of one, ``ConnectionBroken`` for a close inside one."""
+        wait = min(idle, REGISTRY_TIMEOUT)
+        if wait != self._timeout:
+            self._sock.settimeout(wait)
+            self._timeout = wait
+        buffer = self._buffer
+        deadline = time.monotonic() + idle
+        while len(buffer) < _HEADER_SIZE:
+            if not self._fill(deadline):
+                if buffer:
+                    raise ConnectionBroken("connection closed in the middle of a frame")
+                return None
+        size = int.from_bytes(buffer[:_HEADER_SIZE], "big")
+        if size > MAX_REGISTRY_FRAME_SERVER:
+            raise RegistryError(
+                f"frame of {size} bytes exceeds the limit of {MAX_REGISTRY_FRAME_SERVER}"
+            )
+        end = _HEADER_SIZE + size
+        deadline = time.monotonic() + REGISTRY_TIMEOUT
+        while len(buffer) < end:
+            if not self._fill(deadline):
+                raise ConnectionBroken("connection closed in the middle of a frame")
+        body = bytes(buffer[_HEADER_SIZE:end])
+        del buffer[:end]
+        try:
+            request = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise RegistryError(f"malformed frame: {exc}") from None
+        if not isinstance(request, dict):
+            raise RegistryError("malformed frame: not a JSON object")
+        return request
+
+    def _fill(self, deadline: float) -> bool:
+        """Append what the peer sent next; False at end of stream. Raises
+        ``socket.timeout`` once ``deadline`` (monotonic) has passed, also when a trickle of
+        bytes keeps arriving."""
+        while True:
+            try:
+                chunk = self._sock.recv(_RECV_SIZE)
+            except socket.timeout:
+                chunk = None
+            if chunk == b"":
+                return False
+            if chunk:
+                self._buffer += chunk
+            if time.monotonic() >= deadline:
+                raise socket.timeout("timed out waiting for a frame")
+            if chunk:
+                return True
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
