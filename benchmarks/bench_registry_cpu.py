@@ -7,7 +7,8 @@ poll, a lookup of a peer, a resolve of a peer; every fifth round a relayed reque
 peer, the peer's poll and its accepting respond_handshake, and a report_trust. Reported:
 registry process CPU time (user + system, /proc) divided by the requests it answered, for
 the mix and for each request type alone (which shows what verify, the journal and the
-transport cost). The Ed25519 verify alone is timed in this process for reference.
+transport cost), and for a lookup on a connection of its own (what a connection costs).
+The Ed25519 verify alone is timed in this process for reference.
 
 Target (issue 18.3): <= 300 us of CPU per request in the fleet mix.
 
@@ -182,6 +183,14 @@ def drive(nodes: list[SimNode], rounds: int, step: Callable[[SimNode, SimNode, i
     return total[0]
 
 
+def fresh_lookup(node: SimNode, peer: SimNode, round_: int) -> int:
+    """A lookup on a connection of its own, as a daemon whose calls overlap makes one."""
+    with socket.create_connection(node.sock.getpeername(), timeout=30) as sock:
+        sock.sendall(encode_frame({"type": "lookup", "node_id": peer.node_id}))
+        assert read_frame(sock, 1 << 20, 30.0, 30.0) is not None
+    return 1
+
+
 def single(kind: str) -> Callable[[SimNode, SimNode, int], int]:
     def step(node: SimNode, peer: SimNode, round_: int) -> int:
         getattr(node, kind)(peer)
@@ -202,6 +211,7 @@ def client_main(address: str, nodes: int, rounds: int) -> None:
             for kind in ("lookup", "heartbeat", "poll", "resolve", "report_trust")
         ],
         ("relayed handshake", lambda n, p, r: relay_round(n, p), max(1, rounds // 5)),
+        ("lookup, new conn.", fresh_lookup, max(1, rounds // 2)),
     ]
     for name, step, count in loads:
         print(json.dumps({"start": name}), flush=True)

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import socketserver
@@ -65,6 +66,11 @@ _SHUTDOWN_POLL = 0.1
 _STOP_WAIT = 2.0
 _HEADER_SIZE = 4
 _RECV_SIZE = 65536
+# Handler threads kept waiting for the next connection, and for how long (see _TCPServer).
+_IDLE_THREADS = 64
+_IDLE_THREAD_SECONDS = 60.0
+
+_Job = tuple[Any, Any]  # an admitted connection: (socket, client address)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -187,6 +193,14 @@ def _reject_constant(name: str) -> Any:
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
+    """The listening socket, its connection caps, and the threads that serve connections.
+
+    A thread whose connection closed waits (up to ``_IDLE_THREAD_SECONDS``, at most
+    ``_IDLE_THREADS`` of them) for the next connection instead of ending: starting a thread
+    costs about 130 us of CPU here, more than answering a request, and daemons open short
+    connections when their calls overlap (BENCHMARKS.md, round 3).
+    """
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
@@ -208,7 +222,45 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         self._admitted: dict[Any, str] = {}
         self._lock = threading.Lock()
         self._log = RateLimitedLog(log, DROP_LOG_PER_SECOND)
+        self._idle_threads: list[queue.SimpleQueue[_Job | None]] = []
+        self._closing = False
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the admitted connection in an idle thread, or in a new one."""
+        job = (request, client_address)
+        with self._lock:
+            idle = self._idle_threads.pop() if self._idle_threads else None
+        if idle is not None:
+            idle.put(job)
+        else:
+            threading.Thread(target=self._work, args=(job,), daemon=True).start()
+
+    def _work(self, job: _Job | None) -> None:
+        """Serve ``job``, then wait for another while this thread may stay idle."""
+        jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        while job is not None:
+            self.process_request_thread(*job)
+            with self._lock:
+                if self._closing or len(self._idle_threads) >= _IDLE_THREADS:
+                    return
+                self._idle_threads.append(jobs)
+            try:
+                job = jobs.get(timeout=_IDLE_THREAD_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if jobs in self._idle_threads:
+                        self._idle_threads.remove(jobs)
+                        return
+                job = jobs.get()  # handed a connection just as the wait ended
+
+    def end_idle_threads(self) -> None:
+        """Let every idle thread end, and keep none from now on."""
+        with self._lock:
+            self._closing = True
+            idle, self._idle_threads = self._idle_threads, []
+        for jobs in idle:
+            jobs.put(None)
 
     def note(self, message: str, *args: object) -> None:
         """An INFO line about a connection, rate-limited (a flood cannot fill the disk)."""
@@ -376,6 +428,7 @@ class RegistryServer:
             self._thread.join()
             self._thread = None
         self._server.server_close()
+        self._server.end_idle_threads()
         self.registry.end_polls()
         self._server.close_connections(_STOP_WAIT)
         self.registry.close()
