@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -710,3 +711,20 @@ def test_help_names_the_default_store_and_store_excludes_memory(tmp_path: Path) 
     )
     assert both.returncode == 2
     assert "not allowed with" in both.stderr
+
+
+def test_connection_threads_are_reused_and_end_at_stop(
+    make_server: Callable[..., RegistryServer],
+) -> None:
+    before = threading.active_count()
+    server = make_server()
+    for _ in range(20):  # one after the other: one thread serves them all
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(encode_frame({"type": "lookup", "node_id": 1}))
+            assert read_frame(sock, 1 << 20, 5.0, 5.0) is not None
+    wait_until(lambda: server.open_connections() == 0)
+    # One thread served all 20 and now waits for the next (the accept loop is the other).
+    wait_until(lambda: len(server._server._idle_threads) == 1)
+    assert threading.active_count() == before + 2
+    server.stop()
+    wait_until(lambda: threading.active_count() <= before)
