@@ -716,15 +716,20 @@ def test_help_names_the_default_store_and_store_excludes_memory(tmp_path: Path) 
 def test_connection_threads_are_reused_and_end_at_stop(
     make_server: Callable[..., RegistryServer],
 ) -> None:
-    before = threading.active_count()
     server = make_server()
-    for _ in range(20):  # one after the other: one thread serves them all
+    served_by: list[threading.Thread] = []  # kept alive: distinct objects, distinct threads
+    handle = server.registry.handle
+
+    def recording(request: dict[str, Any], source: str) -> dict[str, Any]:
+        served_by.append(threading.current_thread())
+        return handle(request, source)
+
+    server.registry.handle = recording  # type: ignore[method-assign]
+    for _ in range(20):  # one after the other: a few threads serve them all
         with socket.create_connection(server.address, timeout=5) as sock:
             sock.sendall(encode_frame({"type": "lookup", "node_id": 1}))
             assert read_frame(sock, 1 << 20, 5.0, 5.0) is not None
-    wait_until(lambda: server.open_connections() == 0)
-    # One thread served all 20 and now waits for the next (the accept loop is the other).
-    wait_until(lambda: len(server._server._idle_threads) == 1)
-    assert threading.active_count() == before + 2
+    assert len(served_by) == 20
+    assert len({id(t) for t in served_by}) <= 5
     server.stop()
-    wait_until(lambda: threading.active_count() <= before)
+    wait_until(lambda: not any(t.is_alive() for t in served_by))
