@@ -301,7 +301,7 @@ def main() -> None:
         at_most=True,
         unit=" us",
     )
-    c.save("bench_registry_cpu", args, results)
+    c.save("registry_cpu", args, results)
 
 
 if __name__ == "__main__":

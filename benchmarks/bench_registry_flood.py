@@ -283,7 +283,7 @@ def main() -> None:
             at_most=True,
             unit=" ms",
         )
-    c.save("bench_registry_flood", args, {"nodes": nodes, "vouches": vouches, "runs": results})
+    c.save("registry_flood", args, {"nodes": nodes, "vouches": vouches, "runs": results})
 
 
 if __name__ == "__main__":
