@@ -298,3 +298,22 @@ def test_a_crash_between_the_new_snapshot_and_the_journal_cut_loses_nothing(
     Peer(registry, 4999)
     registry.close()
     assert len(read_state(str(path)).nodes) == 6
+
+
+def test_a_journal_without_its_snapshot_is_set_aside_not_applied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "registry.json"
+    registry = Registry(Store(str(path)), limits=ROOMY)
+    Peer(registry)
+    crashed = crash_copy(path, tmp_path / "crashed")
+    registry.close()
+    crashed.unlink()  # an operator starting the registry afresh
+    assert read_state(str(crashed)).nodes == {}
+    with caplog.at_level("WARNING", logger="pilothandshake.registry"):
+        fresh = Registry(Store(str(crashed)), limits=ROOMY)
+    assert fresh.inbox_entries() == 0 and Peer(fresh).node_id == 1
+    fresh.close()
+    [aside] = list(crashed.parent.glob("registry.json.journal.orphan-*"))
+    assert aside.stat().st_size > 0
+    assert "is not applied, moved to" in caplog.text

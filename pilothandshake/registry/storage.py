@@ -54,6 +54,7 @@ import json
 import logging
 import os
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -446,18 +447,23 @@ def _replay(path: str, state: StoreState, after: int) -> tuple[int, int]:
 
 def read_state(path: str) -> StoreState:
     """The state the store at ``path`` holds (snapshot and journal), read without changing
-    anything (for checks and tools). A missing store is an empty state. Raises
-    ``StoreError``."""
+    anything (for checks and tools). A missing snapshot is an empty state, whatever journal
+    is beside it (see ``_read_snapshot``). Raises ``StoreError``."""
     state, seq = _read_snapshot(path)
-    _replay(path + JOURNAL_SUFFIX, state, seq)
+    if seq >= 0:
+        _replay(path + JOURNAL_SUFFIX, state, seq)
     return state
 
 
 def _read_snapshot(path: str) -> tuple[StoreState, int]:
+    """The snapshot's state and ``journal_seq``; -1 for a missing snapshot. The registry
+    writes its snapshot before its first journal line and never removes it, so a journal
+    without one was left by someone who removed the snapshot to start afresh: it is not
+    applied."""
     try:
         raw = fsutil.read_file(path)
     except FileNotFoundError:
-        return StoreState(), 0
+        return StoreState(), -1
     except OSError as exc:
         raise StoreError(f"{path}: cannot read registry store: {exc.strerror or exc}") from None
     return decode(raw, path)
@@ -518,8 +524,11 @@ class Store:
         fsutil.remove_stale_temporaries(self.path)
         fsutil.remove_stale_temporaries(self.journal_path)
         state, seq = _read_snapshot(self.path)
-        last, good = _replay(self.journal_path, state, seq)
         try:
+            if seq < 0:
+                self._set_aside_orphan_journal()
+                seq = 0
+            last, good = _replay(self.journal_path, state, seq)
             if not os.path.lexists(self.path):
                 fsutil.write_atomically(self.path, encode(state, last))
             self._snapshot_size = os.lstat(self.path).st_size
@@ -540,6 +549,22 @@ class Store:
         self._staged = self._durable = last
         self._ends = {last: good}
         return state
+
+    def _set_aside_orphan_journal(self) -> None:
+        """Move a journal found without its snapshot out of the way (kept, not applied)."""
+        try:
+            size = os.lstat(self.journal_path).st_size
+        except FileNotFoundError:
+            return
+        if size:
+            aside = f"{self.journal_path}.orphan-{int(time.time())}"
+            os.replace(self.journal_path, aside)
+            log.warning(
+                "%s is missing: its journal (%d bytes) is not applied, moved to %s",
+                self.path,
+                size,
+                aside,
+            )
 
     def stage(self, ops: list[Op]) -> int:
         """Number and queue the journal line of ``ops``; returns its number for ``commit``.
