@@ -444,18 +444,22 @@ def test_main_serves_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
 
 
 def read_stderr_until(proc: subprocess.Popen[str], text: str, timeout: float = 15.0) -> str:
-    """Lines of ``proc``'s stderr up to the first holding ``text``; fails after ``timeout``."""
+    """The first line of ``proc``'s stderr (from here on) holding ``text``; fails after
+    ``timeout``. Reads the pipe's descriptor itself: a buffered readline after select()
+    could hold the line in its buffer while select() waits for more."""
     assert proc.stderr is not None
-    deadline, seen = time.monotonic() + timeout, []
+    fd, seen = proc.stderr.fileno(), b""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], deadline - time.monotonic())
-        line = proc.stderr.readline() if ready else ""
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if text in line:
-            return line
-    pytest.fail(f"no {text!r} on stderr (exit {proc.poll()}): {''.join(seen)}")
+        ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+        chunk = os.read(fd, 65536) if ready else b""
+        seen += chunk
+        for line in seen.decode(errors="replace").splitlines(keepends=True):
+            if text in line and line.endswith("\n"):
+                return line
+        if ready and not chunk:
+            break  # end of stream: the process exited
+    pytest.fail(f"no {text!r} on stderr (exit {proc.poll()}): {seen.decode(errors='replace')}")
 
 
 def test_sighup_reloads_networks_and_limits_and_a_bad_config_is_kept_out(

@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from types import FrameType
 from typing import Any
 
 from .._version import __version__
@@ -65,6 +64,7 @@ _SHUTDOWN_POLL = 0.1
 # How long stop() waits for handlers to finish the request they are in.
 _STOP_WAIT = 2.0
 _HEADER_SIZE = 4
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 _RECV_SIZE = 65536
 # Handler threads kept waiting for the next connection, and for how long (see _TCPServer).
 _IDLE_THREADS = 64
@@ -514,6 +514,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         host, port = parse_address(args.listen)
     except ValueError as exc:
         parser.error(f"--listen: {exc}")
+    # Signals are taken with sigwait, by this thread only, and blocked everywhere else
+    # (threads inherit the mask, so block before any starts): no handler runs at a random
+    # point of this thread, where setting an Event this thread is waiting on can deadlock.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        return _run(args, host, port)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _run(args: argparse.Namespace, host: str, port: int) -> int:
+    """Start the registry, then serve until SIGTERM/SIGINT, reloading on SIGHUP."""
     try:
         config = load_config(args.config) if args.config else ServerConfig()
         store_path = _store_path(args)
@@ -534,27 +546,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    wake = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        wake.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, on_signal)
     server.start()
     print(f"pilot-registryd listening on {format_address(server.address)}", flush=True)
     log.info("store: %s", store_path or "none (--memory)")
-    while True:
-        # A bounded wait keeps the main thread responsive to signals on every platform.
-        wake.wait(1.0)
-        wake.clear()
-        signals, received[:] = list(received), []
-        if signal.SIGHUP in signals:
-            _reload(server, args.config)
-        if signal.SIGTERM in signals or signal.SIGINT in signals:
-            break
+    while signal.sigwait(_SIGNALS) == signal.SIGHUP:
+        _reload(server, args.config)
     server.stop()
     log.info("pilot-registryd stopped")
     return 0
