@@ -275,7 +275,7 @@ class Daemon:
         self.metrics.watch(
             trusted=lambda: len(self.manager.trusted_peers()),
             pending=self.manager.pending_count,
-            outgoing=lambda: len(self.manager.outgoing_requests()),
+            outgoing=lambda: sum(r.waiting for r in self.manager.outgoing_requests()),
             active_connections=self.runtime.active_connections,
             registry_up=self._registry_up if registry is not None else None,
         )
@@ -321,6 +321,8 @@ class Daemon:
             "registry": registry,
             "trusted": len(self.manager.trusted_peers()),
             "pending": self.manager.pending_count(),
+            # Our answers that neither path delivered yet, being retried (SPEC 7 outbox).
+            "undelivered": self.manager.undelivered_answers(),
             "webhook": (
                 {"url": self.config.events.webhook, "dropped": self.events.webhook_dropped}
                 if self.config.events.webhook
