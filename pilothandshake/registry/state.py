@@ -91,7 +91,7 @@ __all__ = ["FEATURES", "REGISTER_SKEW", "Registry"]
 log = logging.getLogger(__name__)
 
 # What register_ok advertises (SPEC 18).
-FEATURES = ["wait_poll"]
+FEATURES = ("wait_poll",)
 # How far a signed register's timestamp may be from the registry's clock (SPEC 17).
 REGISTER_SKEW = 300
 
@@ -399,7 +399,7 @@ class Registry:
                 "node_id": node_id,
                 "address": address_text(node_id),
                 "public_key": b64encode(key),
-                "features": FEATURES,
+                "features": list(FEATURES),
             }
             if not signed:
                 # Anyone who read the key from a lookup can send this: answer, change nothing.
