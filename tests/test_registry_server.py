@@ -38,6 +38,11 @@ ROOMY = Limits(
 )
 
 
+def unsigned_register(identity: Identity, listen_addr: str) -> dict[str, Any]:
+    """A ``register`` request without a signature, as a Go daemon (or anyone) sends it."""
+    return {"type": "register", "listen_addr": listen_addr, "public_key": identity.public_key_b64}
+
+
 def signed_register(
     identity: Identity, listen_addr: str, stamp: int | None = None, **fields: Any
 ) -> dict[str, Any]:
@@ -305,7 +310,7 @@ def test_node_missing_heartbeats_goes_offline_and_keeps_its_id(
     else:
         pytest.fail("node never went offline")
     # An unsigned register answers the ID but proves nothing: a stays offline (SPEC 17).
-    assert a.client.register("127.0.0.1:4000", a.identity.public_key_b64)["node_id"] == 1
+    assert a.client.call(unsigned_register(a.identity, "127.0.0.1:4000"))["node_id"] == 1
     with pytest.raises(RegistryError, match="not online"):
         b.client.lookup(a.node_id)
     # Its own signed heartbeat brings it back, with its ID and its pairs.
@@ -577,12 +582,12 @@ def test_eleventh_new_key_from_one_address_in_a_minute_is_refused(
     nodes = [Node(default_server) for _ in range(10)]
     extra = Identity.generate()
     with pytest.raises(RegistryError, match=r"^request failed$"):
-        nodes[0].client.register("127.0.0.1:4000", extra.public_key_b64)
+        nodes[0].client.call(unsigned_register(extra, "127.0.0.1:4000"))
     # Registered keys come back freely when they sign (SPEC 17); unsigned they pay.
     again = nodes[3].client.call(signed_register(nodes[3].identity, "127.0.0.1:4100"))
     assert again["node_id"] == nodes[3].node_id
     with pytest.raises(RegistryError, match=r"^request failed$"):
-        nodes[3].client.register("127.0.0.1:4100", nodes[3].identity.public_key_b64)
+        nodes[3].client.call(unsigned_register(nodes[3].identity, "127.0.0.1:4100"))
 
 
 def assert_refused_unread(address: tuple[str, int]) -> None:
