@@ -137,7 +137,8 @@ def test_a_newline_terminated_last_line_that_does_not_parse_is_an_unfinished_wri
     [
         (b"not json", "line 3 does not parse: Expecting value"),
         (b"\xff\xfe[]", "line 3 does not parse: 'utf-8' codec can't decode"),
-        (b"[" * 5000 + b"]" * 5000, "line 3 does not parse: nested too deeply"),
+        # Deeper than json parses on any Python (3.13's parses 5,000 levels; 3.9-3.12's not).
+        (b"[" * 100_000 + b"]" * 100_000, "line 3 does not parse: nested too deeply"),
         (b'{"trusted": []}', "line 3: expected a list of changes"),
         (b'[["nowhere", 5, null]]', r'line 3\[0\]: unknown table "nowhere"'),
         (b'[["trusted", 5, {"node_id": 6}]]', "record of node 6 filed under 5"),
