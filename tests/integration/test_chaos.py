@@ -25,7 +25,8 @@ DROPPED_IN_OUTAGE = (
 )
 @pytest.mark.timeout(SECONDS + 240)
 def test_a_fleet_under_faults_loses_no_acknowledged_change_and_converges(fleet: Fleet) -> None:
-    report = chaos.run(fleet, chaos.Options(seed=SEED, seconds=SECONDS))
+    options = chaos.Options(seed=SEED, seconds=SECONDS, convergence_timeout=60.0)
+    report = chaos.run(fleet, options)
     print("\n".join(report.lines()))
     assert sum(report.acks.values()) >= 10, report.lines()  # the run did something
     assert all(report.faults[kind] for _, kind in chaos.FAULT_KINDS), report.lines()
