@@ -6,7 +6,7 @@ pilot-registryd on 127.0.0.1 take random handshake requests, approvals, rejectio
 untrusts while daemons are SIGKILLed and restarted, SIGSTOPped and continued, SIGHUPped, and
 the registry is killed and restarted. At the end it checks that no acknowledged change was
 lost (also after a final SIGKILL and restart of every daemon), that every approved pair
-trusts both ways (and how long that took), that no log holds an unexplained ERROR or
+trusts both ways (and how long that took), that no log holds an ERROR or a
 traceback and that nothing died. What it does and checks: ``tests/integration/chaos.py``;
 ``tests/integration/test_chaos.py`` runs a short one in the suite.
 
@@ -19,6 +19,7 @@ Needs the test extra (``pip install -e '.[test]'``). Exit status 0 when every ch
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -60,8 +61,6 @@ def main() -> int:
             finally:
                 sys.stdout = stdout
         if not options.keep:
-            import shutil
-
             shutil.rmtree(root, ignore_errors=True)
     print("\n".join(report.lines()))
     if options.keep:

@@ -33,7 +33,7 @@ def test_a_fleet_under_faults_loses_no_acknowledged_change_and_converges(fleet: 
     assert not report.dead, report.dead
     assert not report.lost and not report.lost_after_kill, report.lines()
     assert report.convergence is not None, report.not_converged
-    assert not report.unexplained, report.unexplained
+    assert not report.errors, report.errors
 
 
 @pytest.mark.xfail(strict=False, reason=DROPPED_IN_OUTAGE)
