@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .daemon import Daemon
     from .errors import (
         ConfigError,
+        ControlError,
         HandshakeError,
         MessageError,
         NotTrustedError,
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     )
     from .runtime import AllowlistEntry, RegistryClient, Runtime
     from .service import Service
-    from .store import PendingHandshake, TrustRecord
+    from .store import OutgoingRequest, PendingHandshake, TrustRecord
 
 # Public name -> the module that defines it.
 _EXPORTS = {
@@ -54,12 +55,14 @@ _EXPORTS = {
     "AllowlistEntry": "runtime",
     "Client": "client",
     "ConfigError": "errors",
+    "ControlError": "errors",
     "Daemon": "daemon",
     "HandshakeError": "errors",
     "HandshakeMsg": "messages",
     "Manager": "manager",
     "MessageError": "errors",
     "NotTrustedError": "errors",
+    "OutgoingRequest": "store",
     "PendingHandshake": "store",
     "RegistryClient": "runtime",
     "RegistryError": "errors",
@@ -79,12 +82,14 @@ __all__ = [
     "AllowlistEntry",
     "Client",
     "ConfigError",
+    "ControlError",
     "Daemon",
     "HandshakeError",
     "HandshakeMsg",
     "Manager",
     "MessageError",
     "NotTrustedError",
+    "OutgoingRequest",
     "PendingHandshake",
     "RegistryClient",
     "RegistryError",

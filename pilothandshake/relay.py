@@ -167,15 +167,15 @@ class RegistryLoop:
             return self._node_id
 
     def state(self) -> dict[str, Any]:
-        """The registry's state for ``status``: address, reachability, last error, and the
-        hostname asked for with why the registry did not set it ("" when it did)."""
+        """The registry's state for ``status``: address, reachability, last error, and why
+        the registry did not set the hostname asked for ("" when it did; the name itself is
+        ``status``'s top-level ``hostname``, as the registry has it)."""
         with self._lock:
             return {
                 "address": self._client.address,
                 "reachable": self._reachable,
                 "registered": self._node_id != 0,
                 "error": self._last_error,
-                "hostname": self._hostname,
                 "hostname_error": self._hostname_error,
             }
 
@@ -243,11 +243,19 @@ class RegistryLoop:
         if not self._hostname:
             return
         granted = response.get("hostname") == self._hostname
-        error = "" if granted else "the registry did not set it (taken by another node, or invalid)"
+        error = ""
+        if not granted:
+            # pilot-registryd and the production registry say why in ``hostname_error``
+            # ("taken by node 3", invalid); the production registry's re-registration of
+            # a known key drops a taken name without a word.
+            said = response.get("hostname_error")
+            reason = said if isinstance(said, str) and said else "taken by another node"
+            name = repr(self._hostname)
+            error = reason if name in reason else f"hostname {name} not set: {reason}"
         with self._lock:
             changed, self._hostname_error = error != self._hostname_error, error
         if error and changed:
-            log.error("hostname %r: %s", self._hostname, error)
+            log.error("%s", error)
 
     def start(self) -> None:
         """Start the background thread. Idempotent."""

@@ -344,3 +344,16 @@ def test_registry_error_text_is_kept_but_never_raw(stubs: list[Stub]) -> None:
     assert shown.isprintable()
     assert len(shown) < 320
     client.close()
+
+
+def test_respond_handshake_carries_a_rejection_s_reason_only_when_there_is_one(
+    stubs: list[Stub],
+) -> None:
+    """Issue 16: the reason crosses the relay when the registry passes it on; an empty one
+    is not sent, so the request is what it was before for every other answer."""
+    stub = make_stub(stubs, answer_ok)
+    client = Client(stub.address, timeout=2.0)
+    client.respond_handshake(1, 2, False, "c2ln", reason="not today")
+    client.respond_handshake(1, 2, True, "c2ln")
+    assert [r.get("reason") for r in stub.requests] == ["not today", None]
+    assert "reason" not in stub.requests[1]
