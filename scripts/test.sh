@@ -2,8 +2,9 @@
 # Set up a virtualenv in .venv, install pilothandshake with its test tools, then run every
 # check CI runs: lint, format, types and the whole test suite; and, at the same time, the
 # unit suite (without tests/integration and tests/interop) on the lowest and the highest
-# Python 3.9+ that pyenv has, each in its own virtualenv (.venv-X.Y). Extra arguments go to
-# pytest, and then the other Pythons are skipped (a targeted run).
+# Python 3.9+ that pyenv has, each in its own virtualenv (.venv-X.Y), and the long
+# fault-injection test beside the rest of the suite. Extra arguments go to pytest, and then
+# only that one run happens (a targeted run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -40,15 +41,26 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 install .venv
 main=$(version_of .venv/bin/python)
 
-# The other Pythons first, so that their unit suites run while the checks below do: each
-# has its own venv, log and hypothesis database, and no pytest cache (which the runs would
-# share). They are stopped if this script is.
-versions=()
+# Background runs, started first so that they run while the checks below do, each with
+# its log (named in `logs`), and no pytest cache (which the runs would share); stopped if
+# this script is: the unit suite on each other Python (its own venv and hypothesis
+# database), and the fault-injection test (one long, mostly idle test) on this one.
+labels=()
+logs=()
 pids=()
 trap 'for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2> /dev/null || true; done' EXIT
+background() {  # background LABEL LOG COMMAND...
+    echo "== $1, in the background: $2"
+    labels+=("$1")
+    logs+=("$2")
+    "${@:3}" > "$2" 2>&1 &
+    pids+=($!)
+}
+CHAOS=tests/integration/test_chaos.py
 if [ $# -gt 0 ]; then
-    echo "== other Pythons: skipped (pytest arguments given: a targeted run)"
+    echo "== other Pythons and background runs: skipped (pytest arguments given: a targeted run)"
 else
+    versions=()
     while read -r version python; do
         if [ "$version" = "$main" ]; then
             echo "== Python $version: the whole suite runs on it below"
@@ -65,12 +77,13 @@ else
     done < <(other_pythons)
     for version in ${versions[@]+"${versions[@]}"}; do
         venv=".venv-$version"
-        echo "== pytest, unit suite (Python $version), in the background: $venv/pytest.log"
-        HYPOTHESIS_STORAGE_DIRECTORY="$venv/hypothesis" "$venv/bin/python" -m pytest -q \
-            -p no:cacheprovider --ignore=tests/integration --ignore=tests/interop \
-            > "$venv/pytest.log" 2>&1 &
-        pids+=($!)
+        background "pytest, unit suite (Python $version)" "$venv/pytest.log" \
+            env HYPOTHESIS_STORAGE_DIRECTORY="$venv/hypothesis" "$venv/bin/python" -m pytest \
+            -q -p no:cacheprovider --ignore=tests/integration --ignore=tests/interop
     done
+    background "pytest $CHAOS (Python $main)" .venv/pytest-chaos.log \
+        .venv/bin/python -m pytest -q -p no:cacheprovider "$CHAOS"
+    set -- --ignore="$CHAOS"
 fi
 
 export PATH="$PWD/.venv/bin:$PATH"
@@ -81,13 +94,12 @@ echo "== pytest (Python $main)"
 failed=0
 pytest -q "$@" || failed=1
 
-for i in ${versions[@]+"${!versions[@]}"}; do
-    venv=".venv-${versions[$i]}"
-    echo "== pytest, unit suite (Python ${versions[$i]})"
+for i in ${pids[@]+"${!pids[@]}"}; do
+    echo "== ${labels[$i]}"
     if wait "${pids[$i]}"; then
-        tail -n 1 "$venv/pytest.log"
+        tail -n 1 "${logs[$i]}"
     else
-        tail -n 150 "$venv/pytest.log"
+        tail -n 150 "${logs[$i]}"
         failed=1
     fi
 done
