@@ -536,7 +536,9 @@ def one_sided(driver: Driver) -> list[str]:
     ]
 
 
-ERROR_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (ERROR|CRITICAL) ")
+# The daemon's text log ("2026-12-06T20:27:16.098+00:00 ERROR ...") and the registry's
+# ("2026-12-06 20:30:49,869 ERROR ...").
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d[T ]\S+ ([A-Z]+) ")
 
 
 def check_logs(procs: list[Proc], report: Report) -> None:
@@ -544,8 +546,15 @@ def check_logs(procs: list[Proc], report: Report) -> None:
     SIGKILLed, stopped or reloaded, or a registry gone for seconds, is an event the fleet
     takes in stride (WARNING at most); an ERROR says something else went wrong."""
     for proc in procs:
-        for text in proc.stderr.splitlines():
-            if ERROR_LINE.match(text) or text.startswith("Traceback"):
+        levels = [
+            (m.group(1) if m else "", text)
+            for text in proc.stderr.splitlines()
+            for m in [LOG_LINE.match(text)]
+        ]
+        if not any(level for level, _ in levels):  # a log format this check cannot read
+            report.errors.append(f"{proc.name}: no line in a known log format")
+        for level, text in levels:
+            if level in ("ERROR", "CRITICAL") or text.startswith("Traceback"):
                 report.errors.append(f"{proc.name}: {text[:300]}")
 
 
