@@ -2,11 +2,11 @@
 
 Client processes on loopback send distinct signed ``handshake_request`` messages (one fresh
 node ID and key each) to one ``pilot-handshaked`` process (auto-approve, persistence on, no
-registry, per-source limits raised). A client's send ends at the daemon's end of stream,
-which SPEC 3 sends as soon as the message is read, before it is verified or written; so the
-daemon's clock stops only when its ``status`` (control socket) counts every sender trusted,
-that is verified, decided and written to trust.json (group commit), and its CPU is read
-then. After the daemon stops, the run checks that trust.json holds every sender.
+registry, per-source limits raised). A client's send ends at the daemon's receipt, which
+SPEC 3 (round 3) writes once the message is verified, decided and written to trust.json
+(group commit); the daemon's clock still stops only when its ``status`` (control socket)
+counts every sender trusted, and its CPU is read then. After the daemon stops, the run
+checks that trust.json holds every sender.
 
 Baselines in the same run, with the same client: (a) a bare ``ThreadingTCPServer`` in its own
 process that reads one message and closes (the transport ceiling); (b) the floor: the same

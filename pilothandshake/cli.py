@@ -159,6 +159,16 @@ def _handshake_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _approve_arguments(parser: argparse.ArgumentParser) -> None:
+    _node_argument(parser)
+    parser.add_argument(
+        "--new-key",
+        metavar="FPR",
+        help="approve a KEY CHANGED request: its key's fingerprint (hex, or a prefix of at "
+        "least 16 digits) or base64 key",
+    )
+
+
 def _reject_arguments(parser: argparse.ArgumentParser) -> None:
     _node_argument(parser)
     parser.add_argument(
@@ -193,12 +203,17 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
     pass
 
 
+def _name_argument(parser: argparse.ArgumentParser) -> None:
+    # Not a NODE: the name is not resolved (a moved name would refuse to resolve).
+    parser.add_argument("name", metavar="NAME")
+
+
 # Every command, in the order --help lists them: its summary, and what adds its arguments.
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "status": ("node ID, hostname, listen address, registry, counts", _status_arguments),
     "handshake": ("ask a node for trust", _handshake_arguments),
     "pending": ("list pending requests", _no_arguments),
-    "approve": ("approve a pending request", _node_argument),
+    "approve": ("approve a pending request", _approve_arguments),
     "reject": ("reject a pending request", _reject_arguments),
     "trust": ("list trusted peers (and conflicting records)", _no_arguments),
     "requests": ("list our requests and what became of each", _no_arguments),
@@ -208,6 +223,10 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "metrics": (
         "print the Prometheus metrics (what metrics.listen serves at /metrics)",
         _no_arguments,
+    ),
+    "forget-name": (
+        "forget a hostname's pinned node and key (after it moved on purpose)",
+        _name_argument,
     ),
     "reload": (
         "reload the daemon's config, as SIGHUP does, and say what needs a restart",
@@ -405,7 +424,8 @@ def _show_pending(data: dict[str, Any]) -> str:
     rows = [
         [
             _label(p["node_id"], p.get("hostname")),
-            fingerprint(p["public_key"]) or "-",
+            (fingerprint(p["public_key"]) or "-")
+            + (" KEY CHANGED" if p.get("key_changed") else ""),
             _printable(p["justification"], _JUSTIFICATION_WIDTH),
             _ago(p["received_at"], now),
         ]
@@ -500,6 +520,7 @@ _SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
     "wait": _show_wait,
     "events": _show_event,
     "metrics": lambda data: str(data["text"]).rstrip("\n"),
+    "forget-name": lambda data: f"forgot hostname {_printable(data['hostname'])}",
     "reload": _show_reload,
 }
 
@@ -527,6 +548,8 @@ def _request_args(client: Client, options: argparse.Namespace) -> dict[str, Any]
         args["node_id"] = _resolve(client, options.node)
     if options.command == "handshake":
         args["justification"] = options.justification
+    elif options.command == "approve" and options.new_key is not None:
+        args["new_key"] = options.new_key
     elif options.command == "reject":
         args["reason"] = options.reason
     elif options.command == "wait":
@@ -535,6 +558,8 @@ def _request_args(client: Client, options: argparse.Namespace) -> dict[str, Any]
         args["follow"] = options.follow
         if not options.history:
             args["history"] = False
+    elif options.command == "forget-name":
+        args["hostname"] = options.name
     return args
 
 
@@ -611,7 +636,8 @@ def _run(options: argparse.Namespace) -> None:
     elif options.command == "events":
         responses = client.stream("events", **_request_args(client, options))
     else:
-        responses = iter([client.request(options.command, **_request_args(client, options))])
+        command = options.command.replace("-", "_")  # forget-name: the socket's forget_name
+        responses = iter([client.request(command, **_request_args(client, options))])
     for response in responses:
         data = _data(response)
         if options.json:

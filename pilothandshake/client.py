@@ -307,7 +307,9 @@ class Client:
     def resolve(self, node: int | str) -> int:
         """The node ID of ``node``: an ID (int or decimal digits) as is, the node part of a
         Pilot address ``N:XXXX.XXXX.XXXX``, else a hostname the daemon resolves through its
-        registry (``RegistryError`` when it cannot)."""
+        registry (``RegistryError`` when it cannot) and checks against its pin
+        (``HandshakeError`` naming both when the name moved to another node or key: see
+        ``forget_name``)."""
         if isinstance(node, bool) or not isinstance(node, (int, str)):
             raise TypeError(f"a node is a node ID, an address or a hostname, not {node!r}")
         if isinstance(node, int):
@@ -318,6 +320,15 @@ class Client:
         if address is not None:
             return address
         return int(self.call("resolve", hostname=node)["node_id"])
+
+    def forget_name(self, name: str) -> bool:
+        """Drop the daemon's pin of hostname ``name`` (SPEC 17), after it moved to another
+        node or key on purpose; False when it was not pinned."""
+        response = self.request("forget_name", hostname=name)
+        if response["status"] == "error" and response.get("code") == "not_found":
+            return False
+        raise_for_error(response)
+        return True
 
     @property
     def node_id(self) -> int:
@@ -335,9 +346,14 @@ class Client:
         node = self.resolve(peer_node_id)
         return str(self.call("handshake", node_id=node, justification=justification)["status"])
 
-    def approve_handshake(self, peer_node_id: int | str) -> bool:
-        """Approve the pending request of ``peer_node_id``; False when none is pending."""
-        return self._answer("approve", peer_node_id, {})
+    def approve_handshake(self, peer_node_id: int | str, new_key: str | None = None) -> bool:
+        """Approve the pending request of ``peer_node_id``; False when none is pending. A
+        KEY CHANGED request (SPEC 17) is refused (``HandshakeError``) unless ``new_key``
+        names its key: its hex fingerprint, a prefix of at least 16 hex digits, or the
+        base64 key."""
+        return self._answer(
+            "approve", peer_node_id, {} if new_key is None else {"new_key": new_key}
+        )
 
     def reject_handshake(self, peer_node_id: int | str, reason: str = "") -> bool:
         """Reject the pending request of ``peer_node_id``; False when none is pending."""

@@ -10,7 +10,7 @@ MAX_NETWORK = 2**16 - 1  # network IDs are unsigned 16-bit
 # Section 3: the message on port 444.
 MAX_MESSAGE_SIZE = 64 * 1024
 READ_DEADLINE = 10.0  # total time for one message to arrive
-SEND_GRACE = 2.0  # how long a sender waits for the receiver's end of stream after half-closing
+SEND_GRACE = 2.0  # how long a sender waits for the receiver's receipt after half-closing
 DIAL_TIMEOUT = 5.0  # connect + write bound for dial_and_send
 
 # Section 5: processing an incoming message.
@@ -56,6 +56,8 @@ EVENT_QUEUE = 1024
 POOL_WORKERS = 8
 POOL_QUEUE = 1024
 STOP_TIMEOUT = 10.0  # how long stop() waits for background work
+METRICS_MAX_CONNECTIONS = 16  # metrics.listen: scrapes served at once; newcomers are reset
+METRICS_DEADLINE = 5.0  # metrics.listen: one scrape, request and answer, in total
 
 # Section 10: trust.json, beside the identity file.
 TRUST_FILE = "trust.json"

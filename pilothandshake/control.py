@@ -55,6 +55,8 @@ from .control_commands import (
 from .errors import ControlError
 from .events import EventBus
 from .manager import Manager
+from .names import NamePins
+from .override import override
 from .server import serve_until_closed, wake_acceptor
 
 __all__ = ["ControlClient", "ControlError", "ControlServer"]
@@ -100,6 +102,7 @@ class _Handler(socketserver.StreamRequestHandler):
     server: ControlServer
     timeout = CONTROL_IDLE_TIMEOUT  # an idle client does not hold a thread forever
 
+    @override
     def handle(self) -> None:
         try:
             credentials = _peer_credentials(self.connection)
@@ -187,8 +190,10 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         node_id: Callable[[], int],
         registry: HostnameRegistry | None = None,
         group: str = "",
+        names: NamePins | None = None,
     ) -> None:
-        """Prepare the server; nothing is bound until ``start()``."""
+        """Prepare the server; nothing is bound until ``start()``. ``names`` pins the
+        hostnames resolved for commands (SPEC 17)."""
         super().__init__(path, _Handler, bind_and_activate=False)
         self.path = path
         self.events = events
@@ -196,7 +201,9 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         self.owner_uid = os.getuid()
         self.group_gid: int | None = None
         self.stopping = threading.Event()
-        self.commands = ControlCommands(manager, status, node_id, registry, self.stopping)
+        self.commands = ControlCommands(
+            manager, status, node_id, registry, self.stopping, names, events.publish
+        )
         self._thread: threading.Thread | None = None
         self._inode: int | None = None
         self._lock = threading.Lock()
@@ -281,6 +288,7 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             ) from None
         os.chmod(self.path, 0o660)
 
+    @override
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve the connection on its own thread, or refuse it at the connection cap."""
         with self._lock:
@@ -296,6 +304,7 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             self._release()
             raise
 
+    @override
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Serve one connection, then free its place under the cap."""
         try:
@@ -322,8 +331,10 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             )
         self.shutdown_request(request)
 
-    def handleerror_response(self, request: Any, client_address: Any) -> None:
-        """Log a handler failure instead of printing a traceback to stderr."""
+    @override
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log a handler failure through the daemon's logging (its format, JSON too)
+        instead of socketserver's bare traceback on stderr."""
         log.exception("control connection failed")
 
     def _remove_stale_socket(self) -> None:

@@ -24,8 +24,11 @@ from typing import Any, Callable, Protocol
 
 from .constants import REGISTRY_CACHE_TTL, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
 from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
+from .identity import decode_key, full_fingerprint
 from .manager import Manager
+from .manager.auth import key_changed
 from .messages import MAX_NODE_ID
+from .names import HOSTNAME_CHANGED, HostnameMoved, NamePins
 from .store import REJECTED, format_time
 
 __all__ = [
@@ -70,7 +73,7 @@ COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "status": (frozenset(), frozenset()),
     "handshake": (frozenset({"node_id"}), frozenset({"justification"})),
     "pending": (frozenset(), frozenset()),
-    "approve": (frozenset({"node_id"}), frozenset()),
+    "approve": (frozenset({"node_id"}), frozenset({"new_key"})),
     "reject": (frozenset({"node_id"}), frozenset({"reason"})),
     "trust": (frozenset(), frozenset()),
     "requests": (frozenset(), frozenset()),
@@ -78,6 +81,7 @@ COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "is_trusted": (frozenset({"node_id"}), frozenset()),
     "wait": (frozenset({"node_id"}), frozenset({"timeout"})),
     "resolve": (frozenset({"hostname"}), frozenset()),
+    "forget_name": (frozenset({"hostname"}), frozenset()),
     "events": (frozenset(), frozenset({"follow", "history"})),
     "metrics": (frozenset(), frozenset()),
     "reload": (frozenset(), frozenset()),
@@ -136,7 +140,7 @@ def _check_arg(name: str, value: Any) -> Any:
         if type(value) is not int or not 0 <= value <= MAX_NODE_ID:
             raise RequestError(INVALID_ARGUMENT, f"node_id must be an integer 0..{MAX_NODE_ID}")
         return value
-    if name in ("justification", "reason"):
+    if name in ("justification", "reason", "new_key"):
         if not isinstance(value, str):
             raise RequestError(INVALID_ARGUMENT, f"{name} must be a string")
         return value
@@ -191,7 +195,9 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
 class ControlCommands:
     """Carries out the commands for ``manager``: ``status`` builds the ``status`` answer,
     ``node_id`` tells this node's ID, ``registry`` (None without one) resolves and shows
-    hostnames; ``stopping`` is set when the server stops, which ends every ``wait``."""
+    hostnames; ``stopping`` is set when the server stops, which ends every ``wait``.
+    ``names`` pins each hostname resolved for a command (SPEC 17; a memory-only pin set
+    when not given); ``publish`` announces ``hostname.changed``."""
 
     def __init__(
         self,
@@ -200,12 +206,16 @@ class ControlCommands:
         node_id: Callable[[], int],
         registry: HostnameRegistry | None,
         stopping: threading.Event,
+        names: NamePins | None = None,
+        publish: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.manager = manager
         self.status = status
         self.node_id = node_id
         self.registry = registry
         self.stopping = stopping
+        self.names = names if names is not None else NamePins("")
+        self.publish = publish
         # The daemon's config reload (what SIGHUP does); None: this server cannot reload.
         self.reload: Callable[[], dict[str, Any]] | None = None
         self._hostname_cache: dict[int, tuple[float, str]] = {}
@@ -277,6 +287,10 @@ class ControlCommands:
         return status
 
     def _do_resolve(self, hostname: str) -> dict[str, Any]:
+        """The node a hostname names, for a command's NODE argument: the registry's answer,
+        checked against the name's pin (SPEC 17). The first resolve pins ``name -> (node ID,
+        key)``; one that maps the name elsewhere fails naming both, publishes
+        ``hostname.changed``, and the command that asked does nothing."""
         if self.registry is None:
             raise RequestError(
                 INVALID_STATE, f"cannot resolve {hostname!r}: this daemon has no registry"
@@ -290,17 +304,35 @@ class ControlCommands:
         node_id = answer.get("node_id")
         if type(node_id) is not int:
             raise RequestError(NOT_FOUND, f"the registry did not resolve {hostname!r}")
+        key = self.registry.lookup(node_id).get("public_key")
+        if not isinstance(key, str) or decode_key(key) is None:
+            raise RequestError(
+                NOT_FOUND, f"the registry gave no key for node {node_id} ({hostname!r})"
+            )
+        try:
+            self.names.check(hostname, node_id, key)
+        except HostnameMoved as exc:
+            log.error("%s", exc)
+            if self.publish is not None:
+                self.publish(HOSTNAME_CHANGED, exc.payload())
+            raise RequestError(INVALID_STATE, str(exc)) from None
         return {
             "node_id": node_id,
             "hostname": answer.get("hostname", hostname),
             "public": bool(answer.get("public")),
         }
 
+    def _do_forget_name(self, hostname: str) -> dict[str, Any]:
+        if not self.names.forget(hostname):
+            raise RequestError(NOT_FOUND, f"hostname {hostname} is not pinned")
+        return {"hostname": hostname, "status": "forgotten"}
+
     def _do_handshake(self, node_id: int, justification: str = "") -> dict[str, Any]:
         return {"node_id": node_id, "status": self.manager.send_request(node_id, justification)}
 
     def _do_pending(self) -> dict[str, Any]:
         pending = self.manager.pending_requests()
+        records = {r.node_id: r for r in self.manager.trusted_peers()}
         names = self._hostnames([p.node_id for p in pending])
         return {
             "pending": [
@@ -308,6 +340,8 @@ class ControlCommands:
                     "node_id": p.node_id,
                     "hostname": names.get(p.node_id, ""),
                     "public_key": p.public_key,
+                    "fingerprint": full_fingerprint(p.public_key),
+                    "key_changed": key_changed(records.get(p.node_id), p),
                     "justification": p.justification,
                     **_time("received_at", p.received_at),
                 }
@@ -315,8 +349,8 @@ class ControlCommands:
             ]
         }
 
-    def _do_approve(self, node_id: int) -> dict[str, Any]:
-        if not self.manager.approve_handshake(node_id):
+    def _do_approve(self, node_id: int, new_key: str | None = None) -> dict[str, Any]:
+        if not self.manager.approve_handshake(node_id, new_key=new_key):
             raise RequestError(NOT_FOUND, f"nothing pending for node {node_id}")
         return {"node_id": node_id, "status": "approved"}
 

@@ -20,12 +20,15 @@ from types import TracebackType
 from typing import Any, Callable
 
 from .config import Config, format_address, load_config, parse_address
+from .constants import STOP_TIMEOUT
 from .control import ControlServer
 from .errors import HandshakeError, RegistryError, SendError
 from .events import EventBus
-from .identity import Identity, fingerprint
+from .identity import Identity, fingerprint, verify
 from .manager import Manager
+from .messages import receipt_challenge
 from .metrics import Metrics, MetricsServer
+from .names import NAMES_FILE, HostnameLearner, NamePins
 from .registry.client import Client
 from .relay import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
@@ -62,6 +65,7 @@ class DaemonRuntime:
         self._client = client
         self._registered_id = 0
         self._server: HandshakeServer | None = None
+        self._peer_key: Callable[[int], bytes | None] = _no_key
 
     @property
     def config(self) -> Config:
@@ -158,10 +162,33 @@ class DaemonRuntime:
         self._server = server
         return server
 
+    def set_peer_keys(self, peer_key: Callable[[int], bytes | None]) -> None:
+        """Where ``dial_and_send`` learns the key a peer's receipt must verify with (the
+        Manager's ``peer_key``; until set, every well-formed receipt counts)."""
+        self._peer_key = peer_key
+
     def dial_and_send(self, peer_node_id: int, port: int, data: bytes) -> None:
         """Deliver ``data`` to the peer's port 444 at its ``peers`` address, else at the
-        address the registry resolves; raises ``SendError``."""
-        send_message(self._peer_address(peer_node_id), data)
+        address the registry resolves. Delivered means the receiver returned a receipt
+        signed by the key we expect for that peer (SPEC 3); with no key known, a well-formed
+        one (trust on first use). Raises ``SendError``: a missing or wrong receipt is one
+        WARNING naming the address, and the caller then relays."""
+        address = self._peer_address(peer_node_id)
+        receipt = send_message(address, data)
+        key = self._peer_key(peer_node_id)
+        if receipt is None:
+            problem = "no receipt"
+        elif key is not None and not verify(
+            key, receipt_challenge(peer_node_id, self.node_id(), data), receipt
+        ):
+            problem = "a receipt not signed by its key"
+        else:
+            return
+        where = format_address(address)
+        log.warning(
+            "%s did not prove the key of node %d (%s); not delivered", where, peer_node_id, problem
+        )
+        raise SendError(f"{where} did not prove the key of node {peer_node_id}: {problem}")
 
     def can_dial(self, node_id: int) -> bool:
         """Whether ``dial_and_send`` may reach ``node_id``: it has a ``peers`` address, or
@@ -197,6 +224,10 @@ class DaemonRuntime:
     def registry(self) -> Client | None:
         """The registry client, None without a registry."""
         return self._client
+
+
+def _no_key(node_id: int) -> bytes | None:
+    return None
 
 
 def _bind_error(listen: str, exc: OSError) -> HandshakeError:
@@ -255,7 +286,9 @@ class Daemon:
             if self.client is not None:
                 self.client.close()
             raise
+        self.runtime.set_peer_keys(self.manager.peer_key)
         try:
+            self.names = NamePins(os.path.join(os.path.dirname(config.identity), NAMES_FILE))
             self.control = ControlServer(
                 config.control_socket,
                 self.manager,
@@ -264,6 +297,7 @@ class Daemon:
                 node_id=self.runtime.node_id,
                 registry=self.client,
                 group=config.control.group,
+                names=self.names,
             )
         except BaseException:
             self.manager.close()
@@ -273,6 +307,12 @@ class Daemon:
         self.control.commands.reload = self.apply_reload
         self.loop: RegistryLoop | None = None
         self.metrics_server: MetricsServer | None = None
+        # A trusted peer's hostname is pinned when first learnt (SPEC 17).
+        self.learner = (
+            HostnameLearner(self.names, self.events, self.client.lookup, self.manager.peer_key)
+            if self.client is not None
+            else None
+        )
         self.metrics.watch(
             trusted=lambda: len(self.manager.trusted_peers()),
             pending=self.manager.pending_count,
@@ -373,6 +413,8 @@ class Daemon:
         for warning in self.config.security_warnings():
             log.warning("%s", warning)
         self.events.start()
+        if self.learner is not None:
+            self.learner.start()
         try:
             self.manager.start()
         except OSError as exc:
@@ -424,6 +466,8 @@ class Daemon:
         # stop() does nothing for a Manager that never started; the directory lock must
         # still be released.
         self.manager.close()
+        if self.learner is not None:
+            self.learner.stop(STOP_TIMEOUT)
         self.events.stop()
         self.control.stop()
         if self.client is not None:

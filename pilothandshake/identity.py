@@ -28,6 +28,7 @@ __all__ = [
     "decode_key",
     "decode_signature",
     "fingerprint",
+    "full_fingerprint",
     "verify",
 ]
 
@@ -58,8 +59,14 @@ def decode_signature(text: object) -> bytes | None:
 
 def fingerprint(public_key_b64: str) -> str:
     """First 16 hex digits of the SHA-256 of the key bytes (for tables); "" if not a key."""
+    return full_fingerprint(public_key_b64)[:16]
+
+
+def full_fingerprint(public_key_b64: str) -> str:
+    """The hex SHA-256 of the key bytes (what ``approve --new-key`` names, SPEC 17); "" if
+    not a key."""
     raw = decode_key(public_key_b64)
-    return hashlib.sha256(raw).hexdigest()[:16] if raw is not None else ""
+    return hashlib.sha256(raw).hexdigest() if raw is not None else ""
 
 
 def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:

@@ -37,6 +37,7 @@ __all__ = [
     "heartbeat_challenge",
     "parse_address",
     "poll_challenge",
+    "receipt_challenge",
     "register_challenge",
     "report_trust_challenge",
     "resolve_challenge",
@@ -151,6 +152,12 @@ def handshake_v2_challenge(
         f"{_sha256hex(justification)}:{_sha256hex(reason)}:{public_key}"
     )
     return text.encode("utf-8", "surrogatepass")
+
+
+def receipt_challenge(receiver: int, sender: int, data: bytes) -> bytes:
+    """``handshake-receipt:<R>:<S>:<sha256hex(data)>``: the receipt that R took the message
+    ``data`` (its bytes as sent) from S (SPEC 3)."""
+    return f"handshake-receipt:{receiver}:{sender}:{hashlib.sha256(data).hexdigest()}".encode()
 
 
 def respond_challenge(node_id: int, peer_id: int) -> bytes:

@@ -16,11 +16,15 @@ collector's keep their standard ``process_*`` names, as dashboards expect them.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
 import socketserver
+import sys
 import threading
+import time
 from collections.abc import Iterable
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -28,9 +32,14 @@ from prometheus_client.exposition import MetricsHandler, generate_latest
 from prometheus_client.metrics_core import Metric
 
 from ._version import __version__
+from .constants import METRICS_DEADLINE, METRICS_MAX_CONNECTIONS
 from .messages import parse_address
+from .override import override
+from .wire import reset_close
 
 __all__ = ["DROP_REASONS", "REFUSAL_CAPS", "Metrics", "MetricsServer", "drop_label"]
+
+log = logging.getLogger(__name__)
 
 PREFIX = "pilot_handshake"
 
@@ -64,8 +73,8 @@ _DROP_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 DROP_REASONS = (*(label for label, _ in _DROP_RULES), "other")
 REFUSAL_CAPS = ("max_connections", "max_connections_per_source")
 
-# A scraper that connects and sends nothing is cut off after this long (seconds).
-_HTTP_TIMEOUT = 10.0
+_LOG_INTERVAL = 1.0  # at most one line a second for failed scrapes (the rest are counted)
+_POLL = 0.25  # how often the accept loop looks for scrapes past their deadline
 
 # Seconds: a registry round trip on a LAN up to its 5 s timeout; a store write is an fsync.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -251,8 +260,10 @@ _INDEX = (
 class _Handler(MetricsHandler):
     """``GET /metrics``; ``/`` is a page linking to it; any other path is 404."""
 
-    timeout = _HTTP_TIMEOUT
+    # Per receive; the server's deadline bounds the whole request.
+    timeout = METRICS_DEADLINE
 
+    @override
     def do_GET(self) -> None:
         """Serve the metrics of the server's registry, or the index page."""
         path = urlsplit(self.path).path
@@ -272,24 +283,100 @@ class _Handler(MetricsHandler):
 class MetricsServer(socketserver.ThreadingTCPServer):
     """``/metrics`` over HTTP on ``HOST:PORT`` (config ``metrics.listen``), each scrape on a
     daemon thread. Binds and starts serving in the constructor (``OSError`` when the address
-    is taken); ``close()`` stops it."""
+    is taken); ``close()`` stops it.
+
+    Bounds (SPEC 15): at most ``max_connections`` scrapes at once (a newcomer beyond is reset
+    unread, so trickling clients cannot take the daemon's file descriptors), and each one is
+    cut off ``deadline`` seconds after it was accepted, however it trickles. A failing
+    scrape is one WARNING line, at most one a second (the rest are counted), never a
+    traceback on stderr."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, listen: str, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        listen: str,
+        metrics: Metrics,
+        *,
+        max_connections: int = METRICS_MAX_CONNECTIONS,
+        deadline: float = METRICS_DEADLINE,
+    ) -> None:
         """Bind ``listen`` and serve ``metrics``."""
         host, port = parse_address(listen)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.max_connections = max_connections
+        self.deadline = deadline
         handler = type("_RegistryHandler", (_Handler,), {"registry": metrics.exposed})
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, float] = {}  # connection -> monotonic time accepted
+        self._errors_logged_at = -_LOG_INTERVAL
+        self._errors_held = 0
         super().__init__((host, port), handler)
-        self._thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, args=(_POLL,), name="metrics-http", daemon=True
+        )
         self._thread.start()
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port); the real port when 0 was asked for."""
         return str(self.server_address[0]), int(self.server_address[1])
+
+    def open_connections(self) -> int:
+        """How many scrapes are being served now."""
+        with self._lock:
+            return len(self._open)
+
+    @override
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit a scrape under the cap; reset one beyond it."""
+        with self._lock:
+            admitted = len(self._open) < self.max_connections
+            if admitted:
+                self._open[request] = time.monotonic()
+        if not admitted:
+            reset_close(request)
+        return admitted
+
+    @override
+    def service_actions(self) -> None:
+        """Cut off the scrapes past their deadline (the accept loop calls this every poll):
+        their handler's read or write then fails at once and the handler ends."""
+        now = time.monotonic()
+        with self._lock:
+            # Under the lock: shutdown_request closes under it too, so a descriptor number
+            # reused by a newer connection is never shut down by mistake.
+            for conn, opened in self._open.items():
+                if now - opened >= self.deadline:
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
+
+    @override
+    def shutdown_request(self, request: Any) -> None:
+        """Close the scrape's connection and give back its place."""
+        with self._lock:
+            self._open.pop(request, None)
+            super().shutdown_request(request)
+
+    @override
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One WARNING line (no traceback) per second at most, the rest counted."""
+        error = sys.exc_info()[1]
+        now = time.monotonic()
+        with self._lock:
+            self._errors_held += 1
+            if now - self._errors_logged_at < _LOG_INTERVAL:
+                return
+            self._errors_logged_at = now
+            count, self._errors_held = self._errors_held, 0
+        more = f" ({count - 1} more since the last line)" if count > 1 else ""
+        log.warning(
+            "metrics request from %s failed: %s%s",
+            client_address[0],
+            f"{type(error).__name__}: {error}" if error is not None else "unknown error",
+            more,
+        )
 
     def close(self) -> None:
         """Stop serving and close the socket."""

@@ -9,9 +9,10 @@ without a whole message, if that one is older than ``EVICT_AFTER``: hosts trickl
 over many addresses cannot hold every slot (slowloris). Only when none qualifies is the
 newcomer reset.
 
-A connection counts as complete once its write side is shut down: ``wire.read_message``
-does that as soon as it holds one whole message (SPEC 3), so a connection whose message is
-being processed is never evicted.
+A connection counts as complete once the handler shuts down a direction of it:
+``wire.read_message`` shuts down the read side as soon as it holds one whole message
+(SPEC 3), so a connection whose message is being processed (its receipt not yet written) is
+never evicted.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Callable
 
 from .constants import EVICT_AFTER, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, STOP_TIMEOUT
 from .metrics import Metrics
+from .override import override
 from .wire import reset_close
 
 log = logging.getLogger(__name__)
@@ -87,15 +89,18 @@ class _Connection(socket.socket):
         # hit whichever connection was accepted next under the same descriptor.
         self._guard = threading.Lock()
 
+    @override
     def getpeername(self) -> Any:
         """The peer's address as accept() returned it (no system call)."""
         return self.peer
 
+    @override
     def shutdown(self, how: int) -> None:
         """Shut down a direction; any shutdown by the handler marks the message complete."""
         self.complete = True
         super().shutdown(how)
 
+    @override
     def close(self) -> None:
         """Close (guarded against a concurrent ``evict``)."""
         with self._guard:
@@ -115,6 +120,7 @@ class _ConnectionHandler(socketserver.BaseRequestHandler):
 
     server: HandshakeServer
 
+    @override
     def handle(self) -> None:
         self.server.handler(self.request)
 
@@ -215,6 +221,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         with self._cond:
             return self._cond.wait_for(lambda: not self._admitted, timeout)
 
+    @override
     def get_request(self) -> tuple[_Connection, Any]:
         """Accept the next connection, wrapped so the caps can see its age and progress.
 
@@ -223,6 +230,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         fd, address = self.socket._accept()  # type: ignore[attr-defined]
         return _Connection(self._kind, fd, address), address
 
+    @override
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve the connection on a new thread of its own, started with ``_thread``:
         ``threading.Thread.start`` blocks the accepting thread until the new one has
@@ -231,6 +239,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         like ``daemon_threads`` these threads do not keep the process alive."""
         _thread.start_new_thread(self.process_request_thread, (request, client_address))
 
+    @override
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit the connection if the caps allow it, evicting a slow one at the global cap
         if need be; otherwise reset it unread."""
@@ -300,6 +309,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
             del self._per_source[source]
         self._cond.notify_all()
 
+    @override
     def shutdown_request(self, request: Any) -> None:
         """Close the connection and release its slot (runs after every admitted handler).
         Only a close: ``TCPServer``'s shutdown(SHUT_WR) first would be a second system call
@@ -311,6 +321,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
             with self._cond:
                 self._release(request)
 
+    @override
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Log a handler failure as one line with its traceback, not on bare stderr."""
         log.exception("error while handling connection from %s", client_address[0])

@@ -1,10 +1,14 @@
-"""One port-444 message over TCP (SPEC section 3): the bounded reader, the sender and the
-reset that refuses a connection. What the bytes mean is ``messages``' job.
+"""One port-444 message over TCP (SPEC section 3): the bounded reader, the receipt, the
+sender and the reset that refuses a connection. What the bytes mean is ``messages``' job;
+whose key signed a receipt is the caller's (``receipt_challenge`` in ``messages``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import json
 import re
 import socket
 import struct
@@ -14,7 +18,10 @@ from typing import NoReturn
 from .constants import DIAL_TIMEOUT, MAX_MESSAGE_SIZE, READ_DEADLINE, SEND_GRACE
 from .errors import MessageError, SendError
 
-__all__ = ["read_message", "reset_close", "send_message"]
+__all__ = ["read_message", "reset_close", "send_message", "write_receipt"]
+
+_MAX_RECEIPT = 1024  # a receipt line is under 120 bytes; more is not a receipt
+_SIGNATURE_SIZE = 64
 
 
 def _fail(reason: str) -> NoReturn:
@@ -79,11 +86,12 @@ def read_message(
 
     Stops as soon as the bytes form one complete object (returned without surrounding
     whitespace or trailing bytes) or the peer closes (what was read is returned, for
-    ``from_json`` to reject). Either way it then shuts down the write side of ``sock``: the
-    sender's end of stream, its proof of delivery, comes before any verifying or deciding,
-    and the caller closes ``sock`` once it has processed the message. Raises
-    ``MessageError`` for "not a JSON object", "too large" (more than ``max_size`` bytes),
-    "timed out" (``deadline`` seconds in total), or a receive error.
+    ``from_json`` to reject). Either way it then shuts down the read side of ``sock`` (the
+    server's slot accounting sees the message is whole; nothing more is read). The write
+    side stays open: the caller processes the message, writes the receipt when it took it
+    (``write_receipt``) and closes ``sock``. Raises ``MessageError`` for "not a JSON
+    object", "too large" (more than ``max_size`` bytes), "timed out" (``deadline`` seconds
+    in total), or a receive error.
     """
     end_time = time.monotonic() + deadline
     buf = bytearray()
@@ -104,12 +112,12 @@ def read_message(
             sock.settimeout(remaining)
             chunk = _receive(sock, limit, deadline)
         if not chunk:
-            _half_close(sock)
+            _shut(sock, socket.SHUT_RD)
             return bytes(buf)
         buf += chunk
         end = scanner.feed(buf)
         if end >= 0 and end <= max_size:
-            _half_close(sock)
+            _shut(sock, socket.SHUT_RD)
             return bytes(buf[scanner.start : end])
         if len(buf) > max_size:
             _fail(f"message too large (more than {max_size} bytes)")
@@ -135,9 +143,20 @@ def _receive(sock: socket.socket, limit: int, deadline: float) -> bytes:
         _fail(f"receive failed: {exc}")
 
 
-def _half_close(sock: socket.socket) -> None:
+def _shut(sock: socket.socket, how: int) -> None:
     # A peer that has already gone away cannot be told; its sender will not be waiting.
     with contextlib.suppress(OSError):
+        sock.shutdown(how)
+
+
+def write_receipt(sock: socket.socket, signature: bytes, timeout: float = SEND_GRACE) -> None:
+    """Write the receipt ``{"receipt": "<b64 signature>"}`` and a newline, then the end of
+    stream (SPEC 3). Best effort within ``timeout``: a sender that is gone or stopped
+    reading gets nothing, and relays the message (its copy is then a duplicate)."""
+    line = b'{"receipt": "' + base64.b64encode(signature) + b'"}\n'
+    with contextlib.suppress(OSError):
+        sock.settimeout(timeout)
+        sock.sendall(line)
         sock.shutdown(socket.SHUT_WR)
 
 
@@ -146,13 +165,16 @@ def send_message(
     data: bytes,
     timeout: float = DIAL_TIMEOUT,
     grace: float = SEND_GRACE,
-) -> None:
-    """Deliver one message (SPEC 3 sending): connect, write, half-close, then wait up to
-    ``grace`` seconds for the peer's end of stream, which a receiver sends once it has read
-    the whole message. That end of stream (or a normal close) is delivery. A reset, no end
-    of stream within the grace (a peer that accepted the connection but is hung, stopped
-    or swamped), or any error connecting or writing raises ``SendError`` with the reason,
-    so the caller can try the relay. Bytes the peer sends back are read and ignored."""
+) -> bytes | None:
+    """Send one message (SPEC 3 sending): connect, write, half-close, then wait up to
+    ``grace`` seconds for the receiver's receipt and end of stream.
+
+    Returns the receipt's signature (64 bytes, not yet checked: whose key must have signed
+    it is the caller's to know), or None when the peer closed without a well-formed receipt
+    (it answered, but proved nothing: a round-2 node, a receiver that dropped the message,
+    or an address that someone else holds). Raises ``SendError`` with the reason for a
+    failure to connect or write, a reset, or no end of stream within the grace (a peer that
+    is hung, stopped or swamped), so the caller can try the relay."""
     host, port = address
     where = f"{host}:{port}"
     try:
@@ -166,19 +188,36 @@ def send_message(
             sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             raise SendError(f"send to {where} failed: {exc}") from exc
+        answer = bytearray()
         end_time = time.monotonic() + grace
-        remaining = grace
-        while remaining > 0:
+        while b"\n" not in answer and len(answer) <= _MAX_RECEIPT:
+            remaining = end_time - time.monotonic()
+            if remaining <= 0:
+                raise SendError(f"{where} did not confirm the message within {grace:g} s")
             sock.settimeout(remaining)
             try:
-                if not sock.recv(4096):
-                    return
+                chunk = sock.recv(_MAX_RECEIPT + 1)
             except socket.timeout:
-                break
+                raise SendError(
+                    f"{where} did not confirm the message within {grace:g} s (peer hung?)"
+                ) from None
             except OSError as exc:
                 raise SendError(f"{where} reset the connection: {exc}") from exc
-            remaining = end_time - time.monotonic()
-        raise SendError(f"{where} did not confirm the message within {grace:g} s (peer hung?)")
+            if not chunk:
+                break
+            answer += chunk
+        return _receipt(bytes(answer))
+
+
+def _receipt(answer: bytes) -> bytes | None:
+    """The signature of a receipt line, or None when ``answer`` is not one."""
+    line = answer.partition(b"\n")[0]
+    try:
+        receipt = json.loads(line)
+        signature = base64.b64decode(receipt["receipt"], validate=True)
+    except (ValueError, TypeError, KeyError, binascii.Error):
+        return None
+    return signature if len(signature) == _SIGNATURE_SIZE else None
 
 
 def reset_close(sock: socket.socket) -> None:

@@ -67,7 +67,7 @@ START_KILL_WINDOW = 0.4  # seconds after spawn within which such a kill lands
 KILL_WINDOW = 0.25  # seconds after the changes start within which the kill lands
 PENDING_TARGET = 96  # pending requests the daemon holds before approvals start
 WORKERS = 4  # concurrent approvers / registry writers
-SOURCES = 200  # 127.0.0.2 .. : spreads requests over the per-source pending quota
+SOURCES = 200  # 127.0.2.1, 127.0.3.1 ..: spreads requests over the per-source pending quota
 
 
 @dataclass
@@ -254,7 +254,8 @@ class _DaemonRun:
             senders = list(range(self.next_sender, self.next_sender + wanted))
             self.next_sender += wanted
             with ThreadPoolExecutor(8) as pool:
-                sources = [f"127.0.0.{2 + s % SOURCES}" for s in senders]
+                # One /24 each: the pending queue counts a source as its /24 (round 3).
+                sources = [f"127.0.{2 + s % SOURCES}.1" for s in senders]
                 list(pool.map(_send_request, [port] * wanted, senders, sources))
             deadline = time.monotonic() + 5.0
             while not set(senders) <= pending and time.monotonic() < deadline:

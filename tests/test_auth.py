@@ -68,7 +68,10 @@ def test_pin_of_prefers_the_trust_record_and_ignores_invalid_keys_and_conflicts(
     bound = {7: PendingHandshake(7, b64encode(B), "", T0, True)}
     weak = {7: PendingHandshake(7, b64encode(B), "", T0, False)}
     assert pin_of(record, bound, (), 7) == Pin(A, PinKind.TRUSTED)
-    assert pin_of(record, bound, {7}, 7) == Pin(B, PinKind.BOUND)
+    # Round 3 (SPEC 17): a record in conflict still pins its key, and a pending request
+    # never overrides a trust record's pin (a KEY CHANGED request pins nothing).
+    assert pin_of(record, bound, {7}, 7) == Pin(A, PinKind.CONFLICT)
+    assert pin_of({8: TrustRecord(8, "", T0)}, {8: bound[7]}, (), 8) == Pin(B, PinKind.BOUND)
     assert pin_of({}, weak, (), 7) == Pin(B, PinKind.WEAK)
     assert pin_of({7: TrustRecord(7, "bad", T0)}, {}, (), 7) is NO_PIN
     assert pin_of({}, {7: PendingHandshake(7, "", "", T0, True)}, (), 7) is NO_PIN
@@ -88,6 +91,11 @@ def test_pin_of_prefers_the_trust_record_and_ignores_invalid_keys_and_conflicts(
         (Pin(A, PinKind.WEAK), B, True, True, ""),  # a bound request replaces a weak pin
         (Pin(A, PinKind.WEAK), B, True, False, "public key differs from the pending request's key"),
         (NO_PIN, B, True, False, ""),
+        # A record in conflict: its key authenticates; the registry's key may be pending.
+        (Pin(A, PinKind.CONFLICT), A, True, False, ""),
+        (Pin(A, PinKind.CONFLICT), B, True, None, ""),
+        (Pin(A, PinKind.CONFLICT), B, True, True, ""),
+        (Pin(A, PinKind.CONFLICT), B, True, False, KEY_DIFFERS_FROM_PIN),
     ],
 )
 def test_the_one_pin_check(
@@ -101,4 +109,5 @@ def test_a_pin_is_matched_only_by_its_own_key() -> None:
     assert Pin(A, PinKind.BOUND).matched_by(B) is None
     assert Pin(A, PinKind.BOUND).matched_by(None) is None
     assert NO_PIN.matched_by(None) is None
-    assert [kind.strong for kind in PinKind] == [True, True, False]
+    assert [kind.strong for kind in PinKind] == [True, False, True, False]
+    assert [kind.record for kind in PinKind] == [True, True, False, False]

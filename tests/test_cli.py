@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from pilothandshake.config import Config
 from pilothandshake.control_commands import CODES
 from pilothandshake.identity import fingerprint
 from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT
+from pilothandshake.store import TrustRecord
 
 CTL = str(Path(__file__).resolve().parent.parent / "bin" / "pilot-handshakectl")
 
@@ -464,6 +468,61 @@ def test_status_wait_waits_for_the_daemon_to_answer(tmp_path: Path) -> None:
     gave_up = ctl("--socket", str(tmp_path / "none.sock"), "status", "--wait", "--timeout", "0.3")
     assert gave_up.returncode == 1
     assert gave_up.stderr.startswith("pilot-handshakectl: gave up after 0.3 s: ")
+
+
+def test_a_moved_hostname_fails_the_command_and_forget_name_drops_the_pin(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 15 item 1 (SPEC 17): `handshake build-agent` after the name moved to another
+    node does nothing and says how to accept the move."""
+    registry = FakeRegistry({9: "build-agent"})
+    with running_node(registry) as started:
+        code, out, err = run(started, capsys, "handshake", "build-agent", "hello")
+        assert (code, out, err) == (0, "request sent to 9\n", "")
+        registry.names = {12: "build-agent"}
+        registry.keys[12] = Peer(12).key
+        sent = len(started.runtime.sent)
+        code, out, err = run(started, capsys, "handshake", "build-agent", "hello")
+        assert (code, out) == (1, "")
+        assert err.strip() == (
+            "pilot-handshakectl: hostname build-agent moved from node 9 to node 12; if that "
+            "is expected: pilot-handshakectl forget-name build-agent"
+        )
+        assert len(started.runtime.sent) == sent  # the command did nothing
+        assert run(started, capsys, "forget-name", "build-agent")[:2] == (
+            0,
+            "forgot hostname build-agent\n",
+        )
+        code, out, err = run(started, capsys, "forget-name", "build-agent")
+        assert (code, err.strip()) == (1, "pilot-handshakectl: hostname build-agent is not pinned")
+
+
+def test_a_key_changed_request_is_marked_and_approve_passes_the_named_key(
+    node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 item 5 (SPEC 17): node 9 is trusted with one key and asks again with another
+    (the decision itself is tested in test_manager_conflict)."""
+    peer = Peer(9)
+    node.receive_request(peer)
+    trusted_with = Peer(9).key
+    record = TrustRecord(9, trusted_with, datetime.now(timezone.utc))
+    monkeypatch.setattr(node.manager, "trusted_peers", lambda: [record])
+    code, out, _ = run(node, capsys, "pending")
+    assert code == 0 and f"{fingerprint(peer.key)} KEY CHANGED" in out
+    code, out, _ = run(node, capsys, "--json", "pending")
+    (entry,) = json.loads(out)["data"]["pending"]
+    full = hashlib.sha256(base64.b64decode(peer.key)).hexdigest()
+    assert (entry["key_changed"], entry["fingerprint"]) == (True, full)
+    asked: list[tuple[int, str | None]] = []
+
+    def approve(peer_node_id: int, new_key: str | None = None) -> bool:
+        asked.append((peer_node_id, new_key))
+        return True
+
+    monkeypatch.setattr(node.manager, "approve_handshake", approve)
+    assert run(node, capsys, "approve", "9", "--new-key", full[:16])[:2] == (0, "approved 9\n")
+    assert run(node, capsys, "approve", "9")[0] == 0
+    assert asked == [(9, full[:16]), (9, None)]
 
 
 def test_status_wait_stops_at_once_when_the_daemon_exited_at_start(tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -24,6 +26,7 @@ from pilothandshake.constants import CONTROL_MAX_CONNECTIONS, CONTROL_MAX_LINE
 from pilothandshake.control import ControlServer
 from pilothandshake.errors import RegistryError
 from pilothandshake.events import EventBus
+from pilothandshake.logsetup import configure_logging
 from pilothandshake.manager import Manager
 from pilothandshake.messages import HANDSHAKE_REQUEST
 from pilothandshake.store import parse_time
@@ -67,6 +70,7 @@ class FakeRegistry:
 
     def __init__(self, names: dict[int, str]) -> None:
         self.names = names
+        self.keys = {node: Peer(node).key for node in names}
         self.lookups: list[int] = []
         self.down = False
 
@@ -74,7 +78,8 @@ class FakeRegistry:
         self.lookups.append(node_id)
         if self.down:
             raise RegistryError("registry unreachable")
-        return {"node_id": node_id, "hostname": self.names.get(node_id, "")}
+        key = self.keys.get(node_id, "")
+        return {"node_id": node_id, "hostname": self.names.get(node_id, ""), "public_key": key}
 
     def resolve_hostname(self, hostname: str) -> dict[str, Any]:
         for node_id, name in self.names.items():
@@ -201,11 +206,14 @@ def test_pending_lists_requests_with_unix_times_as_pilotctl_and_an_rfc3339_copy(
         "node_id",
         "hostname",
         "public_key",
+        "fingerprint",
+        "key_changed",
         "justification",
         "received_at",
         "received_at_text",
     }
     assert item["hostname"] == ""  # no registry: no hostnames
+    assert item["key_changed"] is False and len(item["fingerprint"]) == 64
     assert (item["node_id"], item["public_key"], item["justification"]) == (
         9,
         peer.key,
@@ -506,6 +514,38 @@ def test_internal_failure_is_an_error_response_not_a_traceback(node: Node) -> No
     assert "boom" not in response["message"]
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_failing_handler_is_logged_in_the_configured_format_not_as_a_bare_traceback(
+    node: Node, log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15 item 8: socketserver calls ``handle_error`` by that name; the override that a
+    rename had made dead printed a bare traceback, whatever ``log_format`` said."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom in a handler")
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.logThreads
+    configure_logging("info", log_format)
+    try:
+        node.server.commands.execute = broken  # type: ignore[method-assign]
+        assert raw_exchange(node.path, b'{"command": "status"}\n') == []  # closed, no answer
+    finally:
+        root.handlers[:], level, logging.logThreads = saved
+        root.setLevel(level)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert not any(line.startswith("Exception occurred during processing") for line in lines)
+    if log_format == "json":
+        entries = [json.loads(line) for line in lines]  # every line is one JSON object
+        (entry,) = [e for e in entries if e["level"] == "error"]
+        assert entry["logger"] == "pilothandshake.control"
+        assert entry["message"] == "control connection failed"
+        assert "RuntimeError: boom in a handler" in entry["exception"]
+    else:
+        assert " ERROR pilothandshake.control: control connection failed" in lines[0]
+        assert lines[-1] == "RuntimeError: boom in a handler"
+
+
 def test_is_trusted_answers_for_one_node(node: Node) -> None:
     assert node.client.request("is_trusted", node_id=9)["data"] == {"node_id": 9, "trusted": False}
     node.receive_request(Peer(9))
@@ -547,6 +587,59 @@ def test_hostname_lookups_are_cached_and_stop_at_the_first_registry_failure() ->
         assert response["status"] == "ok"
         assert [p["hostname"] for p in response["data"]["pending"]] == [""] * 5
         assert len(registry.lookups) == 6  # one failed lookup, then none
+
+
+def test_a_resolved_hostname_is_pinned_and_a_move_fails_naming_both() -> None:
+    """Issue 15 item 1 (SPEC 17): the registry's name is a hint; the first answer is pinned,
+    and a later one that maps the name to another node or key is refused, announced, and
+    kept out of the command until the operator forgets the pin."""
+    registry = FakeRegistry({9: "build-agent"})
+    with running_node(registry) as started:
+        assert started.client.request("resolve", hostname="build-agent")["data"]["node_id"] == 9
+        pinned_key = registry.keys[9]
+        registry.names = {12: "build-agent"}  # the name now belongs to another node
+        registry.keys[12] = Peer(12).key
+        response = started.client.request("resolve", hostname="build-agent")
+        assert response == {
+            "status": "error",
+            "code": "invalid_state",
+            "message": "hostname build-agent moved from node 9 to node 12; if that is "
+            "expected: pilot-handshakectl forget-name build-agent",
+        }
+        changed = [e["data"] for e in started.bus.recent() if e["event"] == "hostname.changed"]
+        assert changed == [
+            {
+                "peer_node_id": 9,
+                "hostname": "build-agent",
+                "public_key": pinned_key,
+                "new_node_id": 12,
+                "new_public_key": registry.keys[12],
+            }
+        ]
+        assert started.client.request("forget_name", hostname="build-agent")["data"] == {
+            "hostname": "build-agent",
+            "status": "forgotten",
+        }
+        assert started.client.request("resolve", hostname="build-agent")["data"]["node_id"] == 12
+        response = started.client.request("forget_name", hostname="nobody")
+        assert (response["status"], response["code"]) == ("error", "not_found")
+
+
+def test_the_same_node_with_another_key_is_a_moved_hostname_too() -> None:
+    registry = FakeRegistry({9: "build-agent"})
+    with running_node(registry) as started:
+        started.client.request("resolve", hostname="build-agent")
+        old = registry.keys[9]
+        registry.keys[9] = Peer(9).key  # the attack of issue 15: the ID re-bound to a new key
+        response = started.client.request("resolve", hostname="build-agent")
+        assert response["code"] == "invalid_state"
+        assert re.fullmatch(
+            r"hostname build-agent moved from node 9 \(key [0-9a-f]{16}\) to node 9 "
+            r"\(key [0-9a-f]{16}\); if that is expected: pilot-handshakectl forget-name "
+            r"build-agent",
+            response["message"],
+        )
+        assert old != registry.keys[9]
 
 
 def test_resolve_without_a_registry_says_so(node: Node) -> None:

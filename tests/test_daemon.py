@@ -36,9 +36,11 @@ from pilothandshake.events import EventBus
 from pilothandshake.handshaked import main, move_corrupt_aside
 from pilothandshake.identity import Identity, fingerprint
 from pilothandshake.logsetup import JsonLogFormatter
+from pilothandshake.messages import receipt_challenge
 from pilothandshake.registry.server import RegistryServer
 from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import load_state
+from pilothandshake.wire import read_message, write_receipt
 
 WAIT = 5.0
 
@@ -65,11 +67,15 @@ class FakeResolver:
 
 
 class Receiver:
-    """A port-444 stand-in that records the bytes of each connection."""
+    """A port-444 stand-in that records the bytes of its one connection and answers with a
+    receipt signed by ``identity`` (None: a well-formed signature of no one's; "": no
+    receipt, as a round-2 node or an address that swallows messages)."""
 
-    def __init__(self) -> None:
+    def __init__(self, identity: Identity | str | None = None, receiver_id: int = 9) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.identity = identity
+        self.receiver_id = receiver_id
         self.data: list[bytes] = []
         self.thread = threading.Thread(target=self._accept_one, daemon=True)
         self.thread.start()
@@ -78,10 +84,14 @@ class Receiver:
         conn, _ = self.sock.accept()
         with conn:
             conn.settimeout(WAIT)
-            chunks = []
-            while chunk := conn.recv(4096):
-                chunks.append(chunk)
-            self.data.append(b"".join(chunks))
+            data = read_message(conn)
+            self.data.append(data)
+            if isinstance(self.identity, Identity):
+                sender = json.loads(data).get("node_id", 3)
+                challenge = receipt_challenge(self.receiver_id, sender, data)
+                write_receipt(conn, self.identity.sign(challenge))
+            elif self.identity is None:
+                write_receipt(conn, bytes(64))
 
     def close(self) -> None:
         self.thread.join(WAIT)
@@ -120,6 +130,51 @@ def test_dial_falls_back_to_the_registry_resolve() -> None:
     receiver.close()
     assert receiver.data == [b"{}"]
     assert resolver.asked == [(9, 3)]
+
+
+# Issue 15 item 1: delivery is proven by the receiver's key (SPEC 3 receipts).
+
+MESSAGE = b'{"type":"handshake_request","node_id":3}'
+
+
+@pytest.mark.parametrize("who", ["peer", "first contact"])
+def test_a_receipt_signed_by_the_expected_key_is_delivery(who: str) -> None:
+    peer = Identity.generate()
+    receiver = Receiver(peer)
+    rt = runtime(Config(node_id=3, peers={9: receiver.address}))
+    if who == "peer":
+        rt.set_peer_keys(lambda node: peer.public_key if node == 9 else None)
+    rt.dial_and_send(9, 444, MESSAGE)  # no SendError
+    receiver.close()
+    assert receiver.data == [MESSAGE]
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        ("", "no receipt"),  # read and closed: round 2's bare end of stream is not delivery
+        ("impostor", "a receipt not signed by its key"),
+        ("wrong node", "a receipt not signed by its key"),
+    ],
+)
+def test_no_receipt_or_one_not_signed_by_the_peers_key_is_a_failed_send(
+    answer: str, problem: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sink of the issue read the message and closed: it printed "sent". Now the send
+    fails (the caller relays) and one WARNING names the address that proved nothing."""
+    peer = Identity.generate()
+    signer: Identity | str = {"": "", "impostor": Identity.generate(), "wrong node": peer}[answer]
+    receiver = Receiver(signer, receiver_id=10 if answer == "wrong node" else 9)
+    rt = runtime(Config(node_id=3, peers={9: receiver.address}))
+    rt.set_peer_keys(lambda node: peer.public_key)
+    expected = f"did not prove the key of node 9: {problem}"
+    logged = caplog.at_level(logging.WARNING, logger="pilothandshake.daemon")
+    with logged, pytest.raises(SendError, match=expected):
+        rt.dial_and_send(9, 444, MESSAGE)
+    receiver.close()
+    assert receiver.data == [MESSAGE]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == f"{receiver.address} did not prove the key of node 9 ({problem}); not delivered"
 
 
 def test_can_dial_answers_from_the_peers_map_and_registration_without_asking() -> None:

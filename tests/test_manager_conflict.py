@@ -3,6 +3,8 @@ item 7: an embedded registry restarted without a store handed the IDs out again)
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import threading
 from datetime import datetime, timezone
@@ -10,8 +12,9 @@ from datetime import datetime, timezone
 import pytest
 from fakeruntime import FakeClock, FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle
 
+from pilothandshake.errors import HandshakeError
 from pilothandshake.manager import Manager
-from pilothandshake.messages import HANDSHAKE_REQUEST
+from pilothandshake.messages import HANDSHAKE_REQUEST, HANDSHAKE_REVOKE
 from pilothandshake.store import TrustRecord
 
 OWN = 1
@@ -65,12 +68,14 @@ def test_a_registry_that_answers_back_the_old_key_on_re_ask_is_no_conflict(
     assert conflict_events(runtime) == []
 
 
-def test_the_new_holder_of_the_id_goes_pending_and_approving_it_replaces_the_record(
+def test_the_new_key_waits_as_key_changed_and_only_a_named_fingerprint_approves_it(
     nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry]
 ) -> None:
-    """No restart: the new key's registry-bound request itself triggers the lookup that finds
-    the conflict; the record stops pinning, the request waits for the operator."""
-    _old, new, registry = moved
+    """Issue 15 item 5 (SPEC 17), with a lying registry: it re-binds node 7 to a new key (the
+    production registry does on an ``owner`` re-register). The new key's registry-bound
+    request finds the conflict; it waits as KEY CHANGED, pins nothing, is never trusted
+    automatically, and ``approve 7`` refuses it unless the operator names its fingerprint."""
+    old, new, registry = moved
     registry.networks[OWN] = [3]
     registry.networks[7] = [3]  # a shared network would trust it automatically otherwise
     manager, runtime = nodes.make(registry=registry, auto_approve=True)
@@ -83,12 +88,61 @@ def test_the_new_holder_of_the_id_goes_pending_and_approving_it_replaces_the_rec
     # A second request changes nothing about the conflict and announces it no second time.
     manager.process_message(new.data(HANDSHAKE_REQUEST, OWN, justification="again"), REMOTE)
     assert len(conflict_events(runtime)) == 1
+    with pytest.raises(HandshakeError, match=r"KEY CHANGED: the pending request of node 7"):
+        manager.approve_handshake(7)
+    assert manager.trusted_peers()[0].public_key == old.key  # nothing approved
+    fingerprint = hashlib.sha256(base64.b64decode(new.key)).hexdigest()
+    with pytest.raises(HandshakeError, match="does not name the key"):
+        manager.approve_handshake(7, new_key=hashlib.sha256(b"other").hexdigest())
+    with pytest.raises(HandshakeError, match="expected the key's fingerprint"):
+        manager.approve_handshake(7, new_key=fingerprint[:15])
     waiter.start()
-    assert manager.approve_handshake(7)
+    assert manager.approve_handshake(7, new_key=fingerprint[:16])
     waiter.join(10)
     assert waiter_result == [True]
     assert manager.conflicting_peers() == []
     assert [(r.node_id, r.public_key) for r in manager.trusted_peers()] == [(7, new.key)]
+
+
+@pytest.mark.parametrize("form", ["full hex", "base64"])
+def test_new_key_takes_the_full_fingerprint_or_the_base64_key(
+    nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry], form: str
+) -> None:
+    _old, new, registry = moved
+    manager, _ = nodes.make(registry=registry)
+    manager.process_relayed_request(7, "hi", new.key)
+    fingerprint = hashlib.sha256(base64.b64decode(new.key)).hexdigest()
+    assert manager.approve_handshake(7, new_key=fingerprint if form == "full hex" else new.key)
+    assert [r.public_key for r in manager.trusted_peers()] == [new.key]
+
+
+def test_the_real_peer_still_gets_through_and_its_request_replaces_the_new_keys(
+    nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry]
+) -> None:
+    """Round 2: the attacker's key became the pinned pending request, dropping the real
+    peer's messages, and re-approving "node 7" trusted the attacker."""
+    old, new, registry = moved
+    manager, _ = nodes.make(registry=registry)
+    manager.process_message(new.data(HANDSHAKE_REQUEST, OWN, justification="me"), REMOTE)
+    manager.process_message(old.data(HANDSHAKE_REQUEST, OWN, justification="real"), REMOTE)
+    assert [(p.public_key, p.justification) for p in manager.pending_requests()] == [
+        (old.key, "real")
+    ]
+    assert manager.approve_handshake(7)  # not KEY CHANGED: the key we trusted
+    assert [r.public_key for r in manager.trusted_peers()] == [old.key]
+
+
+def test_a_record_in_conflict_is_approved_again_with_its_own_key(
+    nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry]
+) -> None:
+    old, _new, registry = moved
+    manager, _ = nodes.make(registry=registry)
+    manager.start()
+    settle(manager)
+    assert manager.conflicting_peers() == [7] and manager.pending_requests() == []
+    assert manager.approve_handshake(7)
+    assert manager.conflicting_peers() == [] and manager.is_trusted(7)
+    assert [r.public_key for r in manager.trusted_peers()] == [old.key]
 
 
 def test_revoking_a_record_in_conflict_removes_it(
@@ -103,17 +157,22 @@ def test_revoking_a_record_in_conflict_removes_it(
     assert manager.conflicting_peers() == [] and manager.trusted_peers() == []
 
 
-def test_the_old_key_is_dropped_once_the_registry_binds_another(
+def test_the_old_key_still_authenticates_once_the_registry_binds_another(
     nodes: Nodes, moved: tuple[Peer, Peer, FakeRegistry]
 ) -> None:
-    """The old machine's message carries the record's key; the registry contradicts it,
-    re-asked: the message is dropped and the record is in conflict."""
+    """Round 3 (SPEC 5 step 3): the old machine's message carries the record's key; the
+    registry contradicts it, re-asked: the record is in conflict, but its own key still
+    authenticates its peer, whose request waits for the operator (not KEY CHANGED)."""
     old, _new, registry = moved
     manager, runtime = nodes.make(registry=registry)
     manager.process_message(old.data(HANDSHAKE_REQUEST, OWN), REMOTE)
     assert manager.conflicting_peers() == [7]
     assert not manager.is_trusted(7)
-    assert runtime.topics() == ["trust.conflict"]
+    assert [p.public_key for p in manager.pending_requests()] == [old.key]
+    assert runtime.topics()[0] == "trust.conflict"
+    # A revoke signed by the record's key is the real peer's: applied.
+    manager.process_message(old.data(HANDSHAKE_REVOKE, OWN, reason="bye"), REMOTE)
+    assert manager.trusted_peers() == [] and manager.pending_requests() == []
 
 
 def test_without_a_confirmed_re_ask_the_record_still_pins(

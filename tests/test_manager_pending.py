@@ -46,7 +46,10 @@ def memory_manager(registry: FakeRegistry) -> tuple[Manager, FakeRuntime]:
     return Manager(runtime), runtime
 
 
-def test_300_relayed_free_identities_leave_room_for_protected_peers_and_a_direct_stranger() -> None:
+def test_300_relayed_free_identities_leave_room_for_protected_peers() -> None:
+    """Each relayed request is a source of its own (round 3): free identities through the
+    relay fill the queue but cannot push out protected peers, and no stranger, direct or
+    relayed, bound or not, can push them out either (registering is free)."""
     registry = FakeRegistry()
     manager, runtime = memory_manager(registry)
     try:
@@ -60,28 +63,58 @@ def test_300_relayed_free_identities_leave_room_for_protected_peers_and_a_direct
         manager.revoke_trust(7)
         runtime.allowlist[8] = AllowlistEntry(8, "agent")
 
-        Fleet(registry, 1000, 300).relay(manager)
+        first = Fleet(registry, 1000, 300)
+        first.relay(manager)
         assert manager.pending_count() == MAX_PENDING
 
         manager.process_relayed_request(7, "back again", former.key)
         manager.process_message(agent.data(HANDSHAKE_REQUEST, OWN), "127.0.0.8:4000")
-        manager.process_message(stranger.data(HANDSHAKE_REQUEST, OWN), "127.0.0.9:4000")
-        assert {7, 8, 9} <= pending_ids(manager)
+        manager.process_message(stranger.data(HANDSHAKE_REQUEST, OWN), "127.0.9.9:4000")
+        assert {7, 8} <= pending_ids(manager) and 9 not in pending_ids(manager)
         assert manager.pending_count() == MAX_PENDING
+        held = pending_ids(manager)
 
         # 300 more free identities, relayed and direct, push none of them out.
         Fleet(registry, 2000, 300).relay(manager)
-        Fleet(registry, 3000, 100).direct(manager, "127.0.0.66:5000")
-        assert {7, 8, 9} <= pending_ids(manager)
-        assert manager.pending_count() == MAX_PENDING
-        sources = [p.source for p in manager.pending_requests()]
-        # The direct flood got in by fairness, at most its share, never the quota's 64.
-        assert 0 < sources.count("127.0.0.66") <= 64
+        Fleet(registry, 3000, 100).direct(manager, "127.0.66.66:5000")
+        assert pending_ids(manager) == held
     finally:
         manager.close()
 
 
-def test_bound_direct_requests_are_limited_to_64_per_source_address(
+def test_unbound_requests_never_evict_relayed_ones() -> None:
+    """Issue 15 item 4: 264 unbound requests with throwaway keys from 127.0.x.y evicted 3 of
+    4 real relayed requests (the relay was one source, over its share)."""
+    registry = FakeRegistry()
+    manager, _ = memory_manager(registry)
+    try:
+        real = Fleet(registry, 10, 4)
+        real.relay(manager)
+        throwaway = [Peer(1000 + i) for i in range(264)]  # no registry key: unbound
+        for index, peer in enumerate(throwaway):
+            source = f"127.{index // 250}.{index % 250}.1:4000"
+            manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), source)
+        assert manager.pending_count() == MAX_PENDING
+        assert {10, 11, 12, 13} <= pending_ids(manager)
+    finally:
+        manager.close()
+
+
+def test_a_direct_source_is_its_ipv4_24_or_ipv6_64(nodes: Nodes) -> None:
+    """Round 3 (SPEC 15): one host rarely owns a single address; the per-source quota of the
+    pending queue counts the /24 (IPv4) or /64 (IPv6). The replay set stays per address."""
+    manager, _ = nodes.make(max_pending_per_source=2)
+    sources = ["127.0.5.1", "127.0.5.2", "127.0.5.3", "127.0.6.1"]
+    for node, source in enumerate(sources, start=20):
+        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), f"{source}:4000")
+    assert sorted(pending_ids(manager)) == [20, 21, 23]
+    v6 = ["[2001:db8:1:2::1]", "[2001:db8:1:2:ffff::9]", "[2001:db8:1:2:8::1]", "[2001:db8:1:3::1]"]
+    for node, source in enumerate(v6, start=30):
+        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), f"{source}:4000")
+    assert sorted(pending_ids(manager)) == [20, 21, 23, 30, 31, 33]
+
+
+def test_bound_direct_requests_are_limited_to_64_per_source(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     registry = FakeRegistry()
@@ -90,8 +123,8 @@ def test_bound_direct_requests_are_limited_to_64_per_source_address(
         Fleet(registry, 1000, 100).direct(manager, "127.0.0.66:5000")
         assert manager.pending_count() == 64
         assert "too many pending requests from this source address" in caplog.text
-        # Another address has its own quota.
-        Fleet(registry, 2000, 10).direct(manager, "127.0.0.67:5000")
+        # Another /24 has its own quota.
+        Fleet(registry, 2000, 10).direct(manager, "127.0.1.67:5000")
         assert manager.pending_count() == 74
         assert runtime.topics().count("handshake.pending") == 74
     finally:
@@ -105,21 +138,26 @@ def test_a_stranger_evicts_only_from_a_source_holding_more_than_its_share(
     registry = FakeRegistry()
     manager, _ = memory_manager(registry)
     try:
-        flood = Fleet(registry, 1000, MAX_PENDING)
-        flood.relay(manager)
-        oldest = flood.peers[0].node_id
-        # A registry-bound stranger from its own address: the relay holds 256 > 0 + 1.
+        floods = [Fleet(registry, 1000 + 64 * i, 64) for i in range(4)]
+        for index, flood in enumerate(floods):
+            flood.direct(manager, f"127.0.{index}.66:5000")
+        assert manager.pending_count() == MAX_PENDING
+        oldest = floods[0].peers[0].node_id
+        # A registry-bound stranger from its own /24: 127.0.0.0/24 holds 64 > 0 + 1.
         newcomer = Peer(9)
         registry.keys[9] = newcomer.key
-        manager.process_message(newcomer.data(HANDSHAKE_REQUEST, OWN), "127.0.0.9:4000")
+        manager.process_message(newcomer.data(HANDSHAKE_REQUEST, OWN), "127.0.9.9:4000")
         assert 9 in pending_ids(manager) and oldest not in pending_ids(manager)
-        assert f"evicted the request of node {oldest} (source 'relay')" in caplog.text
-        # Another relayed stranger: the relay is its own source and already the largest.
+        assert f"evicted the request of node {oldest} (source '127.0.0.66')" in caplog.text
+        # A relayed stranger is a source of its own: it takes from the largest source too.
         late = Peer(5000)
         registry.keys[5000] = late.key
-        caplog.clear()
         manager.process_relayed_request(5000, "late", late.key)
-        assert 5000 not in pending_ids(manager)
+        assert 5000 in pending_ids(manager)
+        # An unbound stranger may evict only unbound entries: there are none.
+        caplog.clear()
+        manager.process_message(Peer(6000).data(HANDSHAKE_REQUEST, OWN), "127.0.10.1:4000")
+        assert 6000 not in pending_ids(manager)
         assert "pending queue full" in caplog.text
     finally:
         manager.close()

@@ -165,6 +165,23 @@ def test_row4_pinned_allowlist_key_needs_no_registry(nodes: Nodes, peer: Peer) -
     assert_accept_replied(manager, runtime, relayed=False)
 
 
+def test_row4_a_pinned_allowlist_key_is_not_looked_up_so_a_hung_registry_cannot_delay_it(
+    nodes: Nodes, peer: Peer
+) -> None:
+    """Round 3: the receipt waits for the decision (SPEC 3), and the sender waits 2 s; a
+    registry that hangs for its 5 s must not hold back a message the operator's pin already
+    decides. The pin binds the key as the registry's lookup would (SPEC 6 row 4)."""
+    registry = FakeRegistry()
+    registry.lookup_errors.add(7)
+    manager, runtime = nodes.make(registry=registry)
+    runtime.allowlist[7] = AllowlistEntry(7, "deployer", peer.key)
+    manager.send_request(7, "hello")
+    send_direct(manager, peer)
+    assert registry.calls_of("lookup") == []
+    record = assert_granted(manager, runtime, "mutual")  # bound by the pin: row 2 applies
+    assert record.public_key == peer.key
+
+
 def test_row4_unpinned_agent_without_registry_goes_pending(nodes: Nodes, peer: Peer) -> None:
     manager, runtime = nodes.make()
     runtime.allowlist[7] = AllowlistEntry(7, "build-agent")
@@ -396,9 +413,9 @@ def test_unbound_direct_requests_are_limited_per_source_address(
     # A replacement from a node already pending is not a new entry.
     again = peers[0].data(HANDSHAKE_REQUEST, OWN, justification="again")
     manager.process_message(again, "127.0.0.1:1")
-    # Another address has its own quota.
+    # Another /24 has its own quota.
     other = peers[2].data(HANDSHAKE_REQUEST, OWN, justification="other")
-    manager.process_message(other, "127.0.0.2:5000")
+    manager.process_message(other, "127.0.1.2:5000")
     assert [(p.node_id, p.justification) for p in manager.pending_requests()] == [
         (10, "again"),
         (11, ""),
@@ -410,7 +427,7 @@ def test_unbound_direct_requests_are_limited_per_source_address(
 def test_full_queue_drops_unbound_and_lets_bound_evict_the_oldest_unbound(
     nodes: Nodes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # One unbound request from each of 255 addresses: no source holds more than its share.
+    # One unbound request from each of 255 /24s: no source holds more than its share.
     pending = tuple(
         PendingHandshake(
             100 + i,
@@ -418,7 +435,7 @@ def test_full_queue_drops_unbound_and_lets_bound_evict_the_oldest_unbound(
             "",
             T0.replace(minute=i % 60, second=i // 60),
             False,
-            f"10.0.{i // 200}.{i % 200}",
+            f"10.{i // 200}.{i % 200}.1",
         )
         for i in range(MAX_PENDING - 1)
     )
@@ -513,3 +530,31 @@ def test_a_duplicate_by_the_other_path_changes_nothing_and_announces_nothing(
     # Another text is another request.
     second(manager, peer, "and something else")
     assert runtime.topics().count("handshake.received") == 2
+
+
+# Issue 15 item 6: an impostor's direct request shadowed the real relayed one.
+
+
+@pytest.mark.parametrize("relayed_key", [True, False])
+def test_an_impostors_request_with_the_real_text_is_replaced_by_the_real_relayed_one(
+    nodes: Nodes, peer: Peer, registry: FakeRegistry, relayed_key: bool
+) -> None:
+    """While the node's lookup fails, an impostor sends a direct request under its ID with
+    the text the real node will use: it is pending, weakly pinned. The real request then
+    arrives relayed: not a duplicate (another key), and it replaces the weak entry. A
+    relayed copy without a key keeps the impostor's key, but never makes it bound."""
+    manager, runtime = nodes.make(registry=registry)
+    impostor = Peer(peer.node_id)
+    registry.lookup_errors.add(peer.node_id)
+    send_direct(manager, impostor, "nightly sync")
+    assert [(p.public_key, p.bound) for p in manager.pending_requests()] == [(impostor.key, False)]
+    manager.process_relayed_request(peer.node_id, "nightly sync", peer.key if relayed_key else "")
+    (pending,) = manager.pending_requests()
+    if relayed_key:
+        assert (pending.public_key, pending.bound) == (peer.key, True)
+        assert runtime.topics().count("handshake.received") == 2
+        # The real key now pins: the impostor cannot take the entry back.
+        send_direct(manager, impostor, "nightly sync again")
+        assert manager.pending_requests()[0].public_key == peer.key
+    else:
+        assert (pending.public_key, pending.bound) == (impostor.key, False)

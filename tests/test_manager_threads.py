@@ -4,7 +4,10 @@ two Managers wired to each other (the README embedding)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno
+import json
 import logging
 import os
 import random
@@ -17,8 +20,14 @@ import pytest
 from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle
 
 from pilothandshake.errors import HandshakeError
+from pilothandshake.identity import verify
 from pilothandshake.manager import Manager
-from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REQUEST
+from pilothandshake.messages import (
+    HANDSHAKE_ACCEPT,
+    HANDSHAKE_REJECT,
+    HANDSHAKE_REQUEST,
+    receipt_challenge,
+)
 from pilothandshake.store import PendingHandshake, TrustRecord, load_state
 
 OWN = 1
@@ -220,15 +229,73 @@ def test_no_lock_is_held_across_runtime_or_registry_calls(nodes: Nodes) -> None:
 # The port-444 handler on a socket
 
 
-def test_handle_connection_reads_processes_and_closes(nodes: Nodes) -> None:
-    manager, _ = nodes.make()
+def exchange(manager: Manager, data: bytes) -> bytes:
+    """Serve ``data`` on one connection; everything the handler answered until it closed."""
     ours, theirs = socket.socketpair()
     with theirs:
-        theirs.sendall(Peer(7).data(HANDSHAKE_REQUEST, OWN, justification="over a socket"))
+        theirs.sendall(data)
         theirs.shutdown(socket.SHUT_WR)
         manager.handle_connection(ours)
-        assert theirs.recv(1) == b""  # closed by the handler
+        theirs.settimeout(WAIT)
+        answer = b""
+        while chunk := theirs.recv(4096):  # ends: the handler closed its end
+            answer += chunk
+    return answer
+
+
+def receipt_of(answer: bytes) -> bytes:
+    (line,) = answer.splitlines()
+    return base64.b64decode(json.loads(line)["receipt"])
+
+
+def test_handle_connection_reads_processes_writes_the_receipt_and_closes(nodes: Nodes) -> None:
+    """Issue 15 item 1 (SPEC 3): the receipt is our signature of what we took, written once
+    it is durable, then the end of stream."""
+    manager, runtime = nodes.make()
+    data = Peer(7).data(HANDSHAKE_REQUEST, OWN, justification="over a socket")
+    signature = receipt_of(exchange(manager, data))
+    assert verify(runtime.identity.public_key, receipt_challenge(OWN, 7, data), signature)
     assert [p.justification for p in manager.pending_requests()] == ["over a socket"]
+    assert load_state(f"{nodes.root}/n1/trust.json").pending[7].justification == "over a socket"
+
+
+def test_a_dropped_message_gets_no_receipt(nodes: Nodes) -> None:
+    manager, _ = nodes.make()
+    peer = Peer(7)
+    stale = peer.data(HANDSHAKE_REQUEST, OWN, timestamp=int(time.time()) - 3600)
+    assert exchange(manager, stale) == b""
+    data = peer.data(HANDSHAKE_REQUEST, OWN)
+    assert exchange(manager, data) != b""
+    assert exchange(manager, data) == b""  # replayed: dropped
+
+
+def test_a_message_whose_write_fails_gets_no_receipt(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 15 item 7: out of descriptors (or disk), a request got its end of stream and
+    was lost. Without a receipt the sender relays it instead."""
+    manager, _ = nodes.make()
+
+    def no_room(fd: int) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "fsync", no_room)
+    with caplog.at_level(logging.ERROR):
+        assert exchange(manager, Peer(7).data(HANDSHAKE_REQUEST, OWN)) == b""
+    assert manager.pending_requests() == []
+    assert any("could not persist the message" in r.getMessage() for r in caplog.records)
+
+
+def test_a_request_already_in_effect_gets_a_receipt(nodes: Nodes) -> None:
+    """Nothing to write (the sender is trusted already, or the request came by the relay
+    first): taken, so receipted."""
+    registry = FakeRegistry()
+    peer = Peer(7)
+    registry.keys[7] = peer.key
+    manager, _ = nodes.make(registry=registry)
+    manager.process_relayed_request(7, "same text", peer.key)
+    data = peer.data(HANDSHAKE_REQUEST, OWN, justification="same text")
+    assert receipt_of(exchange(manager, data))
 
 
 def test_handle_connection_drops_garbage_without_raising(

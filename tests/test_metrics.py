@@ -4,6 +4,8 @@ endpoint, the ``metrics.listen`` config key and the control command."""
 from __future__ import annotations
 
 import contextlib
+import http.client
+import logging
 import re
 import socket
 import tempfile
@@ -13,12 +15,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from pilothandshake.config import Config, load_config, parse_config
+from pilothandshake.constants import METRICS_DEADLINE, METRICS_MAX_CONNECTIONS
 from pilothandshake.control import ControlClient
 from pilothandshake.daemon import Daemon
 from pilothandshake.errors import ConfigError, HandshakeError
@@ -224,6 +228,72 @@ def test_http_endpoint_serves_metrics_only_at_slash_metrics() -> None:
         server.close()
     with pytest.raises(OSError):
         socket.create_connection((host, port), timeout=2).close()
+
+
+def test_http_endpoint_holds_at_most_16_scrapes_and_cuts_each_off_after_5_s() -> None:
+    """Issue 15 item 7: 1,013 trickling connections took the daemon's file descriptors."""
+    server = MetricsServer("127.0.0.1:0", Metrics())
+    address = server.address
+    tricklers: list[socket.socket] = []
+    try:
+        opened = time.monotonic()
+        for _ in range(METRICS_MAX_CONNECTIONS):
+            trickler = socket.create_connection(address, timeout=10)
+            trickler.sendall(b"GET /met")  # and never the rest
+            tricklers.append(trickler)
+        deadline = time.monotonic() + 10
+        while server.open_connections() < METRICS_MAX_CONNECTIONS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.open_connections() == METRICS_MAX_CONNECTIONS
+        try:
+            refused: socket.socket | None = socket.create_connection(address, timeout=10)
+        except ConnectionResetError:
+            refused = None  # on loopback the reset can come before connect() returns
+        if refused is not None:
+            with refused:
+                with contextlib.suppress(ConnectionResetError):
+                    refused.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                with pytest.raises(ConnectionResetError):
+                    refused.recv(1024)  # reset unread: no thread, no descriptor kept
+        assert server.open_connections() == METRICS_MAX_CONNECTIONS
+        for trickler in tricklers:  # each is cut off at its deadline, however it trickles
+            assert trickler.recv(1024) == b""
+        cut_after = time.monotonic() - opened
+        assert METRICS_DEADLINE - 0.5 <= cut_after < METRICS_DEADLINE + 5
+        with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/metrics", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        for trickler in tricklers:
+            trickler.close()
+        server.close()
+
+
+class _Broken:
+    """A collector that fails at every scrape."""
+
+    def collect(self) -> Iterator[Any]:
+        raise RuntimeError("collector broke")
+
+
+def test_failing_scrapes_are_rate_limited_log_lines_never_tracebacks(
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    metrics = Metrics()
+    metrics.registry.register(_Broken())  # type: ignore[arg-type]
+    server = MetricsServer("127.0.0.1:0", metrics)
+    host, port = server.address
+    try:
+        with caplog.at_level(logging.WARNING, logger="pilothandshake.metrics"):
+            for _ in range(20):
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).close()
+    finally:
+        server.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pilothandshake.metrics"]
+    assert 1 <= len(lines) <= 3  # one a second at most, not 20
+    assert lines[0] == f"metrics request from {host} failed: RuntimeError: collector broke"
+    assert all(r.exc_info is None for r in caplog.records)
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_metrics_listen_is_off_by_default_and_validated_like_listen() -> None:

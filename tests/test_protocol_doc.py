@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import struct
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import nacl.signing
 import pytest
 
 from pilothandshake.identity import Identity, verify
-from pilothandshake.messages import HandshakeMsg, handshake_challenge
+from pilothandshake.messages import HandshakeMsg, handshake_challenge, receipt_challenge
 from pilothandshake.registry.client import encode_frame
+from pilothandshake.wire import write_receipt
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md"
 _BLOCK = re.compile(r"<!-- example: ([\w-]+) -->\n```\w*\n(.*?)\n```", re.S)
@@ -85,6 +87,8 @@ def test_every_example_block_is_present() -> None:
         "request-challenge",
         "request-signature",
         "request-message",
+        "receipt-challenge",
+        "receipt-line",
         "reject-challenge",
         "reject-message",
         "go-challenge",
@@ -173,3 +177,20 @@ def test_go_style_signature_and_registry_frame_recompute() -> None:
     (length,) = struct.unpack(">I", bytes.fromhex(header_hex))
     assert length == len(body.encode("utf-8"))
     assert encode_frame(request) == bytes.fromhex(header_hex) + body.encode("utf-8")
+
+
+def test_the_receipt_recomputes_and_the_wire_reads_it() -> None:
+    """Issue 15 item 1 (SPEC 3): the receipt of the request, as section 1 spells it."""
+    signing_key, public_key = KEYS[42]
+    message = BLOCKS["request-message"].encode("utf-8")
+    challenge = BLOCKS["receipt-challenge"]
+    assert challenge == f"handshake-receipt:42:7:{hashlib.sha256(message).hexdigest()}"
+    assert receipt_challenge(42, 7, message) == challenge.encode()
+    signature = signing_key.sign(challenge.encode()).signature
+    line = BLOCKS["receipt-line"]
+    assert json.loads(line) == {"receipt": base64.b64encode(signature).decode()}
+    assert verify(base64.b64decode(public_key), challenge.encode(), signature)
+    left, right = socket.socketpair()
+    with left, right:
+        write_receipt(left, signature)
+        assert right.recv(4096) == line.encode() + b"\n"

@@ -15,7 +15,7 @@ import pytest
 
 from pilothandshake.errors import MessageError
 from pilothandshake.server import HandshakeServer
-from pilothandshake.wire import read_message
+from pilothandshake.wire import read_message, write_receipt
 
 WAIT = 5.0
 
@@ -147,6 +147,7 @@ class Reader:
     def __call__(self, conn: socket.socket) -> None:
         try:
             result: bytes | str = read_message(conn, deadline=WAIT)
+            write_receipt(conn, bytes(64))  # processed: the rest is holding the connection
         except MessageError as exc:
             result = str(exc)
         with self.cond:
@@ -167,6 +168,13 @@ def reader() -> Iterator[Reader]:
     r.release.set()
 
 
+def receipted(sock: socket.socket) -> bool:
+    """True when the server wrote ``sock`` a receipt and its end of stream within WAIT."""
+    sock.settimeout(WAIT)
+    with sock.makefile("rb") as stream:
+        return stream.readline().startswith(b'{"receipt": ') and stream.read() == b""
+
+
 def ended(sock: socket.socket) -> bool:
     """True when the server has ended ``sock`` (end of stream or reset) within WAIT."""
     sock.settimeout(WAIT)
@@ -184,7 +192,7 @@ def test_at_the_global_cap_a_newcomer_evicts_the_oldest_unfinished_connection(
         done = connect(server, "127.0.0.2")  # the oldest, but its message is whole
         done.sendall(b"{}")
         assert reader.wait_read(1)
-        assert done.recv(1) == b""  # the reader's half-close: read, now "processing"
+        assert receipted(done)  # read and processed; the reader still holds it
         slow = [connect(server, "127.0.0.3"), connect(server, "127.0.0.4")]
         for sock in slow:
             sock.sendall(b'{"justification":"')
@@ -192,7 +200,7 @@ def test_at_the_global_cap_a_newcomer_evicts_the_oldest_unfinished_connection(
         caplog.set_level(logging.WARNING, logger="pilothandshake.server")
         with connect(server, "127.0.0.5") as newcomer:
             newcomer.sendall(b'{"type":"real"}')
-            assert ended(newcomer)  # read and half-closed: admitted, not reset
+            assert receipted(newcomer)  # admitted, not reset
             assert ended(slow[0])  # the older unfinished one made room
         assert reader.wait_read(3)
         # Two handler threads finish these two reads: in either order on a loaded machine.

@@ -285,7 +285,7 @@ def test_pending_quota_per_source_is_per_address_not_per_port(nodes: Nodes) -> N
     for port, node in zip((40001, 40002, 40003), (20, 21, 22)):
         manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), f"127.0.0.1:{port}")
     assert [p.node_id for p in manager.pending_requests()] == [20, 21]
-    manager.process_message(Peer(22).data(HANDSHAKE_REQUEST, OWN), "127.0.0.2:40003")
+    manager.process_message(Peer(22).data(HANDSHAKE_REQUEST, OWN), "127.0.1.2:40003")
     assert [p.node_id for p in manager.pending_requests()] == [20, 21, 22]
 
 

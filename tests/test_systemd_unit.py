@@ -243,3 +243,9 @@ def test_example_config_keeps_its_state_in_the_units_state_directory() -> None:
     config = load_config(str(ROOT / "conf" / "example.yaml"))
     assert os.path.dirname(config.identity) == STATE_DIRECTORY
     assert os.path.dirname(config.control_socket) == STATE_DIRECTORY
+
+
+def test_the_unit_raises_the_open_files_limit(service: dict[str, list[str]]) -> None:
+    """Issue 15 item 7 (SPEC 15): the default soft limit of 1,024 descriptors was reached by
+    trickling metrics connections; the unit gives the daemon room for its caps and more."""
+    assert one(service, "LimitNOFILE") == "65536"

@@ -1,8 +1,9 @@
-"""One message over TCP: the bounded reader, the sender's delivery rule and the reset that
-refuses a connection (SPEC 3)."""
+"""One message over TCP: the bounded reader, the receipt, the sender's delivery rule and the
+reset that refuses a connection (SPEC 3)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import socket
@@ -15,7 +16,9 @@ import pytest
 from pilothandshake.constants import MAX_MESSAGE_SIZE
 from pilothandshake.errors import MessageError, SendError
 from pilothandshake.messages import HANDSHAKE_REQUEST, HandshakeMsg
-from pilothandshake.wire import read_message, reset_close, send_message
+from pilothandshake.wire import read_message, reset_close, send_message, write_receipt
+
+SIGNATURE = bytes(range(64))  # what a receipt carries; whose key signed it is not wire's job
 
 MESSAGE = HandshakeMsg(
     HANDSHAKE_REQUEST, 7, justification="deploy ✓", timestamp=1_700_000_000
@@ -42,7 +45,7 @@ class ChunkSocket:
         return self.chunks.pop(0) if self.chunks else b""
 
     def shutdown(self, how: int) -> None:
-        assert how == socket.SHUT_WR
+        assert how == socket.SHUT_RD
 
 
 def test_read_message_finds_the_end_across_recv_boundaries() -> None:
@@ -70,7 +73,6 @@ def test_a_message_already_arrived_is_read_without_setting_a_timeout(
     assert right.gettimeout() is None
     assert read_message(right) == MESSAGE
     assert right.gettimeout() is None  # one recv of what had arrived: no ioctl, no poll
-    assert left.recv(10) == b""  # and the half-close came
 
 
 def test_a_blocking_socket_waits_for_a_late_message_with_the_deadline(
@@ -185,16 +187,23 @@ def test_read_message_returns_empty_bytes_when_the_peer_sends_nothing(
     assert read_message(reader, deadline=5) == b""
 
 
-def test_read_message_shuts_down_its_write_side_once_the_message_is_whole(
+def test_the_sender_hears_nothing_until_the_receiver_writes_its_receipt(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    """The sender's proof of delivery: end of stream as soon as the message is read, while
-    the receiver still holds the connection (it closes only after processing)."""
+    """Issue 15 item 1: round 2's end of stream right after the read proved only that some
+    process read the bytes. Now the receiver's write side stays open until it has taken
+    the message and writes the receipt line, then the end of stream."""
     reader, writer = pair
-    writer.settimeout(5)
+    writer.settimeout(0.2)
     writer.sendall(MESSAGE)  # the writer does not half-close: the object's end is enough
     assert read_message(reader, deadline=5) == MESSAGE
-    assert writer.recv(1) == b""
+    with pytest.raises(socket.timeout):
+        writer.recv(1)
+    write_receipt(reader, SIGNATURE)
+    writer.settimeout(5)
+    with writer.makefile("rb") as stream:
+        assert json.loads(stream.readline()) == {"receipt": base64.b64encode(SIGNATURE).decode()}
+        assert stream.read() == b""
 
 
 def test_read_message_does_not_shut_down_before_the_message_is_whole(
@@ -222,6 +231,7 @@ class Listener:
         self.sock.settimeout(5)
         self.address: tuple[str, int] = self.sock.getsockname()
         self.behaviour = behaviour
+        self.receipt = SIGNATURE
         self.received = b""
         self.read = threading.Event()  # set once ``received`` holds what was read
         self.release = threading.Event()
@@ -248,6 +258,9 @@ class Listener:
                 return
             self.received = read_message(conn, deadline=5)
             self.read.set()
+            if self.behaviour in ("receipt", "hold"):
+                answer = SIGNATURE if self.behaviour == "hold" else self.receipt
+                conn.sendall(b'{"receipt": "' + base64.b64encode(answer) + b'"}\n')
             if self.behaviour == "hold":
                 self.release.wait(5)
 
@@ -264,27 +277,43 @@ def listener(request: pytest.FixtureRequest) -> Iterator[Listener]:
     server.close()
 
 
-@pytest.mark.parametrize("listener", ["close", "reply"], indirect=True)
-def test_send_message_is_delivered_when_the_peer_reads_and_closes(listener: Listener) -> None:
-    data = MESSAGE
+@pytest.mark.parametrize("listener", ["receipt"], indirect=True)
+def test_send_message_returns_the_receipts_signature(listener: Listener) -> None:
     started = time.monotonic()
-    send_message(listener.address, data, timeout=5, grace=3)
+    assert send_message(listener.address, MESSAGE, timeout=5, grace=3) == SIGNATURE
+    assert time.monotonic() - started < 2  # returned at the receipt, not the end of the grace
+    listener.thread.join(timeout=5)
+    assert listener.received == MESSAGE
+
+
+@pytest.mark.parametrize("listener", ["close", "reply"], indirect=True)
+def test_send_message_returns_none_when_the_peer_closes_without_a_receipt(
+    listener: Listener,
+) -> None:
+    """A round-2 receiver (end of stream after the read), one that dropped the message, or
+    one that answers something else: it answered, but proved nothing."""
+    started = time.monotonic()
+    assert send_message(listener.address, MESSAGE, timeout=5, grace=3) is None
     assert time.monotonic() - started < 2  # returned at the close, not the end of the grace
     listener.thread.join(timeout=5)
-    assert listener.received == data
+    assert listener.received == MESSAGE
+
+
+@pytest.mark.parametrize("listener", ["receipt"], indirect=True)
+@pytest.mark.parametrize("receipt", [b"", b"x" * 63, b"x" * 65])
+def test_a_receipt_that_is_not_a_signature_is_none(listener: Listener, receipt: bytes) -> None:
+    listener.receipt = receipt
+    assert send_message(listener.address, MESSAGE, timeout=5, grace=3) is None
 
 
 @pytest.mark.parametrize("listener", ["hold"], indirect=True)
-def test_send_message_is_delivered_at_the_receivers_half_close_before_it_closes(
+def test_send_message_returns_at_the_receipt_line_before_the_receiver_closes(
     listener: Listener,
 ) -> None:
     started = time.monotonic()
-    send_message(listener.address, MESSAGE, timeout=5, grace=3)
+    assert send_message(listener.address, MESSAGE, timeout=5, grace=3) == SIGNATURE
     assert time.monotonic() - started < 2  # did not wait for the grace to run out
     assert listener.thread.is_alive()  # the receiver still holds the connection
-    # The sender returns at the half-close, inside read_message: the thread may not have
-    # stored what it read yet.
-    assert listener.read.wait(5)
     assert listener.received == MESSAGE
 
 

@@ -2,16 +2,18 @@
 
 ``authenticate`` checks the signature; ``pin_of`` finds the key pinned for a node and
 ``pin_problem`` is the one pin check, used for direct messages, for relayed requests and
-again under the lock just before a decision (SPEC 16). Pure: no clock, socket or runtime.
+again under the lock just before a decision (SPEC 16). ``key_changed`` and
+``approval_problem`` are the KEY CHANGED rule of SPEC 17. Pure: no clock, socket or runtime.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
-from ..identity import decode_key, decode_signature, verify
+from ..identity import decode_key, decode_signature, full_fingerprint, verify
 from ..messages import HandshakeMsg, handshake_challenge
 from ..store import PendingHandshake, TrustRecord
 
@@ -21,7 +23,9 @@ __all__ = [
     "Authenticated",
     "Pin",
     "PinKind",
+    "approval_problem",
     "authenticate",
+    "key_changed",
     "pin_of",
     "pin_problem",
 ]
@@ -33,13 +37,21 @@ class PinKind(enum.Enum):
     """Where a pinned key comes from (SPEC 5 step 3, SPEC 8)."""
 
     TRUSTED = "trusted"  # the node's trust record
+    # A trust record the registry contradicts (SPEC 17): its key still authenticates the
+    # peer, but a registry-bound request with the registry's key may wait as KEY CHANGED.
+    CONFLICT = "conflict"
     BOUND = "bound"  # a pending request that was registry-bound or relayed
     WEAK = "weak"  # any other pending request: a later bound request replaces it
 
     @property
     def strong(self) -> bool:
         """Whether a message with another key is dropped whatever the registry says."""
-        return self is not PinKind.WEAK
+        return self in (PinKind.TRUSTED, PinKind.BOUND)
+
+    @property
+    def record(self) -> bool:
+        """Whether the pinned key is a trust record's (in conflict or not)."""
+        return self in (PinKind.TRUSTED, PinKind.CONFLICT)
 
 
 @dataclass(frozen=True)
@@ -98,14 +110,15 @@ def pin_of(
     conflicts: Container[int],
     node: int,
 ) -> Pin:
-    """The pin of ``node``: its trust record's key, else its pending request's. A stored key
-    that is not a valid key pins nothing (SPEC 8), nor does a record in conflict with the
-    registry."""
+    """The pin of ``node``: its trust record's key (kind CONFLICT while the registry binds
+    the node ID to another key), else its pending request's. A pending request never
+    overrides a trust record's pin (SPEC 17: a KEY CHANGED request pins nothing). A stored
+    key that is not a valid key pins nothing (SPEC 8)."""
     record = trusted.get(node)
-    if record is not None and node not in conflicts:
+    if record is not None:
         key = decode_key(record.public_key)
         if key is not None:
-            return Pin(key, PinKind.TRUSTED)
+            return Pin(key, PinKind.CONFLICT if node in conflicts else PinKind.TRUSTED)
     request = pending.get(node)
     if request is not None:
         key = decode_key(request.public_key)
@@ -118,12 +131,63 @@ def pin_problem(pin: Pin, key: bytes | None, strict: bool, bound: bool | None = 
     """The pin check of SPEC 5 step 3 (strict mode only): "" or the reason to drop a message
     claiming the pinned node with ``key`` (None: the message brought no key).
 
-    A strong pin refuses any other key. A weak pin refuses another key unless the message is
-    registry-bound; ``bound`` None means that is not known yet, so only strong pins apply."""
+    A strong pin refuses any other key. A weak pin, or a trust record in conflict, refuses
+    another key unless the message is registry-bound; ``bound`` None means that is not
+    known yet, so only strong pins apply."""
     if not strict or pin.kind is None or key is None or key == pin.key:
         return ""
-    if pin.kind.strong:
+    if pin.kind.strong or (bound is False and pin.kind is PinKind.CONFLICT):
         return KEY_DIFFERS_FROM_PIN
     if bound is False:
         return "public key differs from the pending request's key"
+    return ""
+
+
+def key_changed(record: TrustRecord | None, request: PendingHandshake) -> bool:
+    """Whether ``request`` is KEY CHANGED (SPEC 17): its node has a trust record with a valid
+    key, and the request carries another one."""
+    record_key = decode_key(record.public_key) if record is not None else None
+    return record_key is not None and decode_key(request.public_key) != record_key
+
+
+_HEX = re.compile(r"[0-9a-f]+")
+_MIN_PREFIX = 16  # hex digits of a fingerprint prefix that --new-key accepts
+
+
+def approval_problem(
+    record: TrustRecord | None, request: PendingHandshake, new_key: str | None
+) -> str:
+    """Why ``approve`` (SPEC 17) must refuse ``request``: "" when it may go ahead.
+
+    A KEY CHANGED request is approved only when ``new_key`` names its key: the full hex
+    SHA-256 fingerprint of the raw key, a prefix of it of at least 16 hex digits, or the
+    base64 key. ``new_key`` given for a request that is not KEY CHANGED must name its key
+    too (the operator meant a specific key)."""
+    node = request.node_id
+    key = decode_key(request.public_key)
+    shown = full_fingerprint(request.public_key)
+    if new_key is None:
+        if not key_changed(record, request):
+            return ""
+        return (
+            f"KEY CHANGED: the pending request of node {node} carries key {shown}, not the "
+            f"key node {node} was trusted with; if the node really has a new key: approve "
+            f"{node} --new-key {shown[:_MIN_PREFIX]}; else reject {node}"
+        )
+    named = new_key.strip()
+    named_key = decode_key(named)
+    if named_key is not None:
+        matches = named_key == key
+    elif _HEX.fullmatch(named.lower()) and _MIN_PREFIX <= len(named) <= 64:
+        matches = bool(shown) and shown.startswith(named.lower())
+    else:
+        return (
+            f"--new-key {new_key!r}: expected the key's fingerprint (64 hex digits, or a prefix "
+            f"of at least {_MIN_PREFIX}) or the base64 key"
+        )
+    if not matches:
+        return (
+            f"--new-key {new_key} does not name the key of node {node}'s pending request "
+            f"({shown or 'none'}); nothing approved"
+        )
     return ""

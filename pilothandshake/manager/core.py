@@ -43,12 +43,21 @@ from ..errors import (
     SendError,
     StoreError,
 )
-from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REQUEST, truncate_utf8
+from ..identity import decode_key
+from ..messages import (
+    HANDSHAKE_ACCEPT,
+    HANDSHAKE_REJECT,
+    HANDSHAKE_REQUEST,
+    receipt_challenge,
+    truncate_utf8,
+)
 from ..metrics import Metrics
 from ..pool import BackgroundPool
 from ..runtime import Closeable, Runtime
 from ..store import RELAY, OutgoingRequest, PendingHandshake, TrustRecord
-from ..wire import read_message
+from ..wire import read_message, write_receipt
+from .auth import approval_problem
+from .binding import answer_key
 from .clock import Clock, Now, SystemClock
 from .decide import (
     TRUST_CHANGED,
@@ -256,6 +265,19 @@ class Manager:
         trusted until the operator approves the node again or removes the record."""
         return self._state.in_conflict()
 
+    def peer_key(self, node_id: int) -> bytes | None:
+        """The key ``node_id`` must prove, as the receipt of a direct send (SPEC 3): its trust
+        record's key (in conflict or not: the record's pin wins over the registry), else
+        the key the registry's ``lookup`` binds (cached), else None (no registry, no record:
+        trust on first use)."""
+        with self._lock:
+            record = self._store.working.trusted.get(node_id)
+        key = decode_key(record.public_key) if record is not None else None
+        registry = self._rt.registry()
+        if key is None and registry is not None:
+            key = answer_key(self._intake.binding.lookup(registry, node_id))
+        return key
+
     def undelivered_answers(self) -> int:
         """How many of our answers (accept, reject, revoke, withdrawal) wait to be delivered:
         both the direct send and the registry failed, and they are being retried."""
@@ -332,7 +354,8 @@ class Manager:
     # Port 444 and relayed input
 
     def handle_connection(self, conn: socket.socket) -> None:
-        """Serve one port-444 connection: read one message, process it, close. Never raises."""
+        """Serve one port-444 connection: read one message, process it, write the receipt
+        when the message was taken (SPEC 3), close. Never raises."""
         try:
             remote = remote_address(conn)
             try:
@@ -340,7 +363,9 @@ class Manager:
             except MessageError as exc:
                 self._drops.drop(None, remote, str(exc))
                 return
-            self.process_message(data, remote)
+            sender = self._take(data, remote)
+            if sender is not None:
+                self._write_receipt(conn, sender, data)
         except Exception:
             log.error(
                 "unexpected error serving a port %d connection", PORT_HANDSHAKE, exc_info=True
@@ -349,37 +374,59 @@ class Manager:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def process_message(self, data: bytes, remote: str) -> None:
-        """Process one received message (SPEC 5) from ``remote`` (``"host:port"``).
+    def _write_receipt(self, conn: socket.socket, sender: int, data: bytes) -> None:
+        signature = self._rt.sign(receipt_challenge(self._rt.node_id(), sender, data))
+        if signature is not None:
+            write_receipt(conn, signature)
+
+    def process_message(self, data: bytes, remote: str) -> bool:
+        """Process one received message (SPEC 5) from ``remote`` (``"host:port"``); whether
+        it was taken: its changes are durable, or it changed nothing because it was a
+        duplicate or already in effect (what earns a receipt, SPEC 3).
 
         Drops are logged (WARNING, rate-limited) and change nothing; a failed write of the
         resulting change is logged at ERROR. Never raises for bad input.
         """
+        return self._take(data, remote) is not None
+
+    def _take(self, data: bytes, remote: str) -> int | None:
+        """``process_message``, returning the sender's node ID when the message was taken."""
         try:
             received = self._intake.message(data, remote)
-            if received is not None:
-                self._dispatch(*received)
+            if received is not None and self._dispatch(*received):
+                return received[1].node_id
         except StoreError as exc:
             self._store_errors.error(f"could not persist the message from {remote}: {exc}")
+        return None
 
-    def _dispatch(self, msg_type: str, inbound: Inbound) -> None:
+    def _dispatch(self, msg_type: str, inbound: Inbound) -> bool:
+        """Decide a message that passed SPEC 5; whether it was taken (not dropped)."""
         if msg_type == HANDSHAKE_REQUEST:
-            self._on_request(inbound)
-        else:
-            context = self._intake.answer_context()
-            self._decide(_DECIDE.get(msg_type, decide_revoke), inbound, context)
+            return self._on_request(inbound)
+        context = self._intake.answer_context()
+        decision = self._decide(_DECIDE.get(msg_type, decide_revoke), inbound, context)
+        return decision is not None and not decision.drop
 
-    def _on_request(self, inbound: Inbound) -> None:
-        """SPEC 6, direct or relayed; a request arriving again by the other path is ignored."""
+    def _on_request(self, inbound: Inbound) -> bool:
+        """SPEC 6, direct or relayed; a request arriving again by the other path is ignored.
+        Whether it was taken (not dropped)."""
         mark = self._intake.claim(inbound)
         if mark is None:
             # The same request by the other path: a slow peer got it directly and the sender
             # then relayed it (SPEC 3). Decided already; nothing changes, nothing is announced.
             log.debug("node %d: duplicate request by the other path", inbound.node_id)
-            return
-        decision = self._decide(decide_request, inbound, self._intake.request_context(inbound))
+            return True
+        try:
+            decision = self._decide(decide_request, inbound, self._intake.request_context(inbound))
+        except BaseException:
+            # Not written: a copy by the other path (the sender relays it, having had no
+            # receipt) must be decided, not ignored as a duplicate.
+            self._intake.release(inbound, mark)
+            raise
         if decision is None or decision.drop:
             self._intake.release(inbound, mark)
+            return False
+        return True
 
     def process_relayed_request(
         self, from_node_id: int, justification: str, public_key: str = ""
@@ -450,10 +497,34 @@ class Manager:
         except StoreError as exc:
             log.error("could not note the outgoing request to node %d: %s", peer, exc)
 
-    def approve_handshake(self, peer_node_id: int) -> bool:
-        """Trust the pending requester ``peer_node_id`` (``mutual=False``); False when nothing
-        was pending. Raises ``StoreError`` (nothing announced) when the write fails."""
-        return self._decide(decide_approve, peer_node_id) is not None
+    def approve_handshake(self, peer_node_id: int, new_key: str | None = None) -> bool:
+        """Trust the pending requester ``peer_node_id`` (``mutual=False``), or a trust record
+        in conflict with the registry again with its own key; False when neither. Raises
+        ``StoreError`` (nothing announced) when the write fails.
+
+        A KEY CHANGED request (SPEC 17: the node has a trust record with another key) is
+        refused with ``HandshakeError`` unless ``new_key`` names its key: the hex
+        fingerprint ``pending`` shows, a prefix of at least 16 hex digits, or the base64
+        key."""
+        peer = peer_node_id
+        refused: list[str] = []
+
+        def approve(view: Any, now: Now) -> Decision | None:
+            request = view.state.pending.get(peer)
+            if request is not None:
+                problem = approval_problem(view.state.trusted.get(peer), request, new_key)
+                if problem:
+                    refused.append(problem)
+                    return None
+            elif new_key is not None:
+                refused.append(f"nothing pending for node {peer}: --new-key names no request")
+                return None
+            return decide_approve(view, peer, now)
+
+        decision = self._decide(approve)
+        if refused:
+            raise HandshakeError(refused[0])
+        return decision is not None
 
     def reject_handshake(self, peer_node_id: int, reason: str = "") -> bool:
         """Drop the pending request of ``peer_node_id`` and tell it why; False when nothing

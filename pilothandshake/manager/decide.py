@@ -96,8 +96,8 @@ class Inbound:
 
     @property
     def pinned(self) -> bool:
-        """The key equals the key of our trust record for the sender."""
-        return self.pin is PinKind.TRUSTED
+        """The key equals the key of our trust record for the sender (in conflict or not)."""
+        return self.pin is not None and self.pin.record
 
 
 @dataclass(frozen=True)
@@ -273,11 +273,19 @@ def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, no
                 f" (source {quote(victim.source or 'unknown')})"
             )
             decision.changes.append(Change(PENDING, victim.node_id, None))
-    if existing is not None and not key:
-        key = existing.public_key  # a relayed request without a key keeps the pending one
-    bound = inbound.bound or (
-        existing is not None and existing.bound and existing.public_key == key
-    )
+    record = view.state.trusted.get(node)
+    if not key and record is not None and decode_key(record.public_key) is not None:
+        # A relayed request without a key from a node we trusted: the key we know for it
+        # (never one the registry hands out later, SPEC 17).
+        key, bound = record.public_key, inbound.bound
+    elif existing is not None and not key:
+        # A relayed request without a key keeps the pending one, and its standing: the relay
+        # vouched for no key, so a weakly pinned key must not become bound through it.
+        key, bound = existing.public_key, existing.bound
+    else:
+        bound = inbound.bound or (
+            existing is not None and existing.bound and existing.public_key == key
+        )
     decision.changes.append(Change(PENDING, node, replace(request, public_key=key, bound=bound)))
     if protected:
         decision.protected.add(node)
@@ -422,8 +430,8 @@ def decide_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> D
     # The key of a node's own pending request pins only that request (the weak pin is never
     # a trusted node's): enough for the sender to withdraw it.
     withdrawal = inbound.pin is PinKind.WEAK and node not in view.state.trusted
-    strong = inbound.pin is not None and inbound.pin.strong
-    if not (inbound.bound or strong or withdrawal):
+    pinned = inbound.pin is not None and inbound.pin is not PinKind.WEAK
+    if not (inbound.bound or pinned or withdrawal):
         return decision.dropped("revoke neither registry-bound nor signed with the pinned key")
     was_trusted = _forget(decision, view, node, now, context.limits)
     if not decision.changes:
@@ -447,12 +455,28 @@ def _quoted(text: str) -> str:
 
 
 def decide_approve(view: View, node: int, now: Now) -> Decision | None:
-    """``approve_handshake``: the pending request of ``node`` becomes trust (``mutual=False``);
-    None when nothing is pending."""
+    """``approve_handshake``: the pending request of ``node`` becomes trust (``mutual=False``),
+    or a trust record in conflict with the registry is trusted again with its own key; None
+    when neither. Whether a KEY CHANGED request may be approved is ``auth.approval_problem``,
+    checked first."""
     request = view.state.pending.get(node)
-    if request is None:
-        return None
     decision = Decision(events=[(APPROVED, {"peer_node_id": node, "by": "operator"})])
+    if request is None:
+        record = view.state.trusted.get(node)
+        if record is None or node not in view.conflicts:
+            return None
+        # A record in conflict with the registry, approved again: its own key (SPEC 17).
+        _grant(
+            decision,
+            view,
+            node,
+            record.public_key,
+            now,
+            APPROVED_REASON,
+            mutual=record.mutual,
+            network=record.network,
+        )
+        return decision
     _grant(decision, view, node, request.public_key, now, APPROVED_REASON)
     # respond_handshake already relays the answer: the direct send has no fallback.
     decision.effects += [Respond(node, True), Send(node, HANDSHAKE_ACCEPT)]

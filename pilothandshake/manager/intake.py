@@ -27,7 +27,7 @@ from .binding import SIDE_TABLE_LIMIT, Binding, Checked, answer_key, answer_netw
 from .clock import Clock
 from .decide import Context, Decision, Inbound, decide_backfill, decide_conflict
 from .droplog import DropLog, quote
-from .queue import Limits
+from .queue import RELAY, Limits
 from .replay import ReplaySet
 from .state import State
 
@@ -35,13 +35,16 @@ __all__ = ["RELAY", "Intake", "remote_address", "source_host"]
 
 log = logging.getLogger(__name__)
 
-RELAY = "relay"  # the source and remote of relayed input: one source for quotas
 # A request arriving again by the other path (direct / relay) within this is a duplicate.
 _DUPLICATE_WINDOW = MAX_MESSAGE_AGE
 
 
-def _fingerprint(inbound: Inbound) -> tuple[int, bytes]:
-    return inbound.node_id, hashlib.sha256(inbound.text.encode("utf-8")).digest()
+def _fingerprint(inbound: Inbound) -> tuple[int, bytes, bytes]:
+    # A duplicate is the same node, key and text (SPEC 3; only requests are claimed, so the
+    # type is the same too): an impostor's request with the real node's text must not make
+    # the real node's request a duplicate.
+    text = hashlib.sha256(inbound.text.encode("utf-8")).digest()
+    return inbound.node_id, inbound.key or b"", text
 
 
 def source_host(remote: str) -> str:
@@ -96,8 +99,9 @@ class Intake:
         self._replay = replay
         self._limits = limits
         self.binding = Binding(clock.monotonic)
-        # Requests decided lately: (node, SHA-256 of the text) -> (relayed, monotonic time).
-        self._recent: OrderedDict[tuple[int, bytes], tuple[bool, float]] = OrderedDict()
+        # Requests decided lately: (node, key, SHA-256 of the text) -> (relayed, monotonic
+        # time).
+        self._recent: OrderedDict[tuple[int, bytes, bytes], tuple[bool, float]] = OrderedDict()
 
     def claim(self, inbound: Inbound) -> tuple[bool, float] | None:
         """Claim this request for deciding; None when it is a duplicate: decided lately after
@@ -153,8 +157,9 @@ class Intake:
         answer: dict[str, Any] | None = None
         checked = False
         if pin_problem(pin, key, strict) and pin.kind is PinKind.TRUSTED and registry is not None:
-            # The registry may now bind this node ID to this key: then a trust record is in
-            # conflict (issue 11 item 7) and no longer pins.
+            # The registry may now bind this node ID to this key: then the trust record is in
+            # conflict (issue 11 item 7): its key still authenticates its peer, and this
+            # registry-bound key may wait as KEY CHANGED (SPEC 17).
             answer, bound = self._bind(registry, node, key)
             checked = True
             pin = self.pin(node)
@@ -163,7 +168,15 @@ class Intake:
             self._drops.drop(node, remote, problem)
             return None
         if registry is not None and not checked:
-            answer, bound = self._bind(registry, node, key)
+            if self._agent_pinned(node, key):
+                bound = True  # the operator's pin stands in for the registry's binding
+            else:
+                answer, bound = self._bind(registry, node, key)
+        if isinstance(bound, str) and pin.kind is not None and pin.kind.record and key == pin.key:
+            # A trust record's own key always authenticates its peer, whatever key the
+            # registry now binds to the node ID (SPEC 5 step 3, round 3): not bound, and the
+            # record is in conflict, which the decision sees.
+            bound = False
         if isinstance(bound, str):
             self._drops.drop(node, remote, bound)
             return None
@@ -233,6 +246,14 @@ class Intake:
             registry_key=registry_key,
             networks=answer_networks(answer),
         )
+
+    def _agent_pinned(self, node: int, key: bytes) -> bool:
+        """Whether ``key`` is the key the allowlist pins for ``node``. The operator's key
+        binds then, as the registry's would (SPEC 6 row 4 treats the two alike), so the
+        registry is not asked: a hung registry must not hold back the message's receipt
+        past the sender's grace (SPEC 3)."""
+        agent = self._rt.trusted_agent(node)
+        return agent is not None and bool(agent.public_key) and decode_key(agent.public_key) == key
 
     def refused(self, node: int, remote: str) -> bool:
         """SPEC 5 step 1: input claiming our own node ID, or from a denied node, is dropped."""

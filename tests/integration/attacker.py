@@ -20,7 +20,8 @@ from typing import Any
 from fakeruntime import Peer
 
 from pilothandshake.identity import b64encode
-from pilothandshake.wire import send_message
+from pilothandshake.messages import receipt_challenge
+from pilothandshake.wire import send_message, write_receipt
 
 __all__ = [
     "Capture",
@@ -38,13 +39,14 @@ CONNECT_TIMEOUT = 5.0
 
 
 def source_address(index: int) -> str:
-    """The ``index``-th extra loopback source address: 127.0.0.<10 + index> (1..245).
+    """The ``index``-th extra loopback source address: 127.0.<10 + index>.1 (0..239).
 
     Linux routes all of 127.0.0.0/8 to the loopback device, so a client socket bound to any
-    of them reaches the daemon on 127.0.0.1 and is seen as a different host."""
+    of them reaches the daemon on 127.0.0.1 and is seen as a different host. Each is in a
+    /24 of its own: the pending queue counts a source as its /24 (round 3)."""
     if not 0 <= index < 240:
         raise ValueError(f"no loopback source address for index {index}")
-    return f"127.0.0.{10 + index}"
+    return f"127.0.{10 + index}.1"
 
 
 def _connect(port: int, source: str, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
@@ -294,10 +296,14 @@ class Trickle:
 
 class Capture:
     """A listening socket on 127.0.0.1 that records every message a daemon sends to it and,
-    with ``forward_to``, passes it on to that port (a man in the middle on plain TCP 444)."""
+    with ``forward_to``, passes it on to that port (a man in the middle on plain TCP 444,
+    which hands the receiver's receipt back). With ``receipts`` it stands in for that peer's
+    port 444 and answers with the peer's receipt (SPEC 3); without either it is a sink that
+    reads and closes, proving nothing."""
 
-    def __init__(self, forward_to: int | None = None) -> None:
+    def __init__(self, forward_to: int | None = None, receipts: Peer | None = None) -> None:
         self.forward_to = forward_to
+        self.receipts = receipts
         self.messages: list[bytes] = []
         self._cond = threading.Condition()
         self._sock = socket.socket()
@@ -322,9 +328,16 @@ class Capture:
                 return
             with conn:
                 data = _read_all(conn, 5.0)
-            if self.forward_to is not None:
-                with contextlib.suppress(OSError):
-                    send_message(("127.0.0.1", self.forward_to), data)
+                receipt = None
+                if self.forward_to is not None:
+                    with contextlib.suppress(OSError):
+                        receipt = send_message(("127.0.0.1", self.forward_to), data)
+                elif self.receipts is not None:
+                    sender = json.loads(data).get("node_id", 0)
+                    challenge = receipt_challenge(self.receipts.node_id, sender, data)
+                    receipt = self.receipts.identity.sign(challenge)
+                if receipt is not None:
+                    write_receipt(conn, receipt)
             with self._cond:
                 self.messages.append(data)
                 self._cond.notify_all()

@@ -281,7 +281,7 @@ class Node(Proc):
 
     def serving(self) -> int:
         """Port-444 connections being served now (the metrics gauge): a message is decided
-        after the daemon half-closed its connection, before it closes it (SPEC 3)."""
+        after the daemon read it, before it writes the receipt and closes (SPEC 3)."""
         text = self.control("metrics")["text"]
         match = re.search(r"^pilot_handshake_active_connections (\S+)$", text, re.M)
         assert match, text

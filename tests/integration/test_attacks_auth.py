@@ -60,7 +60,7 @@ def daemon_trusting(fleet: Fleet, capture: Capture, peer: Peer) -> Node:
 
 def test_strict_daemon_ignores_unsigned_accepts_to_its_own_request(fleet: Fleet) -> None:
     peer = Peer(PEER)
-    with Capture() as capture:
+    with Capture(receipts=peer) as capture:
         node = daemon_with_outgoing(fleet, capture)
         unsigned = [
             peer.data(HANDSHAKE_ACCEPT, OWN, v2=False, public_key=""),  # Go: no key, no checks
@@ -79,7 +79,7 @@ def test_strict_daemon_ignores_unsigned_accepts_to_its_own_request(fleet: Fleet)
 
 def test_strict_daemon_ignores_unsigned_revokes(fleet: Fleet) -> None:
     peer = Peer(PEER)
-    with Capture() as capture:
+    with Capture(receipts=peer) as capture:
         node = daemon_trusting(fleet, capture, peer)
         for data in (
             peer.data(HANDSHAKE_REVOKE, OWN, v2=False, public_key=""),
@@ -107,7 +107,7 @@ def test_accept_without_an_outgoing_request_grants_nothing(fleet: Fleet) -> None
 def test_revoke_signed_by_a_key_other_than_the_pinned_one_is_dropped(fleet: Fleet) -> None:
     peer = Peer(PEER)
     impostor = Peer(PEER)  # same node ID, its own key
-    with Capture() as capture:
+    with Capture(receipts=peer) as capture:
         node = daemon_trusting(fleet, capture, peer)
         # Signed (validly) with the impostor's own key: the pin must stop it.
         assert send_raw(node.port, impostor.data(HANDSHAKE_REVOKE, OWN)) == "closed"

@@ -1,7 +1,7 @@
 """Resource attacks against real pilot-handshaked processes (issue 4, item 2): junk floods,
 invented identities filling the pending queue, an oversized message, and idle connections
 held against the per-source and the global connection caps (SPEC 15). Attackers bind to
-other loopback addresses (127.0.0.2, 127.0.0.10 ...) so the daemon sees other hosts.
+other loopback addresses (127.0.2.2, 127.0.10.1 ...) so the daemon sees other hosts.
 """
 
 from __future__ import annotations
@@ -224,12 +224,13 @@ def test_slowloris_over_17_hosts_at_the_default_caps_does_not_keep_a_handshake_o
 
 
 def test_one_host_flooding_valid_requests_fills_only_its_own_quotas(fleet: Fleet) -> None:
-    """Self-signed requests from invented identities, all from 127.0.0.2: that host gets at
-    most 16 pending requests and its replay quota; a request from 127.0.0.1 still gets in."""
+    """Self-signed requests from invented identities, all from 127.0.2.2: that host (its
+    /24) gets at most 16 pending requests and its replay quota; a request from 127.0.0.1
+    still gets in."""
     node = fleet.node("d", node_id=OWN, max_replay_per_source=64).start()
     invented = [Peer(200_000 + i) for i in range(100)]
     payloads = [p.data(HANDSHAKE_REQUEST, OWN, justification="me too") for p in invented]
-    counts = flood(node.port, payloads, ["127.0.0.2"], timeout=30.0)
+    counts = flood(node.port, payloads, ["127.0.2.2"], timeout=30.0)
     assert counts["closed"] == 100, counts
     node.settle()
     held = node.pending()
@@ -237,12 +238,12 @@ def test_one_host_flooding_valid_requests_fills_only_its_own_quotas(fleet: Fleet
     assert "too many pending requests from this source address" in node.stderr
 
     # A pending node updating its own request needs no pending slot, only a replay entry:
-    # 127.0.0.2 has used its 64, so it is dropped there; the same update from 127.0.0.1
+    # 127.0.2.2 has used its 64, so it is dropped there; the same update from 127.0.0.1
     # gets in. (Sleep past the one-second drop-log window, so its line is not suppressed.)
     time.sleep(1.1)
     sender = next(p for p in invented if p.node_id in held)
     update = sender.data(HANDSHAKE_REQUEST, OWN, justification="updated")
-    assert send_raw(node.port, update, "127.0.0.2") == "closed"
+    assert send_raw(node.port, update, "127.0.2.2") == "closed"
     wait_until(lambda: "replay set full for this source address" in node.stderr)
     assert {p["justification"] for p in node.control("pending")["pending"]} == {"me too"}
     assert send_raw(node.port, update, "127.0.0.1") == "closed"

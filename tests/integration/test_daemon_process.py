@@ -271,8 +271,10 @@ def test_ctl_reload_is_the_sighup_path_with_its_result(fleet: Fleet) -> None:
     as_json = b.ctl("--json", "reload")
     data = json.loads(as_json.stdout)["data"]
     assert data["restart_needed"] == ["max_connections"] and data["reloaded"] == ["trust", "peers"]
-    # The deny list is in force: A's request is dropped (at INFO: asked for).
-    a.control("handshake", node_id=9, justification="denied?")
+    # The deny list is in force: A's request is dropped (at INFO: asked for), so it gets
+    # no receipt and, with no registry to relay it, A's handshake fails (SPEC 3, round 3).
+    denied = a.ctl("handshake", "9", "denied?")
+    assert denied.returncode == 1 and "no receipt" in denied.stderr, denied
     wait_until(lambda: "deny list" in b.stderr, what="B's drop")
     assert b.pending() == set()
     lines = [ln for ln in b.stderr.splitlines() if "dropped message" in ln]
