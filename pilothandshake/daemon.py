@@ -340,7 +340,16 @@ class Daemon:
         if registry is not None:
             state = "reachable" if registry.get("reachable") else "unreachable"
             line += f", registry {registry['address']} {state}"
+            if registry.get("loop", "running") != "running":
+                line += f" (registry loop {registry['loop']})"
         return line
+
+    def problems(self) -> list[str]:
+        """What is broken although the Manager answers: a background loop that stopped.
+        Under systemd, the watchdog reports the daemon healthy only while this is empty."""
+        loop = self.loop
+        state = loop.state()["loop"] if loop is not None else "running"
+        return [] if state == "running" else [f"registry loop {state}"]
 
     def start(self) -> None:
         """Bind port 444, register (one synchronous try), start the registry loop, the

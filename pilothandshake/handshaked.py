@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         notifier.ready(daemon.status_line())
         usec = notifier.watchdog_usec
         interval = usec / 2e6 if usec else SYSTEMD_STATUS_INTERVAL
-        watchdog = Watchdog(notifier, interval, daemon.status_line)
+        watchdog = Watchdog(notifier, interval, daemon.status_line, daemon.problems)
         watchdog.start()
     try:
         while True:

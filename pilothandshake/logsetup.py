@@ -1,14 +1,21 @@
-"""Logging of ``pilot-handshaked``: to stderr, as text or as JSON lines (config ``log_format``)."""
+"""Logging of ``pilot-handshaked``: to stderr, as text or as JSON lines (config ``log_format``).
+
+An exception that escapes a thread is logged through the same logging (``threading.excepthook``)
+instead of as a raw traceback on stderr, at most ``UNCAUGHT_PER_MINUTE`` a minute.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
-__all__ = ["JsonLogFormatter", "configure_logging"]
+__all__ = ["JsonLogFormatter", "ThreadExceptionLog", "configure_logging"]
+
+UNCAUGHT_PER_MINUTE = 10
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -42,3 +49,39 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    threading.excepthook = ThreadExceptionLog()
+
+
+class ThreadExceptionLog:
+    """A ``threading.excepthook`` that logs an exception ending a thread as one ERROR with
+    its traceback, in the configured format, at most ``per_minute`` a minute; the ones over
+    the limit are counted and the next line logged says how many were not shown."""
+
+    def __init__(self, per_minute: int = UNCAUGHT_PER_MINUTE) -> None:
+        self._per_minute = per_minute
+        self._lock = threading.Lock()
+        self._window = -60.0
+        self._logged = 0
+        self._hidden = 0
+
+    def __call__(self, args: threading.ExceptHookArgs) -> None:
+        """Log ``args`` (the default hook ignores ``SystemExit``; so does this one)."""
+        if args.exc_type is SystemExit or args.exc_value is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window >= 60.0:
+                self._window, self._logged = now, 0
+            if self._logged >= self._per_minute:
+                self._hidden += 1
+                return
+            self._logged += 1
+            hidden, self._hidden = self._hidden, 0
+        name = args.thread.name if args.thread is not None else "?"
+        more = f" ({hidden} more not shown)" if hidden else ""
+        logging.getLogger("pilothandshake").error(
+            "uncaught exception in thread %s%s",
+            name,
+            more,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )

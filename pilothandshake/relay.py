@@ -3,11 +3,16 @@
 One background thread does all three, so registry traffic from the loop is strictly
 sequential. It registers to learn the node ID, heartbeats every ``heartbeat_interval``, and
 polls the relay inbox every ``poll_interval``, handing each relayed request and response to
-the Manager. On failure it backs off (doubling, at most ``MAX_BACKOFF``); while the registry
-is unreachable the daemon keeps serving direct handshakes. Heartbeats are also sent at the
-backoff pace while polls fail, and after ``HEARTBEAT_FAILURES_BEFORE_REREGISTER`` failed
-heartbeats in a row the loop registers again (the real registry rate-limits ``register``,
-hence the backoff).
+the Manager. On failure it backs off (``backoff``: doubling, at most ``MAX_BACKOFF``, with
+jitter so that a fleet does not reconnect in step); while the registry is unreachable the
+daemon keeps serving direct handshakes. Heartbeats are also sent at the backoff pace while
+polls fail, and after ``HEARTBEAT_FAILURES_BEFORE_REREGISTER`` failed heartbeats in a row
+the loop registers again (the real registry rate-limits ``register``, hence the backoff).
+
+No exception ends the loop: every round is guarded, the computation of the next wait
+included. Should the thread end all the same (an exception that is not an ``Exception``),
+that is an ERROR and ``state()["loop"]`` says so, which ``status`` shows and which stops the
+systemd watchdog from reporting the daemon healthy.
 
 A poll answer comes from the network: at most ``MAX_RELAY_ITEMS_PER_POLL`` of its items are
 processed, and malformed or excess items are counted and reported in one WARNING per
@@ -18,6 +23,7 @@ loop.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from typing import Any, Callable, Protocol
@@ -36,6 +42,19 @@ log = logging.getLogger(__name__)
 # The real registry's inbox holds at most 100 requests per node; more in one answer is junk.
 MAX_RELAY_ITEMS_PER_POLL = 256
 RELAY_LOG_INTERVAL = 10.0  # at most one WARNING about dropped relay items per interval
+# Doubling stops here: 2 ** 32 times any interval is far past MAX_BACKOFF, and the exponent
+# must never grow with the length of an outage (2.0 ** 1024 overflows).
+_MAX_DOUBLINGS = 32
+
+
+def backoff(
+    failures: int, base: float, cap: float, jitter: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait after ``failures`` (>= 1) failures in a row: ``base`` doubled per
+    failure, at most ``cap``, then between half and all of that (``jitter()`` in [0, 1)),
+    so that daemons which lost the registry together do not come back in step."""
+    ceiling = min(cap, base * 2.0 ** min(max(failures - 1, 0), _MAX_DOUBLINGS))
+    return ceiling / 2 + jitter() * ceiling / 2
 
 
 class LoopRegistry(Protocol):
@@ -143,6 +162,7 @@ class RegistryLoop:
         self._max_backoff = max_backoff
         self._lock = threading.Lock()
         self._node_id = 0
+        self._loop_state = "running"
         self._reachable = False
         self._last_error = ""
         self._visibility_done = not public
@@ -167,12 +187,14 @@ class RegistryLoop:
             return self._node_id
 
     def state(self) -> dict[str, Any]:
-        """The registry's state for ``status``: address, reachability, last error, and the
-        hostname asked for with why the registry did not set it ("" when it did)."""
+        """The registry's state for ``status``: address, reachability, last error, the
+        hostname asked for with why the registry did not set it ("" when it did), and
+        ``loop``: "running", or "stopped: <why>" when the loop thread ended on its own."""
         with self._lock:
             return {
                 "address": self._client.address,
                 "reachable": self._reachable,
+                "loop": self._loop_state,
                 "registered": self._node_id != 0,
                 "error": self._last_error,
                 "hostname": self._hostname,
@@ -265,22 +287,48 @@ class RegistryLoop:
     # -- the loop ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        delay = 0.0
-        while not self._stop.wait(delay):
-            try:
-                ok = self._step()
-            except Exception:
-                # A bug in one round must not end relay service for the daemon's lifetime.
-                log.exception("registry loop round failed")
-                ok = False
-            if ok:
-                self._failures = 0
-                delay = self._poll_interval
-            else:
-                self._failures += 1
-                delay = min(self._max_backoff, self._poll_interval * 2 ** (self._failures - 1))
-            if self.node_id:
-                delay = min(delay, max(0.0, self._next_heartbeat - time.monotonic()))
+        try:
+            delay = 0.0
+            while not self._stop.wait(delay):
+                delay = self._round()
+        finally:
+            if not self._stop.is_set():
+                # Only a BaseException that is not an Exception gets here (it is logged by
+                # threading.excepthook); the node is off the registry until it restarts.
+                self._stopped("ended by an unexpected exception")
+
+    def _round(self) -> float:
+        """One guarded round; returns how long to wait before the next."""
+        try:
+            ok = self._step()
+        except Exception:
+            # A bug in one round must not end relay service for the daemon's lifetime.
+            log.exception("registry loop round failed")
+            ok = False
+        try:
+            return self._delay_after(ok)
+        except Exception:
+            log.exception("registry loop: computing the next wait failed")
+            return self._max_backoff
+
+    def _delay_after(self, ok: bool) -> float:
+        if not ok:
+            self._failures += 1
+            return backoff(self._failures, self._poll_interval, self._max_backoff)
+        self._failures = 0
+        delay = self._poll_interval
+        if self.node_id:
+            delay = min(delay, max(0.0, self._next_heartbeat - time.monotonic()))
+        return delay
+
+    def _stopped(self, why: str) -> None:
+        with self._lock:
+            self._loop_state = f"stopped: {why}"
+        log.error(
+            "registry loop %s: this node no longer heartbeats or polls the relay; "
+            "restart the daemon",
+            why,
+        )
 
     def _step(self) -> bool:
         """One round; False when the registry failed (the caller backs off)."""
@@ -300,7 +348,8 @@ class RegistryLoop:
             self._heartbeat_failures += 1
             self._note(False, f"heartbeat failed: {exc}")
             if self._heartbeat_failures >= HEARTBEAT_FAILURES_BEFORE_REREGISTER:
-                log.warning("%d heartbeats failed: registering again", self._heartbeat_failures)
+                if self._heartbeat_failures == HEARTBEAT_FAILURES_BEFORE_REREGISTER:
+                    log.warning("%d heartbeats failed: registering again", self._heartbeat_failures)
                 return self.register_once()
             return False
         self._heartbeat_failures = 0

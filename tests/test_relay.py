@@ -12,7 +12,7 @@ import pytest
 
 from pilothandshake.errors import RegistryError
 from pilothandshake.identity import Identity
-from pilothandshake.relay import MAX_RELAY_ITEMS_PER_POLL, RegistryLoop
+from pilothandshake.relay import MAX_RELAY_ITEMS_PER_POLL, RegistryLoop, backoff
 
 WAIT = 5.0
 
@@ -365,3 +365,68 @@ def test_a_registry_not_up_yet_at_start_is_info_then_one_warning_per_outage(
     registry.down = True
     assert not late.register_once()  # registered once: a new outage warns again, no grace
     assert len(relay_warnings(caplog)) == 2
+
+
+def test_backoff_doubles_to_the_cap_with_jitter_and_never_overflows() -> None:
+    low, high = (lambda: 0.0), (lambda: 0.999999)
+    assert backoff(1, 2.0, 30.0, low) == 1.0  # half of the base at the least
+    assert backoff(1, 2.0, 30.0, high) == pytest.approx(2.0)
+    assert backoff(3, 2.0, 30.0, high) == pytest.approx(8.0)
+    assert backoff(5, 2.0, 30.0, high) == pytest.approx(30.0)  # capped
+    # An outage of any length: 2 ** failures overflowed a float after 1,024 failures.
+    assert backoff(10**9, 2.0, 30.0, low) == 15.0
+    spread = {round(backoff(6, 2.0, 30.0), 3) for _ in range(50)}
+    assert len(spread) > 10 and all(15.0 <= d < 30.0 for d in spread)
+
+
+def test_an_outage_longer_than_a_heartbeat_neither_spins_nor_ends_the_loop(
+    registry: FakeRegistry,
+    make_loop: Callable[..., RegistryLoop],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Issue 20.1: failed heartbeats never moved the next-heartbeat time, so once it had
+    # passed the loop waited 0 s: a thousand rounds (and WARNINGs) in a quarter second,
+    # until 2 ** failures overflowed and the thread died.
+    caplog.set_level(logging.WARNING, logger="pilothandshake.relay")
+    loop = make_loop(poll_interval=0.01, heartbeat_interval=0.05, max_backoff=0.1)
+    assert loop.register_once()
+    registry.down = True
+    loop.start()
+    time.sleep(1.0)
+    calls = len(registry.calls)
+    assert calls < 100, f"{calls} registry calls in 1 s of outage: the loop spins"
+    assert len(relay_warnings(caplog)) <= 2  # the outage, and registering again
+    registry.down = False
+    polls = registry.count("poll")
+    assert registry.wait_for(lambda: registry.count("poll") >= polls + 2)
+    assert loop.state()["reachable"] is True
+    assert loop.state()["loop"] == "running"
+
+
+class Fatal(BaseException):
+    """What no round guard catches (as KeyboardInterrupt or SystemExit would not be)."""
+
+
+def test_a_loop_that_ends_anyway_is_an_error_and_shows_in_state(
+    registry: FakeRegistry,
+    make_loop: Callable[..., RegistryLoop],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def register(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise Fatal("out of everything")
+
+    registry.register = register  # type: ignore[method-assign]
+    loop = make_loop()
+    caplog.set_level(logging.ERROR, logger="pilothandshake.relay")
+    previous = threading.excepthook
+    threading.excepthook = lambda args: None  # the daemon logs it (tests/test_logsetup.py)
+    try:
+        loop.start()
+        deadline = time.monotonic() + WAIT
+        while loop.state()["loop"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loop.stop()  # joins the thread: it has logged and called the hook
+    finally:
+        threading.excepthook = previous
+    assert loop.state()["loop"] == "stopped: ended by an unexpected exception"
+    assert any("no longer heartbeats or polls" in r.getMessage() for r in caplog.records)
