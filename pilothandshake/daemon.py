@@ -390,6 +390,7 @@ class Daemon:
                 public=registry.public,
                 hostname=self.config.hostname,
                 on_node_id=self._on_registered,
+                publish=self.events.publish,
             )
             self.loop.register_once()
             self.loop.start()

@@ -36,6 +36,7 @@ __all__ = [
     "heartbeat_challenge",
     "parse_address",
     "poll_challenge",
+    "register_challenge",
     "report_trust_challenge",
     "resolve_challenge",
     "respond_challenge",
@@ -187,6 +188,11 @@ def set_visibility_challenge(node_id: int) -> bytes:
 def set_hostname_challenge(node_id: int) -> bytes:
     """``set_hostname:<N>``: registry ``set_hostname`` by N."""
     return f"set_hostname:{node_id}".encode()
+
+
+def register_challenge(public_key_b64: str, timestamp: int) -> bytes:
+    """``register:<public key b64>:<timestamp>``: a signed registry ``register`` (SPEC 17)."""
+    return f"register:{public_key_b64}:{timestamp}".encode()
 
 
 def truncate_utf8(text: str, limit: int = MAX_TEXT_BYTES) -> str:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # The real registry's inbox holds at most 100 requests per node; more in one answer is junk.
 MAX_RELAY_ITEMS_PER_POLL = 256
+BINDING_CHANGED = "registry.binding_changed"  # event topic (SPEC 14, 17)
 RELAY_LOG_INTERVAL = 10.0  # at most one WARNING about dropped relay items per interval
 # Doubling stops here: 2 ** 32 times any interval is far past MAX_BACKOFF, and the exponent
 # must never grow with the length of an outage (2.0 ** 1024 overflows).
@@ -67,6 +68,8 @@ class LoopRegistry(Protocol):
     ) -> dict[str, Any]: ...
 
     def heartbeat(self, node_id: int) -> dict[str, Any]: ...
+
+    def lookup(self, node_id: int) -> dict[str, Any]: ...
 
     def set_visibility(self, node_id: int, public: bool) -> dict[str, Any]: ...
 
@@ -125,13 +128,87 @@ class _DropReport:
         self._example = ""
 
 
+def _port(address: str) -> str:
+    return address.rpartition(":")[2]
+
+
+def _shown(value: Any) -> Any:
+    """A value from the registry as logs and events may carry it: a long string cut short
+    (a hostile registry must not fill the log), anything but a str or an int as its repr."""
+    if isinstance(value, str):
+        return value if len(value) <= 100 else value[:100] + "..."
+    return value if value is None or type(value) is int else repr(value)[:100]
+
+
+class RecordWatch:
+    """What this node's own record at the registry should say (SPEC 17): its node ID, key,
+    hostname and, when public, address; ``differences(lookup_answer)`` names what moved.
+
+    The hostname is the one the registry granted at registration, and the address is the
+    registry's own spelling of it (registries fill in the host a node listens on as
+    0.0.0.0 from the connection), both learnt from the first lookup after a registration;
+    that first answer must already carry this node's listen port.
+    """
+
+    def __init__(self, public_key_b64: str, listen_addr: str, public: bool) -> None:
+        self._key = public_key_b64
+        self._listen_addr = listen_addr
+        self._public = public
+        self._node_id = 0
+        self._hostname: str | None = None
+        self._address: str | None = None
+
+    def registered(self, node_id: int, hostname: str | None) -> None:
+        """A registration answered ``node_id``; ``hostname`` is the name it granted, None
+        when none was asked (then whatever the first lookup shows is this node's)."""
+        self._node_id = node_id
+        self._hostname = hostname
+        self._address = None
+
+    def differences(self, found: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """``{field: {"expected": ..., "found": ...}}`` for each field of the lookup answer
+        ``found`` that is not what this node registered; {} when all match."""
+        hostname = found.get("hostname", "")
+        address = found.get("real_addr", "")
+        if self._hostname is None:
+            self._hostname = hostname
+        if (
+            self._public
+            and self._address is None
+            and _port(str(address)) == _port(self._listen_addr)
+        ):
+            self._address = address
+        expected: dict[str, Any] = {
+            "node_id": self._node_id,
+            "public_key": self._key,
+            "hostname": self._hostname,
+        }
+        if self._public:
+            expected["address"] = self._address or self._listen_addr
+        actual = {
+            "node_id": found.get("node_id"),
+            "public_key": found.get("public_key"),
+            "hostname": hostname,
+            "address": address,
+        }
+        return {
+            name: {"expected": value, "found": _shown(actual[name])}
+            for name, value in expected.items()
+            if actual[name] != value
+        }
+
+
 class RegistryLoop:
     """Keeps this node registered and drains its relay inbox on a background thread.
 
     ``listen_addr`` is what ``register`` announces, with ``hostname`` when not "" (a name
     the registry refuses is an ERROR and shows in ``state()``, never a failed start);
     ``on_node_id(node_id)`` runs whenever the registry assigns an ID (the runtime's
-    ``node_id()`` reads it). Thread-safe.
+    ``node_id()`` reads it). After registering, and then once per ``heartbeat_interval``,
+    the loop checks its own record (``RecordWatch``): a difference is an ERROR and a
+    ``registry.binding_changed`` event through ``publish``, and a registry that honours
+    signed re-registers (``pilot-registryd``, which advertises ``features``) is told the
+    record again. Thread-safe.
     """
 
     def __init__(
@@ -146,6 +223,7 @@ class RegistryLoop:
         public: bool = False,
         hostname: str = "",
         on_node_id: Callable[[int], None] | None = None,
+        publish: Callable[[str, dict[str, Any]], None] | None = None,
         max_backoff: float = MAX_BACKOFF,
         start_grace: float = REGISTRY_START_GRACE,
     ) -> None:
@@ -159,6 +237,7 @@ class RegistryLoop:
         self._hostname = hostname
         self._hostname_error = ""
         self._on_node_id = on_node_id
+        self._publish = publish
         self._max_backoff = max_backoff
         self._lock = threading.Lock()
         self._node_id = 0
@@ -172,6 +251,11 @@ class RegistryLoop:
         self._failures = 0
         self._heartbeat_failures = 0
         self._next_heartbeat = 0.0
+        self._watch = RecordWatch(identity.public_key_b64, listen_addr, public)
+        self._next_record_check = 0.0
+        self._next_reassert = 0.0
+        self._moved: dict[str, dict[str, Any]] = {}
+        self._features: frozenset[str] = frozenset()
         self._drops = _DropReport()
         self._created = time.monotonic()
         self._start_grace = start_grace
@@ -232,12 +316,8 @@ class RegistryLoop:
 
     def register_once(self) -> bool:
         """Register now (used once before ``start()``); True on success."""
-        try:
-            response = self._client.register(
-                self.listen_addr, self._identity.public_key_b64, hostname=self._hostname
-            )
-        except RegistryError as exc:
-            self._note(False, f"register failed: {exc}")
+        response = self._register()
+        if response is None:
             return False
         node_id = _node_id(response.get("node_id"))
         if not node_id:
@@ -248,6 +328,11 @@ class RegistryLoop:
             self._node_id = node_id
         self._note(True)
         self._check_hostname(response)
+        granted = response.get("hostname")
+        self._watch.registered(
+            node_id, (granted if isinstance(granted, str) else "") if self._hostname else None
+        )
+        self._next_record_check = 0.0  # now: the record as this registration left it
         self._heartbeat_failures = 0
         self._next_heartbeat = time.monotonic() + self._heartbeat_interval
         # A registry that lost this node lost its visibility too.
@@ -258,6 +343,22 @@ class RegistryLoop:
                 self._on_node_id(node_id)
         self._ensure_visibility(node_id)
         return True
+
+    def _register(self) -> dict[str, Any] | None:
+        """``register`` (signed by the client), or None when it failed. Remembers the
+        ``features`` the registry advertises."""
+        try:
+            response = self._client.register(
+                self.listen_addr, self._identity.public_key_b64, hostname=self._hostname
+            )
+        except RegistryError as exc:
+            self._note(False, f"register failed: {exc}")
+            return None
+        features = response.get("features")
+        self._features = frozenset(
+            f for f in (features if isinstance(features, list) else []) if isinstance(f, str)
+        )
+        return response
 
     def _check_hostname(self, response: dict[str, Any]) -> None:
         # The registry registers the node without a name it refuses (taken or invalid) and
@@ -339,7 +440,52 @@ class RegistryLoop:
         if heartbeat_due and not self._heartbeat(node_id):
             return False
         self._ensure_visibility(node_id)
+        if time.monotonic() >= self._next_record_check:
+            self._check_record(node_id)
         return self._poll(node_id)
+
+    def _check_record(self, node_id: int) -> None:
+        """SPEC 17: does the registry still give this node's ID, key, hostname and address?"""
+        self._next_record_check = time.monotonic() + self._heartbeat_interval
+        try:
+            found = self._client.lookup(node_id)
+        except RegistryError as exc:
+            # Not a binding change: the registry may hide why (the next check retries).
+            log.debug("registry %s: own-record lookup failed: %s", self._client.address, exc)
+            return
+        moved = self._watch.differences(found)
+        if moved != self._moved:
+            self._moved = moved
+            self._say_moved(node_id, moved)
+        if moved and self._features:
+            # pilot-registryd honours a signed register of a known key (and only that): tell
+            # it the record again, and look again at the next round.
+            now = time.monotonic()
+            if now >= self._next_reassert:
+                self._next_reassert = now + self._heartbeat_interval
+                self._next_record_check = now
+                self._register()
+
+    def _say_moved(self, node_id: int, moved: dict[str, dict[str, Any]]) -> None:
+        address = self._client.address
+        if not moved:
+            log.info("registry %s holds node %d's record as registered again", address, node_id)
+            return
+        said = ", ".join(
+            f"{name} {change['expected']!r} -> {change['found']!r}"
+            for name, change in moved.items()
+        )
+        log.error(
+            "registry %s changed this node's record (node %d): %s; %s",
+            address,
+            node_id,
+            said,
+            "registering again (signed)"
+            if self._features
+            else "someone re-registered this node's key or re-bound its ID: check the registry",
+        )
+        if self._publish is not None:
+            self._publish(BINDING_CHANGED, {"node_id": node_id, "moved": moved})
 
     def _heartbeat(self, node_id: int) -> bool:
         try:

@@ -209,12 +209,19 @@ def test_requests_carry_the_documented_fields_and_signatures(stubs: list[Stub]) 
     client.request_handshake(7, 5, "why", "c2ln")
     client.respond_handshake(7, 5, True, "c2ln")
     register, resolve, request, respond = stub.requests
+    # SPEC 17: register is always signed, over register:<key>:<timestamp>.
+    stamp, signed = register.pop("timestamp"), register.pop("signature")
     assert register == {
         "type": "register",
         "listen_addr": "127.0.0.1:444",
         "public_key": ident.public_key_b64,
         "hostname": "h",
     }
+    assert type(stamp) is int and abs(stamp - time.time()) < 60
+    signature = decode_signature(signed)
+    assert signature is not None
+    challenge = f"register:{ident.public_key_b64}:{stamp}".encode()
+    assert verify(ident.public_key, challenge, signature)
     assert (resolve["node_id"], resolve["requester_id"]) == (5, 7)
     signature = decode_signature(resolve["signature"])
     assert signature is not None

@@ -29,6 +29,9 @@ class FakeRegistry:
         self.next_id = 5
         self.requests: list[Any] = []
         self.responses: list[Any] = []
+        self.features: list[str] = []
+        self.registered: list[dict[str, Any]] = []  # what each register asked
+        self.record: dict[str, Any] = {}  # lookup's answer for the node (set by register)
 
     def _call(self, name: str) -> None:
         with self.cond:
@@ -49,7 +52,23 @@ class FakeRegistry:
         self, listen_addr: str, public_key_b64: str, owner: str = "", hostname: str = ""
     ) -> dict[str, Any]:
         self._call("register")
-        return {"type": "register_ok", "node_id": self.next_id}
+        with self.cond:
+            self.registered.append({"listen_addr": listen_addr, "hostname": hostname})
+            self.record = {"node_id": self.next_id, "public_key": public_key_b64, "public": True}
+            self.record["real_addr"] = listen_addr
+            if hostname:
+                self.record["hostname"] = hostname
+        answer: dict[str, Any] = {"type": "register_ok", "node_id": self.next_id}
+        if hostname:
+            answer["hostname"] = hostname
+        if self.features:
+            answer["features"] = self.features
+        return answer
+
+    def lookup(self, node_id: int) -> dict[str, Any]:
+        self._call("lookup")
+        with self.cond:
+            return {"type": "lookup_ok", **self.record}
 
     def heartbeat(self, node_id: int) -> dict[str, Any]:
         self._call("heartbeat")
@@ -430,3 +449,104 @@ def test_a_loop_that_ends_anyway_is_an_error_and_shows_in_state(
         threading.excepthook = previous
     assert loop.state()["loop"] == "stopped: ended by an unexpected exception"
     assert any("no longer heartbeats or polls" in r.getMessage() for r in caplog.records)
+
+
+class Events:
+    """Records what the loop publishes."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        with self.cond:
+            self.seen.append((topic, payload))
+            self.cond.notify_all()
+
+    def wait_count(self, count: int) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.seen) >= count, WAIT)
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "pilothandshake.relay" and r.levelno == logging.ERROR
+    ]
+
+
+@pytest.mark.parametrize("features", [[], ["wait_poll"]], ids=["production", "pilot-registryd"])
+def test_the_node_watches_its_own_record_and_reasserts_it_where_that_is_honoured(
+    registry: FakeRegistry,
+    make_loop: Callable[..., RegistryLoop],
+    caplog: pytest.LogCaptureFixture,
+    features: list[str],
+) -> None:
+    # Issue 15.1: an unsigned register of A's key renamed A and moved its address; A
+    # never noticed.
+    caplog.set_level(logging.INFO, logger="pilothandshake.relay")
+    registry.features = features
+    events = Events()
+    loop = make_loop(
+        public=True, hostname="build-1", heartbeat_interval=0.2, publish=events.publish
+    )
+    assert loop.register_once()
+    loop.start()
+    assert registry.wait_for(lambda: registry.count("lookup") >= 2)
+    assert events.seen == [] and errors(caplog) == []  # the record is as registered
+    with registry.cond:
+        registry.record.update(hostname="evil", real_addr="127.0.0.9:1")
+    assert events.wait_count(1)
+    topic, payload = events.seen[0]
+    assert topic == "registry.binding_changed"
+    assert payload == {
+        "node_id": 5,
+        "moved": {
+            "hostname": {"expected": "build-1", "found": "evil"},
+            "address": {"expected": "127.0.0.1:4444", "found": "127.0.0.9:1"},
+        },
+    }
+    [error] = errors(caplog)
+    assert "hostname 'build-1' -> 'evil', address '127.0.0.1:4444' -> '127.0.0.9:1'" in error
+    if features:
+        # The signed register told the registry the record again: the next check finds it.
+        assert registry.wait_for(lambda: len(registry.registered) >= 2)
+        assert registry.registered[-1] == {"listen_addr": "127.0.0.1:4444", "hostname": "build-1"}
+        deadline = time.monotonic() + WAIT
+        while "as registered again" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "holds node 5's record as registered again" in caplog.text
+    else:
+        # The production registry takes unsigned registers from anyone: re-registering
+        # would start a tug of war (and an ID re-bound through `owner` would give this key
+        # a new ID). The ERROR and the event tell the operator.
+        lookups = registry.count("lookup")
+        assert registry.wait_for(lambda: registry.count("lookup") >= lookups + 2)
+        assert len(registry.registered) == 1
+        assert len(errors(caplog)) == 1 and len(events.seen) == 1  # once, not every minute
+
+
+def test_a_key_or_id_bound_elsewhere_is_named_and_a_failed_lookup_is_not_a_change(
+    registry: FakeRegistry,
+    make_loop: Callable[..., RegistryLoop],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events = Events()
+    loop = make_loop(heartbeat_interval=0.1, publish=events.publish)
+    assert loop.register_once()
+    key = registry.record["public_key"]
+    registry.down = True  # lookups fail: no event, no ERROR
+    loop.start()
+    assert registry.wait_for(lambda: registry.count("lookup") >= 1)
+    registry.down = False
+    lookups = registry.count("lookup")
+    assert registry.wait_for(lambda: registry.count("lookup") >= lookups + 1)
+    with registry.cond:
+        registry.record.update(public_key="QUJD", hostname="x" * 5000)
+    assert events.wait_count(1)
+    moved = events.seen[0][1]["moved"]
+    assert moved["public_key"] == {"expected": key, "found": "QUJD"}
+    assert moved["hostname"]["expected"] == ""
+    assert len(moved["hostname"]["found"]) == 103  # cut short: the registry may be hostile
+    assert "address" not in moved  # a private node's address is not shown by lookup

@@ -24,6 +24,7 @@ from ..messages import (
     heartbeat_challenge,
     parse_address,
     poll_challenge,
+    register_challenge,
     report_trust_challenge,
     resolve_challenge,
     revoke_trust_challenge,
@@ -278,7 +279,11 @@ class Client:
 
         With ``hostname`` the name is set in the same step unless it is taken or invalid:
         the response then has no ``hostname`` (SPEC 11; the registry may add why in
-        ``hostname_error``).
+        ``hostname_error``). With a signer the request is signed (SPEC 17: ``timestamp``,
+        Unix seconds, and ``signature`` over ``register:<public_key>:<timestamp>``), so that
+        ``pilot-registryd`` lets it change a known key's record; the production registry
+        ignores both fields. ``pilot-registryd`` advertises what more it can do in
+        ``features`` (``wait_poll``, SPEC 18).
         """
         request: dict[str, Any] = {
             "type": "register",
@@ -289,6 +294,10 @@ class Client:
             request["owner"] = owner
         if hostname:
             request["hostname"] = hostname
+        if self._signer is not None:
+            timestamp = int(time.time())
+            request["timestamp"] = timestamp
+            request["signature"] = self._sign(register_challenge(public_key_b64, timestamp))
         return self.call(request)
 
     def heartbeat(self, node_id: int) -> dict[str, Any]:

@@ -6,6 +6,11 @@ public), so only the relay can carry their handshakes.
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+from pilothandshake.registry import Client
+
 from .conftest import Fleet, Node, Registry, wait_until
 
 
@@ -61,3 +66,42 @@ def test_an_outage_of_three_heartbeats_is_survived_quietly_and_the_relay_resumes
     wait_until(lambda: a_id in b.pending(), timeout=20, what="the relayed request at B")
     assert len(warnings(b)) < 20, "\n".join(warnings(b)[:40])
     assert "Traceback" not in b.stderr
+
+
+def binding_changes(node: Node) -> list[dict[str, Any]]:
+    return [dict(e["data"]) for e in node.events() if e["event"] == "registry.binding_changed"]
+
+
+def registry_requests(node: Node, kind: str) -> int:
+    """How many ``kind`` requests the node sent its registry (its metrics)."""
+    text = node.control("metrics")["text"]
+    return int(
+        sum(
+            float(m.group(1))
+            for m in re.finditer(
+                rf'^pilot_handshake_registry_requests_total{{[^}}]*type="{kind}"[^}}]*}} (\S+)$',
+                text,
+                re.M,
+            )
+        )
+    )
+
+
+def test_a_node_notices_when_the_registry_moves_its_record(fleet: Fleet) -> None:
+    # Issue 15.1 (SPEC 17): the node checks its own record after registering and then
+    # once per heartbeat interval. Here the record moves through a register signed with
+    # the node's own key (what a stale copy of this node elsewhere would send).
+    registry = fleet.registry().start()
+    a = fleet.node("a", registry, public=True, registry_options={"heartbeat_interval": 0.5})
+    a.start()
+    a_id = a.node_id
+    wait_until(lambda: registry_requests(a, "lookup") >= 1, what="A's first own-record check")
+    client = Client(registry.address, a.identity.sign)
+    try:
+        assert client.register("127.0.0.9:1", a.key)["node_id"] == a_id
+    finally:
+        client.close()
+    [change] = wait_until(lambda: binding_changes(a), what="registry.binding_changed at A")
+    assert change["node_id"] == a_id
+    assert change["moved"]["address"] == {"expected": a.address, "found": "127.0.0.9:1"}
+    assert sum("changed this node's record" in line for line in a.stderr.splitlines()) == 1
