@@ -55,6 +55,8 @@ COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 
 # Commands naming a node for which this node itself is a mistake (it trusts itself anyway).
 _NOT_SELF = frozenset({"handshake", "untrust", "wait"})
+# Commands that show or act on handshake state: the relay is polled first (SPEC 18).
+_FRESH_VIEW = frozenset({"pending", "trust", "approve", "reject", "requests", "wait"})
 
 _WAIT_SLICE = 1.0  # a `wait` checks this often whether its client is gone
 _MAX_HOSTNAME = 253  # the longest DNS name; the registry applies its own stricter rules
@@ -161,7 +163,11 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
 class ControlCommands:
     """Carries out the commands for ``manager``: ``status`` builds the ``status`` answer,
     ``node_id`` tells this node's ID, ``registry`` (None without one) resolves and shows
-    hostnames; ``stopping`` is set when the server stops, which ends every ``wait``."""
+    hostnames; ``stopping`` is set when the server stops, which ends every ``wait``.
+    ``refresh`` (set by the daemon) polls the relay before the commands that show or act
+    on handshake state, so an operator never looks at a stale view (SPEC 18)."""
+
+    refresh: Callable[[], None] | None = None
 
     def __init__(
         self,
@@ -189,6 +195,8 @@ class ControlCommands:
                     "own_node",
                     f"node {args['node_id']} is this node itself; name the peer's node ID",
                 )
+            if command in _FRESH_VIEW and self.refresh is not None:
+                self.refresh()
             if command == "wait":
                 return ok_response(self._wait(gone=gone, **args))
             return ok_response(getattr(self, f"_do_{command}")(**args))

@@ -1,18 +1,22 @@
-"""The daemon's registry loop (SPEC 11): register, heartbeat, poll the relay.
+"""The daemon's registry loop (SPEC 11, 17, 18): register, heartbeat, poll the relay.
 
-One background thread does all three, so registry traffic from the loop is strictly
-sequential. It registers to learn the node ID, heartbeats every ``heartbeat_interval``, and
-polls the relay inbox every ``poll_interval``, handing each relayed request and response to
-the Manager. On failure it backs off (``backoff``: doubling, at most ``MAX_BACKOFF``, with
-jitter so that a fleet does not reconnect in step); while the registry is unreachable the
-daemon keeps serving direct handshakes. Heartbeats are also sent at the backoff pace while
-polls fail, and after ``HEARTBEAT_FAILURES_BEFORE_REREGISTER`` failed heartbeats in a row
-the loop registers again (the real registry rate-limits ``register``, hence the backoff).
+Two background threads share the work. ``registry-loop`` keeps the node registered: it
+registers to learn the node ID, heartbeats every ``heartbeat_interval``, checks the node's
+own record (``RecordWatch``) and its visibility, and after ``HEARTBEAT_FAILURES_BEFORE_
+REREGISTER`` failed heartbeats in a row registers again (the real registry rate-limits
+``register``). ``registry-poll`` drains the relay inbox when ``PollSchedule`` says so (idle,
+fast window, on demand), or, with a registry that advertises ``wait_poll``, keeps one long
+poll open; it hands each relayed request and response to the Manager. Each thread backs off
+on failure (``backoff``: doubling up to ``MAX_BACKOFF``, with jitter, so a fleet does not
+reconnect in step); a failed poll also makes the other thread heartbeat at once, so a
+registry that forgot the node is noticed at the pace of the polls. While the registry is
+unreachable the daemon keeps serving direct handshakes.
 
-No exception ends the loop: every round is guarded, the computation of the next wait
-included. Should the thread end all the same (an exception that is not an ``Exception``),
-that is an ERROR and ``state()["loop"]`` says so, which ``status`` shows and which stops the
-systemd watchdog from reporting the daemon healthy.
+No exception ends a thread: every round is guarded, the computation of the next wait
+included. Should one end all the same (an exception that is not an ``Exception``), that is
+an ERROR and ``state()["loop"]`` says so, which ``status`` shows and which stops the systemd
+watchdog from reporting the daemon healthy. ``stop()`` closes the loop's registry client,
+which aborts a call in flight (a held poll, a registry that never answers) at once.
 
 A poll answer comes from the network: at most ``MAX_RELAY_ITEMS_PER_POLL`` of its items are
 processed, and malformed or excess items are counted and reported in one WARNING per
@@ -23,19 +27,22 @@ loop.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any, Callable, Protocol
 
 from .constants import (
     HEARTBEAT_FAILURES_BEFORE_REREGISTER,
     MAX_BACKOFF,
     MAX_NODE_ID,
+    POLL_IDLE,
     REGISTRY_START_GRACE,
 )
 from .errors import RegistryError
 from .identity import Identity
+from .pollschedule import ON_DEMAND_BOUND, PollSchedule, backoff
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +50,8 @@ log = logging.getLogger(__name__)
 MAX_RELAY_ITEMS_PER_POLL = 256
 BINDING_CHANGED = "registry.binding_changed"  # event topic (SPEC 14, 17)
 RELAY_LOG_INTERVAL = 10.0  # at most one WARNING about dropped relay items per interval
-# Doubling stops here: 2 ** 32 times any interval is far past MAX_BACKOFF, and the exponent
-# must never grow with the length of an outage (2.0 ** 1024 overflows).
-_MAX_DOUBLINGS = 32
-
-
-def backoff(
-    failures: int, base: float, cap: float, jitter: Callable[[], float] = random.random
-) -> float:
-    """Seconds to wait after ``failures`` (>= 1) failures in a row: ``base`` doubled per
-    failure, at most ``cap``, then between half and all of that (``jitter()`` in [0, 1)),
-    so that daemons which lost the registry together do not come back in step."""
-    ceiling = min(cap, base * 2.0 ** min(max(failures - 1, 0), _MAX_DOUBLINGS))
-    return ceiling / 2 + jitter() * ceiling / 2
+WAIT_POLL = "wait_poll"  # the registry feature of held polls (SPEC 18)
+LONG_POLL_WAIT = 55.0  # seconds a held poll may wait (SPEC 18)
 
 
 class LoopRegistry(Protocol):
@@ -73,11 +69,20 @@ class LoopRegistry(Protocol):
 
     def set_visibility(self, node_id: int, public: bool) -> dict[str, Any]: ...
 
-    def poll_handshakes(self, node_id: int) -> dict[str, Any]: ...
+    def poll_handshakes(self, node_id: int, wait: float = 0.0) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class Outgoing(Protocol):
+    """An outgoing request as the Manager lists it: when it was sent."""
+
+    @property
+    def sent_at(self) -> datetime: ...
 
 
 class RelayTarget(Protocol):
-    """Where relayed input goes (``Manager`` provides these)."""
+    """Where relayed input goes, and what we wait for (``Manager`` provides these)."""
 
     def process_relayed_request(
         self, from_node_id: int, justification: str, public_key: str = ""
@@ -86,6 +91,8 @@ class RelayTarget(Protocol):
     def process_relayed_approval(self, from_node_id: int) -> None: ...
 
     def process_relayed_rejection(self, from_node_id: int) -> None: ...
+
+    def outgoing_requests(self) -> Sequence[Outgoing]: ...
 
 
 def _node_id(value: Any) -> int:
@@ -199,7 +206,7 @@ class RecordWatch:
 
 
 class RegistryLoop:
-    """Keeps this node registered and drains its relay inbox on a background thread.
+    """Keeps this node registered and drains its relay inbox on two background threads.
 
     ``listen_addr`` is what ``register`` announces, with ``hostname`` when not "" (a name
     the registry refuses is an ERROR and shows in ``state()``, never a failed start);
@@ -208,7 +215,8 @@ class RegistryLoop:
     the loop checks its own record (``RecordWatch``): a difference is an ERROR and a
     ``registry.binding_changed`` event through ``publish``, and a registry that honours
     signed re-registers (``pilot-registryd``, which advertises ``features``) is told the
-    record again. Thread-safe.
+    record again. ``after_outage()`` runs once each time the registry answers again after
+    it could not be reached. The loop owns ``client``: ``stop()`` closes it. Thread-safe.
     """
 
     def __init__(
@@ -220,12 +228,15 @@ class RegistryLoop:
         listen_addr: str,
         poll_interval: float,
         heartbeat_interval: float,
+        poll_idle: float = POLL_IDLE,
         public: bool = False,
         hostname: str = "",
         on_node_id: Callable[[int], None] | None = None,
         publish: Callable[[str, dict[str, Any]], None] | None = None,
+        after_outage: Callable[[], None] | None = None,
         max_backoff: float = MAX_BACKOFF,
         start_grace: float = REGISTRY_START_GRACE,
+        long_poll_wait: float = LONG_POLL_WAIT,
     ) -> None:
         self._client = client
         self._identity = identity
@@ -235,51 +246,72 @@ class RegistryLoop:
         self._heartbeat_interval = heartbeat_interval
         self._public = public
         self._hostname = hostname
-        self._hostname_error = ""
         self._on_node_id = on_node_id
         self._publish = publish
+        self._after_outage = after_outage
         self._max_backoff = max_backoff
-        self._lock = threading.Lock()
+        self._start_grace = start_grace
+        self._long_poll_wait = long_poll_wait
+        self._created = time.monotonic()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        # Shared state, under the condition's lock.
+        self._cond = threading.Condition()
         self._node_id = 0
         self._loop_state = "running"
         self._reachable = False
         self._last_error = ""
-        self._visibility_done = not public
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        # Loop-thread state: only the loop thread (or register_once before start) touches it.
+        self._hostname_error = ""
+        self._features: frozenset[str] = frozenset()
+        self._complained = False  # a WARNING was logged for the outage going on
+        self._waiting_said = False  # the start-up INFO was logged
+        self._outages = 0  # times the registry became unreachable
+        self._outages_seen = 0  # ... of which after_outage() has run for
+        self._suspect = False  # a poll failed: heartbeat now
+        self._attempted = False  # the first registration was tried
+        self._schedule = PollSchedule(
+            time.monotonic, fast=poll_interval, idle=poll_idle, cap=max_backoff
+        )
+        self._polling = False
+        self._polls_done = 0
+        # Upkeep-thread state: only that thread (or register_once before start) touches it.
         self._failures = 0
         self._heartbeat_failures = 0
         self._next_heartbeat = 0.0
+        self._visibility_done = not public
         self._watch = RecordWatch(identity.public_key_b64, listen_addr, public)
         self._next_record_check = 0.0
         self._next_reassert = 0.0
         self._moved: dict[str, dict[str, Any]] = {}
-        self._features: frozenset[str] = frozenset()
+        # Poll-thread state.
         self._drops = _DropReport()
-        self._created = time.monotonic()
-        self._start_grace = start_grace
-        self._complained = False  # a WARNING was logged for the outage going on
-        self._waiting_said = False  # the start-up INFO was logged
 
     # -- state ------------------------------------------------------------------------
 
     @property
     def node_id(self) -> int:
         """The registry-assigned node ID; 0 until registered."""
-        with self._lock:
+        with self._cond:
             return self._node_id
+
+    @property
+    def push(self) -> bool:
+        """Whether the registry holds polls (``wait_poll``): relayed input arrives at once."""
+        with self._cond:
+            return WAIT_POLL in self._features
 
     def state(self) -> dict[str, Any]:
         """The registry's state for ``status``: address, reachability, last error, the
-        hostname asked for with why the registry did not set it ("" when it did), and
-        ``loop``: "running", or "stopped: <why>" when the loop thread ended on its own."""
-        with self._lock:
+        hostname asked for with why the registry did not set it ("" when it did), how the
+        relay is polled (``relay``: "push" or "poll"), and ``loop``: "running", or
+        "stopped: <why>" when a loop thread ended on its own."""
+        with self._cond:
             return {
                 "address": self._client.address,
                 "reachable": self._reachable,
                 "loop": self._loop_state,
                 "registered": self._node_id != 0,
+                "relay": "push" if WAIT_POLL in self._features else "poll",
                 "error": self._last_error,
                 "hostname": self._hostname,
                 "hostname_error": self._hostname_error,
@@ -292,57 +324,75 @@ class RegistryLoop:
         fleet started all at once (or a README block pasted whole) starts its daemons
         before the registry listens, and that is no fault.
         """
-        with self._lock:
+        address = self._client.address
+        with self._cond:
+            was = self._reachable
             self._reachable = ok
             self._last_error = error
-            registered = self._node_id != 0
-        if ok:
-            if self._complained:
-                log.info("registry %s reachable again", self._client.address)
-            self._complained = self._waiting_said = False
-        elif self._complained:
-            return
-        elif not registered and time.monotonic() - self._created < self._start_grace:
-            if not self._waiting_said:
-                log.info(
-                    "registry %s not reachable yet (%s); retrying", self._client.address, error
-                )
+            if ok:
+                say = "back" if self._complained else ""
+                self._complained = self._waiting_said = False
+            elif self._complained:
+                say = ""
+            elif not self._node_id and time.monotonic() - self._created < self._start_grace:
+                say = "" if self._waiting_said else "waiting"
                 self._waiting_said = True
-        else:
-            log.warning("registry %s: %s", self._client.address, error)
-            self._complained = True
+            else:
+                say = "warn"
+                self._complained = True
+            if was and not ok:
+                self._outages += 1
+            if was != ok:
+                self._cond.notify_all()
+        if say == "back":
+            log.info("registry %s reachable again", address)
+        elif say == "waiting":
+            log.info("registry %s not reachable yet (%s); retrying", address, error)
+        elif say == "warn":
+            log.warning("registry %s: %s", address, error)
 
     # -- lifecycle --------------------------------------------------------------------
 
     def register_once(self) -> bool:
-        """Register now (used once before ``start()``); True on success."""
-        response = self._register()
-        if response is None:
-            return False
-        node_id = _node_id(response.get("node_id"))
-        if not node_id:
-            self._note(False, f"register answered a bad node_id: {response.get('node_id')!r}")
-            return False
-        with self._lock:
-            changed = node_id != self._node_id
-            self._node_id = node_id
-        self._note(True)
-        self._check_hostname(response)
-        granted = response.get("hostname")
-        self._watch.registered(
-            node_id, (granted if isinstance(granted, str) else "") if self._hostname else None
-        )
-        self._next_record_check = 0.0  # now: the record as this registration left it
-        self._heartbeat_failures = 0
-        self._next_heartbeat = time.monotonic() + self._heartbeat_interval
-        # A registry that lost this node lost its visibility too.
-        self._visibility_done = not self._public
-        if changed:
-            log.info("registered with %s as node %d", self._client.address, node_id)
-            if self._on_node_id is not None:
-                self._on_node_id(node_id)
-        self._ensure_visibility(node_id)
-        return True
+        """Register now; True on success. The loop does this itself first when started."""
+        try:
+            response = self._register()
+            if response is None:
+                return False
+            node_id = _node_id(response.get("node_id"))
+            if not node_id:
+                self._note(False, f"register answered a bad node_id: {response.get('node_id')!r}")
+                return False
+            with self._cond:
+                changed = node_id != self._node_id
+                self._node_id = node_id
+            self._note(True)
+            self._check_hostname(response)
+            granted = response.get("hostname")
+            self._watch.registered(
+                node_id, (granted if isinstance(granted, str) else "") if self._hostname else None
+            )
+            self._next_record_check = 0.0  # now: the record as this registration left it
+            self._heartbeat_failures = 0
+            self._next_heartbeat = time.monotonic() + self._heartbeat_interval
+            # A registry that lost this node lost its visibility too.
+            self._visibility_done = not self._public
+            if changed:
+                log.info("registered with %s as node %d", self._client.address, node_id)
+                if self._on_node_id is not None:
+                    self._on_node_id(node_id)
+            self._ensure_visibility(node_id)
+            return True
+        finally:
+            with self._cond:
+                self._attempted = True
+                self._cond.notify_all()
+
+    def wait_registration(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the first registration to be tried (or the
+        loop to stop); whether it was (``node_id`` tells whether it succeeded)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._attempted or self._stop.is_set(), timeout)
 
     def _register(self) -> dict[str, Any] | None:
         """``register`` (signed by the client), or None when it failed. Remembers the
@@ -355,9 +405,10 @@ class RegistryLoop:
             self._note(False, f"register failed: {exc}")
             return None
         features = response.get("features")
-        self._features = frozenset(
-            f for f in (features if isinstance(features, list) else []) if isinstance(f, str)
-        )
+        listed = features if isinstance(features, list) else []
+        with self._cond:
+            self._features = frozenset(f for f in listed if isinstance(f, str))
+            self._cond.notify_all()
         return response
 
     def _check_hostname(self, response: dict[str, Any]) -> None:
@@ -367,125 +418,131 @@ class RegistryLoop:
             return
         granted = response.get("hostname") == self._hostname
         error = "" if granted else "the registry did not set it (taken by another node, or invalid)"
-        with self._lock:
+        with self._cond:
             changed, self._hostname_error = error != self._hostname_error, error
         if error and changed:
             log.error("hostname %r: %s", self._hostname, error)
 
     def start(self) -> None:
-        """Start the background thread. Idempotent."""
-        if self._thread is not None or self._stop.is_set():
+        """Start the background threads (the first registration is theirs). Idempotent."""
+        if self._threads or self._stop.is_set():
             return
-        self._thread = threading.Thread(target=self._run, name="registry-loop", daemon=True)
-        self._thread.start()
+        for name, run in (
+            ("registry-loop", self._upkeep_round),
+            ("registry-poll", self._poll_round),
+        ):
+            thread = threading.Thread(target=self._run, args=(run,), name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def stop(self, timeout: float = MAX_BACKOFF) -> None:
-        """Wake the thread and join it (bounded by the registry call in flight). Idempotent."""
+        """Stop the threads: wake them, abort the registry call in flight (the client is
+        closed), join them. Idempotent."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        with self._cond:
+            self._cond.notify_all()
+        self._client.close()
+        for thread in self._threads:
+            thread.join(timeout)
 
-    # -- the loop ---------------------------------------------------------------------
+    def refresh(self, timeout: float = ON_DEMAND_BOUND) -> None:
+        """Poll the relay once now, for an operator about to look at handshake state (SPEC
+        18): wait (at most ``timeout``) for a poll that starts after this call, or for the
+        one in flight. Returns at once with push (the held poll delivers at once), when a
+        poll started less than 2 s ago, while polls fail, and before registration."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if not self._node_id or not self._reachable or self._loop_state != "running":
+                return
+            if self._polling:
+                target = self._polls_done + 1
+            elif self._schedule.demand():
+                target = self._polls_done + 1
+                self._cond.notify_all()
+            else:
+                return
+            while self._polls_done < target and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
 
-    def _run(self) -> None:
+    # -- the threads ------------------------------------------------------------------
+
+    def _run(self, one_round: Callable[[], float]) -> None:
         try:
             delay = 0.0
-            while not self._stop.wait(delay):
-                delay = self._round()
+            while True:
+                with self._cond:
+                    if self._stop.is_set():
+                        return
+                    if delay > 0:
+                        self._cond.wait(delay)
+                    if self._stop.is_set():
+                        return
+                delay = self._guarded(one_round)
         finally:
             if not self._stop.is_set():
                 # Only a BaseException that is not an Exception gets here (it is logged by
                 # threading.excepthook); the node is off the registry until it restarts.
-                self._stopped("ended by an unexpected exception")
+                self._stopped(f"{threading.current_thread().name} ended by an unexpected exception")
 
-    def _round(self) -> float:
-        """One guarded round; returns how long to wait before the next."""
+    def _guarded(self, one_round: Callable[[], float]) -> float:
+        """One round; returns how long to wait before the next (woken earlier by news)."""
         try:
-            ok = self._step()
+            return max(0.0, float(one_round()))
         except Exception:
             # A bug in one round must not end relay service for the daemon's lifetime.
-            log.exception("registry loop round failed")
-            ok = False
-        try:
-            return self._delay_after(ok)
-        except Exception:
-            log.exception("registry loop: computing the next wait failed")
+            log.exception("%s: round failed", threading.current_thread().name)
             return self._max_backoff
 
-    def _delay_after(self, ok: bool) -> float:
-        if not ok:
-            self._failures += 1
-            return backoff(self._failures, self._poll_interval, self._max_backoff)
-        self._failures = 0
-        delay = self._poll_interval
-        if self.node_id:
-            delay = min(delay, max(0.0, self._next_heartbeat - time.monotonic()))
-        return delay
-
     def _stopped(self, why: str) -> None:
-        with self._lock:
+        with self._cond:
             self._loop_state = f"stopped: {why}"
         log.error(
-            "registry loop %s: this node no longer heartbeats or polls the relay; "
+            "registry loop stopped: %s; this node no longer heartbeats or polls the relay: "
             "restart the daemon",
             why,
         )
 
-    def _step(self) -> bool:
-        """One round; False when the registry failed (the caller backs off)."""
+    # -- upkeep: register, heartbeat, own record --------------------------------------
+
+    def _upkeep_round(self) -> float:
+        ok = self._upkeep()
+        if not ok:
+            self._failures += 1
+            return backoff(self._failures, self._poll_interval, self._max_backoff)
+        self._failures = 0
+        self._after_outage_once()
+        now = time.monotonic()
+        due = min(self._next_heartbeat, self._next_record_check)
+        with self._cond:
+            if self._suspect:
+                return 0.0
+        return min(self._heartbeat_interval, max(0.0, due - now))
+
+    def _upkeep(self) -> bool:
+        """One upkeep round; False when the registry failed (the caller backs off)."""
         node_id = self.node_id
         if not node_id:
             return self.register_once()
-        heartbeat_due = self._failures or time.monotonic() >= self._next_heartbeat
-        if heartbeat_due and not self._heartbeat(node_id):
+        with self._cond:
+            suspect, self._suspect = self._suspect, False
+        due = self._failures or suspect or time.monotonic() >= self._next_heartbeat
+        if due and not self._heartbeat(node_id):
             return False
         self._ensure_visibility(node_id)
         if time.monotonic() >= self._next_record_check:
             self._check_record(node_id)
-        return self._poll(node_id)
+        return True
 
-    def _check_record(self, node_id: int) -> None:
-        """SPEC 17: does the registry still give this node's ID, key, hostname and address?"""
-        self._next_record_check = time.monotonic() + self._heartbeat_interval
-        try:
-            found = self._client.lookup(node_id)
-        except RegistryError as exc:
-            # Not a binding change: the registry may hide why (the next check retries).
-            log.debug("registry %s: own-record lookup failed: %s", self._client.address, exc)
-            return
-        moved = self._watch.differences(found)
-        if moved != self._moved:
-            self._moved = moved
-            self._say_moved(node_id, moved)
-        if moved and self._features:
-            # pilot-registryd honours a signed register of a known key (and only that): tell
-            # it the record again, and look again at the next round.
-            now = time.monotonic()
-            if now >= self._next_reassert:
-                self._next_reassert = now + self._heartbeat_interval
-                self._next_record_check = now
-                self._register()
-
-    def _say_moved(self, node_id: int, moved: dict[str, dict[str, Any]]) -> None:
-        address = self._client.address
-        if not moved:
-            log.info("registry %s holds node %d's record as registered again", address, node_id)
-            return
-        said = ", ".join(
-            f"{name} {change['expected']!r} -> {change['found']!r}"
-            for name, change in moved.items()
-        )
-        log.error(
-            "registry %s changed this node's record (node %d): %s; %s",
-            address,
-            node_id,
-            said,
-            "registering again (signed)"
-            if self._features
-            else "someone re-registered this node's key or re-bound its ID: check the registry",
-        )
-        if self._publish is not None:
-            self._publish(BINDING_CHANGED, {"node_id": node_id, "moved": moved})
+    def _after_outage_once(self) -> None:
+        with self._cond:
+            if self._outages == self._outages_seen or not self._reachable or not self._node_id:
+                return
+            self._outages_seen = self._outages
+        if self._after_outage is not None:
+            self._after_outage()
 
     def _heartbeat(self, node_id: int) -> bool:
         try:
@@ -514,12 +571,102 @@ class RegistryLoop:
         self._visibility_done = True
         log.info("node %d is public on the registry", node_id)
 
-    def _poll(self, node_id: int) -> bool:
+    def _check_record(self, node_id: int) -> None:
+        """SPEC 17: does the registry still give this node's ID, key, hostname and address?"""
+        self._next_record_check = time.monotonic() + self._heartbeat_interval
         try:
-            response = self._client.poll_handshakes(node_id)
+            found = self._client.lookup(node_id)
         except RegistryError as exc:
-            self._note(False, f"poll failed: {exc}")
-            return False
+            # Not a binding change: the registry may hide why (the next check retries).
+            log.debug("registry %s: own-record lookup failed: %s", self._client.address, exc)
+            return
+        moved = self._watch.differences(found)
+        if moved != self._moved:
+            self._moved = moved
+            self._say_moved(node_id, moved)
+        with self._cond:
+            reassert = bool(self._features)
+        if moved and reassert:
+            # pilot-registryd honours a signed register of a known key (and only that): tell
+            # it the record again, and look again at the next round.
+            now = time.monotonic()
+            if now >= self._next_reassert:
+                self._next_reassert = now + self._heartbeat_interval
+                self._next_record_check = now
+                self._register()
+
+    def _say_moved(self, node_id: int, moved: dict[str, dict[str, Any]]) -> None:
+        address = self._client.address
+        if not moved:
+            log.info("registry %s holds node %d's record as registered again", address, node_id)
+            return
+        said = ", ".join(
+            f"{name} {change['expected']!r} -> {change['found']!r}"
+            for name, change in moved.items()
+        )
+        with self._cond:
+            reassert = bool(self._features)
+        log.error(
+            "registry %s changed this node's record (node %d): %s; %s",
+            address,
+            node_id,
+            said,
+            "registering again (signed)"
+            if reassert
+            else "someone re-registered this node's key or re-bound its ID: check the registry",
+        )
+        if self._publish is not None:
+            self._publish(BINDING_CHANGED, {"node_id": node_id, "moved": moved})
+
+    # -- polls ------------------------------------------------------------------------
+
+    def _poll_round(self) -> float:
+        with self._cond:
+            node_id = self._node_id
+            push = WAIT_POLL in self._features
+            self._schedule.push = push
+        if not node_id:
+            return self._poll_interval  # woken when registered
+        due = self._schedule.next_poll(self._waiting_since()) - time.monotonic()
+        if due > 0:
+            # Looked at again at least every poll_interval: a request sent meanwhile opens
+            # the fast window (the Manager's outgoing requests are the truth of it).
+            return min(due, self._poll_interval) if not push else due
+        with self._cond:
+            self._polling = True
+            self._schedule.started()
+        ok, items = False, 0
+        try:
+            ok, items = self._poll(node_id, self._long_poll_wait if push else 0.0)
+        finally:
+            with self._cond:
+                self._polling = False
+                self._polls_done += 1
+                self._schedule.finished(ok, items)
+                if not ok:
+                    self._suspect = True
+                self._cond.notify_all()
+        return 0.0
+
+    def _waiting_since(self) -> list[float]:
+        """When each outgoing request still waiting was sent, on the monotonic clock."""
+        wall, mono = time.time(), time.monotonic()
+        since = []
+        for request in self._target.outgoing_requests():
+            sent = request.sent_at
+            if sent.tzinfo is None:
+                sent = sent.replace(tzinfo=timezone.utc)
+            since.append(mono - (wall - sent.timestamp()))
+        return since
+
+    def _poll(self, node_id: int, wait: float) -> tuple[bool, int]:
+        """One poll (held up to ``wait`` seconds with push): (ok, items delivered)."""
+        try:
+            response = self._client.poll_handshakes(node_id, wait)
+        except RegistryError as exc:
+            if not self._stop.is_set():
+                self._note(False, f"poll failed: {exc}")
+            return False, 0
         self._note(True)
         requests = response.get("requests")
         responses = response.get("responses")
@@ -534,7 +681,7 @@ class RegistryLoop:
             self._deliver_request(item)
         self._drops.excess(max(0, len(responses) + len(requests) - MAX_RELAY_ITEMS_PER_POLL))
         self._drops.flush(self._client.address)
-        return True
+        return True, len(requests) + len(responses)
 
     def _deliver_request(self, item: Any) -> None:
         if not isinstance(item, dict) or not _node_id(item.get("from_node_id")):

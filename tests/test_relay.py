@@ -6,13 +6,16 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import pytest
 
 from pilothandshake.errors import RegistryError
 from pilothandshake.identity import Identity
-from pilothandshake.relay import MAX_RELAY_ITEMS_PER_POLL, RegistryLoop, backoff
+from pilothandshake.pollschedule import backoff
+from pilothandshake.relay import MAX_RELAY_ITEMS_PER_POLL, RegistryLoop
+from pilothandshake.store import OutgoingRequest
 
 WAIT = 5.0
 
@@ -78,7 +81,11 @@ class FakeRegistry:
         self._call("set_visibility")
         return {"type": "set_visibility_ok"}
 
-    def poll_handshakes(self, node_id: int) -> dict[str, Any]:
+    def close(self) -> None:
+        with self.cond:
+            self.calls.append(("close", time.monotonic()))
+
+    def poll_handshakes(self, node_id: int, wait: float = 0.0) -> dict[str, Any]:
         self._call("poll")
         with self.cond:
             requests, self.requests = self.requests, []
@@ -92,6 +99,7 @@ class Target:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.seen: list[tuple[Any, ...]] = []
+        self.outgoing: list[OutgoingRequest] = []
 
     def _add(self, item: tuple[Any, ...]) -> None:
         with self.cond:
@@ -110,6 +118,9 @@ class Target:
 
     def process_relayed_rejection(self, from_node_id: int) -> None:
         self._add(("rejection", from_node_id))
+
+    def outgoing_requests(self) -> list[OutgoingRequest]:
+        return list(self.outgoing)
 
     def wait_count(self, count: int) -> bool:
         with self.cond:
@@ -137,6 +148,8 @@ def make_loop(registry: FakeRegistry, target: Target) -> Iterator[Callable[..., 
             "heartbeat_interval": 60.0,
         }
         options.update(kwargs)
+        # The idle period as short as the fast one, unless a test is about the schedule.
+        options.setdefault("poll_idle", options["poll_interval"])
         loop = RegistryLoop(registry, Identity.generate(), target, **options)
         loops.append(loop)
         return loop
@@ -447,7 +460,7 @@ def test_a_loop_that_ends_anyway_is_an_error_and_shows_in_state(
         loop.stop()  # joins the thread: it has logged and called the hook
     finally:
         threading.excepthook = previous
-    assert loop.state()["loop"] == "stopped: ended by an unexpected exception"
+    assert loop.state()["loop"] == "stopped: registry-loop ended by an unexpected exception"
     assert any("no longer heartbeats or polls" in r.getMessage() for r in caplog.records)
 
 
@@ -550,3 +563,124 @@ def test_a_key_or_id_bound_elsewhere_is_named_and_a_failed_lookup_is_not_a_chang
     assert moved["hostname"]["expected"] == ""
     assert len(moved["hostname"]["found"]) == 103  # cut short: the registry may be hostile
     assert "address" not in moved  # a private node's address is not shown by lookup
+
+
+def test_an_idle_node_polls_once_per_idle_period_and_fast_while_a_request_waits(
+    registry: FakeRegistry, target: Target, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    # Issue 18.1: every node polled every 2 s whether or not it expected anything.
+    loop = make_loop(poll_interval=0.05, poll_idle=60.0)
+    loop.start()
+    assert registry.wait_for(lambda: registry.count("poll") >= 1)
+    time.sleep(0.5)
+    assert registry.count("poll") == 1  # idle: the next one is a minute away
+    with target.cond:
+        target.outgoing = [OutgoingRequest(9, datetime.now(timezone.utc))]
+    polls = registry.count("poll")
+    assert registry.wait_for(lambda: registry.count("poll") >= polls + 5)  # the fast window
+    with target.cond:
+        target.outgoing = []  # answered
+    time.sleep(0.2)
+    polls = registry.count("poll")
+    time.sleep(0.5)
+    assert registry.count("poll") == polls
+
+
+def test_refresh_polls_once_for_an_operator_and_at_most_once_per_two_seconds(
+    registry: FakeRegistry, target: Target, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    loop = make_loop(poll_interval=0.05, poll_idle=60.0)
+    loop.start()
+    assert registry.wait_for(lambda: registry.count("poll") >= 1)
+    time.sleep(2.1)  # the start-up poll is older than the 2 s spacing
+    registry.requests = [{"from_node_id": 9, "justification": "now"}]
+    loop.refresh()
+    # The poll ran, and what it brought reached the Manager, before refresh returned.
+    assert registry.count("poll") == 2
+    assert target.seen == [("request", 9, "now", "")]
+    loop.refresh()  # the view is fresh: no poll
+    assert registry.count("poll") == 2
+
+
+class HoldingRegistry(FakeRegistry):
+    """A registry that advertises wait_poll and holds a poll until something arrives, its
+    wait ends, or it is closed (as pilot-registryd does); ``hold=False`` answers at once
+    although it advertises the feature (a registry that does not really hold)."""
+
+    def __init__(self, hold: bool = True) -> None:
+        super().__init__()
+        self.features = ["wait_poll"]
+        self.hold = hold
+        self.waits: list[float] = []
+        self.closed = False
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def push(self, item: dict[str, Any]) -> None:
+        with self.cond:
+            self.requests.append(item)
+            self.cond.notify_all()
+
+    def poll_handshakes(self, node_id: int, wait: float = 0.0) -> dict[str, Any]:
+        with self.cond:
+            self.waits.append(wait)
+            if self.hold:
+                self.cond.wait_for(lambda: bool(self.requests) or self.closed, wait)
+            if self.closed:
+                raise RegistryError("registry client is closed")
+        return super().poll_handshakes(node_id, wait)
+
+
+def test_with_push_one_poll_is_held_open_and_relayed_input_arrives_at_once(
+    target: Target, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    # Issue 18.2: relay latency was the poll interval's, not the network's.
+    registry = HoldingRegistry()
+    loop = RegistryLoop(
+        registry,
+        Identity.generate(),
+        target,
+        listen_addr="127.0.0.1:4444",
+        poll_interval=5.0,  # neither the fast nor the idle period matters with push
+        poll_idle=60.0,
+        heartbeat_interval=60.0,
+    )
+    loop.start()
+    try:
+        assert registry.wait_for(lambda: len(registry.waits) >= 1)
+        assert registry.waits == [55.0] and loop.state()["relay"] == "push"
+        for n in (1, 2, 3):
+            registry.push({"from_node_id": 10 + n, "justification": "pushed"})
+            assert target.wait_count(n)  # long before any poll period
+        assert registry.wait_for(lambda: len(registry.waits) >= 4)
+        assert registry.waits == [55.0] * 4  # one held poll per arrival, one open again
+        loop.refresh()  # nothing to ask for: the held poll delivers at once
+        assert len(registry.waits) == 4
+        began = time.monotonic()
+    finally:
+        loop.stop()
+    assert time.monotonic() - began < 1.0  # stop ends the held poll, not its 55 s wait
+
+
+def test_a_registry_that_advertises_push_but_answers_at_once_is_not_polled_in_a_spin(
+    target: Target,
+) -> None:
+    registry = HoldingRegistry(hold=False)
+    loop = RegistryLoop(
+        registry,
+        Identity.generate(),
+        target,
+        listen_addr="127.0.0.1:4444",
+        poll_interval=0.2,
+        poll_idle=60.0,
+        heartbeat_interval=60.0,
+    )
+    loop.start()
+    try:
+        time.sleep(1.0)
+    finally:
+        loop.stop()
+    assert 3 <= registry.count("poll") <= 7  # one per poll_interval, not thousands

@@ -6,12 +6,19 @@ public), so only the relay can carry their handshakes.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
+import time
 from typing import Any
 
+from pilothandshake.errors import HandshakeError
 from pilothandshake.registry import Client
 
 from .conftest import Fleet, Node, Registry, wait_until
+
+HUNG_REGISTRY_TIMEOUT = 5.0  # REGISTRY_TIMEOUT: what one unanswered registry call costs
 
 
 def kill(registry: Registry) -> None:
@@ -105,3 +112,39 @@ def test_a_node_notices_when_the_registry_moves_its_record(fleet: Fleet) -> None
     assert change["node_id"] == a_id
     assert change["moved"]["address"] == {"expected": a.address, "found": "127.0.0.9:1"}
     assert sum("changed this node's record" in line for line in a.stderr.splitlines()) == 1
+
+
+def test_a_registry_that_never_answers_delays_neither_the_sockets_nor_a_stop(
+    fleet: Fleet,
+) -> None:
+    # Issue 19.5: the control socket and port 444 waited one registry timeout (5.2 s) at
+    # start, and SIGTERM as long ("stopped in 5.0 s").
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as black_hole:  # never accepts
+        address = f"127.0.0.1:{black_hole.getsockname()[1]}"
+        node = fleet.node("a")
+        node.config["registry"] = {"address": address, "poll_interval": 0.2}
+        node.write_config()
+        node.spawn()
+        status = wait_until(lambda: answers(node), what="the control socket")
+        # Served while the first register is still in flight (no answer, no error yet).
+        assert status["registry"] == {**status["registry"], "registered": False, "error": ""}
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5):
+            pass  # port 444 accepts too
+        assert node.popen is not None
+        began = time.monotonic()
+        node.signal(signal.SIGTERM)
+        node.popen.wait(10)
+        took = time.monotonic() - began
+    assert node.popen.returncode == 0, node.stderr
+    # The hung register was aborted, not waited out (its timeout is 5 s).
+    assert took < HUNG_REGISTRY_TIMEOUT / 2, f"stopped in {took:.1f} s"
+
+
+def answers(node: Node) -> dict[str, Any] | None:
+    """The node's status, or None while its control socket does not answer yet."""
+    if not os.path.exists(node.socket_path):
+        return None
+    try:
+        return node.status()
+    except (OSError, HandshakeError):
+        return None
