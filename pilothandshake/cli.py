@@ -283,6 +283,8 @@ def _show_status(data: dict[str, Any]) -> str:
         ["trusted", str(data.get("trusted", "?"))],
         ["pending", str(data.get("pending", "?"))],
     ]
+    if data.get("undelivered"):
+        rows.append(["answers", f"{data['undelivered']} not delivered yet (retrying)"])
     if isinstance(registry, dict) and registry.get("hostname_error"):
         # The daemon runs without the name it was configured with: say so where it is seen.
         wanted = _printable(str(registry.get("hostname", "")))

@@ -319,6 +319,8 @@ class Daemon:
             "registry": registry,
             "trusted": len(self.manager.trusted_peers()),
             "pending": self.manager.pending_count(),
+            # Our answers that neither path delivered yet, being retried (SPEC 7 outbox).
+            "undelivered": self.manager.undelivered_answers(),
             "webhook": (
                 {"url": self.config.events.webhook, "dropped": self.events.webhook_dropped}
                 if self.config.events.webhook

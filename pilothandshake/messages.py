@@ -28,6 +28,7 @@ __all__ = [
     "MAX_NODE_ID",
     "MESSAGE_TYPES",
     "PORT_HANDSHAKE",
+    "WITHDRAWN",
     "HandshakeMsg",
     "decode_b64",
     "format_address",
@@ -51,6 +52,8 @@ HANDSHAKE_ACCEPT = "handshake_accept"
 HANDSHAKE_REJECT = "handshake_reject"
 HANDSHAKE_REVOKE = "handshake_revoke"
 MESSAGE_TYPES = frozenset({HANDSHAKE_REQUEST, HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE})
+# The reason of the revoke a requester sends when it cancels its own request (SPEC 8).
+WITHDRAWN = "request withdrawn"
 
 
 _STRING_FIELDS = ("public_key", "justification", "signature", "reason", "signature_v2")

@@ -199,6 +199,7 @@ def test_daemon_start_and_stop_are_idempotent_and_release_everything(short_dir: 
         "registry": None,
         "trusted": 0,
         "pending": 0,
+        "undelivered": 0,
         "webhook": None,
     }
     assert os.path.exists(config.control_socket)

@@ -29,7 +29,15 @@ from pilothandshake.store import (
     load_state,
 )
 from pilothandshake.store.codec import Fragments
-from pilothandshake.store.journal import Journal, decode_line, digest, encode_line, replay
+from pilothandshake.store.journal import (
+    Journal,
+    decode_line,
+    digest,
+    encode_line,
+    frame,
+    replay,
+    unframe,
+)
 
 KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
@@ -135,15 +143,21 @@ def test_a_newline_terminated_last_line_that_does_not_parse_is_an_unfinished_wri
 @pytest.mark.parametrize(
     ("garbage", "why"),
     [
-        (b"not json", "line 3 does not parse: Expecting value"),
-        (b"\xff\xfe[]", "line 3 does not parse: 'utf-8' codec can't decode"),
-        (b"[" * 5000 + b"]" * 5000, "line 3 does not parse: nested too deeply"),
-        (b'{"trusted": []}', "line 3: expected a list of changes"),
-        (b'[["nowhere", 5, null]]', r'line 3\[0\]: unknown table "nowhere"'),
-        (b'[["trusted", 5, {"node_id": 6}]]', "record of node 6 filed under 5"),
-        (b'[["trusted", true, null]]', "expected a node ID, got true"),
+        # Damage the checksum catches: bytes that are no line, or a line changed on disk
+        # that still parses as JSON (a flipped digit in a node ID).
+        (b"not json", "line 3 does not parse: no checksum"),
+        (b"zzzzzzzz [[]]", "line 3 does not parse: no checksum"),
+        (b"00000000 [[]]", r"line 3 does not parse: checksum mismatch"),
+        (line(WRITES[1])[:-1].replace(b'"trusted",3,', b'"trusted",4,'), "checksum mismatch"),
+        # Lines whose checksum is right but whose content is not a write.
+        (frame(b"not json")[:-1], "line 3 does not parse: Expecting value"),
+        (frame(b"\xff\xfe[]")[:-1], "line 3 does not parse: 'utf-8' codec can't decode"),
+        (frame(b'{"trusted": []}')[:-1], "line 3: expected a list of changes"),
+        (frame(b'[["nowhere", 5, null]]')[:-1], r'line 3\[0\]: unknown table "nowhere"'),
+        (frame(b'[["trusted", 5, {"node_id": 6}]]')[:-1], "record of node 6 filed under 5"),
+        (frame(b'[["trusted", true, null]]')[:-1], "expected a node ID, got true"),
         (
-            b'[["pending", 5, {"node_id": 5, "received_at": "yesterday"}]]',
+            frame(b'[["pending", 5, {"node_id": 5, "received_at": "yesterday"}]]')[:-1],
             r"line 3\[0\].received_at: not an RFC 3339 time",
         ),
     ],
@@ -226,12 +240,12 @@ def test_emptying_after_a_checkpoint_starts_a_journal_for_the_new_file(
 
 def test_decode_line_reads_back_what_encode_line_wrote() -> None:
     for changes in WRITES:
-        assert decode_line(json.loads(line(changes)), "line 2") == changes
+        assert decode_line(json.loads(unframe(line(changes)[:-1])), "line 2") == changes
 
 
 def test_a_damaged_line_followed_by_a_torn_write_is_damage_not_a_torn_write(trust: Path) -> None:
     data = write_journal(trust, WRITES[:1])
-    journal_path(trust).write_bytes(data + b"not json\n" + line(WRITES[1])[:10])
+    journal_path(trust).write_bytes(data + frame(b"not json") + line(WRITES[1])[:10])
     with pytest.raises(StoreError, match="line 3 does not parse"):
         replayed(trust)
 
@@ -536,3 +550,32 @@ def test_close_closes_the_descriptor_once_and_never_raises(
     journal.append(line(WRITES[1]))  # reopens
     journal.close()
     assert replayed(trust) == after(2)
+
+
+def test_a_version_1_journal_without_checksums_is_still_replayed(trust: Path) -> None:
+    # What round 2 wrote: the same lines, no checksum, header version 1.
+    head = json.dumps({"journal": 1, "base": digest(trust.read_bytes())}).encode() + b"\n"
+    body = b"".join(unframe(line(changes)[:-1]) + b"\n" for changes in WRITES)
+    journal_path(trust).write_bytes(head + body)
+    assert replayed(trust) == after(3)
+
+
+def test_every_line_written_now_carries_a_checksum_of_its_json(trust: Path) -> None:
+    data = write_journal(trust, WRITES)
+    lines = data.split(b"\n")[:-1]
+    assert len(lines) == 1 + len(WRITES)
+    for written in lines:
+        json.loads(unframe(written))  # raises unless the checksum matches
+    assert json.loads(unframe(lines[0])) == {"journal": 2, "base": digest(trust.read_bytes())}
+
+
+def test_a_damaged_header_fails_the_load_instead_of_dropping_the_journal(trust: Path) -> None:
+    # A changed digit in the base digest still parses; without the checksum the journal
+    # would be taken for one of another trust.json and its committed writes ignored.
+    data = write_journal(trust, WRITES)
+    head, rest = data.split(b"\n", 1)
+    digit = head.index(b'"base": "') + len(b'"base": "')
+    damaged = head[:digit] + (b"0" if head[digit : digit + 1] != b"0" else b"1") + head[digit + 1 :]
+    journal_path(trust).write_bytes(damaged + b"\n" + rest)
+    with pytest.raises(StoreError, match="line 1 does not parse: checksum mismatch"):
+        replayed(trust)

@@ -33,6 +33,7 @@ from pilothandshake.store import (
     parse_time,
     trust_store,
 )
+from pilothandshake.store.journal import frame
 
 FIXTURE = Path(__file__).parent / "fixtures" / "go_trust.json"
 KEY_A = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
@@ -795,10 +796,11 @@ def test_a_torn_last_journal_line_is_ignored_and_dropped_by_the_next_write(
 @pytest.mark.parametrize(
     ("line", "reason"),
     [
-        (b"{garbage\n", "line 3 does not parse"),
-        (b'[["trusted",5,{"node_id": 6}]]\n', "node 6 filed under 5"),
-        (b'[["nobody",5,null]]\n', "unknown table"),
-        (b'[["trusted",5,{"node_id": 5, "mutual": 1}]]\n', "line 3[0].mutual"),
+        (b"{garbage\n", "line 3 does not parse: no checksum"),
+        (frame(b"{garbage"), "line 3 does not parse"),
+        (frame(b'[["trusted",5,{"node_id": 6}]]'), "node 6 filed under 5"),
+        (frame(b'[["nobody",5,null]]'), "unknown table"),
+        (frame(b'[["trusted",5,{"node_id": 5, "mutual": 1}]]'), "line 3[0].mutual"),
     ],
 )
 def test_a_corrupt_journal_line_before_the_last_fails_the_load_naming_the_journal(

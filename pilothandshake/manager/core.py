@@ -62,8 +62,9 @@ from .decide import (
     decide_untrust,
 )
 from .droplog import DropLog, ErrorLog
-from .effects import Effects
+from .effects import Effects, ReplyAccept, Send, answer_kinds
 from .intake import Intake, remote_address
+from .outbox import ACCEPT, OUTBOX_FILE, Outbox
 from .queue import Limits
 from .replay import ReplaySet
 from .state import State
@@ -130,7 +131,15 @@ class Manager:
             runtime, self._clock, self._state, self._drops, replay, limits, self.metrics
         )
         self._limits = limits
-        self._effects = Effects(runtime, self._clock, self._intake.backfill, self.metrics)
+        self._outbox = Outbox(
+            os.path.join(os.path.dirname(path), OUTBOX_FILE) if path else "",
+            lambda peer, kind, reason: self._effects.deliver_answer(peer, kind, reason),
+            runtime.trust_outgoing_ttl,
+            self._clock,
+        )
+        self._effects = Effects(
+            runtime, self._clock, self._intake.backfill, self.metrics, self._answered
+        )
         self._reap_interval = reap_interval
         # A full disk fails every inbound message: one ERROR line a minute says so.
         self._store_errors = ErrorLog(_STORE_ERROR_INTERVAL, clock=self._clock.monotonic)
@@ -162,6 +171,7 @@ class Manager:
             target=self._reap_loop, name="handshake-reaper", daemon=True
         )
         self._reaper.start()
+        self._outbox.start()
         if self._rt.registry() is not None:
             self._pool.submit(self._intake.check_records, self._stopping)
 
@@ -182,6 +192,7 @@ class Manager:
                 log.warning("closing the port %d listener failed", PORT_HANDSHAKE, exc_info=True)
         if self._reaper is not None:
             self._reaper.join(STOP_TIMEOUT)
+        self._outbox.stop(STOP_TIMEOUT)
         self._pool.shutdown(STOP_TIMEOUT)
         self._drops.flush()
         self.close()
@@ -220,6 +231,11 @@ class Manager:
         """Node IDs of trust records the registry now binds to a different key, sorted: not
         trusted until the operator approves the node again or removes the record."""
         return self._state.in_conflict()
+
+    def undelivered_answers(self) -> int:
+        """How many of our answers (accept, reject, revoke, withdrawal) wait to be delivered:
+        both the direct send and the registry failed, and they are being retried."""
+        return self._outbox.count()
 
     def pending_count(self) -> int:
         """How many requests are pending."""
@@ -264,11 +280,24 @@ class Manager:
             log.info("%s", note)
         for topic, payload in decision.events:
             self._rt.publish_event(topic, payload)
+        background = [e for e in decision.effects if self._effects.needed(e)]
+        for effect in [*decision.inline, *background]:
+            # The answer this decision makes is kept until a path delivers it.
+            if isinstance(effect, Send) and answer_kinds(effect):
+                self._outbox.expect(effect.peer, answer_kinds(effect)[0], effect.reason)
+            elif isinstance(effect, ReplyAccept):
+                self._outbox.expect(effect.peer, ACCEPT)
         for effect in decision.inline:
             self._effects.run(effect)
-        for effect in decision.effects:
-            if self._effects.needed(effect):
-                self._pool.submit(self._effects.run, effect, quiet=_QUIET)
+        for effect in background:
+            self._pool.submit(self._effects.run, effect, quiet=_QUIET)
+
+    def _answered(self, peer: int, kinds: tuple[str, ...], delivered: bool) -> None:
+        """An answer effect ran: what it delivered is done, what failed is kept on disk."""
+        if delivered:
+            self._outbox.delivered(peer, kinds)
+        else:
+            self._outbox.failed(peer)
 
     # Port 444 and relayed input
 

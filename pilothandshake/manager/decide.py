@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..constants import REVOKE_COOLDOWN
 from ..identity import b64encode, decode_key
-from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE
+from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE, WITHDRAWN
 from ..store import (
     HISTORY,
     OUTGOING,
@@ -58,7 +58,6 @@ REVOKED = "trust.revoked"  # by us
 REVOKED_BY_PEER = "trust.revoked_by_peer"  # reason
 CONFLICT = "trust.conflict"  # registry_key: a trust record's node ID bound to another key
 
-WITHDRAWN = "request withdrawn"  # the reason a requester gives when it cancels its request
 
 Event = tuple[str, dict[str, Any]]
 

@@ -21,11 +21,14 @@ from ..messages import (
     HANDSHAKE_ACCEPT,
     HANDSHAKE_REJECT,
     HANDSHAKE_REQUEST,
+    HANDSHAKE_REVOKE,
+    WITHDRAWN,
     HandshakeMsg,
     handshake_challenge,
     respond_challenge,
 )
 from ..metrics import Metrics
+from .outbox import ACCEPT, KINDS, REJECT, REVOKE, WITHDRAW
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -106,15 +109,41 @@ Effect = Union[
 ]
 
 
+# answered(peer, kinds, delivered): an answer effect to ``peer`` ran; see ``answer_kinds``.
+Answered = Callable[[int, "tuple[str, ...]", bool], None]
+
+
+def answer_kinds(effect: Effect) -> tuple[str, ...]:
+    """Which answers (``outbox`` kinds) ``effect`` can deliver to its peer; () when none."""
+    if isinstance(effect, Send):
+        if effect.msg_type == HANDSHAKE_REVOKE:
+            return (WITHDRAW,) if effect.reason == WITHDRAWN else (REVOKE,)
+        return {HANDSHAKE_ACCEPT: (ACCEPT,), HANDSHAKE_REJECT: (REJECT,)}.get(effect.msg_type, ())
+    if isinstance(effect, ReplyAccept):
+        return (ACCEPT,)
+    if isinstance(effect, Respond):
+        return (ACCEPT,) if effect.accept else (REJECT, WITHDRAW)
+    if isinstance(effect, RevokeAtRegistry):
+        return (REVOKE,)
+    return ()
+
+
 class Effects:
     """Carries out effects through ``runtime``; ``backfill`` is the Manager's (it writes the
-    trust store). Message timestamps come from ``clock``."""
+    trust store). Message timestamps come from ``clock``. ``answered`` hears whether each
+    answer effect delivered its answer (the Manager's outbox keeps the undelivered)."""
 
     def __init__(
-        self, runtime: Runtime, clock: Clock, backfill: Callable[[int], None], metrics: Metrics
+        self,
+        runtime: Runtime,
+        clock: Clock,
+        backfill: Callable[[int], None],
+        metrics: Metrics,
+        answered: Answered | None = None,
     ) -> None:
         """Run effects for ``runtime``; messages sent count in ``metrics``."""
         self._rt = runtime
+        self._answered = answered
         self._metrics = metrics
         # Optional in the Runtime protocol: without it every peer is worth a dial.
         self._can_dial: Callable[[int], bool] = getattr(runtime, "can_dial", _always)
@@ -137,24 +166,58 @@ class Effects:
     def run(self, effect: Effect) -> None:
         """Carry out ``effect``. Registry calls raise ``RegistryError``; signing without an
         identity raises ``HandshakeError``."""
+        kinds = answer_kinds(effect) if self._answered is not None else ()
+        try:
+            delivered = self._run(effect)
+        except BaseException:
+            if kinds and self._answered is not None:
+                self._answered(effect.peer, kinds, False)
+            raise
+        if kinds and self._answered is not None:
+            self._answered(effect.peer, kinds, delivered)
+
+    def _run(self, effect: Effect) -> bool:
+        """``run``; whether the effect got through (what it delivered, for answers)."""
         registry = self._rt.registry()
         own = self._rt.node_id()
         if isinstance(effect, ReplyAccept):
-            self._reply_accept(effect)
-        elif isinstance(effect, Send):
-            self.send_best_effort(effect.peer, effect.msg_type, effect.reason)
-        elif isinstance(effect, RemoveTunnelPeer):
+            return self._reply_accept(effect)
+        if isinstance(effect, Send):
+            return self.send_best_effort(effect.peer, effect.msg_type, effect.reason)
+        if isinstance(effect, RemoveTunnelPeer):
             self._rt.remove_tunnel_peer(effect.peer)
         elif isinstance(effect, Backfill):
             self._backfill(effect.peer)
         elif registry is None:
-            return  # the rest talk to the registry
+            return False  # the rest talk to the registry
         elif isinstance(effect, ReportTrust):
             registry.report_trust(own, effect.peer)
         elif isinstance(effect, RevokeAtRegistry):
             registry.revoke_trust(own, effect.peer)
         else:
-            self._respond(effect.peer, effect.accept)
+            return self._respond(effect.peer, effect.accept)
+        return True
+
+    def deliver_answer(self, peer: int, kind: str, reason: str) -> bool:
+        """One more try at an answer that did not arrive (the outbox's retries): directly,
+        else through the registry. Whether it got through."""
+        if self._can_dial(peer):
+            try:
+                self._dial(peer, self.message(KINDS[kind], peer, reason=reason))
+                return True
+            except SendError as exc:
+                log.debug("retrying our %s to node %d directly: %s", kind, peer, exc)
+        registry = self._rt.registry()
+        if registry is None:
+            return False
+        try:
+            if kind == REVOKE:
+                registry.revoke_trust(self._rt.node_id(), peer)
+                return True
+            return self._respond(peer, kind == ACCEPT)
+        except RegistryError as exc:
+            log.debug("retrying our %s to node %d through the registry: %s", kind, peer, exc)
+            return False
 
     def message(
         self, msg_type: str, peer: int, *, justification: str = "", reason: str = ""
@@ -181,36 +244,41 @@ class Effects:
             raise HandshakeError("this node has no identity: cannot sign")
         return b64encode(signature)
 
-    def send_best_effort(self, peer: int, msg_type: str, reason: str) -> None:
-        """Send a signed ``msg_type`` to ``peer`` directly; a failure is logged."""
+    def send_best_effort(self, peer: int, msg_type: str, reason: str) -> bool:
+        """Send a signed ``msg_type`` to ``peer`` directly; a failure is logged. Whether it
+        was delivered."""
         try:
             self._dial(peer, self.message(msg_type, peer, reason=reason))
         except HandshakeError as exc:
             log.info("could not send %s to node %d: %s", msg_type, peer, exc)
+            return False
+        return True
 
     def _direct(self, reply: ReplyAccept) -> bool:
         """Whether ``reply`` is worth a dial: the request came directly and the runtime may
         reach the peer. Otherwise the accept is neither built nor signed."""
         return not reply.relayed and self._can_dial(reply.peer)
 
-    def _reply_accept(self, reply: ReplyAccept) -> None:
+    def _reply_accept(self, reply: ReplyAccept) -> bool:
         peer = reply.peer
         if self._direct(reply):
             message = self.message(HANDSHAKE_ACCEPT, peer)
             try:
                 self._dial(peer, message)
-                return
+                return True
             except SendError as exc:
                 log.info("direct accept to node %d failed (%s); relaying", peer, exc)
-        self._respond(peer, True)
+        return self._respond(peer, True)
 
-    def _respond(self, peer: int, accept: bool) -> None:
+    def _respond(self, peer: int, accept: bool) -> bool:
+        """``respond_handshake`` through the registry; False without one."""
         registry = self._rt.registry()
         if registry is None:
-            return
+            return False
         own = self._rt.node_id()
         registry.respond_handshake(own, peer, accept, self.signature(respond_challenge(own, peer)))
         self._metrics.relay(HANDSHAKE_ACCEPT if accept else HANDSHAKE_REJECT, "out")
+        return True
 
     def _dial(self, peer: int, message: HandshakeMsg) -> None:
         """Deliver ``message`` to the peer's port 444, counted by result; ``SendError``."""

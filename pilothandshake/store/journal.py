@@ -1,9 +1,13 @@
 """trust.json.journal: the changes written since trust.json, one fsynced line per write.
 
-Format: UTF-8 lines, each ending in ``\\n``. The first is a header naming, by SHA-256, the
-trust.json the lines below extend: ``{"journal": 1, "base": "<hex digest>"}``. Each other
-line is one write: ``[[table, node_id, record or null], ...]``, whole records in trust.json's
-own encoding, applied in order.
+Format (version 2): UTF-8 lines, each ending in ``\\n``, each framed as ``<crc> <json>``:
+``crc`` is the CRC-32 of the JSON bytes in 8 lowercase hex digits, so a line damaged on disk
+is told from a whole one even when it still parses (SQLite's WAL frames carry a checksum for
+the same reason). The first line is a header naming, by SHA-256, the trust.json the lines
+below extend: ``{"journal": 2, "base": "<hex digest>"}``. Each other line is one write:
+``[[table, node_id, record or null], ...]``, whole records in trust.json's own encoding,
+applied in order. Version 1 journals (the same lines without the checksum, a header with
+``"journal": 1``, written before round 3) are still read; a new journal is always version 2.
 
 The commit point of a write is the fsync of its line *with* the newline: a line is applied
 on replay only when it ends in ``\\n``. Bytes after the last newline, or a last line that
@@ -21,6 +25,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,7 +39,9 @@ from .records import TABLES, Change, TrustState
 log = logging.getLogger(__name__)
 
 JOURNAL_SUFFIX = ".journal"
-_VERSION = 1
+_VERSION = 2  # lines framed with a CRC-32; version 1 (no checksum) is still read
+_UNFRAMED_VERSION = 1
+_CRC = re.compile(rb"[0-9a-f]{8}")
 
 
 def digest(data: bytes) -> str:
@@ -41,9 +49,25 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def frame(payload: bytes) -> bytes:
+    """A journal line holding ``payload`` (JSON bytes): its CRC-32, a space, it, a newline."""
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def unframe(line: bytes) -> bytes:
+    """The JSON bytes of a version-2 line (without its newline); ``ValueError`` when its
+    checksum is missing or does not match (the line was damaged)."""
+    if len(line) < 9 or line[8:9] != b" " or not _CRC.fullmatch(line[:8]):
+        raise ValueError("no checksum")
+    payload = line[9:]
+    if zlib.crc32(payload) != int(line[:8], 16):
+        raise ValueError("checksum mismatch (the line was damaged)")
+    return payload
+
+
 def header(base: str) -> bytes:
     """The journal's first line: which trust.json (by ``digest``) the lines below extend."""
-    return json.dumps({"journal": _VERSION, "base": base}).encode() + b"\n"
+    return frame(json.dumps({"journal": _VERSION, "base": base}).encode())
 
 
 def encode_line(entries: Iterable[tuple[Change, str]]) -> bytes:
@@ -53,7 +77,7 @@ def encode_line(entries: Iterable[tuple[Change, str]]) -> bytes:
         f'["{change.table}",{change.node_id},{text if change.value is not None else "null"}]'
         for change, text in entries
     ]
-    return ("[" + ",".join(items) + "]\n").encode("utf-8")
+    return frame(("[" + ",".join(items) + "]").encode("utf-8"))
 
 
 def decode_line(doc: Any, where: str) -> list[Change]:
@@ -81,10 +105,11 @@ def decode_line(doc: Any, where: str) -> list[Change]:
     return changes
 
 
-def _parse(line: bytes) -> Any:
-    """JSON of one journal line; raises ``ValueError`` (a cut-off line does not parse)."""
+def _parse(line: bytes, framed: bool) -> Any:
+    """JSON of one journal line (``framed``: version 2); raises ``ValueError`` (a cut-off or
+    damaged line does not parse)."""
     try:
-        return json.loads(line.decode("utf-8"))
+        return json.loads((unframe(line) if framed else line).decode("utf-8"))
     except RecursionError as exc:
         raise ValueError("nested too deeply") from exc
 
@@ -105,10 +130,12 @@ def replay(path: str, base: str | None, state: TrustState) -> int:
     torn = lines.pop()
     if torn:
         log.warning("ignoring %d bytes of an unfinished write at the end of %s", len(torn), path)
+    # A version-1 journal starts with its header's JSON; a version-2 line with a checksum.
+    framed = not lines or not lines[0].startswith(b"{")
     docs = []
     for number, line in enumerate(lines, 1):
         try:
-            docs.append(_parse(line))
+            docs.append(_parse(line, framed))
         except ValueError as exc:
             if number == len(lines) and not torn:
                 log.warning("ignoring the unfinished last line %d of %s", number, path)
@@ -119,7 +146,7 @@ def replay(path: str, base: str | None, state: TrustState) -> int:
     first = docs[0]
     if not (
         isinstance(first, dict)
-        and first.get("journal") == _VERSION
+        and first.get("journal") == (_VERSION if framed else _UNFRAMED_VERSION)
         and isinstance(first.get("base"), str)
     ):
         raise StoreError(f"trust journal {path} line 1 is not a journal header")
