@@ -415,6 +415,8 @@ class Daemon:
                 publish=self.events.publish,
             )
             self.control.commands.refresh = self.loop.refresh
+            if self.client is not None:
+                self.client.on_relayed = self.loop.relayed
             self.loop.start()
 
     def _registry_client(self, registry: RegistryConfig) -> Client:

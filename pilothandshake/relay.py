@@ -41,7 +41,8 @@ from .constants import (
     REGISTRY_START_GRACE,
 )
 from .errors import RegistryError
-from .identity import Identity
+from .identity import Identity, b64encode
+from .messages import handshake_challenge
 from .pollschedule import ON_DEMAND_BOUND, PollSchedule, backoff
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ BINDING_CHANGED = "registry.binding_changed"  # event topic (SPEC 14, 17)
 RELAY_LOG_INTERVAL = 10.0  # at most one WARNING about dropped relay items per interval
 WAIT_POLL = "wait_poll"  # the registry feature of held polls (SPEC 18)
 LONG_POLL_WAIT = 55.0  # seconds a held poll may wait (SPEC 18)
+MAX_RELAYED_REMEMBERED = 1024  # relayed requests whose text is kept to send again
 
 
 class LoopRegistry(Protocol):
@@ -71,11 +73,18 @@ class LoopRegistry(Protocol):
 
     def poll_handshakes(self, node_id: int, wait: float = 0.0) -> dict[str, Any]: ...
 
+    def request_handshake(
+        self, from_node_id: int, to_node_id: int, justification: str, signature_b64: str
+    ) -> dict[str, Any]: ...
+
     def close(self) -> None: ...
 
 
 class Outgoing(Protocol):
-    """An outgoing request as the Manager lists it: when it was sent."""
+    """An outgoing request as the Manager lists it: to whom, and when it was sent."""
+
+    @property
+    def node_id(self) -> int: ...
 
     @property
     def sent_at(self) -> datetime: ...
@@ -133,6 +142,12 @@ class _DropReport:
         self._last = now
         self._malformed = self._excess = 0
         self._example = ""
+
+
+def _waiting(request: Outgoing) -> bool:
+    """Whether the Manager's outgoing request still waits for an answer (entries that
+    ended are listed too once outgoing requests keep their state, SPEC 7)."""
+    return bool(getattr(request, "waiting", True))
 
 
 def _port(address: str) -> str:
@@ -215,8 +230,12 @@ class RegistryLoop:
     the loop checks its own record (``RecordWatch``): a difference is an ERROR and a
     ``registry.binding_changed`` event through ``publish``, and a registry that honours
     signed re-registers (``pilot-registryd``, which advertises ``features``) is told the
-    record again. ``after_outage()`` runs once each time the registry answers again after
-    it could not be reached. The loop owns ``client``: ``stop()`` closes it. Thread-safe.
+    record again. ``relayed(peer, justification)`` is told of each relayed request this
+    daemon sends (``registry.Client.on_relayed``); each time the registry answers again
+    after it could not be reached, the ones still waiting for an answer are sent once more
+    (a registry may lose its inboxes: ``pilot-registryd`` before round 3, or any that
+    restarts; the production one refuses the copy while the first still waits, which just
+    means it is there). The loop owns ``client``: ``stop()`` closes it. Thread-safe.
     """
 
     def __init__(
@@ -233,7 +252,6 @@ class RegistryLoop:
         hostname: str = "",
         on_node_id: Callable[[int], None] | None = None,
         publish: Callable[[str, dict[str, Any]], None] | None = None,
-        after_outage: Callable[[], None] | None = None,
         max_backoff: float = MAX_BACKOFF,
         start_grace: float = REGISTRY_START_GRACE,
         long_poll_wait: float = LONG_POLL_WAIT,
@@ -248,7 +266,6 @@ class RegistryLoop:
         self._hostname = hostname
         self._on_node_id = on_node_id
         self._publish = publish
-        self._after_outage = after_outage
         self._max_backoff = max_backoff
         self._start_grace = start_grace
         self._long_poll_wait = long_poll_wait
@@ -266,7 +283,8 @@ class RegistryLoop:
         self._complained = False  # a WARNING was logged for the outage going on
         self._waiting_said = False  # the start-up INFO was logged
         self._outages = 0  # times the registry became unreachable
-        self._outages_seen = 0  # ... of which after_outage() has run for
+        self._outages_seen = 0  # ... of which the relayed requests were sent again for
+        self._relayed: dict[int, str] = {}  # peer -> justification of our relayed request
         self._suspect = False  # a poll failed: heartbeat now
         self._attempted = False  # the first registration was tried
         self._schedule = PollSchedule(
@@ -536,13 +554,40 @@ class RegistryLoop:
             self._check_record(node_id)
         return True
 
-    def _after_outage_once(self) -> None:
+    def relayed(self, peer: int, justification: str) -> None:
+        """Our relayed request to ``peer`` with ``justification`` was queued at the registry
+        (kept, the latest per peer and at most ``MAX_RELAYED_REMEMBERED``, to send again
+        after an outage)."""
         with self._cond:
-            if self._outages == self._outages_seen or not self._reachable or not self._node_id:
+            self._relayed.pop(peer, None)
+            self._relayed[peer] = justification
+            while len(self._relayed) > MAX_RELAYED_REMEMBERED:
+                del self._relayed[next(iter(self._relayed))]
+
+    def _after_outage_once(self) -> None:
+        """After an outage, send each relayed request still waiting for an answer once
+        more (issue 20.3): the registry may have lost it."""
+        with self._cond:
+            node_id = self._node_id
+            if self._outages == self._outages_seen or not self._reachable or not node_id:
                 return
             self._outages_seen = self._outages
-        if self._after_outage is not None:
-            self._after_outage()
+            remembered = dict(self._relayed)
+        waiting = {r.node_id for r in self._target.outgoing_requests() if _waiting(r)}
+        for peer, justification in remembered.items():
+            if peer not in waiting:
+                with self._cond:
+                    self._relayed.pop(peer, None)
+                continue
+            signature = b64encode(self._identity.sign(handshake_challenge(node_id, peer)))
+            try:
+                self._client.request_handshake(node_id, peer, justification, signature)
+            except RegistryError as exc:
+                # The production registry refuses a second request while the first waits
+                # in the inbox: then it is still there.
+                log.debug("relayed request to node %d not sent again: %s", peer, exc)
+                continue
+            log.info("relayed request to node %d sent again after the registry outage", peer)
 
     def _heartbeat(self, node_id: int) -> bool:
         try:
@@ -653,6 +698,8 @@ class RegistryLoop:
         wall, mono = time.time(), time.monotonic()
         since = []
         for request in self._target.outgoing_requests():
+            if not _waiting(request):
+                continue
             sent = request.sent_at
             if sent.tzinfo is None:
                 sent = sent.replace(tzinfo=timezone.utc)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 
 from pilothandshake.errors import RegistryError
-from pilothandshake.identity import Identity
+from pilothandshake.identity import Identity, decode_signature, verify
 from pilothandshake.pollschedule import backoff
 from pilothandshake.relay import MAX_RELAY_ITEMS_PER_POLL, RegistryLoop
 from pilothandshake.store import OutgoingRequest
@@ -35,6 +35,7 @@ class FakeRegistry:
         self.features: list[str] = []
         self.registered: list[dict[str, Any]] = []  # what each register asked
         self.record: dict[str, Any] = {}  # lookup's answer for the node (set by register)
+        self.relayed: list[tuple[int, int, str, str]] = []  # request_handshake calls
 
     def _call(self, name: str) -> None:
         with self.cond:
@@ -67,6 +68,14 @@ class FakeRegistry:
         if self.features:
             answer["features"] = self.features
         return answer
+
+    def request_handshake(
+        self, from_node_id: int, to_node_id: int, justification: str, signature_b64: str
+    ) -> dict[str, Any]:
+        self._call("request_handshake")
+        with self.cond:
+            self.relayed.append((from_node_id, to_node_id, justification, signature_b64))
+        return {"type": "request_handshake_ok", "status": "relayed"}
 
     def lookup(self, node_id: int) -> dict[str, Any]:
         self._call("lookup")
@@ -684,3 +693,45 @@ def test_a_registry_that_advertises_push_but_answers_at_once_is_not_polled_in_a_
     finally:
         loop.stop()
     assert 3 <= registry.count("poll") <= 7  # one per poll_interval, not thousands
+
+
+def test_after_an_outage_relayed_requests_still_waiting_are_sent_once_more(
+    registry: FakeRegistry, target: Target, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    # Issue 20.3: a relayed request acknowledged as relayed was lost when the registry
+    # restarted before the peer polled (its inboxes lived in memory).
+    identity = Identity.generate()
+    loop = RegistryLoop(
+        registry,
+        identity,
+        target,
+        listen_addr="127.0.0.1:4444",
+        poll_interval=0.02,
+        poll_idle=0.02,
+        heartbeat_interval=60.0,
+    )
+    loop.start()
+    try:
+        assert registry.wait_for(lambda: registry.count("poll") >= 1)
+        now = datetime.now(timezone.utc)
+        with target.cond:
+            target.outgoing = [OutgoingRequest(9, now), OutgoingRequest(11, now)]
+        loop.relayed(9, "nightly sync")
+        loop.relayed(10, "answered meanwhile")  # no longer waiting: not sent again
+        loop.relayed(11, "direct, then relayed")
+        polls = registry.count("poll")
+        registry.down = True
+        assert registry.wait_for(lambda: registry.count("poll") >= polls + 2)
+        assert not loop.state()["reachable"]
+        registry.down = False
+        assert registry.wait_for(lambda: len(registry.relayed) >= 2)
+        time.sleep(0.3)  # more rounds: each request is sent again once, not every round
+    finally:
+        loop.stop()
+    assert sorted(r[:3] for r in registry.relayed) == [
+        (5, 9, "nightly sync"),
+        (5, 11, "direct, then relayed"),
+    ]
+    signature = decode_signature(registry.relayed[0][3])
+    assert signature is not None
+    assert verify(identity.public_key, f"handshake:5:{registry.relayed[0][1]}".encode(), signature)

@@ -128,6 +128,8 @@ class Client:
     Every request is counted and timed into ``metrics`` (its own when not given).
     """
 
+    on_relayed: Callable[[int, str], None] | None = None
+
     def __init__(
         self,
         address: str,
@@ -387,8 +389,10 @@ class Client:
     def request_handshake(
         self, from_node_id: int, to_node_id: int, justification: str, signature_b64: str
     ) -> dict[str, Any]:
-        """Queue a relayed request; ``signature_b64`` signs ``handshake:<from>:<to>``."""
-        return self.call(
+        """Queue a relayed request; ``signature_b64`` signs ``handshake:<from>:<to>``. Once
+        the registry took it, ``on_relayed(to_node_id, justification)`` runs (when set: the
+        daemon's registry loop remembers what to send again after an outage)."""
+        response = self.call(
             {
                 "type": "request_handshake",
                 "from_node_id": from_node_id,
@@ -397,6 +401,9 @@ class Client:
                 "signature": signature_b64,
             }
         )
+        if self.on_relayed is not None:
+            self.on_relayed(to_node_id, justification)
+        return response
 
     def respond_handshake(
         self, node_id: int, peer_id: int, accept: bool, signature_b64: str

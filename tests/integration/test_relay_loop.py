@@ -148,3 +148,36 @@ def answers(node: Node) -> dict[str, Any] | None:
         return node.status()
     except (OSError, HandshakeError):
         return None
+
+
+def test_a_relayed_request_lost_with_the_registry_inbox_is_sent_again(fleet: Fleet) -> None:
+    # Issue 20.3: the target was stopped, the request relayed, the registry restarted (its
+    # inboxes lost), the target continued: the request never arrived. The requester now
+    # sends its waiting relayed requests again once the registry answers after an outage.
+    registry = fleet.registry().start()
+    a, b = fleet.node("a", registry), fleet.node("b", registry)
+    a.start()
+    b.start()
+    a_id, b_id = a.node_id, b.node_id
+    b.signal(signal.SIGSTOP)
+    try:
+        answer = a.control("handshake", node_id=b_id, justification="before the restart")
+        assert answer["status"] == "relayed"
+        kill(registry)
+        # Whatever the registry kept, a copy of the inbox it had is gone: what the daemon
+        # does about a registry that lost it is the question here.
+        for inbox in registry.directory.glob("*inbox*"):
+            inbox.unlink()
+        wait_until(lambda: not registered(a), timeout=20, what="A notices the outage")
+        restart(registry)
+        # Sent again, or refused as a copy of one the registry still holds (DEBUG).
+        wait_until(
+            lambda: f"relayed request to node {b_id} " in a.stderr,
+            timeout=40,
+            what="A sends its relayed request again",
+        )
+    finally:
+        b.signal(signal.SIGCONT)
+    wait_until(lambda: a_id in b.pending(), timeout=60, what="the request pending at B")
+    [pending] = [p for p in b.control("pending")["pending"] if p["node_id"] == a_id]
+    assert pending["justification"] == "before the restart"
