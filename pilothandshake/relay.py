@@ -312,12 +312,6 @@ class RegistryLoop:
         with self._cond:
             return self._node_id
 
-    @property
-    def push(self) -> bool:
-        """Whether the registry holds polls (``wait_poll``): relayed input arrives at once."""
-        with self._cond:
-            return WAIT_POLL in self._features
-
     def state(self) -> dict[str, Any]:
         """The registry's state for ``status``: address, reachability, last error, the
         hostname asked for with why the registry did not set it ("" when it did), how the
@@ -472,6 +466,8 @@ class RegistryLoop:
         with self._cond:
             if not self._node_id or not self._reachable or self._loop_state != "running":
                 return
+            if WAIT_POLL in self._features:
+                return  # the held poll is open: whatever arrives is delivered at once
             if self._polling:
                 target = self._polls_done + 1
             elif self._schedule.demand():

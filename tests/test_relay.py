@@ -13,7 +13,7 @@ import pytest
 
 from pilothandshake.errors import RegistryError
 from pilothandshake.identity import Identity, decode_signature, verify
-from pilothandshake.pollschedule import backoff
+from pilothandshake.pollschedule import ON_DEMAND_BOUND, backoff
 from pilothandshake.relay import MAX_RELAY_ITEMS_PER_POLL, RegistryLoop
 from pilothandshake.store import OutgoingRequest
 
@@ -666,7 +666,9 @@ def test_with_push_one_poll_is_held_open_and_relayed_input_arrives_at_once(
             assert target.wait_count(n)  # long before any poll period
         assert registry.wait_for(lambda: len(registry.waits) >= 4)
         assert registry.waits == [55.0] * 4  # one held poll per arrival, one open again
+        asked = time.monotonic()
         loop.refresh()  # nothing to ask for: the held poll delivers at once
+        assert time.monotonic() - asked < ON_DEMAND_BOUND  # it did not wait for the poll
         assert len(registry.waits) == 4
         began = time.monotonic()
     finally:
