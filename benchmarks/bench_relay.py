@@ -142,6 +142,39 @@ class Watch:
         self._stream.close()
 
 
+class Pair:
+    """One handshake between a requester and an approver, timed from both event streams:
+    the approver approves as soon as the request is pending (in the requester's fast
+    window, as an operator at the console would)."""
+
+    def __init__(self, a: Node, cc: Node) -> None:
+        self.a, self.cc = a, cc
+        self.pending = self.trusted = 0.0
+        self.error = ""
+
+    def run(self, offset: float) -> None:
+        try:
+            time.sleep(offset)
+            arrived = Watch(self.cc, "handshake.pending", self.a.node_id)
+            granted = Watch(self.a, "trust.changed", self.cc.node_id)
+            sent = time.monotonic()
+            answer = self.a.call("handshake", node_id=self.cc.node_id, justification="bench")
+            if answer["status"] != "relayed":
+                raise RuntimeError(f"not relayed: {answer}")
+            if not c.wait_until(lambda: bool(arrived.at), PENDING_TIMEOUT, 0.01):
+                raise RuntimeError("the relayed request never became pending")
+            self.pending = arrived.at - sent
+            self.cc.call("approve", node_id=self.a.node_id)
+            approved = time.monotonic()  # the approval is durable: the answer is on its way
+            if not c.wait_until(lambda: bool(granted.at), PENDING_TIMEOUT, 0.01):
+                raise RuntimeError("the approval never reached the requester")
+            self.trusted = granted.at - approved
+            arrived.close()
+            granted.close()
+        except Exception as exc:
+            self.error = f"{self.a.node_id} -> {self.cc.node_id}: {exc}"
+
+
 def _register_from(registry: str, host: str, key: str, listen: str) -> None:
     reg_host, reg_port = registry.rsplit(":", 1)
     with socket.create_connection(
@@ -210,36 +243,24 @@ def one_run(kind: str, pairs: int, idle: float) -> dict[str, Any]:
                 raise RuntimeError("a daemon did not reload its peers")
             modes = sorted({n.relay_mode() for n in nodes})
             time.sleep(3.0)  # past the start-up polls: C is idle when the request comes
-            watches = [Watch(cc, "handshake.pending", a.node_id) for a, cc in couples]
-            sent = []
+            results = [Pair(a, cc) for a, cc in couples]
             # Without push, when a request arrives in the peer's idle period decides its
             # wait: each pair's request goes at a random point of one idle period.
             phase = random.Random(444)
-            offsets = sorted(phase.uniform(0, IDLE_PERIOD) for _ in couples) if kind == GO else []
-            began = time.monotonic()
-            for index, (a, cc) in enumerate(couples):
-                if offsets:
-                    time.sleep(max(0.0, began + offsets[index] - time.monotonic()))
-                sent.append(time.monotonic())
-                if a.call("handshake", node_id=cc.node_id, justification="bench")["status"] != (
-                    "relayed"
-                ):
-                    raise RuntimeError("the request did not go through the relay")
-            if not c.wait_until(lambda: all(w.at for w in watches), PENDING_TIMEOUT, 0.05):
-                raise RuntimeError("a relayed request never became pending")
-            pending = [w.at - t for w, t in zip(watches, sent)]
-            for w in watches:
-                w.close()
-            watches = [Watch(a, "trust.changed", cc.node_id) for a, cc in couples]
-            approved = []
-            for a, cc in couples:
-                cc.call("approve", node_id=a.node_id)
-                approved.append(time.monotonic())
-            if not c.wait_until(lambda: all(w.at for w in watches), PENDING_TIMEOUT, 0.05):
-                raise RuntimeError("an approval never reached its requester")
-            trusted = [w.at - t for w, t in zip(watches, approved)]
-            for w in watches:
-                w.close()
+            offsets = [phase.uniform(0, IDLE_PERIOD) if kind == GO else 0.0 for _ in couples]
+            threads = [
+                threading.Thread(target=pair.run, args=(offset,), daemon=True)
+                for pair, offset in zip(results, offsets)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(IDLE_PERIOD + 2 * PENDING_TIMEOUT)
+            failed = [pair.error for pair in results if pair.error or not pair.trusted]
+            if failed:
+                raise RuntimeError(f"handshakes failed: {failed}")
+            pending = [pair.pending for pair in results]
+            trusted = [pair.trusted for pair in results]
             time.sleep(3.0)  # the answered requests' windows close
             before = sum(n.registry_requests() for n in nodes)
             time.sleep(idle)
