@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     )
     from .runtime import AllowlistEntry, RegistryClient, Runtime
     from .service import Service
-    from .store import PendingHandshake, TrustRecord
+    from .store import OutgoingRequest, PendingHandshake, TrustRecord
 
 # Public name -> the module that defines it.
 _EXPORTS = {
@@ -60,6 +60,7 @@ _EXPORTS = {
     "Manager": "manager",
     "MessageError": "errors",
     "NotTrustedError": "errors",
+    "OutgoingRequest": "store",
     "PendingHandshake": "store",
     "RegistryClient": "runtime",
     "RegistryError": "errors",
@@ -85,6 +86,7 @@ __all__ = [
     "Manager",
     "MessageError",
     "NotTrustedError",
+    "OutgoingRequest",
     "PendingHandshake",
     "RegistryClient",
     "RegistryError",

@@ -7,8 +7,13 @@ config ``/etc/pilot-handshake/config.yaml`` when that file is readable, else
 ``~/.pilot-handshake/control.sock`` (``control_socket.find_socket``).
 
 Exit codes: 0 ok, 1 failed (one line on stderr), 2 usage. ``--json`` (before or after the
-command) prints each response exactly as the daemon sent it (the ``pilotctl --json`` shape),
-errors included. Every ``NODE`` is a node ID or a hostname the daemon's registry resolves.
+command) prints each ok response exactly as the daemon sent it (the ``pilotctl --json``
+shape) on stdout; every error, the daemon's and the CLI's own (no daemon, bad config,
+unknown hostname, usage), is one envelope ``{"status": "error", "code", "message"}`` on
+stderr with stdout empty, as ``pilotctl`` does (codes: ``control_commands.CODES``). A
+``wait`` that ends untrusted is a result: its data on stdout, exit 1. Every ``NODE`` is a
+node ID, a Pilot address ``N:XXXX.XXXX.XXXX`` (its node part) or a hostname the daemon's
+registry resolves.
 
 Only what a command needs is imported: ``status`` loads neither YAML (unless ``--config``
 or the default config is read) nor crypto nor any of the daemon.
@@ -23,14 +28,13 @@ import sys
 import time
 
 from ._version import __version__
-from .client import Client, ControlError, raise_for_error
+from .client import Client, ControlError, node_of_address
 from .constants import CONTROL_TIMEOUT, DEFAULT_CONFIG_PATH, MAX_NODE_ID, WAIT_DEFAULT_TIMEOUT
 from .control_socket import find_socket
-from .errors import HandshakeError
+from .errors import ConfigError, HandshakeError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs a short CLI run milliseconds
 if TYPE_CHECKING:
-    from datetime import datetime
     from typing import Any, Callable, NoReturn
 
 __all__ = ["main_handshakectl"]
@@ -43,13 +47,46 @@ _EPILOG = f"""\
 the control socket is found from --socket, else --config FILE (control.sock beside the
 identity named there), else $PILOT_HANDSHAKE_SOCKET, else beside the identity of
 {DEFAULT_CONFIG_PATH} when readable, else ~/.pilot-handshake/control.sock.
-NODE is a node ID or a hostname (resolved by the daemon's registry).
+NODE is a node ID, a Pilot address N:XXXX.XXXX.XXXX (its node part) or a hostname
+(resolved by the daemon's registry).
 
-exit codes: 0 ok, 1 failed (one line on stderr says why), 2 usage error."""
+exit codes: 0 ok, 1 failed (one line on stderr says why), 2 usage error. With --json every
+error is {{"status": "error", "code": ..., "message": ...}} on stderr."""
+
+# The CLI's own error codes (pilotctl's; control_commands.CODES lists every code).
+_INVALID_ARGUMENT = "invalid_argument"
+_INVALID_STATE = "invalid_state"
+_TIMEOUT = "timeout"
 
 
 class _Failure(Exception):
-    """A command that failed: the one line for stderr."""
+    """A command that failed: the one line for stderr, and its error ``code``."""
+
+    def __init__(self, message: str, code: str = "internal") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Untrusted(_Failure):
+    """A ``wait`` that ended untrusted: a result, not an error (with --json its data is
+    already on stdout and nothing goes to stderr)."""
+
+
+class _UsageError(Exception):
+    """The command line does not parse: ``message``, and the ``usage`` line to show."""
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are raised (``_UsageError``), not printed, so
+    ``main_handshakectl`` can print them as --json asks."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise the usage error instead of printing it and exiting."""
+        raise _UsageError(message, self.format_usage())
 
 
 def _node(text: str) -> int | str:
@@ -58,8 +95,13 @@ def _node(text: str) -> int | str:
         if value > MAX_NODE_ID:
             raise argparse.ArgumentTypeError(f"node ID {text} is above {MAX_NODE_ID}")
         return value
+    address = node_of_address(text)
+    if address is not None:
+        return address
     if not text or not text.isprintable() or text != text.strip():
-        raise argparse.ArgumentTypeError(f"expected a node ID or a hostname, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a node ID, an address N:XXXX.XXXX.XXXX or a hostname, got {text!r}"
+        )
     return text
 
 
@@ -98,7 +140,7 @@ def _node_argument(parser: argparse.ArgumentParser) -> None:
 
 def _handshake_arguments(parser: argparse.ArgumentParser) -> None:
     _node_argument(parser)
-    parser.add_argument("justification", metavar="JUSTIFICATION")
+    parser.add_argument("justification", nargs="?", default="", metavar="JUSTIFICATION")
 
 
 def _reject_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +169,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "approve": ("approve a pending request", _node_argument),
     "reject": ("reject a pending request", _reject_arguments),
     "trust": ("list trusted peers (and conflicting records)", _no_arguments),
+    "requests": ("list our requests and what became of each", _no_arguments),
     "untrust": ("revoke trust in a node, or withdraw our request to it", _node_argument),
     "wait": ("wait until a node is trusted (exit 1 on timeout)", _wait_arguments),
     "events": ("show recent events", _events_arguments),
@@ -141,7 +184,7 @@ class _FullParserNeeded(Exception):
     """What ``_OneCommandParser`` would print depends on the commands it lacks."""
 
 
-class _OneCommandParser(argparse.ArgumentParser):
+class _OneCommandParser(_Parser):
     """The top-level parser built with one command only (``_parse``). Its help and its
     errors would leave the other commands out (the list in --help, the choices in "invalid
     choice"), so it prints neither: ``_parse`` asks the full parser instead."""
@@ -167,11 +210,11 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     (a ``_OneCommandParser``, see ``_parse``)."""
     # --json is also accepted after the command; SUPPRESS keeps the subcommand's default
     # from overwriting a --json given before it.
-    after = argparse.ArgumentParser(add_help=False, formatter_class=_unsized)
+    after = _Parser(add_help=False, formatter_class=_unsized)
     after.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON responses"
     )
-    parser = (argparse.ArgumentParser if only is None else _OneCommandParser)(
+    parser = (_Parser if only is None else _OneCommandParser)(
         prog="pilot-handshakectl",
         description="Operate a running pilot-handshaked over its control socket.",
         epilog=_EPILOG,
@@ -190,9 +233,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     # The commands' own parsers are plain ones: their help and errors are the same
     # whichever other commands exist.
-    commands = parser.add_subparsers(
-        dest="command", metavar="COMMAND", parser_class=argparse.ArgumentParser
-    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     for name, (summary, add_arguments) in _COMMANDS.items():
         if only is None or name == only:
@@ -245,20 +286,6 @@ def _label(node: Any, hostname: Any = "") -> str:
     )
 
 
-def _age(time_text: str, now: datetime) -> str:
-    from .store import parse_time
-
-    try:
-        seconds = int((now - parse_time(time_text)).total_seconds())
-    except ValueError:
-        return "?"
-    seconds = max(0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(
@@ -303,21 +330,30 @@ def _show_handshake(data: dict[str, Any]) -> str:
     return f"request sent to {node}"
 
 
-def _show_pending(data: dict[str, Any]) -> str:
-    from datetime import datetime, timezone
+def _ago(seconds: Any, now: float) -> str:
+    """How long ago the Unix time ``seconds`` was, as ``3d``, ``5h``, ``2m`` or ``9s``."""
+    if type(seconds) is not int:
+        return "?"
+    left = max(0, int(now) - seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if left >= size:
+            return f"{left // size}{unit}"
+    return f"{left}s"
 
-    from .identity import fingerprint  # only this table needs these
+
+def _show_pending(data: dict[str, Any]) -> str:
+    from .identity import fingerprint  # only this table needs it
 
     pending = data["pending"]
     if not pending:
         return "no pending requests"
-    now = datetime.now(timezone.utc)
+    now = time.time()
     rows = [
         [
             _label(p["node_id"], p.get("hostname")),
             fingerprint(p["public_key"]) or "-",
             _printable(p["justification"], _JUSTIFICATION_WIDTH),
-            _age(p["received_at"], now),
+            _ago(p["received_at"], now),
         ]
         for p in pending
     ]
@@ -333,18 +369,37 @@ def _show_trust(data: dict[str, Any]) -> str:
             _label(r["node_id"], r.get("hostname")),
             "yes" if r["mutual"] else "no",
             str(r["network"]) if r["network"] else "-",
-            r["approved_at"],
+            str(r.get("approved_at_text", r["approved_at"])),
+            _printable(str(r.get("reason") or "-")),
             "CONFLICT" if r.get("conflict") else "trusted",
         ]
         for r in trusted
     ]
-    text = _table(["NODE", "MUTUAL", "NETWORK", "APPROVED AT", "STATE"], rows)
+    text = _table(["NODE", "MUTUAL", "NETWORK", "APPROVED AT", "WHY", "STATE"], rows)
     if any(r.get("conflict") for r in trusted):
         text += (
             "\nCONFLICT: the registry now binds this node ID to another key; it is not "
             "trusted until you approve it again or untrust it"
         )
     return text
+
+
+def _show_requests(data: dict[str, Any]) -> str:
+    requests = data["requests"]
+    if not requests:
+        return "no requests sent"
+    now = time.time()
+    rows = [
+        [
+            _label(r["node_id"], r.get("hostname")),
+            str(r["path"]),
+            str(r["state"]),
+            _ago(r["sent_at"], now),
+            _printable(str(r["reason"]), _JUSTIFICATION_WIDTH) or "-",
+        ]
+        for r in requests
+    ]
+    return _table(["NODE", "PATH", "STATE", "SENT", "REASON"], rows)
 
 
 def _show_untrust(data: dict[str, Any]) -> str:
@@ -354,9 +409,13 @@ def _show_untrust(data: dict[str, Any]) -> str:
 
 
 def _show_wait(data: dict[str, Any]) -> str:
+    node = data["node_id"]
     if data["trusted"]:
-        return f"trusted {data['node_id']}"
-    raise _Failure(f"timed out waiting for trust with {data['node_id']}")
+        return f"trusted {node}"
+    if data.get("rejected"):
+        reason = _printable(str(data.get("reason") or "")) or "no reason given"
+        raise _Untrusted(f"node {node} rejected our request: {reason}", _INVALID_STATE)
+    raise _Untrusted(f"timed out waiting for trust with {node}", _TIMEOUT)
 
 
 def _show_event(data: dict[str, Any]) -> str:
@@ -374,6 +433,7 @@ _SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
     "approve": lambda data: f"approved {data['node_id']}",
     "reject": lambda data: f"rejected {data['node_id']}",
     "trust": _show_trust,
+    "requests": _show_requests,
     "untrust": _show_untrust,
     "wait": _show_wait,
     "events": _show_event,
@@ -381,10 +441,27 @@ _SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+def _resolve(client: Client, node: int | str) -> int:
+    """The node ID of ``node``; a hostname is resolved by the daemon, whose error (code
+    included) is the command's."""
+    if isinstance(node, int):
+        return node
+    data = _data(client.request("resolve", hostname=node))
+    return int(data["node_id"])
+
+
+def _data(response: dict[str, Any]) -> Any:
+    """The ``data`` of an ok response; an error response is the command's ``_Failure``."""
+    if response["status"] != "ok":
+        message = str(response.get("message") or response.get("code") or "failed")
+        raise _Failure(message, str(response.get("code") or "internal"))
+    return response.get("data")
+
+
 def _request_args(client: Client, options: argparse.Namespace) -> dict[str, Any]:
     args: dict[str, Any] = {}
     if hasattr(options, "node"):
-        args["node_id"] = client.resolve(options.node)
+        args["node_id"] = _resolve(client, options.node)
     if options.command == "handshake":
         args["justification"] = options.justification
     elif options.command == "reject":
@@ -411,7 +488,7 @@ def _status_when_ready(client: Client, timeout: float) -> dict[str, Any]:
                 return response
             problem = f"pilot-handshaked at {client.path} has no node ID yet (not registered)"
         if time.monotonic() >= deadline:
-            raise _Failure(f"gave up after {timeout:g} s: {problem}")
+            raise _Failure(f"gave up after {timeout:g} s: {problem}", _TIMEOUT)
         time.sleep(_STATUS_RETRY)
 
 
@@ -424,24 +501,53 @@ def _run(options: argparse.Namespace) -> None:
     else:
         responses = iter([client.request(options.command, **_request_args(client, options))])
     for response in responses:
+        data = _data(response)
         if options.json:
             print(json.dumps(response), flush=True)
-        try:
-            data = raise_for_error(response)
-        except HandshakeError as exc:
-            raise _Failure(str(exc)) from None
         text = _SHOW[options.command](data)
         if not options.json:
             print(text, flush=True)
 
 
+def _fail(message: str, code: str, as_json: bool) -> None:
+    """Say why on stderr: the ``pilotctl --json`` envelope, or one line."""
+    if as_json:
+        envelope = {"status": "error", "code": code, "message": message}
+        print(json.dumps(envelope), file=sys.stderr, flush=True)
+    else:
+        print(f"pilot-handshakectl: {message}", file=sys.stderr, flush=True)
+
+
 def main_handshakectl(argv: list[str] | None = None) -> int:
     """Run ``pilot-handshakectl`` with ``argv`` (default ``sys.argv[1:]``); the exit code."""
-    options = _parse(argv)
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        options = _parse(args)
+    except _UsageError as exc:
+        # Known before parsing: --json asks for the envelope even when nothing else parses.
+        if "--json" in args:
+            _fail(str(exc), _INVALID_ARGUMENT, True)
+        else:
+            sys.stderr.write(exc.usage)
+            print(f"pilot-handshakectl: error: {exc}", file=sys.stderr)
+        return 2
     try:
         _run(options)
-    except (_Failure, HandshakeError) as exc:
-        print(f"pilot-handshakectl: {exc}", file=sys.stderr)
+    except _Untrusted as exc:
+        if not options.json:  # with --json the data on stdout says it
+            _fail(str(exc), exc.code, False)
+        return 1
+    except _Failure as exc:
+        _fail(str(exc), exc.code, options.json)
+        return 1
+    except ControlError as exc:
+        _fail(str(exc), exc.code, options.json)
+        return 1
+    except ConfigError as exc:
+        _fail(str(exc), _INVALID_ARGUMENT, options.json)
+        return 1
+    except HandshakeError as exc:
+        _fail(str(exc), "internal", options.json)
         return 1
     except KeyboardInterrupt:
         # Ctrl-C is how `events --follow` normally ends.

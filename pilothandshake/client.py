@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Any
 
-    from .store import PendingHandshake, TrustRecord
+    from .store import OutgoingRequest, PendingHandshake, TrustRecord
 
     Response = dict[str, Any]
 
@@ -53,27 +53,52 @@ __all__ = [
     "ControlClient",
     "ControlError",
     "EventStream",
+    "node_of_address",
     "raise_for_error",
 ]
 
-# Error codes of the control socket that have their own exception; every other code is a
-# plain HandshakeError carrying the daemon's message.
-_ERRORS: dict[str, type[HandshakeError]] = {
-    "not_trusted": NotTrustedError,
-    "store_error": StoreError,
-    "send_failed": SendError,
-    "registry_error": RegistryError,
+# The package's exception for an error code of the control socket (pilotctl's codes), by
+# command where the same code means different things; every other is a HandshakeError
+# carrying the daemon's message.
+_ERRORS: dict[tuple[str, str], type[HandshakeError]] = {
+    ("untrust", "not_found"): NotTrustedError,
+    ("resolve", "not_found"): RegistryError,
+    ("handshake", "connection_failed"): SendError,
+    ("", "connection_failed"): RegistryError,
+    ("", "internal"): StoreError,
 }
 
 
-def raise_for_error(response: Response) -> Any:
-    """The ``data`` of an ok response; an error response raises the package's exception for
-    its code (``NotTrustedError``, ``StoreError``, ``SendError``, ``RegistryError``, else
+def raise_for_error(response: Response, command: str = "") -> Any:
+    """The ``data`` of an ok response to ``command``; an error response raises the package's
+    exception for its code (``NotTrustedError`` for an ``untrust`` of a node not trusted,
+    ``SendError`` for a ``handshake`` that reached nobody, ``RegistryError`` for a hostname
+    that does not resolve or a registry out of reach, ``StoreError`` for ``internal``, else
     ``HandshakeError``) with the daemon's message."""
     if response["status"] == "ok":
         return response.get("data")
-    error = _ERRORS.get(str(response.get("code")), HandshakeError)
+    code = str(response.get("code"))
+    error = _ERRORS.get((command, code)) or _ERRORS.get(("", code), HandshakeError)
     raise error(str(response.get("message") or response.get("code") or "failed"))
+
+
+def node_of_address(text: str) -> int | None:
+    """The node part of a Pilot address ``N:XXXX.XXXX.XXXX`` (the network in decimal, then
+    its four hex digits again, then the node ID's eight, as ``pilotctl`` accepts it); None
+    when ``text`` is not one."""
+    network, colon, groups = text.partition(":")
+    parts = groups.split(".")
+    if not (colon and network.isascii() and network.isdigit() and len(parts) == 3):
+        return None
+    if not all(len(p) == 4 and p.isascii() and _is_hex(p) for p in parts):
+        return None
+    if int(network) != int(parts[0], 16):
+        return None
+    return int(parts[1] + parts[2], 16)
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 class ControlClient:
@@ -125,10 +150,12 @@ class ControlClient:
                 sock.connect(self.path)
             except (FileNotFoundError, ConnectionRefusedError):
                 raise ControlError(
-                    f"pilot-handshaked is not running (no socket at {self.path})"
+                    f"pilot-handshaked is not running (no socket at {self.path})", "not_running"
                 ) from None
             except socket.timeout:
-                raise ControlError(f"no answer from pilot-handshaked at {self.path}") from None
+                raise ControlError(
+                    f"no answer from pilot-handshaked at {self.path}", "timeout"
+                ) from None
             except OSError as exc:
                 raise ControlError(f"cannot connect to {self.path}: {exc}") from None
             try:
@@ -151,7 +178,9 @@ class ControlClient:
             try:
                 line = reader.readline()
             except socket.timeout:
-                raise ControlError(f"no answer from pilot-handshaked at {self.path}") from None
+                raise ControlError(
+                    f"no answer from pilot-handshaked at {self.path}", "timeout"
+                ) from None
             except OSError as exc:
                 raise ControlError(f"lost the connection to {self.path}: {exc}") from None
             except ValueError:  # the stream was closed under the reader (EventStream.close)
@@ -273,17 +302,21 @@ class Client:
 
     def call(self, command: str, **args: Any) -> Any:
         """One control request; its ``data``, or the package's exception for an error."""
-        return raise_for_error(self.request(command, **args))
+        return raise_for_error(self.request(command, **args), command)
 
     def resolve(self, node: int | str) -> int:
-        """The node ID of ``node``: an ID (int or decimal digits) as is, else a hostname
-        the daemon resolves through its registry (``RegistryError`` when it cannot)."""
+        """The node ID of ``node``: an ID (int or decimal digits) as is, the node part of a
+        Pilot address ``N:XXXX.XXXX.XXXX``, else a hostname the daemon resolves through its
+        registry (``RegistryError`` when it cannot)."""
         if isinstance(node, bool) or not isinstance(node, (int, str)):
-            raise TypeError(f"a node is a node ID or a hostname, not {node!r}")
+            raise TypeError(f"a node is a node ID, an address or a hostname, not {node!r}")
         if isinstance(node, int):
             return node
         if node.isascii() and node.isdigit():
             return int(node)
+        address = node_of_address(node)
+        if address is not None:
+            return address
         return int(self.call("resolve", hostname=node)["node_id"])
 
     @property
@@ -297,7 +330,7 @@ class Client:
         data: dict[str, Any] = self.call("status")
         return data
 
-    def send_request(self, peer_node_id: int | str, justification: str) -> str:
+    def send_request(self, peer_node_id: int | str, justification: str = "") -> str:
         """Ask ``peer_node_id`` for trust: "sent", "relayed" or "trusted" (``SendError``)."""
         node = self.resolve(peer_node_id)
         return str(self.call("handshake", node_id=node, justification=justification)["status"])
@@ -314,7 +347,7 @@ class Client:
         response = self.request(command, node_id=self.resolve(node), **args)
         if response["status"] == "error" and response.get("code") == "not_found":
             return False
-        raise_for_error(response)
+        raise_for_error(response, command)
         return True
 
     def revoke_trust(self, peer_node_id: int | str) -> str:
@@ -328,16 +361,17 @@ class Client:
         return bool(self.call("is_trusted", node_id=self.resolve(node_id))["trusted"])
 
     def trusted_peers(self) -> list[TrustRecord]:
-        """The trust records, sorted by node ID."""
+        """The trust records (with the ``reason`` each is trusted for), sorted by node ID."""
         from .store import TrustRecord, parse_time  # only callers that want records pay
 
         return [
             TrustRecord(
                 node_id=r["node_id"],
                 public_key=r["public_key"],
-                approved_at=parse_time(r["approved_at"]),
+                approved_at=parse_time(r["approved_at_text"]),
                 mutual=r["mutual"],
                 network=r["network"],
+                reason=r["reason"],
             )
             for r in self.call("trust")["trusted"]
         ]
@@ -351,9 +385,26 @@ class Client:
                 node_id=p["node_id"],
                 public_key=p["public_key"],
                 justification=p["justification"],
-                received_at=parse_time(p["received_at"]),
+                received_at=parse_time(p["received_at_text"]),
             )
             for p in self.call("pending")["pending"]
+        ]
+
+    def outgoing_requests(self) -> list[OutgoingRequest]:
+        """Our requests (SPEC 7), sorted by node ID: each ``waiting``, or ended
+        (``accepted``, ``rejected`` with the peer's ``reason``, ``expired``,
+        ``withdrawn``) and kept for ``outgoing_ttl`` after it ended."""
+        from .store import OutgoingRequest, parse_time
+
+        return [
+            OutgoingRequest(
+                node_id=r["node_id"],
+                sent_at=parse_time(r["sent_at_text"]),
+                path=r["path"],
+                state=r["state"],
+                reason=r["reason"],
+            )
+            for r in self.call("requests")["requests"]
         ]
 
     def pending_count(self) -> int:
@@ -361,7 +412,15 @@ class Client:
         return int(self.status()["pending"])
 
     def wait_for_trust(self, node_id: int | str, timeout: float | None) -> bool:
-        """Block until ``node_id`` is trusted (True) or ``timeout`` seconds pass (False).
+        """Block until ``node_id`` is trusted (True), or ``timeout`` seconds pass or the
+        peer rejects our request (False, at once; ``wait`` or ``outgoing_requests()`` says
+        why). As ``Manager.wait_for_trust``."""
+        return bool(self.wait(node_id, timeout)["trusted"])
+
+    def wait(self, node_id: int | str, timeout: float | None) -> dict[str, Any]:
+        """``wait_for_trust`` with the reason (what ``pilot-handshakectl wait --json``
+        shows): ``{"node_id", "trusted"}``, plus ``"rejected": True`` and the peer's
+        ``"reason"`` when our latest request to it was rejected.
 
         The daemon waits on its own condition (no polling). ``None`` waits without limit:
         the daemon caps one wait at an hour, so the client asks again on a fresh connection
@@ -372,10 +431,11 @@ class Client:
             left = WAIT_MAX_TIMEOUT
             if deadline is not None:
                 left = min(left, max(0.0, deadline - time.monotonic()))
-            if self.call("wait", node_id=node, timeout=left)["trusted"]:
-                return True
+            answer: dict[str, Any] = self.call("wait", node_id=node, timeout=left)
+            if answer["trusted"] or answer.get("rejected"):
+                return answer
             if deadline is not None and time.monotonic() >= deadline:
-                return False
+                return answer
 
     def events(self, history: bool = False, follow: bool = True) -> EventStream:
         """The event stream: with ``history`` the recent events first; with ``follow``

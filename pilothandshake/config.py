@@ -169,6 +169,20 @@ def load_config(path: str) -> Config:
     return parse_config(read_yaml(path), path)
 
 
+def control_socket_of(path: str) -> str:
+    """The control socket of the daemon configured at ``path``: ``control.sock`` beside its
+    identity. Reads only ``identity``: a client needs no more, and an error elsewhere in the
+    file (the operator is fixing it) must not keep it from a running daemon (SPEC 13).
+    Raises ``ConfigError`` naming the file when the file or that key is invalid."""
+    data = read_yaml(path)
+    parser = _ConfigParser(path)
+    if data is not None and not isinstance(data, dict):
+        parser.fail("(top level)", "a mapping", describe(data))
+    top = data or {}
+    identity = parser.get(top, "", "identity", Config().identity, parser.identity)
+    return os.path.join(os.path.dirname(identity), CONTROL_SOCKET_NAME)
+
+
 def parse_config(data: object, source: str) -> Config:
     """Validate already-loaded YAML ``data`` from file ``source`` into a ``Config``.
 

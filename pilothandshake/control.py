@@ -40,6 +40,9 @@ from typing import Any, Callable
 from .client import ControlClient
 from .constants import CONTROL_IDLE_TIMEOUT, CONTROL_MAX_CONNECTIONS, CONTROL_MAX_LINE
 from .control_commands import (
+    BUSY,
+    FORBIDDEN,
+    INVALID_ARGUMENT,
     ControlCommands,
     HostnameRegistry,
     RequestError,
@@ -103,7 +106,7 @@ class _Handler(socketserver.StreamRequestHandler):
             if credentials is not None and not self.server.allowed(*credentials):
                 self._send(
                     error_response(
-                        "forbidden",
+                        FORBIDDEN,
                         f"uid {credentials[0]} may not use this daemon's socket (allowed: "
                         "root, the daemon's user and the members of control.group)",
                     )
@@ -117,7 +120,7 @@ class _Handler(socketserver.StreamRequestHandler):
                     # The rest of the line cannot be told from the next request: close.
                     self._send(
                         error_response(
-                            "bad_request", f"request longer than {CONTROL_MAX_LINE} bytes"
+                            INVALID_ARGUMENT, f"request longer than {CONTROL_MAX_LINE} bytes"
                         )
                     )
                     return
@@ -311,7 +314,7 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
             request.send(
                 encode_response(
                     error_response(
-                        "busy",
+                        BUSY,
                         f"the control socket already serves {CONTROL_MAX_CONNECTIONS} "
                         "connections; try again later",
                     )

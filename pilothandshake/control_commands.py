@@ -5,7 +5,11 @@ the answers; nothing here touches a socket.
 ``COMMANDS`` lists every command with its required and optional arguments; a command ``x``
 is carried out by ``ControlCommands._do_x`` (``wait`` by ``_wait``; ``events`` streams, so
 the server answers it). ``execute`` never raises: every failure is an error response whose
-``code`` says what went wrong.
+``code`` says what went wrong, with ``pilotctl``'s codes (``CODES``).
+
+Answers have ``pilotctl --json``'s keys and types (SPEC 13): times are Unix seconds as
+integers (``received_at``, ``approved_at``, ``sent_at``), each with an RFC 3339 copy under
+the same name plus ``_text``.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import logging
 import math
 import threading
 import time
+from datetime import datetime
 from typing import Any, Callable, Protocol
 
 from .constants import REGISTRY_CACHE_TTL, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
 from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
 from .manager import Manager
 from .messages import MAX_NODE_ID
-from .store import format_time
+from .store import REJECTED, format_time
 
 __all__ = [
+    "CODES",
     "COMMANDS",
     "ControlCommands",
     "HostnameRegistry",
@@ -37,14 +43,37 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The error codes of answers: pilotctl's where one fits (SPEC 13), and what each means here.
+INVALID_ARGUMENT = "invalid_argument"
+NOT_FOUND = "not_found"
+NOT_RUNNING = "not_running"
+CONNECTION_FAILED = "connection_failed"
+INVALID_STATE = "invalid_state"
+TIMEOUT = "timeout"
+INTERNAL = "internal"
+FORBIDDEN = "forbidden"
+BUSY = "busy"
+CODES: dict[str, str] = {
+    INVALID_ARGUMENT: "a malformed request or bad argument, or a usage error (do not retry)",
+    NOT_FOUND: "no such node, hostname, pending request or trust record",
+    NOT_RUNNING: "no daemon answers at the control socket",
+    CONNECTION_FAILED: "a peer, the registry or the daemon could not be reached (may retry)",
+    INVALID_STATE: "not possible in the node's state (no node ID yet, no registry)",
+    TIMEOUT: "no answer in time (may retry)",
+    INTERNAL: "trust.json could not be written, or an unexpected error (see the log)",
+    FORBIDDEN: "this user may not use the daemon's control socket",
+    BUSY: "the control socket serves as many connections as it may (retry later)",
+}
+
 # command -> (required arguments, optional arguments)
 COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "status": (frozenset(), frozenset()),
-    "handshake": (frozenset({"node_id", "justification"}), frozenset()),
+    "handshake": (frozenset({"node_id"}), frozenset({"justification"})),
     "pending": (frozenset(), frozenset()),
     "approve": (frozenset({"node_id"}), frozenset()),
     "reject": (frozenset({"node_id"}), frozenset({"reason"})),
     "trust": (frozenset(), frozenset()),
+    "requests": (frozenset(), frozenset()),
     "untrust": (frozenset({"node_id"}), frozenset()),
     "is_trusted": (frozenset({"node_id"}), frozenset()),
     "wait": (frozenset({"node_id"}), frozenset({"timeout"})),
@@ -106,16 +135,16 @@ def _check_arg(name: str, value: Any) -> Any:
     """The argument ``name`` if well-typed; ``timeout`` is capped to ``WAIT_MAX_TIMEOUT``."""
     if name == "node_id":
         if type(value) is not int or not 0 <= value <= MAX_NODE_ID:
-            raise RequestError("bad_request", f"node_id must be an integer 0..{MAX_NODE_ID}")
+            raise RequestError(INVALID_ARGUMENT, f"node_id must be an integer 0..{MAX_NODE_ID}")
         return value
     if name in ("justification", "reason"):
         if not isinstance(value, str):
-            raise RequestError("bad_request", f"{name} must be a string")
+            raise RequestError(INVALID_ARGUMENT, f"{name} must be a string")
         return value
     if name == "hostname":
         if not isinstance(value, str) or not 0 < len(value) <= _MAX_HOSTNAME:
             raise RequestError(
-                "bad_request", f"hostname must be a string of 1..{_MAX_HOSTNAME} characters"
+                INVALID_ARGUMENT, f"hostname must be a string of 1..{_MAX_HOSTNAME} characters"
             )
         return value
     if name == "timeout":
@@ -127,10 +156,10 @@ def _check_arg(name: str, value: Any) -> Any:
             or (isinstance(value, float) and not math.isfinite(value))
             or value < 0
         ):
-            raise RequestError("bad_request", "timeout must be a number of seconds >= 0")
+            raise RequestError(INVALID_ARGUMENT, "timeout must be a number of seconds >= 0")
         return float(min(value, WAIT_MAX_TIMEOUT))
     if not isinstance(value, bool):  # follow, history
-        raise RequestError("bad_request", f"{name} must be true or false")
+        raise RequestError(INVALID_ARGUMENT, f"{name} must be true or false")
     return value
 
 
@@ -140,23 +169,23 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     try:
         request = json.loads(line)
     except (ValueError, RecursionError) as exc:
-        raise RequestError("bad_request", f"request is not valid JSON: {exc}") from None
+        raise RequestError(INVALID_ARGUMENT, f"request is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
-        raise RequestError("bad_request", "request must be a JSON object")
+        raise RequestError(INVALID_ARGUMENT, "request must be a JSON object")
     command = request.pop("command", None)
     if not isinstance(command, str):
-        raise RequestError("bad_request", 'request needs a "command" string')
+        raise RequestError(INVALID_ARGUMENT, 'request needs a "command" string')
     if command not in COMMANDS:
         raise RequestError(
-            "unknown_command", f"unknown command {command!r} (known: {', '.join(COMMANDS)})"
+            INVALID_ARGUMENT, f"unknown command {command!r} (known: {', '.join(COMMANDS)})"
         )
     required, optional = COMMANDS[command]
     missing = sorted(required - request.keys())
     unknown = sorted(request.keys() - required - optional)
     if missing:
-        raise RequestError("bad_request", f"{command} needs {', '.join(missing)}")
+        raise RequestError(INVALID_ARGUMENT, f"{command} needs {', '.join(missing)}")
     if unknown:
-        raise RequestError("bad_request", f"{command} does not take {', '.join(unknown)}")
+        raise RequestError(INVALID_ARGUMENT, f"{command} does not take {', '.join(unknown)}")
     return command, {name: _check_arg(name, value) for name, value in request.items()}
 
 
@@ -192,7 +221,7 @@ class ControlCommands:
         try:
             if command in _NOT_SELF and args["node_id"] == self.node_id() != 0:
                 raise RequestError(
-                    "own_node",
+                    INVALID_ARGUMENT,
                     f"node {args['node_id']} is this node itself; name the peer's node ID",
                 )
             if command in _FRESH_VIEW and self.refresh is not None:
@@ -204,19 +233,17 @@ class ControlCommands:
             return error_response(exc.code, exc.message)
         except NotTrustedError as exc:
             return error_response(
-                "not_trusted", str(exc) or f"node {args.get('node_id')} is not trusted"
+                NOT_FOUND, str(exc) or f"node {args.get('node_id')} is not trusted"
             )
-        except SendError as exc:
-            return error_response("send_failed", str(exc))
+        except (SendError, RegistryError) as exc:
+            return error_response(CONNECTION_FAILED, str(exc))
         except StoreError as exc:
-            return error_response("store_error", str(exc))
-        except RegistryError as exc:
-            return error_response("registry_error", str(exc))
+            return error_response(INTERNAL, str(exc))
         except HandshakeError as exc:
-            return error_response("failed", str(exc))
+            return error_response(INVALID_STATE, str(exc))
         except Exception:
             log.exception("control command %s failed", command)
-            return error_response("internal_error", f"{command} failed; see the daemon's log")
+            return error_response(INTERNAL, f"{command} failed; see the daemon's log")
 
     def _hostnames(self, node_ids: list[int]) -> dict[int, str]:
         """The registry's hostname of each node ("" unknown), from a cache refreshed at
@@ -257,19 +284,24 @@ class ControlCommands:
     def _do_resolve(self, hostname: str) -> dict[str, Any]:
         if self.registry is None:
             raise RequestError(
-                "no_registry", f"cannot resolve {hostname!r}: this daemon has no registry"
+                INVALID_STATE, f"cannot resolve {hostname!r}: this daemon has no registry"
             )
-        answer = self.registry.resolve_hostname(hostname)
+        try:
+            answer = self.registry.resolve_hostname(hostname)
+        except RegistryError as exc:
+            # The production registry answers "request failed" for an unknown name and for
+            # a fault alike (SPEC 11): an unknown name is the likely case.
+            raise RequestError(NOT_FOUND, f"cannot resolve {hostname!r}: {exc}") from None
         node_id = answer.get("node_id")
         if type(node_id) is not int:
-            raise RequestError("registry_error", f"the registry did not resolve {hostname!r}")
+            raise RequestError(NOT_FOUND, f"the registry did not resolve {hostname!r}")
         return {
             "node_id": node_id,
             "hostname": answer.get("hostname", hostname),
             "public": bool(answer.get("public")),
         }
 
-    def _do_handshake(self, node_id: int, justification: str) -> dict[str, Any]:
+    def _do_handshake(self, node_id: int, justification: str = "") -> dict[str, Any]:
         return {"node_id": node_id, "status": self.manager.send_request(node_id, justification)}
 
     def _do_pending(self) -> dict[str, Any]:
@@ -282,7 +314,7 @@ class ControlCommands:
                     "hostname": names.get(p.node_id, ""),
                     "public_key": p.public_key,
                     "justification": p.justification,
-                    "received_at": format_time(p.received_at),
+                    **_time("received_at", p.received_at),
                 }
                 for p in pending
             ]
@@ -290,12 +322,12 @@ class ControlCommands:
 
     def _do_approve(self, node_id: int) -> dict[str, Any]:
         if not self.manager.approve_handshake(node_id):
-            raise RequestError("not_found", f"nothing pending for node {node_id}")
+            raise RequestError(NOT_FOUND, f"nothing pending for node {node_id}")
         return {"node_id": node_id, "status": "approved"}
 
     def _do_reject(self, node_id: int, reason: str = "") -> dict[str, Any]:
         if not self.manager.reject_handshake(node_id, reason):
-            raise RequestError("not_found", f"nothing pending for node {node_id}")
+            raise RequestError(NOT_FOUND, f"nothing pending for node {node_id}")
         return {"node_id": node_id, "status": "rejected"}
 
     def _do_trust(self) -> dict[str, Any]:
@@ -310,10 +342,28 @@ class ControlCommands:
                     "public_key": r.public_key,
                     "mutual": r.mutual,
                     "network": r.network,
-                    "approved_at": format_time(r.approved_at),
+                    **_time("approved_at", r.approved_at),
+                    "reason": r.reason,
                     "conflict": r.node_id in conflicts,
                 }
                 for r in records
+            ]
+        }
+
+    def _do_requests(self) -> dict[str, Any]:
+        requests = self.manager.outgoing_requests()
+        names = self._hostnames([r.node_id for r in requests])
+        return {
+            "requests": [
+                {
+                    "node_id": r.node_id,
+                    "hostname": names.get(r.node_id, ""),
+                    **_time("sent_at", r.sent_at),
+                    "path": r.path,
+                    "state": r.state,
+                    "reason": r.reason,
+                }
+                for r in requests
             ]
         }
 
@@ -340,5 +390,21 @@ class ControlCommands:
             left = deadline - time.monotonic()
             if self.manager.wait_for_trust(node_id, max(0.0, min(left, _WAIT_SLICE))):
                 return {"node_id": node_id, "trusted": True}
+            rejection = self._rejection(node_id)
+            if rejection is not None:
+                return {"node_id": node_id, "trusted": False, "rejected": True, "reason": rejection}
             if left <= _WAIT_SLICE or self.stopping.is_set() or (gone is not None and gone()):
                 return {"node_id": node_id, "trusted": False}
+
+    def _rejection(self, node_id: int) -> str | None:
+        """The peer's reason when our latest request to ``node_id`` was rejected, else None."""
+        for request in self.manager.outgoing_requests():
+            if request.node_id == node_id and request.state == REJECTED:
+                return request.reason
+        return None
+
+
+def _time(key: str, moment: datetime) -> dict[str, Any]:
+    """``key`` as Unix seconds (an integer, as ``pilotctl --json`` prints it) and
+    ``key_text`` as RFC 3339."""
+    return {key: int(moment.timestamp()), f"{key}_text": format_time(moment)}

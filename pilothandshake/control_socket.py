@@ -39,7 +39,8 @@ def find_socket(socket_path: str | None = None, config: str | None = None) -> st
     else ``$PILOT_HANDSHAKE_SOCKET``, else the identity directory of the daemon's default
     config when readable, else the default identity directory (module docstring).
 
-    Raises ``ConfigError`` naming the file when a config file is read and is invalid."""
+    Raises ``ConfigError`` naming the file when a config file is read and its ``identity``
+    (all that is read of it) is invalid."""
     if socket_path:
         return socket_path
     if config:
@@ -55,9 +56,9 @@ def find_socket(socket_path: str | None = None, config: str | None = None) -> st
 
 def _config_socket(path: str) -> str:
     # Imported here: YAML and the config's validation cost more than the rest of a CLI run.
-    from .config import load_config
+    from .config import control_socket_of
 
-    return load_config(path).control_socket
+    return control_socket_of(path)
 
 
 def check_socket(path: str) -> None:

@@ -273,7 +273,7 @@ class Daemon:
         self.metrics.watch(
             trusted=lambda: len(self.manager.trusted_peers()),
             pending=self.manager.pending_count,
-            outgoing=lambda: len(self.manager.outgoing_requests()),
+            outgoing=lambda: sum(r.waiting for r in self.manager.outgoing_requests()),
             active_connections=self.runtime.active_connections,
             registry_up=self._registry_up if registry is not None else None,
         )

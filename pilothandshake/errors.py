@@ -31,4 +31,11 @@ class StoreError(HandshakeError):
 
 class ControlError(HandshakeError):
     """The control socket cannot be used: the daemon is not running or does not answer in
-    time, the socket is not safe to talk to, or the daemon's answer is unreadable."""
+    time, the socket is not safe to talk to, or the daemon's answer is unreadable. ``code``
+    is the ``pilotctl`` error code that says which (``not_running``, ``timeout``,
+    ``connection_failed``)."""
+
+    def __init__(self, message: str, code: str = "connection_failed") -> None:
+        """``message`` for people, ``code`` for programs."""
+        super().__init__(message)
+        self.code = code

@@ -66,13 +66,18 @@ class BackgroundPool:
             return self._idle.wait_for(lambda: not self._unfinished, timeout)
 
     def shutdown(self, timeout: float) -> bool:
-        """Refuse new work, wait up to ``timeout`` seconds for queued work, stop the workers.
+        """Refuse new work, wait for queued work and stop the workers, all within ``timeout``
+        seconds in total (one deadline, not one per step).
 
         Returns False if work was still running when the time ran out (its threads are
-        daemons and do not keep the process alive). Calling it again does nothing more.
+        daemons and do not keep the process alive). Calling it again waits for nothing and
+        says whether the pool is idle.
         """
+        deadline = time.monotonic() + max(timeout, 0.0)
         with self._lock:
-            self._closed = True
+            again, self._closed = self._closed, True
+            if again:
+                return not self._unfinished
         finished = self.drain(timeout)
         with self._lock:
             threads, self._threads = self._threads, []
@@ -81,7 +86,6 @@ class BackgroundPool:
                 self._queue.put_nowait(None)
             except Full:
                 break  # workers still busy with stale work; they are daemons
-        deadline = time.monotonic() + max(timeout, 0.0)
         for thread in threads:
             thread.join(max(deadline - time.monotonic(), 0.0))
         if not finished:

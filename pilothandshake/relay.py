@@ -54,6 +54,7 @@ RELAY_LOG_INTERVAL = 10.0  # at most one WARNING about dropped relay items per i
 WAIT_POLL = "wait_poll"  # the registry feature of held polls (SPEC 18)
 LONG_POLL_WAIT = 55.0  # seconds a held poll may wait (SPEC 18)
 MAX_RELAYED_REMEMBERED = 1024  # relayed requests whose text is kept to send again
+MAX_REASON = 4096  # characters of a relayed rejection's reason taken (the Manager keeps 1 KiB)
 
 
 class LoopRegistry(Protocol):
@@ -81,13 +82,17 @@ class LoopRegistry(Protocol):
 
 
 class Outgoing(Protocol):
-    """An outgoing request as the Manager lists it: to whom, and when it was sent."""
+    """An outgoing request as the Manager lists it: to whom, when it was sent, and whether
+    it still waits for an answer."""
 
     @property
     def node_id(self) -> int: ...
 
     @property
     def sent_at(self) -> datetime: ...
+
+    @property
+    def waiting(self) -> bool: ...
 
 
 class RelayTarget(Protocol):
@@ -99,7 +104,7 @@ class RelayTarget(Protocol):
 
     def process_relayed_approval(self, from_node_id: int) -> None: ...
 
-    def process_relayed_rejection(self, from_node_id: int) -> None: ...
+    def process_relayed_rejection(self, from_node_id: int, reason: str = "") -> None: ...
 
     def outgoing_requests(self) -> Sequence[Outgoing]: ...
 
@@ -142,12 +147,6 @@ class _DropReport:
         self._last = now
         self._malformed = self._excess = 0
         self._example = ""
-
-
-def _waiting(request: Outgoing) -> bool:
-    """Whether the Manager's outgoing request still waits for an answer (entries that
-    ended are listed too once outgoing requests keep their state, SPEC 7)."""
-    return bool(getattr(request, "waiting", True))
 
 
 def _port(address: str) -> str:
@@ -569,7 +568,7 @@ class RegistryLoop:
                 return
             self._outages_seen = self._outages
             remembered = dict(self._relayed)
-        waiting = {r.node_id for r in self._target.outgoing_requests() if _waiting(r)}
+        waiting = {r.node_id for r in self._target.outgoing_requests() if r.waiting}
         for peer, justification in remembered.items():
             if peer not in waiting:
                 with self._cond:
@@ -694,7 +693,7 @@ class RegistryLoop:
         wall, mono = time.time(), time.monotonic()
         since = []
         for request in self._target.outgoing_requests():
-            if not _waiting(request):
+            if not request.waiting:
                 continue
             sent = request.sent_at
             if sent.tzinfo is None:
@@ -750,10 +749,13 @@ class RegistryLoop:
             self._drops.malformed("response", item)
             return
         peer = item["from_node_id"]
+        reason = item.get("reason")  # pilot-registryd passes a rejection's reason on
         try:
             if item["accept"]:
                 self._target.process_relayed_approval(peer)
             else:
-                self._target.process_relayed_rejection(peer)
+                self._target.process_relayed_rejection(
+                    peer, reason[:MAX_REASON] if isinstance(reason, str) else ""
+                )
         except Exception as exc:
             log.error("relay: response from node %d failed: %s", peer, exc)

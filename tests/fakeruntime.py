@@ -104,10 +104,11 @@ class FakeRegistry:
         return {"type": "request_handshake_ok", "status": "pending"}
 
     def respond_handshake(
-        self, node_id: int, peer_id: int, accept: bool, signature_b64: str
+        self, node_id: int, peer_id: int, accept: bool, signature_b64: str, reason: str = ""
     ) -> dict[str, Any]:
-        """Record; ``respond_handshake_ok``."""
-        self._record("respond_handshake", node_id, peer_id, accept, signature_b64)
+        """Record (``reason`` only when not empty); ``respond_handshake_ok``."""
+        extra = (reason,) if reason else ()
+        self._record("respond_handshake", node_id, peer_id, accept, signature_b64, *extra)
         return {"type": "respond_handshake_ok"}
 
     def poll_handshakes(self, node_id: int) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,9 @@ from test_control import FakeRegistry, Node, running_node
 
 from pilothandshake import cli
 from pilothandshake.cli import main_handshakectl
+from pilothandshake.control_commands import CODES
 from pilothandshake.identity import fingerprint
-from pilothandshake.store import format_time
+from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT
 
 CTL = str(Path(__file__).resolve().parent.parent / "bin" / "pilot-handshakectl")
 
@@ -114,9 +114,9 @@ def test_approve_then_trust_table_then_untrust(
     assert run(node, capsys, "approve", "9") == (0, "approved 9\n", "")
     code, out, _ = run(node, capsys, "trust")
     header, row = out.splitlines()
-    assert header.split() == ["NODE", "MUTUAL", "NETWORK", "APPROVED", "AT", "STATE"]
+    assert header.split() == ["NODE", "MUTUAL", "NETWORK", "APPROVED", "AT", "WHY", "STATE"]
     assert row.split()[:3] == ["9", "no", "-"]
-    assert row.split()[-1] == "trusted"
+    assert row.split()[-2:] == ["approved", "trusted"]  # why: the operator approved it
     code, out, _ = run(node, capsys, "--json", "trust")
     assert [r["node_id"] for r in json.loads(out)["data"]["trusted"]] == [9]
     assert run(node, capsys, "untrust", "9") == (0, "untrusted 9\n", "")
@@ -134,13 +134,12 @@ def test_approve_or_reject_with_nothing_pending_exits_1(
         "pilot-handshakectl: nothing pending for node 42\n",
     )
     code, out, err = run(node, capsys, "--json", "reject", "42", "no")
-    assert code == 1
-    assert json.loads(out) == {
+    assert (code, out) == (1, "")  # as pilotctl: the envelope on stderr, stdout empty
+    assert json.loads(err) == {
         "status": "error",
         "code": "not_found",
         "message": "nothing pending for node 42",
     }
-    assert "nothing pending for node 42" in err
 
 
 def test_reject_passes_the_reason(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
@@ -194,14 +193,19 @@ def test_events_prints_recent_events(node: Node, capsys: pytest.CaptureFixture[s
         ["approve", ""],
         ["approve", "4294967296"],
         ["wait", "3", "--timeout", "-1"],
-        ["handshake", "3"],
+        ["handshake"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main_handshakectl(["--socket", "/nonexistent.sock", *argv])
-    assert info.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+    assert main_handshakectl(["--socket", "/nonexistent.sock", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "usage:" in err
+    # With --json, the envelope instead (pilotctl's code for a usage error).
+    assert main_handshakectl(["--json", "--socket", "/nonexistent.sock", *argv]) == 2
+    out, err = capsys.readouterr()
+    envelope = json.loads(err)
+    assert (out, envelope["status"], envelope["code"]) == ("", "error", "invalid_argument")
+    assert set(envelope) == {"status", "code", "message"}
 
 
 def test_daemon_not_running_is_one_line_naming_the_socket(
@@ -226,11 +230,27 @@ def test_bad_config_file_exits_1_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text("listen: nowhere\n")
+    config.write_text("identity: [1, 2]\n")
     assert main_handshakectl(["--config", str(config), "status"]) == 1
     err = capsys.readouterr().err
-    assert str(config) in err and "listen" in err
+    assert str(config) in err and "identity" in err
     assert len(err.splitlines()) == 1
+    assert main_handshakectl(["--json", "--config", str(config), "status"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and json.loads(err)["code"] == "invalid_argument"
+    assert str(config) in json.loads(err)["message"]
+
+
+def test_an_error_elsewhere_in_the_config_does_not_keep_status_from_the_daemon(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The operator is mid-edit (a SIGHUP the daemon refused): the CLI needs only the
+    socket's location, from ``identity``."""
+    config = os.path.join(os.path.dirname(node.path), "config.yaml")
+    with open(config, "w") as handle:
+        handle.write("identity: identity.json\nlisten: nowhere\ntrust: {strict: maybe}\n")
+    assert main_handshakectl(["--config", config, "status"]) == 0
+    assert capsys.readouterr().out.startswith("node      1")
 
 
 def test_socket_found_from_environment_then_default_identity_dir(
@@ -247,11 +267,10 @@ def test_socket_found_from_environment_then_default_identity_dir(
 
 
 def test_age_uses_the_largest_whole_unit() -> None:
-    now = datetime(2026, 11, 25, 12, 0, 0, tzinfo=timezone.utc)
+    now = 1_800_000_000.0
     ages = [5, 3 * 60 + 59, 2 * 3600 + 1, 3 * 86400]
-    shown = [cli._age(format_time(now - timedelta(seconds=s)), now) for s in ages]
-    assert shown == ["5s", "3m", "2h", "3d"]
-    assert cli._age("garbage", now) == "?"
+    assert [cli._ago(int(now) - s, now) for s in ages] == ["5s", "3m", "2h", "3d"]
+    assert cli._ago("garbage", now) == "?"
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -325,6 +344,8 @@ def test_parsing_with_only_the_named_command_answers_as_the_full_parser(
             result: object = vars(parse(argv))
         except SystemExit as exc:
             result = exc.code
+        except cli._UsageError as exc:
+            result = (str(exc), exc.usage)
         out, err = capsys.readouterr()
         return result, out, err
 
@@ -441,3 +462,108 @@ def test_status_wait_waits_for_the_daemon_to_answer(tmp_path: Path) -> None:
     gave_up = ctl("--socket", str(tmp_path / "none.sock"), "status", "--wait", "--timeout", "0.3")
     assert gave_up.returncode == 1
     assert gave_up.stderr.startswith("pilot-handshakectl: gave up after 0.3 s: ")
+
+
+# Issue 16: what became of our requests, and pilotctl's shapes
+
+
+def _rejected_by(node: Node, peer: Peer, reason: str) -> None:
+    node.manager.process_message(
+        peer.data(HANDSHAKE_REJECT, node.runtime.node_id(), reason=reason), "127.0.0.1:40000"
+    )
+
+
+def test_wait_says_who_rejected_our_request_and_why(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    peer = Peer(2)
+    assert run(node, capsys, "handshake", "2")[0] == 0  # the justification is optional
+    _rejected_by(node, peer, "not today")
+    code, out, err = run(node, capsys, "wait", "2", "--timeout", "30")
+    assert (code, out, err) == (
+        1,
+        "",
+        "pilot-handshakectl: node 2 rejected our request: not today\n",
+    )
+    # --json: a result, not an error: the data on stdout, exit 1, stderr empty.
+    code, out, err = run(node, capsys, "--json", "wait", "2", "--timeout", "30")
+    assert (code, err) == (1, "")
+    assert json.loads(out) == {
+        "status": "ok",
+        "data": {"node_id": 2, "trusted": False, "rejected": True, "reason": "not today"},
+    }
+
+
+def test_requests_lists_every_state_with_unix_times(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node.runtime.dial_fails = True  # no registry either: the request cannot be sent ...
+    assert run(node, capsys, "handshake", "5")[0] == 1
+    node.runtime.dial_fails = False
+    for peer in (2, 3, 4):
+        assert run(node, capsys, "handshake", str(peer), "sync")[0] == 0
+    _rejected_by(node, Peer(2), "not today")
+    node.manager.process_message(
+        Peer(3).data(HANDSHAKE_ACCEPT, node.runtime.node_id()), "127.0.0.1:40000"
+    )
+    assert (
+        run(node, capsys, "untrust", "4")[1]
+        == "request withdrawn from 4 (it was not trusted yet)\n"
+    )
+    _, out, _ = run(node, capsys, "requests")
+    header, *rows = out.splitlines()
+    assert header.split() == ["NODE", "PATH", "STATE", "SENT", "REASON"]
+    assert [row.split()[:3] for row in rows] == [
+        ["2", "direct", "rejected"],
+        ["3", "direct", "accepted"],
+        ["4", "direct", "withdrawn"],
+    ]  # ... and is forgotten
+    assert rows[0].endswith("not today")
+    _, out, _ = run(node, capsys, "--json", "requests")
+    requests = json.loads(out)["data"]["requests"]
+    assert [set(r) >= {"node_id", "sent_at", "path", "state", "reason"} for r in requests] == [
+        True
+    ] * 3
+    assert all(type(r["sent_at"]) is int for r in requests)
+    assert (requests[0]["state"], requests[0]["reason"]) == ("rejected", "not today")
+
+
+def test_a_pilot_address_names_its_node(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    node.receive_request(Peer(11))
+    assert run(node, capsys, "approve", "0:0000.0000.000B") == (0, "approved 11\n", "")
+    assert run(node, capsys, "untrust", "3:0003.0000.000b") == (0, "untrusted 11\n", "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["--socket", "/nonexistent/control.sock", "status"], "not_running"),
+        (["untrust", "42"], "not_found"),
+        (["approve", "42"], "not_found"),
+        (["wait", "1"], "invalid_argument"),  # our own node
+        (["approve", "no-such-host"], "invalid_state"),  # no registry to resolve it
+    ],
+)
+def test_every_error_is_pilotctl_s_envelope_on_stderr_with_stdout_empty(
+    node: Node, capsys: pytest.CaptureFixture[str], argv: list[str], code: str
+) -> None:
+    assert main_handshakectl(["--json", "--socket", node.path, *argv]) == 1
+    out, err = capsys.readouterr()
+    envelope = json.loads(err)
+    assert out == ""
+    assert set(envelope) == {"status", "code", "message"}
+    assert (envelope["status"], envelope["code"]) == ("error", code)
+    assert envelope["code"] in CODES
+
+
+def test_an_unknown_hostname_is_not_found() -> None:
+    with running_node(FakeRegistry({})) as started:
+        result = ctl("--json", "--socket", started.path, "approve", "nobody-here")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert json.loads(result.stderr)["code"] == "not_found"
+
+
+def test_every_code_the_cli_can_print_is_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for code in CODES:
+        assert f"`{code}`" in readme, code

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from integration.conftest import Fleet, Node, process_env, wait_until
+from integration.conftest import Fleet, Node, free_port, process_env, wait_until
 
 from pilothandshake import (
     Client,
@@ -278,3 +278,131 @@ def test_importing_the_client_loads_nothing_heavy() -> None:
         check=False,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "[]\n", "")
+
+
+# Issue 16: a rejection ends the wait, with the reason, directly and through the relay
+
+
+def _run_readme_example(a: Node, peer: int, tmp_path: Path) -> subprocess.Popen[str]:
+    script = tmp_path / "example.py"
+    script.write_text(readme_client_example())
+    return subprocess.Popen(
+        [sys.executable, str(script), str(a.config_path), str(peer)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=process_env(),
+    )
+
+
+def _rejected_while_waiting(
+    example: subprocess.Popen[str], a: Node, b: Node, a_id: int, b_id: int
+) -> tuple[str, float]:
+    """B rejects A's request once A's script waits; the script's output, and how long it
+    ran on after the rejection."""
+    try:
+        wait_until(lambda: a_id in b.pending(), timeout=20, what="the example's request at B")
+        # Whether the script already waits or asks a moment later, it must learn at once.
+        rejected_at = time.monotonic()
+        b.control("reject", node_id=a_id, reason="not today")
+        out, err = example.communicate(timeout=40)
+        took = time.monotonic() - rejected_at
+    finally:
+        if example.poll() is None:
+            example.kill()
+            example.wait()
+    assert example.returncode == 0, err
+    return out, took
+
+
+def test_the_readme_script_learns_of_a_direct_rejection_at_once(
+    pair: tuple[Node, Node], tmp_path: Path
+) -> None:
+    a, b = pair
+    example = _run_readme_example(a, 9, tmp_path)
+    out, took = _rejected_while_waiting(example, a, b, 7, 9)
+    assert out.splitlines() == ["I am node 7", "sent", "9 rejected not today"]
+    assert took < 3, f"the script returned {took:.1f} s after the rejection (its wait is 30 s)"
+    with Client.connect(config=str(a.config_path)) as node_a:
+        assert node_a.wait(9, 30) == {
+            "node_id": 9,
+            "trusted": False,
+            "rejected": True,
+            "reason": "not today",
+        }
+        [request] = node_a.outgoing_requests()
+        assert (request.node_id, request.path, request.state) == (9, "direct", "rejected")
+    assert [e["data"] for e in a.events() if e["event"] == "handshake.rejected_by_peer"] == [
+        {"peer_node_id": 9, "reason": "not today", "relayed": False}
+    ]
+
+
+def registry_passes_reasons(address: str) -> bool:
+    """Whether the registry at ``address`` passes a rejection's reason on in its poll
+    responses (SPEC 11: pilot-registryd does, the production registry does not), probed
+    with two throwaway identities."""
+    from pilothandshake.identity import Identity, b64encode
+    from pilothandshake.messages import handshake_challenge, respond_challenge
+    from pilothandshake.registry.client import Client as RegistryClient
+
+    asker, answerer = Identity.generate(), Identity.generate()
+    asking = RegistryClient(address, asker.sign, timeout=5)
+    answering = RegistryClient(address, answerer.sign, timeout=5)
+    try:
+        x = int(asking.register("127.0.0.1:1", asker.public_key_b64)["node_id"])
+        y = int(answering.register("127.0.0.1:1", answerer.public_key_b64)["node_id"])
+        asking.request_handshake(x, y, "probe", b64encode(asker.sign(handshake_challenge(x, y))))
+        signature = b64encode(answerer.sign(respond_challenge(y, x)))
+        answering.respond_handshake(y, x, False, signature, reason="probe")
+        responses = asking.poll_handshakes(x)["responses"]
+    finally:
+        asking.close()
+        answering.close()
+    assert [r["from_node_id"] for r in responses] == [y]  # the probe itself worked
+    return bool(responses[0].get("reason") == "probe")
+
+
+def test_the_readme_script_learns_of_a_relayed_rejection_at_once(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    registry = fleet.registry().start()
+    a = fleet.node("a", registry).start()  # private: B cannot resolve it ...
+    a_id = a.node_id
+    b = fleet.node("b", registry)  # private: A's request goes through the relay
+    b.config["peers"] = {a_id: f"127.0.0.1:{free_port()}"}  # ... and B's direct reject fails
+    b.write_config()
+    b.start()
+    b_id = b.node_id
+    example = _run_readme_example(a, b_id, tmp_path)
+    out, took = _rejected_while_waiting(example, a, b, a_id, b_id)
+    reason = "not today" if registry_passes_reasons(registry.address) else "-"
+    assert out.splitlines() == [f"I am node {a_id}", "relayed", f"{b_id} rejected {reason}"]
+    assert took < 3, f"the script returned {took:.1f} s after the rejection (its wait is 30 s)"
+    [request] = a.control("requests")["requests"]
+    assert (request["path"], request["state"]) == ("relay", "rejected")
+    rejections = [e["data"] for e in a.events() if e["event"] == "handshake.rejected_by_peer"]
+    assert rejections == [{"peer_node_id": b_id, "reason": reason.strip("-"), "relayed": True}]
+
+
+def test_client_reads_addresses_and_unix_times(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    with Client.connect(socket=a.socket_path) as node_a, Client(b.socket_path) as node_b:
+        assert node_a.send_request("0:0000.0000.0009") == "sent"  # no justification needed
+        wait_until(lambda: node_b.pending_count() == 1, what="the request at B")
+        [pending] = node_b.pending_requests()
+        assert abs(pending.received_at.timestamp() - time.time()) < 60
+        assert node_b.approve_handshake(7)
+        assert node_a.wait_for_trust(9, 30)
+        [record] = node_b.trusted_peers()
+        assert record.reason == "approved"
+        [request] = node_a.outgoing_requests()
+        assert (request.node_id, request.state, request.reason) == (9, "accepted", "")
+    # Go's payloads, as a webhook or `events` consumer reads them (SPEC 14).
+    payloads = {e["event"]: e["data"] for e in b.events()}
+    assert payloads["handshake.pending"] == {"peer_node_id": 7, "justification": ""}
+    assert payloads["trust.changed"] == {
+        "peer_node_id": 7,
+        "state": "granted",
+        "reason": "approved",
+    }
+    assert {e["event"]: e["data"] for e in a.events()}["trust.changed"]["reason"] == "mutual"

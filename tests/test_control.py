@@ -175,34 +175,45 @@ def test_own_node_id_is_an_error_naming_the_mistake(
     response = node.client.request(node_id=OWN_ID, **request_args)
     assert response == {
         "status": "error",
-        "code": "own_node",
+        "code": "invalid_argument",
         "message": f"node {OWN_ID} is this node itself; name the peer's node ID",
     }
     assert node.runtime.sent_messages() == []
 
 
-def test_handshake_that_cannot_be_delivered_is_send_failed(node: Node) -> None:
+def test_handshake_that_cannot_be_delivered_is_connection_failed(node: Node) -> None:
     node.runtime.dial_fails = True
     response = node.client.request("handshake", node_id=5, justification="sync")
     assert response["status"] == "error"
-    assert response["code"] == "send_failed"
+    assert response["code"] == "connection_failed"
     assert "node 5" in response["message"]
 
 
-def test_pending_lists_requests_with_rfc3339_times(node: Node) -> None:
+def test_pending_lists_requests_with_unix_times_as_pilotctl_and_an_rfc3339_copy(
+    node: Node,
+) -> None:
     peer = Peer(9)
     node.receive_request(peer, "nightly sync")
     response = node.client.request("pending")
     assert response["status"] == "ok"
     [item] = response["data"]["pending"]
-    assert set(item) == {"node_id", "hostname", "public_key", "justification", "received_at"}
+    assert set(item) == {
+        "node_id",
+        "hostname",
+        "public_key",
+        "justification",
+        "received_at",
+        "received_at_text",
+    }
     assert item["hostname"] == ""  # no registry: no hostnames
     assert (item["node_id"], item["public_key"], item["justification"]) == (
         9,
         peer.key,
         "nightly sync",
     )
-    assert abs(parse_time(item["received_at"]).timestamp() - time.time()) < 60
+    assert type(item["received_at"]) is int  # pilotctl --json prints Unix seconds
+    assert abs(item["received_at"] - time.time()) < 60
+    assert parse_time(item["received_at_text"]).timestamp() == item["received_at"]
 
 
 def test_approve_trusts_the_pending_node_and_trust_lists_it(node: Node) -> None:
@@ -221,6 +232,8 @@ def test_approve_trusts_the_pending_node_and_trust_lists_it(node: Node) -> None:
         "mutual",
         "network",
         "approved_at",
+        "approved_at_text",
+        "reason",
         "conflict",
     }
     assert (record["node_id"], record["public_key"], record["mutual"], record["network"]) == (
@@ -229,8 +242,9 @@ def test_approve_trusts_the_pending_node_and_trust_lists_it(node: Node) -> None:
         False,
         0,
     )
-    assert (record["hostname"], record["conflict"]) == ("", False)
-    parse_time(record["approved_at"])
+    assert (record["hostname"], record["conflict"], record["reason"]) == ("", False, "approved")
+    assert type(record["approved_at"]) is int
+    assert parse_time(record["approved_at_text"]).timestamp() == record["approved_at"]
 
 
 def test_approve_or_reject_without_pending_request_is_not_found(node: Node) -> None:
@@ -252,7 +266,7 @@ def test_reject_drops_the_pending_request_and_sends_the_reason(node: Node) -> No
     assert node.runtime.sent_messages()[0][1].reason == "unknown agent"
 
 
-def test_untrust_revokes_and_untrusted_node_is_not_trusted_error(node: Node) -> None:
+def test_untrust_revokes_and_untrusted_node_is_not_found(node: Node) -> None:
     node.receive_request(Peer(9))
     node.manager.approve_handshake(9)
     assert node.client.request("untrust", node_id=9) == {
@@ -261,7 +275,7 @@ def test_untrust_revokes_and_untrusted_node_is_not_trusted_error(node: Node) -> 
     }
     assert not node.manager.is_trusted(9)
     response = node.client.request("untrust", node_id=9)
-    assert (response["status"], response["code"]) == ("error", "not_trusted")
+    assert (response["status"], response["code"]) == ("error", "not_found")
     assert "9" in response["message"]
 
 
@@ -320,19 +334,19 @@ def test_socket_file_is_private_to_the_owner(node: Node) -> None:
 @pytest.mark.parametrize(
     ("line", "code", "words"),
     [
-        (b"{not json\n", "bad_request", "not valid JSON"),
-        (b"[1, 2]\n", "bad_request", "JSON object"),
-        (b'{"node_id": 3}\n', "bad_request", "command"),
-        (b'{"command": "frobnicate"}\n', "unknown_command", "frobnicate"),
-        (b'{"command": "approve"}\n', "bad_request", "node_id"),
-        (b'{"command": "approve", "node_id": "9"}\n', "bad_request", "node_id"),
-        (b'{"command": "approve", "node_id": true}\n', "bad_request", "node_id"),
-        (b'{"command": "approve", "node_id": 4294967296}\n', "bad_request", "node_id"),
-        (b'{"command": "wait", "node_id": 1, "timeout": -1}\n', "bad_request", "timeout"),
-        (b'{"command": "status", "verbose": true}\n', "bad_request", "verbose"),
-        (b'{"command": "events", "follow": "yes"}\n', "bad_request", "follow"),
-        (b"\xff\xfe\n", "bad_request", "JSON"),
-        (b"[" * 100000 + b"\n", "bad_request", "longer"),
+        (b"{not json\n", "invalid_argument", "not valid JSON"),
+        (b"[1, 2]\n", "invalid_argument", "JSON object"),
+        (b'{"node_id": 3}\n', "invalid_argument", "command"),
+        (b'{"command": "frobnicate"}\n', "invalid_argument", "frobnicate"),
+        (b'{"command": "approve"}\n', "invalid_argument", "node_id"),
+        (b'{"command": "approve", "node_id": "9"}\n', "invalid_argument", "node_id"),
+        (b'{"command": "approve", "node_id": true}\n', "invalid_argument", "node_id"),
+        (b'{"command": "approve", "node_id": 4294967296}\n', "invalid_argument", "node_id"),
+        (b'{"command": "wait", "node_id": 1, "timeout": -1}\n', "invalid_argument", "timeout"),
+        (b'{"command": "status", "verbose": true}\n', "invalid_argument", "verbose"),
+        (b'{"command": "events", "follow": "yes"}\n', "invalid_argument", "follow"),
+        (b"\xff\xfe\n", "invalid_argument", "JSON"),
+        (b"[" * 100000 + b"\n", "invalid_argument", "longer"),
     ],
 )
 def test_malformed_request_gets_an_error_and_the_server_keeps_serving(
@@ -357,7 +371,7 @@ def test_oversized_line_is_refused_and_closes_only_that_connection(node: Node) -
     payload = b'{"command": "status", "x": "' + b"a" * CONTROL_MAX_LINE + b'"}\n'
     responses = raw_exchange(node.path, payload + b'{"command": "status"}\n', answers=2)
     assert len(responses) == 1
-    assert responses[0]["code"] == "bad_request"
+    assert responses[0]["code"] == "invalid_argument"
     assert node.client.request("status")["status"] == "ok"
 
 
@@ -488,7 +502,7 @@ def test_internal_failure_is_an_error_response_not_a_traceback(node: Node) -> No
 
     node.server.commands.status = broken
     response = node.client.request("status")
-    assert (response["status"], response["code"]) == ("error", "internal_error")
+    assert (response["status"], response["code"]) == ("error", "internal")
     assert "boom" not in response["message"]
 
 
@@ -514,7 +528,7 @@ def test_hostnames_come_from_the_registry_and_resolve_names_a_node() -> None:
             "data": {"node_id": 9, "hostname": "agent-b", "public": False},
         }
         response = started.client.request("resolve", hostname="nobody-here")
-        assert (response["status"], response["code"]) == ("error", "registry_error")
+        assert (response["status"], response["code"]) == ("error", "not_found")
         assert "nobody-here" in response["message"]
 
 
@@ -539,7 +553,7 @@ def test_resolve_without_a_registry_says_so(node: Node) -> None:
     response = node.client.request("resolve", hostname="agent-b")
     assert response == {
         "status": "error",
-        "code": "no_registry",
+        "code": "invalid_state",
         "message": "cannot resolve 'agent-b': this daemon has no registry",
     }
 

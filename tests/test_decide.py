@@ -21,11 +21,16 @@ from pilothandshake.manager.decide import (
     View,
     decide_accept,
     decide_approve,
+    decide_backfill,
+    decide_conflict,
     decide_dismiss,
     decide_reap,
     decide_reject,
     decide_request,
     decide_revoke,
+    decide_send,
+    decide_sent,
+    decide_unsent,
     decide_untrust,
 )
 from pilothandshake.manager.effects import (
@@ -80,13 +85,15 @@ def pending(
 def state(
     trusted_: tuple[TrustRecord, ...] = (),
     pending_: tuple[PendingHandshake, ...] = (),
-    outgoing: tuple[int, ...] = (),
+    outgoing: tuple[int | OutgoingRequest, ...] = (),
     history: tuple[FormerTrust, ...] = (),
 ) -> TrustState:
+    """A state; an ``outgoing`` node ID is a direct request of ``T0``, still waiting."""
+    requests = [o if isinstance(o, OutgoingRequest) else OutgoingRequest(o, T0) for o in outgoing]
     return TrustState(
         {r.node_id: r for r in trusted_},
         {p.node_id: p for p in pending_},
-        {n: OutgoingRequest(n, T0) for n in outgoing},
+        {o.node_id: o for o in requests},
         {f.node_id: f for f in history},
     )
 
@@ -95,7 +102,8 @@ def state(
 class Case:
     """One line of the table: ``decide(view, inbound, context, now)`` and what it must give.
 
-    ``changes`` lists ``(table, node, kept)`` (``kept``: a record is put, not removed);
+    ``changes`` lists ``(table, node, kept)`` (``kept``: a record is put, not removed; for
+    our outgoing requests, the state it is put in);
     ``effects`` and ``inline`` are the effect dataclasses; ``drop`` a substring of the
     reason; ``record`` what the trust record of node 7 must hold, when one is put."""
 
@@ -104,7 +112,7 @@ class Case:
     inbound: Inbound
     context: Context = REGISTRY
     events: list[str] = field(default_factory=list)
-    changes: list[tuple[str, int, bool]] = field(default_factory=list)
+    changes: list[tuple[str, int, bool | str]] = field(default_factory=list)
     effects: list[Any] = field(default_factory=list)
     inline: list[Any] = field(default_factory=list)
     drop: str = ""
@@ -112,6 +120,8 @@ class Case:
     record: tuple[str, bool, int] | None = None  # (public_key, mutual, network)
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] | None = None  # the INFO lines, when the case states them
+    cooldowns: dict[int, float | None] = field(default_factory=dict)  # side-table changes
+    conflicts: dict[int, bytes | None] = field(default_factory=dict)
 
 
 GRANTED = ["handshake.received", "handshake.auto_approved", "trust.changed"]
@@ -140,7 +150,7 @@ CASES: dict[str, Case] = {
         View(state(outgoing=(7,))),
         direct(),
         events=GRANTED,
-        changes=[("trusted", 7, True), ("outgoing", 7, False)],
+        changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=GRANT_EFFECTS,
         record=(A64, True, 0),
         payloads={"handshake.auto_approved": {"peer_node_id": 7, "reason": "mutual"}},
@@ -151,7 +161,7 @@ CASES: dict[str, Case] = {
         View(state(outgoing=(7,))),
         relayed(A),
         events=GRANTED,
-        changes=[("trusted", 7, True), ("outgoing", 7, False)],
+        changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7), ReplyAccept(7, True)],
     ),
     "row 2 needs registry-bound in strict mode with a registry": Case(
@@ -167,7 +177,7 @@ CASES: dict[str, Case] = {
         direct(bound=False),
         context=TOFU,
         events=GRANTED,
-        changes=[("trusted", 7, True), ("outgoing", 7, False)],
+        changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=GRANT_EFFECTS,
     ),
     "row 3: a shared network": Case(
@@ -251,7 +261,7 @@ CASES: dict[str, Case] = {
         View(state(outgoing=(7,))),
         relayed(None),
         events=GRANTED,
-        changes=[("trusted", 7, True), ("outgoing", 7, False)],
+        changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7), Backfill(7), ReplyAccept(7, True)],
         record=("", True, 0),
     ),
@@ -324,7 +334,7 @@ CASES: dict[str, Case] = {
         View(state(outgoing=(7,))),
         direct(),
         events=["handshake.approved", "trust.changed"],
-        changes=[("trusted", 7, True), ("outgoing", 7, False)],
+        changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7)],
         record=(A64, True, 0),
         payloads={"handshake.approved": {"peer_node_id": 7, "by": "peer"}},
@@ -352,7 +362,7 @@ CASES: dict[str, Case] = {
         View(state(outgoing=(7,)), revoked_at={7: NOW.monotonic - 300.0}),
         direct(),
         events=["handshake.approved", "trust.changed"],
-        changes=[("trusted", 7, True), ("outgoing", 7, False)],
+        changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7)],
     ),
     "accept with a key other than the pin": Case(
@@ -362,12 +372,36 @@ CASES: dict[str, Case] = {
         drop="public key differs from the pinned key",
     ),
     # SPEC 7: reject
-    "reject clears our outgoing request": Case(
+    "reject ends our request rejected, with the peer's reason": Case(
         decide_reject,
         View(state(outgoing=(7,))),
         direct(bound=False, pin=PinKind.TRUSTED, text="busy"),
-        changes=[("outgoing", 7, False)],
+        changes=[("outgoing", 7, "rejected")],
+        events=["handshake.rejected_by_peer"],
+        payloads={
+            "handshake.rejected_by_peer": {"peer_node_id": 7, "reason": "busy", "relayed": False}
+        },
         notes=["node 7 rejected our request: 'busy'"],
+    ),
+    "a relayed reject of our request carries the reason the registry passed on": Case(
+        decide_reject,
+        View(state(outgoing=(OutgoingRequest(7, T0, path="relay"),))),
+        relayed(text="not today"),
+        changes=[("outgoing", 7, "rejected")],
+        events=["handshake.rejected_by_peer"],
+        payloads={
+            "handshake.rejected_by_peer": {
+                "peer_node_id": 7,
+                "reason": "not today",
+                "relayed": True,
+            }
+        },
+    ),
+    "an accept after our request was rejected grants nothing": Case(
+        decide_accept,
+        View(state(outgoing=(OutgoingRequest(7, T0, state="rejected"),))),
+        direct(),
+        drop="accept without an outgoing request",
     ),
     "reject neither bound nor pinned, with a registry": Case(
         decide_reject,
@@ -385,17 +419,30 @@ CASES: dict[str, Case] = {
         notes=["node 7 withdrew its request"],
     ),
     "a direct reject never removes the sender's pending request": Case(
+        decide_reject, View(state(pending_=(pending(),))), direct(), quiet=True
+    ),
+    "a reject from a node we never asked: DEBUG, not 'rejected our request'": Case(
+        decide_reject, EMPTY, direct(bound=False), quiet=True
+    ),
+    "a rejection arriving again by the other path: once": Case(
         decide_reject,
-        View(state(pending_=(pending(),))),
-        direct(),
-        notes=["node 7 rejected our request: -"],
+        View(state(outgoing=(OutgoingRequest(7, T0, state="rejected", reason="busy"),))),
+        relayed(text="busy"),
+        quiet=True,
+    ),
+    "a reject of a request that was accepted changes nothing": Case(
+        decide_reject,
+        View(state((trusted(),), outgoing=(OutgoingRequest(7, T0, state="accepted"),))),
+        relayed(),
+        quiet=True,
     ),
     "reject without a registry is believed": Case(
         decide_reject,
         View(state(outgoing=(7,))),
         direct(bound=False),
         context=TOFU,
-        changes=[("outgoing", 7, False)],
+        changes=[("outgoing", 7, "rejected")],
+        events=["handshake.rejected_by_peer"],
     ),
     # SPEC 7: revoke
     "revoke from the trusted peer: forgotten, remembered in the history": Case(
@@ -445,11 +492,77 @@ CASES: dict[str, Case] = {
         effects=[RevokeAtRegistry(7)],
         inline=[RemoveTunnelPeer(7)],
     ),
+    # SPEC 7: our own requests, every transition a decision (the operator's and the reaper's
+    # decisions take no Inbound: the table calls them on node 7)
+    "send: a fresh request, waiting, and the revoke cooldown ends": Case(
+        lambda v, i, c, n: decide_send(v, 7, n),
+        View(state(outgoing=(OutgoingRequest(7, T0, state="rejected"),)), revoked_at={7: 1.0}),
+        direct(),
+        changes=[("outgoing", 7, "waiting")],
+        cooldowns={7: None},
+    ),
+    "send to a trusted node: nothing changes": Case(
+        lambda v, i, c, n: decide_send(v, 7, n), View(state((trusted(),))), direct()
+    ),
+    "sent through the relay: the path is noted": Case(
+        lambda v, i, c, n: decide_sent(v, 7, T0, "relay", n),
+        View(state(outgoing=(7,))),
+        direct(),
+        changes=[("outgoing", 7, "waiting")],
+    ),
+    "sent by neither path: forgotten": Case(
+        lambda v, i, c, n: decide_unsent(v, 7, T0, n),
+        View(state(outgoing=(7,))),
+        direct(),
+        changes=[("outgoing", 7, False)],
+    ),
+    "untrust before an answer: withdrawn, cooldown starts": Case(
+        lambda v, i, c, n: decide_untrust(v, 7, Limits(), n),
+        View(state(outgoing=(7,))),
+        direct(),
+        changes=[("outgoing", 7, "withdrawn")],
+        effects=[Respond(7, False)],
+        inline=[Send(7, "handshake_revoke", "request withdrawn")],
+        cooldowns={7: NOW.monotonic},
+    ),
+    "reaper: a request waiting past outgoing_ttl expires": Case(
+        lambda v, i, c, n: decide_reap(v, 3600.0, 3600.0, n),
+        View(state(outgoing=(7,))),
+        direct(),
+        changes=[("outgoing", 7, "expired")],
+    ),
+    "reaper: an ended request is forgotten outgoing_ttl after it ended": Case(
+        lambda v, i, c, n: decide_reap(v, 3600.0, 3600.0, n),
+        View(state(outgoing=(OutgoingRequest(7, T0, state="rejected", ended_at=T0),))),
+        direct(),
+        changes=[("outgoing", 7, False)],
+    ),
+    "backfill: the registry's key fills in a keyless record": Case(
+        lambda v, i, c, n: decide_backfill(v, 7, A, n),
+        View(state((trusted(""),))),
+        direct(),
+        changes=[("trusted", 7, True)],
+    ),
+    "conflict: the registry binds the node to another key": Case(
+        lambda v, i, c, n: decide_conflict(v, 7, A, B, n),
+        View(state((trusted(),))),
+        direct(),
+        events=["trust.conflict"],
+        conflicts={7: B},
+    ),
 }
 
 
-def changes_of(decision: Decision) -> list[tuple[str, int, bool]]:
-    return [(c.table, c.node_id, c.value is not None) for c in decision.changes]
+def changes_of(decision: Decision) -> list[tuple[str, int, bool | str]]:
+    """``(table, node, kept)``; for an outgoing request put, its state instead of True."""
+    return [
+        (
+            c.table,
+            c.node_id,
+            c.value.state if isinstance(c.value, OutgoingRequest) else c.value is not None,
+        )
+        for c in decision.changes
+    ]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -468,6 +581,7 @@ def test_decision_table(name: str) -> None:
         return
     assert [topic for topic, _ in decision.events] == case.events
     assert changes_of(decision) == case.changes
+    assert (decision.cooldowns, decision.conflicts) == (case.cooldowns, case.conflicts)
     assert decision.effects == case.effects
     assert decision.inline == case.inline
     payloads = dict(decision.events)
@@ -545,27 +659,28 @@ def test_approve_grants_and_answers_both_ways() -> None:
 
 
 def test_dismiss_drops_the_pending_request_and_tells_why() -> None:
-    decision = decide_dismiss(View(state(pending_=(pending(),))), 7, "no")
+    decision = decide_dismiss(View(state(pending_=(pending(),))), 7, "no", NOW)
     assert decision is not None
     assert changes_of(decision) == [("pending", 7, False)]
     assert decision.events == [("handshake.rejected", {"peer_node_id": 7, "reason": "no"})]
-    assert decision.effects == [Respond(7, False), Send(7, "handshake_reject", "no")]
-    assert decide_dismiss(EMPTY, 7, "no") is None
+    # The reason goes both ways: directly, and through the relay (SPEC 11).
+    assert decision.effects == [Respond(7, False, "no"), Send(7, "handshake_reject", "no")]
+    assert decide_dismiss(EMPTY, 7, "no", NOW) is None
 
 
 def test_untrust_revokes_withdraws_or_finds_nothing() -> None:
-    revoked = decide_untrust(View(state((trusted(),))), 7, NOW, Limits())
+    revoked = decide_untrust(View(state((trusted(),))), 7, Limits(), NOW)
     assert revoked.result == "revoked"
     assert [t for t, _ in revoked.events] == ["trust.revoked", "trust.changed"]
     assert revoked.inline == [Send(7, "handshake_revoke"), RemoveTunnelPeer(7)]
     assert revoked.effects == [RevokeAtRegistry(7)]
-    withdrawn = decide_untrust(View(state(outgoing=(7,))), 7, NOW, Limits())
+    withdrawn = decide_untrust(View(state(outgoing=(7,))), 7, Limits(), NOW)
     assert withdrawn.result == "withdrawn" and withdrawn.events == []
     assert withdrawn.inline == [Send(7, "handshake_revoke", "request withdrawn")]
     # A private peer asked through the relay hears of it as a relayed rejection.
     assert withdrawn.effects == [Respond(7, False)]
-    assert changes_of(withdrawn) == [("outgoing", 7, False)]
-    nothing = decide_untrust(View(state(pending_=(pending(),))), 7, NOW, Limits())
+    assert changes_of(withdrawn) == [("outgoing", 7, "withdrawn")]
+    nothing = decide_untrust(View(state(pending_=(pending(),))), 7, Limits(), NOW)
     assert (nothing.result, changes_of(nothing), nothing.inline) == (
         "",
         [("pending", 7, False)],
@@ -587,20 +702,49 @@ def test_reap_forgets_requests_older_than_their_ttls() -> None:
             },
         )
     )
-    decision = decide_reap(view, NOW, day, 2 * day)
-    assert changes_of(decision) == [("outgoing", 8, False), ("pending", 10, False)]
+    decision = decide_reap(view, day, 2 * day, NOW)
+    assert changes_of(decision) == [("outgoing", 8, "expired"), ("pending", 10, False)]
     assert decision.notes == ["1 pending requests expired"]
-    assert decide_reap(view, NOW, 2 * day, 3 * day).changes == []
+    assert decide_reap(view, 2 * day, 3 * day, NOW).changes == []
+
+
+def test_an_ended_request_is_kept_outgoing_ttl_after_it_ended_then_forgotten() -> None:
+    day = 24 * 3600.0
+    sent = NOW.wall - timedelta(days=30)
+
+    def ended(node: int, state_: str, ago: timedelta) -> OutgoingRequest:
+        return OutgoingRequest(node, sent, state=state_, ended_at=NOW.wall - ago)
+
+    view = View(
+        state(
+            outgoing=(
+                ended(7, "rejected", timedelta(hours=23)),
+                ended(8, "rejected", timedelta(days=1, seconds=1)),
+                ended(9, "expired", timedelta(days=2)),
+                ended(10, "withdrawn", timedelta(hours=1)),
+            )
+        )
+    )
+    decision = decide_reap(view, day, day, NOW)
+    assert changes_of(decision) == [("outgoing", 8, False), ("outgoing", 9, False)]
+    (expired,) = decide_reap(View(state(outgoing=(7,))), 3600.0, day, NOW).changes
+    assert expired.value == OutgoingRequest(7, T0, state="expired", ended_at=NOW.wall)
+
+
+def test_reap_ends_revoke_cooldowns_that_are_over() -> None:
+    view = View(state(), revoked_at={7: NOW.monotonic - 300.0, 8: NOW.monotonic - 299.0})
+    assert decide_reap(view, 1.0, 1.0, NOW).cooldowns == {7: None}
 
 
 def test_the_operator_s_revoke_announces_itself() -> None:
-    decision = decide_untrust(View(state((trusted(),))), 7, NOW, Limits())
+    decision = decide_untrust(View(state((trusted(),))), 7, Limits(), NOW)
     assert decision.events == [
         ("trust.revoked", {"peer_node_id": 7}),
-        ("trust.changed", {"peer_node_id": 7, "state": "revoked"}),
+        ("trust.changed", {"peer_node_id": 7, "state": "revoked", "reason": "local"}),
     ]
+    assert decision.cooldowns == {7: NOW.monotonic}
     assert decision.notes == ["revoked trust in node 7"]
-    withdrawn = decide_untrust(View(state(outgoing=(7,))), 7, NOW, Limits())
+    withdrawn = decide_untrust(View(state(outgoing=(7,))), 7, Limits(), NOW)
     assert withdrawn.notes == ["withdrew our request to node 7"]
 
 
@@ -675,3 +819,129 @@ def test_an_unbound_request_with_the_same_key_keeps_the_pending_request_bound() 
     view = View(state(pending_=(pending(bound=True),)))
     request = decide_request(view, direct(bound=False), TOFU, NOW).changes[0].value
     assert isinstance(request, PendingHandshake) and request.bound
+
+
+# Our own requests (SPEC 7): every transition is a decision.
+
+
+def test_send_records_a_fresh_waiting_request_and_ends_the_cooldown() -> None:
+    ended = OutgoingRequest(7, T0, state="rejected", reason="no", ended_at=T0)
+    view = View(state(outgoing=(ended,)), revoked_at={7: NOW.monotonic})
+    decision = decide_send(view, 7, NOW)
+    assert [c.value for c in decision.changes] == [OutgoingRequest(7, NOW.wall)]
+    assert decision.cooldowns == {7: None}
+    assert decision.result == ""
+    trusted_ = decide_send(View(state((trusted(),))), 7, NOW)
+    assert (trusted_.result, trusted_.changes, trusted_.cooldowns) == ("trusted", [], {})
+
+
+def test_a_relayed_send_notes_the_path_of_that_request_only() -> None:
+    view = View(state(outgoing=(7,)))
+    (change,) = decide_sent(view, 7, T0, "relay", NOW).changes
+    assert change.value == OutgoingRequest(7, T0, path="relay")
+    assert decide_sent(view, 7, NOW.wall, "relay", NOW).changes == []  # a newer request
+    assert decide_sent(EMPTY, 7, T0, "relay", NOW).changes == []
+
+
+def test_a_request_that_reached_nobody_is_forgotten_unless_answered_meanwhile() -> None:
+    assert changes_of(decide_unsent(View(state(outgoing=(7,))), 7, T0, NOW)) == [
+        ("outgoing", 7, False)
+    ]
+    answered = View(state(outgoing=(OutgoingRequest(7, T0, state="rejected"),)))
+    assert decide_unsent(answered, 7, T0, NOW).changes == []
+    assert decide_unsent(View(state(outgoing=(7,))), 7, NOW.wall, NOW).changes == []
+
+
+def test_withdrawing_keeps_the_request_as_withdrawn() -> None:
+    decision = decide_untrust(View(state(outgoing=(7,))), 7, Limits(), NOW)
+    (change,) = decision.changes
+    assert change.value == OutgoingRequest(7, T0, state="withdrawn", ended_at=NOW.wall)
+    # A trusted peer's accepted request goes with the trust.
+    accepted = OutgoingRequest(7, T0, state="accepted", ended_at=T0)
+    revoked = decide_untrust(View(state((trusted(),), outgoing=(accepted,))), 7, Limits(), NOW)
+    assert ("outgoing", 7, False) in changes_of(revoked)
+
+
+def test_backfill_fills_in_a_missing_key_only() -> None:
+    (change,) = decide_backfill(View(state((trusted(""),))), 7, A, NOW).changes
+    assert change.value == TrustRecord(7, A64, T0)
+    assert decide_backfill(View(state((trusted(B64),))), 7, A, NOW).changes == []
+    assert decide_backfill(EMPTY, 7, A, NOW).changes == []
+
+
+def test_a_conflict_with_the_registry_is_noted_once_with_an_alarm() -> None:
+    view = View(state((trusted(),)))
+    decision = decide_conflict(view, 7, A, B, NOW)
+    assert decision.conflicts == {7: B}
+    assert decision.events == [("trust.conflict", {"peer_node_id": 7, "registry_key": B64})]
+    assert "conflicts with the registry" in decision.alarms[0]
+    assert decide_conflict(View(state((trusted(),)), conflicts={7}), 7, A, B, NOW) == Decision()
+    changed = decide_conflict(view, 7, B, A, NOW)  # the record's key changed meanwhile
+    assert changed == Decision()
+
+
+# Go's payloads (SPEC 14) and the reason a peer is trusted
+
+
+@pytest.mark.parametrize(
+    ("view", "inbound", "context", "reason", "extra"),
+    [
+        (View(state(outgoing=(7,))), direct(), REGISTRY, "mutual", {}),
+        (View(state(outgoing=(7,))), relayed(A), REGISTRY, "mutual", {}),
+        (EMPTY, direct(), replace(REGISTRY, network=3), "same_network", {}),
+        (EMPTY, relayed(A), replace(REGISTRY, network=3), "same_network", {}),
+        (
+            EMPTY,
+            direct(),
+            replace(REGISTRY, agent_name="ci", agent_ok=True),
+            "trusted_agent",
+            {"agent": "ci"},
+        ),
+        (
+            EMPTY,
+            relayed(A),
+            replace(REGISTRY, agent_name="ci", agent_ok=True),
+            "trusted_agent_relayed",
+            {"agent": "ci"},
+        ),
+        (EMPTY, direct(), replace(REGISTRY, auto_approve=True), "auto_approve", {}),
+        (EMPTY, relayed(A), replace(REGISTRY, auto_approve=True), "auto_approve_relayed", {}),
+    ],
+)
+def test_trust_changed_says_why_as_go_does_and_the_record_keeps_it(
+    view: View, inbound: Inbound, context: Context, reason: str, extra: dict[str, Any]
+) -> None:
+    decision = decide_request(view, inbound, context, NOW)
+    payload = dict(decision.events)["trust.changed"]
+    assert payload == {"peer_node_id": 7, "state": "granted", "reason": reason, **extra}
+    (record,) = [c.value for c in decision.changes if c.table == "trusted"]
+    assert isinstance(record, TrustRecord) and record.reason == reason
+
+
+def test_operator_approval_and_peer_accept_give_their_reasons() -> None:
+    approved = decide_approve(View(state(pending_=(pending(),))), 7, NOW)
+    assert approved is not None
+    assert dict(approved.events)["trust.changed"]["reason"] == "approved"
+    accepted = decide_accept(View(state(outgoing=(7,))), direct(), REGISTRY, NOW)
+    assert dict(accepted.events)["trust.changed"]["reason"] == "mutual"
+
+
+def test_a_peer_s_revoke_says_by_peer() -> None:
+    view = View(state((trusted(),)))
+    decision = decide_revoke(view, direct(pin=PinKind.TRUSTED), REGISTRY, NOW)
+    assert dict(decision.events)["trust.changed"] == {
+        "peer_node_id": 7,
+        "state": "revoked",
+        "reason": "by_peer",
+    }
+
+
+def test_pending_and_received_carry_the_justification() -> None:
+    decision = decide_request(EMPTY, direct(text="nightly sync"), REGISTRY, NOW)
+    assert decision.events == [
+        (
+            "handshake.received",
+            {"peer_node_id": 7, "justification": "nightly sync", "relayed": False},
+        ),
+        ("handshake.pending", {"peer_node_id": 7, "justification": "nightly sync"}),
+    ]

@@ -125,7 +125,7 @@ def test_accept_for_our_outgoing_request_grants_mutual_trust(nodes: Nodes, peer:
     settle(manager)
     (record,) = manager.trusted_peers()
     assert (record.node_id, record.public_key, record.mutual) == (7, peer.key, True)
-    assert snapshot(manager)[2] == {}
+    assert [(r.node_id, r.state) for r in manager.outgoing_requests()] == [(7, "accepted")]
     assert registry.calls_of("report_trust") == [(OWN, 7)]
     assert runtime.topics() == ["handshake.approved", "trust.changed"]
     assert runtime.events[0][1] == {"peer_node_id": 7, "by": "peer"}
@@ -181,22 +181,34 @@ def test_relayed_approval_without_outgoing_request_is_ignored_in_strict_mode(
     assert runtime.events == []
 
 
-def test_reject_received_clears_the_outgoing_request(nodes: Nodes, peer: Peer) -> None:
+def test_reject_received_ends_the_outgoing_request_with_the_reason(
+    nodes: Nodes, peer: Peer
+) -> None:
     manager, runtime = nodes.make()
     manager.send_request(7, "sync")
     manager.process_message(peer.data(HANDSHAKE_REJECT, OWN, reason="no"), REMOTE)
-    assert snapshot(manager) == ([], [], {})
-    assert runtime.events == []
-    # With the outgoing entry gone, a later accept no longer grants trust.
+    (request,) = manager.outgoing_requests()
+    assert (request.node_id, request.state, request.reason) == (7, "rejected", "no")
+    stored = load_state(trust_file(nodes)).outgoing[7]  # persisted (to the second)
+    assert (stored.state, stored.reason, stored.path) == ("rejected", "no", "direct")
+    assert runtime.events == [
+        ("handshake.rejected_by_peer", {"peer_node_id": 7, "reason": "no", "relayed": False})
+    ]
+    # With the request ended, a later accept no longer grants trust.
     manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN), REMOTE)
     assert manager.trusted_peers() == []
 
 
-def test_relayed_rejection_clears_the_outgoing_request(nodes: Nodes) -> None:
-    manager, _ = nodes.make(registry=FakeRegistry())
+def test_relayed_rejection_ends_the_outgoing_request(nodes: Nodes) -> None:
+    manager, runtime = nodes.make(registry=FakeRegistry())
     manager.send_request(7, "sync")
-    manager.process_relayed_rejection(7)
-    assert snapshot(manager)[2] == {}
+    manager.process_relayed_rejection(7, "not today")
+    (request,) = manager.outgoing_requests()
+    assert (request.state, request.reason) == ("rejected", "not today")
+    assert runtime.events[-1] == (
+        "handshake.rejected_by_peer",
+        {"peer_node_id": 7, "reason": "not today", "relayed": True},
+    )
 
 
 def test_revoke_signed_with_the_pinned_key_removes_trust(nodes: Nodes, peer: Peer) -> None:
@@ -212,7 +224,7 @@ def test_revoke_signed_with_the_pinned_key_removes_trust(nodes: Nodes, peer: Pee
     assert registry.calls_of("revoke_trust") == [(OWN, 7)]
     assert runtime.events == [
         ("trust.revoked_by_peer", {"peer_node_id": 7, "reason": "bye"}),
-        ("trust.changed", {"peer_node_id": 7, "state": "revoked"}),
+        ("trust.changed", {"peer_node_id": 7, "state": "revoked", "reason": "by_peer"}),
     ]
 
 
@@ -331,7 +343,8 @@ def test_revoke_of_a_node_we_only_asked_withdraws_the_request_at_the_peer(
     assert [p.node_id for p in bob.pending_requests()] == [1]
 
     assert alice.revoke_trust(2) == "withdrawn"
-    assert snapshot(alice) == ([], [], {})
+    assert snapshot(alice)[:2] == ([], [])
+    assert [(r.node_id, r.state) for r in alice.outgoing_requests()] == [(2, "withdrawn")]
     assert bob.pending_requests() == []
     assert bob.approve_handshake(1) is False
     assert not bob.is_trusted(1) and not alice.is_trusted(2)
@@ -530,3 +543,16 @@ def test_revoke_from_a_node_we_know_nothing_of_changes_and_announces_nothing(
     stranger = Peer(9)
     manager.process_message(stranger.data(HANDSHAKE_REVOKE, OWN), REMOTE)
     assert runtime.events == [] and runtime.removed == []
+
+
+def test_a_rejection_tells_its_reason_both_ways(nodes: Nodes, peer: Peer) -> None:
+    """Issue 16: the relayed answer carries the reason too (the registry may pass it on)."""
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    manager, runtime = nodes.make(registry=registry)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert manager.reject_handshake(7, "not today")
+    settle(manager)
+    [(own, to, accept, _signature, reason)] = registry.calls_of("respond_handshake")
+    assert (own, to, accept, reason) == (OWN, 7, False, "not today")
+    assert [m.reason for _, m in runtime.sent_messages()] == ["not today"]

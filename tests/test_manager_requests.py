@@ -79,12 +79,16 @@ def assert_granted(manager: Manager, runtime: FakeRuntime, reason: str) -> Trust
         "handshake.auto_approved",
         "trust.changed",
     ]
-    assert runtime.events[-1][1] == {"peer_node_id": 7, "state": "granted"}
+    payload = runtime.events[-1][1]
+    assert (payload["peer_node_id"], payload["state"]) == (7, "granted")
+    # Go's reason; test_decide holds which rows add "_relayed".
+    assert payload["reason"] in (reason, f"{reason}_relayed")
     registry = runtime.registry_client
     if registry is not None:
         assert registry.calls_of("report_trust") == [(OWN, 7)]
     (record,) = manager.trusted_peers()
     assert record.node_id == 7
+    assert record.reason == payload["reason"]  # kept beside the record
     assert manager.pending_count() == 0
     return record
 
@@ -114,7 +118,8 @@ def test_row2_outgoing_request_makes_trust_mutual(
     record = assert_granted(manager, runtime, "mutual")
     assert (record.public_key, record.mutual, record.network) == (peer.key, True, 0)
     assert_accept_replied(manager, runtime, relayed)
-    assert snapshot(manager)[2] == {}  # the outgoing entry is done with
+    (request,) = manager.outgoing_requests()  # done with, and kept to tell the caller
+    assert (request.node_id, request.state) == (7, "accepted")
 
 
 @pytest.mark.parametrize("relayed", [False, True])
@@ -265,7 +270,7 @@ def test_row6_pending_request_records_key_text_and_binding(
     assert pending.bound is True  # registry-bound direct, or relayed
     assert pending.justification == "é" * 512  # 1 KiB on a UTF-8 boundary
     assert runtime.topics() == ["handshake.received", "handshake.pending"]
-    assert runtime.events[1][1] == {"peer_node_id": 7}
+    assert runtime.events[1][1] == {"peer_node_id": 7, "justification": "é" * 512}
     assert runtime.sent == []
     assert registry.calls_of("respond_handshake") == []
 

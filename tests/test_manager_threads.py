@@ -18,8 +18,8 @@ from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, sett
 
 from pilothandshake.errors import HandshakeError
 from pilothandshake.manager import Manager
-from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST
-from pilothandshake.store import TrustRecord, load_state
+from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REQUEST
+from pilothandshake.store import PendingHandshake, TrustRecord, load_state
 
 OWN = 1
 REMOTE = "127.0.0.1:40000"
@@ -322,3 +322,135 @@ def test_close_of_a_never_started_manager_stops_its_background_workers(nodes: No
     assert workers
     manager.close()
     assert all(not thread.is_alive() for thread in workers)
+
+
+# A rejection ends the wait (SPEC 7, issue 16)
+
+
+def _asked_and_rejected(nodes: Nodes, peer: Peer, reason: str = "not today") -> Manager:
+    manager, _ = nodes.make()
+    manager.send_request(7, "sync")
+    manager.process_message(peer.data(HANDSHAKE_REJECT, OWN, reason=reason), REMOTE)
+    return manager
+
+
+def test_a_rejection_wakes_every_waiter_of_that_peer_at_once(nodes: Nodes, peer: Peer) -> None:
+    manager, _ = nodes.make()
+    manager.send_request(7, "sync")
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def wait() -> None:
+        outcome = manager.wait_for_trust(7, WAIT)
+        with lock:
+            results.append(outcome)
+
+    waiters = [start_thread(wait) for _ in range(3)]
+    deadline = time.monotonic() + WAIT
+    while manager.waiting() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert manager.waiting() == 3
+    started = time.monotonic()
+    manager.process_relayed_rejection(7, "not today")
+    for waiter in waiters:
+        waiter.join(WAIT)
+    assert results == [False, False, False]
+    assert time.monotonic() - started < 3  # woken, not timed out (WAIT is 10 s)
+    (request,) = manager.outgoing_requests()
+    assert (request.state, request.reason) == ("rejected", "not today")
+
+
+def test_wait_returns_at_once_when_our_latest_request_is_already_rejected(
+    nodes: Nodes, peer: Peer
+) -> None:
+    manager = _asked_and_rejected(nodes, peer)
+    started = time.monotonic()
+    assert manager.wait_for_trust(7, WAIT) is False
+    assert manager.wait_for_trust(7, None) is False  # even without a limit
+    assert time.monotonic() - started < 3
+    # A fresh request is waited for again.
+    manager.send_request(7, "please, tomorrow")
+    assert manager.wait_for_trust(7, 0.05) is False
+    assert [r.state for r in manager.outgoing_requests()] == ["waiting"]
+
+
+def test_a_rejection_by_both_paths_is_one_rejection(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make()
+    manager.send_request(7, "sync")
+    with caplog.at_level(logging.INFO, logger="pilothandshake"):
+        manager.process_message(peer.data(HANDSHAKE_REJECT, OWN, reason="not today"), REMOTE)
+        manager.process_relayed_rejection(7, "not today")
+        manager.process_relayed_rejection(7)
+    assert runtime.topics() == ["handshake.rejected_by_peer"]
+    assert caplog.text.count("rejected our request") == 1
+    (request,) = manager.outgoing_requests()
+    assert request.reason == "not today"  # the first word stands
+
+
+def test_a_reject_from_a_node_we_never_asked_is_debug_only(
+    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, runtime = nodes.make()
+    with caplog.at_level(logging.DEBUG, logger="pilothandshake"):
+        manager.process_message(peer.data(HANDSHAKE_REJECT, OWN, reason="no"), REMOTE)
+    assert runtime.events == [] and manager.outgoing_requests() == []
+    assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
+    assert "we have not asked it" in caplog.text
+
+
+def test_revoke_of_a_node_we_only_asked_leaves_the_request_withdrawn(
+    nodes: Nodes, peer: Peer
+) -> None:
+    manager, _ = nodes.make()
+    manager.send_request(7, "sync")
+    assert manager.revoke_trust(7) == "withdrawn"
+    (request,) = manager.outgoing_requests()
+    assert request.state == "withdrawn"
+    # Withdrawn is not rejected: a waiter is not told the peer said no.
+    assert manager.wait_for_trust(7, 0.05) is False
+
+
+# stop() keeps its bound (SPEC 7, issue 16 item 5)
+
+
+class _HungRegistry(FakeRegistry):
+    """Every registry call blocks until ``release`` is set: a registry that never answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def _record(self, method: str, *args: object) -> None:
+        super()._record(method, *args)
+        self.release.wait(60)
+
+
+def test_stop_returns_within_stop_timeout_however_many_registry_calls_hang(
+    nodes: Nodes,
+) -> None:
+    registry = _HungRegistry()
+    peers = [Peer(n) for n in range(10, 14)]
+    askers = [Peer(n) for n in range(20, 26)]
+    seed_trust(
+        f"{nodes.root}/n1",
+        trusted=tuple(TrustRecord(p.node_id, p.key, T0) for p in peers),
+        pending=tuple(PendingHandshake(p.node_id, p.key, "hi", T0, True) for p in askers),
+    )
+    manager, _ = nodes.make(registry=registry)
+    try:
+        manager.start()  # checks every record at the registry: the first lookup hangs
+        for asker in askers:  # grants: report_trust and respond_handshake hang too
+            assert manager.approve_handshake(asker.node_id)
+        assert registry.wait_for_call("report_trust", 1)
+        before = load_state(f"{nodes.root}/n1/trust.json")
+        started = time.monotonic()
+        manager.stop()
+        elapsed = time.monotonic() - started
+        assert elapsed < 12, f"stop() took {elapsed:.1f} s with a hung registry"
+        # trust.json is whole and holds every change the calls were told was made.
+        assert load_state(f"{nodes.root}/n1/trust.json") == before
+        assert sorted(before.trusted) == [10, 11, 12, 13, *range(20, 26)]
+    finally:
+        registry.release.set()

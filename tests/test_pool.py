@@ -92,3 +92,19 @@ def test_shutdown_of_an_unused_pool_returns_at_once() -> None:
     assert pool.shutdown(WAIT)
     assert pool.shutdown(WAIT)
     assert time.monotonic() - started < 1
+
+
+def test_shutdown_keeps_one_deadline_for_draining_and_joining_and_a_second_call_waits_not() -> None:
+    """Issue 16 item 5: with a hung task the drain used the whole timeout, then joining its
+    worker used it again, and a second shutdown (Manager.close after stop) a third time."""
+    pool = BackgroundPool(workers=2, queue=4)
+    gate = threading.Event()
+    try:
+        pool.submit(gate.wait, 60)
+        started = time.monotonic()
+        assert pool.shutdown(1.0) is False
+        assert pool.shutdown(1.0) is False  # still busy, and it does not wait again
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.9, f"two shutdowns of 1 s took {elapsed:.2f} s"
+    finally:
+        gate.set()

@@ -402,3 +402,16 @@ def test_close_aborts_a_call_in_flight_at_once(stubs: list[Stub]) -> None:
     caller.join(5)
     assert not caller.is_alive(), "close() did not end the call in flight"
     assert failed and stub.connections == 1  # aborted, not retried on a new connection
+
+
+def test_respond_handshake_carries_a_rejection_s_reason_only_when_there_is_one(
+    stubs: list[Stub],
+) -> None:
+    """Issue 16: the reason crosses the relay when the registry passes it on; an empty one
+    is not sent, so the request is what it was before for every other answer."""
+    stub = make_stub(stubs, answer_ok)
+    client = Client(stub.address, timeout=2.0)
+    client.respond_handshake(1, 2, False, "c2ln", reason="not today")
+    client.respond_handshake(1, 2, True, "c2ln")
+    assert [r.get("reason") for r in stub.requests] == ["not today", None]
+    assert "reason" not in stub.requests[1]

@@ -125,8 +125,8 @@ class Target:
     def process_relayed_approval(self, from_node_id: int) -> None:
         self._add(("approval", from_node_id))
 
-    def process_relayed_rejection(self, from_node_id: int) -> None:
-        self._add(("rejection", from_node_id))
+    def process_relayed_rejection(self, from_node_id: int, reason: str = "") -> None:
+        self._add(("rejection", from_node_id, reason) if reason else ("rejection", from_node_id))
 
     def outgoing_requests(self) -> list[OutgoingRequest]:
         return list(self.outgoing)
@@ -737,3 +737,32 @@ def test_after_an_outage_relayed_requests_still_waiting_are_sent_once_more(
     signature = decode_signature(registry.relayed[0][3])
     assert signature is not None
     assert verify(identity.public_key, f"handshake:5:{registry.relayed[0][1]}".encode(), signature)
+
+
+def test_a_relayed_rejection_carries_its_reason_to_the_manager(
+    registry: FakeRegistry, target: Target, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    # SPEC 17: pilot-registryd passes respond_handshake's reason on; the production
+    # registry drops it (then it is ""). A hostile registry's reason is cut short.
+    registry.responses = [
+        {"from_node_id": 11, "accept": False, "timestamp": 1, "reason": "not today"},
+        {"from_node_id": 12, "accept": False, "timestamp": 1, "reason": 5},
+        {"from_node_id": 13, "accept": False, "timestamp": 1, "reason": "x" * 100_000},
+    ]
+    make_loop().start()
+    assert target.wait_count(3)
+    assert target.seen[:2] == [("rejection", 11, "not today"), ("rejection", 12)]
+    assert target.seen[2][2] == "x" * 4096
+
+
+def test_an_answered_request_no_longer_holds_the_fast_window_open(
+    registry: FakeRegistry, target: Target, make_loop: Callable[..., RegistryLoop]
+) -> None:
+    loop = make_loop(poll_interval=0.05, poll_idle=60.0)
+    with target.cond:
+        now = datetime.now(timezone.utc)
+        target.outgoing = [OutgoingRequest(9, now, state="rejected", ended_at=now)]
+    loop.start()
+    assert registry.wait_for(lambda: registry.count("poll") >= 1)
+    time.sleep(0.5)
+    assert registry.count("poll") == 1  # the outgoing request ended: idle

@@ -56,13 +56,13 @@ def test_strict_reject_signed_with_a_key_other_than_the_pin_keeps_the_outgoing_r
     manager, _runtime = nodes.make()
     manager.process_relayed_request(7, "relayed", peer.key)  # pending, pins peer.key
     manager.send_request(7, "we want it too")
-    assert 7 in snapshot(manager)[2]
+    assert snapshot(manager)[2][7].state == "waiting"
     impostor = Peer(7)
     manager.process_message(impostor.data(HANDSHAKE_REJECT, OWN, reason="no"), REMOTE)
-    assert 7 in snapshot(manager)[2]
-    # The pinned key may reject: the same message shape then clears the entry.
+    assert snapshot(manager)[2][7].state == "waiting"
+    # The pinned key may reject: the same message shape then ends the request.
     manager.process_message(peer.data(HANDSHAKE_REJECT, OWN, reason="no"), REMOTE)
-    assert 7 not in snapshot(manager)[2]
+    assert snapshot(manager)[2][7].state == "rejected"
 
 
 class _HookedRegistry(FakeRegistry):
@@ -152,12 +152,15 @@ def test_strict_reject_with_registry_neither_bound_nor_pinned_keeps_the_outgoing
     manager, _runtime = nodes.make(registry=registry)
     manager.send_request(7, "please")
     manager.process_message(peer.data(HANDSHAKE_REJECT, OWN, reason="no"), REMOTE)
-    assert 7 in snapshot(manager)[2]
+    assert snapshot(manager)[2][7].state == "waiting"
     # Once the registry binds the key, the same kind of reject is believed.
     registry.lookup_errors.clear()
     registry.keys[7] = peer.key
     manager.process_message(peer.data(HANDSHAKE_REJECT, OWN, reason="still no"), REMOTE)
-    assert 7 not in snapshot(manager)[2]
+    assert (snapshot(manager)[2][7].state, snapshot(manager)[2][7].reason) == (
+        "rejected",
+        "still no",
+    )
 
 
 # SPEC 3: sending

@@ -960,3 +960,44 @@ def test_planted_link_is_refused_and_its_target_never_truncated_or_chmodded(
         opened.close()
     assert victim.read_bytes() == b"someone else's file"
     assert victim.stat().st_mode & 0o777 == 0o644
+
+
+# Issue 16: our requests' states and the reason a peer is trusted, as extra keys
+
+
+def test_outgoing_states_and_trust_reasons_round_trip_and_old_entries_read_as_waiting() -> None:
+    t0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+    state = TrustState(
+        trusted={5: TrustRecord(5, "", t0, True, 0, "mutual")},
+        outgoing={
+            6: OutgoingRequest(6, t0),
+            7: OutgoingRequest(7, t0, "relay", "rejected", "not today", t0 + timedelta(hours=1)),
+        },
+    )
+    data = encode_state(state)
+    assert b'{"node_id": 6, "sent_at": "2026-11-25T10:00:00Z"}' in data  # as before round 3
+    assert b'"reason": "mutual"' in data
+    assert decode_state(data) == state
+    old = b'{"trusted": [{"node_id": 5}], "outgoing": [{"node_id": 6, "sent_at": null}]}'
+    request = decode_state(old).outgoing[6]
+    assert (request.path, request.state, request.reason, request.ended_at) == (
+        "direct",
+        "waiting",
+        "",
+        None,
+    )
+    assert decode_state(old).trusted[5].reason == ""
+
+
+@pytest.mark.parametrize(
+    ("entry", "error"),
+    [
+        (b'{"node_id": 6, "state": "lost"}', "outgoing[0].state: expected waiting or"),
+        (b'{"node_id": 6, "path": 3}', "outgoing[0].path: expected direct or relay"),
+        (b'{"node_id": 6, "ended_at": "soon"}', "outgoing[0].ended_at"),
+    ],
+)
+def test_a_bad_outgoing_state_names_its_field(entry: bytes, error: str) -> None:
+    with pytest.raises(ValueError) as info:
+        decode_state(b'{"outgoing": [' + entry + b"]}")
+    assert str(info.value).startswith(error)

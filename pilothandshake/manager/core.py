@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 from ..constants import (
@@ -46,7 +47,7 @@ from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REQUEST, tr
 from ..metrics import Metrics
 from ..pool import BackgroundPool
 from ..runtime import Closeable, Runtime
-from ..store import OUTGOING, Change, OutgoingRequest, PendingHandshake, TrustRecord
+from ..store import RELAY, OutgoingRequest, PendingHandshake, TrustRecord
 from ..wire import read_message
 from .clock import Clock, Now, SystemClock
 from .decide import (
@@ -59,6 +60,9 @@ from .decide import (
     decide_reject,
     decide_request,
     decide_revoke,
+    decide_send,
+    decide_sent,
+    decide_unsent,
     decide_untrust,
 )
 from .droplog import DropLog, ErrorLog
@@ -89,12 +93,16 @@ class Manager:
     Loads ``trust.json`` beside ``runtime.identity_path()`` (memory only when that is "");
     a file that does not parse, or a directory used by another process, raises
     ``StoreError``. Events (SPEC 14; topics in ``decide``), all with ``peer_node_id``:
-    ``handshake.received`` (``justification``, ``relayed``), ``handshake.pending``,
-    ``handshake.approved`` (``by``: ``operator``, or ``peer`` when our request was
-    accepted), ``handshake.rejected`` (``reason``), ``handshake.auto_approved`` (``reason``;
-    ``agent`` for trusted agents), ``trust.changed`` (``state``: granted / revoked),
-    ``trust.revoked`` (by us), ``trust.revoked_by_peer`` (``reason``) and ``trust.conflict``
-    (``registry_key``: a trust record's node ID now bound to another key). ``clock``
+    ``handshake.received`` (``justification``, ``relayed``), ``handshake.pending``
+    (``justification``), ``handshake.approved`` (``by``: ``operator``, or ``peer`` when our
+    request was accepted), ``handshake.rejected`` (``reason``), ``handshake.auto_approved``
+    (``reason``; ``agent`` for trusted agents), ``trust.changed`` (``state``: granted /
+    revoked; ``reason``, Go's: ``mutual``, ``same_network``, ``trusted_agent`` with
+    ``agent``, ``auto_approve``, ``approved``, ``trusted_agent_relayed``,
+    ``auto_approve_relayed``, ``local``, ``by_peer``), ``trust.revoked`` (by us),
+    ``trust.revoked_by_peer`` (``reason``), ``handshake.rejected_by_peer`` (``reason``,
+    ``relayed``: our request was rejected) and ``trust.conflict`` (``registry_key``: a trust
+    record's node ID now bound to another key). ``clock``
     (default: the system's) is read for every age, cooldown, cache and timestamp.
     """
 
@@ -128,7 +136,14 @@ class Manager:
         )
         replay = ReplaySet(max_replay, max_replay_per_source)
         self._intake = Intake(
-            runtime, self._clock, self._state, self._drops, replay, limits, self.metrics
+            runtime,
+            self._clock,
+            self._state,
+            self._drops,
+            replay,
+            limits,
+            self.metrics,
+            self._decide,
         )
         self._limits = limits
         self._outbox = Outbox(
@@ -176,7 +191,10 @@ class Manager:
             self._pool.submit(self._intake.check_records, self._stopping)
 
     def stop(self) -> None:
-        """Stop listening and reaping, wait (bounded) for background work, release trust.json.
+        """Stop listening and reaping, wait for background work, release trust.json: all
+        within ``STOP_TIMEOUT`` in total, however many background calls hang (one deadline
+        for the whole stop; work still running then is abandoned, its threads are daemons,
+        and a change it tries later fails: the store is closed).
 
         Does nothing before ``start()`` or when already stopped.
         """
@@ -184,6 +202,7 @@ class Manager:
             if not self._started or self._stopped:
                 return
             self._stopped = True
+        deadline = time.monotonic() + STOP_TIMEOUT
         self._stopping.set()
         if self._listener is not None:
             try:
@@ -191,17 +210,19 @@ class Manager:
             except Exception:
                 log.warning("closing the port %d listener failed", PORT_HANDSHAKE, exc_info=True)
         if self._reaper is not None:
-            self._reaper.join(STOP_TIMEOUT)
-        self._outbox.stop(STOP_TIMEOUT)
-        self._pool.shutdown(STOP_TIMEOUT)
+            self._reaper.join(max(0.0, deadline - time.monotonic()))
+        self._outbox.stop(max(0.0, deadline - time.monotonic()))
         self._drops.flush()
-        self.close()
+        self._close(deadline)
 
     def close(self) -> None:
-        """Stop the background workers and release the trust store and its directory lock
-        (``stop()`` does this too); for a Manager that is never started. Later state changes
-        fail with ``StoreError``."""
-        self._pool.shutdown(STOP_TIMEOUT)
+        """Stop the background workers (waiting up to ``STOP_TIMEOUT``) and release the trust
+        store and its directory lock (``stop()`` does this too); for a Manager that is never
+        started. Later state changes fail with ``StoreError``."""
+        self._close(time.monotonic() + STOP_TIMEOUT)
+
+    def _close(self, deadline: float) -> None:
+        self._pool.shutdown(max(0.0, deadline - time.monotonic()))
         self._store.close()
 
     def drain(self, timeout: float) -> bool:
@@ -224,7 +245,9 @@ class Manager:
         return self._state.pending()
 
     def outgoing_requests(self) -> list[OutgoingRequest]:
-        """Our requests waiting for an answer, sorted by node ID."""
+        """Our requests (SPEC 7), sorted by node ID: each ``waiting``, or ended (``accepted``,
+        ``rejected`` with the peer's reason, ``expired``, ``withdrawn``) and kept for
+        ``outgoing_ttl`` after it ended, so a caller can ask what became of it."""
         return self._state.outgoing()
 
     def conflicting_peers(self) -> list[int]:
@@ -244,7 +267,9 @@ class Manager:
 
     def wait_for_trust(self, node_id: int, timeout: float | None) -> bool:
         """Block until ``node_id`` is trusted (True) or ``timeout`` seconds pass (False);
-        ``None`` waits without limit. Woken by a per-node condition, never by polling."""
+        ``None`` waits without limit. Returns False as soon as our latest request to it is
+        rejected (at once when it already is; ``outgoing_requests()`` has the peer's
+        reason). Woken by a per-node condition, never by polling."""
         return self._state.wait(node_id, self._rt.node_id(), timeout)
 
     def waiting(self) -> int:
@@ -258,7 +283,7 @@ class Manager:
         now = Now.read(self._clock)
         with self._lock:
             decision = decide(self._state.view(), *args, now)
-            seq = None if decision is None else self._state.apply(decision)
+            seq = None if decision is None or decision.drop else self._state.apply(decision)
         if decision is not None:
             inbound = args[0] if args and isinstance(args[0], Inbound) else None
             self._finish(decision, seq, inbound)
@@ -274,6 +299,8 @@ class Manager:
             return
         if decision.quiet:
             log.debug("%s", decision.quiet)
+        for alarm in decision.alarms:
+            log.error("%s", alarm)
         if seq is not None:
             self._store.commit(seq)
         for note in decision.notes:
@@ -366,19 +393,20 @@ class Manager:
         self.metrics.relay(HANDSHAKE_ACCEPT, "in")
         self._relayed_answer(decide_accept, from_node_id)
 
-    def process_relayed_rejection(self, from_node_id: int) -> None:
-        """Apply a reject relayed by the registry (SPEC 7)."""
+    def process_relayed_rejection(self, from_node_id: int, reason: str = "") -> None:
+        """Apply a reject relayed by the registry (SPEC 7), with the peer's ``reason`` when
+        the registry passes one on ("" otherwise: the production registry drops it)."""
         self.metrics.relay(HANDSHAKE_REJECT, "in")
-        self._relayed_answer(decide_reject, from_node_id)
+        self._relayed_answer(decide_reject, from_node_id, reason)
 
-    def _relayed_answer(self, decide: Callable[..., Decision], node: int) -> None:
-        inbound = self._intake.relayed(node)
+    def _relayed_answer(self, decide: Callable[..., Decision], node: int, text: str = "") -> None:
+        inbound = self._intake.relayed(node, text=text)
         if inbound is not None:
             self._decide(decide, inbound, self._intake.answer_context())
 
     # Operator API (SPEC 7)
 
-    def send_request(self, peer_node_id: int, justification: str) -> str:
+    def send_request(self, peer_node_id: int, justification: str = "") -> str:
         """Ask ``peer_node_id`` for trust: "trusted" if it already is, "sent" when delivered
         directly, "relayed" when sent through the registry. Raises ``SendError`` when both
         fail (the outgoing entry is forgotten), ``StoreError`` before sending when the
@@ -394,28 +422,29 @@ class Manager:
         message = self._effects.message(
             HANDSHAKE_REQUEST, peer, justification=truncate_utf8(justification)
         )
-        now = Now.read(self._clock)
-        with self._lock:
-            if self._state.trusts(peer):
-                return "trusted"
-            self._state.revoked_at.pop(peer, None)  # an explicit request is fresh intent
-            seq = self._state.change(Change(OUTGOING, peer, OutgoingRequest(peer, now.wall)))
-        self._store.commit(seq)
+        decision = self._decide(decide_send, peer)
+        assert decision is not None
+        if decision.result == "trusted":
+            return "trusted"
+        request = decision.changes[0].value  # decide_send's one change: our request
+        assert isinstance(request, OutgoingRequest)
+        sent_at = request.sent_at
         try:
-            return self._effects.deliver_request(peer, message)
+            status = self._effects.deliver_request(peer, message)
         except SendError:
-            self._forget_outgoing(peer)
+            self._after_send(decide_unsent, peer, sent_at)
             raise
+        if status == "relayed":
+            self._after_send(decide_sent, peer, sent_at, RELAY)
+        return status
 
-    def _forget_outgoing(self, peer: int) -> None:
-        with self._lock:
-            outgoing = self._store.working.outgoing
-            undo = self._state.change(Change(OUTGOING, peer, None)) if peer in outgoing else None
-        if undo is not None:
-            try:
-                self._store.commit(undo)
-            except StoreError as exc:
-                log.error("could not forget the outgoing request to node %d: %s", peer, exc)
+    def _after_send(self, decide: Callable[..., Decision], peer: int, *args: Any) -> None:
+        """Note how our request went (``decide_sent``, ``decide_unsent``): the request itself
+        is already sent or failed, so a failed write is logged, not raised."""
+        try:
+            self._decide(decide, peer, *args)
+        except StoreError as exc:
+            log.error("could not note the outgoing request to node %d: %s", peer, exc)
 
     def approve_handshake(self, peer_node_id: int) -> bool:
         """Trust the pending requester ``peer_node_id`` (``mutual=False``); False when nothing
@@ -426,13 +455,13 @@ class Manager:
         """Drop the pending request of ``peer_node_id`` and tell it why; False when nothing
         was pending. Raises ``StoreError`` when the write fails."""
         text = truncate_utf8(reason)
-        return self._decide(lambda view, now: decide_dismiss(view, peer_node_id, text)) is not None
+        return self._decide(decide_dismiss, peer_node_id, text) is not None
 
     def revoke_trust(self, peer_node_id: int) -> str:
         """Stop trusting ``peer_node_id``: remove trust, pending and outgoing, start the
         revoke cooldown, persist, tell the peer (best effort), ``remove_tunnel_peer``; the
         registry hears of it in the background. Returns "revoked", or "withdrawn" when it
-        was not trusted but we had asked it (the request is cancelled and the peer gets a
+        was not trusted but we had asked it (our request ends ``withdrawn`` and the peer gets a
         signed revoke, which removes our pending request there). Raises ``NotTrustedError``
         when neither (the rest still happens), ``HandshakeError`` for our own node ID."""
         peer = peer_node_id
@@ -440,11 +469,7 @@ class Manager:
         if own != 0 and peer == own:
             raise HandshakeError("a node cannot stop trusting itself")
 
-        def untrust(view: Any, now: Now) -> Decision:
-            self._state.revoked_at[peer] = now.monotonic
-            return decide_untrust(view, peer, now, self._limits)
-
-        decision = self._decide(untrust)
+        decision = self._decide(decide_untrust, peer, self._limits)
         assert decision is not None
         if not decision.result:
             raise NotTrustedError(f"node {peer} is not trusted")
@@ -467,9 +492,5 @@ class Manager:
         outgoing_ttl = self._rt.trust_outgoing_ttl()
         pending_ttl = self._rt.trust_pending_ttl()
 
-        def reap(view: Any, now: Now) -> Decision:
-            self._state.end_cooldowns(now.monotonic)
-            return decide_reap(view, now, outgoing_ttl, pending_ttl)
-
         self._effects.forget_relayed()
-        self._decide(reap)
+        self._decide(decide_reap, outgoing_ttl, pending_ttl)

@@ -16,22 +16,30 @@ from __future__ import annotations
 
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Callable
 
 from ..constants import REVOKE_COOLDOWN
 from ..identity import b64encode, decode_key
 from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE, WITHDRAWN
 from ..store import (
+    ACCEPTED,
+    DIRECT,
+    EXPIRED,
     HISTORY,
     OUTGOING,
     PENDING,
+    REJECTED,
     TRUSTED,
+    WAITING,
     Change,
     FormerTrust,
+    OutgoingRequest,
     PendingHandshake,
     TrustRecord,
     TrustState,
 )
+from ..store import WITHDRAWN as REQUEST_WITHDRAWN
 from .auth import Pin, PinKind, pin_of, pin_problem
 from .clock import Now
 from .droplog import quote
@@ -49,15 +57,24 @@ from .queue import Limits, admit, in_history
 
 # Event topics (SPEC 14), all with payload ``peer_node_id``.
 RECEIVED = "handshake.received"  # justification, relayed
-PENDING_EVENT = "handshake.pending"
+PENDING_EVENT = "handshake.pending"  # justification
 APPROVED = "handshake.approved"  # by: operator | peer
-REJECTED = "handshake.rejected"  # reason
+REJECTED_EVENT = "handshake.rejected"  # reason
 AUTO_APPROVED = "handshake.auto_approved"  # reason (a row's name); agent for trusted agents
-TRUST_CHANGED = "trust.changed"  # state: granted | revoked
+TRUST_CHANGED = "trust.changed"  # state: granted | revoked; reason (below); agent
 REVOKED = "trust.revoked"  # by us
 REVOKED_BY_PEER = "trust.revoked_by_peer"  # reason
+REJECTED_BY_PEER = "handshake.rejected_by_peer"  # reason, relayed: our request was rejected
 CONFLICT = "trust.conflict"  # registry_key: a trust record's node ID bound to another key
 
+# trust.changed's reason (Go's), also kept in the trust record: why a peer is trusted, or
+# who ended it. A row of SPEC 6 grants with its own name, "_relayed" added for the rows
+# Go marks so (trusted_agent, auto_approve) when the request came through the registry.
+APPROVED_REASON = "approved"  # the operator approved a pending request
+ACCEPTED_REASON = "mutual"  # the peer accepted our request: mutual, as Go records it
+LOCAL = "local"  # we revoked it
+BY_PEER = "by_peer"  # the peer revoked it
+_RELAYED_SUFFIX = ("trusted_agent", "auto_approve")
 
 Event = tuple[str, dict[str, Any]]
 
@@ -112,16 +129,28 @@ class View:
         """Whether ``node`` has a trust record not in conflict."""
         return node in self.state.trusted and node not in self.conflicts
 
+    def asked(self, node: int) -> bool:
+        """Whether our request to ``node`` waits for an answer (SPEC 7, 8)."""
+        request = self.state.outgoing.get(node)
+        return request is not None and request.waiting
+
 
 @dataclass
 class Decision:
-    """What a decision wants: made durable first (``changes``), then announced."""
+    """What a decision wants: made durable first (``changes``), then announced.
+
+    ``changes`` go to the trust store; ``cooldowns`` (node -> monotonic revoke time, None to
+    end it) and ``conflicts`` (node -> the registry's key, None to end it) to the side tables
+    that are not persisted. ``State.apply`` makes all of them: nothing else writes state."""
 
     changes: list[Change] = field(default_factory=list)
+    cooldowns: dict[int, float | None] = field(default_factory=dict)
+    conflicts: dict[int, bytes | None] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     effects: list[Effect] = field(default_factory=list)  # on the background pool
     inline: list[Effect] = field(default_factory=list)  # before the call returns, in order
     notes: list[str] = field(default_factory=list)  # INFO lines, logged once durable
+    alarms: list[str] = field(default_factory=list)  # ERROR lines, logged once applied
     protected: set[int] = field(default_factory=set)  # new pending entries that are protected
     drop: str = ""  # the input is dropped: a WARNING, nothing else
     quiet: str = ""  # the input is ignored: a DEBUG line, nothing else
@@ -161,7 +190,7 @@ REQUEST_ROWS: tuple[Row, ...] = (
     Row("already_trusted", lambda v, i, c: v.trusts(i.node_id), None),
     Row(
         "mutual",
-        lambda v, i, c: _vouched(v, i, c) and i.node_id in v.state.outgoing,
+        lambda v, i, c: _vouched(v, i, c) and v.asked(i.node_id),
         lambda i, c: (_key(i), True, 0, {}),
     ),
     Row(
@@ -206,9 +235,10 @@ def decide_request(view: View, inbound: Inbound, context: Context, now: Now) -> 
         return _hold(decision, view, inbound, context, now)
     else:
         key, mutual, network, extra = row.grant(inbound, context)
-        _grant(decision, view, node, key, now, mutual=mutual, network=network)
-        auto = {"peer_node_id": node, "reason": row.name, **extra}
-        decision.events.insert(1, (AUTO_APPROVED, auto))
+        relayed = inbound.relayed and row.name in _RELAYED_SUFFIX
+        reason = f"{row.name}_relayed" if relayed else row.name
+        decision.events.append((AUTO_APPROVED, {"peer_node_id": node, "reason": row.name, **extra}))
+        _grant(decision, view, node, key, now, reason, extra, mutual=mutual, network=network)
         decision.effects.append(ReplyAccept(node, inbound.relayed))
     return decision
 
@@ -251,7 +281,7 @@ def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, no
     decision.changes.append(Change(PENDING, node, replace(request, public_key=key, bound=bound)))
     if protected:
         decision.protected.add(node)
-    decision.events.append((PENDING_EVENT, {"peer_node_id": node}))
+    decision.events.append((PENDING_EVENT, {"peer_node_id": node, "justification": inbound.text}))
     return decision
 
 
@@ -261,31 +291,44 @@ def _grant(
     node: int,
     key: str,
     now: Now,
+    reason: str,
+    extra: Mapping[str, Any] | None = None,
     *,
     mutual: bool = False,
     network: int = 0,
 ) -> None:
-    """Trust ``node``: the one place trust is granted."""
+    """Trust ``node`` for ``reason`` (trust.changed's, with ``extra`` in its payload): the
+    one place trust is granted. Our request to it, if it waits, ends ``accepted``."""
     state = view.state
-    decision.changes.append(
-        Change(TRUSTED, node, TrustRecord(node, key, now.wall, mutual, network))
-    )
+    record = TrustRecord(node, key, now.wall, mutual, network, reason)
+    decision.changes.append(Change(TRUSTED, node, record))
     if node in state.history:
         decision.changes.append(Change(HISTORY, node, None))  # trusted now: the record says so
-    for table in (PENDING, OUTGOING):
-        if node in state.table(table):
-            decision.changes.append(Change(table, node, None))
-    decision.events.append((TRUST_CHANGED, {"peer_node_id": node, "state": "granted"}))
+    if node in state.pending:
+        decision.changes.append(Change(PENDING, node, None))
+    if view.asked(node):
+        decision.changes.append(_ended(state.outgoing[node], ACCEPTED, now))
+    payload = {"peer_node_id": node, "state": "granted", "reason": reason, **(extra or {})}
+    decision.events.append((TRUST_CHANGED, payload))
     decision.effects.append(ReportTrust(node))
     if decode_key(key) is None:
         decision.effects.append(Backfill(node))
     decision.notes.append(f"trusted node {node}")
 
 
-def _forget(decision: Decision, view: View, node: int, now: Now, limits: Limits) -> bool:
+def _ended(request: OutgoingRequest, state: str, now: Now, reason: str = "") -> Change:
+    """The change that ends our ``request`` in ``state`` (SPEC 7)."""
+    ended = replace(request, state=state, reason=reason, ended_at=now.wall)
+    return Change(OUTGOING, request.node_id, ended)
+
+
+def _forget(
+    decision: Decision, view: View, node: int, now: Now, limits: Limits, withdraw: bool = False
+) -> bool:
     """Remove trust, pending and outgoing for ``node``, remembering a trust record in the
     history (forgetting the entry that ended longest ago beyond ``limits.max_history``);
-    whether it was trusted."""
+    whether it was trusted. With ``withdraw`` our request, if it waits, ends ``withdrawn``
+    instead of being removed: a caller can still ask what became of it."""
     state = view.state
     record = state.trusted.get(node)
     if record is not None:
@@ -296,9 +339,12 @@ def _forget(decision: Decision, view: View, node: int, now: Now, limits: Limits)
             decision.changes.append(Change(HISTORY, oldest.node_id, None))
         former = FormerTrust(node, record.public_key, now.wall)
         decision.changes.append(Change(HISTORY, node, former))
-    for table in (PENDING, OUTGOING):
-        if node in state.table(table):
-            decision.changes.append(Change(table, node, None))
+    if node in state.pending:
+        decision.changes.append(Change(PENDING, node, None))
+    if withdraw and view.asked(node):
+        decision.changes.append(_ended(state.outgoing[node], REQUEST_WITHDRAWN, now))
+    elif node in state.outgoing:
+        decision.changes.append(Change(OUTGOING, node, None))
     return record is not None
 
 
@@ -329,30 +375,41 @@ def decide_accept(view: View, inbound: Inbound, context: Context, now: Now) -> D
         # The relayed copy of a direct accept, or a peer accepting twice: the happy path.
         decision.quiet = f"node {node}: accept from a node already trusted"
         return decision
-    if node not in view.state.outgoing:
+    if not view.asked(node):
         return decision.dropped("accept without an outgoing request")
     if not _believed(inbound, context):
         return decision.dropped("accept neither registry-bound nor pinned")
     decision.events.append((APPROVED, {"peer_node_id": node, "by": "peer"}))
-    _grant(decision, view, node, _key(inbound), now, mutual=True)
+    _grant(decision, view, node, _key(inbound), now, ACCEPTED_REASON, mutual=True)
     return decision
 
 
 def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
-    """A reject of our request, direct or relayed (SPEC 7)."""
+    """A reject of our request, direct or relayed (SPEC 7): the request ends ``rejected``
+    with the peer's reason, once, however many paths bring the rejection."""
     node = inbound.node_id
     decision = Decision()
+    request = view.state.outgoing.get(node)
+    withdrawal = inbound.relayed and node in view.state.pending and not view.asked(node)
+    if not (view.asked(node) or withdrawal):
+        if request is not None and request.state == REJECTED:
+            decision.quiet = f"node {node}: rejection of our request arrived again"
+        else:
+            decision.quiet = f"node {node} sent a rejection, but we have not asked it"
+        return decision
     if not _believed(inbound, context):
         return decision.dropped("reject neither registry-bound nor pinned")
-    if node in view.state.outgoing:
-        decision.changes.append(Change(OUTGOING, node, None))
-    elif inbound.relayed and node in view.state.pending:
+    if withdrawal:
         # We never asked it, but it asked us: the requester withdrew its request through the
         # relay (decide_untrust), the only way to reach a private node.
         decision.changes.append(Change(PENDING, node, None))
         decision.events.append((REVOKED_BY_PEER, {"peer_node_id": node, "reason": WITHDRAWN}))
         decision.notes.append(f"node {node} withdrew its request")
         return decision
+    assert request is not None  # asked
+    decision.changes.append(_ended(request, REJECTED, now, inbound.text))
+    payload = {"peer_node_id": node, "reason": inbound.text, "relayed": inbound.relayed}
+    decision.events.append((REJECTED_BY_PEER, payload))
     decision.notes.append(f"node {node} rejected our request: {_quoted(inbound.text)}")
     return decision
 
@@ -374,7 +431,8 @@ def decide_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> D
         return decision
     decision.events.append((REVOKED_BY_PEER, {"peer_node_id": node, "reason": inbound.text}))
     if was_trusted:
-        decision.events.append((TRUST_CHANGED, {"peer_node_id": node, "state": "revoked"}))
+        revoked = {"peer_node_id": node, "state": "revoked", "reason": BY_PEER}
+        decision.events.append((TRUST_CHANGED, revoked))
         decision.effects.append(RevokeAtRegistry(node))
     decision.inline.append(RemoveTunnelPeer(node))
     decision.notes.append(f"node {node} revoked trust: {_quoted(inbound.text)}")
@@ -395,34 +453,36 @@ def decide_approve(view: View, node: int, now: Now) -> Decision | None:
     if request is None:
         return None
     decision = Decision(events=[(APPROVED, {"peer_node_id": node, "by": "operator"})])
-    _grant(decision, view, node, request.public_key, now)
+    _grant(decision, view, node, request.public_key, now, APPROVED_REASON)
     # respond_handshake already relays the answer: the direct send has no fallback.
     decision.effects += [Respond(node, True), Send(node, HANDSHAKE_ACCEPT)]
     return decision
 
 
-def decide_dismiss(view: View, node: int, reason: str) -> Decision | None:
+def decide_dismiss(view: View, node: int, reason: str, now: Now) -> Decision | None:
     """``reject_handshake``: drop the pending request of ``node`` and tell it ``reason``
     (truncated); None when nothing is pending."""
     if node not in view.state.pending:
         return None
     return Decision(
         changes=[Change(PENDING, node, None)],
-        events=[(REJECTED, {"peer_node_id": node, "reason": reason})],
-        effects=[Respond(node, False), Send(node, HANDSHAKE_REJECT, reason)],
+        events=[(REJECTED_EVENT, {"peer_node_id": node, "reason": reason})],
+        effects=[Respond(node, False, reason), Send(node, HANDSHAKE_REJECT, reason)],
     )
 
 
-def decide_untrust(view: View, node: int, now: Now, limits: Limits) -> Decision:
-    """``revoke_trust``: remove trust, pending and outgoing. ``result`` "revoked" when it was
-    trusted, "withdrawn" when we had only asked it (the peer gets a signed revoke, which
-    removes our pending request there), "" when neither."""
-    decision = Decision()
-    asked = node in view.state.outgoing
-    if _forget(decision, view, node, now, limits):
+def decide_untrust(view: View, node: int, limits: Limits, now: Now) -> Decision:
+    """``revoke_trust``: remove trust, pending and outgoing, and start the revoke cooldown.
+    ``result`` "revoked" when it was trusted, "withdrawn" when we had only asked it (our
+    request ends ``withdrawn``; the peer gets a signed revoke, which removes our pending
+    request there), "" when neither."""
+    decision = Decision(cooldowns={node: now.monotonic})
+    asked = view.asked(node)
+    if _forget(decision, view, node, now, limits, withdraw=True):
         decision.result = "revoked"
         decision.events.append((REVOKED, {"peer_node_id": node}))
-        decision.events.append((TRUST_CHANGED, {"peer_node_id": node, "state": "revoked"}))
+        revoked = {"peer_node_id": node, "state": "revoked", "reason": LOCAL}
+        decision.events.append((TRUST_CHANGED, revoked))
         # Before remove_tunnel_peer: the peer should hear it while reachable. The registry
         # hears last: once it drops the trust pair it no longer resolves a private peer for
         # us, and the direct revoke could not be dialled.
@@ -439,13 +499,20 @@ def decide_untrust(view: View, node: int, now: Now, limits: Limits) -> Decision:
     return decision
 
 
-def decide_reap(view: View, now: Now, outgoing_ttl: float, pending_ttl: float) -> Decision:
-    """The reaper (SPEC 7): forget outgoing and pending requests older than their TTLs."""
+def decide_reap(view: View, outgoing_ttl: float, pending_ttl: float, now: Now) -> Decision:
+    """The reaper (SPEC 7): a request of ours waiting longer than ``outgoing_ttl`` ends
+    ``expired``, one that ended longer ago than that is forgotten; pending requests older
+    than ``pending_ttl`` are forgotten; revoke cooldowns end."""
     decision = Decision()
     state = view.state
     for node, request in state.outgoing.items():
-        if (now.wall - request.sent_at).total_seconds() > outgoing_ttl:
-            decision.changes.append(Change(OUTGOING, node, None))
+        if (now.wall - (request.ended_at or request.sent_at)).total_seconds() <= outgoing_ttl:
+            continue
+        ended = None if not request.waiting else _ended(request, EXPIRED, now)
+        decision.changes.append(ended or Change(OUTGOING, node, None))
+    for node, revoked_at in view.revoked_at.items():
+        if now.monotonic - revoked_at >= REVOKE_COOLDOWN:
+            decision.cooldowns[node] = None
     expired = [
         node
         for node, pending in state.pending.items()
@@ -455,3 +522,59 @@ def decide_reap(view: View, now: Now, outgoing_ttl: float, pending_ttl: float) -
     if expired:
         decision.notes.append(f"{len(expired)} pending requests expired")
     return decision
+
+
+def decide_send(view: View, node: int, now: Now) -> Decision:
+    """``send_request``, before sending: a fresh request to ``node``, ``waiting``, recorded
+    as direct (``decide_sent`` notes a relay); an explicit request is fresh intent, so it
+    ends the revoke cooldown. ``result`` "trusted" (nothing changes) when it is trusted."""
+    if view.trusts(node):
+        return Decision(result="trusted")
+    request = OutgoingRequest(node, now.wall, DIRECT, WAITING)
+    return Decision(changes=[Change(OUTGOING, node, request)], cooldowns={node: None})
+
+
+def decide_sent(view: View, node: int, sent_at: datetime, path: str, now: Now) -> Decision:
+    """Our request to ``node`` of ``sent_at`` went by ``path``: noted while it waits."""
+    request = view.state.outgoing.get(node)
+    if request is None or request.sent_at != sent_at or request.path == path:
+        return Decision()
+    return Decision(changes=[Change(OUTGOING, node, replace(request, path=path))])
+
+
+def decide_unsent(view: View, node: int, sent_at: datetime, now: Now) -> Decision:
+    """Our request to ``node`` of ``sent_at`` reached it by no path: forget it, unless an
+    answer or a newer request came meanwhile."""
+    request = view.state.outgoing.get(node)
+    if request is None or request.sent_at != sent_at or not request.waiting:
+        return Decision()
+    return Decision(changes=[Change(OUTGOING, node, None)])
+
+
+def decide_backfill(view: View, node: int, key: bytes, now: Now) -> Decision:
+    """The registry's ``key`` for a trust record of ``node`` that has no valid key (SPEC 6);
+    nothing when the record went or got a key meanwhile."""
+    record = view.state.trusted.get(node)
+    if record is None or decode_key(record.public_key) is not None:
+        return Decision()
+    return Decision(changes=[Change(TRUSTED, node, replace(record, public_key=b64encode(key)))])
+
+
+def decide_conflict(
+    view: View, node: int, record_key: bytes, registry_key: bytes, now: Now
+) -> Decision:
+    """The registry binds ``node`` to ``registry_key``, not to ``record_key``, the key we
+    trusted (issue 11 item 7): the record neither trusts nor pins until it is approved
+    again or removed. Nothing when the record changed or is in conflict already."""
+    record = view.state.trusted.get(node)
+    if record is None or node in view.conflicts or decode_key(record.public_key) != record_key:
+        return Decision()
+    registry = b64encode(registry_key)
+    return Decision(
+        conflicts={node: registry_key},
+        events=[(CONFLICT, {"peer_node_id": node, "registry_key": registry})],
+        alarms=[
+            f"trust record of node {node} conflicts with the registry: it now binds that "
+            f"node ID to another key ({registry}); not trusted until approved again or removed"
+        ],
+    )

@@ -67,10 +67,12 @@ class ReportTrust:
 
 @dataclass(frozen=True)
 class Respond:
-    """``respond_handshake(self, peer, accept)`` at the registry (the relayed answer)."""
+    """``respond_handshake(self, peer, accept)`` at the registry (the relayed answer), with a
+    rejection's ``reason``."""
 
     peer: int
     accept: bool
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,12 +197,13 @@ class Effects:
         elif isinstance(effect, RevokeAtRegistry):
             registry.revoke_trust(own, effect.peer)
         else:
-            return self._respond(effect.peer, effect.accept)
+            return self._respond(effect.peer, effect.accept, effect.reason)
         return True
 
     def deliver_answer(self, peer: int, kind: str, reason: str) -> bool:
         """One more try at an answer that did not arrive (the outbox's retries): directly,
-        else through the registry. Whether it got through."""
+        else through the registry (a rejection with its ``reason``). Whether it got
+        through."""
         if self._can_dial(peer):
             try:
                 self._dial(peer, self.message(KINDS[kind], peer, reason=reason))
@@ -214,7 +217,8 @@ class Effects:
             if kind == REVOKE:
                 registry.revoke_trust(self._rt.node_id(), peer)
                 return True
-            return self._respond(peer, kind == ACCEPT)
+            accept = kind == ACCEPT
+            return self._respond(peer, accept, "" if accept else reason)
         except RegistryError as exc:
             log.debug("retrying our %s to node %d through the registry: %s", kind, peer, exc)
             return False
@@ -270,13 +274,15 @@ class Effects:
                 log.info("direct accept to node %d failed (%s); relaying", peer, exc)
         return self._respond(peer, True)
 
-    def _respond(self, peer: int, accept: bool) -> bool:
-        """``respond_handshake`` through the registry; False without one."""
+    def _respond(self, peer: int, accept: bool, reason: str = "") -> bool:
+        """``respond_handshake`` through the registry, with a rejection's ``reason``; False
+        without a registry."""
         registry = self._rt.registry()
         if registry is None:
             return False
         own = self._rt.node_id()
-        registry.respond_handshake(own, peer, accept, self.signature(respond_challenge(own, peer)))
+        signature = self.signature(respond_challenge(own, peer))
+        registry.respond_handshake(own, peer, accept, signature, reason)
         self._metrics.relay(HANDSHAKE_ACCEPT if accept else HANDSHAKE_REJECT, "out")
         return True
 

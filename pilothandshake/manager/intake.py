@@ -9,25 +9,23 @@ state.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import socket
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 from ..constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE
 from ..errors import MessageError
-from ..identity import b64encode, decode_key
+from ..identity import decode_key
 from ..messages import HANDSHAKE_REQUEST, HandshakeMsg, format_address, truncate_utf8
 from ..metrics import Metrics
 from ..runtime import RegistryClient, Runtime
-from ..store import TRUSTED, Change
 from .auth import Pin, PinKind, authenticate, pin_of, pin_problem
 from .binding import SIDE_TABLE_LIMIT, Binding, Checked, answer_key, answer_networks
 from .clock import Clock
-from .decide import CONFLICT, Context, Inbound
+from .decide import Context, Decision, Inbound, decide_backfill, decide_conflict
 from .droplog import DropLog, quote
 from .queue import Limits
 from .replay import ReplaySet
@@ -70,7 +68,8 @@ class Intake:
 
     Shares the Manager's ``state`` (its lock, store and conflicts); ``replay`` is used under
     the lock. Also backfills keyless trust records (SPEC 6) and checks every record against
-    the registry at start.
+    the registry at start; what it finds changes state only through ``decide`` (the
+    Manager's: decide, apply, commit, announce).
     """
 
     def __init__(
@@ -82,8 +81,10 @@ class Intake:
         replay: ReplaySet,
         limits: Limits,
         metrics: Metrics,
+        decide: Callable[..., Decision | None],
     ) -> None:
         """Gather for the Manager that owns these; received messages count in ``metrics``."""
+        self._decide = decide
         self._rt = runtime
         self._metrics = metrics
         self._clock = clock
@@ -267,7 +268,7 @@ class Intake:
         record_key = self.record_key(node)
         checked = self.binding.checked(registry, node, key, record_key)
         if checked.conflict is not None and record_key is not None:
-            self._note_conflict(node, record_key, checked.conflict)
+            self._decide(decide_conflict, node, record_key, checked.conflict)
         return checked
 
     def record_key(self, node: int) -> bytes | None:
@@ -277,22 +278,6 @@ class Intake:
             if record is None or node in self._conflicts:
                 return None
             return decode_key(record.public_key)
-
-    def _note_conflict(self, node: int, record_key: bytes, registry_key: bytes) -> None:
-        """The registry binds ``node`` to ``registry_key``, not to ``record_key``, the key we
-        trusted: stop trusting and pinning the record until it is approved again or removed."""
-        with self._lock:
-            if self.record_key(node) != record_key:
-                return  # changed meanwhile, or already in conflict
-            self._conflicts[node] = registry_key
-        log.error(
-            "trust record of node %d conflicts with the registry: it now binds that node ID "
-            "to another key (%s); not trusted until approved again or removed",
-            node,
-            b64encode(registry_key),
-        )
-        payload = {"peer_node_id": node, "registry_key": b64encode(registry_key)}
-        self._rt.publish_event(CONFLICT, payload)
 
     def backfill(self, node: int) -> None:
         """Fill in the key of a trust record that has none from the registry (SPEC 6)."""
@@ -304,13 +289,7 @@ class Intake:
         if key is None:
             log.debug("no key to backfill for node %d", node)
             return
-        with self._state.lock:
-            record = self._state.store.working.trusted.get(node)
-            if record is None or decode_key(record.public_key) is not None:
-                return
-            keyed = dataclasses.replace(record, public_key=b64encode(key))
-            seq = self._state.change(Change(TRUSTED, node, keyed))
-        self._state.store.commit(seq)
+        self._decide(decide_backfill, node, key)
 
     def check_records(self, stopping: threading.Event) -> None:
         """At start, with a registry: backfill the keys of keyless trust records, and look

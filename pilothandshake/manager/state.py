@@ -3,7 +3,8 @@
 ``State`` owns the lock every decision runs under, the ``TrustStore`` (whose ``working``
 copy decisions read and change, and whose ``visible`` copy readers see), and the tables that
 are not persisted: conflicts with the registry, revoke times, the pending queue's arrival
-order and protection, and the per-node waiters of ``wait_for_trust``.
+order and protection, and the per-node waiters of ``wait_for_trust``. ``apply`` is the only
+writer: every change comes from a ``Decision``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..constants import REVOKE_COOLDOWN
 from ..identity import decode_key
 from ..metrics import Metrics
 from ..runtime import Runtime
@@ -21,6 +21,7 @@ from ..store import (
     HISTORY,
     OUTGOING,
     PENDING,
+    REJECTED,
     TRUSTED,
     Change,
     OutgoingRequest,
@@ -84,18 +85,23 @@ class State:
         """Whether ``node`` has a trust record not in conflict (working state)."""
         return self.view().trusts(node)
 
-    def end_cooldowns(self, now: float) -> None:
-        """Forget revokes at least ``REVOKE_COOLDOWN`` older than ``now`` (monotonic)."""
-        expired = [n for n, at in self.revoked_at.items() if now - at >= REVOKE_COOLDOWN]
-        for node in expired:
-            del self.revoked_at[node]
-
     def apply(self, decision: Decision) -> int | None:
-        """Make ``decision``'s changes in the working state, keeping the pending queue's side
-        tables in step; the last change's sequence number (None: no change)."""
+        """Make ``decision``'s changes: the side tables at once, the store's in the working
+        state, keeping the pending queue's side tables in step; the last store change's
+        sequence number (None: no store change)."""
+        for node, at in decision.cooldowns.items():
+            if at is None:
+                self.revoked_at.pop(node, None)
+            else:
+                self.revoked_at[node] = at
+        for node, key in decision.conflicts.items():
+            if key is None:
+                self.conflicts.pop(node, None)
+            else:
+                self.conflicts[node] = key
         seq = None
         for change in decision.changes:
-            seq = self.change(change)
+            seq = self._change(change)
             if change.table != PENDING:
                 continue
             node = change.node_id
@@ -109,7 +115,7 @@ class State:
                 self._protected.discard(node)
         return seq
 
-    def change(self, change: Change) -> int:
+    def _change(self, change: Change) -> int:
         """One change through the store's writer of its table; its sequence number."""
         store = self.store
         writers: dict[str, tuple[Callable[[Any], int], Callable[[int], int]]] = {
@@ -125,11 +131,12 @@ class State:
         # Called by the store under the lock once changes are durable, so a waiter woken
         # here finds them in ``visible``, and no grant slips between a waiter's check and
         # its wait. A new or removed trust record ends a conflict; only the waiters of nodes
-        # that became trusted are woken.
+        # that became trusted, or rejected our request, are woken.
         for change in changes:
-            if change.table != TRUSTED:
+            if change.table == TRUSTED:
+                self.conflicts.pop(change.node_id, None)
+            elif not (change.table == OUTGOING and _rejected(change.value)):
                 continue
-            self.conflicts.pop(change.node_id, None)
             waiters = self._waiters.get(change.node_id)
             if change.value is not None and waiters is not None:
                 waiters.condition.notify_all()
@@ -152,7 +159,7 @@ class State:
             return sorted(self.store.visible.pending.values(), key=lambda p: p.node_id)
 
     def outgoing(self) -> list[OutgoingRequest]:
-        """Our requests waiting for an answer, sorted by node ID."""
+        """Our requests, waiting or ended, sorted by node ID."""
         with self.lock:
             return sorted(self.store.visible.outgoing.values(), key=lambda o: o.node_id)
 
@@ -162,18 +169,23 @@ class State:
             return sorted(self.conflicts)
 
     def wait(self, node_id: int, own: int, timeout: float | None) -> bool:
-        """Block until ``node_id`` is trusted (True) or ``timeout`` passes (False)."""
+        """Block until ``node_id`` is trusted (True), or our latest request to it is
+        rejected or ``timeout`` passes (False)."""
         with self.lock:
-            if self._visibly_trusted(node_id, own):
-                return True
+
+            def ended() -> bool:
+                request = self.store.visible.outgoing.get(node_id)
+                return self._visibly_trusted(node_id, own) or _rejected(request)
+
+            if ended():
+                return self._visibly_trusted(node_id, own)
             waiters = self._waiters.get(node_id)
             if waiters is None:
                 waiters = self._waiters[node_id] = _Waiters(threading.Condition(self.lock))
             waiters.count += 1
             try:
-                return waiters.condition.wait_for(
-                    lambda: self._visibly_trusted(node_id, own), timeout
-                )
+                waiters.condition.wait_for(ended, timeout)
+                return self._visibly_trusted(node_id, own)
             finally:
                 waiters.count -= 1
                 if not waiters.count:
@@ -188,3 +200,7 @@ class State:
         if own != 0 and node_id == own:
             return True
         return node_id in self.store.visible.trusted and node_id not in self.conflicts
+
+
+def _rejected(request: object) -> bool:
+    return isinstance(request, OutgoingRequest) and request.state == REJECTED

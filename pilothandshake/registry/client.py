@@ -406,18 +406,21 @@ class Client:
         return response
 
     def respond_handshake(
-        self, node_id: int, peer_id: int, accept: bool, signature_b64: str
+        self, node_id: int, peer_id: int, accept: bool, signature_b64: str, reason: str = ""
     ) -> dict[str, Any]:
-        """Answer ``peer_id``'s relayed request; ``signature_b64`` signs ``respond:<N>:<P>``."""
-        return self.call(
-            {
-                "type": "respond_handshake",
-                "node_id": node_id,
-                "peer_id": peer_id,
-                "accept": accept,
-                "signature": signature_b64,
-            }
-        )
+        """Answer ``peer_id``'s relayed request; ``signature_b64`` signs ``respond:<N>:<P>``.
+        A rejection's ``reason`` is sent when not empty (pilot-registryd passes it on; the
+        production registry ignores it)."""
+        request: dict[str, Any] = {
+            "type": "respond_handshake",
+            "node_id": node_id,
+            "peer_id": peer_id,
+            "accept": accept,
+            "signature": signature_b64,
+        }
+        if reason:
+            request["reason"] = reason
+        return self.call(request)
 
     def poll_handshakes(self, node_id: int, wait: float = 0.0) -> dict[str, Any]:
         """Drain ``node_id``'s relay inboxes: ``requests`` and ``responses`` (signed). With

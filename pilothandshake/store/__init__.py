@@ -26,11 +26,19 @@ from ..errors import StoreError
 from .codec import ZERO_TIME, decode_state, encode_state, format_time, parse_time
 from .journal import JOURNAL_SUFFIX
 from .records import (
+    ACCEPTED,
+    DIRECT,
+    EXPIRED,
     HISTORY,
     OUTGOING,
+    OUTGOING_STATES,
     PENDING,
+    REJECTED,
+    RELAY,
     TABLES,
     TRUSTED,
+    WAITING,
+    WITHDRAWN,
     Change,
     FormerTrust,
     OutgoingRequest,
@@ -49,15 +57,23 @@ from .trust_store import (
 )
 
 __all__ = [
+    "ACCEPTED",
+    "DIRECT",
+    "EXPIRED",
     "HISTORY",
     "JOURNAL_MIN_BYTES",
     "JOURNAL_RATIO",
     "JOURNAL_SUFFIX",
     "LOCK_SUFFIX",
     "OUTGOING",
+    "OUTGOING_STATES",
     "PENDING",
+    "REJECTED",
+    "RELAY",
     "TABLES",
     "TRUSTED",
+    "WAITING",
+    "WITHDRAWN",
     "ZERO_TIME",
     "Change",
     "FormerTrust",

@@ -17,11 +17,15 @@ from typing import Any, Callable
 
 from ..constants import MAX_NETWORK, MAX_NODE_ID
 from .records import (
+    DIRECT,
     HISTORY,
     OUTGOING,
+    OUTGOING_STATES,
     PENDING,
+    RELAY,
     TABLES,
     TRUSTED,
+    WAITING,
     FormerTrust,
     OutgoingRequest,
     PendingHandshake,
@@ -100,6 +104,8 @@ def _trusted_json(record: TrustRecord) -> str:
     }
     if record.network:
         fields["network"] = record.network
+    if record.reason:
+        fields["reason"] = record.reason
     return json.dumps(fields, ensure_ascii=False)
 
 
@@ -118,7 +124,20 @@ def _pending_json(request: PendingHandshake) -> str:
 
 
 def _outgoing_json(request: OutgoingRequest) -> str:
-    return json.dumps({"node_id": request.node_id, "sent_at": format_time(request.sent_at)})
+    # A direct request still waiting is written as before round 3 (and as Go would).
+    fields: dict[str, object] = {
+        "node_id": request.node_id,
+        "sent_at": format_time(request.sent_at),
+    }
+    if request.path != DIRECT:
+        fields["path"] = request.path
+    if request.state != WAITING:
+        fields["state"] = request.state
+    if request.reason:
+        fields["reason"] = _utf8_text(request.reason)
+    if request.ended_at is not None:
+        fields["ended_at"] = format_time(request.ended_at)
+    return json.dumps(fields, ensure_ascii=False)
 
 
 def _history_json(former: FormerTrust) -> str:
@@ -289,6 +308,7 @@ def _decode_trusted(obj: dict[str, Any], where: str) -> TrustRecord:
         approved_at=_time(obj, "approved_at", where),
         mutual=_bool(obj, "mutual", where),
         network=_int(obj, "network", where, MAX_NETWORK),
+        reason=_str(obj, "reason", where),
     )
 
 
@@ -303,10 +323,20 @@ def _decode_pending(obj: dict[str, Any], where: str) -> PendingHandshake:
     )
 
 
+def _choice(obj: dict[str, Any], key: str, where: str, choices: tuple[str, ...]) -> str | None:
+    value = _value(obj, key, where, lambda v: v in choices, " or ".join(choices))
+    return None if value is None else str(value)
+
+
 def _decode_outgoing(obj: dict[str, Any], where: str) -> OutgoingRequest:
+    ended_at = _time(obj, "ended_at", where) if obj.get("ended_at") is not None else None
     return OutgoingRequest(
         node_id=_int(obj, "node_id", where, MAX_NODE_ID),
         sent_at=_time(obj, "sent_at", where),
+        path=_choice(obj, "path", where, (DIRECT, RELAY)) or DIRECT,
+        state=_choice(obj, "state", where, OUTGOING_STATES) or WAITING,
+        reason=_str(obj, "reason", where),
+        ended_at=ended_at,
     )
 
 

@@ -20,7 +20,10 @@ class TrustRecord:
 
     ``public_key`` is standard base64 of the peer's Ed25519 key; files written by Go may hold
     "" or something that is not a key. ``mutual`` is true when both sides asked; ``network`` is
-    the shared network that granted trust automatically (0: none).
+    the shared network that granted trust automatically (0: none). ``reason`` says why the
+    peer is trusted (``trust.changed``'s reason, SPEC 14: ``mutual``, ``same_network``,
+    ``trusted_agent``, ``auto_approve``, ``approved``, ``trusted_agent_relayed``,
+    ``auto_approve_relayed``; "" when unknown, as in Go's files, which ignore it).
     """
 
     node_id: int
@@ -28,6 +31,7 @@ class TrustRecord:
     approved_at: datetime
     mutual: bool = False
     network: int = 0
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,12 +51,37 @@ class PendingHandshake:
     source: str = ""
 
 
+# How an outgoing request went (OutgoingRequest.path) and where it stands (.state, SPEC 7).
+DIRECT = "direct"
+RELAY = "relay"
+WAITING = "waiting"
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+EXPIRED = "expired"
+WITHDRAWN = "withdrawn"
+OUTGOING_STATES = (WAITING, ACCEPTED, REJECTED, EXPIRED, WITHDRAWN)
+
+
 @dataclass(frozen=True)
 class OutgoingRequest:
-    """A handshake request we sent and still expect an answer to (SPEC 8; not in Go)."""
+    """A handshake request we sent (SPEC 7): how it went (``path``: ``direct`` or ``relay``)
+    and what became of it (``state``: ``waiting`` for an answer, or ended as ``accepted``,
+    ``rejected`` with the peer's ``reason``, ``expired`` or ``withdrawn``). An ended request
+    is kept ``outgoing_ttl`` after ``ended_at`` so a caller can ask what happened. Go's
+    files hold only ``node_id`` and ``sent_at`` (it ignores the rest): such an entry is a
+    direct request still waiting."""
 
     node_id: int
     sent_at: datetime
+    path: str = DIRECT
+    state: str = WAITING
+    reason: str = ""
+    ended_at: datetime | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Still waiting for an answer: the request an accept may answer (SPEC 8)."""
+        return self.state == WAITING
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,15 @@ def test_a_go_daemon_rejection_reaches_the_python_requester(gofleet: GoFleet) ->
         what="the rejection reaches the Python node",
     )
     assert py.trusted() == set() and go.trusted() == {}
+    # Our request ended rejected (the Go registry drops the reason): a wait ends at once.
+    [request] = py.control("requests")["requests"]
+    assert (request["state"], request["reason"]) == ("rejected", "")
+    assert py.control("wait", node_id=go_id, timeout=30) == {
+        "node_id": go_id,
+        "trusted": False,
+        "rejected": True,
+        "reason": "",
+    }
 
 
 def test_a_revoke_reaches_the_go_registry_but_not_the_go_daemon(gofleet: GoFleet) -> None:
