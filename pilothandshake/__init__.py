@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .daemon import Daemon
     from .errors import (
         ConfigError,
+        ControlError,
         HandshakeError,
         MessageError,
         NotTrustedError,
@@ -54,6 +55,7 @@ _EXPORTS = {
     "AllowlistEntry": "runtime",
     "Client": "client",
     "ConfigError": "errors",
+    "ControlError": "errors",
     "Daemon": "daemon",
     "HandshakeError": "errors",
     "HandshakeMsg": "messages",
@@ -80,6 +82,7 @@ __all__ = [
     "AllowlistEntry",
     "Client",
     "ConfigError",
+    "ControlError",
     "Daemon",
     "HandshakeError",
     "HandshakeMsg",

@@ -42,6 +42,10 @@ __all__ = ["main_handshakectl"]
 _JUSTIFICATION_WIDTH = 60
 _STATUS_WAIT_DEFAULT = 30.0  # `status --wait` without --timeout
 _STATUS_RETRY = 0.1  # how often `status --wait` tries again while the daemon starts
+# A state lock taken this recently before `status --wait` began, and free since, was taken
+# by a daemon that has exited; one started again takes it within this long (see
+# _daemon_exited).
+_RECENT_LOCK = 5.0
 
 _EPILOG = f"""\
 the control socket is found from --socket, else --config FILE (control.sock beside the
@@ -135,17 +139,35 @@ def _timeout_argument(parser: argparse.ArgumentParser, default: float, what: str
 
 
 def _node_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("node", type=_node, metavar="NODE")
+    parser.add_argument(
+        "node",
+        type=_node,
+        metavar="NODE",
+        help="the peer: a node ID, a Pilot address N:XXXX.XXXX.XXXX, or a hostname the "
+        "daemon's registry resolves",
+    )
 
 
 def _handshake_arguments(parser: argparse.ArgumentParser) -> None:
     _node_argument(parser)
-    parser.add_argument("justification", nargs="?", default="", metavar="JUSTIFICATION")
+    parser.add_argument(
+        "justification",
+        nargs="?",
+        default="",
+        metavar="JUSTIFICATION",
+        help="why this node asks, shown to the peer's operator in `pending` (optional; 1 KiB kept)",
+    )
 
 
 def _reject_arguments(parser: argparse.ArgumentParser) -> None:
     _node_argument(parser)
-    parser.add_argument("reason", nargs="?", default="", metavar="REASON")
+    parser.add_argument(
+        "reason",
+        nargs="?",
+        default="",
+        metavar="REASON",
+        help="why, sent to the node that asked (default: none)",
+    )
 
 
 def _wait_arguments(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +177,16 @@ def _wait_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _events_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--follow", action="store_true", help="keep printing new events")
+    parser.add_argument(
+        "--no-history",
+        dest="history",
+        action="store_false",
+        help="with --follow: only events from now on, not the recent ones first",
+    )
+
+
+def _completion_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete for")
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +209,30 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         "print the Prometheus metrics (what metrics.listen serves at /metrics)",
         _no_arguments,
     ),
+    "reload": (
+        "reload the daemon's config, as SIGHUP does, and say what needs a restart",
+        _no_arguments,
+    ),
+    "completion": (
+        "print the shell completion script for bash or zsh (needs no daemon)",
+        _completion_arguments,
+    ),
+}
+
+_EXIT_OK_FAILED = "exit codes: 0 ok, 1 failed (one line on stderr says why), 2 usage error."
+# Each command's --help ends with its exit codes; the ones not listed use _EXIT_OK_FAILED.
+_EXIT_CODES = {
+    "status": "exit codes: 0 ok, 1 failed (not running; with --wait: gave up, or the daemon "
+    "exited), 2 usage error.",
+    "approve": "exit codes: 0 approved, 1 nothing pending for NODE (or failed), 2 usage error.",
+    "reject": "exit codes: 0 rejected, 1 nothing pending for NODE (or failed), 2 usage error.",
+    "wait": "exit codes: 0 trusted, 1 timed out (or failed), 2 usage error.",
+    "events": "exit codes: 0 ok (also when --follow ends with Ctrl-C), 1 failed, 2 usage error.",
+    "reload": "exit codes: 0 reloaded, 1 the file is invalid (the daemon keeps its config; "
+    "the message says why) or failed, 2 usage error.",
+    "completion": "exit codes: 0 printed, 2 usage error. For bash, save the script as "
+    "/etc/bash_completion.d/pilot-handshakectl (or eval it in ~/.bashrc); for zsh, as "
+    "_pilot-handshakectl in a directory of $fpath.",
 }
 
 
@@ -242,6 +298,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                     name,
                     help=summary,
                     description=summary,
+                    epilog=_EXIT_CODES.get(name, _EXIT_OK_FAILED),
                     parents=[after],
                     formatter_class=_unsized,
                 )
@@ -314,10 +371,9 @@ def _show_status(data: dict[str, Any]) -> str:
         rows.append(["answers", f"{data['undelivered']} not delivered yet (retrying)"])
     if isinstance(registry, dict) and registry.get("hostname_error"):
         # The daemon runs without the name it was configured with: say so where it is seen.
-        wanted = _printable(str(registry.get("hostname", "")))
-        rows.insert(
-            1, ["hostname", f"{wanted} not set: {_printable(str(registry['hostname_error']))}"]
-        )
+        rows.insert(1, ["hostname", _printable(str(registry["hostname_error"]))])
+    if data.get("public_key"):
+        rows.append(["key", f"{data.get('fingerprint') or '-'}  {data['public_key']}"])
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
 
 
@@ -426,6 +482,14 @@ def _show_event(data: dict[str, Any]) -> str:
     return _printable(f"{data.get('timestamp', '?')} {data.get('event', '?')} {details}").rstrip()
 
 
+def _show_reload(data: dict[str, Any]) -> str:
+    restart = data.get("restart_needed") or []
+    text = f"reloaded {data.get('config', 'the config')}: allowlist, deny list, peers, auto-approve"
+    if restart:
+        text += f"\nchanged but needs a restart: {', '.join(map(str, restart))}"
+    return text
+
+
 _SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
     "status": _show_status,
     "handshake": _show_handshake,
@@ -438,6 +502,7 @@ _SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
     "wait": _show_wait,
     "events": _show_event,
     "metrics": lambda data: str(data["text"]).rstrip("\n"),
+    "reload": _show_reload,
 }
 
 
@@ -470,13 +535,17 @@ def _request_args(client: Client, options: argparse.Namespace) -> dict[str, Any]
         args["timeout"] = options.timeout
     elif options.command == "events":
         args["follow"] = options.follow
+        if not options.history:
+            args["history"] = False
     return args
 
 
 def _status_when_ready(client: Client, timeout: float) -> dict[str, Any]:
     """The daemon's first ``status`` answer that has a node ID, waiting up to ``timeout``
-    while it starts (its socket appears only once port 444 serves and it registered)."""
+    while it starts (its socket appears only once port 444 serves and it registered).
+    Stops at once when no daemon holds the state directory any more (``_daemon_exited``)."""
     deadline = time.monotonic() + timeout
+    exited = _daemon_exited(client.path)
     while True:
         try:
             response = client.request("status")
@@ -487,9 +556,54 @@ def _status_when_ready(client: Client, timeout: float) -> dict[str, Any]:
             if response["status"] != "ok" or (isinstance(data, dict) and data.get("node_id")):
                 return response
             problem = f"pilot-handshaked at {client.path} has no node ID yet (not registered)"
+        gone = exited()
+        if gone:
+            raise _Failure(gone)
         if time.monotonic() >= deadline:
             raise _Failure(f"gave up after {timeout:g} s: {problem}", _TIMEOUT)
         time.sleep(_STATUS_RETRY)
+
+
+def _daemon_exited(socket_path: str) -> Callable[[], str]:
+    """A check, called once per try of ``status --wait``: why no daemon will answer at
+    ``socket_path`` ("" while one may still). The state lock tells, as a daemon takes it
+    (and touches it) at start: free on two tries in a row after it was held, or taken,
+    during the wait, it belonged to a daemon that has exited, such as one that died at start
+    on "address already in use". Taken less than ``_RECENT_LOCK`` seconds before the wait
+    began and free since, it belonged to one that exited just before; that is said after
+    ``_RECENT_LOCK`` seconds more, the time a daemon started again (the port freed) has to
+    take the lock. A lock free since long before the wait says nothing (a daemon may be
+    starting): the wait goes on until its timeout."""
+    from .statelock import lock_path, probe
+
+    path = lock_path(socket_path)
+    began = time.monotonic()
+    first = previous = probe(path)
+    recent = (
+        first is not None
+        and first.stamp is not None
+        and (time.time() - first.stamp[1] / 1e9 < _RECENT_LOCK)
+    )
+    held = False
+
+    def exited() -> str:
+        nonlocal previous, held
+        now, before = probe(path), previous
+        previous = now
+        if first is None or now is None:
+            return ""  # no /proc/locks: wait as before
+        held = held or now.held
+        during = held or now.stamp != first.stamp
+        before_wait = recent and time.monotonic() - began >= _RECENT_LOCK
+        if now.held or before != now or not (during or before_wait):
+            return ""
+        return (
+            f"no pilot-handshaked holds {os.path.dirname(path)} (its lock {path} is free "
+            "again): it exited; its log says why (its stderr, or journalctl -u "
+            "pilot-handshaked under systemd)"
+        )
+
+    return exited
 
 
 def _run(options: argparse.Namespace) -> None:
@@ -531,6 +645,11 @@ def main_handshakectl(argv: list[str] | None = None) -> int:
             sys.stderr.write(exc.usage)
             print(f"pilot-handshakectl: error: {exc}", file=sys.stderr)
         return 2
+    if options.command == "completion":
+        from .completion import script
+
+        print(script(options.shell, _parser()), end="")
+        return 0
     try:
         _run(options)
     except _Untrusted as exc:

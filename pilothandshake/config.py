@@ -3,7 +3,9 @@
 Every key has a default. An unknown key, a value of the wrong type or an invalid value
 raises ``ConfigError`` whose message names the file, the dotted key (for example
 ``trust.allowlist[1].public_key``) and what was expected (the field checks are
-``yamlconfig.FieldParser``'s). A section written as an empty YAML key (``trust:`` with
+``yamlconfig.FieldParser``'s). One pass finds every problem of a file: ``check_config``
+returns them all (``pilot-handshaked --check-config``), ``load_config`` raises the first and
+says how many more there are. A section written as an empty YAML key (``trust:`` with
 nothing under it, i.e. null) means "all defaults"; ``registry:`` left empty therefore means
 no registry, like omitting it.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
 
 from .constants import (
     CONTROL_SOCKET_NAME,
@@ -28,8 +31,9 @@ from .constants import (
     POLL_INTERVAL,
     TRUST_FILE,
 )
+from .errors import ConfigError
 from .identity import decode_key
-from .messages import format_address, parse_address
+from .messages import MAX_NODE_ID, format_address, parse_address
 from .runtime import AllowlistEntry
 from .yamlconfig import FieldParser, describe, read_yaml
 
@@ -41,6 +45,7 @@ __all__ = [
     "EventsConfig",
     "RegistryConfig",
     "TrustConfig",
+    "check_config",
     "format_address",
     "load_config",
     "parse_address",
@@ -49,6 +54,12 @@ __all__ = [
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+_T = TypeVar("_T")
+# What an entry naming a node by hostname is told (allowlist, deny, peers).
+_NOT_A_HOSTNAME = (
+    f"a node ID (an integer 0..{MAX_NODE_ID}), not a hostname: a hostname is first come, first "
+    "served at the registry, so it names a node but proves nothing"
+)
 
 
 @dataclass(frozen=True)
@@ -85,9 +96,11 @@ class EventsConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """Section ``metrics``: the ``HOST:PORT`` that serves ``/metrics`` over HTTP ("" = off)."""
+    """Section ``metrics``: the ``HOST:PORT`` that serves ``/metrics`` over HTTP ("" = off);
+    ``created_series`` keeps the ``_created`` series of counters and histograms."""
 
     listen: str = ""
+    created_series: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,15 +200,89 @@ def parse_config(data: object, source: str) -> Config:
     """Validate already-loaded YAML ``data`` from file ``source`` into a ``Config``.
 
     ``source`` names the file in error messages, and a relative ``identity`` path is
-    resolved against its directory.
+    resolved against its directory. ``ConfigError`` tells the first problem and how many
+    more there are.
     """
-    return _ConfigParser(source).config(data)
+    parser = _ConfigParser(source)
+    config = parser.config(data)
+    if parser.problems:
+        first, more = parser.problems[0], len(parser.problems) - 1
+        if more:
+            first += (
+                f" (and {more} more problem{'s' if more > 1 else ''}: "
+                f"pilot-handshaked --check-config {source} lists every one)"
+            )
+        raise ConfigError(first)
+    return config
+
+
+def check_config(path: str) -> list[str]:
+    """Every problem of the config file at ``path``, one line each naming the file and the
+    key (empty when it is valid). Reads the file only: binds nothing, locks nothing."""
+    try:
+        data = read_yaml(path)
+    except ConfigError as exc:
+        return [str(exc)]
+    parser = _ConfigParser(path)
+    parser.config(data)
+    return parser.problems
 
 
 class _ConfigParser(FieldParser):
-    """The sections of the daemon's config (SPEC 12) on top of the field checks."""
+    """The sections of the daemon's config on top of the field checks. While ``config()``
+    parses a whole file, a problem is noted in ``problems`` and the parse goes on with the
+    key's default, so one pass finds every problem; any other use raises the first, as
+    ``FieldParser`` does."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(source)
+        self.problems: list[str] = []
+        self._collecting = False
+
+    def noting(self, default: _T, parse: Callable[..., _T], *args: Any) -> _T:
+        """``parse(*args)``, or (while ``config()`` runs) ``default`` with its
+        ``ConfigError`` noted in ``problems``."""
+        try:
+            return parse(*args)
+        except ConfigError as exc:
+            if not self._collecting:
+                raise
+            self.problems.append(str(exc))
+            return default
+
+    def get(
+        self,
+        section: dict[str, Any],
+        prefix: str,
+        name: str,
+        default: _T,
+        check: Callable[[object, str], _T],
+    ) -> _T:
+        """``FieldParser.get``, noting a problem instead of raising it."""
+        return self.noting(default, FieldParser.get, self, section, prefix, name, default, check)
+
+    def section(self, value: object, key: str, known: tuple[str, ...]) -> dict[str, Any]:
+        """``FieldParser.section`` noting each unknown key (and going on without it), and a
+        value that is not a mapping (then: all defaults)."""
+        if value is not None and not isinstance(value, dict):
+            return self.noting({}, FieldParser.section, self, value, key, known)
+        for name in value or {}:
+            if name not in known:
+                self.noting(None, FieldParser.section, self, {name: None}, key, known)
+        return {name: item for name, item in (value or {}).items() if name in known}
+
+    def note(self, key: str, expected: str, got: str = "") -> None:
+        """Note a problem of ``key`` (what ``fail`` would raise) and go on."""
+        self.noting(None, self.fail, key, expected, got)
 
     def config(self, data: object) -> Config:
+        self._collecting = True
+        try:
+            return self._config(data)
+        finally:
+            self._collecting = False
+
+    def _config(self, data: object) -> Config:
         top = self.section(
             data,
             "",
@@ -218,14 +305,14 @@ class _ConfigParser(FieldParser):
             ),
         )
         defaults = Config()
-        return Config(
+        config = Config(
             identity=self.get(top, "", "identity", defaults.identity, self.identity),
             node_id=self.get(top, "", "node_id", defaults.node_id, self.node_id),
             listen=self.get(top, "", "listen", defaults.listen, self.listen),
-            hostname=self.get(top, "", "hostname", defaults.hostname, self.string),
-            registry=self.registry(top.get("registry")),
-            trust=self.trust(top.get("trust")),
-            peers=self.peers(top.get("peers")),
+            hostname=self.get(top, "", "hostname", defaults.hostname, self.hostname),
+            registry=self.noting(None, self.registry, top.get("registry")),
+            trust=self.noting(TrustConfig(), self.trust, top.get("trust")),
+            peers=self.noting({}, self.peers, top.get("peers")),
             events=self.events(top.get("events")),
             metrics=self.metrics(top.get("metrics")),
             control=self.control(top.get("control")),
@@ -248,6 +335,17 @@ class _ConfigParser(FieldParser):
             ),
             path=self.source,
         )
+        if top.get("registry") is None and config.node_id == 0:
+            # Without a registry nothing assigns an ID: node 0 would start, and every
+            # command naming it would fail later. Noted last: a fault elsewhere (a
+            # misspelt registry key) may be the cause.
+            self.note(
+                "node_id",
+                f"this node's ID (1..{MAX_NODE_ID}) when there is no registry section: set "
+                "node_id, or add registry: {address: HOST:PORT} so the registry assigns one",
+                "0" if "node_id" in top else "none",
+            )
+        return config
 
     def registry(self, value: object) -> RegistryConfig | None:
         if value is None:
@@ -269,9 +367,9 @@ class _ConfigParser(FieldParser):
         pin = self.get(section, "registry", "fingerprint", defaults.fingerprint, self.fingerprint)
         if pin and not tls:
             # A pin without TLS would silently protect nothing.
-            self.fail("registry.tls", "true when registry.fingerprint is set", "false")
+            self.note("registry.tls", "true when registry.fingerprint is set", "false")
         return RegistryConfig(
-            address=self.address(section["address"], "registry.address"),
+            address=self.get(section, "registry", "address", "", self.address),
             tls=tls,
             fingerprint=pin,
             poll_interval=self.get(
@@ -309,40 +407,80 @@ class _ConfigParser(FieldParser):
 
     def allowlist(self, value: object) -> dict[int, AllowlistEntry]:
         entries: dict[int, AllowlistEntry] = {}
-        for index, item in enumerate(self.items(value, "trust.allowlist")):
-            key = f"trust.allowlist[{index}]"
-            entry = self.section(item, key, ("node_id", "name", "public_key"))
-            if "node_id" not in entry:
-                self.fail(f"{key}.node_id", "the agent's node ID (the key is required)")
-            node_id = self.node_id(entry["node_id"], f"{key}.node_id")
-            if node_id in entries:
-                self.fail(f"{key}.node_id", "each node ID listed once", f"{node_id} again")
-            public_key = self.get(entry, key, "public_key", "", self.string)
-            if public_key and decode_key(public_key) is None:
-                self.fail(
-                    f"{key}.public_key",
-                    "standard base64 of a 32-byte Ed25519 key",
-                    describe(public_key),
-                )
-            name = self.get(entry, key, "name", "", self.string)
-            entries[node_id] = AllowlistEntry(node_id=node_id, name=name, public_key=public_key)
+        items: list[Any] = self.noting([], self.items, value, "trust.allowlist")
+        for index, item in enumerate(items):
+            self.noting(None, self.allowlist_entry, index, item, entries)
         return entries
 
+    def allowlist_entry(self, index: int, item: object, entries: dict[int, AllowlistEntry]) -> None:
+        key = f"trust.allowlist[{index}]"
+        if not isinstance(item, dict):
+            self.fail(
+                key,
+                "a mapping {node_id: N, name: NAME, public_key: KEY}: an entry names a node by "
+                "its ID (and pins its key), not by its hostname",
+                describe(item),
+            )
+        entry = self.section(item, key, ("node_id", "name", "public_key"))
+        if "node_id" not in entry:
+            self.fail(f"{key}.node_id", "the agent's node ID (the key is required)")
+        node_id = self.node_ref(entry["node_id"], f"{key}.node_id")
+        if node_id in entries:
+            self.fail(f"{key}.node_id", "each node ID listed once", f"{node_id} again")
+        public_key = self.get(entry, key, "public_key", "", self.string)
+        if public_key and decode_key(public_key) is None:
+            self.fail(
+                f"{key}.public_key",
+                "standard base64 of a 32-byte Ed25519 key",
+                describe(public_key),
+            )
+        name = self.get(entry, key, "name", "", self.string)
+        entries[node_id] = AllowlistEntry(node_id=node_id, name=name, public_key=public_key)
+
     def deny(self, value: object) -> frozenset[int]:
-        return frozenset(
-            self.node_id(item, f"trust.deny[{index}]")
-            for index, item in enumerate(self.items(value, "trust.deny"))
-        )
+        denied = set()
+        items: list[Any] = self.noting([], self.items, value, "trust.deny")
+        for index, item in enumerate(items):
+            node = self.noting(None, self.node_ref, item, f"trust.deny[{index}]")
+            if node is not None:
+                denied.add(node)
+        return frozenset(denied)
 
     def peers(self, value: object) -> dict[int, str]:
         if value is None:
             return {}
         if not isinstance(value, dict):
             self.fail("peers", "a mapping of node ID to host:port", describe(value))
-        return {
-            self.node_id(node, f"peers.{node}"): self.address(address, f"peers.{node}")
-            for node, address in value.items()
-        }
+        peers = {}
+        for node, address in value.items():
+            key = f"peers.{node}"
+            peer = self.noting(None, self.node_ref, node, key)
+            where = self.noting("", self.address, address, key)
+            if peer is not None and where:
+                peers[peer] = where
+        return peers
+
+    def node_ref(self, value: object, key: str) -> int:
+        """A node ID where an operator might write a hostname (allowlist, deny, peers)."""
+        if isinstance(value, str):
+            self.fail(key, _NOT_A_HOSTNAME, describe(value))
+        return self.node_id(value, key)
+
+    def hostname(self, value: object, key: str) -> str:
+        """This node's name at the registry ("" for none), by the registry's own rule."""
+        # Imported here: the registry package loads its client, which a CLI reading only
+        # the socket's location from a config does not need.
+        from .registry.fields import hostname_problem
+
+        text = self.string(value, key)
+        if text and hostname_problem(text):
+            self.fail(
+                key,
+                "1-63 lowercase letters, digits and hyphens, starting and ending with a "
+                'letter or digit, not localhost, backbone or broadcast (or "" for none)',
+                describe(value),
+            )
+        return text
 
     def events(self, value: object) -> EventsConfig:
         section = self.section(value, "events", ("webhook",))
@@ -351,9 +489,10 @@ class _ConfigParser(FieldParser):
         )
 
     def metrics(self, value: object) -> MetricsConfig:
-        section = self.section(value, "metrics", ("listen",))
+        section = self.section(value, "metrics", ("listen", "created_series"))
         return MetricsConfig(
-            listen=self.get(section, "metrics", "listen", "", self.optional_listen)
+            listen=self.get(section, "metrics", "listen", "", self.optional_listen),
+            created_series=self.get(section, "metrics", "created_series", False, self.boolean),
         )
 
     def control(self, value: object) -> ControlConfig:

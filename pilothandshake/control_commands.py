@@ -80,6 +80,7 @@ COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "resolve": (frozenset({"hostname"}), frozenset()),
     "events": (frozenset(), frozenset({"follow", "history"})),
     "metrics": (frozenset(), frozenset()),
+    "reload": (frozenset(), frozenset()),
 }
 
 # Commands naming a node for which this node itself is a mistake (it trusts itself anyway).
@@ -211,6 +212,8 @@ class ControlCommands:
         self.node_id = node_id
         self.registry = registry
         self.stopping = stopping
+        # The daemon's config reload (what SIGHUP does); None: this server cannot reload.
+        self.reload: Callable[[], dict[str, Any]] | None = None
         self._hostname_cache: dict[int, tuple[float, str]] = {}
 
     def execute(
@@ -373,6 +376,12 @@ class ControlCommands:
     def _do_metrics(self) -> dict[str, Any]:
         # The Manager carries the daemon's metrics: every part's, in one registry.
         return {"text": self.manager.metrics.render()}
+
+    def _do_reload(self) -> dict[str, Any]:
+        # The SIGHUP path: a bad file keeps the old config and is an error answer here.
+        if self.reload is None:
+            raise HandshakeError("this daemon has no config file to reload")
+        return self.reload()
 
     def _do_is_trusted(self, node_id: int) -> dict[str, Any]:
         return {"node_id": node_id, "trusted": self.manager.is_trusted(node_id)}

@@ -24,7 +24,7 @@ from .constants import REGISTRY_TIMEOUT
 from .control import ControlServer
 from .errors import HandshakeError, RegistryError, SendError
 from .events import EventBus
-from .identity import Identity
+from .identity import Identity, fingerprint
 from .manager import Manager
 from .metrics import Metrics, MetricsServer
 from .registry.client import Client
@@ -228,7 +228,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         """Build every part from ``config``; nothing listens until ``start()``."""
         self.config = config
-        self.metrics = Metrics(process=True)
+        self.metrics = Metrics(process=True, created=config.metrics.created_series)
         prepare_state_directory(config.identity)
         check_identity_mode(config.identity)
         self.identity = Identity.load_or_create(config.identity)
@@ -268,6 +268,7 @@ class Daemon:
             if self.client is not None:
                 self.client.close()
             raise
+        self.control.commands.reload = self.apply_reload
         self.loop: RegistryLoop | None = None
         self.metrics_server: MetricsServer | None = None
         self.metrics.watch(
@@ -304,7 +305,9 @@ class Daemon:
         return self.runtime.listen_address or parse_address(self.config.listen)
 
     def status(self) -> dict[str, Any]:
-        """What ``pilot-handshakectl status`` shows (SPEC 13)."""
+        """What ``pilot-handshakectl status`` shows (SPEC 13), with this node's own public
+        key and its fingerprint (the form ``pending`` shows), so an operator can pin this
+        node in a peer's allowlist without opening identity.json."""
         loop = self.loop
         registry = None
         if self.config.registry is not None:
@@ -321,6 +324,8 @@ class Daemon:
             "pending": self.manager.pending_count(),
             # Our answers that neither path delivered yet, being retried (SPEC 7 outbox).
             "undelivered": self.manager.undelivered_answers(),
+            "public_key": self.identity.public_key_b64,
+            "fingerprint": fingerprint(self.identity.public_key_b64),
             "webhook": (
                 {"url": self.config.events.webhook, "dropped": self.events.webhook_dropped}
                 if self.config.events.webhook
@@ -460,9 +465,10 @@ class Daemon:
         self.events.stop()
         self.control.stop()
 
-    def reload(self) -> None:
+    def reload(self) -> list[str]:
         """Re-read the config file and apply its ``trust`` and ``peers`` sections (SIGHUP).
-        Raises ``ConfigError`` (the old config stays) when the file is invalid."""
+        Raises ``ConfigError`` (the old config stays) when the file is invalid. Returns the
+        other keys that changed: they need a restart (and are logged)."""
         if not self.config.path:
             raise HandshakeError("this daemon was not built from a file; nothing to reload")
         fresh = load_config(self.config.path)
@@ -476,6 +482,23 @@ class Daemon:
         self.config = self.runtime.config
         if ignored:
             log.warning("config reload: changes to %s need a restart", ", ".join(ignored))
+        return ignored
+
+    def apply_reload(self) -> dict[str, Any]:
+        """``reload()`` as SIGHUP and ``pilot-handshakectl reload`` do it: logged either way;
+        the answer names what was reloaded and what needs a restart. ``HandshakeError``
+        (the old config stays) when the file is invalid."""
+        try:
+            restart = self.reload()
+        except HandshakeError as exc:
+            log.error("config reload failed, keeping the old config: %s", exc)
+            raise
+        log.info("config reloaded: allowlist, deny list, peers, auto-approve")
+        return {
+            "reloaded": ["trust", "peers"],
+            "restart_needed": restart,
+            "config": self.config.path,
+        }
 
     def __enter__(self) -> Daemon:
         self.start()

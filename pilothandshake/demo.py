@@ -1,21 +1,25 @@
-"""The two-node demo (``scripts/demo.sh``, or ``python -m pilothandshake.demo``).
+"""The two-node demo (scripts/demo.sh, or: python -m pilothandshake.demo).
 
-Starts an embedded registry and two daemons on loopback, on free unprivileged ports, in a
-temporary directory (mode 0700), then walks through a whole handshake with the real
-``pilot-handshakectl`` commands, printing each command and its output: A asks B for trust,
-B lists and approves it, both list trust, A waits, A revokes, B sees it gone. The daemons'
+Starts pilot-registryd and two pilot-handshaked on loopback, on free unprivileged ports, in
+a temporary directory (mode 0700), then walks through a whole handshake with the real
+pilot-handshakectl commands, printing each command and its output: A asks B for trust, B
+lists and approves it, both list trust, A waits, A revokes, B sees it gone. The daemons'
 logs must hold no WARNING or ERROR: the happy path is quiet. Every process is stopped at the
 end, also on failure. Exit code 0 on success; 1 with a message saying which step failed.
 
-The node configs are made here (``node_config``), not read from ``conf/``, so the demo also
-runs from an installed wheel; ``conf/demo-node-*.yaml`` hold the same settings for the
-README's walkthrough (``tests/test_packaging.py`` keeps the two in step).
+The programs are the ones installed beside this Python (a venv's bin/, no need to activate
+it), else a checkout's bin/.
 """
+
+# The node configs are made here (``node_config``), not read from ``conf/``, so the demo also
+# runs from an installed wheel; ``conf/demo-node-*.yaml`` hold the same settings for the
+# README's walkthrough (``tests/test_packaging.py`` keeps the two in step).
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
@@ -23,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -67,15 +72,30 @@ def node_config(name: str, directory: Path, listen: str, registry: str) -> dict[
     }
 
 
+def _script_dirs() -> list[Path]:
+    """Where pip put this package's scripts: beside ``sys.executable`` (a venv's bin/, used
+    without activating it), then this Python's scripts directories."""
+    dirs = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    user = sysconfig.get_path("scripts", f"{os.name}_user")
+    return [*dirs, Path(user)] if user else dirs
+
+
 def _command(name: str) -> list[str]:
-    """How to run one of the package's scripts: installed on PATH, else from the checkout."""
-    installed = shutil.which(name)
-    if installed is not None:
-        return [installed]
+    """How to run one of the package's scripts: installed beside this Python, else from a
+    checkout's bin/ (run with this Python)."""
+    for directory in _script_dirs():
+        installed = directory / name
+        if installed.is_file() and os.access(installed, os.X_OK):
+            return [str(installed)]
     script = CHECKOUT / "bin" / name
-    if not script.exists():
-        raise DemoError(f"cannot find {name}: install the package (pip install -e .)")
-    return [sys.executable, str(script)]
+    if script.is_file():
+        return [sys.executable, str(script)]
+    looked = ", ".join(str(d) for d in dict.fromkeys(_script_dirs()))
+    raise DemoError(
+        f"cannot find {name}: it is in none of {looked} (where pip installs the scripts of "
+        f"this Python's packages) nor in a checkout's bin/; install the package for this "
+        f"Python: {sys.executable} -m pip install pilothandshake"
+    )
 
 
 class _Process:
@@ -228,7 +248,12 @@ class Demo:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; 0 on success, 1 with a message on failure."""
-    parser = argparse.ArgumentParser(prog="pilothandshake.demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m pilothandshake.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 the demo ran, 1 a step failed (the message says which).",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="pilot-demo-"))  # mode 0700

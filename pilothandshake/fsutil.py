@@ -161,6 +161,10 @@ def hold_lock(path: str, holder: str) -> filelock.FileLock:
         ) from exc
     except OSError as exc:
         raise StoreError(f"cannot lock {path}: {exc}") from exc
+    # A new time says "taken since you last looked": `status --wait` tells a daemon that
+    # took the lock and exited from one that has not started yet (statelock.py).
+    with contextlib.suppress(OSError):
+        os.utime(path)
     return lock
 
 

@@ -4,7 +4,14 @@ Each ``Metrics`` has a ``CollectorRegistry`` of its own, so several daemons or M
 process never share or collide. The daemon builds one and hands it to every part it
 composes; a part built without one (an embedded ``Manager``, a test) makes its own, so each
 hook is one unconditional call. ``pilot-handshakectl metrics`` prints ``render()``;
-``metrics.listen`` serves the same text over HTTP (``serve``).
+``metrics.listen`` serves the same text over HTTP (``MetricsServer``; ``/`` links to
+``/metrics``).
+
+Names: every metric of the daemon starts with ``pilot_handshake_``, but the process
+collector's keep their standard ``process_*`` names, as dashboards expect them.
+``pilot_handshake_build_info{version}`` is always 1. The ``_created`` series that
+``prometheus_client`` adds to counters and histograms are left out unless asked for
+(``Metrics(created=True)``, config ``metrics.created_series``).
 """
 
 from __future__ import annotations
@@ -12,12 +19,15 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
+from collections.abc import Iterable
 from typing import Callable
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import MetricsHandler, generate_latest
+from prometheus_client.metrics_core import Metric
 
+from ._version import __version__
 from .messages import parse_address
 
 __all__ = ["DROP_REASONS", "REFUSAL_CAPS", "Metrics", "MetricsServer", "drop_label"]
@@ -71,18 +81,39 @@ def drop_label(reason: str) -> str:
     return "other"
 
 
-class Metrics:
-    """Every metric of one daemon (or one embedded Manager), in ``self.registry``."""
+class _WithoutCreated:
+    """A collector showing ``registry`` without its ``_created`` series."""
 
-    def __init__(self, *, process: bool = False) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        """``registry``'s metrics, each without its ``_created`` samples."""
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+
+class Metrics:
+    """Every metric of one daemon (or one embedded Manager), in ``self.registry``;
+    ``self.exposed`` is what ``render()`` and ``/metrics`` show of it."""
+
+    def __init__(self, *, process: bool = False, created: bool = False) -> None:
         """The metrics, all at zero; ``process`` adds the process collector (CPU, memory,
-        file descriptors of this process: only the daemon, which owns its process)."""
+        file descriptors of this process: only the daemon, which owns its process);
+        ``created`` keeps the ``_created`` series of counters and histograms."""
         self.registry = CollectorRegistry()
         r = self.registry
+        if created:
+            self.exposed = r
+        else:
+            self.exposed = CollectorRegistry(auto_describe=True)
+            self.exposed.register(_WithoutCreated(r))
         self.messages = Counter(
             f"{PREFIX}_messages",
-            "Handshake messages on port 444 by type and result: received, sent (delivered to "
-            "the peer's port 444) or failed (not delivered directly)",
+            "Handshake messages on port 444 by type and result: received; sent (delivered "
+            "to the peer's port 444 directly); relayed (handed to the registry relay); "
+            "failed (a request neither way, an answer not directly: its relay counts apart)",
             ["type", "result"],
             registry=r,
         )
@@ -140,8 +171,14 @@ class Metrics:
             self.drops.labels(reason)
         for cap in REFUSAL_CAPS:
             self.refused.labels(cap)
+        Gauge(
+            f"{PREFIX}_build_info",
+            "Always 1; the version of pilothandshake",
+            ["version"],
+            registry=r,
+        ).labels(__version__).set(1)
         if process:
-            ProcessCollector(namespace=PREFIX, registry=r)
+            ProcessCollector(registry=r)  # the standard process_* names
 
     # Hooks: one call at each place where the thing happens.
 
@@ -158,8 +195,11 @@ class Metrics:
         self.events.labels(topic).inc()
 
     def relay(self, kind: str, direction: str) -> None:
-        """Count one message of type ``kind`` carried by the registry relay ("in", "out")."""
+        """Count one message of type ``kind`` carried by the registry relay ("in", "out");
+        one going out is also a message ``relayed``."""
         self.relayed.labels(kind, direction).inc()
+        if direction == "out":
+            self.messages.labels(kind, "relayed").inc()
 
     def registry_request(self, kind: str, outcome: str, seconds: float) -> None:
         """Count one registry request of type ``kind`` and record its latency."""
@@ -199,18 +239,32 @@ class Metrics:
 
     def render(self) -> str:
         """The Prometheus text format of every metric."""
-        return generate_latest(self.registry).decode("utf-8")
+        return generate_latest(self.exposed).decode("utf-8")
+
+
+_INDEX = (
+    b"<!DOCTYPE html>\n<html><head><title>pilot-handshaked</title></head>\n"
+    b'<body><h1>pilot-handshaked</h1><p><a href="/metrics">/metrics</a></p></body></html>\n'
+)
 
 
 class _Handler(MetricsHandler):
-    """``GET /metrics``; any other path is 404."""
+    """``GET /metrics``; ``/`` is a page linking to it; any other path is 404."""
 
     timeout = _HTTP_TIMEOUT
 
     def do_GET(self) -> None:
-        """Serve the metrics of the server's registry."""
-        if urlsplit(self.path).path != "/metrics":
-            self.send_error(404, "only /metrics is served here")
+        """Serve the metrics of the server's registry, or the index page."""
+        path = urlsplit(self.path).path
+        if path == "/":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(_INDEX)))
+            self.end_headers()
+            self.wfile.write(_INDEX)
+            return
+        if path != "/metrics":
+            self.send_error(404, "only / and /metrics are served here")
             return
         super().do_GET()
 
@@ -227,7 +281,7 @@ class MetricsServer(socketserver.ThreadingTCPServer):
         """Bind ``listen`` and serve ``metrics``."""
         host, port = parse_address(listen)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        handler = type("_RegistryHandler", (_Handler,), {"registry": metrics.registry})
+        handler = type("_RegistryHandler", (_Handler,), {"registry": metrics.exposed})
         super().__init__((host, port), handler)
         self._thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()

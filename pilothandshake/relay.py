@@ -312,10 +312,11 @@ class RegistryLoop:
             return self._node_id
 
     def state(self) -> dict[str, Any]:
-        """The registry's state for ``status``: address, reachability, last error, the
-        hostname asked for with why the registry did not set it ("" when it did), how the
-        relay is polled (``relay``: "push" or "poll"), and ``loop``: "running", or
-        "stopped: <why>" when a loop thread ended on its own."""
+        """The registry's state for ``status``: address, reachability, last error, why
+        the registry did not set the hostname asked for ("" when it did; the name itself is
+        ``status``'s top-level ``hostname``, as the registry has it), how the relay is
+        polled (``relay``: "push" or "poll"), and ``loop``: "running", or "stopped: <why>"
+        when a loop thread ended on its own."""
         with self._cond:
             return {
                 "address": self._client.address,
@@ -324,7 +325,6 @@ class RegistryLoop:
                 "registered": self._node_id != 0,
                 "relay": "push" if WAIT_POLL in self._features else "poll",
                 "error": self._last_error,
-                "hostname": self._hostname,
                 "hostname_error": self._hostname_error,
             }
 
@@ -428,11 +428,19 @@ class RegistryLoop:
         if not self._hostname:
             return
         granted = response.get("hostname") == self._hostname
-        error = "" if granted else "the registry did not set it (taken by another node, or invalid)"
+        error = ""
+        if not granted:
+            # pilot-registryd and the production registry say why in ``hostname_error``
+            # ("taken by node 3", invalid); the production registry's re-registration of
+            # a known key drops a taken name without a word.
+            said = response.get("hostname_error")
+            reason = said if isinstance(said, str) and said else "taken by another node"
+            name = repr(self._hostname)
+            error = reason if name in reason else f"hostname {name} not set: {reason}"
         with self._cond:
             changed, self._hostname_error = error != self._hostname_error, error
         if error and changed:
-            log.error("hostname %r: %s", self._hostname, error)
+            log.error("%s", error)
 
     def start(self) -> None:
         """Start the background threads (the first registration is theirs). Idempotent."""

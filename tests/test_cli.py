@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from test_control import FakeRegistry, Node, running_node
 
 from pilothandshake import cli
 from pilothandshake.cli import main_handshakectl
+from pilothandshake.config import Config
 from pilothandshake.control_commands import CODES
 from pilothandshake.identity import fingerprint
 from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT
@@ -221,7 +223,7 @@ def test_daemon_not_running_is_one_line_naming_the_socket(
 def test_socket_found_from_config_file(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
     config = os.path.join(os.path.dirname(node.path), "config.yaml")
     with open(config, "w") as handle:
-        handle.write("identity: identity.json\n")
+        handle.write("identity: identity.json\nnode_id: 7\n")
     assert main_handshakectl(["--config", config, "approve", "8"]) == 1
     assert "nothing pending for node 8" in capsys.readouterr().err
 
@@ -462,6 +464,103 @@ def test_status_wait_waits_for_the_daemon_to_answer(tmp_path: Path) -> None:
     gave_up = ctl("--socket", str(tmp_path / "none.sock"), "status", "--wait", "--timeout", "0.3")
     assert gave_up.returncode == 1
     assert gave_up.stderr.startswith("pilot-handshakectl: gave up after 0.3 s: ")
+
+
+def test_status_wait_stops_at_once_when_the_daemon_exited_at_start(tmp_path: Path) -> None:
+    """The walkthrough's stumble: the daemon died on "address already in use" while
+    `status --wait` waited for it (issue 19). The state lock, taken and free again, says so
+    long before the timeout; the message says where to look."""
+    with tempfile.TemporaryDirectory(prefix="ph-") as root:
+        fleet = Fleet(Path(root))
+        try:
+            for restart in (False, True):  # a fresh state directory, then an existing one
+                daemon = fleet.node("a", node_id=7)
+                waiting = subprocess.Popen(
+                    [
+                        *(sys.executable, CTL, "--socket", daemon.socket_path),
+                        *("status", "--wait", "--timeout", "600"),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=process_env(),
+                )
+                with socket.socket() as blocker:
+                    blocker.bind(("127.0.0.1", daemon.port))
+                    blocker.listen()
+                    daemon.spawn()
+                    assert daemon.popen is not None and daemon.popen.wait(60) == 1
+                out, err = waiting.communicate(timeout=120)
+                assert (waiting.returncode, out) == (1, ""), (restart, err)
+                assert "it exited; its log says why" in err, err
+                # Started after the daemon died (it had taken the lock moments before).
+                late = ctl("--socket", daemon.socket_path, "status", "--wait", "--timeout", "600")
+                assert late.returncode == 1 and "it exited" in late.stderr, late.stderr
+        finally:
+            fleet.close()
+
+
+def test_status_wait_for_a_daemon_started_again_after_a_failed_start_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """The walkthrough's retry: the first start died on a taken port, the port is freed,
+    the daemon is started again and `status --wait` at once: the lock the dead daemon took
+    moments ago must not be read as "exited" while the new one starts."""
+    with tempfile.TemporaryDirectory(prefix="ph-") as root:
+        fleet = Fleet(Path(root))
+        try:
+            daemon = fleet.node("a", node_id=7)
+            with socket.socket() as blocker:
+                blocker.bind(("127.0.0.1", daemon.port))
+                blocker.listen()
+                daemon.spawn()
+                assert daemon.popen is not None and daemon.popen.wait(60) == 1
+            daemon.spawn()
+            waited = ctl("--socket", daemon.socket_path, "status", "--wait", "--timeout", "60")
+            assert waited.returncode == 0, waited.stderr
+            assert waited.stdout.splitlines()[0] == "node      7"
+        finally:
+            fleet.close()
+
+
+def test_the_cli_names_the_lock_the_store_takes() -> None:
+    from pilothandshake.statelock import lock_path
+    from pilothandshake.store import LOCK_SUFFIX
+
+    config = Config(identity="/srv/x/identity.json", node_id=7)
+    assert lock_path(config.control_socket) == config.trust_path + LOCK_SUFFIX
+
+
+def test_events_no_history_asks_the_daemon_for_new_events_only() -> None:
+    follow = cli._parse(["--socket", "S", "events", "--follow", "--no-history"])
+    assert cli._request_args(None, follow) == {"follow": True, "history": False}  # type: ignore[arg-type]
+    recent = cli._parse(["--socket", "S", "events", "--follow"])
+    assert cli._request_args(None, recent) == {"follow": True}  # type: ignore[arg-type]
+
+
+def test_completion_scripts_come_from_the_parser_and_bash_completes_commands() -> None:
+    bash_script = ctl("completion", "bash")
+    assert bash_script.returncode == 0
+    for command in cli._COMMANDS:
+        assert command in bash_script.stdout
+    probe = (
+        bash_script.stdout
+        + "COMP_WORDS=(pilot-handshakectl events --); COMP_CWORD=2; _pilot_handshakectl; "
+        'echo "${COMPREPLY[*]}"\n'
+        + "COMP_WORDS=(pilot-handshakectl rel); COMP_CWORD=1; _pilot_handshakectl; "
+        'echo "${COMPREPLY[*]}"\n'
+    )
+    run = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert run.stdout.splitlines() == ["--follow --help --json --no-history", "reload"], run
+    zsh_script = ctl("completion", "zsh")
+    assert zsh_script.returncode == 0 and zsh_script.stdout.startswith(
+        "#compdef pilot-handshakectl"
+    )
+    assert "'--no-history[" in zsh_script.stdout and "'--timeout[" in zsh_script.stdout
+    zsh = shutil.which("zsh")
+    if zsh is not None:  # the script at least parses
+        check = subprocess.run([zsh, "-n"], input=zsh_script.stdout, text=True, timeout=30)
+        assert check.returncode == 0
 
 
 # Issue 16: what became of our requests, and pilotctl's shapes

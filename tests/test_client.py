@@ -215,7 +215,7 @@ def test_socket_owned_by_another_user_is_refused(tmp_path: Path) -> None:
 
 def test_socket_search_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
-    config.write_text("identity: state/identity.json\n")
+    config.write_text("identity: state/identity.json\nnode_id: 7\n")
     monkeypatch.setenv("PILOT_HANDSHAKE_SOCKET", "/run/from-env.sock")
     assert find_socket("/run/given.sock", str(config)) == "/run/given.sock"
     assert find_socket(None, str(config)) == str(tmp_path / "state" / "control.sock")

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from pilothandshake.config import Config, format_address, load_config, parse_address, parse_config
+from pilothandshake.config import (
+    Config,
+    check_config,
+    format_address,
+    load_config,
+    parse_address,
+    parse_config,
+)
 from pilothandshake.errors import ConfigError
 from pilothandshake.runtime import AllowlistEntry
 
@@ -23,10 +30,10 @@ def write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-def test_empty_file_gives_every_default(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, ""))
+def test_a_file_with_only_node_id_gives_every_other_default(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "node_id: 7\n"))
     assert config.identity == os.path.expanduser("~/.pilot-handshake/identity.json")
-    assert config.node_id == 0
+    assert config.node_id == 7
     assert config.listen == "0.0.0.0:444"
     assert config.registry is None
     assert config.trust.strict is True
@@ -84,7 +91,7 @@ def test_example_configs_commented_out_entries_are_valid_when_enabled(tmp_path: 
 
 
 def test_relative_identity_resolves_against_the_config_directory(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "identity: keys/id.json\n"))
+    config = load_config(write(tmp_path, "identity: keys/id.json\nnode_id: 7\n"))
     assert config.identity == str(tmp_path / "keys" / "id.json")
     assert config.trust_path == str(tmp_path / "keys" / "trust.json")
     assert config.control_socket == str(tmp_path / "keys" / "control.sock")
@@ -98,7 +105,8 @@ def test_fingerprint_is_normalised_to_lowercase_hex_without_colons(tmp_path: Pat
 
 
 def test_integer_accepted_for_seconds_and_null_section_means_defaults(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "trust:\n  outgoing_ttl: 60\nevents:\nregistry:\n"))
+    text = "node_id: 7\ntrust:\n  outgoing_ttl: 60\nevents:\nregistry:\n"
+    config = load_config(write(tmp_path, text))
     assert config.trust.outgoing_ttl == 60.0
     assert isinstance(config.trust.outgoing_ttl, float)
     assert config.events.webhook == "" and config.registry is None
@@ -182,7 +190,8 @@ def test_parse_config_accepts_loaded_data_and_names_source() -> None:
 
 
 def test_listen_port_zero_is_allowed_for_ephemeral_binding(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, "listen: '127.0.0.1:0'\n")).listen == "127.0.0.1:0"
+    text = "listen: '127.0.0.1:0'\nnode_id: 7\n"
+    assert load_config(write(tmp_path, text)).listen == "127.0.0.1:0"
 
 
 def test_config_built_in_code_has_defaults_and_is_frozen() -> None:
@@ -221,9 +230,10 @@ def test_counts_have_an_upper_bound(tmp_path: Path) -> None:
 
 
 def test_pending_ttl_and_hostname(tmp_path: Path) -> None:
-    default = load_config(write(tmp_path, ""))
+    default = load_config(write(tmp_path, "node_id: 7\n"))
     assert default.trust.pending_ttl == 604800 and default.hostname == ""
-    config = load_config(write(tmp_path, "hostname: build-1\ntrust: {pending_ttl: 60}\n"))
+    text = "node_id: 7\nhostname: build-1\ntrust: {pending_ttl: 60}\n"
+    config = load_config(write(tmp_path, text))
     assert config.trust.pending_ttl == 60 and config.hostname == "build-1"
     with pytest.raises(ConfigError, match=r"trust\.pending_ttl: expected a number of seconds"):
         load_config(write(tmp_path, "trust: {pending_ttl: 0}\n"))
@@ -235,3 +245,104 @@ def test_format_address_is_what_parse_address_reads_back() -> None:
     for address in (("127.0.0.1", 444), ("::1", 0), ("example.org", 65535)):
         assert parse_address(format_address(address)) == address
     assert format_address(("::1", 444)) == "[::1]:444"
+
+
+def test_check_config_reports_every_problem_of_a_file_not_only_the_first(tmp_path: Path) -> None:
+    text = (
+        "colour: blue\n"
+        "listen: localhost\n"
+        "hostname: Build_07\n"
+        "registry: {address: '127.0.0.1:9000', tls: false, fingerprint: '%s', poll: 3}\n"
+        "trust:\n"
+        "  strict: 1\n"
+        "  allowlist: [build-07, {node_id: deployer}, {node_id: 5, public_key: nope}]\n"
+        "  deny: [1, bad-node]\n"
+        "peers: {build-08: '10.0.0.8:444', 9: nowhere}\n"
+        "log_level: loud\n"
+    ) % ("ab" * 32)
+    path = write(tmp_path, text)
+    problems = check_config(path)
+    assert all(p.startswith(f"{path}: ") for p in problems), problems
+    keys = [p[len(path) + 2 :].split(":", 1)[0] for p in problems]
+    assert keys == [
+        "colour",
+        "listen",
+        "hostname",
+        "registry.poll",
+        "registry.tls",
+        "trust.strict",
+        "trust.allowlist[0]",
+        "trust.allowlist[1].node_id",
+        "trust.allowlist[2].public_key",
+        "trust.deny[1]",
+        "peers.build-08",
+        "peers.9",
+        "log_level",
+    ], problems
+    # load_config (the daemon's start) says the first and how many more there are.
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value) == (
+        f"{problems[0]} (and {len(problems) - 1} more problems: "
+        f"pilot-handshaked --check-config {path} lists every one)"
+    )
+
+
+def test_check_config_of_a_valid_file_is_empty_and_of_unreadable_yaml_one_line(
+    tmp_path: Path,
+) -> None:
+    assert check_config(str(EXAMPLE)) == []
+    assert check_config(write(tmp_path, "node_id: 7\n")) == []
+    [problem] = check_config(write(tmp_path, "trust: [\n"))
+    assert "invalid YAML" in problem
+    [missing] = check_config(str(tmp_path / "absent.yaml"))
+    assert "cannot read config" in missing
+
+
+@pytest.mark.parametrize("text", ["", "node_id: 0\n", "registry:\n", "listen: '127.0.0.1:0'\n"])
+def test_no_registry_and_no_node_id_is_an_error_naming_the_fix(tmp_path: Path, text: str) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"node_id: expected this node's ID .* set node_id, or "
+        r"add registry: \{address: HOST:PORT\}",
+    ):
+        load_config(write(tmp_path, text))
+
+
+def test_a_misspelt_registry_section_is_the_first_problem_not_the_node_id(tmp_path: Path) -> None:
+    problems = check_config(write(tmp_path, "registry: {adress: '127.0.0.1:9000'}\n"))
+    keys = [p.split(": ")[1] for p in problems]
+    assert keys == ["registry.adress", "registry.address"], problems
+
+
+@pytest.mark.parametrize(
+    "hostname", ["Build-07", "build_07", "-build", "build-", "a" * 64, "localhost", "b c"]
+)
+def test_an_invalid_hostname_is_an_error(tmp_path: Path, hostname: str) -> None:
+    with pytest.raises(ConfigError, match=r"hostname: expected 1-63 lowercase letters"):
+        load_config(write(tmp_path, f"node_id: 7\nhostname: '{hostname}'\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("trust: {allowlist: [build-07]}\n", r"trust\.allowlist\[0\]: expected a mapping"),
+        ("trust: {allowlist: [{node_id: build-07}]}\n", r"trust\.allowlist\[0\]\.node_id"),
+        ("trust: {deny: [build-07]}\n", r"trust\.deny\[0\]"),
+        ("peers: {build-07: '10.0.0.7:444'}\n", r"peers\.build-07"),
+    ],
+)
+def test_a_node_written_as_a_hostname_says_a_node_id_is_expected(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    with pytest.raises(ConfigError, match=key + r".*not a hostname|" + key + r".*by its ID"):
+        load_config(write(tmp_path, "node_id: 7\n" + text))
+
+
+def test_outside_a_whole_parse_the_first_problem_is_raised() -> None:
+    from pilothandshake.config import _ConfigParser
+
+    parser = _ConfigParser("c.yaml")
+    with pytest.raises(ConfigError, match=r"c\.yaml: identity: expected"):
+        parser.get({"identity": ""}, "", "identity", "x", parser.identity)
+    assert parser.problems == []

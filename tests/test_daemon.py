@@ -34,7 +34,7 @@ from pilothandshake.errors import (
 )
 from pilothandshake.events import EventBus
 from pilothandshake.handshaked import main, move_corrupt_aside
-from pilothandshake.identity import Identity
+from pilothandshake.identity import Identity, fingerprint
 from pilothandshake.logsetup import JsonLogFormatter
 from pilothandshake.registry.server import RegistryServer
 from pilothandshake.runtime import AllowlistEntry
@@ -199,6 +199,8 @@ def test_daemon_start_and_stop_are_idempotent_and_release_everything(short_dir: 
         "registry": None,
         "trusted": 0,
         "pending": 0,
+        "public_key": daemon.identity.public_key_b64,
+        "fingerprint": fingerprint(daemon.identity.public_key_b64),
         "undelivered": 0,
         "webhook": None,
     }
@@ -349,7 +351,9 @@ def test_reload_of_a_file_with_a_5000_digit_integer_keeps_the_old_config(
 ) -> None:
     path = short_dir / "config.yaml"
     path.write_text(
-        yaml.safe_dump({"identity": str(short_dir / "identity.json"), "listen": "127.0.0.1:0"})
+        yaml.safe_dump(
+            {"identity": str(short_dir / "identity.json"), "listen": "127.0.0.1:0", "node_id": 7}
+        )
     )
     daemon = Daemon.from_file(str(path))
     try:
@@ -435,3 +439,18 @@ def test_legacy_mode_logs_one_warning_saying_what_it_relaxes(
         pass
     (line,) = [r.getMessage() for r in caplog.records if "legacy mode" in r.getMessage()]
     assert "Go-style signature" in line and "still needs a valid key and signature" in line
+
+
+def test_status_shows_the_nodes_own_key_as_pending_shows_keys(
+    short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pilothandshake.cli import main_handshakectl
+
+    with Daemon(node_config(short_dir)) as daemon:
+        key = daemon.identity.public_key_b64
+        status = daemon.status()
+        assert (status["public_key"], status["fingerprint"]) == (key, fingerprint(key))
+        assert len(status["fingerprint"]) == 16
+        assert main_handshakectl(["--socket", daemon.config.control_socket, "status"]) == 0
+        shown = capsys.readouterr().out
+    assert f"key       {fingerprint(key)}  {key}" in shown.splitlines(), shown

@@ -57,7 +57,7 @@ def test_an_exception_ending_a_thread_is_one_json_line_in_the_configured_format(
     assert len(lines) == 1
     entry = json.loads(lines[0])
     assert entry["level"] == "error"
-    assert entry["message"] == "uncaught exception in thread registry-loop"
+    assert entry["message"] == "unhandled exception in thread registry-loop"
     assert "ValueError: boom" in entry["exception"]
 
 
@@ -67,9 +67,9 @@ def test_uncaught_exceptions_are_rate_limited_and_the_hidden_ones_counted(
     stderr = logging_to_buffer(monkeypatch, "text")
     crash(25)
     text = stderr.getvalue()
-    assert text.count("uncaught exception in thread registry-loop") == 10
+    assert text.count("unhandled exception in thread registry-loop") == 10
     hook = threading.excepthook
     assert isinstance(hook, ThreadExceptionLog)
     monkeypatch.setattr(hook, "_window", hook._window - 60.0)  # a minute later
     crash()
-    assert "uncaught exception in thread registry-loop (15 more not shown)" in stderr.getvalue()
+    assert "unhandled exception in thread registry-loop (15 more not shown)" in stderr.getvalue()

@@ -42,19 +42,22 @@ def assert_dropped(
     data: bytes,
     reason: str,
     remote: str = REMOTE,
+    level: int = logging.WARNING,
 ) -> None:
-    """Processing ``data`` changes nothing, publishes nothing and logs exactly one WARNING
-    naming the remote address and ``reason``."""
+    """Processing ``data`` changes nothing, publishes nothing and logs exactly one line at
+    ``level`` (and none above INFO besides) naming the remote address and ``reason``."""
     before = snapshot(manager)
     events = list(runtime.events)
     caplog.clear()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         manager.process_message(data, remote)
     settle(manager)
     assert snapshot(manager) == before
     assert runtime.events == events
-    (line,) = warnings(caplog)
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    (line,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert remote in line and reason in line
+    assert [r.levelno for r in loud] == ([level] if level >= logging.WARNING else [])
 
 
 def respell(b64: str) -> str:
@@ -103,8 +106,11 @@ def test_message_from_a_denied_node_is_dropped_whatever_its_type(
     seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
     manager, runtime = nodes.make(auto_approve=True)
     runtime.deny.add(7)
-    assert_dropped(manager, runtime, caplog, peer.data(msg_type, OWN), "deny list")
-    assert "node 7" in warnings(caplog)[0]
+    # INFO, not WARNING: the operator asked for this drop (issue 19).
+    data = peer.data(msg_type, OWN)
+    assert_dropped(manager, runtime, caplog, data, "deny list", level=logging.INFO)
+    [record] = [r for r in caplog.records if "deny list" in r.getMessage()]
+    assert record.levelno == logging.INFO and "node 7" in record.getMessage()
 
 
 # Step 2: timestamp window

@@ -4,6 +4,7 @@ endpoint, the ``metrics.listen`` config key and the control command."""
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import tempfile
 import threading
@@ -45,11 +46,41 @@ def short_dir() -> Iterator[Path]:
         yield Path(root)
 
 
-def test_every_metric_name_starts_with_the_prefix() -> None:
+def test_metric_names_start_with_the_prefix_but_the_process_ones_are_standard() -> None:
     metrics = Metrics(process=True)
     names = {family.name for family in text_string_to_metric_families(metrics.render())}
-    assert names and all(name.startswith("pilot_handshake_") for name in names)
-    assert "pilot_handshake_process_cpu_seconds" in names  # the process collector
+    process = {name for name in names if name.startswith("process_")}
+    # The standard names dashboards expect (issue 19), not pilot_handshake_process_*.
+    assert {"process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds"} <= process
+    assert names - process and all(n.startswith("pilot_handshake_") for n in names - process)
+
+
+def test_build_info_carries_the_version() -> None:
+    import pilothandshake
+
+    text = Metrics().render()
+    assert value(text, "pilot_handshake_build_info", version=pilothandshake.__version__) == 1
+
+
+def test_no_created_series_unless_asked() -> None:
+    plain, asked = Metrics(), Metrics(created=True)
+    plain.message("handshake_request", "received")
+    asked.message("handshake_request", "received")
+    assert "_created" not in plain.render()
+    assert "pilot_handshake_messages_created" in asked.render()
+
+
+def test_messages_tell_sent_directly_from_relayed_from_failed_both_ways() -> None:
+    metrics = Metrics()
+    metrics.message("handshake_request", "sent")
+    metrics.relay("handshake_request", "out")
+    metrics.relay("handshake_request", "in")  # arriving: counted as received elsewhere
+    text = metrics.render()
+    assert value(text, "pilot_handshake_messages_total", type="handshake_request", result="sent")
+    relayed = value(
+        text, "pilot_handshake_messages_total", type="handshake_request", result="relayed"
+    )
+    assert relayed == 1
 
 
 @pytest.mark.parametrize(
@@ -183,8 +214,11 @@ def test_http_endpoint_serves_metrics_only_at_slash_metrics() -> None:
             assert response.headers["Content-Type"].startswith("text/plain")
             text = response.read().decode()
         assert value(text, "pilot_handshake_drops_total", reason="denied") == 1
+        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("text/html")
+            assert '<a href="/metrics">' in response.read().decode()
         with pytest.raises(urllib.error.HTTPError) as caught:
-            urllib.request.urlopen(f"http://{host}:{port}/", timeout=10)
+            urllib.request.urlopen(f"http://{host}:{port}/other", timeout=10)
         assert caught.value.code == 404
     finally:
         server.close()
@@ -194,15 +228,17 @@ def test_http_endpoint_serves_metrics_only_at_slash_metrics() -> None:
 
 def test_metrics_listen_is_off_by_default_and_validated_like_listen() -> None:
     assert Config().metrics.listen == ""
-    assert parse_config({}, "c.yaml").metrics.listen == ""
-    assert parse_config({"metrics": {"listen": "127.0.0.1:9464"}}, "c.yaml").metrics.listen == (
-        "127.0.0.1:9464"
-    )
-    assert parse_config({"metrics": {"listen": "[::1]:0"}}, "c.yaml").metrics.listen == "[::1]:0"
+
+    def parse(metrics: object) -> Config:
+        return parse_config({"node_id": 7, "metrics": metrics}, "c.yaml")
+
+    assert parse(None).metrics.listen == ""
+    assert parse({"listen": "127.0.0.1:9464"}).metrics.listen == "127.0.0.1:9464"
+    assert parse({"listen": "[::1]:0"}).metrics.listen == "[::1]:0"
     with pytest.raises(ConfigError, match=r"c\.yaml: metrics\.listen: expected host:port"):
-        parse_config({"metrics": {"listen": "nonsense"}}, "c.yaml")
+        parse({"listen": "nonsense"})
     with pytest.raises(ConfigError, match=r"c\.yaml: metrics\.port: unknown key"):
-        parse_config({"metrics": {"port": 9464}}, "c.yaml")
+        parse({"port": 9464})
 
 
 def daemon_config(directory: Path, **extra: object) -> Config:
@@ -235,7 +271,7 @@ def test_embedded_daemon_serves_its_own_metrics_over_http_and_the_control_socket
             scraped = response.read().decode()
         assert value(scraped, "pilot_handshake_drops_total", reason="replay") == 1
         assert "pilot_handshake_registry_up" not in scraped  # no registry configured
-        assert "pilot_handshake_process_open_fds" in scraped
+        assert "\nprocess_open_fds " in scraped
         answer = ControlClient(first.config.control_socket).request("metrics")
         assert answer["status"] == "ok"
         assert value(answer["data"]["text"], "pilot_handshake_drops_total", reason="replay") == 1
@@ -304,3 +340,47 @@ def test_refused_connections_are_counted_by_the_cap_reached() -> None:
         for sock in opened:
             sock.close()
         server.close()
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "conf" / "grafana-dashboard.json"
+
+
+def exported_names() -> set[str]:
+    """Every sample name a daemon's /metrics can hold (with a registry configured)."""
+    metrics = Metrics(process=True)
+    metrics.watch(
+        trusted=lambda: 0,
+        pending=lambda: 0,
+        outgoing=lambda: 0,
+        active_connections=lambda: 0,
+        registry_up=lambda: 1,
+    )
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+    return {
+        family.name + suffix
+        for family in text_string_to_metric_families(metrics.render())
+        for suffix in suffixes.get(family.type, ("",))
+    }
+
+
+def test_grafana_dashboard_is_json_and_names_only_metrics_the_daemon_exports() -> None:
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())  # valid JSON, or this raises
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    exported = exported_names()
+    named = set()
+    for query in queries:
+        names = set(re.findall(r"\b((?:pilot_handshake|process)_[a-z0-9_]+)\b", query))
+        assert names, query  # every expression reads a metric
+        named |= names
+    assert named <= exported, sorted(named - exported)
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for panel in ("trusted", "pending", "handshakes by outcome", "drops by kind", "relay latency"):
+        assert panel in titles, panel
+    assert {"pilot_handshake_registry_up", "pilot_handshake_store_write_seconds_bucket"} <= named
+    # The registry request types the relay panels select are the client's own.
+    client = (Path(__file__).resolve().parents[1] / "pilothandshake/registry/client.py").read_text()
+    for kind in ("request_handshake", "respond_handshake", "poll_handshakes"):
+        assert f'"type": "{kind}"' in client

@@ -178,23 +178,29 @@ def test_demo_configs_in_conf_match_the_ones_the_demo_makes() -> None:
 
 
 def test_demo_runs_from_the_installed_package_alone(tmp_path: Path) -> None:
-    """What a wheel installs (the package and the three scripts), with no checkout near."""
-    site, scripts = tmp_path / "site", tmp_path / "bin"
+    """What a wheel installs into a venv (the package, the three scripts beside the venv's
+    python), with no checkout near and the venv not activated: the programs are not on PATH
+    (issue 19), the demo finds them beside sys.executable."""
+    site, scripts = tmp_path / "site", tmp_path / "venv" / "bin"
     shutil.copytree(
         ROOT / "pilothandshake",
         site / "pilothandshake",
         ignore=shutil.ignore_patterns("__pycache__"),
     )
-    scripts.mkdir()
+    scripts.mkdir(parents=True)
+    python = scripts / "python"
+    python.symlink_to(sys.executable)
     for program in PROGRAMS:
         target = scripts / program
-        target.write_text(f"#!{sys.executable}\n" + (ROOT / "bin" / program).read_text())
+        target.write_text(f"#!{python}\n" + (ROOT / "bin" / program).read_text())
         target.chmod(0o755)
     env = process_env()
-    env["PYTHONPATH"] = str(site)
-    env["PATH"] = os.pathsep.join([str(scripts), env.get("PATH", "")])
+    # The package from `site`; its dependencies from this interpreter's site-packages (a
+    # path entry, so the editable install's finder there does not bring the checkout in).
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *sysconfig_paths()])
+    env["PATH"] = "/usr/bin:/bin"  # neither the venv's bin nor this checkout's
     result = subprocess.run(
-        [sys.executable, "-m", "pilothandshake.demo"],
+        [str(python), "-m", "pilothandshake.demo"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -204,3 +210,135 @@ def test_demo_runs_from_the_installed_package_alone(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "demo OK" in result.stdout
     assert str(ROOT) not in result.stdout  # nothing came from the checkout
+
+
+def sysconfig_paths() -> list[str]:
+    import sysconfig
+
+    return list(dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]))
+
+
+def test_the_demo_without_its_programs_names_where_it_looked(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    shutil.copytree(
+        ROOT / "pilothandshake",
+        site / "pilothandshake",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.symlink_to(sys.executable)
+    env = process_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *sysconfig_paths()])
+    code = (
+        "import sys, pilothandshake.demo as d; d.CHECKOUT = d.Path(sys.argv[1]); "
+        "d._script_dirs = lambda: [d.Path(sys.executable).parent]; sys.exit(d.main([]))"
+    )
+    result = subprocess.run(
+        [str(python), "-c", code, str(tmp_path / "no-checkout")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"cannot find pilot-handshakectl: it is in none of {python.parent}" in result.stderr
+    assert f"{python} -m pip install pilothandshake" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from this tree."""
+    pytest.importorskip("build", reason="the `build` package (pip install -e '.[test]')")
+    pytest.importorskip("wheel", reason="the `wheel` package builds wheels without isolation")
+    out = tmp_path_factory.mktemp("wheel")
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "build", "--wheel", "--outdir", str(out)),
+            *("--no-isolation", "--skip-dependency-check"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (built,) = out.glob("pilothandshake-*.whl")
+    return built
+
+
+def test_the_wheel_ships_the_service_files_and_man_pages_made_from_the_parsers(
+    wheel: Path,
+) -> None:
+    import zipfile
+
+    from pilothandshake.cli import _parser
+    from pilothandshake.handshaked import build_parser
+
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        for name in ("pilot-handshaked.service", "pilot-handshake.sysusers", "example.yaml"):
+            shipped = archive.read(f"pilothandshake/conf/{name}").decode()
+            assert shipped == (ROOT / "conf" / name).read_text()
+        data = f"pilothandshake-{pilothandshake.__version__}.data/data/share/man/man1"
+        pages = {p: archive.read(f"{data}/{p}.1").decode() for p in PROGRAMS}
+    assert "pilothandshake/conf/grafana-dashboard.json" in names
+    # The pages say what --help says: every option of the parsers, every command.
+    options = {a for a in build_parser()._actions for a in a.option_strings}
+    assert options and all(o.replace("-", "\\-") in pages["pilot-handshaked"] for o in options)
+    for command in ("status", "reload", "completion", "events"):
+        assert f".SS pilot\\-handshakectl {command}" in pages["pilot-handshakectl"], command
+    assert _parser().prog == "pilot-handshakectl"
+    assert pages["pilot-registryd"].startswith(".TH PILOT-REGISTRYD 1")
+
+
+def test_build_requires_are_the_install_requires() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    setup = (ROOT / "setup.py").read_text()
+    install = re.search(r"^INSTALL_REQUIRES = (\[.*?\])$", setup, re.M)
+    assert install is not None
+    assert set(eval(install.group(1))) <= set(build)
+
+
+def _helps() -> dict[str, str]:
+    """Every --help text a user can print: the three programs, each command, the demo."""
+    import argparse
+
+    from pilothandshake.cli import _parser
+    from pilothandshake.handshaked import build_parser
+    from pilothandshake.registry.server import _parser as registry_parser
+
+    ctl = _parser()
+    texts = {
+        "pilot-handshaked": build_parser().format_help(),
+        "pilot-handshakectl": ctl.format_help(),
+        "pilot-registryd": registry_parser().format_help(),
+    }
+    [commands] = [a for a in ctl._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        texts[f"pilot-handshakectl {name}"] = command.format_help()
+    demo = subprocess.run(
+        [sys.executable, "-m", "pilothandshake.demo", "--help"],
+        env=process_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    texts["demo"] = demo.stdout
+    return texts
+
+
+def test_every_help_states_exit_codes_and_cites_no_spec_or_rst() -> None:
+    for name, text in _helps().items():
+        assert "exit codes" in text, name
+        assert "SPEC" not in text, name
+        assert "``" not in text, name
+
+
+def test_control_error_is_importable_from_the_package_and_named_in_the_readme() -> None:
+    from pilothandshake import ControlError, HandshakeError
+
+    assert issubclass(ControlError, HandshakeError)
+    readme = (ROOT / "README.md").read_text()
+    assert "`ControlError`" in readme

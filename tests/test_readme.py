@@ -80,7 +80,8 @@ def _walkthrough_script(ports: dict[int, int]) -> tuple[str, list[str]]:
     section = text.split("## Walkthrough by hand", 1)[1].split("\n## ", 1)[0]
     shell_blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
     (start,) = [b for b in shell_blocks if "mktemp -d" in b]
-    (stop,) = [b for b in shell_blocks if "kill %1 %2 %3" in b]
+    # The stop block kills by process ID: the job table may hold other jobs (issue 19).
+    (stop,) = [b for b in shell_blocks if "kill $NODE_B $NODE_A $REGISTRY" in b]
     commands = re.findall(r"^\$ (.+)$", section, re.M)
     lines = [start]
     for index, command in enumerate(commands):
@@ -150,3 +151,18 @@ def test_readme_walkthrough_pasted_as_one_block_works(tmp_path: Path) -> None:
     assert re.search(r"^2\b.*\byes\b", trust_a, re.M), trust_a
     counts = re.findall(r"^\S+\.log:(\d+)$", by_command["grep -c WARNING *.log"], re.M)
     assert counts == ["0", "0", "0"], out
+
+
+def test_readme_walkthrough_text_matches_what_the_programs_do() -> None:
+    """The walkthrough's claims a run cannot show: each process's log file, the status
+    lines (the node's own key), the state directory's files, the stop by process ID."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Walkthrough by hand", 1)[1].split("\n## ", 1)[0]
+    for log in ("registry.log", "node-a.log", "node-b.log"):
+        assert f">{log} 2>&1 &" in section and f"`{log}`" in section, log
+    assert "%1" not in section
+    assert re.search(r"^key +[0-9a-f]{16}  \S+=$", section, re.M)
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 INFO ", section, re.M)
+    running = text.split("## Running a node", 1)[1].split("\n## ", 1)[0]
+    assert "two lock files" not in running
+    assert "`node.json`" in running and "one lock file, `trust.json.lock`" in running

@@ -6,14 +6,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from integration.conftest import process_env
 
 from pilothandshake.config import load_config
 from pilothandshake.constants import DEFAULT_CONFIG_PATH
+from pilothandshake.systemd import SHIPPED_EXEC
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "conf" / "pilot-handshaked.service"
@@ -56,10 +60,76 @@ def test_unit_is_type_notify_with_a_watchdog(service: dict[str, list[str]]) -> N
     assert one(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
 
 
-def test_unit_runs_the_pip_script_with_the_default_config(service: dict[str, list[str]]) -> None:
-    assert one(service, "ExecStart") == (
-        f"/usr/local/bin/pilot-handshaked --config {DEFAULT_CONFIG_PATH}"
+def test_unit_runs_the_venv_script_with_the_default_config(service: dict[str, list[str]]) -> None:
+    assert one(service, "ExecStart") == f"{SHIPPED_EXEC} --config {DEFAULT_CONFIG_PATH}"
+
+
+def test_the_units_header_recipe_is_the_readmes_and_its_section_exists() -> None:
+    readme = (ROOT / "README.md").read_text()
+    header = UNIT.read_text().split("[Unit]")[0]
+    [section] = re.findall(r'README, "([^"]+)"', header)
+    assert f"\n### {section}\n" in readme or f"\n## {section}\n" in readme, section
+    recipe = [line[1:].strip() for line in header.splitlines() if line.startswith("#   ")]
+    block = readme.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```sh\n(.*?)```", block, re.S)[0]
+    for step in recipe[:7]:  # the install steps, in the README's first block
+        assert step.split("#")[0].strip() in commands, step
+
+
+def test_install_systemd_into_a_scratch_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    bindir = ROOT / "bin"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(bindir / "pilot-handshaked"),
+            "--install-systemd",
+            "--prefix",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=process_env(),
     )
+    assert run.returncode == 0, run.stderr
+    unit = root / "etc/systemd/system/pilot-handshaked.service"
+    installed = parse_unit(unit.read_text())["Service"]
+    # ExecStart names the pilot-handshaked that ran the install (here: the checkout's).
+    assert (
+        one(installed, "ExecStart")
+        == f"{bindir / 'pilot-handshaked'} --config {DEFAULT_CONFIG_PATH}"
+    )
+    assert (root / "etc/sysusers.d/pilot-handshake.conf").read_text() == SYSUSERS.read_text()
+    config = root / DEFAULT_CONFIG_PATH.lstrip("/")
+    assert config.read_text() == (ROOT / "conf" / "example.yaml").read_text()
+    for program in ("pilot-handshakectl", "pilot-handshaked"):
+        assert os.readlink(root / "usr/local/bin" / program) == str(bindir / program)
+
+    assert stat.S_IMODE(unit.stat().st_mode) == 0o644
+    # Run again: an operator's config is kept, the unit replaced.
+    config.write_text("# mine\n")
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(bindir / "pilot-handshaked"),
+            "--install-systemd",
+            "--prefix",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=process_env(),
+    )
+    assert again.returncode == 0 and f"kept {config}" in again.stdout, again.stdout
+    assert config.read_text() == "# mine\n"
+    tool = shutil.which("systemd-analyze")
+    if tool is not None:  # the installed unit, as systemd reads it
+        verify = subprocess.run(
+            [tool, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+        )
+        assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
 
 
 def test_unit_user_is_the_sysusers_user_and_state_lives_in_var_lib(
@@ -128,9 +198,7 @@ def test_systemd_analyze_verify_is_clean() -> None:
         # pip-installed one, every other line is the shipped unit's.
         copy = Path(root) / UNIT.name
         copy.write_text(
-            UNIT.read_text().replace(
-                "/usr/local/bin/pilot-handshaked", str(ROOT / "bin" / "pilot-handshaked")
-            )
+            UNIT.read_text().replace(SHIPPED_EXEC, str(ROOT / "bin" / "pilot-handshaked"))
         )
         result = subprocess.run(
             [tool, "verify", "--man=no", str(copy)], capture_output=True, text=True, timeout=60

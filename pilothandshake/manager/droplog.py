@@ -1,5 +1,5 @@
-"""The drop lines of SPEC 5 (one WARNING per dropped input, rate-limited) and ``quote``,
-how every log line cites a value a peer sent."""
+"""The drop lines of SPEC 5 (one WARNING per dropped input, rate-limited; INFO for input
+the operator asked to drop) and ``quote``, how every log line cites a value a peer sent."""
 
 from __future__ import annotations
 
@@ -58,8 +58,11 @@ class DropLog:
         self._lines = 0
         self._suppressed = 0
 
-    def drop(self, node_id: int | None, remote: str, reason: str) -> None:
-        """Record one drop of input from ``node_id`` (None if not decoded) at ``remote``."""
+    def drop(
+        self, node_id: int | None, remote: str, reason: str, level: int = logging.WARNING
+    ) -> None:
+        """Record one drop of input from ``node_id`` (None if not decoded) at ``remote``,
+        logged at ``level`` (INFO for a drop the operator asked for, such as the deny list)."""
         self._count(reason)
         with self._lock:
             summary = self._roll(self._clock())
@@ -73,7 +76,7 @@ class DropLog:
             node = "?" if node_id is None else str(node_id)
             if len(reason) > _REASON_LIMIT:  # reasons may quote what the peer sent
                 reason = f"{reason[:_REASON_LIMIT]}..."
-            self._logger.warning("dropped message from node %s at %s: %s", node, remote, reason)
+            self._logger.log(level, "dropped message from node %s at %s: %s", node, remote, reason)
 
     def flush(self) -> None:
         """Log the count of suppressed lines now, if any."""

@@ -286,12 +286,14 @@ class Effects:
         self._metrics.relay(HANDSHAKE_ACCEPT if accept else HANDSHAKE_REJECT, "out")
         return True
 
-    def _dial(self, peer: int, message: HandshakeMsg) -> None:
-        """Deliver ``message`` to the peer's port 444, counted by result; ``SendError``."""
+    def _dial(self, peer: int, message: HandshakeMsg, *, last_try: bool = True) -> None:
+        """Deliver ``message`` to the peer's port 444, counted by result; ``SendError``.
+        Not ``last_try`` (the relay comes next): a failure is counted by the caller."""
         try:
             self._rt.dial_and_send(peer, PORT_HANDSHAKE, message.to_json())
         except SendError:
-            self._metrics.message(message.type, "failed")
+            if last_try:
+                self._metrics.message(message.type, "failed")
             raise
         self._metrics.message(message.type, "sent")
 
@@ -299,13 +301,14 @@ class Effects:
         """Send our request ``message`` to ``peer`` (SPEC 7): "sent" when delivered directly,
         "relayed" through the registry; ``SendError`` giving both reasons when both fail."""
         try:
-            self._dial(peer, message)
+            self._dial(peer, message, last_try=False)
             return "sent"
         except SendError as exc:
             direct = str(exc)
         relay = self._relay_request(peer, message.justification)
         if not relay:
             return "relayed"
+        self._metrics.message(message.type, "failed")  # both ways
         raise SendError(f"cannot reach node {peer}: direct: {direct}; relay: {relay}")
 
     def _relay_request(self, peer: int, justification: str) -> str:

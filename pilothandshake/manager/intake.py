@@ -240,7 +240,8 @@ class Intake:
             self._drops.drop(node, remote, "message claims our own node ID")
             return True
         if self._rt.is_denied(node):
-            self._drops.drop(node, remote, "node is on the deny list")
+            # The operator asked for this drop: not a warning sign.
+            self._drops.drop(node, remote, "node is on the deny list", logging.INFO)
             return True
         return False
 

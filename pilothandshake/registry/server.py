@@ -268,7 +268,7 @@ class RegistryServer:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pilot-registryd",
-        description="Run the embedded Pilot registry (SPEC 11) for a fleet on one machine.",
+        description="Run a Pilot registry (its wire protocol) for a fleet on one machine.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"""\
 state:

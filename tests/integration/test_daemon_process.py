@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -167,3 +168,117 @@ def test_embedded_daemon_handshakes_with_a_daemon_process(fleet: Fleet) -> None:
         assert again.manager.is_trusted(9)
     finally:
         again.stop()
+
+
+def test_with_log_format_json_every_line_is_json_and_stopped_in_counts_from_the_signal(
+    fleet: Fleet,
+) -> None:
+    import json
+    import time
+
+    node = fleet.node("a", node_id=7, log_format="json", log_level="info").start()
+    assert node.popen is not None
+    started = time.monotonic()
+    node.signal(signal.SIGTERM)
+    assert node.popen.wait(20) == 0
+    waited = time.monotonic() - started
+    lines = node.stdout.splitlines() + node.stderr.splitlines()
+    entries = [json.loads(line) for line in lines]  # every line, the start line included
+    messages = [e["message"] for e in entries]
+    assert any(m.startswith("pilot-handshaked: node 7 listening on") for m in messages), lines
+    [stopped] = [m for m in messages if m.startswith("stopped in ")]
+    seconds = float(stopped.split()[2])
+    # From the signal to the end of the stop: more than nothing, not more than the test saw.
+    assert 0 < seconds <= waited, (stopped, waited)
+
+
+def test_a_start_failure_with_log_format_json_is_one_json_line(fleet: Fleet) -> None:
+    import json
+
+    node = fleet.node("a", node_id=7, log_format="json")
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", node.port))
+        blocker.listen()
+        result = run_daemon(node)
+    assert result.returncode == 1
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [e["level"] for e in entries][-1] == "error", entries
+    assert "address already in use" in entries[-1]["message"]
+
+
+def test_text_log_lines_carry_an_iso_8601_time_with_its_offset(fleet: Fleet) -> None:
+    import re
+
+    node = fleet.node("a", node_id=7, log_level="info").start()
+    node.stop()
+    lines = [ln for ln in node.stderr.splitlines() if " INFO " in ln]
+    assert lines, node.stderr
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"
+    for line in lines:
+        assert re.match(rf"{stamp} INFO pilothandshake\.", line), line
+
+
+def test_check_config_lists_every_problem_without_binding_or_locking(fleet: Fleet) -> None:
+    node = fleet.node("a", node_id=7)
+    node.config.update(hostname="Not_A_Name", colour="blue", trust={"deny": ["bad-node"]})
+    node.write_config()
+    with socket.socket() as blocker:  # the port is taken: a check must not try to bind it
+        blocker.bind(("127.0.0.1", node.port))
+        blocker.listen()
+        bad = subprocess.run(
+            [
+                sys.executable,
+                str(BIN / "pilot-handshaked"),
+                "--check-config",
+                str(node.config_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=process_env(),
+        )
+    assert bad.returncode == 1
+    problems = [ln for ln in bad.stderr.splitlines() if ln.startswith(f"{node.config_path}: ")]
+    keys = [ln.split(": ")[1] for ln in problems]
+    assert keys == ["colour", "hostname", "trust.deny[0]", "3 problem(s)"], bad.stderr
+    assert "not a hostname" in problems[2]
+    assert not (node.directory / "trust.json.lock").exists()  # no lock taken, nothing made
+
+    node.config = {k: v for k, v in node.config.items() if k not in ("colour", "trust")}
+    node.config["hostname"] = "node-a"
+    node.write_config()
+    good = subprocess.run(
+        [sys.executable, str(BIN / "pilot-handshaked"), "--check-config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=process_env(),
+    )
+    assert (good.returncode, good.stdout.strip()) == (0, f"{node.config_path}: OK"), good.stderr
+
+
+def test_ctl_reload_is_the_sighup_path_with_its_result(fleet: Fleet) -> None:
+    a, b = fleet.direct_pair()
+    b.config["trust"] = {"deny": [7]}
+    b.config["max_connections"] = 99  # needs a restart: said, not applied
+    b.write_config()
+    done = b.ctl("reload")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"reloaded {b.config_path}: allowlist, deny list, peers, auto-approve",
+        "changed but needs a restart: max_connections",
+    ]
+    as_json = b.ctl("--json", "reload")
+    data = json.loads(as_json.stdout)["data"]
+    assert data["restart_needed"] == ["max_connections"] and data["reloaded"] == ["trust", "peers"]
+    # The deny list is in force: A's request is dropped (at INFO: asked for).
+    a.control("handshake", node_id=9, justification="denied?")
+    wait_until(lambda: "deny list" in b.stderr, what="B's drop")
+    assert b.pending() == set()
+    lines = [ln for ln in b.stderr.splitlines() if "dropped message" in ln]
+    assert lines and all(" INFO " in ln and "deny list" in ln for ln in lines), lines
+
+    b.config_path.write_text("trust: {deny: [nope]}\n")
+    bad = b.ctl("reload")
+    assert bad.returncode == 1 and "trust.deny[0]" in bad.stderr, bad.stderr
+    assert "keeping the old config" in b.stderr

@@ -89,11 +89,13 @@ def test_commands_take_hostnames_and_tables_show_them(fleet: Fleet) -> None:
     assert c.node_id not in (0, a_id, b_id)
     wait_until(lambda: "ERROR" in c.stderr and "'agent-b'" in c.stderr, what="c's ERROR")
     [line] = [ln for ln in c.stderr.splitlines() if " ERROR " in ln]
-    assert "hostname 'agent-b'" in line, line
+    # Why, as the registry said it (issue 19: not "taken by another node, or invalid").
+    assert f"hostname 'agent-b' is taken by node {b_id}" in line, line
     state = c.status()
     assert state["hostname"] == ""
-    assert state["registry"]["hostname_error"], state
+    assert "hostname" not in state["registry"], state  # one hostname field in status --json
+    assert f"taken by node {b_id}" in state["registry"]["hostname_error"], state
     shown = ok(c, "status")
-    assert "agent-b" in shown and "not set" in shown, shown
+    assert re.search(rf"^hostname +hostname 'agent-b' is taken by node {b_id}$", shown, re.M), shown
     with Client(a.socket_path) as client:
         assert client.resolve("agent-b") == b_id  # the name stays B's

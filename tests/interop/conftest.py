@@ -50,13 +50,18 @@ def go_bin_problem() -> str:
     return ""
 
 
-@pytest.fixture(scope="session", autouse=True)
-def go_bin() -> Path:
-    """The folder of the Go binaries; every test in this folder is skipped without it (so CI
-    stays green on a machine that has none)."""
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Every test in this folder is skipped without the Go binaries (so CI stays green on a
+    machine that has none). Skipped here, not in a fixture: pytest reports a fixture's skip
+    at each test's line, one summary line per test; this one is a single line for all."""
     problem = go_bin_problem()
     if problem:
         pytest.skip(problem)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def go_bin() -> Path:
+    """The folder of the Go binaries (``pytest_runtest_setup`` skips without it)."""
     return Path(os.environ[GO_BIN_ENV])
 
 
