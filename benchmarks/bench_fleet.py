@@ -113,6 +113,9 @@ def _start_python_registry(root: str, keys: list[str]) -> Registry:
                     "register_per_minute": 10 * len(keys),
                     "max_connections": 4096,
                     "max_connections_per_source": 4096,
+                    # Every node of this fleet is in 127.0.0.0/24: one source.
+                    "mutations_per_minute_per_source": 1000 * len(keys),
+                    "mutations_per_minute_per_node": 10 * len(keys),
                 },
             },
             out,

@@ -24,6 +24,8 @@ BENCHMARKS = (
     "bench_flood.py",
     "bench_fleet.py",
     "bench_cli.py",
+    "bench_registry_flood.py",
+    "bench_registry_cpu.py",
 )
 
 

@@ -83,6 +83,17 @@ REGISTRY_REGISTER_PER_MINUTE = 10  # new keys registered per source address
 REGISTRY_MAX_CONNECTIONS = 1024
 REGISTRY_MAX_CONNECTIONS_PER_SOURCE = 64
 REGISTRY_INBOX_TTL = 24 * 3600.0  # a relayed request or response not polled is dropped
+# Round 3 (section 17): mutating requests per node and per source (/24, /64) a minute, the
+# caps of the store, and how long a poll with `wait` may be held (section 18).
+REGISTRY_MUTATIONS_PER_MINUTE_PER_NODE = 60
+REGISTRY_MUTATIONS_PER_MINUTE_PER_SOURCE = 600
+REGISTRY_MAX_NODES = 100_000
+REGISTRY_MAX_VOUCHES_PER_NODE = 1024
+REGISTRY_MAX_HELD_POLLS = 4096  # polls held open at once (one per node), beside max_connections
+REGISTRY_MAX_POLL_WAIT = 55.0
+# Responses without a tie to their recipient (section 17), per responder and per source.
+REGISTRY_UNTIED_RESPONSES_PER_MINUTE_PER_NODE = 10
+REGISTRY_UNTIED_RESPONSES_PER_MINUTE_PER_SOURCE = 100
 DEFAULT_REGISTRY_STORE = "~/.pilot-registry/registry.json"  # without --store / --memory
 
 # Section 12: where pilot-handshaked reads its config when --config is not given.

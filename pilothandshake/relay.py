@@ -302,6 +302,7 @@ class RegistryLoop:
         self._moved: dict[str, dict[str, Any]] = {}
         # Poll-thread state.
         self._drops = _DropReport()
+        self._plain_next = False
 
     # -- state ------------------------------------------------------------------------
 
@@ -683,9 +684,13 @@ class RegistryLoop:
         with self._cond:
             self._polling = True
             self._schedule.started()
+        # A held poll the registry refused (at its cap of held polls) or that failed is
+        # followed by a plain one: the inbox is drained whatever happens to holding.
+        wait = self._long_poll_wait if push and not self._plain_next else 0.0
         ok, items = False, 0
         try:
-            ok, items = self._poll(node_id, self._long_poll_wait if push else 0.0)
+            ok, items = self._poll(node_id, wait)
+            self._plain_next = wait > 0 and not ok
         finally:
             with self._cond:
                 self._polling = False

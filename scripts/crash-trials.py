@@ -9,10 +9,11 @@ hold every approval the control socket acknowledged; after every restart the dae
 start, its state must be exactly ``trust.json`` (never a leftover temporary file), and no
 temporary file may remain.
 
-Registry: pilot-registryd runs with ``--store``; threads register fresh identities and
-report trust pairs through ``registry.client.Client`` while a timer SIGKILLs it. After every
-kill the store must parse and hold every acknowledged node (with its key) and pair; after a
-restart an acknowledged identity registering again gets its old node ID back.
+Registry: pilot-registryd runs with ``--store``; threads register fresh identities, report
+trust pairs and relay handshake requests through ``registry.client.Client`` while a timer
+SIGKILLs it. After every kill the store (snapshot and journal) must load and hold every
+acknowledged node (with its key), pair and relayed request; after a restart an acknowledged
+identity registering again gets its old node ID back.
 
     python scripts/crash-trials.py --trials 200            # both targets, summary at the end
     python scripts/crash-trials.py --trials 50 --target registry --seed 7
@@ -51,10 +52,11 @@ from pilothandshake.identity import Identity, b64encode  # noqa: E402
 from pilothandshake.messages import (  # noqa: E402
     HANDSHAKE_REQUEST,
     HandshakeMsg,
+    handshake_challenge,
     report_trust_challenge,
 )
 from pilothandshake.registry.client import Client  # noqa: E402
-from pilothandshake.registry.storage import decode as decode_registry_store  # noqa: E402
+from pilothandshake.registry.storage import read_state as read_registry_store  # noqa: E402
 from pilothandshake.store import load_state  # noqa: E402
 
 NODE_ID = 7  # the daemon's node ID (no registry)
@@ -356,6 +358,7 @@ class _RegistryRun:
         self.report = report
         self.nodes: dict[int, Identity] = {}  # acknowledged registrations
         self.pairs: set[tuple[int, int]] = set()  # acknowledged report_trust vouches
+        self.relayed: set[tuple[int, int]] = set()  # acknowledged relayed requests (to, from)
         self.children: list[_Child] = []
         self.lock = threading.Lock()
 
@@ -367,7 +370,9 @@ class _RegistryRun:
         argv += ["127.0.0.1:0", "--store", str(self.store), "--log-level", "warning"]
         # The writers register thousands of fresh keys from one address.
         config = self.dir / "registry.yaml"
-        config.write_text("limits:\n  register_per_minute: 1000000\n")
+        config.write_text(
+            "limits:\n  register_per_minute: 1000000\n  mutations_per_minute_per_source: 1000000\n"
+        )
         argv += ["--config", str(config)]
         child = _Child(argv, self.dir, "registry")
         self.children.append(child)
@@ -380,9 +385,9 @@ class _RegistryRun:
                 self.problem("the store is missing after a kill")
             return not self.nodes
         try:
-            stored = decode_registry_store(self.store.read_bytes(), str(self.store))
+            stored = read_registry_store(str(self.store))
             nodes, trust, next_id = stored.nodes, stored.vouches, stored.next_id
-        except (StoreError, OSError) as exc:
+        except StoreError as exc:
             self.problem(f"the store does not parse after a kill: {exc}")
             return False
         for node_id, identity in self.nodes.items():
@@ -391,6 +396,9 @@ class _RegistryRun:
         lost = self.pairs - trust
         if lost:
             self.problem(f"acknowledged trust pairs missing from the store: {sorted(lost)}")
+        kept = {(to, sender) for to, inbox in stored.requests.items() for sender in inbox}
+        if self.relayed - kept:
+            self.problem(f"acknowledged relayed requests missing: {sorted(self.relayed - kept)}")
         if self.nodes and next_id <= max(self.nodes):
             self.problem(f"next_id {next_id} would reuse an acknowledged node ID")
         return True
@@ -421,6 +429,22 @@ class _RegistryRun:
                     return
                 with self.lock:
                     self.pairs.add((node_id, peer))
+                    self.report.acknowledged += 1
+                # A relayed request to the node before: every target gets one request, so
+                # no inbox fills up.
+                signature = b64encode(identity.sign(handshake_challenge(node_id, node_id - 1)))
+                request = {
+                    "from_node_id": node_id,
+                    "to_node_id": node_id - 1,
+                    "signature": signature,
+                }
+                try:
+                    client.call({"type": "request_handshake", "justification": "j", **request})
+                except HandshakeError:
+                    killed.set()
+                    return
+                with self.lock:
+                    self.relayed.add((node_id - 1, node_id))
                     self.report.acknowledged += 1
         finally:
             client.close()

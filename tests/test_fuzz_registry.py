@@ -36,6 +36,7 @@ from pilothandshake.messages import (
     revoke_trust_challenge,
 )
 from pilothandshake.registry.client import Client, encode_frame, read_frame
+from pilothandshake.registry.config import Limits, ServerConfig
 from pilothandshake.registry.server import RegistryServer
 
 HEADER = struct.Struct(">I")
@@ -107,7 +108,9 @@ class Registry:
     """A started embedded registry with two registered nodes, A and B."""
 
     def __init__(self) -> None:
-        self.server = RegistryServer("127.0.0.1", 0)
+        # Hundreds of signed requests from two nodes: no rate limit should hide a change.
+        roomy = Limits(mutations_per_minute_per_node=10**6, mutations_per_minute_per_source=10**6)
+        self.server = RegistryServer("127.0.0.1", 0, config=ServerConfig(limits=roomy))
         self.server.start()
         host, port = self.server.address
         self.address = f"{host}:{port}"
@@ -133,8 +136,11 @@ class Registry:
     def set_trust(self, vouches: set[tuple[int, int]]) -> None:
         registry = self.server.registry
         with registry._lock:
-            registry._state.vouches.clear()
-            registry._state.vouches.update(vouches)
+            state = registry._state
+            for pair in list(state.vouches):
+                state.apply(["unvouch", *pair])
+            for pair in vouches:
+                state.apply(["vouch", *pair])
 
     def assert_still_serving(self) -> None:
         """A fresh connection gets a well-formed lookup answered."""

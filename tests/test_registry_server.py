@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,13 +23,41 @@ import pytest
 from pilothandshake.constants import MAX_REGISTRY_FRAME_SERVER, REGISTRY_INBOX
 from pilothandshake.errors import ConfigError, RegistryError, StoreError
 from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import handshake_challenge, respond_challenge
+from pilothandshake.messages import handshake_challenge, register_challenge, respond_challenge
 from pilothandshake.registry.client import Client, encode_frame, read_frame
 from pilothandshake.registry.config import Limits, ServerConfig, load_config, parse_networks
 from pilothandshake.registry.server import RegistryServer
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRYD = str(ROOT / "bin" / "pilot-registryd")
+# Tests register many identities from 127.0.0.1: the limits are tested on their own.
+ROOMY = Limits(
+    register_per_minute=100_000,
+    mutations_per_minute_per_node=100_000,
+    mutations_per_minute_per_source=1_000_000,
+)
+
+
+def unsigned_register(identity: Identity, listen_addr: str) -> dict[str, Any]:
+    """A ``register`` request without a signature, as a Go daemon (or anyone) sends it."""
+    return {"type": "register", "listen_addr": listen_addr, "public_key": identity.public_key_b64}
+
+
+def signed_register(
+    identity: Identity, listen_addr: str, stamp: int | None = None, **fields: Any
+) -> dict[str, Any]:
+    """A ``register`` request signed by ``identity`` (SPEC 17), stamped now by default."""
+    stamp = int(time.time()) if stamp is None else stamp
+    key = identity.public_key_b64
+    signature = b64encode(identity.sign(register_challenge(key, stamp)))
+    return {
+        "type": "register",
+        "listen_addr": listen_addr,
+        "public_key": key,
+        "timestamp": stamp,
+        "signature": signature,
+        **fields,
+    }
 
 
 class Node:
@@ -57,9 +86,7 @@ def make_server() -> Iterator[Callable[..., RegistryServer]]:
     ) -> RegistryServer:
         # Tests register many identities from 127.0.0.1: the default limit of 10 a minute
         # is tested on its own.
-        config = ServerConfig(
-            parse_networks(networks, "test"), limits or Limits(register_per_minute=10_000)
-        )
+        config = ServerConfig(parse_networks(networks, "test"), limits or ROOMY)
         server = RegistryServer("127.0.0.1", 0, config=config, **kwargs)
         server.start()
         servers.append(server)
@@ -282,9 +309,12 @@ def test_node_missing_heartbeats_goes_offline_and_keeps_its_id(
         time.sleep(0.05)
     else:
         pytest.fail("node never went offline")
-    with pytest.raises(RegistryError):
-        a.client.heartbeat(a.node_id)
-    assert a.client.register("127.0.0.1:4000", a.identity.public_key_b64)["node_id"] == 1
+    # An unsigned register answers the ID but proves nothing: a stays offline (SPEC 17).
+    assert a.client.call(unsigned_register(a.identity, "127.0.0.1:4000"))["node_id"] == 1
+    with pytest.raises(RegistryError, match="not online"):
+        b.client.lookup(a.node_id)
+    # Its own signed heartbeat brings it back, with its ID and its pairs.
+    a.client.heartbeat(a.node_id)
     assert b.client.lookup(a.node_id)["node_id"] == a.node_id
     b.client.revoke_trust(b.node_id, a.node_id)  # the pair survived
 
@@ -357,7 +387,7 @@ def test_corrupt_or_unwritable_store_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "registry.json" in result.stderr
     assert "Traceback" not in result.stderr
-    with pytest.raises(StoreError, match="cannot write"):
+    with pytest.raises(StoreError, match=r"cannot (lock|write) .*missing/registry\.json"):
         RegistryServer("127.0.0.1", 0, store_path=str(tmp_path / "missing" / "registry.json"))
 
 
@@ -418,6 +448,60 @@ def test_main_serves_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
             proc.wait(timeout=10)
 
 
+def read_stderr_until(proc: subprocess.Popen[str], text: str, timeout: float = 15.0) -> str:
+    """The first line of ``proc``'s stderr (from here on) holding ``text``; fails after
+    ``timeout``. Reads the pipe's descriptor itself: a buffered readline after select()
+    could hold the line in its buffer while select() waits for more."""
+    assert proc.stderr is not None
+    fd, seen = proc.stderr.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+        chunk = os.read(fd, 65536) if ready else b""
+        seen += chunk
+        for line in seen.decode(errors="replace").splitlines(keepends=True):
+            if text in line and line.endswith("\n"):
+                return line
+        if ready and not chunk:
+            break  # end of stream: the process exited
+    pytest.fail(f"no {text!r} on stderr (exit {proc.poll()}): {seen.decode(errors='replace')}")
+
+
+def test_sighup_reloads_networks_and_limits_and_a_bad_config_is_kept_out(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 item 1: SIGHUP used to end pilot-registryd with status 129."""
+    config = tmp_path / "registry.yaml"
+    config.write_text("networks:\n  3: [1]\nlimits:\n  register_per_minute: 1\n")
+    proc, address = start_registryd("--memory", "--config", str(config))
+    client = Client(address)
+    try:
+        first, second = Identity.generate(), Identity.generate()
+        assert client.register("127.0.0.1:4000", first.public_key_b64)["node_id"] == 1
+        assert client.lookup(1)["networks"] == [0, 3]
+        with pytest.raises(RegistryError, match=r"^request failed$"):
+            client.register("127.0.0.1:4001", second.public_key_b64)
+        config.write_text("networks:\n  4: [1]\nlimits:\n  register_per_minute: 100\n")
+        proc.send_signal(signal.SIGHUP)
+        read_stderr_until(proc, "SIGHUP: reloaded")
+        assert client.register("127.0.0.1:4001", second.public_key_b64)["node_id"] == 2
+        assert client.lookup(1)["networks"] == [0, 4]
+        # A config that does not load is an ERROR naming file and key; the running one stays.
+        config.write_text("networks:\n  5: [1]\nlimits:\n  register_per_minute: 'x'\n")
+        proc.send_signal(signal.SIGHUP)
+        line = read_stderr_until(proc, "keeping the running config")
+        assert "ERROR" in line and str(config) in line and "limits.register_per_minute" in line
+        assert proc.poll() is None
+        assert client.lookup(1)["networks"] == [0, 4]
+        client.close()
+        stop(proc)
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 def test_main_bad_config_exits_one_naming_file_and_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("networks:\n  3: [7, 'bogus']\n")
@@ -445,13 +529,15 @@ def test_main_port_in_use_exits_one(server: RegistryServer) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_store_file_is_plain_json_with_next_id(
+def test_store_file_is_plain_json_with_next_id_after_a_clean_stop(
     make_server: Callable[..., RegistryServer], tmp_path: Path
 ) -> None:
     store = tmp_path / "registry.json"
     server = make_server(store_path=str(store))
     a, b = Node(server), Node(server)
     a.client.report_trust(a.node_id, b.node_id)
+    server.stop()  # compacts: the snapshot alone is current
+    assert (tmp_path / "registry.json.journal").read_bytes() == b""
     data = json.loads(store.read_text())
     assert data["next_id"] == 3
     assert [n["node_id"] for n in data["nodes"]] == [1, 2]
@@ -496,10 +582,12 @@ def test_eleventh_new_key_from_one_address_in_a_minute_is_refused(
     nodes = [Node(default_server) for _ in range(10)]
     extra = Identity.generate()
     with pytest.raises(RegistryError, match=r"^request failed$"):
-        nodes[0].client.register("127.0.0.1:4000", extra.public_key_b64)
-    # Registered keys come back freely.
-    again = nodes[3].client.register("127.0.0.1:4100", nodes[3].identity.public_key_b64)
+        nodes[0].client.call(unsigned_register(extra, "127.0.0.1:4000"))
+    # Registered keys come back freely when they sign (SPEC 17); unsigned they pay.
+    again = nodes[3].client.call(signed_register(nodes[3].identity, "127.0.0.1:4100"))
     assert again["node_id"] == nodes[3].node_id
+    with pytest.raises(RegistryError, match=r"^request failed$"):
+        nodes[3].client.call(unsigned_register(nodes[3].identity, "127.0.0.1:4100"))
 
 
 def assert_refused_unread(address: tuple[str, int]) -> None:
@@ -632,3 +720,25 @@ def test_help_names_the_default_store_and_store_excludes_memory(tmp_path: Path) 
     )
     assert both.returncode == 2
     assert "not allowed with" in both.stderr
+
+
+def test_connection_threads_are_reused_and_end_at_stop(
+    make_server: Callable[..., RegistryServer],
+) -> None:
+    server = make_server()
+    served_by: list[threading.Thread] = []  # kept alive: distinct objects, distinct threads
+    handle = server.registry.handle
+
+    def recording(request: dict[str, Any], source: str) -> dict[str, Any]:
+        served_by.append(threading.current_thread())
+        return handle(request, source)
+
+    server.registry.handle = recording  # type: ignore[method-assign]
+    for _ in range(20):  # one after the other: a few threads serve them all
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(encode_frame({"type": "lookup", "node_id": 1}))
+            assert read_frame(sock, 1 << 20, 5.0, 5.0) is not None
+    assert len(served_by) == 20
+    assert len({id(t) for t in served_by}) <= 5
+    server.stop()
+    wait_until(lambda: not any(t.is_alive() for t in served_by))

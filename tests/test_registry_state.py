@@ -5,6 +5,7 @@ log lines that carry no raw client strings."""
 from __future__ import annotations
 
 import logging
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ import pytest
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import (
     handshake_challenge,
+    heartbeat_challenge,
     poll_challenge,
+    register_challenge,
     report_trust_challenge,
     resolve_challenge,
     respond_challenge,
@@ -30,10 +33,11 @@ HOUR = 3600.0
 
 
 class Clock:
-    """Monotonic seconds that only move when a test says so."""
+    """Seconds that only move when a test says so: the registry's monotonic and wall clock
+    both (it starts at the real time, so signed registers made now are fresh)."""
 
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = float(int(time.time()))
 
     def __call__(self) -> float:
         return self.now
@@ -59,6 +63,31 @@ class Peer:
 
     def sig(self, challenge: bytes) -> str:
         return b64encode(self.identity.sign(challenge))
+
+    def register(
+        self, stamp: int | None = None, source: str = "127.0.0.1", **fields: Any
+    ) -> dict[str, Any]:
+        """A ``register`` of this node's key signed by it (SPEC 17), with ``fields``."""
+        stamp = int(time.time()) if stamp is None else stamp
+        key = self.identity.public_key_b64
+        request = {
+            "type": "register",
+            "listen_addr": self.addr,
+            "public_key": key,
+            "timestamp": stamp,
+            "signature": self.sig(register_challenge(key, stamp)),
+            **fields,
+        }
+        return self.registry.handle(request, source)
+
+    def heartbeat(self) -> dict[str, Any]:
+        return self.ask(
+            {
+                "type": "heartbeat",
+                "node_id": self.node_id,
+                "signature": self.sig(heartbeat_challenge(self.node_id)),
+            }
+        )
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         return self.registry.handle(request, "127.0.0.1")
@@ -140,9 +169,17 @@ def clock() -> Clock:
     return Clock()
 
 
+# Every test node registers from 127.0.0.1: the limits themselves are tested on their own.
+ROOMY = Limits(
+    register_per_minute=100_000,
+    mutations_per_minute_per_node=100_000,
+    mutations_per_minute_per_source=1_000_000,
+)
+
+
 @pytest.fixture
 def registry(clock: Clock) -> Registry:
-    return Registry(limits=Limits(register_per_minute=10_000), clock=clock)
+    return Registry(limits=ROOMY, clock=clock, wall=clock)
 
 
 def refused(answer: dict[str, Any], why: str = "") -> bool:
@@ -196,8 +233,9 @@ def test_each_way_a_target_vouches_lets_the_requester_resolve_it(registry: Regis
 def test_shared_network_or_public_opens_resolve_without_a_vouch(clock: Clock) -> None:
     registry = Registry(
         networks=parse_networks({5: [1, 2]}, "test"),
-        limits=Limits(register_per_minute=10_000),
+        limits=ROOMY,
         clock=clock,
+        wall=clock,
     )
     a, b, c = Peer(registry, 4001), Peer(registry, 4002), Peer(registry, 4003)
     assert a.resolve(b.node_id)["real_addr"] == b.addr
@@ -225,11 +263,11 @@ def test_revoke_by_either_side_removes_the_pair_both_ways(registry: Registry) ->
 
 def test_vouches_survive_a_restart_with_their_direction(tmp_path: Path, clock: Clock) -> None:
     path = str(tmp_path / "registry.json")
-    limits = Limits(register_per_minute=10_000)
-    registry = Registry(Store(path), limits=limits, clock=clock)
+    registry = Registry(Store(path), limits=ROOMY, clock=clock, wall=clock)
     a, b = Peer(registry, 4001), Peer(registry, 4002)
     a.report_trust(b.node_id)
-    restarted = Registry(Store(path), limits=limits, clock=clock)
+    registry.close()
+    restarted = Registry(Store(path), limits=ROOMY, clock=clock, wall=clock)
     a.registry = b.registry = restarted
     assert b.resolve(a.node_id)["real_addr"] == a.addr
     assert refused(a.resolve(b.node_id), "may not resolve")
@@ -266,13 +304,15 @@ def test_register_is_rate_limited_per_source_and_known_keys_are_exempt(
     # The refusals were logged, but not 50 times.
     lines = [r for r in caplog.records if "register rate limit" in r.getMessage()]
     assert 1 <= len(lines) <= 10
-    # A node already registered comes back whenever it likes.
-    again = {
+    # A node already registered comes back whenever it likes, signed (SPEC 17); unsigned,
+    # it pays like a new key, so nobody can re-register someone else's key for free.
+    assert peers[0].register(source="10.0.0.1")["node_id"] == peers[0].node_id
+    unsigned = {
         "type": "register",
         "listen_addr": "10.0.0.1:2",
         "public_key": peers[0].identity.public_key_b64,
     }
-    assert registry.handle(again, "10.0.0.1")["node_id"] == peers[0].node_id
+    assert registry.handle(unsigned, "10.0.0.1") == {"type": "error", "error": "request failed"}
     # Another source has its own bucket; this one refills at 10 a minute.
     assert registry.handle(request | {"listen_addr": "10.0.0.2:1"}, "10.0.0.2")["node_id"] == 11
     other = Identity.generate().public_key_b64
@@ -299,24 +339,12 @@ def test_inbox_entries_expire_after_24_hours(registry: Registry, clock: Clock) -
     b.respond(a.node_id, False)
     clock.now += 24 * HOUR - 1
     for peer in (a, b):  # heartbeats keep both online
-        peer.ask(
-            {
-                "type": "register",
-                "listen_addr": peer.addr,
-                "public_key": peer.identity.public_key_b64,
-            }
-        )
+        assert peer.heartbeat()["type"] == "heartbeat_ok"
     # Still there just before; a second request from a still waits.
     assert refused(a.request(b.node_id), "already waits")
     clock.now += 2
     for peer in (a, b):
-        peer.ask(
-            {
-                "type": "register",
-                "listen_addr": peer.addr,
-                "public_key": peer.identity.public_key_b64,
-            }
-        )
+        assert peer.heartbeat()["type"] == "heartbeat_ok"
     assert (b.poll()["requests"], a.poll()["responses"]) == ([], [])
     assert registry.inbox_entries() == 0
 
@@ -331,7 +359,7 @@ def test_responses_keep_one_per_sender(registry: Registry) -> None:
 
 def test_2000_relayed_requests_of_60_kb_stay_small(clock: Clock) -> None:
     """Issue 11 item 2: 2,000 relayed requests of 60 KB grew the registry by 115 MiB."""
-    registry = Registry(limits=Limits(register_per_minute=10_000), clock=clock)
+    registry = Registry(limits=ROOMY, clock=clock, wall=clock)
     targets = [Peer(registry) for _ in range(20)]
     senders = [Peer(registry) for _ in range(100)]
     text = "x" * 60_000
@@ -351,7 +379,7 @@ def test_2000_relayed_requests_of_60_kb_stay_small(clock: Clock) -> None:
 
 def test_store_does_not_grow_with_relayed_traffic(tmp_path: Path, clock: Clock) -> None:
     path = tmp_path / "registry.json"
-    registry = Registry(Store(str(path)), limits=Limits(register_per_minute=10_000), clock=clock)
+    registry = Registry(Store(str(path)), limits=ROOMY, clock=clock, wall=clock)
     a, b = Peer(registry), Peer(registry)
     a.request(b.node_id, "y" * 60_000)
     size = path.stat().st_size
@@ -438,6 +466,7 @@ def test_hostnames_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
     registry = Registry(Store(path), clock=clock)
     peer = Peer(registry)
     peer.set_hostname("kept")
+    registry.close()
     restarted = Registry(Store(path), clock=clock)
     found = restarted.handle({"type": "resolve_hostname", "hostname": "kept"}, "x")
     assert found["node_id"] == peer.node_id
@@ -478,3 +507,200 @@ def test_a_type_holding_a_newline_cannot_forge_a_log_line(
         message = record.getMessage()
         assert "\n" not in message
         assert len(message) < 400
+
+
+# -- round 3: a directory, not an authority (SPEC 17, issue 15 item 1) -------------------
+
+
+def lookup(registry: Registry, node_id: int) -> dict[str, Any]:
+    return registry.handle({"type": "lookup", "node_id": node_id}, "10.9.9.9")
+
+
+def test_unsigned_register_of_a_known_key_changes_nothing(registry: Registry, clock: Clock) -> None:
+    victim, other = Peer(registry, 4001), Peer(registry, 4002)
+    assert victim.register(hostname="build-agent")["hostname"] == "build-agent"
+    victim.report_trust(other.node_id)  # so that other may resolve the victim
+    # What the attacker read from a lookup: the victim's key. It re-registers it from its
+    # own host with a sink address and another name.
+    forged = {
+        "type": "register",
+        "listen_addr": "10.66.6.6:9",
+        "public_key": victim.identity.public_key_b64,
+        "hostname": "x",
+        "owner": "someone",
+    }
+    answer = registry.handle(forged, "10.66.6.6")
+    assert answer["node_id"] == victim.node_id
+    assert "hostname" not in answer and "changes nothing" in answer["hostname_error"]
+    assert lookup(registry, victim.node_id)["hostname"] == "build-agent"
+    assert other.resolve(victim.node_id)["real_addr"] == victim.addr
+    found = registry.handle({"type": "resolve_hostname", "hostname": "build-agent"}, "x")
+    assert found["node_id"] == victim.node_id
+    assert refused(registry.handle({"type": "resolve_hostname", "hostname": "x"}, "x"))
+    # Not even liveness: an offline victim stays offline until it signs something.
+    clock.now += 3 * 60 + 1
+    assert refused(lookup(registry, victim.node_id), "not online")
+    registry.handle(forged, "10.66.6.6")
+    assert refused(lookup(registry, victim.node_id), "not online")
+    assert victim.heartbeat()["type"] == "heartbeat_ok"
+    assert lookup(registry, victim.node_id)["public_key"] == victim.identity.public_key_b64
+
+
+def test_a_signed_register_moves_the_nodes_own_record(registry: Registry) -> None:
+    node, other = Peer(registry, 4001), Peer(registry, 4002)
+    node.report_trust(other.node_id)
+    node.addr = "127.0.0.1:4999"
+    answer = node.register(hostname="moved")
+    assert (answer["node_id"], answer["hostname"]) == (node.node_id, "moved")
+    assert answer["features"] == ["wait_poll"]
+    assert other.resolve(node.node_id)["real_addr"] == "127.0.0.1:4999"
+    assert lookup(registry, node.node_id)["hostname"] == "moved"
+
+
+def test_a_stale_or_foreign_register_signature_is_refused_and_changes_nothing(
+    registry: Registry, clock: Clock
+) -> None:
+    node = Peer(registry, 4001)
+    node.register(hostname="kept")
+    stale = node.register(stamp=int(time.time()) - 301, hostname="stale")
+    assert refused(stale, "from the registry's clock (more than 300 s): check the node's clock")
+    future = node.register(stamp=int(time.time()) + 301, hostname="future")
+    assert refused(future, "more than 300 s")
+    # Signed by another key over the victim's key and a fresh time.
+    intruder = Identity.generate()
+    stamp, key = int(time.time()), node.identity.public_key_b64
+    foreign = {
+        "type": "register",
+        "listen_addr": "10.66.6.6:9",
+        "public_key": key,
+        "hostname": "stolen",
+        "timestamp": stamp,
+        "signature": b64encode(intruder.sign(register_challenge(key, stamp))),
+    }
+    assert refused(registry.handle(foreign, "10.66.6.6"), "bad register signature")
+    assert refused(registry.handle(dict(foreign, timestamp="now"), "x"), "timestamp")
+    assert lookup(registry, node.node_id)["hostname"] == "kept"
+
+
+def test_owner_never_binds_a_node_id_to_another_key(registry: Registry) -> None:
+    first, second = Identity.generate(), Identity.generate()
+    ids = []
+    for identity in (first, second):
+        request = {
+            "type": "register",
+            "listen_addr": "127.0.0.1:1",
+            "public_key": identity.public_key_b64,
+            "owner": "alice@example.com",
+        }
+        ids.append(registry.handle(request, "127.0.0.1")["node_id"])
+    assert ids == [1, 2]
+    assert lookup(registry, 1)["public_key"] == first.public_key_b64
+
+
+# -- round 3: every mutating request rate-limited, caps (SPEC 15, 17) -------------------
+
+
+def test_mutations_are_limited_per_node_and_per_source_prefix(clock: Clock) -> None:
+    limits = Limits(
+        register_per_minute=100, mutations_per_minute_per_node=5, mutations_per_minute_per_source=12
+    )
+    registry = Registry(limits=limits, clock=clock, wall=clock)
+    # Each registration spends a token of its source (10.0.0.0/24 here).
+    a = Peer(registry, 4001, source="10.0.0.1")
+    b = Peer(registry, 4002, source="10.0.0.2")
+    c = Peer(registry, 4003, source="10.0.1.1")
+    src = {a: "10.0.0.1", b: "10.0.0.2", c: "10.0.1.1"}
+
+    def toggle(peer: Peer, public: bool) -> dict[str, Any]:
+        request = {
+            "type": "set_visibility",
+            "node_id": peer.node_id,
+            "public": public,
+            "signature": peer.sig(set_visibility_challenge(peer.node_id)),
+        }
+        return registry.handle(request, src[peer])
+
+    # a has 5 tokens of its own.
+    answers = [toggle(a, i % 2 == 0)["type"] for i in range(6)]
+    assert answers == ["set_visibility_ok"] * 5 + ["error"]
+    # b shares a's /24 (12 tokens: 2 spent registering, 6 by a, its refused one too): 4
+    # more, then the source is empty even though b's own bucket is not.
+    answers = [toggle(b, i % 2 == 0)["type"] for i in range(4)]
+    assert answers == ["set_visibility_ok"] * 4
+    assert toggle(b, True) == {"type": "error", "error": "request failed"}
+    # Another /24 has its own bucket.
+    assert toggle(c, True)["type"] == "set_visibility_ok"
+    # Forged requests in b's name from elsewhere spend the forger's source, never b's node.
+    clock.now += 60
+    for _ in range(10):
+        forged = {
+            "type": "set_visibility",
+            "node_id": b.node_id,
+            "public": False,
+            "signature": c.sig(set_visibility_challenge(b.node_id)),
+        }
+        registry.handle(forged, "10.0.2.1")
+    assert [toggle(b, i % 2 == 0)["type"] for i in range(5)] == ["set_visibility_ok"] * 5
+    # Reads are never limited.
+    assert all(lookup(registry, a.node_id)["type"] == "lookup_ok" for _ in range(50))
+
+
+def test_every_mutating_request_spends_a_token(clock: Clock) -> None:
+    limits = Limits(mutations_per_minute_per_node=1, mutations_per_minute_per_source=10**6)
+    registry = Registry(limits=limits, clock=clock, wall=clock)
+    a, b = Peer(registry, 4001), Peer(registry, 4002)
+    calls = {
+        "register": lambda: a.register(),
+        "set_hostname": lambda: a.set_hostname("a"),
+        "set_visibility": lambda: a.ask(
+            {
+                "type": "set_visibility",
+                "node_id": a.node_id,
+                "public": True,
+                "signature": a.sig(set_visibility_challenge(a.node_id)),
+            }
+        ),
+        "report_trust": lambda: a.report_trust(b.node_id),
+        "revoke_trust": lambda: a.revoke_trust(b.node_id),
+        "request_handshake": lambda: a.request(b.node_id),
+        "respond_handshake": lambda: a.respond(b.node_id, True),
+    }
+    for name, call in calls.items():
+        clock.now += 60  # a full bucket: one token
+        a.heartbeat(), b.heartbeat()
+        b.report_trust(a.node_id)  # so that a revoke has a pair to remove
+        first = call()
+        assert first["type"] != "error", (name, first)
+        assert call() == {"type": "error", "error": "request failed"}, name
+    # Polls, lookups, resolves and heartbeats are not mutations.
+    assert a.poll()["type"] == "poll_handshakes_ok"
+    assert a.heartbeat()["type"] == "heartbeat_ok"
+
+
+def test_new_keys_beyond_max_nodes_are_refused(clock: Clock) -> None:
+    registry = Registry(limits=Limits(register_per_minute=100, max_nodes=3), clock=clock)
+    peers = [Peer(registry, 4000 + i) for i in range(3)]
+    extra = Identity.generate()
+    request = {"type": "register", "listen_addr": "127.0.0.1:1", "public_key": extra.public_key_b64}
+    assert registry.handle(request, "127.0.0.1") == {"type": "error", "error": "request failed"}
+    # Known nodes still come back.
+    assert peers[0].register()["node_id"] == peers[0].node_id
+
+
+def test_vouches_beyond_max_vouches_per_node_are_refused_and_relaying_goes_on(
+    clock: Clock,
+) -> None:
+    limits = Limits(register_per_minute=100, max_vouches_per_node=2)
+    registry = Registry(limits=limits, clock=clock, wall=clock)
+    a, *others = [Peer(registry, 4000 + i) for i in range(5)]
+    assert a.report_trust(others[0].node_id)["type"] == "report_trust_ok"
+    assert a.report_trust(others[1].node_id)["type"] == "report_trust_ok"
+    assert a.report_trust(others[0].node_id)["type"] == "report_trust_ok"  # already given
+    assert refused(a.report_trust(others[2].node_id), "limits.max_vouches_per_node")
+    # A relayed request still goes through, only without the vouch that opens resolve.
+    assert a.request(others[2].node_id)["type"] == "request_handshake_ok"
+    assert others[2].poll()["requests"][0]["from_node_id"] == a.node_id
+    assert refused(others[2].resolve(a.node_id), "may not resolve")
+    # Revoking frees a place.
+    a.revoke_trust(others[0].node_id)
+    assert a.report_trust(others[2].node_id)["type"] == "report_trust_ok"

@@ -622,6 +622,7 @@ class HoldingRegistry(FakeRegistry):
         self.hold = hold
         self.waits: list[float] = []
         self.closed = False
+        self.refuse_holds = False
 
     def close(self) -> None:
         with self.cond:
@@ -636,6 +637,8 @@ class HoldingRegistry(FakeRegistry):
     def poll_handshakes(self, node_id: int, wait: float = 0.0) -> dict[str, Any]:
         with self.cond:
             self.waits.append(wait)
+            if wait and self.refuse_holds:
+                raise RegistryError("request failed")  # pilot-registryd at max_held_polls
             if self.hold:
                 self.cond.wait_for(lambda: bool(self.requests) or self.closed, wait)
             if self.closed:
@@ -766,3 +769,27 @@ def test_an_answered_request_no_longer_holds_the_fast_window_open(
     assert registry.wait_for(lambda: registry.count("poll") >= 1)
     time.sleep(0.5)
     assert registry.count("poll") == 1  # the outgoing request ended: idle
+
+
+def test_a_refused_held_poll_is_followed_by_a_plain_one(target: Target) -> None:
+    # pilot-registryd refuses held polls beyond limits.max_held_polls: the inbox must
+    # still be drained.
+    registry = HoldingRegistry()
+    registry.refuse_holds = True
+    registry.push({"from_node_id": 21, "justification": "at the cap"})
+    loop = RegistryLoop(
+        registry,
+        Identity.generate(),
+        target,
+        listen_addr="127.0.0.1:4444",
+        poll_interval=0.05,
+        poll_idle=60.0,
+        heartbeat_interval=60.0,
+    )
+    loop.start()
+    try:
+        assert target.wait_count(1)
+    finally:
+        loop.stop()
+    assert target.seen == [("request", 21, "at the cap", "")]
+    assert registry.waits[:2] == [55.0, 0.0]

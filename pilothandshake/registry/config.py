@@ -11,12 +11,19 @@ in the same words as the daemon's::
       max_connections: 1024
       max_connections_per_source: 64
       idle_timeout: 300
+      mutations_per_minute_per_node: 60     # round 3 (SPEC 17)
+      mutations_per_minute_per_source: 600  # a source is an IPv4 /24 or an IPv6 /64
+      max_nodes: 100000
+      max_vouches_per_node: 1024
+      max_held_polls: 4096                  # polls held open with `wait` (SPEC 18)
+
+Every key applies live when ``pilot-registryd`` reloads on SIGHUP.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Union
 
 from ..constants import (
@@ -25,6 +32,11 @@ from ..constants import (
     REGISTRY_IDLE_TIMEOUT,
     REGISTRY_MAX_CONNECTIONS,
     REGISTRY_MAX_CONNECTIONS_PER_SOURCE,
+    REGISTRY_MAX_HELD_POLLS,
+    REGISTRY_MAX_NODES,
+    REGISTRY_MAX_VOUCHES_PER_NODE,
+    REGISTRY_MUTATIONS_PER_MINUTE_PER_NODE,
+    REGISTRY_MUTATIONS_PER_MINUTE_PER_SOURCE,
     REGISTRY_REGISTER_PER_MINUTE,
 )
 from ..identity import decode_key
@@ -51,6 +63,13 @@ class Limits:
     max_connections: int = REGISTRY_MAX_CONNECTIONS
     max_connections_per_source: int = REGISTRY_MAX_CONNECTIONS_PER_SOURCE
     idle_timeout: float = REGISTRY_IDLE_TIMEOUT  # seconds between requests on a connection
+    # Round 3 (SPEC 17): every mutating request, per node (after its signature verified)
+    # and per source prefix; the store's caps; polls held open with `wait` (SPEC 18).
+    mutations_per_minute_per_node: int = REGISTRY_MUTATIONS_PER_MINUTE_PER_NODE
+    mutations_per_minute_per_source: int = REGISTRY_MUTATIONS_PER_MINUTE_PER_SOURCE
+    max_nodes: int = REGISTRY_MAX_NODES
+    max_vouches_per_node: int = REGISTRY_MAX_VOUCHES_PER_NODE
+    max_held_polls: int = REGISTRY_MAX_HELD_POLLS
 
 
 @dataclass(frozen=True)
@@ -110,24 +129,17 @@ def parse_networks(raw: object, source: str) -> dict[int, Members]:
 
 
 def _limits(parser: FieldParser, raw: object) -> Limits:
-    known = ("register_per_minute", "max_connections", "max_connections_per_source", "idle_timeout")
-    section = parser.section(raw, "limits", known)
     default = Limits()
-    return Limits(
-        register_per_minute=parser.get(
-            section, "limits", "register_per_minute", default.register_per_minute, parser.count
-        ),
-        max_connections=parser.get(
-            section, "limits", "max_connections", default.max_connections, parser.count
-        ),
-        max_connections_per_source=parser.get(
+    known = tuple(f.name for f in fields(Limits))
+    section = parser.section(raw, "limits", known)
+    values = {
+        name: parser.get(
             section,
             "limits",
-            "max_connections_per_source",
-            default.max_connections_per_source,
-            parser.count,
-        ),
-        idle_timeout=parser.get(
-            section, "limits", "idle_timeout", default.idle_timeout, parser.seconds
-        ),
-    )
+            name,
+            getattr(default, name),
+            parser.seconds if name == "idle_timeout" else parser.count,
+        )
+        for name in known
+    }
+    return Limits(**values)

@@ -1,21 +1,25 @@
-"""Token buckets: ``register`` per source address, and log lines a hostile client provokes.
+"""Token buckets: requests per source or per node, and log lines a hostile client provokes.
 
-Both take the time as an argument (monotonic seconds) so that tests age them without
-sleeping.
+Buckets take the time as an argument (monotonic seconds) so that tests age them without
+sleeping. ``source_prefix`` says what "one source" is for the per-source rules of SPEC 17:
+an IPv4 /24 or an IPv6 /64, since one host usually holds many addresses of its prefix.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 
-__all__ = ["PerSource", "RateLimitedLog", "TokenBucket", "quote"]
+__all__ = ["PerKey", "RateLimitedLog", "TokenBucket", "quote", "source_prefix"]
 
-# Sources remembered at once; the least recently used bucket is forgotten beyond this (a
-# forgotten source starts full again, which only an attacker holding this many addresses
-# at once can exploit, and such an attacker needs no reset).
-_MAX_SOURCES = 4096
+# Keys (sources, nodes) remembered at once; the least recently used bucket is forgotten
+# beyond this (a forgotten key starts full again, which only an attacker cycling through
+# this many sources or identities within a minute can exploit).
+_MAX_KEYS = 16384
 _QUOTE_LIMIT = 100
 
 
@@ -46,23 +50,38 @@ class TokenBucket:
         return True
 
 
-class PerSource:
-    """One ``TokenBucket`` per source address, ``per_minute`` tokens each. Thread-safe."""
+@functools.lru_cache(maxsize=4096)
+def source_prefix(address: str) -> str:
+    """The source an address counts as: its IPv4 /24 or IPv6 /64 (an IPv4-mapped IPv6
+    address counts as its IPv4 address); anything that is not an IP address, itself."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    bits = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network((ip, bits), strict=False))
+
+
+class PerKey:
+    """One ``TokenBucket`` per key (a source, a node ID), ``per_minute`` tokens each, full
+    at first. Thread-safe; ``per_minute`` may be changed live (a config reload)."""
 
     def __init__(self, per_minute: int) -> None:
-        self._per_minute = per_minute
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.per_minute = per_minute
+        self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
         self._lock = threading.Lock()
 
-    def take(self, source: str, now: float) -> bool:
-        """Spend one of ``source``'s tokens; False when it has none left."""
+    def take(self, key: Hashable, now: float) -> bool:
+        """Spend one of ``key``'s tokens; False when it has none left."""
         with self._lock:
-            bucket = self._buckets.pop(source, None)
-            if bucket is None:
-                bucket = TokenBucket(self._per_minute, self._per_minute / 60.0, now)
-                if len(self._buckets) >= _MAX_SOURCES:
+            bucket = self._buckets.pop(key, None)
+            if bucket is None or bucket.capacity != self.per_minute:
+                bucket = TokenBucket(self.per_minute, self.per_minute / 60.0, now)
+                if len(self._buckets) >= _MAX_KEYS:
                     self._buckets.popitem(last=False)
-            self._buckets[source] = bucket
+            self._buckets[key] = bucket
             return bucket.take(now)
 
 

@@ -4,7 +4,14 @@ The protocol lives in ``state.Registry.handle``; this module moves frames (SPEC 
 enforces the connection limits of the config's ``limits:``: at most ``max_connections``
 connections at once and ``max_connections_per_source`` from one address (more are reset
 unread, without a thread), and a connection silent for ``idle_timeout`` between requests
-is closed.
+is closed. A connection whose poll is held (``wait``, SPEC 18) gives its slot back while
+it waits: held polls have their own bound (one per node, ``limits.max_held_polls`` in
+all, kept by ``state.Registry``), so a fleet's open polls never crowd out the caps meant
+for floods. ``stop`` answers every held poll, then closes the connections and the store.
+
+``pilot-registryd`` reloads its config (networks and every limit) on SIGHUP; a config
+that does not load is an ERROR and the running one is kept. Command-line options
+(``--listen``, ``--store``, ``--tls-*``) are read once, at start.
 
 The command line is durable by default: without ``--store`` it keeps its state in
 ``~/.pilot-registry/registry.json`` (``DEFAULT_REGISTRY_STORE``), because node IDs handed
@@ -17,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
+import queue
 import signal
 import socket
 import socketserver
@@ -27,7 +36,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from types import FrameType
 from typing import Any
 
 from .._version import __version__
@@ -41,7 +49,7 @@ from ..constants import (
 from ..errors import ConfigError, HandshakeError, RegistryError
 from ..messages import format_address, parse_address
 from ..wire import reset_close
-from .client import encode_frame, read_frame
+from .client import ConnectionBroken, encode_frame
 from .config import Limits, ServerConfig, load_config
 from .ratelimit import RateLimitedLog
 from .state import Registry
@@ -53,6 +61,16 @@ log = logging.getLogger(__name__)
 
 # How often serve_forever checks for shutdown: bounds how long stop() takes.
 _SHUTDOWN_POLL = 0.1
+# How long stop() waits for handlers to finish the request they are in.
+_STOP_WAIT = 2.0
+_HEADER_SIZE = 4
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+_RECV_SIZE = 65536
+# Handler threads kept waiting for the next connection, and for how long (see _TCPServer).
+_IDLE_THREADS = 64
+_IDLE_THREAD_SECONDS = 60.0
+
+_Job = tuple[Any, Any]  # an admitted connection: (socket, client address)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -77,10 +95,10 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def _serve(self, sock: socket.socket, source: str) -> None:
         registry = self.server.registry
-        idle = self.server.limits.idle_timeout
+        frames = _Frames(sock)
         while True:
             try:
-                request = read_frame(sock, MAX_REGISTRY_FRAME_SERVER, idle, REGISTRY_TIMEOUT)
+                request = frames.read(self.server.limits.idle_timeout)
             except RegistryError as exc:
                 self.server.note("bad frame from %s: %s; closing", source, exc)
                 with contextlib.suppress(OSError):
@@ -92,13 +110,97 @@ class _Handler(socketserver.BaseRequestHandler):
             if request is None:
                 return
             try:
-                sock.sendall(encode_frame(registry.handle(request, source)))
+                if request.get("type") == "poll_handshakes" and request.get("wait"):
+                    with self.server.held(self.request):
+                        response = registry.handle(request, source)
+                else:
+                    response = registry.handle(request, source)
+                sock.sendall(encode_frame(response))
             except OSError as exc:
                 log.debug("cannot answer %s: %s", source, exc)
                 return
 
 
+class _Frames:
+    """The request frames of one connection (SPEC 11), read into a buffer so that a frame
+    that arrives whole costs one ``recv``: on this server the transport, not the answer,
+    is most of a request's CPU (BENCHMARKS.md, round 3). The socket keeps one timeout,
+    ``min(idle, REGISTRY_TIMEOUT)``, for every wait (answers are sent with it too), so no
+    request pays for changing it; longer waits are counted out of such waits."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+        self._timeout = -1.0
+
+    def read(self, idle: float) -> dict[str, Any] | None:
+        """The next request; None when the peer closed between frames. Raises
+        ``RegistryError`` for a frame over the limit or not a JSON object, ``OSError``
+        (``socket.timeout``) after ``idle`` seconds without a frame or ``REGISTRY_TIMEOUT``
+        seconds without the rest of one, ``ConnectionBroken`` for a close inside one."""
+        wait = min(idle, REGISTRY_TIMEOUT)
+        if wait != self._timeout:
+            self._sock.settimeout(wait)
+            self._timeout = wait
+        buffer = self._buffer
+        deadline = time.monotonic() + idle
+        while len(buffer) < _HEADER_SIZE:
+            if not self._fill(deadline):
+                if buffer:
+                    raise ConnectionBroken("connection closed in the middle of a frame")
+                return None
+        size = int.from_bytes(buffer[:_HEADER_SIZE], "big")
+        if size > MAX_REGISTRY_FRAME_SERVER:
+            raise RegistryError(
+                f"frame of {size} bytes exceeds the limit of {MAX_REGISTRY_FRAME_SERVER}"
+            )
+        end = _HEADER_SIZE + size
+        deadline = time.monotonic() + REGISTRY_TIMEOUT
+        while len(buffer) < end:
+            if not self._fill(deadline):
+                raise ConnectionBroken("connection closed in the middle of a frame")
+        body = bytes(buffer[_HEADER_SIZE:end])
+        del buffer[:end]
+        try:
+            request = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise RegistryError(f"malformed frame: {exc}") from None
+        if not isinstance(request, dict):
+            raise RegistryError("malformed frame: not a JSON object")
+        return request
+
+    def _fill(self, deadline: float) -> bool:
+        """Append what the peer sent next; False at end of stream. Raises
+        ``socket.timeout`` once ``deadline`` (monotonic) has passed, also when a trickle of
+        bytes keeps arriving."""
+        while True:
+            try:
+                chunk = self._sock.recv(_RECV_SIZE)
+            except socket.timeout:
+                chunk = None
+            if chunk == b"":
+                return False
+            if chunk:
+                self._buffer += chunk
+            if time.monotonic() >= deadline:
+                raise socket.timeout("timed out waiting for a frame")
+            if chunk:
+                return True
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
+
+
 class _TCPServer(socketserver.ThreadingTCPServer):
+    """The listening socket, its connection caps, and the threads that serve connections.
+
+    A thread whose connection closed waits (up to ``_IDLE_THREAD_SECONDS``, at most
+    ``_IDLE_THREADS`` of them) for the next connection instead of ending: starting a thread
+    costs about 130 us of CPU here, more than answering a request, and daemons open short
+    connections when their calls overlap (BENCHMARKS.md, round 3).
+    """
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
@@ -120,7 +222,45 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         self._admitted: dict[Any, str] = {}
         self._lock = threading.Lock()
         self._log = RateLimitedLog(log, DROP_LOG_PER_SECOND)
+        self._idle_threads: list[queue.SimpleQueue[_Job | None]] = []
+        self._closing = False
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the admitted connection in an idle thread, or in a new one."""
+        job = (request, client_address)
+        with self._lock:
+            idle = self._idle_threads.pop() if self._idle_threads else None
+        if idle is not None:
+            idle.put(job)
+        else:
+            threading.Thread(target=self._work, args=(job,), daemon=True).start()
+
+    def _work(self, job: _Job | None) -> None:
+        """Serve ``job``, then wait for another while this thread may stay idle."""
+        jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        while job is not None:
+            self.process_request_thread(*job)
+            with self._lock:
+                if self._closing or len(self._idle_threads) >= _IDLE_THREADS:
+                    return
+                self._idle_threads.append(jobs)
+            try:
+                job = jobs.get(timeout=_IDLE_THREAD_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if jobs in self._idle_threads:
+                        self._idle_threads.remove(jobs)
+                        return
+                job = jobs.get()  # handed a connection just as the wait ended
+
+    def end_idle_threads(self) -> None:
+        """Let every idle thread end, and keep none from now on."""
+        with self._lock:
+            self._closing = True
+            idle, self._idle_threads = self._idle_threads, []
+        for jobs in idle:
+            jobs.put(None)
 
     def note(self, message: str, *args: object) -> None:
         """An INFO line about a connection, rate-limited (a flood cannot fill the disk)."""
@@ -157,13 +297,33 @@ class _TCPServer(socketserver.ThreadingTCPServer):
             super().shutdown_request(request)
         finally:
             with self._lock:
-                source = self._admitted.pop(request, None)
-                if source is not None:
-                    left = self._per_source[source] - 1
-                    if left:
-                        self._per_source[source] = left
-                    else:
-                        del self._per_source[source]
+                self._release(request)
+
+    def _release(self, request: Any) -> str | None:
+        """Give back ``request``'s slot (call holding self._lock); its source, or None."""
+        source = self._admitted.pop(request, None)
+        if source is not None:
+            left = self._per_source[source] - 1
+            if left:
+                self._per_source[source] = left
+            else:
+                del self._per_source[source]
+        return source
+
+    @contextlib.contextmanager
+    def held(self, request: Any) -> Iterator[None]:
+        """While a poll of ``request``'s connection is held, its slot is free for others;
+        it takes one again afterwards (above the cap if need be: held polls are bounded
+        on their own)."""
+        with self._lock:
+            source = self._release(request)
+        try:
+            yield
+        finally:
+            if source is not None:
+                with self._lock:
+                    self._admitted[request] = source
+                    self._per_source[source] = self._per_source.get(source, 0) + 1
 
     def open_connections(self) -> int:
         """How many connections are admitted right now."""
@@ -181,13 +341,20 @@ class _TCPServer(socketserver.ThreadingTCPServer):
             with self._lock:
                 self._connections.discard(sock)
 
-    def close_connections(self) -> None:
-        """Shut down every open connection (their handler threads then end)."""
+    def close_connections(self, timeout: float) -> None:
+        """Shut down every open connection and wait up to ``timeout`` seconds for their
+        handlers to finish (so none is mid-request when the store closes)."""
         with self._lock:
             connections = list(self._connections)
         for sock in connections:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._connections:
+                    return
+            time.sleep(0.01)
 
 
 class RegistryServer:
@@ -235,8 +402,13 @@ class RegistryServer:
         return str(host), int(port)
 
     def open_connections(self) -> int:
-        """How many client connections are open right now."""
+        """How many client connections hold a slot right now (held polls do not)."""
         return self._server.open_connections()
+
+    def reconfigure(self, config: ServerConfig) -> None:
+        """Use ``config``'s networks and limits from now on (what SIGHUP does)."""
+        self._server.limits = config.limits
+        self.registry.reconfigure(config.networks, config.limits)
 
     def start(self) -> None:
         """Serve in a background thread."""
@@ -249,13 +421,17 @@ class RegistryServer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop serving, close the listening socket and every open connection. Idempotent."""
+        """Stop serving: close the listening socket, answer every held poll, close every
+        connection, then the store (its snapshot then alone current). Idempotent."""
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
             self._thread = None
         self._server.server_close()
-        self._server.close_connections()
+        self._server.end_idle_threads()
+        self.registry.end_polls()
+        self._server.close_connections(_STOP_WAIT)
+        self.registry.close()
 
     def __enter__(self) -> RegistryServer:
         self.start()
@@ -276,6 +452,10 @@ state:
     {DEFAULT_REGISTRY_STORE}
   (its directory is created, mode 0700), so node IDs survive a restart.
   --memory keeps nothing on disk: every restart hands out IDs afresh.
+
+signals:
+  SIGTERM, SIGINT  stop (held polls are answered, the store is compacted)
+  SIGHUP           reload --config (networks, limits); a bad one is logged and not used
 
 exit codes:
   0  stopped by SIGTERM or SIGINT
@@ -334,6 +514,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         host, port = parse_address(args.listen)
     except ValueError as exc:
         parser.error(f"--listen: {exc}")
+    # Signals are taken with sigwait, by this thread only, and blocked everywhere else
+    # (threads inherit the mask, so block before any starts): no handler runs at a random
+    # point of this thread, where setting an Event this thread is waiting on can deadlock.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        return _run(args, host, port)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _run(args: argparse.Namespace, host: str, port: int) -> int:
+    """Start the registry, then serve until SIGTERM/SIGINT, reloading on SIGHUP."""
     try:
         config = load_config(args.config) if args.config else ServerConfig()
         store_path = _store_path(args)
@@ -354,19 +546,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     server.start()
     print(f"pilot-registryd listening on {format_address(server.address)}", flush=True)
     log.info("store: %s", store_path or "none (--memory)")
-    # A bounded wait keeps the main thread responsive to signals on every platform.
-    while not stop.wait(1.0):
-        pass
+    while signal.sigwait(_SIGNALS) == signal.SIGHUP:
+        _reload(server, args.config)
     server.stop()
     log.info("pilot-registryd stopped")
     return 0
+
+
+def _reload(server: RegistryServer, path: str) -> None:
+    """SIGHUP: load the config again and use it; keep the running one if it fails."""
+    if not path:
+        log.warning("SIGHUP: started without --config, nothing to reload")
+        return
+    try:
+        config = load_config(path)
+    except HandshakeError as exc:
+        log.error("SIGHUP: %s; keeping the running config", exc)
+        return
+    server.reconfigure(config)
+    log.info(
+        "SIGHUP: reloaded %s (%d networks; limits %s)",
+        path,
+        len(config.networks),
+        ", ".join(f"{k}={v:g}" for k, v in vars(config.limits).items()),
+    )

@@ -1,4 +1,4 @@
-"""The embedded registry's state and its answer to one request: no sockets, no threads.
+"""The embedded registry's state and its answer to one request: no sockets.
 
 ``Registry.handle(request, source) -> response`` is the whole protocol of SPEC 11 as this
 registry speaks it; the socket server (``server.py``) only moves frames. Decisions it
@@ -6,7 +6,7 @@ makes where SPEC leaves room:
 
 - **Errors say why** ("node 99 is not online"), in the production shape
   ``{"type": "error", "error": <text>}``; the production registry says ``request failed``
-  for everything. A refused ``register`` (rate limit) and an internal fault say
+  for everything. A rate-limited or capped request and an internal fault say
   ``request failed`` here too. Client-supplied values appear only quoted and cut short.
 - **Resolve is gated by vouches.** A vouch is directed: ``(a, b)`` means node ``a`` vouched
   for node ``b``, and then ``b`` may resolve ``a``. Every path that creates a trust pair
@@ -15,30 +15,54 @@ makes where SPEC leaves room:
   (N vouches for the requester P) and a queued ``request_handshake`` (the sender vouches
   for its target, who needs to dial it back). So an attacker's own calls let only its
   victim resolve it, never the reverse. A trust pair, for ``revoke_trust``, is a vouch in
-  either direction; revoking removes both.
+  either direction; revoking removes both. A node gives at most
+  ``limits.max_vouches_per_node`` vouches: beyond, ``report_trust`` is refused and a
+  relayed request or accept is still relayed, without the vouch.
+- **The registry is a directory, not an authority** (SPEC 17, issue 15 item 1). A
+  ``register`` of a key that already has a record changes nothing (address, hostname,
+  liveness) unless signed by that key over ``register:<key>:<timestamp>`` with a timestamp
+  within ``REGISTER_SKEW`` of the registry's clock; unsigned, it answers the existing node
+  ID. A bad or stale signature is refused, saying which. Only a signed re-register is
+  exempt from the per-address ``register`` bucket. ``owner`` is read and ignored: it never
+  binds a node ID to a key.
+- **Every mutating request is rate-limited** (``register``, ``set_hostname``,
+  ``set_visibility``, ``report_trust``, ``revoke_trust``, ``request_handshake``,
+  ``respond_handshake``): per source prefix (IPv4 /24, IPv6 /64) before any signature is
+  checked, and per node after its signature verified (so nobody can spend a victim's
+  tokens). A request that changes nothing writes nothing. At most ``limits.max_nodes``
+  nodes: a new key beyond is refused.
 - **Offline is not gone.** A node that misses heartbeats for ``expiry`` seconds is offline:
   ``lookup``, ``resolve``, ``resolve_hostname`` and ``request_handshake`` no longer find
-  it and its ``heartbeat`` fails (so the daemon re-registers). It keeps its ID, key,
-  hostname and vouches; its own signed requests still verify against its kept key.
-  Nodes loaded from the store count as online from start-up.
+  it. It keeps its ID, key, hostname and vouches; its own signed requests still verify,
+  and a signed ``heartbeat`` (or a signed ``register``) brings it back online. Nodes
+  loaded from the store count as online from start-up.
 - **Hostnames** as the production registry (SPEC 11): ``register`` with a taken or invalid
   name registers without it (the answer has no ``hostname`` and says why in
   ``hostname_error``); ``register`` without one keeps the node's current name.
+- **Push** (SPEC 18): ``register_ok`` carries ``"features": ["wait_poll"]``; a
+  ``poll_handshakes`` with ``wait`` (seconds, at most ``REGISTRY_MAX_POLL_WAIT``) with
+  nothing waiting is held until an item is queued for the node (woken at once), the wait
+  ends, a newer held poll of the same node takes over, or the registry closes; then it
+  answers what is there (possibly nothing). One held poll per node, at most
+  ``limits.max_held_polls`` at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Callable
 
-from ..constants import DROP_LOG_PER_SECOND, REGISTRY_NODE_EXPIRY
+from ..constants import DROP_LOG_PER_SECOND, REGISTRY_MAX_POLL_WAIT, REGISTRY_NODE_EXPIRY
 from ..identity import b64encode, decode_key, decode_signature, verify
 from ..messages import (
     handshake_challenge,
     heartbeat_challenge,
     poll_challenge,
+    register_challenge,
     report_trust_challenge,
     resolve_challenge,
     respond_challenge,
@@ -59,23 +83,37 @@ from .fields import (
     str_field,
 )
 from .inbox import Inboxes
-from .ratelimit import PerSource, RateLimitedLog, quote
-from .storage import Node, Store, StoreState, encode
+from .ratelimit import PerKey, RateLimitedLog, quote, source_prefix
+from .storage import Changes, Node, Store, StoreState, node_op
 
-__all__ = ["Registry"]
+__all__ = ["FEATURES", "REGISTER_SKEW", "Registry"]
 
 log = logging.getLogger(__name__)
 
+# What register_ok advertises (SPEC 18).
+FEATURES = ("wait_poll",)
+# How far a signed register's timestamp may be from the registry's clock (SPEC 17).
+REGISTER_SKEW = 300
+
 _Handler = Callable[[dict[str, Any], str], dict[str, Any]]
+
+
+class _Hold:
+    """A held poll: woken when an item is queued for its node or when it must end."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.wake = threading.Condition(lock)
+        self.ended = False
 
 
 class Registry:
     """The registry's state and the handling of one decoded request. Thread-safe.
 
-    ``store`` persists nodes and vouches (None: memory only); ``networks`` places nodes
-    into networks; ``expiry`` is how long a node stays online without a heartbeat;
-    ``clock`` (monotonic seconds) ages nodes, inboxes and rate limits. Raises
-    ``StoreError`` when the store cannot be read or created.
+    ``store`` persists nodes, vouches and inboxes (None: memory only); ``networks`` places
+    nodes into networks; ``limits`` bounds floods; ``expiry`` is how long a node stays
+    online without a heartbeat; ``clock`` (monotonic seconds) ages nodes and rate limits,
+    ``wall`` (Unix seconds) dates inbox entries and checks signed registers. Raises
+    ``StoreError`` when the store cannot be read or created. ``close`` when done.
     """
 
     def __init__(
@@ -86,22 +124,24 @@ class Registry:
         limits: Limits | None = None,
         expiry: float = REGISTRY_NODE_EXPIRY,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._networks = networks or {}
+        self._limits = limits or Limits()
         self._expiry = expiry
         self._clock = clock
+        self._wall = wall
         self._lock = threading.Lock()
         self._state = store.load() if store is not None else StoreState()
-        self._by_key = {n.public_key: n.node_id for n in self._state.nodes.values()}
-        self._by_hostname = {
-            n.hostname: n.node_id for n in self._state.nodes.values() if n.hostname
-        }
         self._last_seen = dict.fromkeys(self._state.nodes, clock())
-        self._inboxes = Inboxes()
-        self._register_limit = PerSource((limits or Limits()).register_per_minute)
+        self._inboxes = Inboxes(self._state)
+        self._register_limit = PerKey(self._limits.register_per_minute)
+        self._by_node = PerKey(self._limits.mutations_per_minute_per_node)
+        self._by_source = PerKey(self._limits.mutations_per_minute_per_source)
+        self._holds: dict[int, _Hold] = {}
+        self._closed = False
         self._refusals = RateLimitedLog(log, DROP_LOG_PER_SECOND)
-        self._seq = 0
         self._handlers: dict[str, _Handler] = {
             "register": self._register,
             "heartbeat": self._heartbeat,
@@ -116,6 +156,8 @@ class Registry:
             "set_hostname": self._set_hostname,
             "resolve_hostname": self._resolve_hostname,
         }
+        if store is not None:
+            store.start_compactor(self._capture)
 
     def handle(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         """The response to one request from the address ``source``."""
@@ -134,12 +176,90 @@ class Registry:
             log.exception("internal error handling %s from %s", quote(kind), source)
             return {"type": "error", "error": FAILED}
 
+    def reconfigure(self, networks: dict[int, Members], limits: Limits) -> None:
+        """Use new networks and limits from now on (a config reload); buckets keep their
+        keys and start full at the new rates."""
+        with self._lock:
+            self._networks = networks
+            self._limits = limits
+            self._register_limit.per_minute = limits.register_per_minute
+            self._by_node.per_minute = limits.mutations_per_minute_per_node
+            self._by_source.per_minute = limits.mutations_per_minute_per_source
+
+    def end_polls(self) -> None:
+        """Answer every held poll now (with what is there) and hold no more: the first
+        step of a stop."""
+        with self._lock:
+            self._closed = True
+            for hold in self._holds.values():
+                hold.ended = True
+                hold.wake.notify()
+
+    def close(self) -> None:
+        """``end_polls``, then close the store, leaving its snapshot alone current."""
+        self.end_polls()
+        if self._store is not None:
+            self._store.close()
+
     def inbox_entries(self) -> int:
         """How many relayed requests and responses are held (for tests and bounds)."""
         with self._lock:
             return self._inboxes.entries()
 
+    def held_polls(self) -> int:
+        """How many polls are held open right now."""
+        with self._lock:
+            return len(self._holds)
+
     # -- helpers (call holding self._lock unless noted) --
+
+    @contextlib.contextmanager
+    def _change(self) -> Iterator[Changes]:
+        """Take the lock and collect the request's ops; after releasing it, make them
+        durable (one journal line) before the request is answered. Ops applied before a
+        refusal are journaled too: memory and disk never part."""
+        changes = Changes(self._state)
+        seq = 0
+        try:
+            with self._lock:
+                try:
+                    yield changes
+                finally:
+                    if changes.ops and self._store is not None:
+                        seq = self._store.stage(changes.ops)
+        finally:
+            if seq:
+                self._commit(seq)
+
+    def _commit(self, seq: int) -> None:
+        """Wait until journal line ``seq`` is durable (call without the lock); a failed
+        write refuses the request (the change stays in memory and is written with the
+        next write that succeeds)."""
+        assert self._store is not None
+        try:
+            self._store.commit(seq)
+        except OSError as exc:
+            log.error("cannot write registry store %s: %s", self._store.path, exc)
+            refuse("store write failed", "the registry cannot write its store")
+
+    def _capture(self) -> tuple[int, StoreState]:
+        """For the compactor: the last staged line and a copy of the state holding it."""
+        assert self._store is not None
+        with self._lock:
+            return self._store.staged, self._state.copy()
+
+    def _limit_source(self, source: str) -> None:
+        """Spend a mutation token of ``source``'s prefix (before any signature is checked:
+        a flood costs no verify). Thread-safe."""
+        prefix = source_prefix(source)
+        if not self._by_source.take(prefix, self._clock()):
+            refuse(f"mutation rate limit for source {prefix}", FAILED)
+
+    def _limit_node(self, node_id: int) -> None:
+        """Spend a mutation token of ``node_id`` (after its signature verified, so only the
+        node itself can spend them). Thread-safe."""
+        if not self._by_node.take(node_id, self._clock()):
+            refuse(f"mutation rate limit for node {node_id}", FAILED)
 
     def _online_node(self, node_id: int) -> Node:
         node = self._state.nodes.get(node_id)
@@ -161,15 +281,26 @@ class Registry:
         )
         return [0, *joined]
 
-    def _vouch(self, voucher: int, vouchee: int) -> bool:
+    def _registered_other(self, node_id: int, peer_id: int) -> None:
+        if peer_id not in self._state.nodes or peer_id == node_id:
+            refuse(f"node {peer_id} is not a registered other node")
+
+    def _vouch(self, changes: Changes, voucher: int, vouchee: int) -> bool:
         """Record that ``voucher`` (who signed the request) vouched for ``vouchee``, who
         may now resolve it: the one rule for every request that creates a trust pair.
-        Returns whether anything changed."""
-        if vouchee not in self._state.nodes or vouchee == voucher:
-            refuse(f"node {vouchee} is not a registered other node")
+        Returns False when the voucher is at ``max_vouches_per_node`` (nothing recorded)."""
         if (voucher, vouchee) in self._state.vouches:
+            return True
+        if self._state.vouches_by.get(voucher, 0) >= self._limits.max_vouches_per_node:
+            self._refusals.log(
+                logging.WARNING,
+                self._clock(),
+                "node %d has vouched for %d nodes (limits.max_vouches_per_node): no more",
+                voucher,
+                self._limits.max_vouches_per_node,
+            )
             return False
-        self._state.vouches.add((voucher, vouchee))
+        changes.apply(["vouch", voucher, vouchee])
         return True
 
     def _may_resolve(self, requester: Node, target: Node) -> bool:
@@ -180,42 +311,24 @@ class Registry:
             or (target.node_id, requester.node_id) in self._state.vouches
         )
 
-    def _give_hostname(self, node: Node, hostname: str) -> str:
-        """Give ``node`` the (valid) ``hostname``; "" clears. Returns why not, or ""."""
-        holder = self._by_hostname.get(hostname) if hostname else None
+    def _hostname_holder(self, node: Node, hostname: str) -> str:
+        """Why ``node`` cannot take the (valid) ``hostname``, or "" when it can."""
+        holder = self._state.by_hostname.get(hostname) if hostname else None
         if holder is not None and holder != node.node_id:
             return f"hostname {hostname!r} is taken by node {holder}"
-        self._by_hostname.pop(node.hostname, None)
-        node.hostname = hostname
-        if hostname:
-            self._by_hostname[hostname] = node.node_id
         return ""
 
-    def _snapshot(self) -> tuple[int, bytes] | None:
-        """The durable state, numbered, to write after releasing the lock."""
-        if self._store is None:
-            return None
-        self._seq += 1
-        return self._seq, encode(self._state)
-
-    def _save(self, snapshot: tuple[int, bytes] | None) -> None:
-        """Write ``snapshot`` (call without the lock); a failed write refuses the request
-        (the change stays in memory and goes to disk with the next successful write)."""
-        if snapshot is None or self._store is None:
-            return
-        try:
-            self._store.write(*snapshot)
-        except OSError as exc:
-            log.error("cannot write registry store %s: %s", self._store.path, exc)
-            refuse("store write failed", "the registry cannot write its store")
+    def _put(self, changes: Changes, node: Node) -> None:
+        """Record ``node`` as it now is, unless that is how it already is."""
+        if self._state.nodes.get(node.node_id) != node:
+            changes.apply(node_op(node))
 
     def _verified(self, request: dict[str, Any], node_id: int, challenge: bytes) -> Node:
         """Refuse unless ``signature`` is ``node_id``'s signature of ``challenge``.
 
         Call without self._lock: verification is CPU work, and a node's key never changes.
         """
-        with self._lock:
-            node = self._state.nodes.get(node_id)
+        node = self._state.nodes.get(node_id)  # one dict read: atomic, nodes are immutable
         if node is None:
             refuse(f"node {node_id} is not registered")
         signature = decode_signature(request.get("signature"))
@@ -225,44 +338,85 @@ class Registry:
             refuse(f"bad signature from node {node_id}")
         return node
 
+    def _register_signed(self, request: dict[str, Any], key: bytes) -> bool:
+        """Whether ``register`` carries a valid signature of ``key`` with a fresh
+        ``timestamp``; False when it carries none. Refuses a bad or stale one."""
+        if "signature" not in request and "timestamp" not in request:
+            return False
+        stamp = request.get("timestamp")
+        if type(stamp) is not int:
+            refuse(f"field 'timestamp' is not Unix seconds: {quote(stamp)}")
+        skew = stamp - self._wall()
+        if abs(skew) > REGISTER_SKEW:
+            refuse(
+                f"register timestamp is {skew:+.0f} s from the registry's clock (more than "
+                f"{REGISTER_SKEW} s): check the node's clock"
+            )
+        signature = decode_signature(request.get("signature"))
+        if signature is None:
+            refuse("register has a timestamp but no valid base64 signature")
+        if not verify(key, register_challenge(b64encode(key), stamp), signature):
+            refuse("bad register signature: not made by the key being registered")
+        return True
+
     # -- the messages --
 
     def _register(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         key = decode_key(request.get("public_key"))
         if key is None:
             refuse("public_key is not a base64 Ed25519 key")
-        str_field(request, "owner", "")
+        str_field(request, "owner", "")  # checked, never used: it binds nothing (SPEC 17)
         hostname = str_field(request, "hostname", "")
         address = real_addr(str_field(request, "listen_addr"), source)
         hostname_error = hostname_problem(hostname) if hostname else ""
-        now = self._clock()
-        with self._lock:
-            node_id = self._by_key.get(key)
+        self._limit_source(source)
+        signed = self._register_signed(request, key)
+        tick = self._clock()
+        with self._change() as changes:
+            node_id = self._state.by_key.get(key)
+            if node_id is not None and signed:
+                self._limit_node(node_id)
+            elif not self._register_limit.take(source, tick):
+                # Only a signed re-register is exempt, so a restart wave never locks a
+                # fleet out and nobody else can spend or skip a node's budget.
+                refuse(f"register rate limit for {source}", FAILED)
             if node_id is None:
-                # Only new keys cost a token: a known node re-registers freely (as in the
-                # production registry), so a restart wave never locks a fleet out.
-                if not self._register_limit.take(source, now):
-                    refuse(f"register rate limit for {source}", FAILED)
+                if len(self._state.nodes) >= self._limits.max_nodes:
+                    self._refusals.log(
+                        logging.WARNING,
+                        tick,
+                        "refused a new node: limits.max_nodes (%d) reached",
+                        self._limits.max_nodes,
+                    )
+                    refuse(f"limits.max_nodes ({self._limits.max_nodes}) reached", FAILED)
                 node_id = self._state.next_id
-                self._state.next_id += 1
-                self._state.nodes[node_id] = Node(node_id, key, address)
-                self._by_key[key] = node_id
+                changes.apply(node_op(Node(node_id, key, address)))
                 log.info("registered node %d at %s", node_id, quote(address))
+                signed = True  # a new key's first record is its own
             node = self._state.nodes[node_id]
-            node.real_addr = address
-            self._last_seen[node_id] = now
             response: dict[str, Any] = {
                 "type": "register_ok",
                 "node_id": node_id,
                 "address": address_text(node_id),
                 "public_key": b64encode(key),
+                "features": list(FEATURES),
             }
-            if hostname and not hostname_error:
-                hostname_error = self._give_hostname(node, hostname)
-                if not hostname_error:
+            if not signed:
+                # Anyone who read the key from a lookup can send this: answer, change nothing.
+                if hostname and hostname == node.hostname:
                     response["hostname"] = hostname
-            snapshot = self._snapshot()
-        self._save(snapshot)
+                elif hostname and not hostname_error:
+                    hostname_error = "an unsigned register of a registered key changes nothing"
+            else:
+                self._last_seen[node_id] = tick
+                if hostname and not hostname_error:
+                    hostname_error = self._hostname_holder(node, hostname)
+                if hostname and not hostname_error:
+                    node = Node(node_id, key, address, node.public, hostname)
+                    response["hostname"] = hostname
+                else:
+                    node = Node(node_id, key, address, node.public, node.hostname)
+                self._put(changes, node)
         if hostname_error:
             # Not in SPEC's table; the production registry adds it for an invalid name.
             response["hostname_error"] = hostname_error
@@ -272,25 +426,27 @@ class Registry:
         node_id = node_field(request, "node_id")
         self._verified(request, node_id, heartbeat_challenge(node_id))
         with self._lock:
-            self._online_node(node_id)
+            if node_id not in self._last_seen:
+                log.info("node %d is back online (signed heartbeat)", node_id)
             self._last_seen[node_id] = self._clock()
-        return {"type": "heartbeat_ok", "time": int(time.time())}
+        return {"type": "heartbeat_ok", "time": int(self._wall())}
 
     def _lookup(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         with self._lock:
             node = self._online_node(node_id)
-            response: dict[str, Any] = {
-                "type": "lookup_ok",
-                "node_id": node_id,
-                "public_key": b64encode(node.public_key),
-                "networks": self._networks_of(node),
-                "public": node.public,
-            }
-            if node.public:
-                response["real_addr"] = node.real_addr
-            if node.hostname:
-                response["hostname"] = node.hostname
+            networks = self._networks_of(node)
+        response: dict[str, Any] = {
+            "type": "lookup_ok",
+            "node_id": node_id,
+            "public_key": b64encode(node.public_key),
+            "networks": networks,
+            "public": node.public,
+        }
+        if node.public:
+            response["real_addr"] = node.real_addr
+        if node.hostname:
+            response["hostname"] = node.hostname
         return response
 
     def _resolve(self, request: dict[str, Any], source: str) -> dict[str, Any]:
@@ -311,100 +467,160 @@ class Registry:
     def _set_visibility(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         public = bool_field(request, "public")
+        self._limit_source(source)
         node = self._verified(request, node_id, set_visibility_challenge(node_id))
-        snapshot = None
-        with self._lock:
-            if node.public != public:
-                node.public = public
-                snapshot = self._snapshot()
-        self._save(snapshot)
+        self._limit_node(node_id)
+        with self._change() as changes:
+            node = self._state.nodes[node_id]
+            self._put(
+                changes, Node(node_id, node.public_key, node.real_addr, public, node.hostname)
+            )
         return {"type": "set_visibility_ok"}
 
     def _report_trust(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         peer_id = node_field(request, "peer_id")
+        self._limit_source(source)
         self._verified(request, node_id, report_trust_challenge(node_id, peer_id))
-        with self._lock:
-            snapshot = self._snapshot() if self._vouch(node_id, peer_id) else None
-        self._save(snapshot)
+        self._limit_node(node_id)
+        with self._change() as changes:
+            self._registered_other(node_id, peer_id)
+            if not self._vouch(changes, node_id, peer_id):
+                refuse(
+                    f"node {node_id} has vouched for {self._limits.max_vouches_per_node} "
+                    "nodes (limits.max_vouches_per_node): revoke some first"
+                )
         return {"type": "report_trust_ok"}
 
     def _revoke_trust(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         peer_id = node_field(request, "peer_id")
+        self._limit_source(source)
         self._verified(request, node_id, revoke_trust_challenge(node_id, peer_id))
-        with self._lock:
+        self._limit_node(node_id)
+        with self._change() as changes:
             vouches = self._state.vouches
             if (node_id, peer_id) not in vouches and (peer_id, node_id) not in vouches:
                 refuse(f"no trust pair {node_id}-{peer_id} to revoke")
-            vouches.discard((node_id, peer_id))
-            vouches.discard((peer_id, node_id))
-            snapshot = self._snapshot()
-        self._save(snapshot)
+            for pair in ((node_id, peer_id), (peer_id, node_id)):
+                if pair in vouches:
+                    changes.apply(["unvouch", *pair])
         return {"type": "revoke_trust_ok"}
 
     def _request_handshake(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         from_id = node_field(request, "from_node_id")
         to_id = node_field(request, "to_node_id")
         justification = str_field(request, "justification", "")
+        self._limit_source(source)
         sender = self._verified(request, from_id, handshake_challenge(from_id, to_id))
+        self._limit_node(from_id)
         entry = {
             "from_node_id": from_id,
             "justification": justification,
-            "timestamp": int(time.time()),
+            "timestamp": int(self._wall()),
             "public_key": b64encode(sender.public_key),
         }
-        with self._lock:
+        with self._change() as changes:
             self._online_node(to_id)
-            refusal = self._inboxes.add_request(to_id, entry, self._clock())
-            if refusal:
-                refuse(refusal)
-            snapshot = self._snapshot() if self._vouch(from_id, to_id) else None
-        self._save(snapshot)
+            self._registered_other(from_id, to_id)
+            self._inboxes.add_request(changes, to_id, entry, source_prefix(source), self._wall())
+            self._vouch(changes, from_id, to_id)
+            self._wake(to_id)
         return {"type": "request_handshake_ok", "status": "delivered"}
-
-    def _poll_handshakes(self, request: dict[str, Any], source: str) -> dict[str, Any]:
-        node_id = node_field(request, "node_id")
-        self._verified(request, node_id, poll_challenge(node_id))
-        with self._lock:
-            requests, responses = self._inboxes.drain(node_id, self._clock())
-        return {"type": "poll_handshakes_ok", "requests": requests, "responses": responses}
 
     def _respond_handshake(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         peer_id = node_field(request, "peer_id")
         accept = bool_field(request, "accept")
+        reason = str_field(request, "reason", "")
+        self._limit_source(source)
         self._verified(request, node_id, respond_challenge(node_id, peer_id))
-        entry = {"from_node_id": node_id, "accept": accept, "timestamp": int(time.time())}
-        with self._lock:
-            if peer_id not in self._state.nodes or peer_id == node_id:
-                refuse(f"node {peer_id} is not a registered other node")
-            changed = accept and self._vouch(node_id, peer_id)
-            if not self._inboxes.add_response(peer_id, entry, self._clock()):
-                log.info("response inbox of node %d full: dropped its oldest", peer_id)
-            snapshot = self._snapshot() if changed else None
-        self._save(snapshot)
+        self._limit_node(node_id)
+        entry: dict[str, Any] = {
+            "from_node_id": node_id,
+            "accept": accept,
+            "timestamp": int(self._wall()),
+        }
+        if reason:
+            entry["reason"] = reason
+        with self._change() as changes:
+            self._registered_other(node_id, peer_id)
+            # Queued before this accept's own vouch: its rank is the tie the pair had.
+            self._inboxes.add_response(
+                changes, peer_id, entry, source_prefix(source), self._wall(), self._clock()
+            )
+            if accept:
+                self._vouch(changes, node_id, peer_id)
+            self._wake(peer_id)
         return {"type": "respond_handshake_ok"}
+
+    def _poll_handshakes(self, request: dict[str, Any], source: str) -> dict[str, Any]:
+        node_id = node_field(request, "node_id")
+        wait = request.get("wait", 0)
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+            refuse(f"field 'wait' is not a number of seconds: {quote(wait)}")
+        wait = min(float(wait), REGISTRY_MAX_POLL_WAIT)
+        self._verified(request, node_id, poll_challenge(node_id))
+        with self._change() as changes:
+            if wait and not self._closed and not self._inboxes.waiting(node_id):
+                self._hold(node_id, wait)
+            requests, responses = self._inboxes.drain(changes, node_id, self._wall())
+        return {"type": "poll_handshakes_ok", "requests": requests, "responses": responses}
+
+    def _hold(self, node_id: int, wait: float) -> None:
+        """Wait (releasing the lock meanwhile) until something is queued for ``node_id``,
+        ``wait`` seconds pass, a newer poll of the node takes over or the registry closes.
+        Real time, not ``clock``: a held poll is a socket's wait."""
+        previous = self._holds.get(node_id)
+        if previous is not None:
+            previous.ended = True
+            previous.wake.notify()
+        elif len(self._holds) >= self._limits.max_held_polls:
+            refuse(
+                f"{len(self._holds)} polls are held (limits.max_held_polls): poll without wait",
+                FAILED,
+            )
+        hold = self._holds[node_id] = _Hold(self._lock)
+        deadline = time.monotonic() + wait
+        try:
+            while not (hold.ended or self._inboxes.waiting(node_id)):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                hold.wake.wait(remaining)
+        finally:
+            if self._holds.get(node_id) is hold:
+                del self._holds[node_id]
+
+    def _wake(self, node_id: int) -> None:
+        """Answer ``node_id``'s held poll now: something was queued for it."""
+        hold = self._holds.get(node_id)
+        if hold is not None:
+            hold.wake.notify()
 
     def _set_hostname(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         hostname = str_field(request, "hostname")
-        node = self._verified(request, node_id, set_hostname_challenge(node_id))
+        self._limit_source(source)
+        self._verified(request, node_id, set_hostname_challenge(node_id))
+        self._limit_node(node_id)
         problem = hostname_problem(hostname) if hostname else ""
         if problem:
             refuse(problem)
-        with self._lock:
-            problem = self._give_hostname(node, hostname)
+        with self._change() as changes:
+            node = self._state.nodes[node_id]
+            problem = self._hostname_holder(node, hostname)
             if problem:
                 refuse(problem)
-            snapshot = self._snapshot()
-        self._save(snapshot)
+            self._put(
+                changes, Node(node_id, node.public_key, node.real_addr, node.public, hostname)
+            )
         return {"type": "set_hostname_ok", "node_id": node_id, "hostname": hostname}
 
     def _resolve_hostname(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         hostname = str_field(request, "hostname")
         with self._lock:
-            node_id = self._by_hostname.get(hostname)
+            node_id = self._state.by_hostname.get(hostname)
             if node_id is None:
                 refuse(f"hostname {quote(hostname)} is not registered")
             node = self._online_node(node_id)

@@ -156,7 +156,11 @@ class Registry(Proc):
         config = directory / "registry.yaml"
         # Fleets in tests register many keys from 127.0.0.1; the limit itself is tested in
         # tests/test_registry_*.py.
-        limits = {"register_per_minute": 100_000}
+        limits = {
+            "register_per_minute": 100_000,
+            "mutations_per_minute_per_node": 100_000,
+            "mutations_per_minute_per_source": 1_000_000,
+        }
         config.write_text(yaml.safe_dump({"networks": networks or {}, "limits": limits}))
         super().__init__(
             "registry",

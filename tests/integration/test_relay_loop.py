@@ -112,6 +112,13 @@ def test_a_node_notices_when_the_registry_moves_its_record(fleet: Fleet) -> None
     assert change["node_id"] == a_id
     assert change["moved"]["address"] == {"expected": a.address, "found": "127.0.0.9:1"}
     assert sum("changed this node's record" in line for line in a.stderr.splitlines()) == 1
+    # pilot-registryd honours a signed re-register: A tells it its record again.
+    wait_until(lambda: "as registered again" in a.stderr, what="A's record restored")
+    client = Client(registry.address)
+    try:
+        assert client.lookup(a_id)["real_addr"] == a.address
+    finally:
+        client.close()
 
 
 def test_a_registry_that_never_answers_delays_neither_the_sockets_nor_a_stop(
@@ -181,3 +188,53 @@ def test_a_relayed_request_lost_with_the_registry_inbox_is_sent_again(fleet: Fle
     wait_until(lambda: a_id in b.pending(), timeout=60, what="the request pending at B")
     [pending] = [p for p in b.control("pending")["pending"] if p["node_id"] == a_id]
     assert pending["justification"] == "before the restart"
+
+
+def pending_event(node: Node, peer: int) -> bool:
+    return any(
+        e["event"] == "handshake.pending" and e["data"].get("peer_node_id") == peer
+        for e in node.events()
+    )
+
+
+def test_with_pilot_registryd_relayed_input_is_pushed_and_a_restart_is_not_a_spin(
+    fleet: Fleet,
+) -> None:
+    # Issue 18.2 (SPEC 18): pilot-registryd advertises wait_poll; each node keeps one poll
+    # held open and gets relayed input as soon as it arrives, whatever its schedule.
+    registry = fleet.registry().start()
+    slow = {"poll_interval": 30, "poll_idle": 60}  # no poll of the schedule within the test
+    a = fleet.node("a", registry, registry_options=slow).start()
+    b = fleet.node("b", registry, registry_options=slow).start()
+    a_id, b_id = a.node_id, b.node_id
+    wait_until(lambda: a.status()["registry"]["relay"] == "push", what="A sees push")
+    assert a.control("handshake", node_id=b_id, justification="pushed")["status"] == "relayed"
+    # Read from B's events (they poll nothing on demand): pushed, not polled.
+    wait_until(lambda: pending_event(b, a_id), timeout=10, what="the request pushed to B")
+    b.control("approve", node_id=a_id)
+    wait_until(lambda: b_id in a.trusted(), timeout=10, what="the approval pushed to A")
+    # The registry restarts: the held polls break, the nodes back off (no spin) and hold
+    # a poll again once it is back: a newcomer's request reaches A at once.
+    before = registry_requests(a, "poll_handshakes")
+    registry.restart()
+    c = fleet.node("c", registry, registry_options=slow).start()
+    c_id = c.node_id
+    assert c.control("handshake", node_id=a_id, justification="after")["status"] == "relayed"
+    wait_until(lambda: pending_event(a, c_id), timeout=40, what="the request pushed to A")
+    assert registry_requests(a, "poll_handshakes") < before + 20
+
+
+def test_a_rejection_through_the_relay_carries_the_operators_reason(fleet: Fleet) -> None:
+    # SPEC 17: respond_handshake carries the reject reason; pilot-registryd passes it on in
+    # the poll answer, and the requester's loop hands it to the Manager.
+    registry = fleet.registry().start()
+    a, b = fleet.node("a", registry).start(), fleet.node("b", registry).start()
+    a_id, b_id = a.node_id, b.node_id
+    assert a.control("handshake", node_id=b_id, justification="may I")["status"] == "relayed"
+    wait_until(lambda: a_id in b.pending(), what="the request at B")
+    b.control("reject", node_id=a_id, reason="not today")
+    [request] = wait_until(
+        lambda: [r for r in a.control("requests")["requests"] if r["state"] == "rejected"],
+        what="the rejection at A",
+    )
+    assert (request["node_id"], request["reason"]) == (b_id, "not today")
