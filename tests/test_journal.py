@@ -152,6 +152,8 @@ def test_a_newline_terminated_last_line_that_does_not_parse_is_an_unfinished_wri
         # Lines whose checksum is right but whose content is not a write.
         (frame(b"not json")[:-1], "line 3 does not parse: Expecting value"),
         (frame(b"\xff\xfe[]")[:-1], "line 3 does not parse: 'utf-8' codec can't decode"),
+        # Deeper than json parses on any Python (3.13's parses 5,000 levels; 3.9-3.12's not).
+        (frame(b"[" * 100_000 + b"]" * 100_000)[:-1], "line 3 does not parse: nested too deeply"),
         (frame(b'{"trusted": []}')[:-1], "line 3: expected a list of changes"),
         (frame(b'[["nowhere", 5, null]]')[:-1], r'line 3\[0\]: unknown table "nowhere"'),
         (frame(b'[["trusted", 5, {"node_id": 6}]]')[:-1], "record of node 6 filed under 5"),

@@ -19,6 +19,7 @@ from pilothandshake.manager.outbox import (
     OUTBOX_FIRST_RETRY,
     REJECT,
     REVOKE,
+    WITHDRAW,
     Outbox,
 )
 from pilothandshake.messages import HANDSHAKE_REQUEST
@@ -221,3 +222,59 @@ def test_an_answer_delivered_by_either_path_is_not_kept(nodes: Nodes, peer: Peer
     # The two paths run in parallel: the failed dial may have written the answer down
     # before the relay delivered it; either way nothing is kept.
     assert kept(Path(nodes.root, "n1", OUTBOX_FILE)) == []
+
+
+def test_a_kept_no_is_cancelled_by_fresh_intent_and_a_kept_yes_is_not(tmp_path: Path) -> None:
+    clock, deliveries = FakeClock(), Deliveries()
+    outbox = make(tmp_path, deliveries, clock)
+    for kind in (REJECT, REVOKE, WITHDRAW):
+        outbox.expect(7, kind)
+        outbox.failed(7)
+        outbox.cancel(7)
+        assert outbox.count() == 0 and kept(tmp_path / OUTBOX_FILE) == []
+    outbox.expect(7, ACCEPT)
+    outbox.cancel(7)
+    assert outbox.count() == 1
+
+
+def test_a_kept_revoke_never_arrives_after_we_asked_the_peer_again(
+    nodes: Nodes, peer: Peer
+) -> None:
+    # Found by the fault-injection runs: the kept revoke was delivered after the node had
+    # asked the same peer again and been accepted, and the peer stopped trusting it.
+    registry = FakeRegistry()
+    manager, runtime = nodes.make(registry=registry)
+    manager.start()
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert manager.approve_handshake(7)
+    settle(manager)
+    runtime.dial_fails = True
+    registry.fail.add("revoke_trust")
+    manager.revoke_trust(7)
+    settle(manager)
+    assert manager.undelivered_answers() == 1
+    runtime.dial_fails = False
+    registry.fail.clear()
+    assert manager.send_request(7, "again") == "sent"
+    assert manager.undelivered_answers() == 0
+    assert kept(Path(nodes.root, "n1", OUTBOX_FILE)) == []
+
+
+def test_a_kept_revoke_is_dropped_when_the_peer_is_trusted_again(nodes: Nodes, peer: Peer) -> None:
+    registry = FakeRegistry()
+    manager, runtime = nodes.make(registry=registry)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert manager.approve_handshake(7)
+    settle(manager)
+    runtime.dial_fails = True
+    registry.fail.add("revoke_trust")
+    manager.revoke_trust(7)
+    settle(manager)
+    assert manager.undelivered_answers() == 1
+    # The peer asks again and the operator approves: the kept accept replaces the revoke
+    # (expect), and any grant cancels a kept "no" even without an answer of ours.
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification="again"), REMOTE)
+    assert manager.approve_handshake(7)
+    settle(manager)
+    assert manager.is_trusted(7)
+    assert [row["kind"] for row in kept(Path(nodes.root, "n1", OUTBOX_FILE))] in ([], ["accept"])

@@ -51,6 +51,7 @@ from ..store import RELAY, OutgoingRequest, PendingHandshake, TrustRecord
 from ..wire import read_message
 from .clock import Clock, Now, SystemClock
 from .decide import (
+    TRUST_CHANGED,
     Decision,
     Inbound,
     decide_accept,
@@ -306,6 +307,8 @@ class Manager:
         for note in decision.notes:
             log.info("%s", note)
         for topic, payload in decision.events:
+            if topic == TRUST_CHANGED and payload.get("state") == "granted":
+                self._outbox.cancel(payload["peer_node_id"])
             self._rt.publish_event(topic, payload)
         background = [e for e in decision.effects if self._effects.needed(e)]
         for effect in [*decision.inline, *background]:
@@ -426,6 +429,7 @@ class Manager:
         assert decision is not None
         if decision.result == "trusted":
             return "trusted"
+        self._outbox.cancel(peer)  # fresh intent: a kept "no" to this peer is stale
         request = decision.changes[0].value  # decide_send's one change: our request
         assert isinstance(request, OutgoingRequest)
         sent_at = request.sent_at

@@ -119,16 +119,28 @@ class Outbox:
 
     def delivered(self, peer: int, kinds: Iterable[str]) -> None:
         """A path delivered an answer of one of ``kinds`` to ``peer``: forget it."""
+        answer = self._forget(peer, kinds)
+        if answer is not None and answer.attempts:
+            log.info(
+                "delivered our %s to node %d after %d retries", answer.kind, peer, answer.attempts
+            )
+
+    def cancel(self, peer: int) -> None:
+        """We trust ``peer`` again or asked it anew: a kept answer that says no (reject,
+        revoke, withdrawal) is stale and must never arrive after what superseded it."""
+        answer = self._forget(peer, (REJECT, REVOKE, WITHDRAW))
+        if answer is not None:
+            log.info("dropped our undelivered %s to node %d: superseded", answer.kind, peer)
+
+    def _forget(self, peer: int, kinds: Iterable[str]) -> _Answer | None:
         with self._lock:
             answer = self._answers.get(peer)
             if answer is None or answer.kind not in kinds:
-                return
+                return None
             del self._answers[peer]
             if answer.durable:
                 self._save_locked()
-        attempts = answer.attempts
-        if attempts:
-            log.info("delivered our %s to node %d after %d retries", answer.kind, peer, attempts)
+        return answer
 
     def failed(self, peer: int) -> None:
         """An attempt to deliver ``peer``'s answer failed: keep it on disk from now on."""

@@ -1,0 +1,122 @@
+"""Fault injection in the suite (issue 20.4): a short seeded run (``scripts/chaos.py`` runs
+the long one; ``chaos.py`` says what it does and checks), and the defects it found, each alone."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from . import chaos
+from .conftest import Fleet, Node, wait_until
+
+SEED = 20
+SECONDS = 60.0
+DROPPED_IN_OUTAGE = (
+    "open defect found by this run: while the registry is down, a direct answer is dropped "
+    "by a receiver that cannot check it (accept 'neither registry-bound nor pinned'; after "
+    "a restart, node ID 0 until it registers: 'signature_v2 missing or invalid'), and the "
+    "sender counts it delivered (it read the end of stream), so it is never sent again"
+)
+STALE_REVOKE = (
+    "open defect found by this run: a revoke kept in the outbox (sent while the registry "
+    "was down) is still retried after the node asked the same peer again and was accepted; "
+    "it arrives after that and removes the peer's trust (in the run, an acknowledged "
+    "approval): the pair is left trusting one way"
+)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="open defects: issue 20 item 1 (a registry outage kills the registry loop: "
+    "tracebacks, daemons that never see the registry again); "
+    + DROPPED_IN_OUTAGE
+    + "; "
+    + STALE_REVOKE,
+)
+@pytest.mark.timeout(SECONDS + 240)
+def test_a_fleet_under_faults_loses_no_acknowledged_change_and_converges(fleet: Fleet) -> None:
+    options = chaos.Options(seed=SEED, seconds=SECONDS, convergence_timeout=60.0)
+    report = chaos.run(fleet, options)
+    print("\n".join(report.lines()))
+    assert sum(report.acks.values()) >= 10, report.lines()  # the run did something
+    assert all(report.faults[kind] for _, kind in chaos.FAULT_KINDS), report.lines()
+    assert not report.dead, report.dead
+    assert not report.lost and not report.lost_after_kill, report.lines()
+    assert report.convergence is not None, report.not_converged
+    assert not report.errors, report.errors
+
+
+@pytest.mark.xfail(strict=False, reason=DROPPED_IN_OUTAGE)
+@pytest.mark.parametrize("restarted", [False, True], ids=["running", "restarted"])
+def test_a_direct_answer_sent_while_the_registry_is_down_arrives(
+    fleet: Fleet, restarted: bool
+) -> None:
+    """A asks B; the registry goes down (and A restarts, with ``restarted``); B approves
+    over a direct connection (``peers``); the registry comes back: A trusts B."""
+    registry = fleet.registry().start()
+    a = fleet.node("a", registry, public=True)
+    b = fleet.node("b", registry, public=True)
+    a_id, b_id = a.start().node_id, b.start().node_id
+    # Each can dial the other without the registry.
+    a.config["peers"], b.config["peers"] = {b_id: b.address}, {a_id: a.address}
+    a.write_config()
+    b.write_config()
+    a.restart()
+    b.restart()
+    assert a.control("handshake", node_id=b_id, justification="x")["status"] == "sent"
+    wait_until(lambda: a_id in b.pending(), timeout=20, what="A's request at B")
+    assert registry.popen is not None and a.popen is not None
+    registry.popen.kill()
+    registry.popen.wait(10)
+    if restarted:
+        a.popen.kill()
+        a.popen.wait(10)
+        with open(a.out_path, "wb"):
+            pass  # a fresh start line to wait for
+        a.start()  # while the registry is down: A does not know its node ID from it
+    b.control("approve", node_id=a_id)
+    with open(registry.out_path, "wb"):
+        pass  # a fresh "listening" line to wait for
+    registry.start()
+    wait_until(lambda: b_id in a.trusted(), timeout=60, what="B's approval at A")
+
+
+@pytest.mark.xfail(strict=False, reason=STALE_REVOKE)
+def test_a_kept_revoke_does_not_undo_a_later_approval(fleet: Fleet) -> None:
+    """A trusts private B; A untrusts B while the registry is down (the revoke waits in A's
+    outbox); the registry returns; A asks B again, and B, which never heard of the revoke,
+    accepts: B still trusts A once A's outbox is empty (the chaos run saw the same after a
+    fresh approval)."""
+    registry = fleet.registry().start()
+    a = fleet.node("a", registry, public=True)
+    b = fleet.node("b", registry)
+    a_id, b_id = a.start().node_id, b.start().node_id
+    assert a.control("handshake", node_id=b_id, justification="x")["status"] == "relayed"
+    wait_until(lambda: a_id in b.pending(), timeout=20, what="A's request at B")
+    b.control("approve", node_id=a_id)
+    wait_until(lambda: b_id in a.trusted(), timeout=20, what="B's approval at A")
+    assert registry.popen is not None
+    registry.popen.kill()
+    registry.popen.wait(10)
+    a.control("untrust", node_id=b_id)  # neither path can carry the revoke now
+    wait_until(lambda: a.status()["undelivered"], timeout=20, what="the kept revoke")
+    with open(registry.out_path, "wb"):
+        pass  # a fresh "listening" line to wait for
+    registry.start()
+    wait_until(lambda: reachable(a) and reachable(b), timeout=60, what="the registry back")
+    # Fresh intent, before the outbox's first retry (10 s after the failure); a second
+    # later than B's first accept, whose copy within the same second A drops as a replay
+    # (the messages carry whole seconds: a separate finding, not this test's).
+    time.sleep(1.1)
+    assert a.control("handshake", node_id=b_id, justification="again")["status"] != "trusted"
+    wait_until(lambda: a_id in b.pending() or a_id in b.trusted(), timeout=20, what="A at B")
+    if a_id in b.pending():
+        b.control("approve", node_id=a_id)
+    wait_until(lambda: b_id in a.trusted(), timeout=20, what="B's approval at A")
+    wait_until(lambda: a.status()["undelivered"] == 0, timeout=60, what="A's outbox empty")
+    assert a_id in b.trusted()
+
+
+def reachable(node: Node) -> bool:
+    return bool(node.status()["registry"]["reachable"])
