@@ -374,6 +374,8 @@ def _show_status(data: dict[str, Any]) -> str:
     registry = data.get("registry")
     if isinstance(registry, dict):
         state = "reachable" if registry.get("reachable") else "unreachable"
+        if registry.get("loop", "running") != "running":
+            state += f"; registry loop {_printable(str(registry['loop']))}"
         registry_text = f"{registry.get('address', '?')} ({state})"
     else:
         registry_text = "none" if registry is None else str(registry)

@@ -27,6 +27,7 @@ from .constants import (
     MAX_REPLAY_PER_SOURCE,
     OUTGOING_TTL,
     PENDING_TTL,
+    POLL_IDLE,
     POLL_INTERVAL,
     TRUST_FILE,
 )
@@ -68,7 +69,8 @@ class RegistryConfig:
     address: str
     tls: bool = False
     fingerprint: str = ""  # lowercase hex SHA-256 of the certificate, no colons; "" = no pin
-    poll_interval: float = POLL_INTERVAL
+    poll_interval: float = POLL_INTERVAL  # the fast window's period (SPEC 18)
+    poll_idle: float = POLL_IDLE  # the idle period (SPEC 18)
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     public: bool = False
 
@@ -348,7 +350,15 @@ class _ConfigParser(FieldParser):
     def registry(self, value: object) -> RegistryConfig | None:
         if value is None:
             return None
-        known = ("address", "tls", "fingerprint", "poll_interval", "heartbeat_interval", "public")
+        known = (
+            "address",
+            "tls",
+            "fingerprint",
+            "poll_interval",
+            "poll_idle",
+            "heartbeat_interval",
+            "public",
+        )
         section = self.section(value, "registry", known)
         if "address" not in section:
             self.fail("registry.address", "host:port of the registry (the key is required)")
@@ -365,6 +375,7 @@ class _ConfigParser(FieldParser):
             poll_interval=self.get(
                 section, "registry", "poll_interval", defaults.poll_interval, self.seconds
             ),
+            poll_idle=self.get(section, "registry", "poll_idle", defaults.poll_idle, self.seconds),
             heartbeat_interval=self.get(
                 section,
                 "registry",

@@ -89,6 +89,8 @@ COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 
 # Commands naming a node for which this node itself is a mistake (it trusts itself anyway).
 _NOT_SELF = frozenset({"handshake", "untrust", "wait"})
+# Commands that show or act on handshake state: the relay is polled first (SPEC 18).
+_FRESH_VIEW = frozenset({"pending", "trust", "approve", "reject", "requests", "wait"})
 
 _WAIT_SLICE = 1.0  # a `wait` checks this often whether its client is gone
 _MAX_HOSTNAME = 253  # the longest DNS name; the registry applies its own stricter rules
@@ -197,7 +199,11 @@ class ControlCommands:
     ``node_id`` tells this node's ID, ``registry`` (None without one) resolves and shows
     hostnames; ``stopping`` is set when the server stops, which ends every ``wait``.
     ``names`` pins each hostname resolved for a command (SPEC 17; a memory-only pin set
-    when not given); ``publish`` announces ``hostname.changed``."""
+    when not given); ``publish`` announces ``hostname.changed``. ``refresh`` (set by the
+    daemon) polls the relay before the commands that show or act on handshake state, so an
+    operator never looks at a stale view (SPEC 18)."""
+
+    refresh: Callable[[], None] | None = None
 
     def __init__(
         self,
@@ -231,6 +237,8 @@ class ControlCommands:
                     INVALID_ARGUMENT,
                     f"node {args['node_id']} is this node itself; name the peer's node ID",
                 )
+            if command in _FRESH_VIEW and self.refresh is not None:
+                self.refresh()
             if command == "wait":
                 return ok_response(self._wait(gone=gone, **args))
             return ok_response(getattr(self, f"_do_{command}")(**args))

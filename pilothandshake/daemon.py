@@ -19,8 +19,8 @@ import threading
 from types import TracebackType
 from typing import Any, Callable
 
-from .config import Config, format_address, load_config, parse_address
-from .constants import STOP_TIMEOUT
+from .config import Config, RegistryConfig, format_address, load_config, parse_address
+from .constants import REGISTRY_TIMEOUT, STOP_TIMEOUT
 from .control import ControlServer
 from .errors import HandshakeError, RegistryError, SendError
 from .events import EventBus
@@ -39,6 +39,9 @@ from .wire import send_message
 log = logging.getLogger(__name__)
 
 __all__ = ["Daemon", "DaemonRuntime"]
+
+# How long a stop lets background registry calls finish before it aborts them.
+STOP_REGISTRY_GRACE = 0.5
 
 
 class DaemonRuntime:
@@ -263,13 +266,7 @@ class Daemon:
         self.client: Client | None = None
         registry = config.registry
         if registry is not None:
-            self.client = Client(
-                registry.address,
-                self.identity.sign,
-                tls=registry.tls,
-                fingerprint=registry.fingerprint,
-                metrics=self.metrics,
-            )
+            self.client = self._registry_client(registry)
         self.runtime = DaemonRuntime(
             config, self.identity, self.events, self.client, metrics=self.metrics
         )
@@ -387,12 +384,24 @@ class Daemon:
         if registry is not None:
             state = "reachable" if registry.get("reachable") else "unreachable"
             line += f", registry {registry['address']} {state}"
+            if registry.get("loop", "running") != "running":
+                line += f" (registry loop {registry['loop']})"
         return line
 
-    def start(self) -> None:
-        """Bind port 444, register (one synchronous try), start the registry loop, the
-        events and the control socket. Idempotent; on failure everything is stopped again
-        and ``HandshakeError`` says what went wrong."""
+    def problems(self) -> list[str]:
+        """What is broken although the Manager answers: a background loop that stopped.
+        Under systemd, the watchdog reports the daemon healthy only while this is empty."""
+        loop = self.loop
+        state = loop.state()["loop"] if loop is not None else "running"
+        return [] if state == "running" else [f"registry loop {state}"]
+
+    def start(self, registration_wait: float = REGISTRY_TIMEOUT) -> None:
+        """Bind port 444, serve the control socket, start the registry loop (it registers
+        in the background) and the events, then wait up to ``registration_wait`` seconds
+        for the first registration to be tried, so that ``node_id`` is known when the
+        registry answers (port 444 and the control socket serve meanwhile; a registry that
+        never answers costs this wait and nothing else). Idempotent; on failure everything
+        is stopped again and ``HandshakeError`` says what went wrong."""
         with self._lock:
             if self._started or self._stopped:
                 return
@@ -402,6 +411,13 @@ class Daemon:
         except BaseException:
             self.stop()
             raise
+        if registration_wait > 0:
+            self.wait_registration(registration_wait)
+
+    def wait_registration(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the first registration to be tried; whether it
+        was (True without a registry; ``node_id`` tells whether it succeeded)."""
+        return self.loop.wait_registration(timeout) if self.loop is not None else True
 
     def _on_registered(self, node_id: int) -> None:
         self.runtime.set_node_id(node_id)
@@ -419,20 +435,6 @@ class Daemon:
             self.manager.start()
         except OSError as exc:
             raise _bind_error(self.config.listen, exc) from exc
-        if self.client is not None and registry is not None:
-            self.loop = RegistryLoop(
-                self.client,
-                self.identity,
-                self.manager,
-                listen_addr=format_address(self.listen_address),
-                poll_interval=registry.poll_interval,
-                heartbeat_interval=registry.heartbeat_interval,
-                public=registry.public,
-                hostname=self.config.hostname,
-                on_node_id=self._on_registered,
-            )
-            self.loop.register_once()
-            self.loop.start()
         self.control.start()
         if self.config.metrics.listen:
             try:
@@ -442,6 +444,35 @@ class Daemon:
                     f"cannot serve metrics on {self.config.metrics.listen} (metrics.listen): "
                     f"{exc.strerror or exc}"
                 ) from exc
+        if registry is not None:
+            # The loop has a client of its own: stopping the loop aborts its calls (a held
+            # poll, a registry that never answers) and no one else's.
+            self.loop = RegistryLoop(
+                self._registry_client(registry),
+                self.identity,
+                self.manager,
+                listen_addr=format_address(self.listen_address),
+                poll_interval=registry.poll_interval,
+                poll_idle=registry.poll_idle,
+                heartbeat_interval=registry.heartbeat_interval,
+                public=registry.public,
+                hostname=self.config.hostname,
+                on_node_id=self._on_registered,
+                publish=self.events.publish,
+            )
+            self.control.commands.refresh = self.loop.refresh
+            if self.client is not None:
+                self.client.on_relayed = self.loop.relayed
+            self.loop.start()
+
+    def _registry_client(self, registry: RegistryConfig) -> Client:
+        return Client(
+            registry.address,
+            self.identity.sign,
+            tls=registry.tls,
+            fingerprint=registry.fingerprint,
+            metrics=self.metrics,
+        )
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -462,6 +493,12 @@ class Daemon:
         self.runtime.close_listener()
         if self.loop is not None:
             self.loop.stop()
+        if self.client is not None:
+            # Background registry calls get a moment to finish; then the client is closed,
+            # which aborts any that hang (a registry that accepts and never answers), so a
+            # stop never waits out registry timeouts.
+            self.manager.drain(STOP_REGISTRY_GRACE)
+            self.client.close()
         self.manager.stop()
         # stop() does nothing for a Manager that never started; the directory lock must
         # still be released.
@@ -470,8 +507,6 @@ class Daemon:
             self.learner.stop(STOP_TIMEOUT)
         self.events.stop()
         self.control.stop()
-        if self.client is not None:
-            self.client.close()
 
     def reload(self) -> list[str]:
         """Re-read the config file and apply its ``trust`` and ``peers`` sections (SIGHUP).

@@ -21,7 +21,7 @@ from types import FrameType
 
 from ._version import __version__
 from .config import check_config, format_address, load_config
-from .constants import DEFAULT_CONFIG_PATH, SYSTEMD_STATUS_INTERVAL
+from .constants import DEFAULT_CONFIG_PATH, REGISTRY_TIMEOUT, SYSTEMD_STATUS_INTERVAL
 from .daemon import Daemon
 from .errors import HandshakeError
 from .logsetup import announce, configure_logging
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         daemon = Daemon(config)
-        daemon.start()
+        daemon.start(registration_wait=0)
     except HandshakeError as exc:
         message = str(exc)
         if corrupt_files(config.trust_path):
@@ -182,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         return _fail(str(exc), form)
 
+    # Port 444 and the control socket serve already; the start line names the node ID
+    # once the registry answered (or did not within its timeout), and a signal ends the
+    # wait at once.
+    deadline = time.monotonic() + REGISTRY_TIMEOUT
+    while not signals and not daemon.wait_registration(0) and time.monotonic() < deadline:
+        wake.wait(min(0.05, max(0.0, deadline - time.monotonic())))
     registry = config.registry.address if config.registry is not None else "none"
     metrics = daemon.metrics_address
     served = f", metrics http://{format_address(metrics)}/metrics" if metrics else ""
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         notifier.ready(daemon.status_line())
         usec = notifier.watchdog_usec
         interval = usec / 2e6 if usec else SYSTEMD_STATUS_INTERVAL
-        watchdog = Watchdog(notifier, interval, daemon.status_line)
+        watchdog = Watchdog(notifier, interval, daemon.status_line, daemon.problems)
         watchdog.start()
     try:
         while True:

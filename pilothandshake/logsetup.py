@@ -4,7 +4,7 @@ Text lines are ``TIME LEVEL LOGGER: MESSAGE`` with TIME in ISO 8601 with the loc
 (``2026-11-26T01:18:53.911+01:00``); JSON lines are objects with ``time`` in UTC (the form
 the events use). With JSON, every line the daemon writes is JSON: the start line and a start
 failure (``announce``), and an exception no code caught in a thread (``configure_logging``
-routes it through the log).
+routes it through the log, at most ``UNCAUGHT_PER_MINUTE`` a minute).
 """
 
 from __future__ import annotations
@@ -13,10 +13,19 @@ import json
 import logging
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from typing import IO, Any
 
-__all__ = ["JsonLogFormatter", "TextLogFormatter", "announce", "configure_logging"]
+__all__ = [
+    "JsonLogFormatter",
+    "TextLogFormatter",
+    "ThreadExceptionLog",
+    "announce",
+    "configure_logging",
+]
+
+UNCAUGHT_PER_MINUTE = 10
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -67,19 +76,42 @@ def configure_logging(level: str, log_format: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.captureWarnings(True)
-    threading.excepthook = _log_thread_exception
+    threading.excepthook = ThreadExceptionLog()
 
 
-def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
-    if args.exc_type is SystemExit:
-        return
-    name = args.thread.name if args.thread is not None else "?"
-    log = logging.getLogger(__name__)
-    if args.exc_value is None:
-        log.error("unhandled %s in thread %s", args.exc_type.__name__, name)
-        return
-    exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
-    log.error("unhandled exception in thread %s", name, exc_info=exc_info)
+class ThreadExceptionLog:
+    """A ``threading.excepthook`` that logs an exception ending a thread as one ERROR with
+    its traceback, in the configured format, at most ``per_minute`` a minute; the ones over
+    the limit are counted and the next line logged says how many were not shown."""
+
+    def __init__(self, per_minute: int = UNCAUGHT_PER_MINUTE) -> None:
+        self._per_minute = per_minute
+        self._lock = threading.Lock()
+        self._window = -60.0
+        self._logged = 0
+        self._hidden = 0
+
+    def __call__(self, args: threading.ExceptHookArgs) -> None:
+        """Log ``args`` (the default hook ignores ``SystemExit``; so does this one)."""
+        if args.exc_type is SystemExit:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window >= 60.0:
+                self._window, self._logged = now, 0
+            if self._logged >= self._per_minute:
+                self._hidden += 1
+                return
+            self._logged += 1
+            hidden, self._hidden = self._hidden, 0
+        name = args.thread.name if args.thread is not None else "?"
+        more = f" ({hidden} more not shown)" if hidden else ""
+        log = logging.getLogger(__name__)
+        if args.exc_value is None:
+            log.error("unhandled %s in thread %s%s", args.exc_type.__name__, name, more)
+            return
+        exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+        log.error("unhandled exception in thread %s%s", name, more, exc_info=exc_info)
 
 
 def announce(

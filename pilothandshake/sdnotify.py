@@ -105,19 +105,30 @@ class Notifier:
 
 class Watchdog:
     """A thread that every ``interval`` seconds asks ``check`` for the status line and then
-    sends ``STATUS=`` with it, plus ``WATCHDOG=1`` when the notifier has a watchdog.
+    sends ``STATUS=`` with it, plus ``WATCHDOG=1`` when the notifier has a watchdog and the
+    daemon is healthy.
 
     ``check`` is what proves the daemon is alive (it asks the Manager for its counts, which
     takes the Manager's lock): when it raises, or takes longer than ``interval``, that round
     sends no ``WATCHDOG=1``; when it never returns, none is ever sent again, and systemd
-    restarts the wedged service.
+    restarts the wedged service. ``problems`` names what is broken although the Manager
+    answers (a background loop that stopped): while it names anything, no ``WATCHDOG=1`` is
+    sent either, ``STATUS=`` says what, and one ERROR is logged per new problem.
     """
 
-    def __init__(self, notifier: Notifier, interval: float, check: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        interval: float,
+        check: Callable[[], str],
+        problems: Callable[[], list[str]] = list,
+    ) -> None:
         """Nothing runs until ``start()``."""
         self._notifier = notifier
         self._interval = interval
         self._check = check
+        self._problems = problems
+        self._reported: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sd-watchdog", daemon=True)
 
@@ -134,21 +145,28 @@ class Watchdog:
             self._thread.join(_STOP_WAIT)
 
     def _run(self) -> None:
-        watchdog = self._notifier.watchdog_usec > 0
         while not self._stop.wait(self._interval):
-            began = time.monotonic()
             try:
-                status = self._check()
+                self._round()
             except Exception:
                 log.exception("watchdog: the daemon did not answer its status check")
-                continue
-            took = time.monotonic() - began
-            if self._stop.is_set():
-                return
-            if took > self._interval:
-                log.warning("watchdog: the status check took %.1f s; no ping this round", took)
-                self._notifier.notify(f"STATUS={status}")
-            elif watchdog:
-                self._notifier.notify("WATCHDOG=1", f"STATUS={status}")
-            else:
-                self._notifier.notify(f"STATUS={status}")
+
+    def _round(self) -> None:
+        began = time.monotonic()
+        status = self._check()
+        problems = self._problems()
+        took = time.monotonic() - began
+        if self._stop.is_set():
+            return
+        if took > self._interval:
+            log.warning("watchdog: the status check took %.1f s; no ping this round", took)
+            self._notifier.notify(f"STATUS={status}")
+        elif problems:
+            for problem in set(problems) - self._reported:
+                log.error("watchdog: not reporting healthy to systemd: %s", problem)
+            self._reported.update(problems)
+            self._notifier.notify(f"STATUS={status}; unhealthy: {'; '.join(problems)}")
+        elif self._notifier.watchdog_usec > 0:
+            self._notifier.notify("WATCHDOG=1", f"STATUS={status}")
+        else:
+            self._notifier.notify(f"STATUS={status}")

@@ -760,3 +760,22 @@ def test_an_idle_control_socket_waits_without_polling_and_stops_at_once(
         stopping = time.monotonic()
     assert time.monotonic() - stopping < 2.0  # woken, not timed out
     assert not os.path.exists(started.path)
+
+
+def test_commands_that_show_handshake_state_poll_the_relay_first(node: Node) -> None:
+    # SPEC 18: an operator never looks at a stale view; status and handshake do not wait.
+    polled: list[int] = []
+    node.server.commands.refresh = lambda: polled.append(1)
+    for command, args in (
+        ("pending", {}),
+        ("trust", {}),
+        ("approve", {"node_id": 5}),
+        ("reject", {"node_id": 5}),
+        ("wait", {"node_id": 5, "timeout": 0}),
+    ):
+        node.client.request(command, **args)
+        assert len(polled) == 1, command
+        polled.clear()
+    for command, args in (("status", {}), ("handshake", {"node_id": 5, "justification": ""})):
+        node.client.request(command, **args)
+    assert polled == []

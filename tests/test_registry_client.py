@@ -209,12 +209,19 @@ def test_requests_carry_the_documented_fields_and_signatures(stubs: list[Stub]) 
     client.request_handshake(7, 5, "why", "c2ln")
     client.respond_handshake(7, 5, True, "c2ln")
     register, resolve, request, respond = stub.requests
+    # SPEC 17: register is always signed, over register:<key>:<timestamp>.
+    stamp, signed = register.pop("timestamp"), register.pop("signature")
     assert register == {
         "type": "register",
         "listen_addr": "127.0.0.1:444",
         "public_key": ident.public_key_b64,
         "hostname": "h",
     }
+    assert type(stamp) is int and abs(stamp - time.time()) < 60
+    signature = decode_signature(signed)
+    assert signature is not None
+    challenge = f"register:{ident.public_key_b64}:{stamp}".encode()
+    assert verify(ident.public_key, challenge, signature)
     assert (resolve["node_id"], resolve["requester_id"]) == (5, 7)
     signature = decode_signature(resolve["signature"])
     assert signature is not None
@@ -344,6 +351,57 @@ def test_registry_error_text_is_kept_but_never_raw(stubs: list[Stub]) -> None:
     assert shown.isprintable()
     assert len(shown) < 320
     client.close()
+
+
+def test_a_held_poll_carries_its_wait_and_is_awaited_past_the_client_timeout(
+    stubs: list[Stub],
+) -> None:
+    def hold(stub: Stub, conn: socket.socket, index: int) -> None:
+        while (request := stub.read(conn)) is not None:
+            if request.get("wait"):
+                time.sleep(0.8)  # longer than the client's timeout, within the wait
+            conn.sendall(encode_frame({"type": "poll_handshakes_ok", "requests": []}))
+
+    stub = make_stub(stubs, hold)
+    client = Client(stub.address, Identity.generate().sign, timeout=0.5)
+    try:
+        assert client.poll_handshakes(3, wait=1.0)["type"] == "poll_handshakes_ok"
+        assert stub.requests[0]["wait"] == 1.0
+        client.poll_handshakes(3)
+        assert "wait" not in stub.requests[1]  # the production registry's plain poll
+    except RegistryError:
+        pytest.fail("a held poll was given up after the client's timeout")
+    finally:
+        client.close()
+
+
+def test_close_aborts_a_call_in_flight_at_once(stubs: list[Stub]) -> None:
+    # Issue 19.5: a registry that accepts and never answers held a stop for a whole
+    # registry timeout; the loop's held poll must also end at once on stop.
+    def silent(stub: Stub, conn: socket.socket, index: int) -> None:
+        stub.read(conn)
+        stub.stopping.wait(30)
+
+    stub = make_stub(stubs, silent)
+    client = Client(stub.address, Identity.generate().sign, timeout=30.0)
+    failed: list[str] = []
+
+    def poll() -> None:
+        try:
+            client.poll_handshakes(3, wait=30.0)
+        except RegistryError as exc:
+            failed.append(str(exc))
+
+    caller = threading.Thread(target=poll)
+    caller.start()
+    deadline = time.monotonic() + 5
+    while not stub.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stub.requests, "the poll never reached the stub"
+    client.close()
+    caller.join(5)
+    assert not caller.is_alive(), "close() did not end the call in flight"
+    assert failed and stub.connections == 1  # aborted, not retried on a new connection
 
 
 def test_respond_handshake_carries_a_rejection_s_reason_only_when_there_is_one(

@@ -220,3 +220,30 @@ def test_a_check_that_raises_or_is_too_slow_sends_no_ping(
         notifier.close()
     assert "did not answer its status check" in caplog.text
     assert "no ping this round" in caplog.text
+
+
+def test_a_stopped_background_loop_stops_the_pings_and_is_said_in_status(
+    systemd: tuple[str, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 20.1: a daemon whose registry loop died still answered its status check, so
+    # systemd kept hearing that it was healthy while it could no longer be reached.
+    path, sock = systemd
+    notifier = Notifier(path, watchdog_usec=200_000)
+    broken: list[str] = []
+    watchdog = Watchdog(notifier, 0.05, lambda: "3 trusted", lambda: list(broken))
+    watchdog.start()
+    try:
+        assert receive(sock) == ["WATCHDOG=1", "STATUS=3 trusted"]
+        broken.append("registry loop stopped: boom")
+        for _ in range(5):  # a round that read the problems before they appeared may ping
+            if receive(sock)[0] != "WATCHDOG=1":
+                break
+        expected = ["STATUS=3 trusted; unhealthy: registry loop stopped: boom"]
+        assert [receive(sock) for _ in range(3)] == [expected] * 3
+    finally:
+        watchdog.stop()
+        notifier.close()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "watchdog: not reporting healthy to systemd: registry loop stopped: boom"
+    ]

@@ -7,6 +7,7 @@ a slow call (a poll) never blocks another thread's lookup; no lock is held durin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from ..messages import (
     heartbeat_challenge,
     parse_address,
     poll_challenge,
+    register_challenge,
     report_trust_challenge,
     resolve_challenge,
     revoke_trust_challenge,
@@ -126,6 +128,8 @@ class Client:
     Every request is counted and timed into ``metrics`` (its own when not given).
     """
 
+    on_relayed: Callable[[int, str], None] | None = None
+
     def __init__(
         self,
         address: str,
@@ -154,6 +158,7 @@ class Client:
                 self._tls.verify_mode = ssl.CERT_NONE
         self._lock = threading.Lock()
         self._idle: list[socket.socket] = []
+        self._busy: set[socket.socket] = set()  # connections with a call in flight
         self._closed = False
 
     # -- connections ---------------------------------------------------------------
@@ -181,30 +186,44 @@ class Client:
                 )
         return tls_sock
 
-    def _checkout(self) -> socket.socket:
-        """An idle connection, or a fresh one."""
+    def _checkout(self, fresh: bool = False) -> socket.socket:
+        """An idle connection (unless ``fresh``), or a new one; marked busy, so that
+        ``close()`` can abort the call made on it."""
+        sock = None
         with self._lock:
             if self._closed:
                 raise RegistryError("registry client is closed")
-            if self._idle:
-                return self._idle.pop()
-        return self._connect()
-
-    def _checkin(self, sock: socket.socket) -> None:
+            if self._idle and not fresh:
+                sock = self._idle.pop()
+                self._busy.add(sock)
+        if sock is not None:
+            return sock
+        sock = self._connect()
         with self._lock:
-            if not self._closed and len(self._idle) < _MAX_IDLE:
+            if not self._closed:
+                self._busy.add(sock)
+                return sock
+        sock.close()
+        raise RegistryError("registry client is closed")
+
+    def _checkin(self, sock: socket.socket, keep: bool) -> None:
+        with self._lock:
+            self._busy.discard(sock)
+            if keep and not self._closed and len(self._idle) < _MAX_IDLE:
                 self._idle.append(sock)
                 return
         sock.close()
 
-    def _exchange(self, sock: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
+    def _exchange(
+        self, sock: socket.socket, request: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         try:
             sock.settimeout(self._timeout)
             sock.sendall(encode_frame(request))
-            response = read_frame(sock, MAX_REGISTRY_FRAME_CLIENT, self._timeout, self._timeout)
+            response = read_frame(sock, MAX_REGISTRY_FRAME_CLIENT, timeout, self._timeout)
         except socket.timeout:
             raise RegistryError(
-                f"registry {self.address} did not answer within {self._timeout:g} s"
+                f"registry {self.address} did not answer within {timeout:g} s"
             ) from None
         except OSError as exc:
             raise ConnectionBroken(f"registry {self.address}: {exc}") from None
@@ -212,31 +231,34 @@ class Client:
             raise ConnectionBroken(f"registry {self.address} closed the connection")
         return response
 
-    def _attempt(self, sock: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
+    def _attempt(self, fresh: bool, request: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One exchange; the connection is kept for reuse only if it succeeded."""
+        sock = self._checkout(fresh)
         try:
-            response = self._exchange(sock, request)
+            response = self._exchange(sock, request, timeout)
         except BaseException:
-            sock.close()
+            self._checkin(sock, keep=False)
             raise
-        self._checkin(sock)
+        self._checkin(sock, keep=True)
         return response
 
-    def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and return its ``<type>_ok`` response.
+    def call(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send one request and return its ``<type>_ok`` response; ``timeout`` (default: the
+        client's) bounds the wait for the answer, e.g. of a held poll.
 
         A broken connection is reopened and the request retried once; an error response,
         a timeout, a failed connect or a malformed or oversized frame is not retried.
         """
         kind = str(request.get("type"))
+        wait = self._timeout if timeout is None else timeout
         began = time.monotonic()
         outcome = "unreachable"  # no answer: connect, send or receive failed
         try:
             try:
-                response = self._attempt(self._checkout(), request)
+                response = self._attempt(False, request, wait)
             except ConnectionBroken as exc:
                 log.debug("registry %s: %s; retrying %s once", self.address, exc, kind)
-                response = self._attempt(self._connect(), request)
+                response = self._attempt(True, request, wait)
             outcome = "error"
             checked = self._check(kind, response)
             outcome = "ok"
@@ -262,12 +284,18 @@ class Client:
         return b64encode(self._signer(challenge))
 
     def close(self) -> None:
-        """Close the idle connections; later calls raise ``RegistryError``."""
+        """Close the idle connections and abort the calls in flight (their connections are
+        shut down, so they raise ``RegistryError`` at once, however long they would have
+        waited); later calls raise ``RegistryError``."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            busy = list(self._busy)
         for sock in idle:
             sock.close()
+        for sock in busy:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     # -- the messages of SPEC section 11 ---------------------------------------------
 
@@ -278,7 +306,11 @@ class Client:
 
         With ``hostname`` the name is set in the same step unless it is taken or invalid:
         the response then has no ``hostname`` (SPEC 11; the registry may add why in
-        ``hostname_error``).
+        ``hostname_error``). With a signer the request is signed (SPEC 17: ``timestamp``,
+        Unix seconds, and ``signature`` over ``register:<public_key>:<timestamp>``), so that
+        ``pilot-registryd`` lets it change a known key's record; the production registry
+        ignores both fields. ``pilot-registryd`` advertises what more it can do in
+        ``features`` (``wait_poll``, SPEC 18).
         """
         request: dict[str, Any] = {
             "type": "register",
@@ -289,6 +321,10 @@ class Client:
             request["owner"] = owner
         if hostname:
             request["hostname"] = hostname
+        if self._signer is not None:
+            timestamp = int(time.time())
+            request["timestamp"] = timestamp
+            request["signature"] = self._sign(register_challenge(public_key_b64, timestamp))
         return self.call(request)
 
     def heartbeat(self, node_id: int) -> dict[str, Any]:
@@ -353,8 +389,10 @@ class Client:
     def request_handshake(
         self, from_node_id: int, to_node_id: int, justification: str, signature_b64: str
     ) -> dict[str, Any]:
-        """Queue a relayed request; ``signature_b64`` signs ``handshake:<from>:<to>``."""
-        return self.call(
+        """Queue a relayed request; ``signature_b64`` signs ``handshake:<from>:<to>``. Once
+        the registry took it, ``on_relayed(to_node_id, justification)`` runs (when set: the
+        daemon's registry loop remembers what to send again after an outage)."""
+        response = self.call(
             {
                 "type": "request_handshake",
                 "from_node_id": from_node_id,
@@ -363,6 +401,9 @@ class Client:
                 "signature": signature_b64,
             }
         )
+        if self.on_relayed is not None:
+            self.on_relayed(to_node_id, justification)
+        return response
 
     def respond_handshake(
         self, node_id: int, peer_id: int, accept: bool, signature_b64: str, reason: str = ""
@@ -381,15 +422,19 @@ class Client:
             request["reason"] = reason
         return self.call(request)
 
-    def poll_handshakes(self, node_id: int) -> dict[str, Any]:
-        """Drain ``node_id``'s relay inboxes: ``requests`` and ``responses`` (signed)."""
-        return self.call(
-            {
-                "type": "poll_handshakes",
-                "node_id": node_id,
-                "signature": self._sign(poll_challenge(node_id)),
-            }
-        )
+    def poll_handshakes(self, node_id: int, wait: float = 0.0) -> dict[str, Any]:
+        """Drain ``node_id``'s relay inboxes: ``requests`` and ``responses`` (signed). With
+        ``wait`` (seconds, a registry advertising ``wait_poll``; SPEC 18) the registry may
+        hold the poll that long until something arrives: the answer is awaited that long
+        plus the client's timeout."""
+        request: dict[str, Any] = {
+            "type": "poll_handshakes",
+            "node_id": node_id,
+            "signature": self._sign(poll_challenge(node_id)),
+        }
+        if wait > 0:
+            request["wait"] = wait
+        return self.call(request, self._timeout + wait if wait > 0 else None)
 
     def set_hostname(self, node_id: int, hostname: str) -> dict[str, Any]:
         """Name ``node_id`` (signed ``set_hostname:<N>``); "" clears. The response carries

@@ -131,7 +131,9 @@ def test_hung_registry_times_out_leaks_no_threads_and_pinned_direct_handshakes_c
     registry = fleet.registry().start()
     # Pinned allowlist entries on both sides: the SPEC 6 way to trust without the registry.
     a = fleet.node("a", registry, peers={2: "127.0.0.1:1"})
-    b = fleet.node("b", registry)
+    # With push (SPEC 18) B's poll is held open for 55 s: its heartbeat is what notices a
+    # registry that stopped answering, so it beats every second here.
+    b = fleet.node("b", registry, registry_options={"heartbeat_interval": 1})
     a.config["trust"] = {"allowlist": [{"node_id": 2, "name": "b", "public_key": b.key}]}
     b.config["trust"] = {"allowlist": [{"node_id": 1, "name": "a", "public_key": a.key}]}
     a.config["peers"] = {2: b.address}

@@ -25,7 +25,11 @@ def test_same_network_nodes_trust_each_other_automatically(fleet: Fleet) -> None
     b = fleet.node("b")
     registry = fleet.registry(networks={3: [a.key, b.key]})
     for node in (a, b):
-        node.config["registry"] = {"address": registry.address, "poll_interval": 0.2}
+        node.config["registry"] = {
+            "address": registry.address,
+            "poll_interval": 0.2,
+            "poll_idle": 0.2,
+        }
         node.write_config()
     registry.start()
     ids = started(a, b)

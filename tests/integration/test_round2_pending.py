@@ -45,7 +45,12 @@ def registry_client(fleet: Fleet) -> Iterator[list[Client]]:
 
 
 def attach(node: Node, registry: Registry, public: bool = False) -> Node:
-    node.config["registry"] = {"address": registry.address, "poll_interval": POLL, "public": public}
+    node.config["registry"] = {
+        "address": registry.address,
+        "poll_interval": POLL,
+        "poll_idle": POLL,
+        "public": public,
+    }
     node.write_config()
     return node
 

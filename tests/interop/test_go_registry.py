@@ -27,6 +27,10 @@ def test_python_daemon_registers_and_heartbeats_at_the_go_registry(
     assert node_id > 0
     [registered] = tap.responses("register_ok")
     assert registered["node_id"] == node_id and registered["public_key"] == node.key
+    # SPEC 17: the register is signed (timestamp and signature), and the production
+    # registry takes it all the same (it ignores both fields).
+    [register] = tap.requests("register")
+    assert type(register["timestamp"]) is int and register["signature"]
     # The Go registry binds the ID to the key pilot-handshaked registered.
     client = registry.client()
     try:
@@ -131,3 +135,80 @@ def test_relayed_inbox_timestamps_in_the_go_registry_format_are_read(
     assert response == {"from_node_id": b_id, "accept": True, "timestamp": response["timestamp"]}
     for node in (a, b):
         assert "relay: dropped" not in node.stderr
+
+
+def test_a_re_registration_of_the_node_key_by_someone_else_is_noticed_and_not_fought(
+    gofleet: GoFleet, wiretap_of: Callable[[str], Wiretap]
+) -> None:
+    # Issue 15.1: the production registry takes an unsigned register of anyone's key: the
+    # attacker renamed A and moved its address to a sink, and A never noticed.
+    registry = gofleet.go_registry()
+    tap = wiretap_of(registry.address)
+    a = gofleet.node(
+        "a",
+        tap,
+        public=True,
+        hostname="build-agent",
+        registry_options={"heartbeat_interval": HEARTBEAT},
+    ).start()
+    a_id = a.node_id
+    wait_until(lambda: len(tap.responses("lookup_ok")) >= 1, what="A's first own-record check")
+    attacker = registry.client()  # no identity at all: the register is unsigned
+    try:
+        answer = attacker.register("127.0.0.1:9", a.key, hostname="sink")
+    finally:
+        attacker.close()
+    assert answer["node_id"] == a_id  # the production registry moved A's record
+
+    def binding_changed() -> dict[str, Any] | None:
+        for event in a.events():
+            if event["event"] == "registry.binding_changed":
+                return dict(event["data"])
+        return None
+
+    data = wait_until(binding_changed, what="registry.binding_changed at A")
+    assert data["node_id"] == a_id
+    assert data["moved"]["hostname"] == {"expected": "build-agent", "found": "sink"}
+    assert data["moved"]["address"] == {"expected": a.address, "found": "127.0.0.1:9"}
+    assert "changed this node's record" in a.stderr
+    # No tug of war with whoever holds the key's registration at an unsigned registry.
+    time.sleep(3 * HEARTBEAT)
+    assert len(tap.requests("register")) == 1
+
+
+def test_with_the_go_registry_nodes_poll_on_go_schedule_idle_fast_and_on_demand(
+    gofleet: GoFleet, wiretap_of: Callable[[str], Wiretap]
+) -> None:
+    # Issue 18.1 (SPEC 18): the production registry holds no polls, so the relay is polled
+    # once a minute when idle, every poll_interval while an answer is awaited, and once
+    # before a command that shows handshake state.
+    registry = gofleet.go_registry()
+    tap = wiretap_of(registry.address)
+    schedule = {"poll_interval": 0.2, "poll_idle": 60}
+    a = gofleet.node("a", tap, registry_options=schedule).start()
+    b = gofleet.node("b", tap, registry_options=schedule).start()
+    a_id, b_id = a.node_id, b.node_id
+    [register] = [r for r in tap.responses("register_ok") if r["node_id"] == b_id]
+    assert "features" not in register  # no push: the schedule applies
+
+    def polls(node_id: int) -> int:
+        return sum(1 for r in tap.requests("poll_handshakes") if r["node_id"] == node_id)
+
+    time.sleep(2.5)  # idle: each polled once at start, and not since
+    assert polls(a_id) == 1 and polls(b_id) == 1
+    assert a.control("handshake", node_id=b_id, justification="go schedule")["status"] == (
+        "relayed"
+    )
+    # B asks for its pending requests: that polls the relay first (not a minute later).
+    wait_until(lambda: a_id in b.pending(), timeout=10, what="the request at B, on demand")
+    assert polls(b_id) <= 4
+    # A awaits an answer: it polls every poll_interval meanwhile (the fast window).
+    wait_until(lambda: polls(a_id) >= 6, timeout=10, what="A's fast window")
+    assert "wait" not in tap.requests("poll_handshakes")[-1]
+    b.control("approve", node_id=a_id)
+    wait_until(lambda: b_id in a.trusted(), timeout=10, what="the approval at A")
+    # Answered: A's window ends early, back to the idle period.
+    time.sleep(0.5)
+    settled = polls(a_id)
+    time.sleep(2.0)
+    assert polls(a_id) == settled
