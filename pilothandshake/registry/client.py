@@ -95,6 +95,12 @@ def read_frame(
     body = _recv_exact(sock, size, time.monotonic() + body_timeout)
     if len(body) < size:
         raise ConnectionBroken("connection closed in the middle of a frame")
+    return decode_frame(body)
+
+
+def decode_frame(body: bytes) -> dict[str, Any]:
+    """The JSON object a frame's ``body`` holds; ``RegistryError`` when it is not valid
+    UTF-8 JSON (no NaN or Infinity, bounded nesting) or not an object."""
     try:
         obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -49,7 +48,7 @@ from ..constants import (
 from ..errors import ConfigError, HandshakeError, RegistryError
 from ..messages import format_address, parse_address
 from ..wire import reset_close
-from .client import ConnectionBroken, encode_frame
+from .client import ConnectionBroken, decode_frame, encode_frame
 from .config import Limits, ServerConfig, load_config
 from .ratelimit import RateLimitedLog
 from .state import Registry
@@ -161,13 +160,7 @@ class _Frames:
                 raise ConnectionBroken("connection closed in the middle of a frame")
         body = bytes(buffer[_HEADER_SIZE:end])
         del buffer[:end]
-        try:
-            request = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            raise RegistryError(f"malformed frame: {exc}") from None
-        if not isinstance(request, dict):
-            raise RegistryError("malformed frame: not a JSON object")
-        return request
+        return decode_frame(body)
 
     def _fill(self, deadline: float) -> bool:
         """Append what the peer sent next; False at end of stream. Raises
@@ -186,10 +179,6 @@ class _Frames:
                 raise socket.timeout("timed out waiting for a frame")
             if chunk:
                 return True
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
