@@ -8,10 +8,11 @@ import os
 import threading
 from pathlib import Path
 
-from fakeruntime import FakeClock, FakeRegistry, Nodes, Peer, settle
+from fakeruntime import FakeClock, FakeRegistry, FakeRuntime, Nodes, Peer, settle
 
 from pilothandshake.constants import MAX_BACKOFF
 from pilothandshake.errors import RegistryError
+from pilothandshake.manager import Manager
 from pilothandshake.manager.outbox import (
     ACCEPT,
     MAX_OUTBOX,
@@ -22,7 +23,7 @@ from pilothandshake.manager.outbox import (
     WITHDRAW,
     Outbox,
 )
-from pilothandshake.messages import HANDSHAKE_REQUEST
+from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST
 
 OWN = 1
 REMOTE = "127.0.0.1:40000"
@@ -237,44 +238,48 @@ def test_a_kept_no_is_cancelled_by_fresh_intent_and_a_kept_yes_is_not(tmp_path: 
     assert outbox.count() == 1
 
 
+def kept_no(nodes: Nodes, peer: Peer, kind: str) -> tuple[Manager, FakeRuntime, FakeRegistry]:
+    """A Manager whose "no" of ``kind`` (revoke or reject) to ``peer`` neither path took."""
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key  # its messages are registry-bound
+    manager, runtime = nodes.make(registry=registry)
+    manager.start()
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    runtime.dial_fails = True
+    if kind == REVOKE:
+        assert manager.approve_handshake(7)
+        settle(manager)
+        registry.fail.add("revoke_trust")
+        manager.revoke_trust(7)
+    else:
+        assert manager.send_request(7, "ours") == "relayed"  # asked before rejecting
+        registry.fail.add("respond_handshake")
+        assert manager.reject_handshake(7, "not like this")
+    settle(manager)
+    assert manager.undelivered_answers() == 1
+    runtime.dial_fails = False
+    registry.fail.clear()
+    return manager, runtime, registry
+
+
 def test_a_kept_revoke_never_arrives_after_we_asked_the_peer_again(
     nodes: Nodes, peer: Peer
 ) -> None:
     # Found by the fault-injection runs: the kept revoke was delivered after the node had
     # asked the same peer again and been accepted, and the peer stopped trusting it.
-    registry = FakeRegistry()
-    manager, runtime = nodes.make(registry=registry)
-    manager.start()
-    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
-    assert manager.approve_handshake(7)
-    settle(manager)
-    runtime.dial_fails = True
-    registry.fail.add("revoke_trust")
-    manager.revoke_trust(7)
-    settle(manager)
-    assert manager.undelivered_answers() == 1
-    runtime.dial_fails = False
-    registry.fail.clear()
+    manager, _, _ = kept_no(nodes, peer, REVOKE)
     assert manager.send_request(7, "again") == "sent"
     assert manager.undelivered_answers() == 0
     assert kept(Path(nodes.root, "n1", OUTBOX_FILE)) == []
 
 
-def test_a_kept_revoke_is_dropped_when_the_peer_is_trusted_again(nodes: Nodes, peer: Peer) -> None:
-    registry = FakeRegistry()
-    manager, runtime = nodes.make(registry=registry)
-    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
-    assert manager.approve_handshake(7)
-    settle(manager)
-    runtime.dial_fails = True
-    registry.fail.add("revoke_trust")
-    manager.revoke_trust(7)
-    settle(manager)
-    assert manager.undelivered_answers() == 1
-    # The peer asks again and the operator approves: the kept accept replaces the revoke
-    # (expect), and any grant cancels a kept "no" even without an answer of ours.
-    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification="again"), REMOTE)
-    assert manager.approve_handshake(7)
-    settle(manager)
+def test_a_kept_reject_is_dropped_when_the_peer_accepts_our_own_request(
+    nodes: Nodes, peer: Peer
+) -> None:
+    # We had asked the peer, then rejected its request: its accept of ours makes trust,
+    # and our kept rejection must not reach it afterwards.
+    manager, _, _ = kept_no(nodes, peer, REJECT)
+    manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN), REMOTE)
     assert manager.is_trusted(7)
-    assert [row["kind"] for row in kept(Path(nodes.root, "n1", OUTBOX_FILE))] in ([], ["accept"])
+    assert manager.undelivered_answers() == 0
+    assert kept(Path(nodes.root, "n1", OUTBOX_FILE)) == []
