@@ -242,3 +242,21 @@ def test_a_malformed_wait_is_refused(make_server: Callable[..., RegistryServer])
             answer = read_frame(sock, 1 << 20, 5.0, 5.0)
             assert answer is not None and answer["type"] == "error", wait
             assert "'wait'" in answer["error"], wait
+
+
+def test_what_arrives_for_a_poller_that_went_away_waits_for_its_next_poll(
+    make_server: Callable[..., RegistryServer],
+) -> None:
+    # Found by the fault-injection runs: a daemon SIGKILLed while its poll was held; the
+    # next answer for it was drained into the dead connection and lost for good.
+    server = make_server()
+    a, b = Node(server), Node(server)
+    held = HeldPoll(b, LONG)
+    wait_until(lambda: server.registry.held_polls() == 1)
+    # The poller dies (a FIN, as when its process is killed); the registry still holds it.
+    held.sock.shutdown(socket.SHUT_RDWR)
+    held.close()
+    a.request(b.node_id)
+    wait_until(lambda: server.registry.held_polls() == 0)
+    answer = b.client.call(b.poll_request(0))
+    assert [r["from_node_id"] for r in answer["requests"]] == [a.node_id]

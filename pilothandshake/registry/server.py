@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import socketserver
@@ -111,13 +112,27 @@ class _Handler(socketserver.BaseRequestHandler):
             try:
                 if request.get("type") == "poll_handshakes" and request.get("wait"):
                     with self.server.held(self.request):
-                        response = registry.handle(request, source)
+                        response = registry.handle(request, source, self._open)
                 else:
                     response = registry.handle(request, source)
                 sock.sendall(encode_frame(response))
             except OSError as exc:
                 log.debug("cannot answer %s: %s", source, exc)
                 return
+
+    def _open(self) -> bool:
+        """Whether the peer still has this connection open: it has not closed or reset it.
+        Never waits (a zero-timeout poll, then a peek that takes nothing; pipelined bytes
+        count as open)."""
+        sock: socket.socket = self.request
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
+                return True
+            return sock.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
 
 
 class _Frames:

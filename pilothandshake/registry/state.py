@@ -159,13 +159,18 @@ class Registry:
         if store is not None:
             store.start_compactor(self._capture)
 
-    def handle(self, request: dict[str, Any], source: str) -> dict[str, Any]:
-        """The response to one request from the address ``source``."""
+    def handle(
+        self, request: dict[str, Any], source: str, alive: Callable[[], bool] | None = None
+    ) -> dict[str, Any]:
+        """The response to one request from the address ``source``. ``alive`` tells whether
+        the connection that asked is still open (a held poll checks it before it drains)."""
         kind = request.get("type")
         handler = self._handlers.get(kind) if isinstance(kind, str) else None
         try:
             if handler is None:
                 refuse(f"unknown request type {quote(kind)}")
+            if handler == self._poll_handshakes:
+                return self._poll_handshakes(request, source, alive)
             return handler(request, source)
         except Refused as exc:
             self._refusals.log(
@@ -554,7 +559,9 @@ class Registry:
             self._wake(peer_id)
         return {"type": "respond_handshake_ok"}
 
-    def _poll_handshakes(self, request: dict[str, Any], source: str) -> dict[str, Any]:
+    def _poll_handshakes(
+        self, request: dict[str, Any], source: str, alive: Callable[[], bool] | None = None
+    ) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         wait = request.get("wait", 0)
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
@@ -564,6 +571,11 @@ class Registry:
         with self._change() as changes:
             if wait and not self._closed and not self._inboxes.waiting(node_id):
                 self._hold(node_id, wait)
+                if alive is not None and not alive():
+                    # The poller went away while its poll was held (a daemon killed or
+                    # restarted): what arrived stays queued for its next poll instead of
+                    # being drained into a closed connection and lost.
+                    return {"type": "poll_handshakes_ok", "requests": [], "responses": []}
             requests, responses = self._inboxes.drain(changes, node_id, self._wall())
         return {"type": "poll_handshakes_ok", "requests": requests, "responses": responses}
 
