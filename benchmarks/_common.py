@@ -30,6 +30,7 @@ if ROOT not in sys.path:
 
 from pilothandshake.identity import Identity, b64encode  # noqa: E402
 from pilothandshake.messages import HANDSHAKE_REQUEST, HandshakeMsg  # noqa: E402
+from pilothandshake.registry.client import encode_frame, read_frame  # noqa: E402
 from pilothandshake.store import (  # noqa: E402
     PendingHandshake,
     TrustRecord,
@@ -443,3 +444,17 @@ def save_figure(fig: Any, out: str) -> None:
     fig.savefig(out)
     plt.close(fig)
     print(f"  picture: {os.path.relpath(out, ROOT)}")
+
+
+def register_from(registry: str, host: str, key: str, listen: str) -> None:
+    """Register ``key`` at the Go registry over a connection from ``host``: the Go registry
+    allows 10 registrations per source address per minute, and a node of a real fleet
+    registers from an address of its own."""
+    reg_host, reg_port = registry.rsplit(":", 1)
+    with socket.create_connection(
+        (reg_host, int(reg_port)), timeout=10.0, source_address=(host, 0)
+    ) as sock:
+        sock.sendall(encode_frame({"type": "register", "listen_addr": listen, "public_key": key}))
+        answer = read_frame(sock, 1 << 20, 10.0, 10.0)
+    if answer is None or answer.get("type") != "register_ok":
+        raise RuntimeError(f"the Go registry refused to register {host}: {answer}")

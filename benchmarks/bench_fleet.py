@@ -49,7 +49,6 @@ import _common as c
 import yaml
 
 from pilothandshake.identity import Identity
-from pilothandshake.registry.client import encode_frame, read_frame
 
 NETWORK = 7
 TARGET_MESH_S = 60.0
@@ -155,20 +154,6 @@ def _start_go_registry(root: str, binaries: tuple[str, str]) -> Registry:
     return started
 
 
-def _register_from(registry: str, host: str, key: str, listen: str) -> None:
-    """Register ``key`` at the Go registry over a connection from ``host``: the Go registry
-    allows 10 registrations per source address per minute, and a node of a real fleet
-    registers from an address of its own."""
-    reg_host, reg_port = registry.rsplit(":", 1)
-    with socket.create_connection(
-        (reg_host, int(reg_port)), timeout=10.0, source_address=(host, 0)
-    ) as sock:
-        sock.sendall(encode_frame({"type": "register", "listen_addr": listen, "public_key": key}))
-        answer = read_frame(sock, 1 << 20, 10.0, 10.0)
-    if answer is None or answer.get("type") != "register_ok":
-        raise RuntimeError(f"the Go registry refused to register {host}: {answer}")
-
-
 def _control(path: str, command: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
     """One request on a daemon's control socket; the decoded response."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -230,7 +215,7 @@ def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dic
                 listen_host = c.LOOPBACK if registry.go else host
                 listen = f"{listen_host}:{_free_port(listen_host)}"
                 if registry.go:
-                    _register_from(registry.address, host, keys[index], listen)
+                    c.register_from(registry.address, host, keys[index], listen)
                 config = c.yaml_config(
                     directory,
                     0,

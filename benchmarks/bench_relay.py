@@ -43,7 +43,6 @@ import yaml
 
 from pilothandshake.client import ControlClient, EventStream
 from pilothandshake.identity import Identity
-from pilothandshake.registry.client import encode_frame, read_frame
 
 IDLE_PERIOD = 60.0  # registry.poll_idle by default
 DEAD = "127.0.0.1:1"  # nothing listens there: a direct send fails at once
@@ -72,7 +71,7 @@ class Node:
             # the key once from an address of its own, as a node of a real fleet would; the
             # daemon's own register of the known key is then exempt.
             key = Identity.load_or_create(self.config["identity"]).public_key_b64
-            _register_from(registry, source, key, self.config["listen"])
+            c.register_from(registry, source, key, self.config["listen"])
         self.path = os.path.join(directory, "config.yaml")
         self._write()
         self.process = c.DaemonProcess(self.path, os.path.join(directory, "daemon.log"))
@@ -173,17 +172,6 @@ class Pair:
             granted.close()
         except Exception as exc:
             self.error = f"{self.a.node_id} -> {self.cc.node_id}: {exc}"
-
-
-def _register_from(registry: str, host: str, key: str, listen: str) -> None:
-    reg_host, reg_port = registry.rsplit(":", 1)
-    with socket.create_connection(
-        (reg_host, int(reg_port)), timeout=10.0, source_address=(host, 0)
-    ) as sock:
-        sock.sendall(encode_frame({"type": "register", "listen_addr": listen, "public_key": key}))
-        answer = read_frame(sock, 1 << 20, 10.0, 10.0)
-    if answer is None or answer.get("type") != "register_ok":
-        raise RuntimeError(f"the Go registry refused to register {host}: {answer}")
 
 
 def _go_registry() -> str:

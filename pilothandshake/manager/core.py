@@ -335,8 +335,10 @@ class Manager:
         background = [e for e in decision.effects if self._effects.needed(e)]
         for effect in [*decision.inline, *background]:
             # The answer this decision makes is kept until a path delivers it.
-            if isinstance(effect, Send) and answer_kinds(effect):
-                self._outbox.expect(effect.peer, answer_kinds(effect)[0], effect.reason)
+            if isinstance(effect, Send):
+                kinds = answer_kinds(effect)
+                if kinds:
+                    self._outbox.expect(effect.peer, kinds[0], effect.reason)
             elif isinstance(effect, ReplyAccept):
                 self._outbox.expect(effect.peer, ACCEPT)
         for effect in decision.inline:

@@ -16,22 +16,10 @@ from typing import Any
 from pilothandshake.errors import HandshakeError
 from pilothandshake.registry import Client
 
-from .conftest import Fleet, Node, Registry, wait_until
+from .conftest import Fleet, Node, wait_until
+from .test_outages import kill, restart
 
 HUNG_REGISTRY_TIMEOUT = 5.0  # REGISTRY_TIMEOUT: what one unanswered registry call costs
-
-
-def kill(registry: Registry) -> None:
-    assert registry.popen is not None
-    registry.popen.kill()
-    registry.popen.wait(10)
-
-
-def restart(registry: Registry) -> None:
-    """Start the registry again on the same port (and store)."""
-    with open(registry.out_path, "wb"):
-        pass  # a fresh "listening" line to wait for
-    registry.start()
 
 
 def registered(node: Node) -> bool:
