@@ -171,14 +171,20 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _registry_requests(sockets: list[str]) -> float:
-    """Registry requests made so far by all the daemons (their metrics, control ``metrics``)."""
-    total = 0.0
+def _registry_requests(sockets: list[str]) -> dict[str, float]:
+    """Registry requests made so far by all the daemons, by type (their metrics, control
+    ``metrics``), whatever the outcome."""
+    counts: dict[str, float] = {}
     for path in sockets:
         for line in _control(path, "metrics")["data"]["text"].splitlines():
             if line.startswith("pilot_handshake_registry_requests_total{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+                kind = line.split('type="', 1)[1].split('"', 1)[0]
+                counts[kind] = counts.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def _minus(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {kind: count - before.get(kind, 0.0) for kind, count in after.items()}
 
 
 def _errors(path: str) -> list[str]:
@@ -235,6 +241,7 @@ def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dic
             requests0 = _registry_requests(sockets)
             started = time.monotonic()
             reg_cpu0 = c.cpu_seconds(reg_pid)
+            daemons_cpu0 = sum(c.cpu_seconds(daemon.pid) for daemon in daemons)
             failures: list[str] = []
 
             def ask_all(index: int) -> None:
@@ -251,17 +258,26 @@ def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dic
             for thread in threads:
                 thread.start()
 
+            # (seconds since the first request, trusted pairs so far), one every ~5 s: how
+            # a slow mesh progresses (steady, or stalled).
+            progress: list[tuple[float, int]] = []
+
             def converged() -> bool:
-                return all(
-                    _control(path, "status")["data"]["trusted"] >= size - 1 for path in sockets
-                )
+                trusted = [_control(path, "status")["data"]["trusted"] for path in sockets]
+                elapsed = time.monotonic() - started
+                if not progress or elapsed - progress[-1][0] >= 5.0:
+                    progress.append((round(elapsed, 1), sum(trusted)))
+                return all(count >= size - 1 for count in trusted)
 
             done = c.wait_until(converged, 300.0, 0.25)
             mesh_s = time.monotonic() - started
+            load = os.getloadavg()[0]
+            reg_cpu = c.cpu_seconds(reg_pid) - reg_cpu0
+            daemons_cpu = sum(c.cpu_seconds(daemon.pid) for daemon in daemons) - daemons_cpu0
             for thread in threads:
                 thread.join(60)
-            reg_cpu = c.cpu_seconds(reg_pid) - reg_cpu0
-            requests = _registry_requests(sockets) - requests0
+            by_kind = _minus(_registry_requests(sockets), requests0)
+            requests = sum(by_kind.values())
             rss_mib = sum(c.rss_kib(daemon.pid) for daemon in daemons) / 1024
             pids = [*(p.pid for p in registry.procs), *(daemon.pid for daemon in daemons)]
             time.sleep(2.0)  # let the last background reports settle before idling
@@ -269,7 +285,8 @@ def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dic
             idle_requests0 = _registry_requests(sockets)
             time.sleep(idle_seconds)
             idle_pct = (sum(c.cpu_seconds(pid) for pid in pids) - before) / idle_seconds * 100
-            idle_rpm = (_registry_requests(sockets) - idle_requests0) / size / (idle_seconds / 60)
+            idle_requests = sum(_minus(_registry_requests(sockets), idle_requests0).values())
+            idle_rpm = idle_requests / size / (idle_seconds / 60)
         finally:
             for daemon in daemons:
                 daemon.stop()
@@ -281,8 +298,12 @@ def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dic
         "converged": done,
         "mesh_s": mesh_s,
         "registry_cpu_s": reg_cpu,
+        "daemons_cpu_s": daemons_cpu,
+        "load_average_at_mesh": load,
+        "progress": progress,
         "registry_requests": requests,
         "registry_requests_per_s": requests / mesh_s,
+        "registry_requests_by_type": by_kind,
         "registry_cpu_us_per_request": reg_cpu / requests * 1e6 if requests else 0.0,
         "idle_requests_per_node_minute": idle_rpm,
         "daemon_rss_mib": rss_mib,
@@ -348,21 +369,31 @@ def _print(result: dict[str, Any]) -> None:
         f"(converged {result['converged']}), registry CPU {result['registry_cpu_s']:.2f} s, "
         f"{result['registry_requests']:.0f} registry requests "
         f"({result['registry_requests_per_s']:.0f}/s, "
-        f"{result['registry_cpu_us_per_request']:.0f} us of registry CPU each), daemons RSS "
+        f"{result['registry_cpu_us_per_request']:.0f} us of registry CPU each), daemons CPU "
+        f"{result['daemons_cpu_s']:.1f} s, load average {result['load_average_at_mesh']:.1f}, "
+        f"daemons RSS "
         f"{result['daemon_rss_mib']:.0f} MiB, idle fleet {result['idle_cpu_pct']:.2f} % "
         f"of a core ({result['idle_requests_per_node_minute']:.1f} registry requests per node "
         f"per minute), errors {result['error_count']}, failed requests "
         f"{len(result['request_failures'])}"
     )
+    mix = ", ".join(f"{k} {v:.0f}" for k, v in sorted(result["registry_requests_by_type"].items()))
+    print(f"    registry requests by type: {mix}")
     for line in result["errors"][:3]:
         print(f"    error: {line}")
 
 
-def _plot(series: dict[str, list[dict[str, Any]]]) -> None:
-    import matplotlib
+def _plot(series: dict[str, list[dict[str, Any]]]) -> bool:
+    """Mesh time and idle CPU against N, each series; False without matplotlib (the
+    results are saved before, so a missing plotting library loses nothing)."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (matplotlib not installed: no picture; pip install matplotlib)")
+        return False
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     for label, results in series.items():
@@ -377,6 +408,7 @@ def _plot(series: dict[str, list[dict[str, Any]]]) -> None:
         left.legend()
         right.legend()
     c.save_figure(fig, os.path.join(c.BENCH_DIR, "fleet.png"))
+    return True
 
 
 if __name__ == "__main__":
