@@ -35,7 +35,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .._version import __version__
@@ -49,7 +49,7 @@ from ..constants import (
 from ..errors import ConfigError, HandshakeError, RegistryError
 from ..messages import format_address, parse_address
 from ..wire import reset_close
-from .client import ConnectionBroken, decode_frame, encode_frame
+from .client import decode_frame, encode_frame
 from .config import Limits, ServerConfig, load_config
 from .ratelimit import RateLimitedLog
 from .state import Registry
@@ -70,142 +70,335 @@ _RECV_SIZE = 65536
 _IDLE_THREADS = 64
 _IDLE_THREAD_SECONDS = 60.0
 
-_Job = tuple[Any, Any]  # an admitted connection: (socket, client address)
+_Job = tuple[Callable[..., None], tuple[Any, ...]]  # a function and its arguments
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    """One connection: frames in, frames out, until the peer closes, idles or misbehaves."""
+class _Connection:
+    """One client connection as the I/O loop sees it."""
 
-    server: _TCPServer
+    __slots__ = (
+        "buffer",
+        "busy",
+        "closed",
+        "events",
+        "fd",
+        "out",
+        "raw",
+        "since",
+        "sock",
+        "source",
+    )
 
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        source = str(self.client_address[0])
-        try:
-            if self.server.tls is not None:
-                sock.settimeout(REGISTRY_TIMEOUT)
-                sock = self.server.tls.wrap_socket(sock, server_side=True)
-        except (OSError, ValueError) as exc:
-            self.server.note("TLS handshake with %s failed: %s", source, exc)
-            return
-        with self.server.tracked(sock):
-            self._serve(sock, source)
-        if sock is not self.request:
-            sock.close()
-
-    def _serve(self, sock: socket.socket, source: str) -> None:
-        registry = self.server.registry
-        frames = _Frames(sock)
-        while True:
-            try:
-                request = frames.read(self.server.limits.idle_timeout)
-            except RegistryError as exc:
-                self.server.note("bad frame from %s: %s; closing", source, exc)
-                with contextlib.suppress(OSError):
-                    sock.sendall(encode_frame({"type": "error", "error": str(exc)}))
-                return
-            except OSError as exc:
-                log.debug("connection from %s ended: %s", source, exc)
-                return
-            if request is None:
-                return
-            try:
-                if request.get("type") == "poll_handshakes" and request.get("wait"):
-                    with self.server.held(self.request):
-                        response = registry.handle(request, source, self._open)
-                else:
-                    response = registry.handle(request, source)
-                sock.sendall(encode_frame(response))
-            except OSError as exc:
-                log.debug("cannot answer %s: %s", source, exc)
-                return
-
-    def _open(self) -> bool:
-        """Whether the peer still has this connection open: it has not closed or reset it.
-        Never waits (a zero-timeout poll, then a peek that takes nothing; pipelined bytes
-        count as open)."""
-        sock: socket.socket = self.request
-        try:
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            if not poller.poll(0):
-                return True
-            return sock.recv(1, socket.MSG_PEEK) != b""
-        except OSError:
-            return False
+    def __init__(self, sock: socket.socket, raw: socket.socket, source: str) -> None:
+        self.sock = sock  # frames move on it (raw, or its TLS wrapper)
+        self.raw = raw  # as accepted: the key of its connection slot
+        self.fd = sock.fileno()
+        self.source = source
+        self.buffer = bytearray()  # bytes read and not yet taken as a request
+        self.out = b""  # the part of an answer the kernel has not taken yet
+        self.since = time.monotonic()  # idle since, or the frame in the buffer began
+        self.busy = False  # a request of it is answered elsewhere (commit, held poll)
+        self.events = 0  # what it is registered for in the loop's epoll
+        self.closed = False
 
 
-class _Frames:
-    """The request frames of one connection (SPEC 11), read into a buffer so that a frame
-    that arrives whole costs one ``recv``: on this server the transport, not the answer,
-    is most of a request's CPU (BENCHMARKS.md, round 3). The socket keeps one timeout,
-    ``min(idle, REGISTRY_TIMEOUT)``, for every wait (answers are sent with it too), so no
-    request pays for changing it; longer waits are counted out of such waits."""
+class _Loop:
+    """Every connection's reading and answering, in one thread (``registry-io``), on epoll.
 
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buffer = bytearray()
-        self._timeout = -1.0
+    The transport, not the answer, was most of a request's CPU with a thread per connection
+    (BENCHMARKS.md, round 3): a fleet keeps hundreds of connections open, and every
+    request woke a thread of its own, which then competed for the GIL. Here one thread
+    reads what is ready, answers a request that changed nothing at once (lookup, resolve,
+    heartbeat), and hands one that did to the commit thread (``registry-commit``), which
+    writes every staged journal line with one fsync (group commit) and only then lets its
+    answers go. A held poll (``wait``) runs in a thread of the server's (its slot given
+    back, ``_TCPServer.held``). While a request of a connection is answered elsewhere the
+    loop reads nothing more from it, so answers keep the order of requests. Only this
+    thread touches the epoll set and the connection table; other threads hand
+    connections back through ``_post``.
 
-    def read(self, idle: float) -> dict[str, Any] | None:
-        """The next request; None when the peer closed between frames. Raises
-        ``RegistryError`` for a frame over the limit or not a JSON object, ``OSError``
-        (``socket.timeout``) after ``idle`` seconds without a frame or ``REGISTRY_TIMEOUT``
-        seconds without the rest of one, ``ConnectionBroken`` for a close inside one."""
-        wait = min(idle, REGISTRY_TIMEOUT)
-        if wait != self._timeout:
-            self._sock.settimeout(wait)
-            self._timeout = wait
-        buffer = self._buffer
-        deadline = time.monotonic() + idle
-        while len(buffer) < _HEADER_SIZE:
-            if not self._fill(deadline):
-                if buffer:
-                    raise ConnectionBroken("connection closed in the middle of a frame")
-                return None
-        size = int.from_bytes(buffer[:_HEADER_SIZE], "big")
-        if size > MAX_REGISTRY_FRAME_SERVER:
-            raise RegistryError(
-                f"frame of {size} bytes exceeds the limit of {MAX_REGISTRY_FRAME_SERVER}"
-            )
-        end = _HEADER_SIZE + size
-        deadline = time.monotonic() + REGISTRY_TIMEOUT
-        while len(buffer) < end:
-            if not self._fill(deadline):
-                raise ConnectionBroken("connection closed in the middle of a frame")
-        body = bytes(buffer[_HEADER_SIZE:end])
-        del buffer[:end]
-        return decode_frame(body)
-
-    def _fill(self, deadline: float) -> bool:
-        """Append what the peer sent next; False at end of stream. Raises
-        ``socket.timeout`` once ``deadline`` (monotonic) has passed, also when a trickle of
-        bytes keeps arriving."""
-        while True:
-            try:
-                chunk = self._sock.recv(_RECV_SIZE)
-            except socket.timeout:
-                chunk = None
-            if chunk == b"":
-                return False
-            if chunk:
-                self._buffer += chunk
-            if time.monotonic() >= deadline:
-                raise socket.timeout("timed out waiting for a frame")
-            if chunk:
-                return True
-
-
-class _TCPServer(socketserver.ThreadingTCPServer):
-    """The listening socket, its connection caps, and the threads that serve connections.
-
-    A thread whose connection closed waits (up to ``_IDLE_THREAD_SECONDS``, at most
-    ``_IDLE_THREADS`` of them) for the next connection instead of ending: starting a thread
-    costs about 130 us of CPU here, more than answering a request, and daemons open short
-    connections when their calls overlap (BENCHMARKS.md, round 3).
+    A frame must arrive whole within ``REGISTRY_TIMEOUT`` of its first byte and an answer
+    be taken by the peer within as long; a connection with nothing for ``idle_timeout``
+    seconds is closed (checked once a second).
     """
 
-    daemon_threads = True
+    def __init__(self, server: _TCPServer) -> None:
+        self._server = server
+        self._epoll = select.epoll()
+        self._connections: dict[int, _Connection] = {}
+        self._lock = threading.Lock()  # _posted, _woken, _stopping
+        self._posted: list[tuple[_Connection, bytes | None]] = []
+        self._woken = False
+        self._stopping = False
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_read, select.EPOLLIN)
+        self._commits: list[tuple[_Connection, dict[str, Any], int]] = []
+        self._commit_wake = threading.Condition()
+        self._commit_closing = False
+        self._thread = threading.Thread(target=self._run, name="registry-io", daemon=True)
+        self._committer = threading.Thread(
+            target=self._commit_loop, name="registry-commit", daemon=True
+        )
+        self._thread.start()
+        self._committer.start()
+
+    def add(self, sock: socket.socket, raw: socket.socket, source: str) -> None:
+        """Serve a new connection (any thread)."""
+        sock.setblocking(False)
+        self._post(_Connection(sock, raw, source), None)
+
+    def _post(self, connection: _Connection, answer: bytes | None) -> None:
+        """Hand ``connection`` to the loop (from any other thread), with the answer to send
+        first (None: a new connection)."""
+        with self._lock:
+            self._posted.append((connection, answer))
+            woken, self._woken = self._woken, True
+        if not woken:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_write, b"x")
+
+    def stop(self, timeout: float) -> None:
+        """Read no more requests; answer those in hand (commits, held polls: end the polls
+        first) for up to ``timeout`` seconds; then close every connection. Idempotent."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_write, b"x")
+        with self._commit_wake:
+            self._commit_closing = True
+            self._commit_wake.notify()
+        self._committer.join(timeout)
+        self._thread.join(timeout + 1.0)
+        self._epoll.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    # -- the loop thread --
+
+    def _run(self) -> None:
+        deadline = 0.0
+        sweep = time.monotonic() + 1.0
+        while True:
+            events = self._epoll.poll(1.0)
+            now = time.monotonic()
+            for fd, mask in events:
+                connection = self._connections.get(fd)
+                if connection is None:  # the wake-up pipe
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_read, 4096)
+                elif mask & select.EPOLLOUT:
+                    self._flush(connection, now)
+                else:
+                    self._read(connection, now)
+            with self._lock:
+                posted, self._posted, self._woken = self._posted, [], False
+                stopping = self._stopping
+            for connection, answer in posted:
+                self._resume(connection, answer, now)
+            if stopping:
+                deadline = deadline or now + _STOP_WAIT
+                busy = any(c.busy for c in self._connections.values())
+                if not busy or now >= deadline:
+                    for connection in list(self._connections.values()):
+                        self._close(connection)
+                    return
+            elif now >= sweep:
+                sweep = now + 1.0
+                self._sweep(now)
+
+    def _resume(self, connection: _Connection, answer: bytes | None, now: float) -> None:
+        """Take back a connection (new, or with the answer of a request served elsewhere)."""
+        if answer is None:
+            self._connections[connection.fd] = connection
+        connection.busy = False
+        connection.since = now
+        if answer is not None:
+            self._send(connection, answer, now)
+        self._serve(connection, now)
+
+    def _read(self, connection: _Connection, now: float) -> None:
+        if self._stopping:
+            return
+        sock = connection.sock
+        try:
+            chunk = sock.recv(_RECV_SIZE)
+            if isinstance(sock, ssl.SSLSocket):
+                while chunk and sock.pending():  # decrypted bytes epoll cannot see
+                    chunk += sock.recv(_RECV_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except OSError as exc:
+            log.debug("connection from %s ended: %s", connection.source, exc)
+            self._close(connection)
+            return
+        if not chunk:
+            if connection.buffer:
+                log.debug("%s closed the connection in a frame", connection.source)
+            self._close(connection)
+            return
+        if not connection.buffer:
+            connection.since = now  # a frame begins
+        connection.buffer += chunk
+        self._serve(connection, now)
+
+    def _serve(self, connection: _Connection, now: float) -> None:
+        """Answer the whole frames in the buffer, one at a time, while nothing of the
+        connection is answered elsewhere; then set what the loop waits for."""
+        buffer = connection.buffer
+        while not (connection.closed or connection.busy or connection.out):
+            if len(buffer) < _HEADER_SIZE:
+                break
+            size = int.from_bytes(buffer[:_HEADER_SIZE], "big")
+            if size > MAX_REGISTRY_FRAME_SERVER:
+                self._bad_frame(
+                    connection,
+                    f"frame of {size} bytes exceeds the limit of {MAX_REGISTRY_FRAME_SERVER}",
+                )
+                return
+            end = _HEADER_SIZE + size
+            if len(buffer) < end:
+                break
+            body = bytes(buffer[_HEADER_SIZE:end])
+            del buffer[:end]
+            connection.since = now
+            try:
+                request = decode_frame(body)
+            except RegistryError as exc:
+                self._bad_frame(connection, str(exc))
+                return
+            self._dispatch(connection, request, now)
+        if not connection.closed:
+            self._arm(connection)
+
+    def _dispatch(self, connection: _Connection, request: dict[str, Any], now: float) -> None:
+        if request.get("type") == "poll_handshakes" and request.get("wait"):
+            connection.busy = True
+            self._server.spawn(self._hold, connection, request)
+            return
+        response, seq = self._server.registry.stage(request, connection.source)
+        if seq:
+            connection.busy = True
+            with self._commit_wake:
+                self._commits.append((connection, response, seq))
+                self._commit_wake.notify()
+        else:
+            self._send(connection, encode_frame(response), now)
+
+    def _send(self, connection: _Connection, data: bytes, now: float) -> None:
+        """Send what the kernel takes now; the rest waits for the socket to be writable."""
+        try:
+            sent = connection.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            sent = 0
+        except OSError as exc:
+            log.debug("cannot answer %s: %s", connection.source, exc)
+            self._close(connection)
+            return
+        connection.out = data[sent:]
+        connection.since = now
+
+    def _flush(self, connection: _Connection, now: float) -> None:
+        self._send(connection, connection.out, now)
+        self._serve(connection, now)
+
+    def _arm(self, connection: _Connection) -> None:
+        """Wait for what the connection needs next: room for its answer or its next
+        request; nothing while a request of it is answered elsewhere (it is then out of
+        the epoll set: a reset would be reported to the loop all that time)."""
+        if connection.busy:
+            events = 0
+        elif connection.out:
+            events = select.EPOLLOUT
+        else:
+            events = select.EPOLLIN
+        if events == connection.events:
+            return
+        fd = connection.fd
+        if not events:
+            self._epoll.unregister(fd)
+        elif connection.events:
+            self._epoll.modify(fd, events)
+        else:
+            self._epoll.register(fd, events)
+        connection.events = events
+
+    def _bad_frame(self, connection: _Connection, problem: str) -> None:
+        self._server.note("bad frame from %s: %s; closing", connection.source, problem)
+        with contextlib.suppress(OSError):
+            connection.sock.send(encode_frame({"type": "error", "error": problem}))
+        self._close(connection)
+
+    def _sweep(self, now: float) -> None:
+        """Close connections idle too long, and those stuck in a frame or an answer."""
+        idle = self._server.limits.idle_timeout
+        for connection in list(self._connections.values()):
+            if connection.busy:
+                continue
+            limit = REGISTRY_TIMEOUT if connection.buffer or connection.out else idle
+            if now - connection.since > limit:
+                log.debug("closing the connection from %s: timed out", connection.source)
+                self._close(connection)
+
+    def _close(self, connection: _Connection) -> None:
+        if connection.closed:
+            return
+        connection.closed = True
+        self._connections.pop(connection.fd, None)
+        if connection.events:
+            connection.events = 0
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(connection.fd)
+        if connection.sock is not connection.raw:
+            connection.sock.close()
+        self._server.shutdown_request(connection.raw)
+
+    # -- other threads --
+
+    def _commit_loop(self) -> None:
+        """Make staged lines durable (one write and fsync for all staged so far) and hand
+        their answers to the loop; until ``stop``, after answering what is in hand."""
+        registry = self._server.registry
+        while True:
+            with self._commit_wake:
+                while not (self._commits or self._commit_closing):
+                    self._commit_wake.wait()
+                batch, self._commits = self._commits, []
+            if not batch:
+                return
+            for connection, response, seq in batch:
+                self._post(connection, encode_frame(registry.finish(response, seq)))
+
+    def _hold(self, connection: _Connection, request: dict[str, Any]) -> None:
+        """A held poll, in a thread of its own; its slot is free meanwhile."""
+        with self._server.held(connection.raw):
+            response = self._server.registry.handle(
+                request, connection.source, lambda: _open(connection.sock)
+            )
+        self._post(connection, encode_frame(response))
+
+
+def _open(sock: socket.socket) -> bool:
+    """Whether the peer still has ``sock`` open: it has not closed (or half-closed) or reset
+    it. Never waits, reads nothing (pipelined bytes count as open; TLS alike)."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLRDHUP)
+        return not poller.poll(0)
+    except (OSError, ValueError):
+        return False
+
+
+class _TCPServer(socketserver.TCPServer):
+    """The listening socket, its connection caps, and the threads of held polls (and of
+    TLS handshakes): connections are served by ``_Loop``.
+
+    A thread whose job is done waits (up to ``_IDLE_THREAD_SECONDS``, at most
+    ``_IDLE_THREADS`` of them) for the next job instead of ending: starting a thread costs
+    about 130 us of CPU here, more than answering a request (BENCHMARKS.md, round 3).
+    """
+
     allow_reuse_address = True
     request_queue_size = 1024
 
@@ -221,18 +414,37 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         self.registry = registry
         self.limits = limits
         self.tls = tls
-        self._connections: set[socket.socket] = set()
         self._per_source: dict[str, int] = {}
         self._admitted: dict[Any, str] = {}
         self._lock = threading.Lock()
         self._log = RateLimitedLog(log, DROP_LOG_PER_SECOND)
         self._idle_threads: list[queue.SimpleQueue[_Job | None]] = []
         self._closing = False
-        super().__init__(address, _Handler)
+        super().__init__(address, socketserver.BaseRequestHandler)
+        self.loop = _Loop(self)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve the admitted connection in an idle thread, or in a new one."""
-        job = (request, client_address)
+        """Serve the admitted connection in the loop (after its TLS handshake, in a thread)."""
+        source = str(client_address[0])
+        if self.tls is None:
+            self.loop.add(request, request, source)
+        else:
+            self.spawn(self._tls_accept, request, source)
+
+    def _tls_accept(self, request: socket.socket, source: str) -> None:
+        try:
+            request.settimeout(REGISTRY_TIMEOUT)
+            assert self.tls is not None
+            sock = self.tls.wrap_socket(request, server_side=True)
+        except (OSError, ValueError) as exc:
+            self.note("TLS handshake with %s failed: %s", source, exc)
+            self.shutdown_request(request)
+            return
+        self.loop.add(sock, request, source)
+
+    def spawn(self, function: Callable[..., None], *args: Any) -> None:
+        """Run ``function(*args)`` in an idle thread, or in a new one."""
+        job = (function, args)
         with self._lock:
             idle = self._idle_threads.pop() if self._idle_threads else None
         if idle is not None:
@@ -241,10 +453,14 @@ class _TCPServer(socketserver.ThreadingTCPServer):
             threading.Thread(target=self._work, args=(job,), daemon=True).start()
 
     def _work(self, job: _Job | None) -> None:
-        """Serve ``job``, then wait for another while this thread may stay idle."""
+        """Run ``job``, then wait for another while this thread may stay idle."""
         jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         while job is not None:
-            self.process_request_thread(*job)
+            function, args = job
+            try:
+                function(*args)
+            except Exception:
+                log.exception("internal error in a connection's thread")
             with self._lock:
                 if self._closing or len(self._idle_threads) >= _IDLE_THREADS:
                     return
@@ -256,7 +472,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
                     if jobs in self._idle_threads:
                         self._idle_threads.remove(jobs)
                         return
-                job = jobs.get()  # handed a connection just as the wait ended
+                job = jobs.get()  # handed a job just as the wait ended
 
     def end_idle_threads(self) -> None:
         """Let every idle thread end, and keep none from now on."""
@@ -334,32 +550,6 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         with self._lock:
             return len(self._admitted)
 
-    @contextlib.contextmanager
-    def tracked(self, sock: socket.socket) -> Iterator[None]:
-        """Register an open connection so ``close_connections`` can end it."""
-        with self._lock:
-            self._connections.add(sock)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._connections.discard(sock)
-
-    def close_connections(self, timeout: float) -> None:
-        """Shut down every open connection and wait up to ``timeout`` seconds for their
-        handlers to finish (so none is mid-request when the store closes)."""
-        with self._lock:
-            connections = list(self._connections)
-        for sock in connections:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._connections:
-                    return
-            time.sleep(0.01)
-
 
 class RegistryServer:
     """The embedded registry on ``(host, port)`` (port 0 picks a free one; see ``.address``).
@@ -432,9 +622,9 @@ class RegistryServer:
             self._thread.join()
             self._thread = None
         self._server.server_close()
-        self._server.end_idle_threads()
         self.registry.end_polls()
-        self._server.close_connections(_STOP_WAIT)
+        self._server.loop.stop(_STOP_WAIT)
+        self._server.end_idle_threads()
         self.registry.close()
 
     def __enter__(self) -> RegistryServer:

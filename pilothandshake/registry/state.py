@@ -133,6 +133,7 @@ class Registry:
         self._clock = clock
         self._wall = wall
         self._lock = threading.Lock()
+        self._local = threading.local()  # .seq: the journal line of the request in hand
         self._state = store.load() if store is not None else StoreState()
         self._last_seen = dict.fromkeys(self._state.nodes, clock())
         self._inboxes = Inboxes(self._state)
@@ -162,24 +163,49 @@ class Registry:
     def handle(
         self, request: dict[str, Any], source: str, alive: Callable[[], bool] | None = None
     ) -> dict[str, Any]:
-        """The response to one request from the address ``source``. ``alive`` tells whether
-        the connection that asked is still open (a held poll checks it before it drains)."""
+        """The response to one request from the address ``source``, its changes durable.
+        ``alive`` tells whether the connection that asked is still open (a held poll
+        checks it before it drains)."""
+        return self.finish(*self.stage(request, source, alive))
+
+    def stage(
+        self, request: dict[str, Any], source: str, alive: Callable[[], bool] | None = None
+    ) -> tuple[dict[str, Any], int]:
+        """``handle`` without waiting for the disk: the response and the journal line that
+        must be durable before it is sent (0: none; pass both to ``finish``). A server
+        answers the requests that changed nothing at once and the others when a group
+        commit has written their lines, without a thread waiting for each."""
+        self._local.seq = 0
         kind = request.get("type")
         handler = self._handlers.get(kind) if isinstance(kind, str) else None
         try:
             if handler is None:
                 refuse(f"unknown request type {quote(kind)}")
             if handler == self._poll_handshakes:
-                return self._poll_handshakes(request, source, alive)
-            return handler(request, source)
+                response = self._poll_handshakes(request, source, alive)
+            else:
+                response = handler(request, source)
         except Refused as exc:
             self._refusals.log(
                 logging.INFO, self._clock(), "refused %s from %s: %s", quote(kind), source, exc
             )
-            return {"type": "error", "error": exc.answer}
+            response = {"type": "error", "error": exc.answer}
         except Exception:
             log.exception("internal error handling %s from %s", quote(kind), source)
-            return {"type": "error", "error": FAILED}
+            response = {"type": "error", "error": FAILED}
+        return response, self._local.seq
+
+    def finish(self, response: dict[str, Any], seq: int) -> dict[str, Any]:
+        """``response`` once journal line ``seq`` (and every line before it) is durable;
+        when the write fails, a refusal instead (the change stays in memory and is written
+        with the next write that succeeds). Call without the registry's lock."""
+        if seq and self._store is not None:
+            try:
+                self._store.commit(seq)
+            except OSError as exc:
+                log.error("cannot write registry store %s: %s", self._store.path, exc)
+                return {"type": "error", "error": "the registry cannot write its store"}
+        return response
 
     def reconfigure(self, networks: dict[int, Members], limits: Limits) -> None:
         """Use new networks and limits from now on (a config reload); buckets keep their
@@ -220,32 +246,17 @@ class Registry:
 
     @contextlib.contextmanager
     def _change(self) -> Iterator[Changes]:
-        """Take the lock and collect the request's ops; after releasing it, make them
-        durable (one journal line) before the request is answered. Ops applied before a
-        refusal are journaled too: memory and disk never part."""
+        """Take the lock and collect the request's ops, staged as one journal line when it
+        is released; ``stage`` returns the line's number, and the request is answered once
+        it is durable (``finish``). Ops applied before a refusal are journaled too: memory
+        and disk never part."""
         changes = Changes(self._state)
-        seq = 0
-        try:
-            with self._lock:
-                try:
-                    yield changes
-                finally:
-                    if changes.ops and self._store is not None:
-                        seq = self._store.stage(changes.ops)
-        finally:
-            if seq:
-                self._commit(seq)
-
-    def _commit(self, seq: int) -> None:
-        """Wait until journal line ``seq`` is durable (call without the lock); a failed
-        write refuses the request (the change stays in memory and is written with the
-        next write that succeeds)."""
-        assert self._store is not None
-        try:
-            self._store.commit(seq)
-        except OSError as exc:
-            log.error("cannot write registry store %s: %s", self._store.path, exc)
-            refuse("store write failed", "the registry cannot write its store")
+        with self._lock:
+            try:
+                yield changes
+            finally:
+                if changes.ops and self._store is not None:
+                    self._local.seq = self._store.stage(changes.ops)
 
     def _capture(self) -> tuple[int, StoreState]:
         """For the compactor: the last staged line and a copy of the state holding it."""
