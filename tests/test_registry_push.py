@@ -203,8 +203,10 @@ def test_held_polls_do_not_count_against_the_connection_caps_but_have_their_own(
         nodes.append(Node(server))
         nodes[-1].client.close()  # its idle connection would count
         wait_until(lambda: server.open_connections() == 0)
-    held = [HeldPoll(node, LONG) for node in nodes[:6]]
-    wait_until(lambda: server.registry.held_polls() == 6)
+    held = []
+    for count, node in enumerate(nodes[:6], 1):  # each held before the next connects
+        held.append(HeldPoll(node, LONG))
+        wait_until(lambda: server.registry.held_polls() == count)  # noqa: B023
     assert server.open_connections() == 0
     # Six polls held on six connections, and the four ordinary slots are all free.
     with socket.create_connection(server.address, timeout=5) as sock:

@@ -23,10 +23,16 @@ import pytest
 from pilothandshake.constants import MAX_REGISTRY_FRAME_SERVER, REGISTRY_INBOX
 from pilothandshake.errors import ConfigError, RegistryError, StoreError
 from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import handshake_challenge, register_challenge, respond_challenge
+from pilothandshake.messages import (
+    handshake_challenge,
+    register_challenge,
+    report_trust_challenge,
+    respond_challenge,
+)
 from pilothandshake.registry.client import Client, encode_frame, read_frame
 from pilothandshake.registry.config import Limits, ServerConfig, load_config, parse_networks
 from pilothandshake.registry.server import RegistryServer
+from pilothandshake.registry.storage import read_state
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRYD = str(ROOT / "bin" / "pilot-registryd")
@@ -722,23 +728,79 @@ def test_help_names_the_default_store_and_store_excludes_memory(tmp_path: Path) 
     assert "not allowed with" in both.stderr
 
 
-def test_connection_threads_are_reused_and_end_at_stop(
+def test_every_connection_is_served_by_one_thread_not_a_thread_each(
     make_server: Callable[..., RegistryServer],
 ) -> None:
     server = make_server()
+    node = Node(server)
     served_by: list[threading.Thread] = []  # kept alive: distinct objects, distinct threads
-    handle = server.registry.handle
+    stage, handle = server.registry.stage, server.registry.handle
 
-    def recording(request: dict[str, Any], source: str) -> dict[str, Any]:
+    def recording_stage(request: dict[str, Any], source: str) -> tuple[dict[str, Any], int]:
+        served_by.append(threading.current_thread())
+        return stage(request, source)
+
+    def recording_handle(request: dict[str, Any], source: str) -> dict[str, Any]:
         served_by.append(threading.current_thread())
         return handle(request, source)
 
-    server.registry.handle = recording  # type: ignore[method-assign]
-    for _ in range(20):  # one after the other: a few threads serve them all
-        with socket.create_connection(server.address, timeout=5) as sock:
-            sock.sendall(encode_frame({"type": "lookup", "node_id": 1}))
-            assert read_frame(sock, 1 << 20, 5.0, 5.0) is not None
-    assert len(served_by) == 20
-    assert len({id(t) for t in served_by}) <= 5
+    server.registry.stage = recording_stage  # type: ignore[method-assign]
+    server.registry.handle = recording_handle  # type: ignore[method-assign]
+    threads_before = threading.active_count()
+    sockets = [socket.create_connection(server.address, timeout=5) for _ in range(20)]
+    try:
+        for sock in sockets:  # all 20 open at once
+            sock.sendall(encode_frame({"type": "lookup", "node_id": node.node_id}))
+        for sock in sockets:
+            answer = read_frame(sock, 1 << 20, 5.0, 5.0)
+            assert answer is not None and answer["type"] == "lookup_ok"
+        assert len(served_by) == 20
+        assert len({id(t) for t in served_by}) == 1  # the I/O loop's
+        assert threading.active_count() < threads_before + 5  # no thread per connection
+    finally:
+        for sock in sockets:
+            sock.close()
     server.stop()
-    wait_until(lambda: not any(t.is_alive() for t in served_by))
+    wait_until(lambda: not served_by[0].is_alive())
+
+
+def test_pipelined_answers_keep_their_order_and_a_change_is_durable_before_its_answer(
+    tmp_path: Path, make_server: Callable[..., RegistryServer]
+) -> None:
+    server = make_server(store_path=str(tmp_path / "registry.json"))
+    a, b = Node(server), Node(server, "127.0.0.1:4001")
+    commit = server.registry._store.commit  # type: ignore[union-attr]
+    committing = threading.Event()
+    release = threading.Event()
+
+    def slow_commit(seq: int) -> None:
+        committing.set()
+        assert release.wait(5.0)
+        commit(seq)
+
+    server.registry._store.commit = slow_commit  # type: ignore[method-assign,union-attr]
+    lookup = encode_frame({"type": "lookup", "node_id": b.node_id})
+    report = encode_frame(
+        {
+            "type": "report_trust",
+            "node_id": a.node_id,
+            "peer_id": b.node_id,
+            "signature": a.sig(report_trust_challenge(a.node_id, b.node_id)),
+        }
+    )
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(lookup + report + lookup)  # three requests in one write
+        first = read_frame(sock, 1 << 20, 5.0, 5.0)
+        assert first is not None and first["type"] == "lookup_ok"
+        assert committing.wait(5.0)
+        sock.settimeout(0.3)
+        with pytest.raises(socket.timeout):  # not before its journal line is durable
+            sock.recv(1)
+        # Meanwhile other connections are answered: the commit holds no one else up.
+        assert a.client.lookup(b.node_id)["node_id"] == b.node_id
+        release.set()
+        second = read_frame(sock, 1 << 20, 5.0, 5.0)
+        third = read_frame(sock, 1 << 20, 5.0, 5.0)
+    assert second == {"type": "report_trust_ok"}
+    assert third is not None and third["type"] == "lookup_ok"
+    assert (a.node_id, b.node_id) in read_state(str(tmp_path / "registry.json")).vouches

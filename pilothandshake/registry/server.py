@@ -275,7 +275,9 @@ class _Loop:
     def _dispatch(self, connection: _Connection, request: dict[str, Any], now: float) -> None:
         if request.get("type") == "poll_handshakes" and request.get("wait"):
             connection.busy = True
-            self._server.spawn(self._hold, connection, request)
+            slot = contextlib.ExitStack()  # given back now, taken again after the poll
+            slot.enter_context(self._server.held(connection.raw))
+            self._server.spawn(self._hold, connection, request, slot)
             return
         response, seq = self._server.registry.stage(request, connection.source)
         if seq:
@@ -370,9 +372,12 @@ class _Loop:
             for connection, response, seq in batch:
                 self._post(connection, encode_frame(registry.finish(response, seq)))
 
-    def _hold(self, connection: _Connection, request: dict[str, Any]) -> None:
-        """A held poll, in a thread of its own; its slot is free meanwhile."""
-        with self._server.held(connection.raw):
+    def _hold(
+        self, connection: _Connection, request: dict[str, Any], slot: contextlib.ExitStack
+    ) -> None:
+        """A held poll, in a thread of its own; ``slot`` (the connection's, given back
+        while the poll is held) is taken again when it is answered."""
+        with slot:
             response = self._server.registry.handle(
                 request, connection.source, lambda: _open(connection.sock)
             )
