@@ -173,13 +173,19 @@ def _free_port(host: str) -> int:
 
 def _registry_requests(sockets: list[str]) -> dict[str, float]:
     """Registry requests made so far by all the daemons, by type (their metrics, control
-    ``metrics``), whatever the outcome."""
+    ``metrics``), whatever the outcome; with the seconds the daemons waited for them in all
+    under ``"seconds"``."""
     counts: dict[str, float] = {}
     for path in sockets:
         for line in _control(path, "metrics")["data"]["text"].splitlines():
             if line.startswith("pilot_handshake_registry_requests_total{"):
                 kind = line.split('type="', 1)[1].split('"', 1)[0]
                 counts[kind] = counts.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+            elif (
+                line.startswith("pilot_handshake_registry_request_seconds_sum{")
+                and 'type="poll_handshakes"' not in line  # a held poll waits by design
+            ):
+                counts["seconds"] = counts.get("seconds", 0.0) + float(line.rsplit(" ", 1)[1])
     return counts
 
 
@@ -277,7 +283,9 @@ def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dic
             for thread in threads:
                 thread.join(60)
             by_kind = _minus(_registry_requests(sockets), requests0)
+            waited = by_kind.pop("seconds", 0.0)
             requests = sum(by_kind.values())
+            polls = by_kind.get("poll_handshakes", 0.0)
             rss_mib = sum(c.rss_kib(daemon.pid) for daemon in daemons) / 1024
             pids = [*(p.pid for p in registry.procs), *(daemon.pid for daemon in daemons)]
             time.sleep(2.0)  # let the last background reports settle before idling
@@ -285,7 +293,9 @@ def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dic
             idle_requests0 = _registry_requests(sockets)
             time.sleep(idle_seconds)
             idle_pct = (sum(c.cpu_seconds(pid) for pid in pids) - before) / idle_seconds * 100
-            idle_requests = sum(_minus(_registry_requests(sockets), idle_requests0).values())
+            idle_by_kind = _minus(_registry_requests(sockets), idle_requests0)
+            idle_by_kind.pop("seconds", None)
+            idle_requests = sum(idle_by_kind.values())
             idle_rpm = idle_requests / size / (idle_seconds / 60)
         finally:
             for daemon in daemons:
@@ -304,6 +314,9 @@ def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dic
         "registry_requests": requests,
         "registry_requests_per_s": requests / mesh_s,
         "registry_requests_by_type": by_kind,
+        # Mean time a daemon waited for an answer (held polls left out): queueing at the
+        # registry shows here.
+        "registry_latency_ms": waited / (requests - polls) * 1e3 if requests > polls else 0.0,
         "registry_cpu_us_per_request": reg_cpu / requests * 1e6 if requests else 0.0,
         "idle_requests_per_node_minute": idle_rpm,
         "daemon_rss_mib": rss_mib,
@@ -378,7 +391,12 @@ def _print(result: dict[str, Any]) -> None:
         f"{len(result['request_failures'])}"
     )
     mix = ", ".join(f"{k} {v:.0f}" for k, v in sorted(result["registry_requests_by_type"].items()))
-    print(f"    registry requests by type: {mix}")
+    print(
+        f"    registry requests by type: {mix}; mean wait for an answer "
+        f"{result['registry_latency_ms']:.1f} ms"
+    )
+    trace = " ".join(f"{t:.0f}s:{pairs}" for t, pairs in result["progress"])
+    print(f"    trusted pairs over time: {trace}")
     for line in result["errors"][:3]:
         print(f"    error: {line}")
 
