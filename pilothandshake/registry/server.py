@@ -1,10 +1,12 @@
 """``pilot-registryd``: the embedded registry's socket server and its command line.
 
-The protocol lives in ``state.Registry.handle``; this module moves frames (SPEC 11) and
-enforces the connection limits of the config's ``limits:``: at most ``max_connections``
-connections at once and ``max_connections_per_source`` from one address (more are reset
-unread, without a thread), and a connection silent for ``idle_timeout`` between requests
-is closed. A connection whose poll is held (``wait``, SPEC 18) gives its slot back while
+The protocol lives in ``state.Registry`` (``stage`` and ``finish``); this module moves
+frames (SPEC 11) and enforces the connection limits of the config's ``limits:``: at most
+``max_connections`` connections at once and ``max_connections_per_source`` from one
+address (more are reset unread), and a connection silent for ``idle_timeout`` between
+requests is closed. One thread reads and answers every connection (``_Loop``, on epoll:
+Linux), a second makes changes durable before they are answered (group commit); held
+polls and TLS handshakes take threads of their own. A connection whose poll is held (``wait``, SPEC 18) gives its slot back while
 it waits: held polls have their own bound (one per node, ``limits.max_held_polls`` in
 all, kept by ``state.Registry``), so a fleet's open polls never crowd out the caps meant
 for floods. ``stop`` answers every held poll, then closes the connections and the store.
