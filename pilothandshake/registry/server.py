@@ -6,10 +6,11 @@ frames (SPEC 11) and enforces the connection limits of the config's ``limits:``:
 address (more are reset unread), and a connection silent for ``idle_timeout`` between
 requests is closed. One thread reads and answers every connection (``_Loop``, on epoll:
 Linux), a second makes changes durable before they are answered (group commit); held
-polls and TLS handshakes take threads of their own. A connection whose poll is held (``wait``, SPEC 18) gives its slot back while
-it waits: held polls have their own bound (one per node, ``limits.max_held_polls`` in
-all, kept by ``state.Registry``), so a fleet's open polls never crowd out the caps meant
-for floods. ``stop`` answers every held poll, then closes the connections and the store.
+polls and TLS handshakes take threads of their own. A connection whose poll is held
+(``wait``, SPEC 18) gives its slot back while it waits: held polls have their own bound
+(one per node, ``limits.max_held_polls`` in all, kept by ``state.Registry``), so a
+fleet's open polls never crowd out the caps meant for floods. ``stop`` answers every held
+poll, then closes the connections and the store.
 
 ``pilot-registryd`` reloads its config (networks and every limit) on SIGHUP; a config
 that does not load is an ERROR and the running one is kept. Command-line options
@@ -191,14 +192,14 @@ class _Loop:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_read, 4096)
                 elif mask & select.EPOLLOUT:
-                    self._flush(connection, now)
+                    self._guarded(self._flush, connection, now)
                 else:
-                    self._read(connection, now)
+                    self._guarded(self._read, connection, now)
             with self._lock:
                 posted, self._posted, self._woken = self._posted, [], False
                 stopping = self._stopping
             for connection, answer in posted:
-                self._resume(connection, answer, now)
+                self._guarded(self._resume, connection, now, answer)
             if stopping:
                 deadline = deadline or now + _STOP_WAIT
                 busy = any(c.busy for c in self._connections.values())
@@ -210,7 +211,22 @@ class _Loop:
                 sweep = now + 1.0
                 self._sweep(now)
 
-    def _resume(self, connection: _Connection, answer: bytes | None, now: float) -> None:
+    def _guarded(
+        self,
+        step: Callable[[_Connection, float, bytes | None], None],
+        connection: _Connection,
+        now: float,
+        answer: bytes | None = None,
+    ) -> None:
+        """Run one step for a connection; a fault ends that connection, never the loop."""
+        try:
+            step(connection, now, answer)
+        except Exception:
+            log.exception("internal error serving %s; closing its connection", connection.source)
+            with contextlib.suppress(Exception):
+                self._close(connection)
+
+    def _resume(self, connection: _Connection, now: float, answer: bytes | None) -> None:
         """Take back a connection (new, or with the answer of a request served elsewhere)."""
         if answer is None:
             self._connections[connection.fd] = connection
@@ -220,7 +236,7 @@ class _Loop:
             self._send(connection, answer, now)
         self._serve(connection, now)
 
-    def _read(self, connection: _Connection, now: float) -> None:
+    def _read(self, connection: _Connection, now: float, _: bytes | None = None) -> None:
         if self._stopping:
             return
         sock = connection.sock
@@ -303,7 +319,7 @@ class _Loop:
         connection.out = data[sent:]
         connection.since = now
 
-    def _flush(self, connection: _Connection, now: float) -> None:
+    def _flush(self, connection: _Connection, now: float, _: bytes | None = None) -> None:
         self._send(connection, connection.out, now)
         self._serve(connection, now)
 
