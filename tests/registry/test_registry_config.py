@@ -8,7 +8,7 @@ import pytest
 
 from pilothandshake.errors import ConfigError
 from pilothandshake.identity import Identity
-from pilothandshake.registry.config import Limits, load_config
+from pilothandshake.registry.config import RegistryLimits, load_config
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -27,8 +27,8 @@ def test_networks_take_node_ids_and_keys_and_limits_override_defaults(tmp_path: 
     config = load_config(path)
     assert config.networks[3].node_ids == {7}
     assert config.networks[3].keys == {key.public_key}
-    assert config.limits == Limits(register_per_minute=100, idle_timeout=2.5)
-    assert load_config(write(tmp_path, "")).limits == Limits(10, 1024, 64, 300.0)
+    assert config.limits == RegistryLimits(register_per_minute=100, idle_timeout=2.5)
+    assert load_config(write(tmp_path, "")).limits == RegistryLimits(10, 1024, 64, 300.0)
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_bad_config_is_a_config_error_naming_file_and_key(
 
 
 def test_demo_config_and_its_commented_example_are_valid(tmp_path: Path) -> None:
-    demo = Path(__file__).resolve().parent.parent / "conf" / "demo-registry.yaml"
+    demo = Path(__file__).resolve().parents[2] / "conf" / "demo-registry.yaml"
     assert load_config(str(demo)).networks == {}
     # The commented example (networks by ID and by key, limits) must work when uncommented.
     lines = demo.read_text().splitlines()
@@ -75,4 +75,4 @@ def test_demo_config_and_its_commented_example_are_valid(tmp_path: Path) -> None
     config = load_config(write(tmp_path, "\n".join(example) + "\n"))
     assert config.networks[3].node_ids == {1}
     assert len(config.networks[3].keys) == 1
-    assert config.limits == Limits()
+    assert config.limits == RegistryLimits()

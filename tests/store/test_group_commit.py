@@ -15,7 +15,7 @@ import pytest
 from pilothandshake.errors import StoreError
 from pilothandshake.store import TrustRecord, TrustStore, load_state
 
-KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+KEY_A = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
 DEADLINE = 10.0
 
@@ -66,7 +66,7 @@ def open_counted(
 
 def commit(store: TrustStore, lock: threading.RLock, node: int) -> None:
     with lock:
-        seq = store.put_trusted(TrustRecord(node, KEY, T0))
+        seq = store.put_trusted(TrustRecord(node, KEY_A, T0))
     store.commit(seq)
 
 

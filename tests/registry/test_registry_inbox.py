@@ -13,20 +13,20 @@ import pytest
 
 from pilothandshake.constants import MAX_TEXT_BYTES, REGISTRY_INBOX
 from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import (
-    handshake_challenge,
+from pilothandshake.messages import handshake_challenge
+from pilothandshake.registry.challenges import (
     heartbeat_challenge,
     poll_challenge,
     register_challenge,
     report_trust_challenge,
     respond_challenge,
 )
-from pilothandshake.registry.config import Limits
+from pilothandshake.registry.config import RegistryLimits
 from pilothandshake.registry.state import Registry
 from pilothandshake.registry.storage import Store
 
 # Every identity here registers from a handful of sources: only the inbox rules bind.
-ROOMY = Limits(
+ROOMY = RegistryLimits(
     register_per_minute=100_000,
     mutations_per_minute_per_node=100_000,
     mutations_per_minute_per_source=1_000_000,

@@ -22,7 +22,8 @@ from fakeruntime import (
 from pilothandshake.constants import MAX_PENDING
 from pilothandshake.identity import decode_signature, verify
 from pilothandshake.manager import Manager
-from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST, respond_challenge
+from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST
+from pilothandshake.registry.challenges import respond_challenge
 from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord, load_state
 

@@ -1,10 +1,9 @@
 """Manager: processing an incoming message (SPEC 5) — every drop, strict and legacy
-authentication, the forgeries signature_v2 stops, key pinning, registry key binding, the
-replay set and the rate-limited drop log."""
+authentication, the forgeries signature_v2 stops, the replay set and the rate-limited drop
+log. Key pinning and the registry's key binding are in ``test_manager_pins``."""
 
 from __future__ import annotations
 
-import base64
 import errno
 import json
 import logging
@@ -14,9 +13,17 @@ from datetime import datetime, timezone
 from typing import Callable
 
 import pytest
-from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle, snapshot
+from fakeruntime import (
+    FakeRegistry,
+    Nodes,
+    Peer,
+    seed_trust,
+    settle,
+    snapshot,
+)
+from managertools import OWN, REMOTE, T0, assert_dropped, respell
 
-from pilothandshake.manager import DropLog, Manager
+from pilothandshake.manager import DropLog
 from pilothandshake.manager.replay import ReplaySet
 from pilothandshake.messages import (
     HANDSHAKE_ACCEPT,
@@ -24,50 +31,11 @@ from pilothandshake.messages import (
     HANDSHAKE_REVOKE,
     HandshakeMsg,
 )
-from pilothandshake.store import PendingHandshake, TrustRecord
-
-OWN = 1
-REMOTE = "127.0.0.1:40000"
-T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+from pilothandshake.store import OutgoingRequest, TrustRecord
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-
-
-def assert_dropped(
-    manager: Manager,
-    runtime: FakeRuntime,
-    caplog: pytest.LogCaptureFixture,
-    data: bytes,
-    reason: str,
-    remote: str = REMOTE,
-    level: int = logging.WARNING,
-) -> None:
-    """Processing ``data`` changes nothing, publishes nothing and logs exactly one line at
-    ``level`` (and none above INFO besides) naming the remote address and ``reason``."""
-    before = snapshot(manager)
-    events = list(runtime.events)
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        manager.process_message(data, remote)
-    settle(manager)
-    assert snapshot(manager) == before
-    assert runtime.events == events
-    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    (line,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert remote in line and reason in line
-    assert [r.levelno for r in loud] == ([level] if level >= logging.WARNING else [])
-
-
-def respell(b64: str) -> str:
-    """Another base64 spelling of the same bytes (non-zero unused bits before the padding)."""
-    stripped = b64.rstrip("=")
-    last = stripped[-1]
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    respelled = stripped[:-1] + alphabet[alphabet.index(last) + 1] + b64[len(stripped) :]
-    assert respelled != b64 and base64.b64decode(respelled) == base64.b64decode(b64)
-    return respelled
 
 
 # Step 1: decode, own ID, deny list
@@ -291,114 +259,6 @@ def test_identical_message_twice_is_a_replay(
     assert_dropped(manager, runtime, caplog, data, "replayed")
 
 
-# Key pinning
-
-
-def test_key_differing_from_a_trust_record_pin_is_dropped(
-    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
-) -> None:
-    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, peer.key, T0),))
-    manager, runtime = nodes.make()
-    impostor = Peer(7)
-    assert_dropped(manager, runtime, caplog, impostor.data(HANDSHAKE_REVOKE, OWN), "pinned key")
-
-
-def test_key_differing_from_a_bound_pending_request_is_dropped(
-    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
-) -> None:
-    seed_trust(f"{nodes.root}/n1", pending=(PendingHandshake(7, peer.key, "x", T0, True),))
-    manager, runtime = nodes.make()
-    impostor = Peer(7)
-    assert_dropped(manager, runtime, caplog, impostor.data(HANDSHAKE_REQUEST, OWN), "pinned key")
-
-
-def test_invalid_stored_key_pins_nothing(nodes: Nodes, peer: Peer) -> None:
-    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, "not a key", T0),))
-    manager, _runtime = nodes.make()
-    manager.process_message(peer.data(HANDSHAKE_REVOKE, OWN), REMOTE)
-    # Not pinned and not bound: the strict revoke rule refuses it, but as a revoke, not
-    # as a pin mismatch.
-    assert manager.trusted_peers() == [TrustRecord(7, "not a key", T0)]
-
-
-def test_unbound_pending_pins_weakly_and_a_bound_request_replaces_it(
-    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
-) -> None:
-    squatter = Peer(7)
-    registry = FakeRegistry()
-    registry.lookup_errors.add(7)  # registry unreachable for node 7 at first
-    manager, runtime = nodes.make(registry=registry)
-    manager.process_message(squatter.data(HANDSHAKE_REQUEST, OWN, justification="squat"), REMOTE)
-    assert [(p.public_key, p.bound) for p in manager.pending_requests()] == [(squatter.key, False)]
-    # Another unbound key for the same node: dropped by the weak pin.
-    assert_dropped(manager, runtime, caplog, peer.data(HANDSHAKE_REQUEST, OWN), "pending request")
-    # Once the registry vouches for the real key, its request replaces the squatter's.
-    registry.lookup_errors.clear()
-    registry.keys[7] = peer.key
-    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification="real"), REMOTE)
-    assert [(p.public_key, p.justification, p.bound) for p in manager.pending_requests()] == [
-        (peer.key, "real", True)
-    ]
-
-
-# Registry key binding
-
-
-def test_registry_answers_are_cached(nodes: Nodes, peer: Peer) -> None:
-    registry = FakeRegistry()
-    registry.keys[7] = peer.key
-    manager, _ = nodes.make(registry=registry)
-    for text in ("a", "b", "c"):
-        manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification=text), REMOTE)
-    assert registry.calls_of("lookup") == [(7,)]
-    assert manager.pending_requests()[0].justification == "c"
-
-
-def test_registry_key_mismatch_is_dropped_after_one_fresh_re_ask(
-    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
-) -> None:
-    registry = FakeRegistry()
-    registry.keys[7] = Peer(70).key
-    manager, runtime = nodes.make(registry=registry)
-    assert_dropped(
-        manager, runtime, caplog, peer.data(HANDSHAKE_REQUEST, OWN), "differs from the registry"
-    )
-    assert registry.calls_of("lookup") == [(7,), (7,)]
-    # Within 5 s no second re-ask: dropped on the cached answer alone.
-    data = peer.data(HANDSHAKE_REQUEST, OWN, justification="again")
-    assert_dropped(manager, runtime, caplog, data, "re-ask not allowed yet")
-    assert registry.calls_of("lookup") == [(7,), (7,)]
-
-
-def test_registry_re_ask_that_matches_binds_the_request(nodes: Nodes, peer: Peer) -> None:
-    registry = FakeRegistry()
-    registry.lookup_answers[7] = [Peer(70).key, peer.key]  # stale first answer, then fresh
-    manager, _ = nodes.make(registry=registry)
-    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
-    assert [(p.public_key, p.bound) for p in manager.pending_requests()] == [(peer.key, True)]
-
-
-def test_registry_re_ask_that_fails_drops(
-    nodes: Nodes, peer: Peer, caplog: pytest.LogCaptureFixture
-) -> None:
-    registry = FakeRegistry()
-    registry.keys[7] = Peer(70).key
-    manager, runtime = nodes.make(registry=registry)
-    original = registry.lookup
-
-    def lookup_once(node_id: int) -> dict[str, object]:
-        registry.lookup = registry_error  # type: ignore[method-assign]
-        return original(node_id)
-
-    def registry_error(node_id: int) -> dict[str, object]:
-        from pilothandshake.errors import RegistryError
-
-        raise RegistryError("request failed")
-
-    registry.lookup = lookup_once  # type: ignore[method-assign]
-    assert_dropped(manager, runtime, caplog, peer.data(HANDSHAKE_REQUEST, OWN), "re-ask failed")
-
-
 # Replay set bounds
 
 
@@ -545,3 +405,50 @@ def test_requests_while_the_disk_is_full_log_one_error(
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "No space left on device" in errors[0]
     assert manager.pending_count() == 0 and runtime.events == []
+
+
+# SPEC 5 step 1 / 6: relayed input
+
+
+def test_spec5_step1_relayed_input_claiming_our_own_node_id_changes_nothing(nodes: Nodes) -> None:
+    manager, runtime = nodes.make(registry=FakeRegistry())
+    manager.send_request(5, "unrelated")  # an outgoing entry, so an accept would matter
+    before = snapshot(manager)
+    manager.process_relayed_request(OWN, "from myself?", Peer(OWN).key)
+    manager.process_relayed_approval(OWN)
+    manager.process_relayed_rejection(OWN)
+    settle(manager)
+    assert snapshot(manager) == before
+    assert runtime.topics() == []
+
+
+# SPEC 7: accept received
+
+
+def test_spec7_accept_from_an_already_trusted_peer_changes_nothing(
+    nodes: Nodes, peer: Peer
+) -> None:
+    """An accept for an outgoing request to a node already trusted reaches the "already
+    trusted" rule: the record (``mutual=False``, its approval time) stays as it is."""
+    record = TrustRecord(7, peer.key, T0, mutual=False)
+    outgoing = OutgoingRequest(7, datetime.now(timezone.utc))
+    seed_trust(f"{nodes.root}/n1", trusted=(record,), outgoing=(outgoing,))
+    manager, runtime = nodes.make()
+    manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN), REMOTE)
+    settle(manager)
+    assert manager.trusted_peers() == [record]
+    assert runtime.events == []
+
+
+# SPEC 4 / 5 step 3: legacy receivers
+
+
+def test_spec4_legacy_receiver_accepts_a_signature_v2_in_place_of_the_go_signature(
+    nodes: Nodes, peer: Peer
+) -> None:
+    """This implementation's senders fill only ``signature_v2``: a legacy-mode node must
+    still accept them, or two Python nodes in a mixed fleet could never meet."""
+    manager, _ = nodes.make(strict=False)
+    data = peer.data(HANDSHAKE_REQUEST, OWN, justification="v2 only", v2=True, legacy=False)
+    manager.process_message(data, REMOTE)
+    assert [(p.node_id, p.public_key) for p in manager.pending_requests()] == [(7, peer.key)]

@@ -1,6 +1,6 @@
 """Property tests of the registry frame decoder (SPEC 11) on both ends: random bytes and
 random or mutated frames sent to the embedded server over a real loopback socket, random
-bytes answered by a fake server to the real ``Client``, and random bytes fed to
+bytes answered by a fake server to the real ``RegistryConnection``, and random bytes fed to
 ``read_frame`` directly.
 
 Invariants: the server answers every frame with an error or an ``*_ok`` frame (or closes),
@@ -29,14 +29,14 @@ from test_registry_client import Stub
 
 from pilothandshake.errors import RegistryError
 from pilothandshake.identity import Identity, b64encode, decode_signature, verify
-from pilothandshake.messages import (
-    handshake_challenge,
+from pilothandshake.messages import handshake_challenge
+from pilothandshake.registry.challenges import (
     report_trust_challenge,
     respond_challenge,
     revoke_trust_challenge,
 )
-from pilothandshake.registry.client import Client, encode_frame, read_frame
-from pilothandshake.registry.config import Limits, ServerConfig
+from pilothandshake.registry.client import RegistryConnection, encode_frame, read_frame
+from pilothandshake.registry.config import RegistryLimits, ServerConfig
 from pilothandshake.registry.server import RegistryServer
 
 HEADER = struct.Struct(">I")
@@ -109,14 +109,16 @@ class Registry:
 
     def __init__(self) -> None:
         # Hundreds of signed requests from two nodes: no rate limit should hide a change.
-        roomy = Limits(mutations_per_minute_per_node=10**6, mutations_per_minute_per_source=10**6)
+        roomy = RegistryLimits(
+            mutations_per_minute_per_node=10**6, mutations_per_minute_per_source=10**6
+        )
         self.server = RegistryServer("127.0.0.1", 0, config=ServerConfig(limits=roomy))
         self.server.start()
         host, port = self.server.address
         self.address = f"{host}:{port}"
         self.a = Identity.generate()
         self.b = Identity.generate()
-        client = Client(self.address, timeout=2.0)
+        client = RegistryConnection(self.address, timeout=2.0)
         try:
             self.a_id = client.register("127.0.0.1:4001", self.a.public_key_b64)["node_id"]
             self.b_id = client.register("127.0.0.1:4002", self.b.public_key_b64)["node_id"]
@@ -342,7 +344,7 @@ class Replayer:
 def test_client_raises_only_registry_error_within_its_timeout() -> None:
     timeout = 0.1
     replayer = Replayer()
-    client = Client(replayer.stub.address, timeout=timeout)
+    client = RegistryConnection(replayer.stub.address, timeout=timeout)
 
     @fuzz(80)
     @given(

@@ -41,6 +41,7 @@ from .constants import (
     REGISTRY_START_GRACE,
 )
 from .errors import RegistryError
+from .events import BINDING_CHANGED
 from .identity import Identity, b64encode
 from .messages import handshake_challenge
 from .pollschedule import ON_DEMAND_BOUND, PollSchedule, backoff
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 
 # The real registry's inbox holds at most 100 requests per node; more in one answer is junk.
 MAX_RELAY_ITEMS_PER_POLL = 256
-BINDING_CHANGED = "registry.binding_changed"  # event topic (SPEC 14, 17)
 RELAY_LOG_INTERVAL = 10.0  # at most one WARNING about dropped relay items per interval
 WAIT_POLL = "wait_poll"  # the registry feature of held polls (SPEC 18)
 LONG_POLL_WAIT = 55.0  # seconds a held poll may wait (SPEC 18)
@@ -58,7 +58,7 @@ MAX_REASON = 4096  # characters of a relayed rejection's reason taken (the Manag
 
 
 class LoopRegistry(Protocol):
-    """The registry calls the loop makes (``registry.Client`` provides them)."""
+    """The registry calls the loop makes (``registry.client.RegistryConnection`` provides them)."""
 
     address: str
 
@@ -230,7 +230,7 @@ class RegistryLoop:
     ``registry.binding_changed`` event through ``publish``, and a registry that honours
     signed re-registers (``pilot-registryd``, which advertises ``features``) is told the
     record again. ``relayed(peer, justification)`` is told of each relayed request this
-    daemon sends (``registry.Client.on_relayed``); each time the registry answers again
+    daemon sends (``RegistryConnection.on_relayed``); each time the registry answers again
     after it could not be reached, the ones still waiting for an answer are sent once more
     (a registry may lose its inboxes: ``pilot-registryd`` before round 3, or any that
     restarts; the production one refuses the copy while the first still waits, which just

@@ -14,20 +14,20 @@ import pytest
 
 from pilothandshake.errors import StoreError
 from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import (
-    handshake_challenge,
+from pilothandshake.messages import handshake_challenge
+from pilothandshake.registry import storage
+from pilothandshake.registry.challenges import (
     poll_challenge,
     register_challenge,
     report_trust_challenge,
     set_hostname_challenge,
     set_visibility_challenge,
 )
-from pilothandshake.registry import storage
-from pilothandshake.registry.config import Limits
+from pilothandshake.registry.config import RegistryLimits
 from pilothandshake.registry.state import Registry
 from pilothandshake.registry.storage import JOURNAL_SUFFIX, Store, read_state
 
-ROOMY = Limits(
+ROOMY = RegistryLimits(
     register_per_minute=100_000,
     mutations_per_minute_per_node=100_000,
     mutations_per_minute_per_source=1_000_000,

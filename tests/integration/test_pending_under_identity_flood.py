@@ -22,7 +22,7 @@ from pilothandshake.constants import MAX_PENDING, MAX_PENDING_BOUND_PER_SOURCE
 from pilothandshake.errors import RegistryError
 from pilothandshake.identity import b64encode
 from pilothandshake.messages import HANDSHAKE_REQUEST, handshake_challenge
-from pilothandshake.registry.client import Client
+from pilothandshake.registry.client import RegistryConnection
 
 from .attacker import Peer, flood, send_raw
 from .conftest import POLL, Fleet, Node, Registry, wait_until
@@ -36,9 +36,9 @@ STRANGER_SOURCE = "127.0.2.2"
 
 
 @pytest.fixture
-def registry_client(fleet: Fleet) -> Iterator[list[Client]]:
+def registry_client(fleet: Fleet) -> Iterator[list[RegistryConnection]]:
     """A holder for the test's raw registry client, closed at the end."""
-    clients: list[Client] = []
+    clients: list[RegistryConnection] = []
     yield clients
     for client in clients:
         client.close()
@@ -55,7 +55,7 @@ def attach(node: Node, registry: Registry, public: bool = False) -> Node:
     return node
 
 
-def register(client: Client, count: int) -> list[Peer]:
+def register(client: RegistryConnection, count: int) -> list[Peer]:
     """``count`` fresh identities, each registered once (the attack: it costs nothing)."""
     peers = []
     for _ in range(count):
@@ -65,7 +65,7 @@ def register(client: Client, count: int) -> list[Peer]:
     return peers
 
 
-def relayed(client: Client, peer: Peer, to: int, deadline: float) -> None:
+def relayed(client: RegistryConnection, peer: Peer, to: int, deadline: float) -> None:
     """Queue ``peer``'s relayed request to ``to``; the registry's inbox holds 100 requests
     and one per sender, so a refused one is sent again once B's poll has drained it."""
     signature = b64encode(peer.identity.sign(handshake_challenge(peer.node_id, to)))
@@ -80,7 +80,7 @@ def relayed(client: Client, peer: Peer, to: int, deadline: float) -> None:
             time.sleep(POLL / 2)
 
 
-def relay_requests(client: Client, peers: list[Peer], to: int) -> None:
+def relay_requests(client: RegistryConnection, peers: list[Peer], to: int) -> None:
     """One relayed request per identity, then wait until B has polled and decided them all:
     the last one is sent twice more, each accepted only once the previous copy was drained
     (B polls, decides every item, then polls again)."""
@@ -107,7 +107,7 @@ def pending_count(node: Node) -> int:
 
 
 def test_free_identities_do_not_push_real_nodes_out_of_the_pending_queue(
-    fleet: Fleet, registry_client: list[Client]
+    fleet: Fleet, registry_client: list[RegistryConnection]
 ) -> None:
     agent = fleet.node("agent")  # allowlisted at B
     mate = fleet.node("mate")  # shares network 3 with B
@@ -131,7 +131,7 @@ def test_free_identities_do_not_push_real_nodes_out_of_the_pending_queue(
     wait_until(lambda: former.trusted() == set(), what="the former peer hears the revoke")
 
     # The attack: 300 free identities, 64 direct from each of two addresses, 172 relayed.
-    client = Client(registry.address, None, timeout=5.0)
+    client = RegistryConnection(registry.address, None, timeout=5.0)
     registry_client.append(client)
     started = time.monotonic()
     junk = register(client, 300)

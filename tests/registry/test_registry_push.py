@@ -14,12 +14,13 @@ from typing import Any, Callable
 import pytest
 
 from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import handshake_challenge, poll_challenge, respond_challenge
-from pilothandshake.registry.client import Client, encode_frame, read_frame
-from pilothandshake.registry.config import Limits, ServerConfig
+from pilothandshake.messages import handshake_challenge
+from pilothandshake.registry.challenges import poll_challenge, respond_challenge
+from pilothandshake.registry.client import RegistryConnection, encode_frame, read_frame
+from pilothandshake.registry.config import RegistryLimits, ServerConfig
 from pilothandshake.registry.server import RegistryServer
 
-ROOMY = Limits(
+ROOMY = RegistryLimits(
     register_per_minute=100_000,
     mutations_per_minute_per_node=100_000,
     mutations_per_minute_per_source=1_000_000,
@@ -32,7 +33,7 @@ def make_server() -> Iterator[Callable[..., RegistryServer]]:
     servers: list[RegistryServer] = []
 
     def make(**limits: Any) -> RegistryServer:
-        config = ServerConfig(limits=Limits(**{**vars(ROOMY), **limits}))
+        config = ServerConfig(limits=RegistryLimits(**{**vars(ROOMY), **limits}))
         server = RegistryServer("127.0.0.1", 0, config=config)
         server.start()
         servers.append(server)
@@ -50,7 +51,7 @@ class Node:
         self.server = server
         self.identity = Identity.generate()
         host, port = server.address
-        self.client = Client(f"{host}:{port}", self.identity.sign, timeout=5.0)
+        self.client = RegistryConnection(f"{host}:{port}", self.identity.sign, timeout=5.0)
         self.registered = self.client.register("127.0.0.1:4000", self.identity.public_key_b64)
         self.node_id: int = self.registered["node_id"]
 

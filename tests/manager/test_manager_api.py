@@ -556,3 +556,20 @@ def test_a_rejection_tells_its_reason_both_ways(nodes: Nodes, peer: Peer) -> Non
     [(own, to, accept, _signature, reason)] = registry.calls_of("respond_handshake")
     assert (own, to, accept, reason) == (OWN, 7, False, "not today")
     assert [m.reason for _, m in runtime.sent_messages()] == ["not today"]
+
+
+# SPEC 7 / 15: texts are cut to 1 KiB
+
+
+def test_spec15_reject_reason_is_truncated_to_1_kib_on_a_utf8_boundary(
+    nodes: Nodes, peer: Peer
+) -> None:
+    manager, runtime = nodes.make()
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    reason = "\u00e9" * 1000  # 2000 bytes of two-byte characters
+    assert manager.reject_handshake(7, reason)
+    settle(manager)
+    (payload,) = [p for t, p in runtime.events if t == "handshake.rejected"]
+    assert payload["reason"] == "\u00e9" * 512
+    sent = [m for _, m in runtime.sent_messages() if m.type == HANDSHAKE_REJECT]
+    assert [m.reason for m in sent] == ["\u00e9" * 512]

@@ -15,8 +15,12 @@ import pytest
 from pilothandshake.constants import MAX_REGISTRY_FRAME_CLIENT
 from pilothandshake.errors import RegistryError
 from pilothandshake.identity import Identity, decode_signature, verify
-from pilothandshake.registry import Client
-from pilothandshake.registry.client import encode_frame, normalize_fingerprint, read_frame
+from pilothandshake.registry.client import (
+    RegistryConnection,
+    encode_frame,
+    normalize_fingerprint,
+    read_frame,
+)
 from pilothandshake.registry.server import RegistryServer
 
 Behaviour = Callable[["Stub", socket.socket, int], None]
@@ -98,7 +102,7 @@ def test_response_frame_over_1_mib_is_refused_and_connection_dropped(
             closed.set()
 
     stub = make_stub(stubs, behaviour)
-    client = Client(stub.address, timeout=2.0)
+    client = RegistryConnection(stub.address, timeout=2.0)
     with pytest.raises(RegistryError, match="exceeds"):
         client.lookup(1)
     assert closed.wait(5.0), "client kept the connection open"
@@ -117,7 +121,7 @@ def test_client_reconnects_once_after_the_server_drops_the_connection(
             conn.sendall(encode_frame({"type": "lookup_ok", "conn": index}))
 
     stub = make_stub(stubs, behaviour)
-    client = Client(stub.address, timeout=2.0)
+    client = RegistryConnection(stub.address, timeout=2.0)
     assert client.lookup(1)["conn"] == 1
     assert client.lookup(1)["conn"] == 2
     assert client.lookup(1)["conn"] == 2  # the new connection is reused
@@ -129,7 +133,7 @@ def test_client_retries_a_broken_connection_only_once(stubs: list[Stub]) -> None
         stub.read(conn)  # read the request, then close without answering
 
     stub = make_stub(stubs, behaviour)
-    client = Client(stub.address, timeout=2.0)
+    client = RegistryConnection(stub.address, timeout=2.0)
     with pytest.raises(RegistryError, match="closed"):
         client.lookup(1)
     assert stub.connections == 2
@@ -142,7 +146,7 @@ def test_error_response_raises_its_text_and_is_not_retried(stubs: list[Stub]) ->
             conn.sendall(encode_frame({"type": "error", "error": "request failed"}))
 
     stub = make_stub(stubs, behaviour)
-    client = Client(stub.address, timeout=2.0)
+    client = RegistryConnection(stub.address, timeout=2.0)
     with pytest.raises(RegistryError, match=r"^request failed$"):
         client.lookup(1)
     assert len(stub.requests) == 1
@@ -155,7 +159,7 @@ def test_unexpected_response_type_is_an_error(stubs: list[Stub]) -> None:
 
     stub = make_stub(stubs, behaviour)
     with pytest.raises(RegistryError, match="unexpected type 'heartbeat_ok'"):
-        Client(stub.address, timeout=2.0).lookup(1)
+        RegistryConnection(stub.address, timeout=2.0).lookup(1)
 
 
 def test_silent_server_times_out(stubs: list[Stub]) -> None:
@@ -168,7 +172,7 @@ def test_silent_server_times_out(stubs: list[Stub]) -> None:
     stub = make_stub(stubs, behaviour)
     started = time.monotonic()
     with pytest.raises(RegistryError, match="did not answer"):
-        Client(stub.address, timeout=0.3).lookup(1)
+        RegistryConnection(stub.address, timeout=0.3).lookup(1)
     release.set()
     assert time.monotonic() - started < 2.0
     assert stub.connections == 1
@@ -185,7 +189,7 @@ def test_slow_call_does_not_block_another_thread(stubs: list[Stub]) -> None:
 
     stub = make_stub(stubs, behaviour)
     ident = Identity.generate()
-    client = Client(stub.address, ident.sign, timeout=5.0)
+    client = RegistryConnection(stub.address, ident.sign, timeout=5.0)
     polled: list[dict[str, Any]] = []
     poller = threading.Thread(target=lambda: polled.append(client.poll_handshakes(1)))
     poller.start()
@@ -203,7 +207,7 @@ def test_slow_call_does_not_block_another_thread(stubs: list[Stub]) -> None:
 def test_requests_carry_the_documented_fields_and_signatures(stubs: list[Stub]) -> None:
     stub = make_stub(stubs, answer_ok)
     ident = Identity.generate()
-    client = Client(stub.address, ident.sign, timeout=2.0)
+    client = RegistryConnection(stub.address, ident.sign, timeout=2.0)
     client.register("127.0.0.1:444", ident.public_key_b64, hostname="h")
     client.resolve(5, 7)
     client.request_handshake(7, 5, "why", "c2ln")
@@ -237,7 +241,7 @@ def test_requests_carry_the_documented_fields_and_signatures(stubs: list[Stub]) 
 
 
 def test_signed_call_without_signer_is_an_error() -> None:
-    client = Client("127.0.0.1:1")
+    client = RegistryConnection("127.0.0.1:1")
     with pytest.raises(RegistryError, match="no identity"):
         client.heartbeat(1)
 
@@ -247,14 +251,14 @@ def test_unreachable_registry_is_a_registry_error() -> None:
     port = probe.getsockname()[1]
     probe.close()
     with pytest.raises(RegistryError, match="cannot connect"):
-        Client(f"127.0.0.1:{port}", timeout=1.0).lookup(1)
+        RegistryConnection(f"127.0.0.1:{port}", timeout=1.0).lookup(1)
 
 
 def test_client_is_safe_to_share_between_threads() -> None:
     server = RegistryServer("127.0.0.1", 0)
     server.start()
     try:
-        client = Client("{}:{}".format(*server.address), timeout=5.0)
+        client = RegistryConnection("{}:{}".format(*server.address), timeout=5.0)
         idents = [Identity.generate() for _ in range(4)]
         ids = [client.register("127.0.0.1:4000", i.public_key_b64)["node_id"] for i in idents]
         errors: list[str] = []
@@ -286,22 +290,22 @@ def test_tls_with_pinned_fingerprint(tls_cert: tuple[str, str, str]) -> None:
     try:
         address = "{}:{}".format(*server.address)
         ident = Identity.generate()
-        pinned = Client(address, ident.sign, tls=True, fingerprint=fingerprint.lower())
+        pinned = RegistryConnection(address, ident.sign, tls=True, fingerprint=fingerprint.lower())
         node_id = pinned.register("127.0.0.1:4000", ident.public_key_b64)["node_id"]
         assert pinned.heartbeat(node_id)["type"] == "heartbeat_ok"
 
         wrong = "00" * 32
         with pytest.raises(RegistryError) as info:
-            Client(address, tls=True, fingerprint=wrong).lookup(node_id)
+            RegistryConnection(address, tls=True, fingerprint=wrong).lookup(node_id)
         assert wrong in str(info.value)
         assert normalize_fingerprint(fingerprint) in str(info.value)
 
         # Without a pin the self-signed certificate fails normal verification.
         with pytest.raises(RegistryError, match="TLS"):
-            Client(address, tls=True, timeout=2.0).lookup(node_id)
+            RegistryConnection(address, tls=True, timeout=2.0).lookup(node_id)
         # A plain client cannot talk to a TLS registry.
         with pytest.raises(RegistryError):
-            Client(address, timeout=1.0).lookup(node_id)
+            RegistryConnection(address, timeout=1.0).lookup(node_id)
     finally:
         server.stop()
 
@@ -312,7 +316,10 @@ def test_hostname_methods_against_the_embedded_registry() -> None:
     try:
         address = "{}:{}".format(*server.address)
         a, b = Identity.generate(), Identity.generate()
-        client_a, client_b = Client(address, a.sign), Client(address, b.sign)
+        client_a, client_b = (
+            RegistryConnection(address, a.sign),
+            RegistryConnection(address, b.sign),
+        )
         answer = client_a.register("127.0.0.1:4000", a.public_key_b64, hostname="agent-a")
         assert answer["hostname"] == "agent-a"
         b_id = client_b.register("127.0.0.1:4001", b.public_key_b64, hostname="agent-a")["node_id"]
@@ -343,7 +350,7 @@ def test_registry_error_text_is_kept_but_never_raw(stubs: list[Stub]) -> None:
         while stub.read(conn) is not None:
             conn.sendall(encode_frame({"type": "error", "error": text}))
 
-    client = Client(make_stub(stubs, answer).address, timeout=2.0)
+    client = RegistryConnection(make_stub(stubs, answer).address, timeout=2.0)
     with pytest.raises(RegistryError) as info:
         client.lookup(99)
     shown = str(info.value)
@@ -363,7 +370,7 @@ def test_a_held_poll_carries_its_wait_and_is_awaited_past_the_client_timeout(
             conn.sendall(encode_frame({"type": "poll_handshakes_ok", "requests": []}))
 
     stub = make_stub(stubs, hold)
-    client = Client(stub.address, Identity.generate().sign, timeout=0.5)
+    client = RegistryConnection(stub.address, Identity.generate().sign, timeout=0.5)
     try:
         assert client.poll_handshakes(3, wait=1.0)["type"] == "poll_handshakes_ok"
         assert stub.requests[0]["wait"] == 1.0
@@ -383,7 +390,7 @@ def test_close_aborts_a_call_in_flight_at_once(stubs: list[Stub]) -> None:
         stub.stopping.wait(30)
 
     stub = make_stub(stubs, silent)
-    client = Client(stub.address, Identity.generate().sign, timeout=30.0)
+    client = RegistryConnection(stub.address, Identity.generate().sign, timeout=30.0)
     failed: list[str] = []
 
     def poll() -> None:
@@ -410,7 +417,7 @@ def test_respond_handshake_carries_a_rejection_s_reason_only_when_there_is_one(
     """Issue 16: the reason crosses the relay when the registry passes it on; an empty one
     is not sent, so the request is what it was before for every other answer."""
     stub = make_stub(stubs, answer_ok)
-    client = Client(stub.address, timeout=2.0)
+    client = RegistryConnection(stub.address, timeout=2.0)
     client.respond_handshake(1, 2, False, "c2ln", reason="not today")
     client.respond_handshake(1, 2, True, "c2ln")
     assert [r.get("reason") for r in stub.requests] == ["not today", None]

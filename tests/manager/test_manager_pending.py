@@ -8,7 +8,14 @@ import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust
+from fakeruntime import (
+    FakeRegistry,
+    FakeRuntime,
+    Nodes,
+    Peer,
+    seed_trust,
+)
+from managertools import REMOTE
 
 from pilothandshake.constants import MAX_PENDING
 from pilothandshake.manager import Manager
@@ -244,3 +251,33 @@ def test_trust_history_is_bounded(nodes: Nodes) -> None:
     for node in range(10, 15):
         manager.revoke_trust(node)
     assert sorted(load_state(f"{nodes.root}/n1/trust.json").history) == [12, 13, 14]
+
+
+# SPEC 6 / 15: the per-source pending quota
+
+
+def test_spec15_pending_quota_per_source_counts_unbound_requests_only(nodes: Nodes) -> None:
+    registry = FakeRegistry()  # knows only node 30's key: the others are unbound
+    vouched = Peer(30)
+    registry.keys[30] = vouched.key
+    manager, _ = nodes.make(registry=registry, max_pending_per_source=2)
+    for node in (20, 21, 22):
+        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert [p.node_id for p in manager.pending_requests()] == [20, 21]
+    # The quota keeps one host from filling the queue with invented identities; a request
+    # the registry vouches for is not one of those.
+    manager.process_message(vouched.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    assert [(p.node_id, p.bound) for p in manager.pending_requests()] == [
+        (20, False),
+        (21, False),
+        (30, True),
+    ]
+
+
+def test_spec15_pending_quota_per_source_is_per_address_not_per_port(nodes: Nodes) -> None:
+    manager, _ = nodes.make(max_pending_per_source=2)
+    for port, node in zip((40001, 40002, 40003), (20, 21, 22)):
+        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), f"127.0.0.1:{port}")
+    assert [p.node_id for p in manager.pending_requests()] == [20, 21]
+    manager.process_message(Peer(22).data(HANDSHAKE_REQUEST, OWN), "127.0.1.2:40003")
+    assert [p.node_id for p in manager.pending_requests()] == [20, 21, 22]
