@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakeruntime import FakeRuntime, Peer
+from fakeruntime import Peer
 
 from pilothandshake.cli import main_handshakectl
 from pilothandshake.client import ControlClient
@@ -25,12 +25,13 @@ from pilothandshake.errors import RegistryError
 from pilothandshake.events import EventBus
 from pilothandshake.manager import Manager
 from pilothandshake.messages import HANDSHAKE_REQUEST
+from pilothandshake.testing import MemoryRuntime
 
 OWN_ID = 1
 
 
-class BusRuntime(FakeRuntime):
-    """A FakeRuntime whose events also go to a real EventBus, as in the daemon."""
+class BusRuntime(MemoryRuntime):
+    """A MemoryRuntime whose events also go to a real EventBus, as in the daemon."""
 
     bus: EventBus | None = None
 

@@ -102,17 +102,9 @@ class Manager:
 
     Loads ``trust.json`` beside ``runtime.identity_path()`` (memory only when that is "");
     a file that does not parse, or a directory used by another process, raises
-    ``StoreError``. Events (SPEC 14; topics in ``decide``), all with ``peer_node_id``:
-    ``handshake.received`` (``justification``, ``relayed``), ``handshake.pending``
-    (``justification``), ``handshake.approved`` (``by``: ``operator``, or ``peer`` when our
-    request was accepted), ``handshake.rejected`` (``reason``), ``handshake.auto_approved``
-    (``reason``; ``agent`` for trusted agents), ``trust.changed`` (``state``: granted /
-    revoked; ``reason``, Go's: ``mutual``, ``same_network``, ``trusted_agent`` with
-    ``agent``, ``auto_approve``, ``approved``, ``trusted_agent_relayed``,
-    ``auto_approve_relayed``, ``local``, ``by_peer``), ``trust.revoked`` (by us),
-    ``trust.revoked_by_peer`` (``reason``), ``handshake.rejected_by_peer`` (``reason``,
-    ``relayed``: our request was rejected) and ``trust.conflict`` (``registry_key``: a trust
-    record's node ID now bound to another key). ``clock``
+    ``StoreError``. It publishes its events (SPEC 14) through ``runtime.publish_event`` once
+    the change they announce is durable; their topics and payloads are listed once, in
+    ``events``, and ``trust.changed``'s reasons in ``decide``. ``clock``
     (default: the system's) is read for every age, cooldown, cache and timestamp.
     """
 

@@ -8,9 +8,10 @@ import logging
 from datetime import datetime, timezone
 
 import pytest
-from fakeruntime import FakeRuntime, settle, snapshot
+from fakeruntime import settle, snapshot
 
 from pilothandshake.manager import Manager
+from pilothandshake.testing import MemoryRuntime
 
 OWN = 1
 REMOTE = "127.0.0.1:40000"
@@ -19,7 +20,7 @@ T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
 
 def assert_dropped(
     manager: Manager,
-    runtime: FakeRuntime,
+    runtime: MemoryRuntime,
     caplog: pytest.LogCaptureFixture,
     data: bytes,
     reason: str,

@@ -523,11 +523,10 @@ def test_failed_write_in_the_handler_is_logged_at_error(
 
 
 def test_memory_only_manager_keeps_no_file(tmp_path: object, peer: Peer) -> None:
-    from fakeruntime import FakeRuntime
-
     from pilothandshake.manager import Manager
+    from pilothandshake.testing import MemoryRuntime
 
-    runtime = FakeRuntime(OWN)
+    runtime = MemoryRuntime(OWN)
     manager = Manager(runtime)
     manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
     assert manager.approve_handshake(7)

@@ -10,12 +10,13 @@ import threading
 from datetime import datetime, timezone
 
 import pytest
-from fakeruntime import FakeClock, FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle
+from fakeruntime import FakeRegistry, Nodes, Peer, seed_trust, settle
 
 from pilothandshake.errors import HandshakeError
 from pilothandshake.manager import Manager
 from pilothandshake.messages import HANDSHAKE_REQUEST, HANDSHAKE_REVOKE
 from pilothandshake.store import TrustRecord
+from pilothandshake.testing import FakeClock, MemoryRuntime
 
 OWN = 1
 REMOTE = "127.0.0.1:40000"
@@ -32,7 +33,7 @@ def moved(nodes: Nodes) -> tuple[Peer, Peer, FakeRegistry]:
     return old, new, registry
 
 
-def conflict_events(runtime: FakeRuntime) -> list[dict[str, object]]:
+def conflict_events(runtime: MemoryRuntime) -> list[dict[str, object]]:
     return [payload for topic, payload in runtime.events if topic == "trust.conflict"]
 
 
@@ -199,7 +200,7 @@ def test_a_conflict_is_found_without_a_store_too() -> None:
     registry = FakeRegistry()
     registry.keys[7] = Peer(7).key
     clock = FakeClock()
-    manager = Manager(FakeRuntime(OWN, registry=registry), clock=clock)
+    manager = Manager(MemoryRuntime(OWN, registry=registry), clock=clock)
     try:
         manager.process_relayed_request(7, "hello", registry.keys[7])
         assert manager.approve_handshake(7)

@@ -8,13 +8,7 @@ import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from fakeruntime import (
-    FakeRegistry,
-    FakeRuntime,
-    Nodes,
-    Peer,
-    seed_trust,
-)
+from fakeruntime import FakeRegistry, Nodes, Peer, seed_trust
 from managertools import REMOTE
 
 from pilothandshake.constants import MAX_PENDING
@@ -22,6 +16,7 @@ from pilothandshake.manager import Manager
 from pilothandshake.messages import HANDSHAKE_REQUEST
 from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import PendingHandshake, TrustRecord, load_state
+from pilothandshake.testing import MemoryRuntime
 
 OWN = 1
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
@@ -48,8 +43,8 @@ def pending_ids(manager: Manager) -> set[int]:
     return {p.node_id for p in manager.pending_requests()}
 
 
-def memory_manager(registry: FakeRegistry) -> tuple[Manager, FakeRuntime]:
-    runtime = FakeRuntime(OWN, registry=registry)
+def memory_manager(registry: FakeRegistry) -> tuple[Manager, MemoryRuntime]:
+    runtime = MemoryRuntime(OWN, registry=registry)
     return Manager(runtime), runtime
 
 
@@ -181,7 +176,7 @@ def test_protected_requests_are_never_evicted_for_strangers(
         ),
     )
     registry = FakeRegistry()
-    runtime = FakeRuntime(OWN, f"{nodes.root}/n1", registry=registry)
+    runtime = MemoryRuntime(OWN, f"{nodes.root}/n1", registry=registry)
     runtime.allowlist.update({n: AllowlistEntry(n, f"a{n}") for n in range(100, 400)})
     manager = Manager(runtime)
     nodes.managers.append(manager)

@@ -9,14 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from fakeruntime import (
-    FakeClock,
-    FakeRegistry,
-    Nodes,
-    Peer,
-    seed_trust,
-    snapshot,
-)
+from fakeruntime import FakeRegistry, Nodes, Peer, seed_trust, snapshot
 from managertools import OWN, REMOTE, T0, assert_dropped, respell
 
 from pilothandshake.messages import (
@@ -26,6 +19,7 @@ from pilothandshake.messages import (
     HANDSHAKE_REVOKE,
 )
 from pilothandshake.store import PendingHandshake, TrustRecord
+from pilothandshake.testing import FakeClock
 
 # Key pinning
 

@@ -8,16 +8,7 @@ import logging
 from datetime import datetime, timezone
 
 import pytest
-from fakeruntime import (
-    FakeClock,
-    FakeRegistry,
-    FakeRuntime,
-    Nodes,
-    Peer,
-    seed_trust,
-    settle,
-    snapshot,
-)
+from fakeruntime import FakeRegistry, Nodes, Peer, seed_trust, settle, snapshot
 
 from pilothandshake.constants import MAX_PENDING
 from pilothandshake.identity import decode_signature, verify
@@ -26,6 +17,7 @@ from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST
 from pilothandshake.registry.challenges import respond_challenge
 from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord, load_state
+from pilothandshake.testing import FakeClock, MemoryRuntime
 
 OWN = 1
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
@@ -48,14 +40,14 @@ def send_relayed(manager: Manager, peer: Peer, justification: str = "need data")
     manager.process_relayed_request(peer.node_id, justification, peer.key)
 
 
-def auto_reason(runtime: FakeRuntime) -> str | None:
+def auto_reason(runtime: MemoryRuntime) -> str | None:
     for topic, payload in runtime.events:
         if topic == "handshake.auto_approved":
             return str(payload["reason"])
     return None
 
 
-def assert_accept_replied(manager: Manager, runtime: FakeRuntime, relayed: bool) -> None:
+def assert_accept_replied(manager: Manager, runtime: MemoryRuntime, relayed: bool) -> None:
     """A direct request is answered by a dialled accept, a relayed one via the registry."""
     settle(manager)
     registry = runtime.registry_client
@@ -72,7 +64,7 @@ def assert_accept_replied(manager: Manager, runtime: FakeRuntime, relayed: bool)
         assert responds == []
 
 
-def assert_granted(manager: Manager, runtime: FakeRuntime, reason: str) -> TrustRecord:
+def assert_granted(manager: Manager, runtime: MemoryRuntime, reason: str) -> TrustRecord:
     settle(manager)
     assert auto_reason(runtime) == reason
     assert runtime.topics() == [
@@ -335,15 +327,13 @@ def test_direct_accept_reply_falls_back_to_the_relay_when_the_dial_fails(
     assert [c[:3] for c in registry.calls_of("respond_handshake")] == [(OWN, 7, True)]
 
 
-class _Unreachable(FakeRuntime):
+class _Unreachable(MemoryRuntime):
     """A runtime that says it cannot dial any peer, and records what it signs."""
 
     def __init__(self, directory: str, registry: FakeRegistry | None) -> None:
         super().__init__(OWN, directory, auto_approve=True, registry=registry)
         self.signed: list[bytes] = []
-
-    def can_dial(self, node_id: int) -> bool:
-        return False
+        self.dialable = False
 
     def sign(self, msg: bytes) -> bytes | None:
         self.signed.append(msg)

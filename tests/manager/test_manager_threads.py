@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle
+from fakeruntime import FakeRegistry, Nodes, Peer, seed_trust, settle
 
 from pilothandshake.errors import HandshakeError
 from pilothandshake.identity import verify
@@ -29,6 +29,7 @@ from pilothandshake.messages import (
     receipt_challenge,
 )
 from pilothandshake.store import PendingHandshake, TrustRecord, load_state
+from pilothandshake.testing import MemoryRuntime
 
 OWN = 1
 REMOTE = "127.0.0.1:40000"
@@ -361,7 +362,7 @@ def test_two_managers_complete_a_request_and_approval(nodes: Nodes) -> None:
 
 
 def test_manager_satisfies_the_runtime_protocol_through_a_custom_runtime() -> None:
-    runtime = FakeRuntime(5)
+    runtime = MemoryRuntime(5)
     manager = Manager(runtime)
     manager.start()
     try:

@@ -8,7 +8,7 @@ import os
 import threading
 from pathlib import Path
 
-from fakeruntime import FakeClock, FakeRegistry, FakeRuntime, Nodes, Peer, settle
+from fakeruntime import FakeRegistry, Nodes, Peer, settle
 
 from pilothandshake.constants import MAX_BACKOFF
 from pilothandshake.errors import RegistryError
@@ -24,6 +24,7 @@ from pilothandshake.manager.outbox import (
     Outbox,
 )
 from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST
+from pilothandshake.testing import FakeClock, MemoryRuntime
 
 OWN = 1
 REMOTE = "127.0.0.1:40000"
@@ -238,7 +239,7 @@ def test_a_kept_no_is_cancelled_by_fresh_intent_and_a_kept_yes_is_not(tmp_path: 
     assert outbox.count() == 1
 
 
-def kept_no(nodes: Nodes, peer: Peer, kind: str) -> tuple[Manager, FakeRuntime, FakeRegistry]:
+def kept_no(nodes: Nodes, peer: Peer, kind: str) -> tuple[Manager, MemoryRuntime, FakeRegistry]:
     """A Manager whose "no" of ``kind`` (revoke or reject) to ``peer`` neither path took."""
     registry = FakeRegistry()
     registry.keys[7] = peer.key  # its messages are registry-bound

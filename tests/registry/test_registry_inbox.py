@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from registrytools import ROOMY, Clock
 
 from pilothandshake.constants import MAX_TEXT_BYTES, REGISTRY_INBOX
 from pilothandshake.identity import Identity, b64encode
@@ -21,26 +22,10 @@ from pilothandshake.registry.challenges import (
     report_trust_challenge,
     respond_challenge,
 )
-from pilothandshake.registry.config import RegistryLimits
 from pilothandshake.registry.state import Registry
 from pilothandshake.registry.storage import Store
 
 # Every identity here registers from a handful of sources: only the inbox rules bind.
-ROOMY = RegistryLimits(
-    register_per_minute=100_000,
-    mutations_per_minute_per_node=100_000,
-    mutations_per_minute_per_source=1_000_000,
-)
-
-
-class Clock:
-    """The registry's monotonic and wall clock, moved only by the test."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Peer:

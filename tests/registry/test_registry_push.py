@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
+from registrytools import ROOMY
 
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import handshake_challenge
@@ -20,11 +21,6 @@ from pilothandshake.registry.client import RegistryConnection, encode_frame, rea
 from pilothandshake.registry.config import RegistryLimits, ServerConfig
 from pilothandshake.registry.server import RegistryServer
 
-ROOMY = RegistryLimits(
-    register_per_minute=100_000,
-    mutations_per_minute_per_node=100_000,
-    mutations_per_minute_per_source=1_000_000,
-)
 LONG = 30.0  # a wait no test should ever sit out: an answer before it was woken
 
 
