@@ -398,7 +398,14 @@ def decide_peer_reject(view: View, inbound: Inbound, context: Context, now: Now)
     node = inbound.node_id
     decision = Decision()
     request = view.state.outgoing.get(node)
-    withdrawal = inbound.relayed and node in view.state.pending and not view.asked(node)
+    # The relay has no revoke: a requester withdraws through it with a rejection. One whose
+    # reason says so (a registry that passes reasons on, as pilot-registryd does) is only
+    # ever that: taken for a rejection of a request we sent meanwhile, it would end it.
+    said = inbound.relayed and inbound.text == WITHDRAWN
+    withdrawal = inbound.relayed and node in view.state.pending and (said or not view.asked(node))
+    if said and not withdrawal:
+        decision.quiet = f"node {node} withdrew a request we no longer hold"
+        return decision
     if not (view.asked(node) or withdrawal):
         if request is not None and request.state == REJECTED:
             decision.quiet = f"node {node}: rejection of our request arrived again"
@@ -408,12 +415,9 @@ def decide_peer_reject(view: View, inbound: Inbound, context: Context, now: Now)
     if not _believed(inbound, context):
         return decision.dropped("reject neither registry-bound nor pinned")
     if withdrawal:
-        # We never asked it, but it asked us: the requester withdrew its request through the
-        # relay (decide_operator_revoke), the only way to reach a private node.
-        decision.changes.append(Change(PENDING, node, None))
-        decision.events.append((REVOKED_BY_PEER, {"peer_node_id": node, "reason": WITHDRAWN}))
-        decision.notes.append(f"node {node} withdrew its request")
-        return decision
+        # It asked us: the requester withdrew its request through the relay
+        # (decide_operator_revoke), the only way to reach a private node.
+        return _withdrawn(decision, node)
     assert request is not None  # asked
     decision.changes.append(_ended(request, REJECTED, now, inbound.text))
     payload = {"peer_node_id": node, "reason": inbound.text, "relayed": inbound.relayed}
@@ -433,6 +437,13 @@ def decide_peer_revoke(view: View, inbound: Inbound, context: Context, now: Now)
     pinned = inbound.pin is not None and inbound.pin is not PinKind.WEAK
     if not (inbound.bound or pinned or withdrawal):
         return decision.dropped("revoke neither registry-bound nor signed with the pinned key")
+    if inbound.text == WITHDRAWN and node not in view.state.trusted:
+        # The peer takes back its request, nothing of ours: a request we sent it since (a
+        # late copy of the withdrawal may arrive after it) must stay.
+        if node not in view.state.pending:
+            decision.quiet = f"node {node} withdrew a request we no longer hold"
+            return decision
+        return _withdrawn(decision, node)
     was_trusted = _forget(decision, view, node, now, context.limits)
     if not decision.changes:
         decision.quiet = f"node {node} revoked trust we never had"
@@ -444,6 +455,14 @@ def decide_peer_revoke(view: View, inbound: Inbound, context: Context, now: Now)
         decision.effects.append(RevokeAtRegistry(node))
     decision.inline.append(RemoveTunnelPeer(node))
     decision.notes.append(f"node {node} revoked trust: {_quoted(inbound.text)}")
+    return decision
+
+
+def _withdrawn(decision: Decision, node: int) -> Decision:
+    """``node`` withdrew the request we hold from it."""
+    decision.changes.append(Change(PENDING, node, None))
+    decision.events.append((REVOKED_BY_PEER, {"peer_node_id": node, "reason": WITHDRAWN}))
+    decision.notes.append(f"node {node} withdrew its request")
     return decision
 
 
@@ -518,7 +537,7 @@ def decide_operator_revoke(view: View, node: int, limits: QueueLimits, now: Now)
         decision.inline.append(Send(node, HANDSHAKE_REVOKE, WITHDRAWN))
         # A private peer we asked through the relay cannot be dialled, and the relay has no
         # revoke: a relayed rejection of the peer from us tells it (decide_peer_reject).
-        decision.effects.append(Respond(node, False))
+        decision.effects.append(Respond(node, False, WITHDRAWN))
         decision.notes.append(f"withdrew our request to node {node}")
     return decision
 

@@ -157,6 +157,28 @@ CASES: dict[str, Case] = {
         payloads={"trust.revoked_by_peer": {"peer_node_id": 7, "reason": "request withdrawn"}},
         notes=["node 7 withdrew its request"],
     ),
+    "a relayed withdrawal never ends the request we sent it since (its reason says so)": Case(
+        decide_peer_reject,
+        View(state(outgoing=(7,))),
+        relayed(text="request withdrawn"),
+        quiet=True,
+    ),
+    "a relayed withdrawal removes the request we hold even when we asked it too": Case(
+        decide_peer_reject,
+        View(state(outgoing=(7,), pending_=(pending(),))),
+        relayed(text="request withdrawn"),
+        changes=[("pending", 7, False)],
+        events=["trust.revoked_by_peer"],
+        notes=["node 7 withdrew its request"],
+    ),
+    "a relayed rejection with another reason ends our request": Case(
+        decide_peer_reject,
+        View(state(outgoing=(7,))),
+        relayed(text="not today"),
+        changes=[("outgoing", 7, "rejected")],
+        events=["handshake.rejected_by_peer"],
+        notes=["node 7 rejected our request: 'not today'"],
+    ),
     "a direct reject never removes the sender's pending request": Case(
         decide_peer_reject, View(state(pending_=(pending(),))), direct(), quiet=True
     ),
@@ -209,6 +231,20 @@ CASES: dict[str, Case] = {
         changes=[("pending", 7, False)],
         inline=[RemoveTunnelPeer(7)],
     ),
+    "a withdrawal (revoke 'request withdrawn') leaves the request we sent it since": Case(
+        decide_peer_revoke,
+        View(state(outgoing=(7,), pending_=(pending(),))),
+        direct(bound=False, pin=PinKind.WEAK, text="request withdrawn"),
+        changes=[("pending", 7, False)],
+        events=["trust.revoked_by_peer"],
+        notes=["node 7 withdrew its request"],
+    ),
+    "a late withdrawal of a request we no longer hold: quiet, our own request stays": Case(
+        decide_peer_revoke,
+        View(state(outgoing=(7,))),
+        direct(text="request withdrawn"),
+        quiet=True,
+    ),
     "a weak pin cannot revoke a trust record": Case(
         decide_peer_revoke,
         View(state((trusted(""),), pending_=(pending(),))),
@@ -260,7 +296,7 @@ CASES: dict[str, Case] = {
         View(state(outgoing=(7,))),
         direct(),
         changes=[("outgoing", 7, "withdrawn")],
-        effects=[Respond(7, False)],
+        effects=[Respond(7, False, "request withdrawn")],
         inline=[Send(7, "handshake_revoke", "request withdrawn")],
         cooldowns={7: NOW.monotonic},
     ),
@@ -336,7 +372,7 @@ def test_untrust_revokes_withdraws_or_finds_nothing() -> None:
     assert withdrawn.result == "withdrawn" and withdrawn.events == []
     assert withdrawn.inline == [Send(7, "handshake_revoke", "request withdrawn")]
     # A private peer asked through the relay hears of it as a relayed rejection.
-    assert withdrawn.effects == [Respond(7, False)]
+    assert withdrawn.effects == [Respond(7, False, "request withdrawn")]
     assert changes_of(withdrawn) == [("outgoing", 7, "withdrawn")]
     nothing = decide_operator_revoke(View(state(pending_=(pending(),))), 7, QueueLimits(), NOW)
     assert (nothing.result, changes_of(nothing), nothing.inline) == (

@@ -213,6 +213,32 @@ def test_an_approval_nobody_could_deliver_is_kept_and_sent_after_a_restart(
     assert kept(Path(path)) == []
 
 
+def test_a_node_without_its_id_yet_keeps_its_answer_instead_of_signing_as_node_0(
+    nodes: Nodes, peer: Peer
+) -> None:
+    """Restarted while the registry is down, a node does not know its ID: an approval then
+    is kept for later, never sent as "node 0" (which its receiver can only drop)."""
+    registry = FakeRegistry()
+    manager, runtime = nodes.make(registry=registry)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
+    runtime.own_id = 0
+    assert manager.approve_handshake(7)
+    settle(manager)
+    assert runtime.sent == [] and registry.calls_of("respond_handshake") == []
+    assert manager.undelivered_answers() == 1
+    manager.close()
+    again, again_runtime = nodes.make(registry=registry)  # the ID is known again
+    again.start()
+    for _ in range(100):
+        if again.undelivered_answers() == 0:
+            break
+        threading.Event().wait(0.05)
+    again.stop()
+    again.close()
+    (sent,) = [json.loads(data) for _, _, data in again_runtime.sent]
+    assert (sent["type"], sent["node_id"]) == (HANDSHAKE_ACCEPT, OWN)
+
+
 def test_an_answer_delivered_by_either_path_is_not_kept(nodes: Nodes, peer: Peer) -> None:
     registry = FakeRegistry()
     manager, runtime = nodes.make(registry=registry)
