@@ -47,9 +47,7 @@ __all__ = [
     "RegistryConfig",
     "TrustConfig",
     "check_config",
-    "format_address",
     "load_config",
-    "parse_address",
     "parse_config",
 ]
 
