@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-from .addresses import format_address, parse_address
+from .addresses import parse_address
 from .constants import (
     CONTROL_SOCKET_NAME,
     DEFAULT_IDENTITY_PATH,
