@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 from . import fsutil
 from .errors import StoreError
+from .events import NODE_ID_CHANGED
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "NODE_FILE",
-    "NODE_ID_CHANGED",
     "NodeIdMemory",
     "check_identity_mode",
     "prepare_state_directory",
@@ -29,7 +29,6 @@ __all__ = [
 
 # Beside the identity: the node ID the registry gave this key last time, and which registry.
 NODE_FILE = "node.json"
-NODE_ID_CHANGED = "node.id_changed"  # event topic, payload {"old", "new"}
 
 
 class NodeIdMemory:

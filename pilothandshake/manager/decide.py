@@ -20,6 +20,18 @@ from datetime import datetime
 from typing import Any, Callable
 
 from ..constants import REVOKE_COOLDOWN
+from ..events import (
+    APPROVED,
+    AUTO_APPROVED,
+    CONFLICT,
+    PENDING_EVENT,
+    RECEIVED,
+    REJECTED_BY_PEER,
+    REJECTED_EVENT,
+    REVOKED,
+    REVOKED_BY_PEER,
+    TRUST_CHANGED,
+)
 from ..identity import b64encode, decode_key
 from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE, WITHDRAWN
 from ..store import (
@@ -53,19 +65,7 @@ from .effects import (
     RevokeAtRegistry,
     Send,
 )
-from .queue import Limits, admit, in_history
-
-# Event topics (SPEC 14), all with payload ``peer_node_id``.
-RECEIVED = "handshake.received"  # justification, relayed
-PENDING_EVENT = "handshake.pending"  # justification
-APPROVED = "handshake.approved"  # by: operator | peer
-REJECTED_EVENT = "handshake.rejected"  # reason
-AUTO_APPROVED = "handshake.auto_approved"  # reason (a row's name); agent for trusted agents
-TRUST_CHANGED = "trust.changed"  # state: granted | revoked; reason (below); agent
-REVOKED = "trust.revoked"  # by us
-REVOKED_BY_PEER = "trust.revoked_by_peer"  # reason
-REJECTED_BY_PEER = "handshake.rejected_by_peer"  # reason, relayed: our request was rejected
-CONFLICT = "trust.conflict"  # registry_key: a trust record's node ID bound to another key
+from .queue import QueueLimits, admit, in_history
 
 # trust.changed's reason (Go's), also kept in the trust record: why a peer is trusted, or
 # who ended it. A row of SPEC 6 grants with its own name, "_relayed" added for the rows
@@ -112,7 +112,7 @@ class Context:
     agent_key: bytes | None = None  # the allowlist entry's pinned key: what row 4 stores
     agent_mismatch: bool = False  # a key the request brings differs from that pin
     network: int = 0  # first shared non-backbone network in our own order, 0 if none
-    limits: Limits = field(default_factory=Limits)
+    limits: QueueLimits = field(default_factory=QueueLimits)
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ REQUEST_ROWS: tuple[Row, ...] = (
 )
 
 
-def decide_request(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_request(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """A handshake request, direct or relayed (SPEC 6)."""
     node = inbound.node_id
     payload = {"peer_node_id": node, "justification": inbound.text, "relayed": inbound.relayed}
@@ -331,7 +331,7 @@ def _ended(request: OutgoingRequest, state: str, now: Now, reason: str = "") -> 
 
 
 def _forget(
-    decision: Decision, view: View, node: int, now: Now, limits: Limits, withdraw: bool = False
+    decision: Decision, view: View, node: int, now: Now, limits: QueueLimits, withdraw: bool = False
 ) -> bool:
     """Remove trust, pending and outgoing for ``node``, remembering a trust record in the
     history (forgetting the entry that ended longest ago beyond ``limits.max_history``);
@@ -369,7 +369,7 @@ def _believed(inbound: Inbound, context: Context) -> bool:
 # SPEC 7: received
 
 
-def decide_accept(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_accept(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """An accept, direct or relayed (SPEC 7)."""
     node = inbound.node_id
     decision = Decision()
@@ -392,7 +392,7 @@ def decide_accept(view: View, inbound: Inbound, context: Context, now: Now) -> D
     return decision
 
 
-def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_reject(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """A reject of our request, direct or relayed (SPEC 7): the request ends ``rejected``
     with the peer's reason, once, however many paths bring the rejection."""
     node = inbound.node_id
@@ -416,7 +416,7 @@ def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> D
         return decision.dropped("reject neither registry-bound nor pinned")
     if withdrawal:
         # It asked us: the requester withdrew its request through the relay
-        # (decide_untrust), the only way to reach a private node.
+        # (decide_operator_revoke), the only way to reach a private node.
         return _withdrawn(decision, node)
     assert request is not None  # asked
     decision.changes.append(_ended(request, REJECTED, now, inbound.text))
@@ -426,7 +426,7 @@ def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> D
     return decision
 
 
-def decide_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """A revoke from a peer (SPEC 7), in every mode only when registry-bound or signed with
     the pinned key (SPEC 8): otherwise anyone with a key of their own could revoke."""
     node = inbound.node_id
@@ -473,7 +473,7 @@ def _quoted(text: str) -> str:
 # SPEC 7: the operator's calls
 
 
-def decide_approve(view: View, node: int, now: Now) -> Decision | None:
+def decide_operator_approve(view: View, node: int, now: Now) -> Decision | None:
     """``approve_handshake``: the pending request of ``node`` becomes trust (``mutual=False``),
     or a trust record in conflict with the registry is trusted again with its own key; None
     when neither. Whether a KEY CHANGED request may be approved is ``auth.approval_problem``,
@@ -502,7 +502,7 @@ def decide_approve(view: View, node: int, now: Now) -> Decision | None:
     return decision
 
 
-def decide_dismiss(view: View, node: int, reason: str, now: Now) -> Decision | None:
+def decide_operator_reject(view: View, node: int, reason: str, now: Now) -> Decision | None:
     """``reject_handshake``: drop the pending request of ``node`` and tell it ``reason``
     (truncated); None when nothing is pending."""
     if node not in view.state.pending:
@@ -514,7 +514,7 @@ def decide_dismiss(view: View, node: int, reason: str, now: Now) -> Decision | N
     )
 
 
-def decide_untrust(view: View, node: int, limits: Limits, now: Now) -> Decision:
+def decide_operator_revoke(view: View, node: int, limits: QueueLimits, now: Now) -> Decision:
     """``revoke_trust``: remove trust, pending and outgoing, and start the revoke cooldown.
     ``result`` "revoked" when it was trusted, "withdrawn" when we had only asked it (our
     request ends ``withdrawn``; the peer gets a signed revoke, which removes our pending
@@ -536,7 +536,7 @@ def decide_untrust(view: View, node: int, limits: Limits, now: Now) -> Decision:
         decision.result = "withdrawn"
         decision.inline.append(Send(node, HANDSHAKE_REVOKE, WITHDRAWN))
         # A private peer we asked through the relay cannot be dialled, and the relay has no
-        # revoke: a relayed rejection of the peer from us tells it (decide_reject).
+        # revoke: a relayed rejection of the peer from us tells it (decide_peer_reject).
         decision.effects.append(Respond(node, False, WITHDRAWN))
         decision.notes.append(f"withdrew our request to node {node}")
     return decision

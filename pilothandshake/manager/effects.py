@@ -25,9 +25,9 @@ from ..messages import (
     WITHDRAWN,
     HandshakeMsg,
     handshake_challenge,
-    respond_challenge,
 )
 from ..metrics import Metrics
+from ..registry.challenges import respond_challenge
 from .outbox import ACCEPT, KINDS, REJECT, REVOKE, WITHDRAW
 
 if TYPE_CHECKING:
