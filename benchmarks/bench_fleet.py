@@ -189,6 +189,14 @@ def _registry_requests(sockets: list[str]) -> dict[str, float]:
     return counts
 
 
+def _machine_busy() -> float:
+    """CPU seconds all cores have been busy since boot, every process's (Linux /proc/stat:
+    everything but idle and iowait)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        ticks = [int(x) for x in stat.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def _minus(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {kind: count - before.get(kind, 0.0) for kind, count in after.items()}
 
@@ -248,6 +256,7 @@ def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dic
             started = time.monotonic()
             reg_cpu0 = c.cpu_seconds(reg_pid)
             daemons_cpu0 = sum(c.cpu_seconds(daemon.pid) for daemon in daemons)
+            driver_cpu0, machine_cpu0 = c.cpu_seconds(os.getpid()), _machine_busy()
             failures: list[str] = []
 
             def ask_all(index: int) -> None:
@@ -280,6 +289,8 @@ def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dic
             load = os.getloadavg()[0]
             reg_cpu = c.cpu_seconds(reg_pid) - reg_cpu0
             daemons_cpu = sum(c.cpu_seconds(daemon.pid) for daemon in daemons) - daemons_cpu0
+            driver_cpu = c.cpu_seconds(os.getpid()) - driver_cpu0
+            machine_cpu = _machine_busy() - machine_cpu0
             for thread in threads:
                 thread.join(60)
             by_kind = _minus(_registry_requests(sockets), requests0)
@@ -309,6 +320,11 @@ def one_fleet(size: int, idle_seconds: float, go: tuple[str, str] | None) -> dic
         "mesh_s": mesh_s,
         "registry_cpu_s": reg_cpu,
         "daemons_cpu_s": daemons_cpu,
+        # This benchmark's own process (a thread per node asking, the status polls), and
+        # every core's busy time on the machine (other jobs included) during the mesh.
+        "driver_cpu_s": driver_cpu,
+        "machine_busy_cpu_s": machine_cpu,
+        "machine_cores": os.cpu_count() or 1,
         "load_average_at_mesh": load,
         "progress": progress,
         "registry_requests": requests,
@@ -383,7 +399,10 @@ def _print(result: dict[str, Any]) -> None:
         f"{result['registry_requests']:.0f} registry requests "
         f"({result['registry_requests_per_s']:.0f}/s, "
         f"{result['registry_cpu_us_per_request']:.0f} us of registry CPU each), daemons CPU "
-        f"{result['daemons_cpu_s']:.1f} s, load average {result['load_average_at_mesh']:.1f}, "
+        f"{result['daemons_cpu_s']:.1f} s, this driver {result['driver_cpu_s']:.1f} s, the "
+        f"machine busy {result['machine_busy_cpu_s']:.1f} of "
+        f"{result['machine_cores'] * result['mesh_s']:.1f} core-seconds, load average "
+        f"{result['load_average_at_mesh']:.1f}, "
         f"daemons RSS "
         f"{result['daemon_rss_mib']:.0f} MiB, idle fleet {result['idle_cpu_pct']:.2f} % "
         f"of a core ({result['idle_requests_per_node_minute']:.1f} registry requests per node "
