@@ -1,5 +1,7 @@
 """The error hierarchy: every error this package raises derives from HandshakeError."""
 
+from .drops import Drop, DropKind
+
 
 class HandshakeError(Exception):
     """Base class of every pilothandshake error."""
@@ -7,6 +9,12 @@ class HandshakeError(Exception):
 
 class MessageError(HandshakeError):
     """A port-444 message is malformed (bad JSON, wrong type, too large, too slow)."""
+
+    @property
+    def drop(self) -> Drop:
+        """The drop of the received message this error rejects: ``MALFORMED``, with the
+        message of this error as its detail."""
+        return Drop(DropKind.MALFORMED, str(self))
 
 
 class NotTrustedError(HandshakeError):
@@ -26,7 +34,13 @@ class SendError(HandshakeError):
 
 
 class StoreError(HandshakeError):
-    """Trust state or the identity could not be read or written; names the file and the OS error."""
+    """Trust state or the identity could not be read or written; names the file and the OS
+    error. ``path`` is that file, for callers that act on it (``""``: the state in memory)."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        """``message`` for people, ``path`` the file it is about."""
+        super().__init__(message)
+        self.path = path
 
 
 class ControlError(HandshakeError):

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
+from pilothandshake.drops import Drop, DropKind
 from pilothandshake.identity import b64encode
 from pilothandshake.manager.auth import PinKind
 from pilothandshake.manager.clock import Now
@@ -104,8 +105,8 @@ class Case:
 
     ``changes`` lists ``(table, node, kept)`` (``kept``: a record is put, not removed; for
     our outgoing requests, the state it is put in);
-    ``effects`` and ``inline`` are the effect dataclasses; ``drop`` a substring of the
-    reason; ``record`` what the trust record of node 7 must hold, when one is put."""
+    ``effects`` and ``inline`` are the effect dataclasses; ``drop`` the drop (kind and
+    detail); ``record`` what the trust record of node 7 must hold, when one is put."""
 
     decide: Callable[[View, Inbound, Context, Now], Decision]
     view: View
@@ -115,7 +116,7 @@ class Case:
     changes: list[tuple[str, int, bool | str]] = field(default_factory=list)
     effects: list[Any] = field(default_factory=list)
     inline: list[Any] = field(default_factory=list)
-    drop: str = ""
+    drop: Drop | None = None
     quiet: bool = False
     record: tuple[str, bool, int] | None = None  # (public_key, mutual, network)
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -209,7 +210,7 @@ CASES: dict[str, Case] = {
         EMPTY,
         direct(),
         context=Context(has_registry=True, agent_name="ci", agent_mismatch=True),
-        drop="public key differs from the allowlist's pinned key",
+        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the allowlist's pinned key"),
     ),
     "row 4 also for a record in conflict? no: the operator decides": Case(
         decide_request,
@@ -279,13 +280,13 @@ CASES: dict[str, Case] = {
         decide_request,
         View(state((trusted(B64),))),
         direct(),
-        drop="public key differs from the pinned key",
+        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the pinned key"),
     ),
     "strict: a key other than a bound pending request's is dropped": Case(
         decide_request,
         View(state(pending_=(pending(key=B64, bound=True),))),
         direct(),
-        drop="public key differs from the pinned key",
+        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the pinned key"),
     ),
     "legacy: no pin check": Case(
         decide_request,
@@ -308,7 +309,7 @@ CASES: dict[str, Case] = {
         View(state(pending_=(pending(8),))),
         direct(bound=False),
         context=Context(has_registry=True, limits=Limits(unbound_per_source=1)),
-        drop="too many pending requests from this source address",
+        drop=Drop(DropKind.QUEUE_FULL, "too many pending requests from this source address"),
     ),
     "queue full: a bound request evicts the oldest unbound one": Case(
         decide_request,
@@ -326,7 +327,7 @@ CASES: dict[str, Case] = {
         View(state(pending_=(pending(8), pending(9))), protected={8, 9}),
         direct(),
         context=Context(has_registry=True, limits=Limits(max_pending=2)),
-        drop="pending queue full of protected requests",
+        drop=Drop(DropKind.QUEUE_FULL, "pending queue full of protected requests"),
     ),
     # SPEC 7: accept
     "accept for our outgoing request: mutual trust": Case(
@@ -343,19 +344,22 @@ CASES: dict[str, Case] = {
         decide_accept, View(state((trusted(),))), relayed(), quiet=True
     ),
     "accept without an outgoing request": Case(
-        decide_accept, EMPTY, direct(), drop="accept without an outgoing request"
+        decide_accept,
+        EMPTY,
+        direct(),
+        drop=Drop(DropKind.UNSOLICITED, "accept without an outgoing request"),
     ),
     "accept neither bound nor pinned, with a registry": Case(
         decide_accept,
         View(state(outgoing=(7,))),
         direct(bound=False),
-        drop="accept neither registry-bound nor pinned",
+        drop=Drop(DropKind.SIGNATURE, "accept neither registry-bound nor pinned"),
     ),
     "accept within the revoke cooldown": Case(
         decide_accept,
         View(state(outgoing=(7,)), revoked_at={7: NOW.monotonic - 299.0}),
         direct(),
-        drop="accept within the revoke cooldown",
+        drop=Drop(DropKind.UNSOLICITED, "accept within the revoke cooldown"),
     ),
     "accept once the cooldown is over": Case(
         decide_accept,
@@ -369,7 +373,7 @@ CASES: dict[str, Case] = {
         decide_accept,
         View(state(pending_=(pending(key=B64, bound=True),), outgoing=(7,))),
         direct(),
-        drop="public key differs from the pinned key",
+        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the pinned key"),
     ),
     # SPEC 7: reject
     "reject ends our request rejected, with the peer's reason": Case(
@@ -401,13 +405,13 @@ CASES: dict[str, Case] = {
         decide_accept,
         View(state(outgoing=(OutgoingRequest(7, T0, state="rejected"),))),
         direct(),
-        drop="accept without an outgoing request",
+        drop=Drop(DropKind.UNSOLICITED, "accept without an outgoing request"),
     ),
     "reject neither bound nor pinned, with a registry": Case(
         decide_reject,
         View(state(outgoing=(7,))),
         direct(bound=False),
-        drop="reject neither registry-bound nor pinned",
+        drop=Drop(DropKind.SIGNATURE, "reject neither registry-bound nor pinned"),
     ),
     "a relayed reject from a node whose request we hold: it withdrew the request": Case(
         decide_reject,
@@ -460,7 +464,9 @@ CASES: dict[str, Case] = {
         decide_revoke,
         View(state((trusted(),))),
         direct(bound=False),
-        drop="revoke neither registry-bound nor signed with the pinned key",
+        drop=Drop(
+            DropKind.SIGNATURE, "revoke neither registry-bound nor signed with the pinned key"
+        ),
     ),
     "revoke signed with a pending request's own key withdraws it": Case(
         decide_revoke,
@@ -474,7 +480,9 @@ CASES: dict[str, Case] = {
         decide_revoke,
         View(state((trusted(""),), pending_=(pending(),))),
         direct(bound=False, pin=PinKind.WEAK),
-        drop="revoke neither registry-bound nor signed with the pinned key",
+        drop=Drop(
+            DropKind.SIGNATURE, "revoke neither registry-bound nor signed with the pinned key"
+        ),
     ),
     "revoke of trust we never had: quiet": Case(decide_revoke, EMPTY, direct(), quiet=True),
     "the history is bounded: the entry that ended longest ago goes": Case(
@@ -767,7 +775,8 @@ def test_a_request_from_a_new_source_counts_as_new_against_a_full_queue() -> Non
     assert [c.node_id for c in decision.changes] == [7]
     full = View(state(pending_=(pending(8), pending(9))), arrival={8: 0, 9: 1})
     crowded = Context(has_registry=True, limits=Limits(max_pending=2))
-    assert decide_request(full, direct(bound=False), crowded, NOW).drop == "pending queue full"
+    dropped = decide_request(full, direct(bound=False), crowded, NOW).drop
+    assert dropped == Drop(DropKind.QUEUE_FULL, "pending queue full")
 
 
 def test_the_bound_flag_of_a_pending_request() -> None:
@@ -806,12 +815,12 @@ def test_a_reject_without_a_reason_is_logged_with_a_dash() -> None:
 def test_relayed_and_protected_requests_count_against_no_source_quota() -> None:
     view = View(state(pending_=(pending(8, bound=True, source="relay"),)))
     quota = Context(has_registry=True, limits=Limits(bound_per_source=1, unbound_per_source=1))
-    assert decide_request(view, relayed(A), quota, NOW).drop == ""
+    assert decide_request(view, relayed(A), quota, NOW).drop is None
     hosts = View(state(pending_=(pending(8),)))
     agent = replace(quota, agent_name="ci")
-    assert decide_request(hosts, direct(bound=False), agent, NOW).drop == ""
-    assert decide_request(hosts, direct(bound=False), quota, NOW).drop == (
-        "too many pending requests from this source address"
+    assert decide_request(hosts, direct(bound=False), agent, NOW).drop is None
+    assert decide_request(hosts, direct(bound=False), quota, NOW).drop == Drop(
+        DropKind.QUEUE_FULL, "too many pending requests from this source address"
     )
 
 
