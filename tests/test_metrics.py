@@ -116,7 +116,10 @@ def test_the_readme_lists_exactly_the_kinds_of_drop() -> None:
 
 
 # One real drop of each kind, sent over TCP to a Manager's port-444 handler: the counter of
-# that kind, and of no other, goes up. A new kind needs a case here.
+# that kind, and of no other, goes up. A new kind needs a case in REAL_DROPS.
+
+OWN = 1
+T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
 
 
 def _impostor_of_a_trusted_node(nodes: Nodes) -> tuple[Manager, list[bytes]]:
@@ -141,28 +144,23 @@ def _over_the_source_quota(nodes: Nodes) -> tuple[Manager, list[bytes]]:
     return manager, [Peer(7).data(HANDSHAKE_REQUEST, OWN), Peer(8).data(HANDSHAKE_REQUEST, OWN)]
 
 
-def _plain(data: bytes) -> Callable[[Nodes], tuple[Manager, list[bytes]]]:
-    return lambda nodes: (nodes.make()[0], [data])
+def _plain(make: Callable[[], bytes]) -> Callable[[Nodes], tuple[Manager, list[bytes]]]:
+    # The message is made when the test runs: its timestamp must be fresh then.
+    return lambda nodes: (nodes.make()[0], [make()])
 
 
-OWN = 1
-T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
 REAL_DROPS: dict[DropKind, Callable[[Nodes], tuple[Manager, list[bytes]]]] = {
-    DropKind.OWN_NODE_ID: _plain(Peer(OWN).data(HANDSHAKE_REQUEST, OWN)),
+    DropKind.OWN_NODE_ID: _plain(lambda: Peer(OWN).data(HANDSHAKE_REQUEST, OWN)),
     DropKind.DENIED: _denied,
-    DropKind.STALE: _plain(Peer(7).data(HANDSHAKE_REQUEST, OWN, timestamp=1_000_000_000)),
+    DropKind.STALE: _plain(lambda: Peer(7).data(HANDSHAKE_REQUEST, OWN, timestamp=1_000_000_000)),
     DropKind.REPLAY: _replayed,
     DropKind.KEY_MISMATCH: _impostor_of_a_trusted_node,
-    DropKind.SIGNATURE: _plain(Peer(7).data(HANDSHAKE_REQUEST, OWN, v2=False)),
+    DropKind.SIGNATURE: _plain(lambda: Peer(7).data(HANDSHAKE_REQUEST, OWN, v2=False)),
     DropKind.QUEUE_FULL: _over_the_source_quota,
-    DropKind.UNSOLICITED: _plain(Peer(7).data(HANDSHAKE_ACCEPT, OWN)),
+    DropKind.UNSOLICITED: _plain(lambda: Peer(7).data(HANDSHAKE_ACCEPT, OWN)),
     # Its type quotes words of other drops: the kind, not the text, picks the label.
-    DropKind.MALFORMED: _plain(b'{"type":"replayed message on the deny list","node_id":7}'),
+    DropKind.MALFORMED: _plain(lambda: b'{"type":"replayed message on the deny list","node_id":7}'),
 }
-
-
-def test_every_kind_of_drop_has_a_real_drop_below() -> None:
-    assert set(REAL_DROPS) == set(DropKind)
 
 
 @pytest.mark.parametrize("kind", list(DropKind), ids=lambda kind: kind.value)
