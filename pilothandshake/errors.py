@@ -35,9 +35,10 @@ class SendError(HandshakeError):
 
 class StoreError(HandshakeError):
     """Trust state or the identity could not be read or written; names the file and the OS
-    error. ``path`` is that file, for callers that act on it (``""``: the state in memory)."""
+    error. ``path`` is that file, for callers that act on it (``""``: the state in memory,
+    or not known, as for an ``internal`` error the control socket reports)."""
 
-    def __init__(self, message: str, *, path: str) -> None:
+    def __init__(self, message: str, *, path: str = "") -> None:
         """``message`` for people, ``path`` the file it is about."""
         super().__init__(message)
         self.path = path
