@@ -1,6 +1,11 @@
 """The error hierarchy: every error this package raises derives from HandshakeError."""
 
-from .drops import Drop, DropKind
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imports nothing of the package when run: the ground floor
+    from .drops import Drop
 
 
 class HandshakeError(Exception):
@@ -8,13 +13,13 @@ class HandshakeError(Exception):
 
 
 class MessageError(HandshakeError):
-    """A port-444 message is malformed (bad JSON, wrong type, too large, too slow)."""
+    """A port-444 message is malformed (bad JSON, wrong type, too large, too slow): ``drop``
+    is the drop of the received message it rejects, its detail the error's message."""
 
-    @property
-    def drop(self) -> Drop:
-        """The drop of the received message this error rejects: ``MALFORMED``, with the
-        message of this error as its detail."""
-        return Drop(DropKind.MALFORMED, str(self))
+    def __init__(self, drop: Drop) -> None:
+        """The error of ``drop`` (made by the codec or the wire reader)."""
+        super().__init__(drop.detail)
+        self.drop = drop
 
 
 class NotTrustedError(HandshakeError):

@@ -16,11 +16,12 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
+from ..addresses import format_address
 from ..constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE
 from ..drops import Drop, DropKind
 from ..errors import MessageError
 from ..identity import decode_key
-from ..messages import HANDSHAKE_REQUEST, HandshakeMsg, format_address, truncate_utf8
+from ..messages import HANDSHAKE_REQUEST, HandshakeMsg, truncate_utf8
 from ..metrics import Metrics
 from ..runtime import RegistryClient, Runtime
 from .auth import Pin, PinKind, authenticate, pin_of, pin_problem
@@ -28,7 +29,7 @@ from .binding import SIDE_TABLE_LIMIT, Binding, Checked, answer_key, answer_netw
 from .clock import Clock
 from .decide import Context, Decision, Inbound, decide_backfill, decide_conflict
 from .droplog import DropLog, quote
-from .queue import RELAY, Limits
+from .queue import RELAY, QueueLimits
 from .replay import ReplaySet
 from .state import State
 
@@ -83,7 +84,7 @@ class Intake:
         state: State,
         drops: DropLog,
         replay: ReplaySet,
-        limits: Limits,
+        limits: QueueLimits,
         metrics: Metrics,
         decide: Callable[..., Decision | None],
     ) -> None:
