@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # imports nothing of the package when run: the ground floor
+# typing.TYPE_CHECKING without importing typing (the client loads this module and keeps its
+# imports light); mypy takes it as that. Nothing of the package is imported when run: this
+# is the ground floor.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     from .drops import Drop
 
 
