@@ -43,7 +43,7 @@ from ..errors import (
     SendError,
     StoreError,
 )
-from ..events import TRUST_CHANGED
+from ..events import RECEIVED, TRUST_CHANGED
 from ..identity import decode_key
 from ..messages import (
     HANDSHAKE_ACCEPT,
@@ -78,7 +78,7 @@ from .decide import (
 from .droplog import DropLog, ErrorLog
 from .effects import Effects, ReplyAccept, Send, answer_kinds
 from .intake import Intake, remote_address
-from .outbox import ACCEPT, OUTBOX_FILE, Outbox
+from .outbox import ACCEPT, OUTBOX_FILE, REVOKE, Outbox
 from .queue import QueueLimits
 from .replay import ReplaySet
 from .state import State
@@ -323,6 +323,12 @@ class Manager:
         for topic, payload in decision.events:
             if topic == TRUST_CHANGED and payload.get("state") == "granted":
                 self._outbox.cancel(payload["peer_node_id"])
+            elif topic == RECEIVED:
+                # The peer asks: it does not trust us, or it would not ask, so a kept revoke
+                # has nothing left to end but the request it just sent. (A kept rejection
+                # stays: the request may be a copy of the one it rejects, sent again after
+                # a registry outage, and a newer request it ends is still answerable.)
+                self._outbox.cancel(payload["peer_node_id"], (REVOKE,))
             self._rt.publish_event(topic, payload)
         background = [e for e in decision.effects if self._effects.needed(e)]
         for effect in [*decision.inline, *background]:
@@ -355,7 +361,7 @@ class Manager:
             try:
                 data = read_message(conn)
             except MessageError as exc:
-                self._drops.drop(None, remote, str(exc))
+                self._drops.drop(None, remote, exc.drop)
                 return
             sender = self._take(data, remote)
             if sender is not None:
