@@ -10,7 +10,7 @@ Exit codes: 0 ok, 1 failed (one line on stderr), 2 usage. ``--json`` (before or 
 command) prints each ok response exactly as the daemon sent it (the ``pilotctl --json``
 shape) on stdout; every error, the daemon's and the CLI's own (no daemon, bad config,
 unknown hostname, usage), is one envelope ``{"status": "error", "code", "message"}`` on
-stderr with stdout empty, as ``pilotctl`` does (codes: ``control_commands.CODES``). A
+stderr with stdout empty, as ``pilotctl`` does (codes: ``error_codes.CODES``). A
 ``wait`` that ends untrusted is a result: its data on stdout, exit 1. Every ``NODE`` is a
 node ID, a Pilot address ``N:XXXX.XXXX.XXXX`` (its node part) or a hostname the daemon's
 registry resolves.
@@ -31,6 +31,7 @@ from ._version import __version__
 from .client import Client, ControlError, node_of_address
 from .constants import CONTROL_TIMEOUT, DEFAULT_CONFIG_PATH, MAX_NODE_ID, WAIT_DEFAULT_TIMEOUT
 from .control_socket import find_socket
+from .error_codes import INTERNAL, INVALID_ARGUMENT, INVALID_STATE, TIMEOUT
 from .errors import ConfigError, HandshakeError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs a short CLI run milliseconds
@@ -57,16 +58,11 @@ NODE is a node ID, a Pilot address N:XXXX.XXXX.XXXX (its node part) or a hostnam
 exit codes: 0 ok, 1 failed (one line on stderr says why), 2 usage error. With --json every
 error is {{"status": "error", "code": ..., "message": ...}} on stderr."""
 
-# The CLI's own error codes (pilotctl's; control_commands.CODES lists every code).
-_INVALID_ARGUMENT = "invalid_argument"
-_INVALID_STATE = "invalid_state"
-_TIMEOUT = "timeout"
-
 
 class _Failure(Exception):
     """A command that failed: the one line for stderr, and its error ``code``."""
 
-    def __init__(self, message: str, code: str = "internal") -> None:
+    def __init__(self, message: str, code: str = INTERNAL) -> None:
         super().__init__(message)
         self.code = code
 
@@ -490,8 +486,8 @@ def _show_wait(data: dict[str, Any]) -> str:
         return f"trusted {node}"
     if data.get("rejected"):
         reason = _printable(str(data.get("reason") or "")) or "no reason given"
-        raise _Untrusted(f"node {node} rejected our request: {reason}", _INVALID_STATE)
-    raise _Untrusted(f"timed out waiting for trust with {node}", _TIMEOUT)
+        raise _Untrusted(f"node {node} rejected our request: {reason}", INVALID_STATE)
+    raise _Untrusted(f"timed out waiting for trust with {node}", TIMEOUT)
 
 
 def _show_event(data: dict[str, Any]) -> str:
@@ -540,7 +536,7 @@ def _data(response: dict[str, Any]) -> Any:
     """The ``data`` of an ok response; an error response is the command's ``_Failure``."""
     if response["status"] != "ok":
         message = str(response.get("message") or response.get("code") or "failed")
-        raise _Failure(message, str(response.get("code") or "internal"))
+        raise _Failure(message, str(response.get("code") or INTERNAL))
     return response.get("data")
 
 
@@ -585,7 +581,7 @@ def _status_when_ready(client: Client, timeout: float) -> dict[str, Any]:
         if gone:
             raise _Failure(gone)
         if time.monotonic() >= deadline:
-            raise _Failure(f"gave up after {timeout:g} s: {problem}", _TIMEOUT)
+            raise _Failure(f"gave up after {timeout:g} s: {problem}", TIMEOUT)
         time.sleep(_STATUS_RETRY)
 
 
@@ -666,7 +662,7 @@ def main_handshakectl(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         # Known before parsing: --json asks for the envelope even when nothing else parses.
         if "--json" in args:
-            _fail(str(exc), _INVALID_ARGUMENT, True)
+            _fail(str(exc), INVALID_ARGUMENT, True)
         else:
             sys.stderr.write(exc.usage)
             print(f"pilot-handshakectl: error: {exc}", file=sys.stderr)
@@ -689,10 +685,10 @@ def main_handshakectl(argv: list[str] | None = None) -> int:
         _fail(str(exc), exc.code, options.json)
         return 1
     except ConfigError as exc:
-        _fail(str(exc), _INVALID_ARGUMENT, options.json)
+        _fail(str(exc), INVALID_ARGUMENT, options.json)
         return 1
     except HandshakeError as exc:
-        _fail(str(exc), "internal", options.json)
+        _fail(str(exc), INTERNAL, options.json)
         return 1
     except KeyboardInterrupt:
         # Ctrl-C is how `events --follow` normally ends.

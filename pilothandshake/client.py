@@ -29,14 +29,8 @@ from collections.abc import Iterator
 
 from .constants import CONTROL_TIMEOUT, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
 from .control_socket import check_socket, find_socket
-from .errors import (
-    ControlError,
-    HandshakeError,
-    NotTrustedError,
-    RegistryError,
-    SendError,
-    StoreError,
-)
+from .error_codes import NOT_FOUND, NOT_RUNNING, TIMEOUT, error_for
+from .errors import ControlError
 
 # Not `typing.TYPE_CHECKING`: importing typing alone costs a short CLI run milliseconds.
 TYPE_CHECKING = False
@@ -57,17 +51,6 @@ __all__ = [
     "raise_for_error",
 ]
 
-# The package's exception for an error code of the control socket (pilotctl's codes), by
-# command where the same code means different things; every other is a HandshakeError
-# carrying the daemon's message.
-_ERRORS: dict[tuple[str, str], type[HandshakeError]] = {
-    ("untrust", "not_found"): NotTrustedError,
-    ("resolve", "not_found"): RegistryError,
-    ("handshake", "connection_failed"): SendError,
-    ("", "connection_failed"): RegistryError,
-    ("", "internal"): StoreError,
-}
-
 
 def raise_for_error(response: Response, command: str = "") -> Any:
     """The ``data`` of an ok response to ``command``; an error response raises the package's
@@ -77,8 +60,7 @@ def raise_for_error(response: Response, command: str = "") -> Any:
     ``HandshakeError``) with the daemon's message."""
     if response["status"] == "ok":
         return response.get("data")
-    code = str(response.get("code"))
-    error = _ERRORS.get((command, code)) or _ERRORS.get(("", code), HandshakeError)
+    error = error_for(command, str(response.get("code")))
     raise error(str(response.get("message") or response.get("code") or "failed"))
 
 
@@ -150,11 +132,11 @@ class ControlClient:
                 sock.connect(self.path)
             except (FileNotFoundError, ConnectionRefusedError):
                 raise ControlError(
-                    f"pilot-handshaked is not running (no socket at {self.path})", "not_running"
+                    f"pilot-handshaked is not running (no socket at {self.path})", NOT_RUNNING
                 ) from None
             except socket.timeout:
                 raise ControlError(
-                    f"no answer from pilot-handshaked at {self.path}", "timeout"
+                    f"no answer from pilot-handshaked at {self.path}", TIMEOUT
                 ) from None
             except OSError as exc:
                 raise ControlError(f"cannot connect to {self.path}: {exc}") from None
@@ -179,7 +161,7 @@ class ControlClient:
                 line = reader.readline()
             except socket.timeout:
                 raise ControlError(
-                    f"no answer from pilot-handshaked at {self.path}", "timeout"
+                    f"no answer from pilot-handshaked at {self.path}", TIMEOUT
                 ) from None
             except OSError as exc:
                 raise ControlError(f"lost the connection to {self.path}: {exc}") from None
@@ -325,7 +307,7 @@ class Client:
         """Drop the daemon's pin of hostname ``name`` (SPEC 17), after it moved to another
         node or key on purpose; False when it was not pinned."""
         response = self.request("forget_name", hostname=name)
-        if response["status"] == "error" and response.get("code") == "not_found":
+        if response["status"] == "error" and response.get("code") == NOT_FOUND:
             return False
         raise_for_error(response)
         return True
@@ -361,7 +343,7 @@ class Client:
 
     def _answer(self, command: str, node: int | str, args: dict[str, Any]) -> bool:
         response = self.request(command, node_id=self.resolve(node), **args)
-        if response["status"] == "error" and response.get("code") == "not_found":
+        if response["status"] == "error" and response.get("code") == NOT_FOUND:
             return False
         raise_for_error(response, command)
         return True

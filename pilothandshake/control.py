@@ -18,8 +18,7 @@ closed; a ``wait`` ends as soon as its client goes away, so no thread waits for 
 client stays connected.
 
 The client side (``ControlClient``, ``Client``) lives in ``client.py``, which imports nothing
-of the daemon; ``ControlClient`` and ``ControlError`` are re-exported here for callers that
-import them from this module.
+of the daemon.
 """
 
 from __future__ import annotations
@@ -37,13 +36,9 @@ import struct
 import threading
 from typing import Any, Callable
 
-from .client import ControlClient
 from .connection_slots import ConnectionSlots
 from .constants import CONTROL_IDLE_TIMEOUT, CONTROL_MAX_CONNECTIONS, CONTROL_MAX_LINE
 from .control_commands import (
-    BUSY,
-    FORBIDDEN,
-    INVALID_ARGUMENT,
     ControlCommands,
     HostnameRegistry,
     RequestError,
@@ -53,6 +48,7 @@ from .control_commands import (
     ok_response,
     parse_request,
 )
+from .error_codes import BUSY, FORBIDDEN, INVALID_ARGUMENT
 from .errors import ControlError
 from .events import EventBus
 from .manager import Manager
@@ -60,7 +56,7 @@ from .names import NamePins
 from .override import override
 from .server import serve_until_closed, wake_acceptor
 
-__all__ = ["ControlClient", "ControlError", "ControlServer"]
+__all__ = ["ControlServer"]
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ the answers; nothing here touches a socket.
 ``COMMANDS`` lists every command with its required and optional arguments; a command ``x``
 is carried out by ``ControlCommands._do_x`` (``wait`` by ``_wait``; ``events`` streams, so
 the server answers it). ``execute`` never raises: every failure is an error response whose
-``code`` says what went wrong, with ``pilotctl``'s codes (``CODES``).
+``code`` says what went wrong, with ``pilotctl``'s codes (``error_codes.CODES``).
 
 Answers have ``pilotctl --json``'s keys and types (SPEC 13): times are Unix seconds as
 integers (``received_at``, ``approved_at``, ``sent_at``), each with an RFC 3339 copy under
@@ -23,7 +23,8 @@ from datetime import datetime
 from typing import Any, Callable, Protocol
 
 from .constants import REGISTRY_CACHE_TTL, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
-from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
+from .error_codes import INTERNAL, INVALID_ARGUMENT, INVALID_STATE, NOT_FOUND, code_of
+from .errors import HandshakeError, RegistryError
 from .identity import decode_key, full_fingerprint
 from .manager import Manager
 from .manager.auth import key_changed
@@ -32,7 +33,6 @@ from .names import HOSTNAME_CHANGED, HostnameMoved, NamePins
 from .store import REJECTED, format_time
 
 __all__ = [
-    "CODES",
     "COMMANDS",
     "ControlCommands",
     "HostnameRegistry",
@@ -45,28 +45,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# The error codes of answers: pilotctl's where one fits (SPEC 13), and what each means here.
-INVALID_ARGUMENT = "invalid_argument"
-NOT_FOUND = "not_found"
-NOT_RUNNING = "not_running"
-CONNECTION_FAILED = "connection_failed"
-INVALID_STATE = "invalid_state"
-TIMEOUT = "timeout"
-INTERNAL = "internal"
-FORBIDDEN = "forbidden"
-BUSY = "busy"
-CODES: dict[str, str] = {
-    INVALID_ARGUMENT: "a malformed request or bad argument, or a usage error (do not retry)",
-    NOT_FOUND: "no such node, hostname, pending request or trust record",
-    NOT_RUNNING: "no daemon answers at the control socket",
-    CONNECTION_FAILED: "a peer, the registry or the daemon could not be reached (may retry)",
-    INVALID_STATE: "not possible in the node's state (no node ID yet, no registry)",
-    TIMEOUT: "no answer in time (may retry)",
-    INTERNAL: "trust.json could not be written, or an unexpected error (see the log)",
-    FORBIDDEN: "this user may not use the daemon's control socket",
-    BUSY: "the control socket serves as many connections as it may (retry later)",
-}
 
 # command -> (required arguments, optional arguments)
 COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -244,16 +222,8 @@ class ControlCommands:
             return ok_response(getattr(self, f"_do_{command}")(**args))
         except RequestError as exc:
             return error_response(exc.code, exc.message)
-        except NotTrustedError as exc:
-            return error_response(
-                NOT_FOUND, str(exc) or f"node {args.get('node_id')} is not trusted"
-            )
-        except (SendError, RegistryError) as exc:
-            return error_response(CONNECTION_FAILED, str(exc))
-        except StoreError as exc:
-            return error_response(INTERNAL, str(exc))
         except HandshakeError as exc:
-            return error_response(INVALID_STATE, str(exc))
+            return error_response(code_of(exc), str(exc))
         except Exception:
             log.exception("control command %s failed", command)
             return error_response(INTERNAL, f"{command} failed; see the daemon's log")

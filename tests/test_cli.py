@@ -25,7 +25,7 @@ from test_control import FakeRegistry, Node, running_node
 from pilothandshake import cli
 from pilothandshake.cli import main_handshakectl
 from pilothandshake.config import Config
-from pilothandshake.control_commands import CODES
+from pilothandshake.error_codes import CODES
 from pilothandshake.identity import fingerprint
 from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT
 from pilothandshake.store import TrustRecord

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_control import Node, running_node
 
-from pilothandshake.control_commands import CODES, COMMANDS, parse_request
+from pilothandshake.control_commands import COMMANDS, parse_request
+from pilothandshake.error_codes import CODES
 
 ERROR_CODES = set(CODES)  # pilotctl's codes and our two (SPEC 13)
 STATUS = b'{"command": "status"}\n'

@@ -21,9 +21,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from pilothandshake.client import ControlClient
 from pilothandshake.config import Config, load_config, parse_config
 from pilothandshake.constants import METRICS_DEADLINE, METRICS_MAX_CONNECTIONS
-from pilothandshake.control import ControlClient
 from pilothandshake.daemon import Daemon
 from pilothandshake.errors import ConfigError, HandshakeError
 from pilothandshake.metrics import DROP_REASONS, REFUSAL_CAPS, Metrics, MetricsServer, drop_label
