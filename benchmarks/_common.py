@@ -375,9 +375,6 @@ class BenchRuntime:
     def node_id(self) -> int:
         return self._node_id
 
-    def has_identity(self) -> bool:
-        return True
-
     def public_key(self) -> bytes:
         return self._identity.public_key
 

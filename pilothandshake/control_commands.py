@@ -30,6 +30,7 @@ from .manager import Manager
 from .manager.auth import key_changed
 from .messages import MAX_NODE_ID
 from .names import HOSTNAME_CHANGED, HostnameMoved, NamePins
+from .runtime import is_own_node
 from .store import REJECTED, format_time
 
 __all__ = [
@@ -210,7 +211,7 @@ class ControlCommands:
         """The response to one validated request other than ``events``; never raises.
         ``gone`` (for ``wait``) tells when the client went away."""
         try:
-            if command in _NOT_SELF and args["node_id"] == self.node_id() != 0:
+            if command in _NOT_SELF and is_own_node(args["node_id"], self.node_id()):
                 raise RequestError(
                     INVALID_ARGUMENT,
                     f"node {args['node_id']} is this node itself; name the peer's node ID",

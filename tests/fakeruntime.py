@@ -201,9 +201,6 @@ class FakeRuntime:
     def node_id(self) -> int:
         return self.own_id
 
-    def has_identity(self) -> bool:
-        return True
-
     def public_key(self) -> bytes | None:
         return self.identity.public_key
 

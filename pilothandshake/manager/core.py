@@ -53,7 +53,7 @@ from ..messages import (
 )
 from ..metrics import Metrics
 from ..pool import BackgroundPool
-from ..runtime import Closeable, Runtime
+from ..runtime import Closeable, Runtime, is_own_node
 from ..store import RELAY, OutgoingRequest, PendingHandshake, TrustRecord
 from ..wire import read_message, write_receipt
 from .auth import approval_problem
@@ -465,7 +465,7 @@ class Manager:
         outgoing entry cannot be written."""
         peer = peer_node_id
         own = self._rt.node_id()
-        if own != 0 and peer == own:
+        if is_own_node(peer, own):
             raise HandshakeError(f"node {peer} is this node's own ID: a node cannot ask itself")
         if self.is_trusted(peer):
             return "trusted"
@@ -542,8 +542,7 @@ class Manager:
         signed revoke, which removes our pending request there). Raises ``NotTrustedError``
         when neither (the rest still happens), ``HandshakeError`` for our own node ID."""
         peer = peer_node_id
-        own = self._rt.node_id()
-        if own != 0 and peer == own:
+        if is_own_node(peer, self._rt.node_id()):
             raise HandshakeError("a node cannot stop trusting itself")
 
         decision = self._decide(decide_untrust, peer, self._limits)

@@ -21,7 +21,7 @@ from ..errors import MessageError
 from ..identity import decode_key
 from ..messages import HANDSHAKE_REQUEST, HandshakeMsg, format_address, truncate_utf8
 from ..metrics import Metrics
-from ..runtime import RegistryClient, Runtime
+from ..runtime import RegistryClient, Runtime, is_own_node
 from .auth import Pin, PinKind, authenticate, pin_of, pin_problem
 from .binding import SIDE_TABLE_LIMIT, Binding, Checked, answer_key, answer_networks
 from .clock import Clock
@@ -257,7 +257,7 @@ class Intake:
 
     def refused(self, node: int, remote: str) -> bool:
         """SPEC 5 step 1: input claiming our own node ID, or from a denied node, is dropped."""
-        if node == self._rt.node_id():
+        if is_own_node(node, self._rt.node_id()):
             self._drops.drop(node, remote, "message claims our own node ID")
             return True
         if self._rt.is_denied(node):
