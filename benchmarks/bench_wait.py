@@ -32,7 +32,7 @@ WAITERS = 1000
 FIRST_PEER = 2000
 TARGET_P99_MS = 2.0
 TARGET_IDLE_PERCENT = 1.0
-REMOTE = "127.0.0.1:40000"
+REMOTE = ("127.0.0.1", 40000)
 
 
 def one_run(waiters: int, idle_seconds: float) -> dict[str, Any]:

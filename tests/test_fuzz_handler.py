@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from strategies import json_values
 
-import pilothandshake.manager.core as manager_core
+import pilothandshake.wire as wire
 from pilothandshake.constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE, MAX_PENDING
 from pilothandshake.errors import MessageError
 from pilothandshake.identity import Identity, b64encode, decode_key, decode_signature, verify
@@ -293,7 +293,7 @@ def test_seeded_messages_do_change_state_so_the_invariant_can_fail(
     before = handler_node.state()
     data = TRUSTED.data(HANDSHAKE_REVOKE, OWN, reason="done")
     assert validly_signed(data)
-    handler_node.manager.process_message(data, "127.0.0.1:4000")
+    handler_node.manager.process_message(data, ("127.0.0.1", 4000))
     assert handler_node.state() != before
     assert not handler_node.manager.is_trusted(TRUSTED.node_id)
 
@@ -303,7 +303,7 @@ def test_random_bytes_never_raise_nor_change_state(handler_node: HandlerNode) ->
     @given(st.binary(max_size=2048) | st.binary(max_size=8).map(lambda b: b"{" + b))
     def check(data: bytes) -> None:
         process_without_change(
-            handler_node, data, lambda d: handler_node.manager.process_message(d, "127.0.0.1:1")
+            handler_node, data, lambda d: handler_node.manager.process_message(d, ("127.0.0.1", 1))
         )
 
     check()
@@ -315,7 +315,7 @@ def test_random_json_shapes_never_raise_nor_change_state(handler_node: HandlerNo
     def check(value: Any) -> None:
         data = json.dumps(value).encode()
         process_without_change(
-            handler_node, data, lambda d: handler_node.manager.process_message(d, "127.0.0.2:1")
+            handler_node, data, lambda d: handler_node.manager.process_message(d, ("127.0.0.2", 1))
         )
 
     check()
@@ -328,7 +328,7 @@ def test_mutated_signed_messages_change_nothing_unless_still_validly_signed(
     @given(mutated_messages())
     def check(data: bytes) -> None:
         process_without_change(
-            handler_node, data, lambda d: handler_node.manager.process_message(d, "127.0.0.3:1")
+            handler_node, data, lambda d: handler_node.manager.process_message(d, ("127.0.0.3", 1))
         )
 
     check()
@@ -368,9 +368,7 @@ def test_handle_connection_gives_up_on_an_unfinished_message_at_the_deadline(
     """A peer that sends part of a message and then stalls is dropped when the total read
     deadline passes (shortened here from 10 s), with nothing changed."""
     deadline = 0.3
-    monkeypatch.setattr(
-        manager_core, "read_message", functools.partial(read_message, deadline=deadline)
-    )
+    monkeypatch.setattr(wire, "read_message", functools.partial(read_message, deadline=deadline))
 
     @fuzz(10)
     @given(st.binary(max_size=64).map(lambda b: b'{"type": "' + b))
@@ -406,7 +404,7 @@ def test_replay_set_stays_within_its_caps_under_a_flood() -> None:
             # enters the replay set.
             msg = HandshakeMsg(HANDSHAKE_REJECT, 100 + n, key, timestamp=now, reason=str(n))
             msg.signature_v2 = b64encode(sender.sign(msg.v2_challenge(OWN)))
-            manager.process_message(msg.to_json(), f"127.0.0.{1 + n % 20}:5000")
+            manager.process_message(msg.to_json(), (f"127.0.0.{1 + n % 20}", 5000))
             if n % 97 == 0:
                 assert len(replay._owner) <= 512
                 assert all(len(entries) <= 64 for entries in replay._sources.values())
@@ -434,17 +432,17 @@ def test_pending_queue_stays_within_its_caps_under_a_flood() -> None:
     sender = Identity.generate()
     now = int(time.time())
 
-    def request(node: int, remote: str) -> None:
+    def request(node: int, remote: tuple[str, int]) -> None:
         msg = HandshakeMsg(HANDSHAKE_REQUEST, node, sender.public_key_b64, timestamp=now)
         msg.signature_v2 = b64encode(sender.sign(msg.v2_challenge(OWN)))
         manager.process_message(msg.to_json(), remote)
 
     try:
         for n in range(100):
-            request(1000 + n, "127.0.0.200:5000")
+            request(1000 + n, ("127.0.0.200", 5000))
         assert manager.pending_count() == 16
         for n in range(1200):
-            request(5000 + n, f"127.0.{n % 100}.9:5000")
+            request(5000 + n, (f"127.0.{n % 100}.9", 5000))
         assert manager.pending_count() == MAX_PENDING
         per_source: dict[str, int] = {}
         for pending in manager.pending_requests():

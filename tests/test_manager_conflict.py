@@ -18,7 +18,7 @@ from pilothandshake.messages import HANDSHAKE_REQUEST, HANDSHAKE_REVOKE
 from pilothandshake.store import TrustRecord
 
 OWN = 1
-REMOTE = "127.0.0.1:40000"
+REMOTE = ("127.0.0.1", 40000)
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
 
 

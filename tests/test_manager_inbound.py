@@ -25,9 +25,11 @@ from pilothandshake.messages import (
     HandshakeMsg,
 )
 from pilothandshake.store import PendingHandshake, TrustRecord
+from pilothandshake.wire import peer_text
 
 OWN = 1
-REMOTE = "127.0.0.1:40000"
+REMOTE = ("127.0.0.1", 40000)
+REMOTE_TEXT = "127.0.0.1:40000"  # REMOTE in a log line
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
 
 
@@ -41,7 +43,7 @@ def assert_dropped(
     caplog: pytest.LogCaptureFixture,
     data: bytes,
     reason: str,
-    remote: str = REMOTE,
+    remote: tuple[str, int] = REMOTE,
     level: int = logging.WARNING,
 ) -> None:
     """Processing ``data`` changes nothing, publishes nothing and logs exactly one line at
@@ -56,7 +58,7 @@ def assert_dropped(
     assert runtime.events == events
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     (line,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert remote in line and reason in line
+    assert peer_text(remote) in line and reason in line
     assert [r.levelno for r in loud] == ([level] if level >= logging.WARNING else [])
 
 
@@ -416,7 +418,7 @@ def test_replay_set_per_source_bound_drops_others_and_lets_pinned_senders_evict(
     fourth = strangers[3].data(HANDSHAKE_REQUEST, OWN)
     assert_dropped(manager, runtime, caplog, fourth, "replay set full")
     # Another source address is not affected.
-    manager.process_message(fourth, "127.0.0.2:1")
+    manager.process_message(fourth, ("127.0.0.2", 1))
     assert manager.pending_count() == 4
     # A sender matching its trust-record pin evicts the oldest entry of the full source ...
     manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
@@ -425,7 +427,7 @@ def test_replay_set_per_source_bound_drops_others_and_lets_pinned_senders_evict(
     # ... so the first message is no longer remembered: from an address with room it passes.
     manager.reject_handshake(20)
     events = len(runtime.events)
-    manager.process_message(first, "127.0.0.2:2")
+    manager.process_message(first, ("127.0.0.2", 2))
     assert runtime.events[events:][0][0] == "handshake.received"
 
 
@@ -446,13 +448,13 @@ def test_drop_log_is_rate_limited_and_summarised() -> None:
     try:
         drops = DropLog(logger, per_second=10, clock=lambda: now[0])
         for i in range(25):
-            drops.drop(i, REMOTE, "bad")
+            drops.drop(i, REMOTE_TEXT, "bad")
         assert len(records) == 10
         now[0] += 1.5
-        drops.drop(99, REMOTE, "late")
+        drops.drop(99, REMOTE_TEXT, "late")
         assert records[10:] == [
             "15 more dropped messages were not logged",
-            f"dropped message from node 99 at {REMOTE}: late",
+            f"dropped message from node 99 at {REMOTE_TEXT}: late",
         ]
         drops.flush()
         assert len(records) == 12
@@ -524,7 +526,7 @@ def test_drop_line_quotes_at_most_100_characters_of_a_huge_timestamp(
 
 def test_drop_line_cuts_a_long_reason(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        DropLog().drop(7, REMOTE, "x" * 5000)
+        DropLog().drop(7, REMOTE_TEXT, "x" * 5000)
     (line,) = warnings(caplog)
     assert len(line) < 300
 

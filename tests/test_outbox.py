@@ -26,7 +26,7 @@ from pilothandshake.manager.outbox import (
 from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST
 
 OWN = 1
-REMOTE = "127.0.0.1:40000"
+REMOTE = ("127.0.0.1", 40000)
 WEEK = 7 * 24 * 3600.0
 
 

@@ -32,7 +32,7 @@ from pilothandshake.store import OutgoingRequest, TrustRecord
 from pilothandshake.wire import send_message
 
 OWN = 1
-REMOTE = "127.0.0.1:40000"
+REMOTE = ("127.0.0.1", 40000)
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
 
 
@@ -283,9 +283,9 @@ def test_pending_quota_per_source_counts_unbound_requests_only(nodes: Nodes) -> 
 def test_pending_quota_per_source_is_per_address_not_per_port(nodes: Nodes) -> None:
     manager, _ = nodes.make(max_pending_per_source=2)
     for port, node in zip((40001, 40002, 40003), (20, 21, 22)):
-        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), f"127.0.0.1:{port}")
+        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), ("127.0.0.1", port))
     assert [p.node_id for p in manager.pending_requests()] == [20, 21]
-    manager.process_message(Peer(22).data(HANDSHAKE_REQUEST, OWN), "127.0.1.2:40003")
+    manager.process_message(Peer(22).data(HANDSHAKE_REQUEST, OWN), ("127.0.1.2", 40003))
     assert [p.node_id for p in manager.pending_requests()] == [20, 21, 22]
 
 

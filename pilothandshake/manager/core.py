@@ -15,7 +15,6 @@ Readers (``is_trusted``, ``trusted_peers`` ...) see ``store.visible``: durable s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -55,7 +54,7 @@ from ..metrics import Metrics
 from ..pool import BackgroundPool
 from ..runtime import Closeable, Runtime, is_own_node
 from ..store import RELAY, OutgoingRequest, PendingHandshake, TrustRecord
-from ..wire import read_message, write_receipt
+from ..wire import Peer, peer_text, serve_message
 from .auth import approval_problem
 from .binding import answer_key
 from .clock import Clock, Now, SystemClock
@@ -77,7 +76,7 @@ from .decide import (
 )
 from .droplog import DropLog, ErrorLog
 from .effects import Effects, ReplyAccept, Send, answer_kinds
-from .intake import Intake, remote_address
+from .intake import Intake
 from .outbox import ACCEPT, OUTBOX_FILE, Outbox
 from .queue import Limits
 from .replay import ReplaySet
@@ -356,49 +355,38 @@ class Manager:
     # Port 444 and relayed input
 
     def handle_connection(self, conn: socket.socket) -> None:
-        """Serve one port-444 connection: read one message, process it, write the receipt
-        when the message was taken (SPEC 3), close. Never raises."""
-        try:
-            remote = remote_address(conn)
-            try:
-                data = read_message(conn)
-            except MessageError as exc:
-                self._drops.drop(None, remote, str(exc))
-                return
-            sender = self._take(data, remote)
-            if sender is not None:
-                self._write_receipt(conn, sender, data)
-        except Exception:
-            log.error(
-                "unexpected error serving a port %d connection", PORT_HANDSHAKE, exc_info=True
-            )
-        finally:
-            with contextlib.suppress(OSError):
-                conn.close()
+        """Serve one port-444 connection (``wire.serve_message``): read one message, process
+        it, write the receipt when the message was taken (SPEC 3), close. Never raises."""
+        serve_message(conn, self._receive, self._unreadable)
 
-    def _write_receipt(self, conn: socket.socket, sender: int, data: bytes) -> None:
-        signature = self._rt.sign(receipt_challenge(self._rt.node_id(), sender, data))
-        if signature is not None:
-            write_receipt(conn, signature)
+    def _receive(self, data: bytes, peer: Peer) -> bytes | None:
+        """Process ``data``; the receipt's signature when it was taken, else None."""
+        sender = self._take(data, peer)
+        if sender is None:
+            return None
+        return self._rt.sign(receipt_challenge(self._rt.node_id(), sender, data))
 
-    def process_message(self, data: bytes, remote: str) -> bool:
-        """Process one received message (SPEC 5) from ``remote`` (``"host:port"``); whether
+    def _unreadable(self, peer: Peer, problem: MessageError) -> None:
+        self._drops.drop(None, peer_text(peer), str(problem))
+
+    def process_message(self, data: bytes, peer: Peer) -> bool:
+        """Process one received message (SPEC 5) from ``peer`` (``(host, port)``); whether
         it was taken: its changes are durable, or it changed nothing because it was a
         duplicate or already in effect (what earns a receipt, SPEC 3).
 
         Drops are logged (WARNING, rate-limited) and change nothing; a failed write of the
         resulting change is logged at ERROR. Never raises for bad input.
         """
-        return self._take(data, remote) is not None
+        return self._take(data, peer) is not None
 
-    def _take(self, data: bytes, remote: str) -> int | None:
+    def _take(self, data: bytes, peer: Peer) -> int | None:
         """``process_message``, returning the sender's node ID when the message was taken."""
         try:
-            received = self._intake.message(data, remote)
+            received = self._intake.message(data, peer)
             if received is not None and self._dispatch(*received):
                 return received[1].node_id
         except StoreError as exc:
-            self._store_errors.error(f"could not persist the message from {remote}: {exc}")
+            self._store_errors.error(f"could not persist the message from {peer_text(peer)}: {exc}")
         return None
 
     def _dispatch(self, msg_type: str, inbound: Inbound) -> bool:
