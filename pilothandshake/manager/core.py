@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional, TypeVar
 
 from ..constants import (
     MAX_PENDING,
@@ -60,8 +60,10 @@ from .binding import answer_key
 from .clock import Clock, Now, SystemClock
 from .decide import (
     TRUST_CHANGED,
+    Context,
     Decision,
     Inbound,
+    View,
     decide_accept,
     decide_approve,
     decide_dismiss,
@@ -89,8 +91,12 @@ log = logging.getLogger(__name__)
 _QUIET = (RegistryError,)  # background failures logged at DEBUG: the registry is best effort
 # At most one ERROR line per this many seconds for failed writes of inbound messages.
 _STORE_ERROR_INTERVAL = 60.0
+# What a decide function returns: a Decision, or None for some (nothing to decide).
+_D = TypeVar("_D", bound=Optional[Decision])
+# How an answer (accept, reject, revoke) is decided, by whichever path it came.
+_AnswerRule = Callable[[View, Inbound, Context, Now], Decision]
 # What each port-444 message type is decided by.
-_DECIDE = {
+_DECIDE: dict[str, _AnswerRule] = {
     HANDSHAKE_ACCEPT: decide_accept,
     HANDSHAKE_REJECT: decide_reject,
 }
@@ -300,7 +306,7 @@ class Manager:
 
     # Decide, commit, announce
 
-    def _decide(self, decide: Callable[..., Decision | None], *args: Any) -> Decision | None:
+    def _decide(self, decide: Callable[..., _D], *args: Any) -> _D:
         """Decide on the live working state under the lock, apply, then ``_finish``."""
         now = Now.read(self._clock)
         with self._lock:
@@ -439,7 +445,7 @@ class Manager:
         self.metrics.relay(HANDSHAKE_REJECT, "in")
         self._relayed_answer(decide_reject, from_node_id, reason)
 
-    def _relayed_answer(self, decide: Callable[..., Decision], node: int, text: str = "") -> None:
+    def _relayed_answer(self, decide: _AnswerRule, node: int, text: str = "") -> None:
         inbound = self._intake.relayed(node, text=text)
         if inbound is not None:
             self._decide(decide, inbound, self._intake.answer_context())
@@ -463,7 +469,6 @@ class Manager:
             HANDSHAKE_REQUEST, peer, justification=truncate_utf8(justification)
         )
         decision = self._decide(decide_send, peer)
-        assert decision is not None
         if decision.result == "trusted":
             return "trusted"
         self._outbox.cancel(peer)  # fresh intent: a kept "no" to this peer is stale
@@ -534,7 +539,6 @@ class Manager:
             raise HandshakeError("a node cannot stop trusting itself")
 
         decision = self._decide(decide_untrust, peer, self._limits)
-        assert decision is not None
         if not decision.result:
             raise NotTrustedError(f"node {peer} is not trusted")
         return decision.result

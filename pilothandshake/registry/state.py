@@ -50,6 +50,7 @@ makes where SPEC leaves room:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -96,6 +97,17 @@ FEATURES = ("wait_poll",)
 REGISTER_SKEW = 300
 
 _Handler = Callable[[dict[str, Any], str], dict[str, Any]]
+
+
+def _commit(store: Store, seq: int) -> None:
+    """Wait until journal line ``seq`` is durable (call without the lock); a failed write
+    refuses the request (the change stays in memory and is written with the next write that
+    succeeds)."""
+    try:
+        store.commit(seq)
+    except OSError as exc:
+        log.error("cannot write registry store %s: %s", store.path, exc)
+        refuse("store write failed", "the registry cannot write its store")
 
 
 class _Hold:
@@ -157,7 +169,7 @@ class Registry:
             "resolve_hostname": self._resolve_hostname,
         }
         if store is not None:
-            store.start_compactor(self._capture)
+            store.start_compactor(functools.partial(self._capture, store))
 
     def handle(
         self, request: dict[str, Any], source: str, alive: Callable[[], bool] | None = None
@@ -233,25 +245,13 @@ class Registry:
                     if changes.ops and self._store is not None:
                         seq = self._store.stage(changes.ops)
         finally:
-            if seq:
-                self._commit(seq)
+            if seq and self._store is not None:
+                _commit(self._store, seq)
 
-    def _commit(self, seq: int) -> None:
-        """Wait until journal line ``seq`` is durable (call without the lock); a failed
-        write refuses the request (the change stays in memory and is written with the
-        next write that succeeds)."""
-        assert self._store is not None
-        try:
-            self._store.commit(seq)
-        except OSError as exc:
-            log.error("cannot write registry store %s: %s", self._store.path, exc)
-            refuse("store write failed", "the registry cannot write its store")
-
-    def _capture(self) -> tuple[int, StoreState]:
+    def _capture(self, store: Store) -> tuple[int, StoreState]:
         """For the compactor: the last staged line and a copy of the state holding it."""
-        assert self._store is not None
         with self._lock:
-            return self._store.staged, self._state.copy()
+            return store.staged, self._state.copy()
 
     def _limit_source(self, source: str) -> None:
         """Spend a mutation token of ``source``'s prefix (before any signature is checked:
