@@ -144,15 +144,15 @@ def _node_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _handshake_arguments(parser: argparse.ArgumentParser) -> None:
-    _node_argument(parser)
-    parser.add_argument(
-        "justification",
-        nargs="?",
-        default="",
-        metavar="JUSTIFICATION",
-        help="why this node asks, shown to the peer's operator in `pending` (optional; 1 KiB kept)",
-    )
+def _node_and_text(name: str, what: str) -> Callable[[argparse.ArgumentParser], None]:
+    """The arguments of a command that takes NODE and an optional free text ``name``, which
+    says ``what``."""
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        _node_argument(parser)
+        parser.add_argument(name, nargs="?", default="", metavar=name.upper(), help=what)
+
+    return add
 
 
 def _approve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,17 +162,6 @@ def _approve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FPR",
         help="approve a KEY CHANGED request: its key's fingerprint (hex, or a prefix of at "
         "least 16 digits) or base64 key",
-    )
-
-
-def _reject_arguments(parser: argparse.ArgumentParser) -> None:
-    _node_argument(parser)
-    parser.add_argument(
-        "reason",
-        nargs="?",
-        default="",
-        metavar="REASON",
-        help="why, sent to the node that asked (default: none)",
     )
 
 
@@ -207,10 +196,19 @@ def _name_argument(parser: argparse.ArgumentParser) -> None:
 # Every command, in the order --help lists them: its summary, and what adds its arguments.
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "status": ("node ID, hostname, listen address, registry, counts", _status_arguments),
-    "handshake": ("ask a node for trust", _handshake_arguments),
+    "handshake": (
+        "ask a node for trust",
+        _node_and_text(
+            "justification",
+            "why this node asks, shown to the peer's operator in `pending` (optional; 1 KiB kept)",
+        ),
+    ),
     "pending": ("list pending requests", _no_arguments),
     "approve": ("approve a pending request", _approve_arguments),
-    "reject": ("reject a pending request", _reject_arguments),
+    "reject": (
+        "reject a pending request",
+        _node_and_text("reason", "why, sent to the node that asked (default: none)"),
+    ),
     "trust": ("list trusted peers (and conflicting records)", _no_arguments),
     "requests": ("list our requests and what became of each", _no_arguments),
     "untrust": ("revoke trust in a node, or withdraw our request to it", _node_argument),

@@ -36,11 +36,12 @@ from .errors import ControlError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import TracebackType
-    from typing import Any
+    from typing import Any, TypeVar
 
     from .store import OutgoingRequest, PendingHandshake, TrustRecord
 
     Response = dict[str, Any]
+    _Self = TypeVar("_Self", bound="_Closing")
 
 __all__ = [
     "Client",
@@ -178,7 +179,26 @@ class ControlClient:
             yield response
 
 
-class EventStream:
+class _Closing:
+    """Something ``with`` closes at the end of the block."""
+
+    def close(self) -> None:
+        """Release what it holds; idempotent."""
+        raise NotImplementedError
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class EventStream(_Closing):
     """Events from the daemon as they happen (``Client.events``): iterate for the event
     dicts (``event``, ``node_id``, ``timestamp``, ``data``); ``close()`` ends it, also from
     another thread while an iteration waits."""
@@ -225,19 +245,8 @@ class EventStream:
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
-    def __enter__(self) -> EventStream:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class Client:
+class Client(_Closing):
     """A running daemon's Manager over its control socket at ``path`` (SPEC 13a).
 
     Every ``node`` argument is a node ID or a hostname the registry resolves. Errors are the
@@ -271,16 +280,18 @@ class Client:
     def request(self, command: str, **args: Any) -> Response:
         """One control request as sent and its response as received (ok or error); the
         raw protocol of SPEC 13 that ``pilot-handshakectl --json`` prints."""
-        if self._closed:
-            raise ControlError(f"this client of {self.path} is closed")
+        self._check_open()
         return self._wire.request(command, **args)
 
     def stream(self, command: str, **args: Any) -> Iterator[Response]:
         """One control request and every response line as received until the daemon
         closes (``events``)."""
+        self._check_open()
+        return self._wire.stream(command, **args)
+
+    def _check_open(self) -> None:
         if self._closed:
             raise ControlError(f"this client of {self.path} is closed")
-        return self._wire.stream(command, **args)
 
     def call(self, command: str, **args: Any) -> Any:
         """One control request; its ``data``, or the package's exception for an error."""
@@ -455,14 +466,3 @@ class Client:
             streams, self._streams = self._streams, set()
         for stream in streams:
             stream.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
