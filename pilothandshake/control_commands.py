@@ -19,8 +19,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 from .constants import REGISTRY_CACHE_TTL, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
 from .error_codes import INTERNAL, INVALID_ARGUMENT, INVALID_STATE, NOT_FOUND, code_of
@@ -79,6 +80,16 @@ _HOSTNAME_LOOKUPS = 32
 _HOSTNAME_CACHE = 4096
 
 Response = dict[str, Any]
+
+
+class _Record(Protocol):
+    """A row of a listing (pending, trusted, requests): it names a node."""
+
+    @property
+    def node_id(self) -> int: ...
+
+
+_Row = TypeVar("_Row", bound=_Record)
 
 
 class HostnameRegistry(Protocol):
@@ -309,71 +320,67 @@ class ControlCommands:
     def _do_handshake(self, node_id: int, justification: str = "") -> dict[str, Any]:
         return {"node_id": node_id, "status": self.manager.send_request(node_id, justification)}
 
-    def _do_pending(self) -> dict[str, Any]:
-        pending = self.manager.pending_requests()
-        records = {r.node_id: r for r in self.manager.trusted_peers()}
-        names = self._hostnames([p.node_id for p in pending])
+    def _listing(
+        self, key: str, items: Sequence[_Row], row: Callable[[_Row], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """``{key: [...]}``, an entry per item: its node ID and registry hostname, then
+        ``row(item)``."""
+        names = self._hostnames([item.node_id for item in items])
         return {
-            "pending": [
-                {
-                    "node_id": p.node_id,
-                    "hostname": names.get(p.node_id, ""),
-                    "public_key": p.public_key,
-                    "fingerprint": full_fingerprint(p.public_key),
-                    "key_changed": key_changed(records.get(p.node_id), p),
-                    "justification": p.justification,
-                    **_time("received_at", p.received_at),
-                }
-                for p in pending
+            key: [
+                {"node_id": item.node_id, "hostname": names.get(item.node_id, ""), **row(item)}
+                for item in items
             ]
         }
+
+    def _do_pending(self) -> dict[str, Any]:
+        records = {r.node_id: r for r in self.manager.trusted_peers()}
+        return self._listing(
+            "pending",
+            self.manager.pending_requests(),
+            lambda p: {
+                "public_key": p.public_key,
+                "fingerprint": full_fingerprint(p.public_key),
+                "key_changed": key_changed(records.get(p.node_id), p),
+                "justification": p.justification,
+                **_time("received_at", p.received_at),
+            },
+        )
 
     def _do_approve(self, node_id: int, new_key: str | None = None) -> dict[str, Any]:
-        if not self.manager.approve_handshake(node_id, new_key=new_key):
-            raise RequestError(NOT_FOUND, f"nothing pending for node {node_id}")
-        return {"node_id": node_id, "status": "approved"}
+        return _answered(
+            node_id, self.manager.approve_handshake(node_id, new_key=new_key), "approved"
+        )
 
     def _do_reject(self, node_id: int, reason: str = "") -> dict[str, Any]:
-        if not self.manager.reject_handshake(node_id, reason):
-            raise RequestError(NOT_FOUND, f"nothing pending for node {node_id}")
-        return {"node_id": node_id, "status": "rejected"}
+        return _answered(node_id, self.manager.reject_handshake(node_id, reason), "rejected")
 
     def _do_trust(self) -> dict[str, Any]:
-        records = self.manager.trusted_peers()
         conflicts = set(self.manager.conflicting_peers())
-        names = self._hostnames([r.node_id for r in records])
-        return {
-            "trusted": [
-                {
-                    "node_id": r.node_id,
-                    "hostname": names.get(r.node_id, ""),
-                    "public_key": r.public_key,
-                    "mutual": r.mutual,
-                    "network": r.network,
-                    **_time("approved_at", r.approved_at),
-                    "reason": r.reason,
-                    "conflict": r.node_id in conflicts,
-                }
-                for r in records
-            ]
-        }
+        return self._listing(
+            "trusted",
+            self.manager.trusted_peers(),
+            lambda r: {
+                "public_key": r.public_key,
+                "mutual": r.mutual,
+                "network": r.network,
+                **_time("approved_at", r.approved_at),
+                "reason": r.reason,
+                "conflict": r.node_id in conflicts,
+            },
+        )
 
     def _do_requests(self) -> dict[str, Any]:
-        requests = self.manager.outgoing_requests()
-        names = self._hostnames([r.node_id for r in requests])
-        return {
-            "requests": [
-                {
-                    "node_id": r.node_id,
-                    "hostname": names.get(r.node_id, ""),
-                    **_time("sent_at", r.sent_at),
-                    "path": r.path,
-                    "state": r.state,
-                    "reason": r.reason,
-                }
-                for r in requests
-            ]
-        }
+        return self._listing(
+            "requests",
+            self.manager.outgoing_requests(),
+            lambda r: {
+                **_time("sent_at", r.sent_at),
+                "path": r.path,
+                "state": r.state,
+                "reason": r.reason,
+            },
+        )
 
     def _do_untrust(self, node_id: int) -> dict[str, Any]:
         return {"node_id": node_id, "status": self.manager.revoke_trust(node_id)}
@@ -416,6 +423,14 @@ class ControlCommands:
             if request.node_id == node_id and request.state == REJECTED:
                 return request.reason
         return None
+
+
+def _answered(node_id: int, done: bool, status: str) -> dict[str, Any]:
+    """The answer to an approve or reject of ``node_id`` that ended as ``status``, or
+    not_found when ``done`` says nothing was pending."""
+    if not done:
+        raise RequestError(NOT_FOUND, f"nothing pending for node {node_id}")
+    return {"node_id": node_id, "status": status}
 
 
 def _time(key: str, moment: datetime) -> dict[str, Any]:
