@@ -328,6 +328,16 @@ class Registry:
         if self._state.nodes.get(node.node_id) != node:
             changes.apply(node_op(node))
 
+    def _mutation(
+        self, request: dict[str, Any], source: str, node_id: int, challenge: bytes
+    ) -> Node:
+        """The checks of every mutating request (SPEC 17), cheapest first: a token of
+        ``source``'s prefix, ``node_id``'s signature of ``challenge``, a token of the node."""
+        self._limit_source(source)
+        node = self._verified(request, node_id, challenge)
+        self._limit_node(node_id)
+        return node
+
     def _verified(self, request: dict[str, Any], node_id: int, challenge: bytes) -> Node:
         """Refuse unless ``signature`` is ``node_id``'s signature of ``challenge``.
 
@@ -472,9 +482,7 @@ class Registry:
     def _set_visibility(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         public = bool_field(request, "public")
-        self._limit_source(source)
-        node = self._verified(request, node_id, set_visibility_challenge(node_id))
-        self._limit_node(node_id)
+        node = self._mutation(request, source, node_id, set_visibility_challenge(node_id))
         with self._change() as changes:
             node = self._state.nodes[node_id]
             self._put(
@@ -485,9 +493,7 @@ class Registry:
     def _report_trust(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         peer_id = node_field(request, "peer_id")
-        self._limit_source(source)
-        self._verified(request, node_id, report_trust_challenge(node_id, peer_id))
-        self._limit_node(node_id)
+        self._mutation(request, source, node_id, report_trust_challenge(node_id, peer_id))
         with self._change() as changes:
             self._registered_other(node_id, peer_id)
             if not self._vouch(changes, node_id, peer_id):
@@ -500,9 +506,7 @@ class Registry:
     def _revoke_trust(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         peer_id = node_field(request, "peer_id")
-        self._limit_source(source)
-        self._verified(request, node_id, revoke_trust_challenge(node_id, peer_id))
-        self._limit_node(node_id)
+        self._mutation(request, source, node_id, revoke_trust_challenge(node_id, peer_id))
         with self._change() as changes:
             vouches = self._state.vouches
             if (node_id, peer_id) not in vouches and (peer_id, node_id) not in vouches:
@@ -516,9 +520,7 @@ class Registry:
         from_id = node_field(request, "from_node_id")
         to_id = node_field(request, "to_node_id")
         justification = str_field(request, "justification", "")
-        self._limit_source(source)
-        sender = self._verified(request, from_id, handshake_challenge(from_id, to_id))
-        self._limit_node(from_id)
+        sender = self._mutation(request, source, from_id, handshake_challenge(from_id, to_id))
         entry = {
             "from_node_id": from_id,
             "justification": justification,
@@ -538,9 +540,7 @@ class Registry:
         peer_id = node_field(request, "peer_id")
         accept = bool_field(request, "accept")
         reason = str_field(request, "reason", "")
-        self._limit_source(source)
-        self._verified(request, node_id, respond_challenge(node_id, peer_id))
-        self._limit_node(node_id)
+        self._mutation(request, source, node_id, respond_challenge(node_id, peer_id))
         entry: dict[str, Any] = {
             "from_node_id": node_id,
             "accept": accept,
@@ -613,9 +613,7 @@ class Registry:
     def _set_hostname(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         hostname = str_field(request, "hostname")
-        self._limit_source(source)
-        self._verified(request, node_id, set_hostname_challenge(node_id))
-        self._limit_node(node_id)
+        self._mutation(request, source, node_id, set_hostname_challenge(node_id))
         problem = hostname_problem(hostname) if hostname else ""
         if problem:
             refuse(problem)
