@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -43,13 +42,6 @@ from pilothandshake.store import load_state
 from pilothandshake.wire import read_message, write_receipt
 
 WAIT = 5.0
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path (AF_UNIX socket paths are limited to ~107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="phd-") as root:
-        yield Path(root)
 
 
 class FakeResolver:

@@ -30,9 +30,9 @@ from typing import Any, Callable
 
 import pytest
 from fakeruntime import FakeRuntime, Nodes, Peer, seed_trust, snapshot
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
-from strategies import json_values
+from strategies import fuzz, json_values
 
 import pilothandshake.wire as wire
 from pilothandshake.constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE, MAX_PENDING
@@ -59,16 +59,6 @@ STRANGER = Peer(30)  # unknown: its request would become pending
 ATTACKER = Identity.generate()
 PINS = {TRUSTED.node_id: TRUSTED.identity.public_key, PENDING.node_id: PENDING.identity.public_key}
 TYPES = sorted(MESSAGE_TYPES)
-
-
-def fuzz(examples: int) -> settings:
-    """Bounded runs (CI budget); no per-example deadline, since examples touch sockets and
-    fsync trust.json when a node is rebuilt."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 class HandlerNode:

@@ -8,22 +8,15 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from fakeruntime import TickClock
 
 from pilothandshake.logthrottle import LogThrottle
 from pilothandshake.manager.droplog import DropLog, ErrorLog
 from pilothandshake.registry.ratelimit import RateLimitedLog
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_lines_up_to_the_limit_get_through_and_the_rest_are_counted() -> None:
-    clock = Clock()
+    clock = TickClock(100.0)
     throttle = LogThrottle(1.0, lines=3, clock=clock)
     assert [throttle.admit() for _ in range(5)] == [0, 0, 0, None, None]
     clock.now += 0.99
@@ -34,7 +27,7 @@ def test_lines_up_to_the_limit_get_through_and_the_rest_are_counted() -> None:
 
 
 def test_an_interval_starts_with_the_first_line_after_a_quiet_spell() -> None:
-    clock = Clock()
+    clock = TickClock(100.0)
     throttle = LogThrottle(10.0, clock=clock)
     assert throttle.admit() == 0
     clock.now += 25.0
@@ -51,7 +44,7 @@ def test_now_may_be_given_instead_of_read_from_the_clock() -> None:
 
 
 def test_take_held_reports_what_was_held_back_once_and_leaves_the_interval_alone() -> None:
-    clock = Clock()
+    clock = TickClock(100.0)
     throttle = LogThrottle(1.0, lines=1, clock=clock)
     throttle.admit()
     throttle.admit()
@@ -106,7 +99,7 @@ def lines() -> Iterator[Lines]:
 def test_the_drop_log_still_logs_after_a_flush(lines: Lines) -> None:
     """A flush (at stop) used to end the windows for good: after it only ten more drop
     lines were ever logged, however long the Manager ran on."""
-    clock = Clock()
+    clock = TickClock(100.0)
     drops = DropLog(logging.getLogger("test.logthrottle"), per_second=2, clock=clock)
     for node in range(3):
         drops.drop(node, "127.0.0.1:1", "bad")
@@ -120,7 +113,7 @@ def test_the_drop_log_still_logs_after_a_flush(lines: Lines) -> None:
 
 
 def test_the_error_log_appends_what_it_held_back(lines: Lines) -> None:
-    clock = Clock()
+    clock = TickClock(100.0)
     errors = ErrorLog(60.0, logging.getLogger("test.logthrottle"), clock)
     for n in range(4):
         errors.error(f"write {n} failed")

@@ -4,7 +4,6 @@ replay set and the rate-limited drop log."""
 
 from __future__ import annotations
 
-import base64
 import errno
 import json
 import logging
@@ -14,7 +13,16 @@ from datetime import datetime, timezone
 from typing import Callable
 
 import pytest
-from fakeruntime import FakeRegistry, FakeRuntime, Nodes, Peer, seed_trust, settle, snapshot
+from fakeruntime import (
+    FakeRegistry,
+    FakeRuntime,
+    Nodes,
+    Peer,
+    respell,
+    seed_trust,
+    settle,
+    snapshot,
+)
 
 from pilothandshake.manager import DropLog, Manager
 from pilothandshake.manager.replay import ReplaySet
@@ -60,16 +68,6 @@ def assert_dropped(
     (line,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert peer_text(remote) in line and reason in line
     assert [r.levelno for r in loud] == ([level] if level >= logging.WARNING else [])
-
-
-def respell(b64: str) -> str:
-    """Another base64 spelling of the same bytes (non-zero unused bits before the padding)."""
-    stripped = b64.rstrip("=")
-    last = stripped[-1]
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    respelled = stripped[:-1] + alphabet[alphabet.index(last) + 1] + b64[len(stripped) :]
-    assert respelled != b64 and base64.b64decode(respelled) == base64.b64decode(b64)
-    return respelled
 
 
 # Step 1: decode, own ID, deny list

@@ -8,7 +8,6 @@ import http.client
 import logging
 import re
 import socket
-import tempfile
 import threading
 import time
 import urllib.error
@@ -41,13 +40,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path (AF_UNIX socket paths are limited to ~107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="phm-") as root:
-        yield Path(root)
 
 
 def test_metric_names_start_with_the_prefix_but_the_process_ones_are_standard() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakeruntime import TickClock
 
 from pilothandshake.constants import MAX_TEXT_BYTES, REGISTRY_INBOX
 from pilothandshake.identity import Identity, b64encode
@@ -31,16 +32,6 @@ ROOMY = Limits(
     mutations_per_minute_per_node=100_000,
     mutations_per_minute_per_source=1_000_000,
 )
-
-
-class Clock:
-    """The registry's monotonic and wall clock, moved only by the test."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Peer:
@@ -122,12 +113,12 @@ class Peer:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> TickClock:
+    return TickClock()
 
 
 @pytest.fixture
-def registry(clock: Clock) -> Registry:
+def registry(clock: TickClock) -> Registry:
     return Registry(limits=ROOMY, clock=clock, wall=clock)
 
 
@@ -268,7 +259,7 @@ def test_the_reason_of_a_response_is_passed_on_and_cut_to_1_kib(registry: Regist
 # -- durable inboxes (issue 20 item 3) -------------------------------------------------------
 
 
-def test_inboxes_survive_a_restart_with_their_expiry(tmp_path: Path, clock: Clock) -> None:
+def test_inboxes_survive_a_restart_with_their_expiry(tmp_path: Path, clock: TickClock) -> None:
     path = str(tmp_path / "registry.json")
     registry = Registry(Store(path), limits=ROOMY, clock=clock, wall=clock)
     a, b, c = Peer(registry), Peer(registry), Peer(registry)

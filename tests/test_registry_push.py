@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
+from fakeruntime import wait_until
 
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import handshake_challenge, poll_challenge, respond_challenge
@@ -104,13 +105,6 @@ class HeldPoll:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_register_ok_advertises_wait_poll(make_server: Callable[..., RegistryServer]) -> None:

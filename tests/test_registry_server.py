@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from fakeruntime import wait_until
 
 from pilothandshake.constants import MAX_REGISTRY_FRAME_SERVER, REGISTRY_INBOX
 from pilothandshake.errors import ConfigError, RegistryError, StoreError
@@ -100,13 +101,6 @@ def make_server() -> Iterator[Callable[..., RegistryServer]]:
 @pytest.fixture
 def server(make_server: Callable[..., RegistryServer]) -> RegistryServer:
     return make_server()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def raw_exchange(server: RegistryServer, payload: bytes) -> tuple[Any, bytes]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakeruntime import TickClock
 
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import (
@@ -30,17 +31,6 @@ from pilothandshake.registry.state import Registry
 from pilothandshake.registry.storage import Store
 
 HOUR = 3600.0
-
-
-class Clock:
-    """Seconds that only move when a test says so: the registry's monotonic and wall clock
-    both (it starts at the real time, so signed registers made now are fresh)."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Peer:
@@ -165,8 +155,8 @@ class Peer:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> TickClock:
+    return TickClock()
 
 
 # Every test node registers from 127.0.0.1: the limits themselves are tested on their own.
@@ -178,7 +168,7 @@ ROOMY = Limits(
 
 
 @pytest.fixture
-def registry(clock: Clock) -> Registry:
+def registry(clock: TickClock) -> Registry:
     return Registry(limits=ROOMY, clock=clock, wall=clock)
 
 
@@ -230,7 +220,7 @@ def test_each_way_a_target_vouches_lets_the_requester_resolve_it(registry: Regis
     assert refused(g.resolve(h.node_id), "may not resolve")
 
 
-def test_shared_network_or_public_opens_resolve_without_a_vouch(clock: Clock) -> None:
+def test_shared_network_or_public_opens_resolve_without_a_vouch(clock: TickClock) -> None:
     registry = Registry(
         networks=parse_networks({5: [1, 2]}, "test"),
         limits=ROOMY,
@@ -261,7 +251,7 @@ def test_revoke_by_either_side_removes_the_pair_both_ways(registry: Registry) ->
     assert refused(b.revoke_trust(a.node_id), "no trust pair 2-1 to revoke")
 
 
-def test_vouches_survive_a_restart_with_their_direction(tmp_path: Path, clock: Clock) -> None:
+def test_vouches_survive_a_restart_with_their_direction(tmp_path: Path, clock: TickClock) -> None:
     path = str(tmp_path / "registry.json")
     registry = Registry(Store(path), limits=ROOMY, clock=clock, wall=clock)
     a, b = Peer(registry, 4001), Peer(registry, 4002)
@@ -291,7 +281,7 @@ def test_version_1_store_pairs_are_read_as_vouched_both_ways(tmp_path: Path) -> 
 
 
 def test_register_is_rate_limited_per_source_and_known_keys_are_exempt(
-    clock: Clock, caplog: pytest.LogCaptureFixture
+    clock: TickClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = Registry(clock=clock)  # the default limits: 10 a minute
     peers = [Peer(registry, source="10.0.0.1") for _ in range(10)]
@@ -333,7 +323,7 @@ def test_justification_is_cut_to_1_kib_on_a_utf8_boundary(registry: Registry) ->
     assert len(entry["justification"].encode()) == 1024
 
 
-def test_inbox_entries_expire_after_24_hours(registry: Registry, clock: Clock) -> None:
+def test_inbox_entries_expire_after_24_hours(registry: Registry, clock: TickClock) -> None:
     a, b = Peer(registry), Peer(registry)
     a.request(b.node_id)
     b.respond(a.node_id, False)
@@ -357,7 +347,7 @@ def test_responses_keep_one_per_sender(registry: Registry) -> None:
     assert response["accept"] is True
 
 
-def test_2000_relayed_requests_of_60_kb_stay_small(clock: Clock) -> None:
+def test_2000_relayed_requests_of_60_kb_stay_small(clock: TickClock) -> None:
     """Issue 11 item 2: 2,000 relayed requests of 60 KB grew the registry by 115 MiB."""
     registry = Registry(limits=ROOMY, clock=clock, wall=clock)
     targets = [Peer(registry) for _ in range(20)]
@@ -377,7 +367,7 @@ def test_2000_relayed_requests_of_60_kb_stay_small(clock: Clock) -> None:
     assert grown < 8 * 1024 * 1024, f"grew {grown} bytes"
 
 
-def test_store_does_not_grow_with_relayed_traffic(tmp_path: Path, clock: Clock) -> None:
+def test_store_does_not_grow_with_relayed_traffic(tmp_path: Path, clock: TickClock) -> None:
     path = tmp_path / "registry.json"
     registry = Registry(Store(str(path)), limits=ROOMY, clock=clock, wall=clock)
     a, b = Peer(registry), Peer(registry)
@@ -461,7 +451,7 @@ def test_register_sets_a_free_hostname_and_skips_a_taken_one(registry: Registry)
     assert lookup["hostname"] == "alpha"
 
 
-def test_hostnames_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
+def test_hostnames_survive_a_restart(tmp_path: Path, clock: TickClock) -> None:
     path = str(tmp_path / "registry.json")
     registry = Registry(Store(path), clock=clock)
     peer = Peer(registry)
@@ -516,7 +506,9 @@ def lookup(registry: Registry, node_id: int) -> dict[str, Any]:
     return registry.handle({"type": "lookup", "node_id": node_id}, "10.9.9.9")
 
 
-def test_unsigned_register_of_a_known_key_changes_nothing(registry: Registry, clock: Clock) -> None:
+def test_unsigned_register_of_a_known_key_changes_nothing(
+    registry: Registry, clock: TickClock
+) -> None:
     victim, other = Peer(registry, 4001), Peer(registry, 4002)
     assert victim.register(hostname="build-agent")["hostname"] == "build-agent"
     victim.report_trust(other.node_id)  # so that other may resolve the victim
@@ -558,7 +550,7 @@ def test_a_signed_register_moves_the_nodes_own_record(registry: Registry) -> Non
 
 
 def test_a_stale_or_foreign_register_signature_is_refused_and_changes_nothing(
-    registry: Registry, clock: Clock
+    registry: Registry, clock: TickClock
 ) -> None:
     node = Peer(registry, 4001)
     node.register(hostname="kept")
@@ -600,7 +592,7 @@ def test_owner_never_binds_a_node_id_to_another_key(registry: Registry) -> None:
 # -- round 3: every mutating request rate-limited, caps (SPEC 15, 17) -------------------
 
 
-def test_mutations_are_limited_per_node_and_per_source_prefix(clock: Clock) -> None:
+def test_mutations_are_limited_per_node_and_per_source_prefix(clock: TickClock) -> None:
     limits = Limits(
         register_per_minute=100, mutations_per_minute_per_node=5, mutations_per_minute_per_source=12
     )
@@ -645,7 +637,7 @@ def test_mutations_are_limited_per_node_and_per_source_prefix(clock: Clock) -> N
     assert all(lookup(registry, a.node_id)["type"] == "lookup_ok" for _ in range(50))
 
 
-def test_every_mutating_request_spends_a_token(clock: Clock) -> None:
+def test_every_mutating_request_spends_a_token(clock: TickClock) -> None:
     limits = Limits(mutations_per_minute_per_node=1, mutations_per_minute_per_source=10**6)
     registry = Registry(limits=limits, clock=clock, wall=clock)
     a, b = Peer(registry, 4001), Peer(registry, 4002)
@@ -677,7 +669,7 @@ def test_every_mutating_request_spends_a_token(clock: Clock) -> None:
     assert a.heartbeat()["type"] == "heartbeat_ok"
 
 
-def test_new_keys_beyond_max_nodes_are_refused(clock: Clock) -> None:
+def test_new_keys_beyond_max_nodes_are_refused(clock: TickClock) -> None:
     registry = Registry(limits=Limits(register_per_minute=100, max_nodes=3), clock=clock)
     peers = [Peer(registry, 4000 + i) for i in range(3)]
     extra = Identity.generate()
@@ -688,7 +680,7 @@ def test_new_keys_beyond_max_nodes_are_refused(clock: Clock) -> None:
 
 
 def test_vouches_beyond_max_vouches_per_node_are_refused_and_relaying_goes_on(
-    clock: Clock,
+    clock: TickClock,
 ) -> None:
     limits = Limits(register_per_minute=100, max_vouches_per_node=2)
     registry = Registry(limits=limits, clock=clock, wall=clock)

@@ -7,7 +7,6 @@ mutation tried and the test that kills it). Unit level: Managers over fake runti
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import socket
@@ -18,7 +17,16 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from fakeruntime import FakeClock, FakeRegistry, Nodes, Peer, seed_trust, settle, snapshot
+from fakeruntime import (
+    FakeClock,
+    FakeRegistry,
+    Nodes,
+    Peer,
+    respell,
+    seed_trust,
+    settle,
+    snapshot,
+)
 
 from pilothandshake.config import Config, RegistryConfig
 from pilothandshake.daemon import Daemon
@@ -34,15 +42,6 @@ from pilothandshake.wire import send_message
 OWN = 1
 REMOTE = ("127.0.0.1", 40000)
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
-
-
-def respell(b64: str) -> str:
-    """Another base64 spelling of the same bytes (non-zero unused bits before the padding)."""
-    stripped = b64.rstrip("=")
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    respelled = stripped[:-1] + alphabet[alphabet.index(stripped[-1]) + 1] + b64[len(stripped) :]
-    assert respelled != b64 and base64.b64decode(respelled) == base64.b64decode(b64)
-    return respelled
 
 
 # SPEC 5 step 3 / 8: key pinning
