@@ -5,111 +5,15 @@ is passed on, and inboxes survive a restart with their bounds and expiry."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fakeruntime import TickClock
+from registrypeer import ROOMY, RegistryPeer
 
 from pilothandshake.constants import MAX_TEXT_BYTES, REGISTRY_INBOX
-from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import (
-    handshake_challenge,
-    heartbeat_challenge,
-    poll_challenge,
-    register_challenge,
-    report_trust_challenge,
-    respond_challenge,
-)
-from pilothandshake.registry.config import Limits
 from pilothandshake.registry.state import Registry
 from pilothandshake.registry.storage import Store
-
-# Every identity here registers from a handful of sources: only the inbox rules bind.
-ROOMY = Limits(
-    register_per_minute=100_000,
-    mutations_per_minute_per_node=100_000,
-    mutations_per_minute_per_source=1_000_000,
-)
-
-
-class Peer:
-    """An identity registered from ``source`` and the signed relay calls it makes."""
-
-    def __init__(self, registry: Registry, source: str = "127.0.0.1") -> None:
-        self.registry = registry
-        self.source = source
-        self.identity = Identity.generate()
-        stamp, key = int(time.time()), self.identity.public_key_b64
-        answer = self.ask(
-            {
-                "type": "register",
-                "listen_addr": f"{source}:4000",
-                "public_key": key,
-                "timestamp": stamp,
-                "signature": self.sig(register_challenge(key, stamp)),
-            }
-        )
-        assert answer["type"] == "register_ok", answer
-        self.node_id: int = answer["node_id"]
-
-    def sig(self, challenge: bytes) -> str:
-        return b64encode(self.identity.sign(challenge))
-
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self.registry.handle(request, self.source)
-
-    def request(self, to: int, text: str = "let me in") -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "request_handshake",
-                "from_node_id": self.node_id,
-                "to_node_id": to,
-                "justification": text,
-                "signature": self.sig(handshake_challenge(self.node_id, to)),
-            }
-        )
-
-    def respond(self, to: int, accept: bool = True, **fields: Any) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "respond_handshake",
-                "node_id": self.node_id,
-                "peer_id": to,
-                "accept": accept,
-                "signature": self.sig(respond_challenge(self.node_id, to)),
-                **fields,
-            }
-        )
-
-    def report_trust(self, peer: int) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "report_trust",
-                "node_id": self.node_id,
-                "peer_id": peer,
-                "signature": self.sig(report_trust_challenge(self.node_id, peer)),
-            }
-        )
-
-    def poll(self) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "poll_handshakes",
-                "node_id": self.node_id,
-                "signature": self.sig(poll_challenge(self.node_id)),
-            }
-        )
-
-    def heartbeat(self) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "heartbeat",
-                "node_id": self.node_id,
-                "signature": self.sig(heartbeat_challenge(self.node_id)),
-            }
-        )
 
 
 @pytest.fixture
@@ -122,17 +26,17 @@ def registry(clock: TickClock) -> Registry:
     return Registry(limits=ROOMY, clock=clock, wall=clock)
 
 
-def free_identities(registry: Registry, count: int) -> list[Peer]:
+def free_identities(registry: Registry, count: int) -> list[RegistryPeer]:
     """``count`` throwaway identities spread over sources 127.0.2.1, 127.0.3.1, ...: each
     /24 stands for another host."""
-    return [Peer(registry, f"127.0.{2 + i % 200}.1") for i in range(count)]
+    return [RegistryPeer(registry, source=f"127.0.{2 + i % 200}.1") for i in range(count)]
 
 
 # -- responses: tied ones are never pushed out -----------------------------------------------
 
 
 def test_free_identities_cannot_push_a_real_approval_out(registry: Registry) -> None:
-    a, b = Peer(registry), Peer(registry)
+    a, b = RegistryPeer(registry), RegistryPeer(registry)
     assert b.request(a.node_id)["type"] == "request_handshake_ok"  # B asked A, relayed
     assert a.poll()["requests"][0]["from_node_id"] == b.node_id
     attackers = free_identities(registry, 101)
@@ -156,7 +60,7 @@ def test_free_identities_cannot_push_a_real_approval_out(registry: Registry) -> 
 def test_an_approval_arriving_at_a_full_inbox_evicts_a_less_tied_response(
     registry: Registry,
 ) -> None:
-    a, b = Peer(registry), Peer(registry)
+    a, b = RegistryPeer(registry), RegistryPeer(registry)
     b.request(a.node_id)
     attackers = free_identities(registry, REGISTRY_INBOX)
     for attacker in attackers:
@@ -172,12 +76,12 @@ def test_an_approval_arriving_at_a_full_inbox_evicts_a_less_tied_response(
 def test_untied_responses_are_rate_limited_per_identity_and_per_source(
     registry: Registry,
 ) -> None:
-    targets = [Peer(registry) for _ in range(12)]
-    stranger = Peer(registry, "127.0.9.1")
+    targets = [RegistryPeer(registry) for _ in range(12)]
+    stranger = RegistryPeer(registry, source="127.0.9.1")
     answers = [stranger.respond(t.node_id)["type"] for t in targets]
     assert answers == ["respond_handshake_ok"] * 10 + ["error"] * 2
     # Many identities behind one source: 100 untied responses a minute for all of them.
-    crowd = [Peer(registry, "127.0.8.1") for _ in range(110)]
+    crowd = [RegistryPeer(registry, source="127.0.8.1") for _ in range(110)]
     answers = [c.respond(targets[i % 12].node_id)["type"] for i, c in enumerate(crowd)]
     assert answers.count("respond_handshake_ok") == 100
     # A tied response from the same source is not limited with them.
@@ -187,7 +91,7 @@ def test_untied_responses_are_rate_limited_per_identity_and_per_source(
 
 
 def test_untied_responses_go_first_when_tied_ones_need_room(registry: Registry) -> None:
-    b = Peer(registry)
+    b = RegistryPeer(registry)
     strangers = free_identities(registry, REGISTRY_INBOX)
     for stranger in strangers:
         assert stranger.respond(b.node_id)["type"] == "respond_handshake_ok"
@@ -195,7 +99,7 @@ def test_untied_responses_go_first_when_tied_ones_need_room(registry: Registry) 
     late = free_identities(registry, 1)[0]
     assert late.respond(b.node_id)["type"] == "error"
     # One that B vouched for (it reported trust in it) can.
-    friend = Peer(registry)
+    friend = RegistryPeer(registry)
     b.report_trust(friend.node_id)
     assert friend.respond(b.node_id)["type"] == "respond_handshake_ok"
     senders = [r["from_node_id"] for r in b.poll()["responses"]]
@@ -208,9 +112,9 @@ def test_untied_responses_go_first_when_tied_ones_need_room(registry: Registry) 
 def test_a_real_request_gets_in_while_free_identities_flood_the_inbox(
     registry: Registry,
 ) -> None:
-    b = Peer(registry)
-    flood = [Peer(registry, "127.0.2.1") for _ in range(150)]
-    real = Peer(registry, "127.0.0.7")
+    b = RegistryPeer(registry)
+    flood = [RegistryPeer(registry, source="127.0.2.1") for _ in range(150)]
+    real = RegistryPeer(registry, source="127.0.0.7")
     got_in = 0
     for round_ in range(5):  # the attacker refills B's inbox after every poll
         answers = [attacker.request(b.node_id) for attacker in flood]
@@ -225,11 +129,11 @@ def test_a_real_request_gets_in_while_free_identities_flood_the_inbox(
 
 
 def test_the_request_inbox_is_shared_evenly_between_sources(registry: Registry) -> None:
-    b = Peer(registry)
-    hog = [Peer(registry, "127.0.2.1") for _ in range(REGISTRY_INBOX)]
+    b = RegistryPeer(registry)
+    hog = [RegistryPeer(registry, source="127.0.2.1") for _ in range(REGISTRY_INBOX)]
     for attacker in hog:
         assert attacker.request(b.node_id)["type"] == "request_handshake_ok"
-    others = [Peer(registry, "127.0.3.1") for _ in range(60)]
+    others = [RegistryPeer(registry, source="127.0.3.1") for _ in range(60)]
     answers = [o.request(b.node_id)["type"] for o in others]
     # Two sources: 50 each; the second gets in until it holds its half.
     assert answers.count("request_handshake_ok") == REGISTRY_INBOX // 2
@@ -241,7 +145,7 @@ def test_the_request_inbox_is_shared_evenly_between_sources(registry: Registry) 
 
 
 def test_the_reason_of_a_response_is_passed_on_and_cut_to_1_kib(registry: Registry) -> None:
-    a, b, c = Peer(registry), Peer(registry), Peer(registry)
+    a, b, c = RegistryPeer(registry), RegistryPeer(registry), RegistryPeer(registry)
     b.request(a.node_id)
     c.request(a.node_id)
     a.respond(b.node_id, False, reason="not on weekends")
@@ -262,7 +166,7 @@ def test_the_reason_of_a_response_is_passed_on_and_cut_to_1_kib(registry: Regist
 def test_inboxes_survive_a_restart_with_their_expiry(tmp_path: Path, clock: TickClock) -> None:
     path = str(tmp_path / "registry.json")
     registry = Registry(Store(path), limits=ROOMY, clock=clock, wall=clock)
-    a, b, c = Peer(registry), Peer(registry), Peer(registry)
+    a, b, c = RegistryPeer(registry), RegistryPeer(registry), RegistryPeer(registry)
     a.request(b.node_id, "relayed before the restart")
     c.request(a.node_id)
     a.respond(c.node_id, True, reason="ok")

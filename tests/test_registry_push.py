@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import pytest
 from fakeruntime import wait_until
+from registrypeer import ROOMY
 
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import handshake_challenge, poll_challenge, respond_challenge
@@ -20,11 +21,6 @@ from pilothandshake.registry.client import Client, encode_frame, read_frame
 from pilothandshake.registry.config import Limits, ServerConfig
 from pilothandshake.registry.server import RegistryServer
 
-ROOMY = Limits(
-    register_per_minute=100_000,
-    mutations_per_minute_per_node=100_000,
-    mutations_per_minute_per_source=1_000_000,
-)
 LONG = 30.0  # a wait no test should ever sit out: an answer before it was woken
 
 

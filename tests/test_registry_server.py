@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import pytest
 from fakeruntime import wait_until
+from registrypeer import ROOMY
 
 from pilothandshake.constants import MAX_REGISTRY_FRAME_SERVER, REGISTRY_INBOX
 from pilothandshake.errors import ConfigError, RegistryError, StoreError
@@ -31,12 +32,6 @@ from pilothandshake.registry.server import RegistryServer
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRYD = str(ROOT / "bin" / "pilot-registryd")
-# Tests register many identities from 127.0.0.1: the limits are tested on their own.
-ROOMY = Limits(
-    register_per_minute=100_000,
-    mutations_per_minute_per_node=100_000,
-    mutations_per_minute_per_source=1_000_000,
-)
 
 
 def unsigned_register(identity: Identity, listen_addr: str) -> dict[str, Any]:

@@ -12,17 +12,11 @@ from typing import Any
 
 import pytest
 from fakeruntime import TickClock
+from registrypeer import ROOMY, RegistryPeer
 
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import (
-    handshake_challenge,
-    heartbeat_challenge,
-    poll_challenge,
     register_challenge,
-    report_trust_challenge,
-    resolve_challenge,
-    respond_challenge,
-    revoke_trust_challenge,
     set_hostname_challenge,
     set_visibility_challenge,
 )
@@ -33,138 +27,9 @@ from pilothandshake.registry.storage import Store
 HOUR = 3600.0
 
 
-class Peer:
-    """A registered identity and the signed requests it can make."""
-
-    def __init__(self, registry: Registry, port: int = 4000, source: str = "127.0.0.1") -> None:
-        self.registry = registry
-        self.identity = Identity.generate()
-        answer = registry.handle(
-            {
-                "type": "register",
-                "listen_addr": f"127.0.0.1:{port}",
-                "public_key": self.identity.public_key_b64,
-            },
-            source,
-        )
-        assert answer["type"] == "register_ok", answer
-        self.node_id: int = answer["node_id"]
-        self.addr = f"127.0.0.1:{port}"
-
-    def sig(self, challenge: bytes) -> str:
-        return b64encode(self.identity.sign(challenge))
-
-    def register(
-        self, stamp: int | None = None, source: str = "127.0.0.1", **fields: Any
-    ) -> dict[str, Any]:
-        """A ``register`` of this node's key signed by it (SPEC 17), with ``fields``."""
-        stamp = int(time.time()) if stamp is None else stamp
-        key = self.identity.public_key_b64
-        request = {
-            "type": "register",
-            "listen_addr": self.addr,
-            "public_key": key,
-            "timestamp": stamp,
-            "signature": self.sig(register_challenge(key, stamp)),
-            **fields,
-        }
-        return self.registry.handle(request, source)
-
-    def heartbeat(self) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "heartbeat",
-                "node_id": self.node_id,
-                "signature": self.sig(heartbeat_challenge(self.node_id)),
-            }
-        )
-
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self.registry.handle(request, "127.0.0.1")
-
-    def resolve(self, target: int) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "resolve",
-                "node_id": target,
-                "requester_id": self.node_id,
-                "signature": self.sig(resolve_challenge(self.node_id, target)),
-            }
-        )
-
-    def report_trust(self, peer: int) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "report_trust",
-                "node_id": self.node_id,
-                "peer_id": peer,
-                "signature": self.sig(report_trust_challenge(self.node_id, peer)),
-            }
-        )
-
-    def revoke_trust(self, peer: int) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "revoke_trust",
-                "node_id": self.node_id,
-                "peer_id": peer,
-                "signature": self.sig(revoke_trust_challenge(self.node_id, peer)),
-            }
-        )
-
-    def respond(self, peer: int, accept: bool) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "respond_handshake",
-                "node_id": self.node_id,
-                "peer_id": peer,
-                "accept": accept,
-                "signature": self.sig(respond_challenge(self.node_id, peer)),
-            }
-        )
-
-    def request(self, to: int, justification: str = "hi") -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "request_handshake",
-                "from_node_id": self.node_id,
-                "to_node_id": to,
-                "justification": justification,
-                "signature": self.sig(handshake_challenge(self.node_id, to)),
-            }
-        )
-
-    def poll(self) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "poll_handshakes",
-                "node_id": self.node_id,
-                "signature": self.sig(poll_challenge(self.node_id)),
-            }
-        )
-
-    def set_hostname(self, name: str) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "set_hostname",
-                "node_id": self.node_id,
-                "hostname": name,
-                "signature": self.sig(set_hostname_challenge(self.node_id)),
-            }
-        )
-
-
 @pytest.fixture
 def clock() -> TickClock:
     return TickClock()
-
-
-# Every test node registers from 127.0.0.1: the limits themselves are tested on their own.
-ROOMY = Limits(
-    register_per_minute=100_000,
-    mutations_per_minute_per_node=100_000,
-    mutations_per_minute_per_source=1_000_000,
-)
 
 
 @pytest.fixture
@@ -182,14 +47,14 @@ def refused(answer: dict[str, Any], why: str = "") -> bool:
 def test_attackers_report_trust_lets_only_the_victim_resolve_the_attacker(
     registry: Registry,
 ) -> None:
-    victim, attacker = Peer(registry, 4001), Peer(registry, 4002)
+    victim, attacker = RegistryPeer(registry, 4001), RegistryPeer(registry, 4002)
     assert attacker.report_trust(victim.node_id)["type"] == "report_trust_ok"
     assert refused(attacker.resolve(victim.node_id), "may not resolve private node")
     assert victim.resolve(attacker.node_id)["real_addr"] == attacker.addr
 
 
 def test_unrequested_accept_does_not_let_the_responder_resolve(registry: Registry) -> None:
-    victim, attacker = Peer(registry, 4001), Peer(registry, 4002)
+    victim, attacker = RegistryPeer(registry, 4001), RegistryPeer(registry, 4002)
     assert attacker.respond(victim.node_id, True)["type"] == "respond_handshake_ok"
     assert refused(attacker.resolve(victim.node_id), "may not resolve")
     # Even together with its own report_trust and a relayed request of its own.
@@ -200,22 +65,22 @@ def test_unrequested_accept_does_not_let_the_responder_resolve(registry: Registr
 
 def test_each_way_a_target_vouches_lets_the_requester_resolve_it(registry: Registry) -> None:
     # Reported trust.
-    a, b = Peer(registry, 4001), Peer(registry, 4002)
+    a, b = RegistryPeer(registry, 4001), RegistryPeer(registry, 4002)
     b.report_trust(a.node_id)
     assert a.resolve(b.node_id)["real_addr"] == b.addr
     # Accepted a relayed request: the requester may then resolve the acceptor.
-    c, d = Peer(registry, 4003), Peer(registry, 4004)
+    c, d = RegistryPeer(registry, 4003), RegistryPeer(registry, 4004)
     c.request(d.node_id)
     d.poll()
     d.respond(c.node_id, True)
     assert c.resolve(d.node_id)["real_addr"] == d.addr
     # Sent a relayed request: its target may dial it back.
-    e, f = Peer(registry, 4005), Peer(registry, 4006)
+    e, f = RegistryPeer(registry, 4005), RegistryPeer(registry, 4006)
     e.request(f.node_id)
     assert f.resolve(e.node_id)["real_addr"] == e.addr
     assert refused(e.resolve(f.node_id), "may not resolve")
     # A rejection vouches for nothing.
-    g, h = Peer(registry, 4007), Peer(registry, 4008)
+    g, h = RegistryPeer(registry, 4007), RegistryPeer(registry, 4008)
     h.respond(g.node_id, False)
     assert refused(g.resolve(h.node_id), "may not resolve")
 
@@ -227,7 +92,11 @@ def test_shared_network_or_public_opens_resolve_without_a_vouch(clock: TickClock
         clock=clock,
         wall=clock,
     )
-    a, b, c = Peer(registry, 4001), Peer(registry, 4002), Peer(registry, 4003)
+    a, b, c = (
+        RegistryPeer(registry, 4001),
+        RegistryPeer(registry, 4002),
+        RegistryPeer(registry, 4003),
+    )
     assert a.resolve(b.node_id)["real_addr"] == b.addr
     assert refused(c.resolve(a.node_id), "may not resolve")
     a.ask(
@@ -242,7 +111,7 @@ def test_shared_network_or_public_opens_resolve_without_a_vouch(clock: TickClock
 
 
 def test_revoke_by_either_side_removes_the_pair_both_ways(registry: Registry) -> None:
-    a, b = Peer(registry, 4001), Peer(registry, 4002)
+    a, b = RegistryPeer(registry, 4001), RegistryPeer(registry, 4002)
     a.report_trust(b.node_id)
     b.report_trust(a.node_id)
     assert a.revoke_trust(b.node_id)["type"] == "revoke_trust_ok"
@@ -254,7 +123,7 @@ def test_revoke_by_either_side_removes_the_pair_both_ways(registry: Registry) ->
 def test_vouches_survive_a_restart_with_their_direction(tmp_path: Path, clock: TickClock) -> None:
     path = str(tmp_path / "registry.json")
     registry = Registry(Store(path), limits=ROOMY, clock=clock, wall=clock)
-    a, b = Peer(registry, 4001), Peer(registry, 4002)
+    a, b = RegistryPeer(registry, 4001), RegistryPeer(registry, 4002)
     a.report_trust(b.node_id)
     registry.close()
     restarted = Registry(Store(path), limits=ROOMY, clock=clock, wall=clock)
@@ -284,7 +153,7 @@ def test_register_is_rate_limited_per_source_and_known_keys_are_exempt(
     clock: TickClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = Registry(clock=clock)  # the default limits: 10 a minute
-    peers = [Peer(registry, source="10.0.0.1") for _ in range(10)]
+    peers = [RegistryPeer(registry, source="10.0.0.1") for _ in range(10)]
     fresh = Identity.generate()
     request = {"type": "register", "listen_addr": "10.0.0.1:1", "public_key": fresh.public_key_b64}
     with caplog.at_level(logging.INFO, logger="pilothandshake.registry"):
@@ -316,7 +185,7 @@ def test_register_is_rate_limited_per_source_and_known_keys_are_exempt(
 
 
 def test_justification_is_cut_to_1_kib_on_a_utf8_boundary(registry: Registry) -> None:
-    a, b = Peer(registry), Peer(registry)
+    a, b = RegistryPeer(registry), RegistryPeer(registry)
     assert a.request(b.node_id, "é" * 2000)["type"] == "request_handshake_ok"
     [entry] = b.poll()["requests"]
     assert entry["justification"] == "é" * 512
@@ -324,7 +193,7 @@ def test_justification_is_cut_to_1_kib_on_a_utf8_boundary(registry: Registry) ->
 
 
 def test_inbox_entries_expire_after_24_hours(registry: Registry, clock: TickClock) -> None:
-    a, b = Peer(registry), Peer(registry)
+    a, b = RegistryPeer(registry), RegistryPeer(registry)
     a.request(b.node_id)
     b.respond(a.node_id, False)
     clock.now += 24 * HOUR - 1
@@ -340,7 +209,7 @@ def test_inbox_entries_expire_after_24_hours(registry: Registry, clock: TickCloc
 
 
 def test_responses_keep_one_per_sender(registry: Registry) -> None:
-    a, b = Peer(registry), Peer(registry)
+    a, b = RegistryPeer(registry), RegistryPeer(registry)
     b.respond(a.node_id, False)
     b.respond(a.node_id, True)
     [response] = a.poll()["responses"]
@@ -350,8 +219,8 @@ def test_responses_keep_one_per_sender(registry: Registry) -> None:
 def test_2000_relayed_requests_of_60_kb_stay_small(clock: TickClock) -> None:
     """Issue 11 item 2: 2,000 relayed requests of 60 KB grew the registry by 115 MiB."""
     registry = Registry(limits=ROOMY, clock=clock, wall=clock)
-    targets = [Peer(registry) for _ in range(20)]
-    senders = [Peer(registry) for _ in range(100)]
+    targets = [RegistryPeer(registry) for _ in range(20)]
+    senders = [RegistryPeer(registry) for _ in range(100)]
     text = "x" * 60_000
     tracemalloc.start()
     try:
@@ -370,7 +239,7 @@ def test_2000_relayed_requests_of_60_kb_stay_small(clock: TickClock) -> None:
 def test_store_does_not_grow_with_relayed_traffic(tmp_path: Path, clock: TickClock) -> None:
     path = tmp_path / "registry.json"
     registry = Registry(Store(str(path)), limits=ROOMY, clock=clock, wall=clock)
-    a, b = Peer(registry), Peer(registry)
+    a, b = RegistryPeer(registry), RegistryPeer(registry)
     a.request(b.node_id, "y" * 60_000)
     size = path.stat().st_size
     for _ in range(50):
@@ -387,7 +256,7 @@ def test_store_does_not_grow_with_relayed_traffic(tmp_path: Path, clock: TickClo
     ["", "-a", "a-", "A", "a_b", "a.b", "a" * 64, "localhost", "backbone", "broadcast", "é"],
 )
 def test_invalid_or_reserved_hostnames_are_refused(registry: Registry, name: str) -> None:
-    peer = Peer(registry)
+    peer = RegistryPeer(registry)
     answer = peer.set_hostname(name)
     if name == "":
         assert answer == {"type": "set_hostname_ok", "node_id": peer.node_id, "hostname": ""}
@@ -398,7 +267,7 @@ def test_invalid_or_reserved_hostnames_are_refused(registry: Registry, name: str
 
 
 def test_hostnames_are_unique_set_cleared_and_resolved(registry: Registry) -> None:
-    a, b = Peer(registry), Peer(registry)
+    a, b = RegistryPeer(registry), RegistryPeer(registry)
     ok = a.set_hostname("agent-b")
     assert ok == {"type": "set_hostname_ok", "node_id": a.node_id, "hostname": "agent-b"}
     assert refused(b.set_hostname("agent-b"), f"taken by node {a.node_id}")
@@ -454,7 +323,7 @@ def test_register_sets_a_free_hostname_and_skips_a_taken_one(registry: Registry)
 def test_hostnames_survive_a_restart(tmp_path: Path, clock: TickClock) -> None:
     path = str(tmp_path / "registry.json")
     registry = Registry(Store(path), clock=clock)
-    peer = Peer(registry)
+    peer = RegistryPeer(registry)
     peer.set_hostname("kept")
     registry.close()
     restarted = Registry(Store(path), clock=clock)
@@ -466,7 +335,7 @@ def test_hostnames_survive_a_restart(tmp_path: Path, clock: TickClock) -> None:
 
 
 def test_errors_say_why_in_the_production_shape(registry: Registry) -> None:
-    peer = Peer(registry)
+    peer = RegistryPeer(registry)
     assert peer.ask({"type": "lookup", "node_id": 99}) == {
         "type": "error",
         "error": "node 99 is not online",
@@ -509,7 +378,7 @@ def lookup(registry: Registry, node_id: int) -> dict[str, Any]:
 def test_unsigned_register_of_a_known_key_changes_nothing(
     registry: Registry, clock: TickClock
 ) -> None:
-    victim, other = Peer(registry, 4001), Peer(registry, 4002)
+    victim, other = RegistryPeer(registry, 4001), RegistryPeer(registry, 4002)
     assert victim.register(hostname="build-agent")["hostname"] == "build-agent"
     victim.report_trust(other.node_id)  # so that other may resolve the victim
     # What the attacker read from a lookup: the victim's key. It re-registers it from its
@@ -539,7 +408,7 @@ def test_unsigned_register_of_a_known_key_changes_nothing(
 
 
 def test_a_signed_register_moves_the_nodes_own_record(registry: Registry) -> None:
-    node, other = Peer(registry, 4001), Peer(registry, 4002)
+    node, other = RegistryPeer(registry, 4001), RegistryPeer(registry, 4002)
     node.report_trust(other.node_id)
     node.addr = "127.0.0.1:4999"
     answer = node.register(hostname="moved")
@@ -552,7 +421,7 @@ def test_a_signed_register_moves_the_nodes_own_record(registry: Registry) -> Non
 def test_a_stale_or_foreign_register_signature_is_refused_and_changes_nothing(
     registry: Registry, clock: TickClock
 ) -> None:
-    node = Peer(registry, 4001)
+    node = RegistryPeer(registry, 4001)
     node.register(hostname="kept")
     stale = node.register(stamp=int(time.time()) - 301, hostname="stale")
     assert refused(stale, "from the registry's clock (more than 300 s): check the node's clock")
@@ -598,12 +467,12 @@ def test_mutations_are_limited_per_node_and_per_source_prefix(clock: TickClock) 
     )
     registry = Registry(limits=limits, clock=clock, wall=clock)
     # Each registration spends a token of its source (10.0.0.0/24 here).
-    a = Peer(registry, 4001, source="10.0.0.1")
-    b = Peer(registry, 4002, source="10.0.0.2")
-    c = Peer(registry, 4003, source="10.0.1.1")
+    a = RegistryPeer(registry, 4001, source="10.0.0.1")
+    b = RegistryPeer(registry, 4002, source="10.0.0.2")
+    c = RegistryPeer(registry, 4003, source="10.0.1.1")
     src = {a: "10.0.0.1", b: "10.0.0.2", c: "10.0.1.1"}
 
-    def toggle(peer: Peer, public: bool) -> dict[str, Any]:
+    def toggle(peer: RegistryPeer, public: bool) -> dict[str, Any]:
         request = {
             "type": "set_visibility",
             "node_id": peer.node_id,
@@ -640,7 +509,7 @@ def test_mutations_are_limited_per_node_and_per_source_prefix(clock: TickClock) 
 def test_every_mutating_request_spends_a_token(clock: TickClock) -> None:
     limits = Limits(mutations_per_minute_per_node=1, mutations_per_minute_per_source=10**6)
     registry = Registry(limits=limits, clock=clock, wall=clock)
-    a, b = Peer(registry, 4001), Peer(registry, 4002)
+    a, b = RegistryPeer(registry, 4001), RegistryPeer(registry, 4002)
     calls = {
         "register": lambda: a.register(),
         "set_hostname": lambda: a.set_hostname("a"),
@@ -671,7 +540,7 @@ def test_every_mutating_request_spends_a_token(clock: TickClock) -> None:
 
 def test_new_keys_beyond_max_nodes_are_refused(clock: TickClock) -> None:
     registry = Registry(limits=Limits(register_per_minute=100, max_nodes=3), clock=clock)
-    peers = [Peer(registry, 4000 + i) for i in range(3)]
+    peers = [RegistryPeer(registry, 4000 + i) for i in range(3)]
     extra = Identity.generate()
     request = {"type": "register", "listen_addr": "127.0.0.1:1", "public_key": extra.public_key_b64}
     assert registry.handle(request, "127.0.0.1") == {"type": "error", "error": "request failed"}
@@ -684,7 +553,7 @@ def test_vouches_beyond_max_vouches_per_node_are_refused_and_relaying_goes_on(
 ) -> None:
     limits = Limits(register_per_minute=100, max_vouches_per_node=2)
     registry = Registry(limits=limits, clock=clock, wall=clock)
-    a, *others = [Peer(registry, 4000 + i) for i in range(5)]
+    a, *others = [RegistryPeer(registry, 4000 + i) for i in range(5)]
     assert a.report_trust(others[0].node_id)["type"] == "report_trust_ok"
     assert a.report_trust(others[1].node_id)["type"] == "report_trust_ok"
     assert a.report_trust(others[0].node_id)["type"] == "report_trust_ok"  # already given

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from registrypeer import ROOMY
 
 from pilothandshake.errors import StoreError
 from pilothandshake.identity import Identity, b64encode
@@ -23,15 +24,8 @@ from pilothandshake.messages import (
     set_visibility_challenge,
 )
 from pilothandshake.registry import storage
-from pilothandshake.registry.config import Limits
 from pilothandshake.registry.state import Registry
 from pilothandshake.registry.storage import JOURNAL_SUFFIX, Store, read_state
-
-ROOMY = Limits(
-    register_per_minute=100_000,
-    mutations_per_minute_per_node=100_000,
-    mutations_per_minute_per_source=1_000_000,
-)
 
 
 class Peer:
