@@ -9,11 +9,14 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 from fakeruntime import Nodes, Peer
+from registrypeer import ROOMY
 
+from pilothandshake.registry.config import Limits, ServerConfig, parse_networks
+from pilothandshake.registry.server import RegistryServer
 from pilothandshake.server import HandshakeServer
 
 
@@ -23,6 +26,28 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
     made = Nodes(str(tmp_path))
     yield made
     made.close()
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., RegistryServer]]:
+    """Starts pilot-registryd servers on loopback and stops them all: ``networks`` (config
+    shape), ``limits`` (``ROOMY`` unless given), other ``RegistryServer`` arguments."""
+    servers: list[RegistryServer] = []
+
+    def make(
+        networks: dict[int, list[int | str]] | None = None,
+        limits: Limits | None = None,
+        **kwargs: Any,
+    ) -> RegistryServer:
+        config = ServerConfig(parse_networks(networks, "test"), limits or ROOMY)
+        server = RegistryServer("127.0.0.1", 0, config=config, **kwargs)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture

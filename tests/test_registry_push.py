@@ -8,36 +8,18 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, Callable
 
-import pytest
 from fakeruntime import wait_until
 from registrypeer import ROOMY
 
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import handshake_challenge, poll_challenge, respond_challenge
 from pilothandshake.registry.client import Client, encode_frame, read_frame
-from pilothandshake.registry.config import Limits, ServerConfig
 from pilothandshake.registry.server import RegistryServer
 
 LONG = 30.0  # a wait no test should ever sit out: an answer before it was woken
-
-
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., RegistryServer]]:
-    servers: list[RegistryServer] = []
-
-    def make(**limits: Any) -> RegistryServer:
-        config = ServerConfig(limits=Limits(**{**vars(ROOMY), **limits}))
-        server = RegistryServer("127.0.0.1", 0, config=config)
-        server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 class Node:
@@ -187,7 +169,9 @@ def test_a_newer_held_poll_of_a_node_ends_the_older_one(
 def test_held_polls_do_not_count_against_the_connection_caps_but_have_their_own(
     make_server: Callable[..., RegistryServer],
 ) -> None:
-    server = make_server(max_connections=4, max_connections_per_source=4, max_held_polls=6)
+    server = make_server(
+        limits=replace(ROOMY, max_connections=4, max_connections_per_source=4, max_held_polls=6)
+    )
     nodes = []
     for _ in range(7):
         nodes.append(Node(server))

@@ -20,14 +20,13 @@ from typing import Any, Callable
 
 import pytest
 from fakeruntime import wait_until
-from registrypeer import ROOMY
 
 from pilothandshake.constants import MAX_REGISTRY_FRAME_SERVER, REGISTRY_INBOX
 from pilothandshake.errors import ConfigError, RegistryError, StoreError
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import handshake_challenge, register_challenge, respond_challenge
 from pilothandshake.registry.client import Client, encode_frame, read_frame
-from pilothandshake.registry.config import Limits, ServerConfig, load_config, parse_networks
+from pilothandshake.registry.config import Limits, load_config, parse_networks
 from pilothandshake.registry.server import RegistryServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,28 +68,6 @@ class Node:
 
     def sig(self, challenge: bytes) -> str:
         return b64encode(self.identity.sign(challenge))
-
-
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., RegistryServer]]:
-    servers: list[RegistryServer] = []
-
-    def make(
-        networks: dict[int, list[int | str]] | None = None,
-        limits: Limits | None = None,
-        **kwargs: Any,
-    ) -> RegistryServer:
-        # Tests register many identities from 127.0.0.1: the default limit of 10 a minute
-        # is tested on its own.
-        config = ServerConfig(parse_networks(networks, "test"), limits or ROOMY)
-        server = RegistryServer("127.0.0.1", 0, config=config, **kwargs)
-        server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 @pytest.fixture
