@@ -410,42 +410,51 @@ def _ago(seconds: Any, now: float) -> str:
     return f"{left}s"
 
 
+def _listing(
+    items: list[dict[str, Any]],
+    empty: str,
+    header: list[str],
+    row: Callable[[dict[str, Any]], list[str]],
+) -> str:
+    """A table of ``items``, a line each (``row``) after the ``NODE`` column; ``empty`` when
+    there are none."""
+    if not items:
+        return empty
+    rows = [[_label(item["node_id"], item.get("hostname")), *row(item)] for item in items]
+    return _table(["NODE", *header], rows)
+
+
 def _show_pending(data: dict[str, Any]) -> str:
     from .identity import fingerprint  # only this table needs it
 
-    pending = data["pending"]
-    if not pending:
-        return "no pending requests"
     now = time.time()
-    rows = [
-        [
-            _label(p["node_id"], p.get("hostname")),
+    return _listing(
+        data["pending"],
+        "no pending requests",
+        ["KEY", "JUSTIFICATION", "AGE"],
+        lambda p: [
             (fingerprint(p["public_key"]) or "-")
             + (" KEY CHANGED" if p.get("key_changed") else ""),
             _printable(p["justification"], _JUSTIFICATION_WIDTH),
             _ago(p["received_at"], now),
-        ]
-        for p in pending
-    ]
-    return _table(["NODE", "KEY", "JUSTIFICATION", "AGE"], rows)
+        ],
+    )
 
 
 def _show_trust(data: dict[str, Any]) -> str:
     trusted = data["trusted"]
-    if not trusted:
-        return "no trusted peers"
-    rows = [
-        [
-            _label(r["node_id"], r.get("hostname")),
+    text = _listing(
+        trusted,
+        "no trusted peers",
+        ["MUTUAL", "NETWORK", "APPROVED AT", "WHY", "STATE"],
+        lambda r: [
             "yes" if r["mutual"] else "no",
             str(r["network"]) if r["network"] else "-",
             str(r.get("approved_at_text", r["approved_at"])),
             _printable(str(r.get("reason") or "-")),
             "CONFLICT" if r.get("conflict") else "trusted",
-        ]
-        for r in trusted
-    ]
-    text = _table(["NODE", "MUTUAL", "NETWORK", "APPROVED AT", "WHY", "STATE"], rows)
+        ],
+    )
     if any(r.get("conflict") for r in trusted):
         text += (
             "\nCONFLICT: the registry now binds this node ID to another key; it is not "
@@ -455,21 +464,18 @@ def _show_trust(data: dict[str, Any]) -> str:
 
 
 def _show_requests(data: dict[str, Any]) -> str:
-    requests = data["requests"]
-    if not requests:
-        return "no requests sent"
     now = time.time()
-    rows = [
-        [
-            _label(r["node_id"], r.get("hostname")),
+    return _listing(
+        data["requests"],
+        "no requests sent",
+        ["PATH", "STATE", "SENT", "REASON"],
+        lambda r: [
             str(r["path"]),
             str(r["state"]),
             _ago(r["sent_at"], now),
             _printable(str(r["reason"]), _JUSTIFICATION_WIDTH) or "-",
-        ]
-        for r in requests
-    ]
-    return _table(["NODE", "PATH", "STATE", "SENT", "REASON"], rows)
+        ],
+    )
 
 
 def _show_untrust(data: dict[str, Any]) -> str:

@@ -338,6 +338,16 @@ class Registry:
         self._limit_node(node_id)
         return node
 
+    def _pair_mutation(
+        self, request: dict[str, Any], source: str, challenge: Callable[[int, int], bytes]
+    ) -> tuple[int, int]:
+        """``node_id`` and ``peer_id`` of a request about a trust pair, checked as a
+        mutation signed by ``node_id`` over ``challenge(node_id, peer_id)``."""
+        node_id = node_field(request, "node_id")
+        peer_id = node_field(request, "peer_id")
+        self._mutation(request, source, node_id, challenge(node_id, peer_id))
+        return node_id, peer_id
+
     def _verified(self, request: dict[str, Any], node_id: int, challenge: bytes) -> Node:
         """Refuse unless ``signature`` is ``node_id``'s signature of ``challenge``.
 
@@ -491,9 +501,7 @@ class Registry:
         return {"type": "set_visibility_ok"}
 
     def _report_trust(self, request: dict[str, Any], source: str) -> dict[str, Any]:
-        node_id = node_field(request, "node_id")
-        peer_id = node_field(request, "peer_id")
-        self._mutation(request, source, node_id, report_trust_challenge(node_id, peer_id))
+        node_id, peer_id = self._pair_mutation(request, source, report_trust_challenge)
         with self._change() as changes:
             self._registered_other(node_id, peer_id)
             if not self._vouch(changes, node_id, peer_id):
@@ -504,9 +512,7 @@ class Registry:
         return {"type": "report_trust_ok"}
 
     def _revoke_trust(self, request: dict[str, Any], source: str) -> dict[str, Any]:
-        node_id = node_field(request, "node_id")
-        peer_id = node_field(request, "peer_id")
-        self._mutation(request, source, node_id, revoke_trust_challenge(node_id, peer_id))
+        node_id, peer_id = self._pair_mutation(request, source, revoke_trust_challenge)
         with self._change() as changes:
             vouches = self._state.vouches
             if (node_id, peer_id) not in vouches and (peer_id, node_id) not in vouches:
