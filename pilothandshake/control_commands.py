@@ -26,11 +26,12 @@ from typing import Any, Callable, Protocol, TypeVar
 from .constants import REGISTRY_CACHE_TTL, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
 from .error_codes import INTERNAL, INVALID_ARGUMENT, INVALID_STATE, NOT_FOUND, code_of
 from .errors import HandshakeError, RegistryError
+from .events import HOSTNAME_CHANGED
 from .identity import decode_key, full_fingerprint
 from .manager import Manager
 from .manager.auth import key_changed
 from .messages import MAX_NODE_ID
-from .names import HOSTNAME_CHANGED, HostnameMoved, NamePins
+from .names import HostnameMoved, NamePins
 from .runtime import is_own_node
 from .store import REJECTED, format_time
 

@@ -16,9 +16,9 @@ import struct
 import time
 from typing import Callable, NoReturn
 
+from .addresses import format_address
 from .constants import DIAL_TIMEOUT, MAX_MESSAGE_SIZE, PORT_HANDSHAKE, READ_DEADLINE, SEND_GRACE
 from .errors import MessageError, SendError
-from .messages import format_address
 
 __all__ = [
     "Peer",

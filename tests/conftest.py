@@ -1,4 +1,5 @@
-"""Fixtures shared by the unit tests: Managers over fake runtimes in a temporary directory."""
+"""Fixtures shared by the unit tests: Managers over fake runtimes in a temporary directory,
+and a node serving its control socket."""
 
 from __future__ import annotations
 
@@ -9,14 +10,12 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+from controltools import Node, running_node
 from fakeruntime import Nodes, Peer
-from registrypeer import ROOMY
 
-from pilothandshake.registry.config import Limits, ServerConfig, parse_networks
-from pilothandshake.registry.server import RegistryServer
 from pilothandshake.server import HandshakeServer
 
 
@@ -26,28 +25,6 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
     made = Nodes(str(tmp_path))
     yield made
     made.close()
-
-
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., RegistryServer]]:
-    """Starts pilot-registryd servers on loopback and stops them all: ``networks`` (config
-    shape), ``limits`` (``ROOMY`` unless given), other ``RegistryServer`` arguments."""
-    servers: list[RegistryServer] = []
-
-    def make(
-        networks: dict[int, list[int | str]] | None = None,
-        limits: Limits | None = None,
-        **kwargs: Any,
-    ) -> RegistryServer:
-        config = ServerConfig(parse_networks(networks, "test"), limits or ROOMY)
-        server = RegistryServer("127.0.0.1", 0, config=config, **kwargs)
-        server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 @pytest.fixture
@@ -105,3 +82,10 @@ def accept_waits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         monkeypatch.setattr(server, "get_request", counted_get_request)
     return waits
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    """A Manager serving its control socket in a temporary directory (``controltools``)."""
+    with running_node() as started:
+        yield started

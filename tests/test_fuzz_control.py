@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from controltools import Node, running_node
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import fuzz
-from test_control import Node, running_node
 
 from pilothandshake.control_commands import COMMANDS, parse_request
 from pilothandshake.error_codes import CODES

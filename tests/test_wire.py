@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from fakeruntime import Peer
 
 from pilothandshake.constants import MAX_MESSAGE_SIZE
 from pilothandshake.errors import MessageError, SendError
 from pilothandshake.messages import HANDSHAKE_REQUEST, HandshakeMsg
 from pilothandshake.wire import (
-    Peer,
     peer_of,
     peer_text,
     read_message,
@@ -27,6 +27,8 @@ from pilothandshake.wire import (
     serve_message,
     write_receipt,
 )
+
+Address = tuple[str, int]  # wire.Peer: where a connection came from
 
 SIGNATURE = bytes(range(64))  # what a receipt carries; whose key signed it is not wire's job
 
@@ -376,14 +378,50 @@ def test_reset_close_makes_the_peer_see_a_reset_and_never_raises() -> None:
             client.recv(10)
 
 
+# SPEC 3: sending
+
+
+def test_spec3_send_message_half_closes_so_a_receiver_reading_to_eof_finishes_at_once() -> None:
+    """A receiver that reads until the sender's end of stream (Go's ``io.ReadAll``) must see
+    it right after the write, not when the sender gives up waiting at the end of its grace."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(10)  # accept is bounded even if the send fails
+    received: list[bytes] = []
+
+    def read_to_eof() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+            chunks = []
+            while True:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            received.append(b"".join(chunks))
+
+    thread = threading.Thread(target=read_to_eof, daemon=True)
+    thread.start()
+    data = Peer(7).data(HANDSHAKE_REQUEST, 1)
+    with server:
+        started = time.monotonic()
+        send_message(server.getsockname(), data, timeout=5, grace=5)
+        elapsed = time.monotonic() - started
+        thread.join(timeout=10)
+    assert received == [data]
+    assert elapsed < 2.5  # returned at the receiver's close, long before the 5 s grace
+
+
 # -- serve_message: one port-444 connection, the socket side of Manager.handle_connection --
 
 
 def serve_over_tcp(
     data: bytes,
-    take: Callable[[bytes, Peer], bytes | None],
-    unreadable: Callable[[Peer, MessageError], None] = lambda peer, problem: None,
-) -> tuple[bytes, Peer]:
+    take: Callable[[bytes, Address], bytes | None],
+    unreadable: Callable[[Address, MessageError], None] = lambda peer, problem: None,
+) -> tuple[bytes, Address]:
     """Send ``data`` over loopback TCP to ``serve_message``; what came back, and from where
     the client connected."""
     with socket.create_server(("127.0.0.1", 0)) as server:
@@ -402,9 +440,9 @@ def serve_over_tcp(
 
 
 def test_serve_message_hands_the_message_and_the_peer_as_a_tuple_and_writes_the_receipt() -> None:
-    taken: list[tuple[bytes, Peer]] = []
+    taken: list[tuple[bytes, Address]] = []
 
-    def take(data: bytes, peer: Peer) -> bytes | None:
+    def take(data: bytes, peer: Address) -> bytes | None:
         taken.append((data, peer))
         return b"\x01" * 64
 
@@ -419,7 +457,7 @@ def test_serve_message_writes_no_receipt_for_a_message_not_taken() -> None:
 
 
 def test_serve_message_reports_an_unreadable_message_with_its_peer() -> None:
-    reports: list[tuple[Peer, str]] = []
+    reports: list[tuple[Address, str]] = []
     answer, client = serve_over_tcp(
         b"[1, 2]",
         lambda data, peer: pytest.fail("an unreadable message was taken"),
@@ -431,7 +469,7 @@ def test_serve_message_reports_an_unreadable_message_with_its_peer() -> None:
 def test_serve_message_never_raises_and_logs_an_unexpected_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def broken(data: bytes, peer: Peer) -> bytes | None:
+    def broken(data: bytes, peer: Address) -> bytes | None:
         raise RuntimeError("bug")
 
     with caplog.at_level(logging.ERROR):

@@ -42,6 +42,7 @@ from ..errors import (
     SendError,
     StoreError,
 )
+from ..events import TRUST_CHANGED
 from ..identity import decode_key
 from ..messages import (
     HANDSHAKE_ACCEPT,
@@ -59,28 +60,27 @@ from .auth import approval_problem
 from .binding import answer_key
 from .clock import Clock, Now, SystemClock
 from .decide import (
-    TRUST_CHANGED,
     Context,
     Decision,
     Inbound,
     View,
-    decide_accept,
-    decide_approve,
-    decide_dismiss,
+    decide_operator_approve,
+    decide_operator_reject,
+    decide_operator_revoke,
+    decide_peer_accept,
+    decide_peer_reject,
+    decide_peer_request,
+    decide_peer_revoke,
     decide_reap,
-    decide_reject,
-    decide_request,
-    decide_revoke,
     decide_send,
     decide_sent,
     decide_unsent,
-    decide_untrust,
 )
 from .droplog import DropLog, ErrorLog
 from .effects import Effects, ReplyAccept, Send, answer_kinds
 from .intake import Intake
 from .outbox import ACCEPT, OUTBOX_FILE, Outbox
-from .queue import Limits
+from .queue import QueueLimits
 from .replay import ReplaySet
 from .state import State
 
@@ -97,8 +97,8 @@ _D = TypeVar("_D", bound=Optional[Decision])
 _AnswerRule = Callable[[View, Inbound, Context, Now], Decision]
 # What each port-444 message type is decided by.
 _DECIDE: dict[str, _AnswerRule] = {
-    HANDSHAKE_ACCEPT: decide_accept,
-    HANDSHAKE_REJECT: decide_reject,
+    HANDSHAKE_ACCEPT: decide_peer_accept,
+    HANDSHAKE_REJECT: decide_peer_reject,
 }
 
 
@@ -107,17 +107,9 @@ class Manager:
 
     Loads ``trust.json`` beside ``runtime.identity_path()`` (memory only when that is "");
     a file that does not parse, or a directory used by another process, raises
-    ``StoreError``. Events (SPEC 14; topics in ``decide``), all with ``peer_node_id``:
-    ``handshake.received`` (``justification``, ``relayed``), ``handshake.pending``
-    (``justification``), ``handshake.approved`` (``by``: ``operator``, or ``peer`` when our
-    request was accepted), ``handshake.rejected`` (``reason``), ``handshake.auto_approved``
-    (``reason``; ``agent`` for trusted agents), ``trust.changed`` (``state``: granted /
-    revoked; ``reason``, Go's: ``mutual``, ``same_network``, ``trusted_agent`` with
-    ``agent``, ``auto_approve``, ``approved``, ``trusted_agent_relayed``,
-    ``auto_approve_relayed``, ``local``, ``by_peer``), ``trust.revoked`` (by us),
-    ``trust.revoked_by_peer`` (``reason``), ``handshake.rejected_by_peer`` (``reason``,
-    ``relayed``: our request was rejected) and ``trust.conflict`` (``registry_key``: a trust
-    record's node ID now bound to another key). ``clock``
+    ``StoreError``. It publishes its events (SPEC 14) through ``runtime.publish_event`` once
+    the change they announce is durable; their topics and payloads are listed once, in
+    ``events``, and ``trust.changed``'s reasons in ``decide``. ``clock``
     (default: the system's) is read for every age, cooldown, cache and timestamp.
     """
 
@@ -146,7 +138,7 @@ class Manager:
         self._store = self._state.store
         self._pool = BackgroundPool()
         self._drops = DropLog(clock=self._clock.monotonic, count=self.metrics.drop)
-        limits = Limits(
+        limits = QueueLimits(
             MAX_PENDING, max_pending_per_source, max_pending_bound_per_source, max_trust_history
         )
         replay = ReplaySet(max_replay, max_replay_per_source)
@@ -400,7 +392,7 @@ class Manager:
         if msg_type == HANDSHAKE_REQUEST:
             return self._on_request(inbound)
         context = self._intake.answer_context()
-        decision = self._decide(_DECIDE.get(msg_type, decide_revoke), inbound, context)
+        decision = self._decide(_DECIDE.get(msg_type, decide_peer_revoke), inbound, context)
         return decision is not None and not decision.drop
 
     def _on_request(self, inbound: Inbound) -> bool:
@@ -413,7 +405,9 @@ class Manager:
             log.debug("node %d: duplicate request by the other path", inbound.node_id)
             return True
         try:
-            decision = self._decide(decide_request, inbound, self._intake.request_context(inbound))
+            decision = self._decide(
+                decide_peer_request, inbound, self._intake.request_context(inbound)
+            )
         except BaseException:
             # Not written: a copy by the other path (the sender relays it, having had no
             # receipt) must be decided, not ignored as a duplicate.
@@ -437,13 +431,13 @@ class Manager:
     def process_relayed_approval(self, from_node_id: int) -> None:
         """Apply an accept relayed by the registry (SPEC 7)."""
         self.metrics.relay(HANDSHAKE_ACCEPT, "in")
-        self._relayed_answer(decide_accept, from_node_id)
+        self._relayed_answer(decide_peer_accept, from_node_id)
 
     def process_relayed_rejection(self, from_node_id: int, reason: str = "") -> None:
         """Apply a reject relayed by the registry (SPEC 7), with the peer's ``reason`` when
         the registry passes one on ("" otherwise: the production registry drops it)."""
         self.metrics.relay(HANDSHAKE_REJECT, "in")
-        self._relayed_answer(decide_reject, from_node_id, reason)
+        self._relayed_answer(decide_peer_reject, from_node_id, reason)
 
     def _relayed_answer(self, decide: _AnswerRule, node: int, text: str = "") -> None:
         inbound = self._intake.relayed(node, text=text)
@@ -471,7 +465,6 @@ class Manager:
         decision = self._decide(decide_send, peer)
         if decision.result == "trusted":
             return "trusted"
-        self._outbox.cancel(peer)  # fresh intent: a kept "no" to this peer is stale
         request = decision.changes[0].value  # decide_send's one change: our request
         assert isinstance(request, OutgoingRequest)
         sent_at = request.sent_at
@@ -480,6 +473,9 @@ class Manager:
         except SendError:
             self._after_send(decide_unsent, peer, sent_at)
             raise
+        # Fresh intent, once it reached the peer: a kept "no" to it is stale. Not before: a
+        # request that went nowhere leaves the peer as it was, and it must still hear the no.
+        self._outbox.cancel(peer)
         if status == "relayed":
             self._after_send(decide_sent, peer, sent_at, RELAY)
         return status
@@ -514,7 +510,7 @@ class Manager:
             elif new_key is not None:
                 refused.append(f"nothing pending for node {peer}: --new-key names no request")
                 return None
-            return decide_approve(view, peer, now)
+            return decide_operator_approve(view, peer, now)
 
         decision = self._decide(approve)
         if refused:
@@ -525,7 +521,7 @@ class Manager:
         """Drop the pending request of ``peer_node_id`` and tell it why; False when nothing
         was pending. Raises ``StoreError`` when the write fails."""
         text = truncate_utf8(reason)
-        return self._decide(decide_dismiss, peer_node_id, text) is not None
+        return self._decide(decide_operator_reject, peer_node_id, text) is not None
 
     def revoke_trust(self, peer_node_id: int) -> str:
         """Stop trusting ``peer_node_id``: remove trust, pending and outgoing, start the
@@ -538,7 +534,7 @@ class Manager:
         if is_own_node(peer, self._rt.node_id()):
             raise HandshakeError("a node cannot stop trusting itself")
 
-        decision = self._decide(decide_untrust, peer, self._limits)
+        decision = self._decide(decide_operator_revoke, peer, self._limits)
         if not decision.result:
             raise NotTrustedError(f"node {peer} is not trusted")
         return decision.result

@@ -20,6 +20,18 @@ from datetime import datetime
 from typing import Any, Callable
 
 from ..constants import REVOKE_COOLDOWN
+from ..events import (
+    APPROVED,
+    AUTO_APPROVED,
+    CONFLICT,
+    PENDING_EVENT,
+    RECEIVED,
+    REJECTED_BY_PEER,
+    REJECTED_EVENT,
+    REVOKED,
+    REVOKED_BY_PEER,
+    TRUST_CHANGED,
+)
 from ..identity import b64encode, decode_key
 from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE, WITHDRAWN
 from ..store import (
@@ -53,19 +65,7 @@ from .effects import (
     RevokeAtRegistry,
     Send,
 )
-from .queue import Limits, admit, in_history
-
-# Event topics (SPEC 14), all with payload ``peer_node_id``.
-RECEIVED = "handshake.received"  # justification, relayed
-PENDING_EVENT = "handshake.pending"  # justification
-APPROVED = "handshake.approved"  # by: operator | peer
-REJECTED_EVENT = "handshake.rejected"  # reason
-AUTO_APPROVED = "handshake.auto_approved"  # reason (a row's name); agent for trusted agents
-TRUST_CHANGED = "trust.changed"  # state: granted | revoked; reason (below); agent
-REVOKED = "trust.revoked"  # by us
-REVOKED_BY_PEER = "trust.revoked_by_peer"  # reason
-REJECTED_BY_PEER = "handshake.rejected_by_peer"  # reason, relayed: our request was rejected
-CONFLICT = "trust.conflict"  # registry_key: a trust record's node ID bound to another key
+from .queue import QueueLimits, admit, in_history
 
 # trust.changed's reason (Go's), also kept in the trust record: why a peer is trusted, or
 # who ended it. A row of SPEC 6 grants with its own name, "_relayed" added for the rows
@@ -112,7 +112,7 @@ class Context:
     agent_key: bytes | None = None  # the allowlist entry's pinned key: what row 4 stores
     agent_mismatch: bool = False  # a key the request brings differs from that pin
     network: int = 0  # first shared non-backbone network in our own order, 0 if none
-    limits: Limits = field(default_factory=Limits)
+    limits: QueueLimits = field(default_factory=QueueLimits)
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,15 @@ class View:
         """Whether our request to ``node`` waits for an answer (SPEC 7, 8)."""
         request = self.state.outgoing.get(node)
         return request is not None and request.waiting
+
+    def answerable(self, node: int) -> bool:
+        """Whether an accept from ``node`` answers a request of ours: one that waits, or one
+        a rejection ended. Our answers travel by two paths and are retried, so a late copy
+        of the rejection of an earlier request can end a newer one; the peer's accept is
+        then its newer word, and we did ask (a withdrawn or expired request answers
+        nothing)."""
+        request = self.state.outgoing.get(node)
+        return request is not None and (request.waiting or request.state == REJECTED)
 
 
 @dataclass
@@ -217,7 +226,7 @@ REQUEST_ROWS: tuple[Row, ...] = (
 )
 
 
-def decide_request(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_request(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """A handshake request, direct or relayed (SPEC 6)."""
     node = inbound.node_id
     payload = {"peer_node_id": node, "justification": inbound.text, "relayed": inbound.relayed}
@@ -306,7 +315,8 @@ def _grant(
     network: int = 0,
 ) -> None:
     """Trust ``node`` for ``reason`` (trust.changed's, with ``extra`` in its payload): the
-    one place trust is granted. Our request to it, if it waits, ends ``accepted``."""
+    one place trust is granted. Our request to it, if it waits (or a rejection ended it:
+    ``View.answerable``), ends ``accepted``."""
     state = view.state
     record = TrustRecord(node, key, now.wall, mutual, network, reason)
     decision.changes.append(Change(TRUSTED, node, record))
@@ -314,7 +324,7 @@ def _grant(
         decision.changes.append(Change(HISTORY, node, None))  # trusted now: the record says so
     if node in state.pending:
         decision.changes.append(Change(PENDING, node, None))
-    if view.asked(node):
+    if view.answerable(node):
         decision.changes.append(_ended(state.outgoing[node], ACCEPTED, now))
     payload = {"peer_node_id": node, "state": "granted", "reason": reason, **(extra or {})}
     decision.events.append((TRUST_CHANGED, payload))
@@ -331,7 +341,7 @@ def _ended(request: OutgoingRequest, state: str, now: Now, reason: str = "") -> 
 
 
 def _forget(
-    decision: Decision, view: View, node: int, now: Now, limits: Limits, withdraw: bool = False
+    decision: Decision, view: View, node: int, now: Now, limits: QueueLimits, withdraw: bool = False
 ) -> bool:
     """Remove trust, pending and outgoing for ``node``, remembering a trust record in the
     history (forgetting the entry that ended longest ago beyond ``limits.max_history``);
@@ -369,7 +379,7 @@ def _believed(inbound: Inbound, context: Context) -> bool:
 # SPEC 7: received
 
 
-def decide_accept(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_accept(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """An accept, direct or relayed (SPEC 7)."""
     node = inbound.node_id
     decision = Decision()
@@ -383,7 +393,7 @@ def decide_accept(view: View, inbound: Inbound, context: Context, now: Now) -> D
         # The relayed copy of a direct accept, or a peer accepting twice: the happy path.
         decision.quiet = f"node {node}: accept from a node already trusted"
         return decision
-    if not view.asked(node):
+    if not view.answerable(node):
         return decision.dropped("accept without an outgoing request")
     if not _believed(inbound, context):
         return decision.dropped("accept neither registry-bound nor pinned")
@@ -392,13 +402,20 @@ def decide_accept(view: View, inbound: Inbound, context: Context, now: Now) -> D
     return decision
 
 
-def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_reject(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """A reject of our request, direct or relayed (SPEC 7): the request ends ``rejected``
     with the peer's reason, once, however many paths bring the rejection."""
     node = inbound.node_id
     decision = Decision()
     request = view.state.outgoing.get(node)
-    withdrawal = inbound.relayed and node in view.state.pending and not view.asked(node)
+    # The relay has no revoke: a requester withdraws through it with a rejection. One whose
+    # reason says so (a registry that passes reasons on, as pilot-registryd does) is only
+    # ever that: taken for a rejection of a request we sent meanwhile, it would end it.
+    said = inbound.relayed and inbound.text == WITHDRAWN
+    withdrawal = inbound.relayed and node in view.state.pending and (said or not view.asked(node))
+    if said and not withdrawal:
+        decision.quiet = f"node {node} withdrew a request we no longer hold"
+        return decision
     if not (view.asked(node) or withdrawal):
         if request is not None and request.state == REJECTED:
             decision.quiet = f"node {node}: rejection of our request arrived again"
@@ -408,12 +425,9 @@ def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> D
     if not _believed(inbound, context):
         return decision.dropped("reject neither registry-bound nor pinned")
     if withdrawal:
-        # We never asked it, but it asked us: the requester withdrew its request through the
-        # relay (decide_untrust), the only way to reach a private node.
-        decision.changes.append(Change(PENDING, node, None))
-        decision.events.append((REVOKED_BY_PEER, {"peer_node_id": node, "reason": WITHDRAWN}))
-        decision.notes.append(f"node {node} withdrew its request")
-        return decision
+        # It asked us: the requester withdrew its request through the relay
+        # (decide_operator_revoke), the only way to reach a private node.
+        return _withdrawn(decision, node)
     assert request is not None  # asked
     decision.changes.append(_ended(request, REJECTED, now, inbound.text))
     payload = {"peer_node_id": node, "reason": inbound.text, "relayed": inbound.relayed}
@@ -422,7 +436,7 @@ def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> D
     return decision
 
 
-def decide_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """A revoke from a peer (SPEC 7), in every mode only when registry-bound or signed with
     the pinned key (SPEC 8): otherwise anyone with a key of their own could revoke."""
     node = inbound.node_id
@@ -433,6 +447,13 @@ def decide_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> D
     pinned = inbound.pin is not None and inbound.pin is not PinKind.WEAK
     if not (inbound.bound or pinned or withdrawal):
         return decision.dropped("revoke neither registry-bound nor signed with the pinned key")
+    if inbound.text == WITHDRAWN and node not in view.state.trusted:
+        # The peer takes back its request, nothing of ours: a request we sent it since (a
+        # late copy of the withdrawal may arrive after it) must stay.
+        if node not in view.state.pending:
+            decision.quiet = f"node {node} withdrew a request we no longer hold"
+            return decision
+        return _withdrawn(decision, node)
     was_trusted = _forget(decision, view, node, now, context.limits)
     if not decision.changes:
         decision.quiet = f"node {node} revoked trust we never had"
@@ -447,6 +468,14 @@ def decide_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> D
     return decision
 
 
+def _withdrawn(decision: Decision, node: int) -> Decision:
+    """``node`` withdrew the request we hold from it."""
+    decision.changes.append(Change(PENDING, node, None))
+    decision.events.append((REVOKED_BY_PEER, {"peer_node_id": node, "reason": WITHDRAWN}))
+    decision.notes.append(f"node {node} withdrew its request")
+    return decision
+
+
 def _quoted(text: str) -> str:
     return quote(text) if text else "-"
 
@@ -454,7 +483,7 @@ def _quoted(text: str) -> str:
 # SPEC 7: the operator's calls
 
 
-def decide_approve(view: View, node: int, now: Now) -> Decision | None:
+def decide_operator_approve(view: View, node: int, now: Now) -> Decision | None:
     """``approve_handshake``: the pending request of ``node`` becomes trust (``mutual=False``),
     or a trust record in conflict with the registry is trusted again with its own key; None
     when neither. Whether a KEY CHANGED request may be approved is ``auth.approval_problem``,
@@ -483,7 +512,7 @@ def decide_approve(view: View, node: int, now: Now) -> Decision | None:
     return decision
 
 
-def decide_dismiss(view: View, node: int, reason: str, now: Now) -> Decision | None:
+def decide_operator_reject(view: View, node: int, reason: str, now: Now) -> Decision | None:
     """``reject_handshake``: drop the pending request of ``node`` and tell it ``reason``
     (truncated); None when nothing is pending."""
     if node not in view.state.pending:
@@ -495,7 +524,7 @@ def decide_dismiss(view: View, node: int, reason: str, now: Now) -> Decision | N
     )
 
 
-def decide_untrust(view: View, node: int, limits: Limits, now: Now) -> Decision:
+def decide_operator_revoke(view: View, node: int, limits: QueueLimits, now: Now) -> Decision:
     """``revoke_trust``: remove trust, pending and outgoing, and start the revoke cooldown.
     ``result`` "revoked" when it was trusted, "withdrawn" when we had only asked it (our
     request ends ``withdrawn``; the peer gets a signed revoke, which removes our pending
@@ -517,8 +546,8 @@ def decide_untrust(view: View, node: int, limits: Limits, now: Now) -> Decision:
         decision.result = "withdrawn"
         decision.inline.append(Send(node, HANDSHAKE_REVOKE, WITHDRAWN))
         # A private peer we asked through the relay cannot be dialled, and the relay has no
-        # revoke: a relayed rejection of the peer from us tells it (decide_reject).
-        decision.effects.append(Respond(node, False))
+        # revoke: a relayed rejection of the peer from us tells it (decide_peer_reject).
+        decision.effects.append(Respond(node, False, WITHDRAWN))
         decision.notes.append(f"withdrew our request to node {node}")
     return decision
 

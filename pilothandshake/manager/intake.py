@@ -27,7 +27,7 @@ from .binding import SIDE_TABLE_LIMIT, Binding, Checked, answer_key, answer_netw
 from .clock import Clock
 from .decide import Context, Decision, Inbound, decide_backfill, decide_conflict
 from .droplog import DropLog, quote
-from .queue import RELAY, Limits
+from .queue import RELAY, QueueLimits
 from .replay import ReplaySet
 from .state import State
 
@@ -63,7 +63,7 @@ class Intake:
         state: State,
         drops: DropLog,
         replay: ReplaySet,
-        limits: Limits,
+        limits: QueueLimits,
         metrics: Metrics,
         decide: Callable[..., Decision | None],
     ) -> None:

@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .._version import __version__
+from ..addresses import format_address, parse_address
 from ..connection_slots import ConnectionSlots
 from ..constants import (
     DEFAULT_REGISTRY_STORE,
@@ -48,10 +49,9 @@ from ..constants import (
     REGISTRY_TIMEOUT,
 )
 from ..errors import ConfigError, HandshakeError, RegistryError
-from ..messages import format_address, parse_address
 from ..wire import reset_close
 from .client import ConnectionBroken, decode_frame, encode_frame
-from .config import Limits, ServerConfig, load_config
+from .config import RegistryLimits, ServerConfig, load_config
 from .ratelimit import RateLimitedLog
 from .state import Registry
 from .storage import Store
@@ -214,7 +214,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         self,
         address: tuple[str, int],
         registry: Registry,
-        limits: Limits,
+        limits: RegistryLimits,
         tls: ssl.SSLContext | None,
     ) -> None:
         if ":" in address[0]:
@@ -288,7 +288,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
             )
         return answer.admitted
 
-    def reconfigure(self, limits: Limits) -> None:
+    def reconfigure(self, limits: RegistryLimits) -> None:
         """Apply the ``limits`` of a reloaded config to the connections from now on."""
         self.limits = limits
         self._slots.total = limits.max_connections
