@@ -23,11 +23,15 @@ SOURCE_CAP = "max_connections_per_source"
 C = TypeVar("C", bound=Hashable)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SlotAnswer(Generic[C]):
     """What ``ConnectionSlots.take`` did: ``refused`` names the cap that refused the
     connection ("" when it got a slot), ``evicted`` the connection whose slot it took;
     ``active`` and ``from_source`` count the slots held afterwards, in all and by its source."""
+
+    # One is made per accepted connection: slots, and not frozen, make that a third as
+    # costly (frozen fields are set through object.__setattr__).
+    __slots__ = ("refused", "evicted", "active", "from_source")
 
     refused: str
     evicted: C | None
