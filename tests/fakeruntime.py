@@ -48,6 +48,17 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str =
         time.sleep(0.005)
 
 
+def in_threads(work: Callable[[], None], count: int, timeout: float = 60.0) -> None:
+    """Run ``work`` on ``count`` threads at once and wait for them all (each within
+    ``timeout``); fail the test when one is still running."""
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "a thread did not finish"
+
+
 def respell(b64: str) -> str:
     """Another base64 spelling of the same bytes: an unused low bit of the last data
     character flipped (only padded base64 has one)."""

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from fakeruntime import TickClock
+from fakeruntime import TickClock, in_threads
 
 from pilothandshake.logthrottle import LogThrottle
 from pilothandshake.manager.droplog import DropLog, ErrorLog
@@ -67,11 +67,7 @@ def test_threads_together_get_exactly_the_limit() -> None:
             with lock:
                 admitted.append(answer)
 
-    threads = [threading.Thread(target=ask) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    in_threads(ask, 8, 30.0)
     assert len(admitted) == 800
     assert sum(a is not None for a in admitted) == 50
     assert throttle.take_held() == 750
