@@ -31,7 +31,7 @@ class SlotAnswer(Generic[C]):
 
     # One is made per accepted connection: slots, and not frozen, make that a third as
     # costly (frozen fields are set through object.__setattr__).
-    __slots__ = ("refused", "evicted", "active", "from_source")
+    __slots__ = ("active", "evicted", "from_source", "refused")
 
     refused: str
     evicted: C | None

@@ -18,6 +18,7 @@ from typing import Callable, NoReturn
 
 from .addresses import format_address
 from .constants import DIAL_TIMEOUT, MAX_MESSAGE_SIZE, PORT_HANDSHAKE, READ_DEADLINE, SEND_GRACE
+from .drops import Drop, DropKind
 from .errors import MessageError, SendError
 
 __all__ = [
@@ -42,7 +43,7 @@ _SIGNATURE_SIZE = 64
 
 
 def _fail(reason: str) -> NoReturn:
-    raise MessageError(reason)
+    raise MessageError(Drop(DropKind.MALFORMED, reason))
 
 
 _JSON_SPACE = b" \t\r\n"

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 from fakeruntime import TickClock, in_threads
 
+from pilothandshake.drops import Drop, DropKind
 from pilothandshake.logthrottle import LogThrottle
 from pilothandshake.manager.droplog import DropLog, ErrorLog
 from pilothandshake.registry.ratelimit import RateLimitedLog
@@ -98,12 +99,12 @@ def test_the_drop_log_still_logs_after_a_flush(lines: Lines) -> None:
     clock = TickClock(100.0)
     drops = DropLog(logging.getLogger("test.logthrottle"), per_second=2, clock=clock)
     for node in range(3):
-        drops.drop(node, "127.0.0.1:1", "bad")
+        drops.drop(node, "127.0.0.1:1", Drop(DropKind.MALFORMED, "bad"))
     drops.flush()
     assert lines.lines[-1] == "1 more dropped messages were not logged"
     for second in range(5):
         clock.now += 1.0
-        drops.drop(10 + second, "127.0.0.1:1", "bad")
+        drops.drop(10 + second, "127.0.0.1:1", Drop(DropKind.MALFORMED, "bad"))
     assert lines.lines[-1] == "dropped message from node 14 at 127.0.0.1:1: bad"
     assert len(lines.lines) == 3 + 5
 
