@@ -54,6 +54,12 @@ def test_a_code_means_what_the_command_makes_of_it() -> None:
 
 
 def test_every_exception_the_daemon_answers_for_has_a_listed_code() -> None:
-    for error in (NotTrustedError(), SendError(), RegistryError(), StoreError(), ControlError("x")):
+    for error in (
+        NotTrustedError(),
+        SendError(),
+        RegistryError(),
+        StoreError("x"),
+        ControlError("x"),
+    ):
         assert code_of(error) in CODES
     assert error_for("status", "no such code") is HandshakeError
