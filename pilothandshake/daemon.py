@@ -104,7 +104,8 @@ class DaemonRuntime:
     # -- the Runtime protocol ----------------------------------------------------------
 
     def node_id(self) -> int:
-        """``config.node_id`` without a registry; with one, the ID it assigned (0 before)."""
+        """``config.node_id`` without a registry; with one, the ID it assigned, until then
+        the one it assigned last time (``NodeIdMemory``), else 0."""
         return self._config.node_id if self._client is None else self._registered_id
 
     def has_identity(self) -> bool:
@@ -274,6 +275,8 @@ class Daemon:
         self._node_memory = NodeIdMemory(
             os.path.join(os.path.dirname(config.identity), NODE_FILE), self.events.publish
         )
+        if registry is not None:
+            self.runtime.set_node_id(self._node_memory.remembered(registry.address))
         try:
             self.manager = Manager(
                 self.runtime,
@@ -336,7 +339,8 @@ class Daemon:
 
     @property
     def node_id(self) -> int:
-        """This node's ID; with a registry, 0 until registered."""
+        """This node's ID; with a registry, the one it assigned last time until it answers,
+        0 when there is none."""
         return self.runtime.node_id()
 
     @property

@@ -36,6 +36,11 @@ class NodeIdMemory:
     identity: a registry that forgot its nodes hands out IDs anew, and every trust record
     naming this node elsewhere then points at another machine, silently.
 
+    Until the registry answers, the daemon goes by the remembered ID (``remembered``): a
+    node restarted during a registry outage must still sign as itself, and check the
+    signatures addressed to it (SPEC 4's challenge names the receiver), or it drops every
+    message and its peers' answers are lost.
+
     ``check(registry, node_id)`` compares a fresh assignment with the remembered one of the
     same registry: a change is logged as an ERROR and published as ``node.id_changed``;
     the new ID is then remembered.
@@ -56,6 +61,10 @@ class NodeIdMemory:
             return
         if isinstance(registry, str) and type(node_id) is int:
             self._registry, self._node_id = registry, node_id
+
+    def remembered(self, registry: str) -> int:
+        """The ID ``registry`` gave this node last time; 0 when none is remembered."""
+        return self._node_id if registry == self._registry else 0
 
     def check(self, registry: str, node_id: int) -> None:
         """Note that ``registry`` assigned ``node_id`` to this node."""

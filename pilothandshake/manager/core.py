@@ -472,7 +472,6 @@ class Manager:
         assert decision is not None
         if decision.result == "trusted":
             return "trusted"
-        self._outbox.cancel(peer)  # fresh intent: a kept "no" to this peer is stale
         request = decision.changes[0].value  # decide_send's one change: our request
         assert isinstance(request, OutgoingRequest)
         sent_at = request.sent_at
@@ -481,6 +480,9 @@ class Manager:
         except SendError:
             self._after_send(decide_unsent, peer, sent_at)
             raise
+        # Fresh intent, once it reached the peer: a kept "no" to it is stale. Not before: a
+        # request that went nowhere leaves the peer as it was, and it must still hear the no.
+        self._outbox.cancel(peer)
         if status == "relayed":
             self._after_send(decide_sent, peer, sent_at, RELAY)
         return status

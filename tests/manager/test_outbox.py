@@ -8,10 +8,11 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
 from fakeruntime import FakeRegistry, Nodes, Peer, settle
 
 from pilothandshake.constants import MAX_BACKOFF
-from pilothandshake.errors import RegistryError
+from pilothandshake.errors import RegistryError, SendError
 from pilothandshake.manager import Manager
 from pilothandshake.manager.outbox import (
     ACCEPT,
@@ -287,6 +288,18 @@ def kept_no(nodes: Nodes, peer: Peer, kind: str) -> tuple[Manager, MemoryRuntime
     runtime.dial_fails = False
     registry.fail.clear()
     return manager, runtime, registry
+
+
+def test_a_request_that_went_nowhere_keeps_the_kept_revoke(nodes: Nodes, peer: Peer) -> None:
+    # Found by the fault-injection runs: asked again while unreachable, a node dropped its
+    # kept revoke, and the peer went on trusting it for good.
+    manager, runtime, registry = kept_no(nodes, peer, REVOKE)
+    runtime.dial_fails = True
+    registry.fail.add("request_handshake")
+    with pytest.raises(SendError):
+        manager.send_request(7, "again")
+    assert manager.undelivered_answers() == 1
+    assert [row["kind"] for row in kept(Path(nodes.root, "n1", OUTBOX_FILE))] == [REVOKE]
 
 
 def test_a_kept_revoke_never_arrives_after_we_asked_the_peer_again(
