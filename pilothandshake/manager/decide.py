@@ -134,6 +134,15 @@ class View:
         request = self.state.outgoing.get(node)
         return request is not None and request.waiting
 
+    def answerable(self, node: int) -> bool:
+        """Whether an accept from ``node`` answers a request of ours: one that waits, or one
+        a rejection ended. Our answers travel by two paths and are retried, so a late copy
+        of the rejection of an earlier request can end a newer one; the peer's accept is
+        then its newer word, and we did ask (a withdrawn or expired request answers
+        nothing)."""
+        request = self.state.outgoing.get(node)
+        return request is not None and (request.waiting or request.state == REJECTED)
+
 
 @dataclass
 class Decision:
@@ -306,7 +315,8 @@ def _grant(
     network: int = 0,
 ) -> None:
     """Trust ``node`` for ``reason`` (trust.changed's, with ``extra`` in its payload): the
-    one place trust is granted. Our request to it, if it waits, ends ``accepted``."""
+    one place trust is granted. Our request to it, if it waits (or a rejection ended it:
+    ``View.answerable``), ends ``accepted``."""
     state = view.state
     record = TrustRecord(node, key, now.wall, mutual, network, reason)
     decision.changes.append(Change(TRUSTED, node, record))
@@ -314,7 +324,7 @@ def _grant(
         decision.changes.append(Change(HISTORY, node, None))  # trusted now: the record says so
     if node in state.pending:
         decision.changes.append(Change(PENDING, node, None))
-    if view.asked(node):
+    if view.answerable(node):
         decision.changes.append(_ended(state.outgoing[node], ACCEPTED, now))
     payload = {"peer_node_id": node, "state": "granted", "reason": reason, **(extra or {})}
     decision.events.append((TRUST_CHANGED, payload))
@@ -383,7 +393,7 @@ def decide_peer_accept(view: View, inbound: Inbound, context: Context, now: Now)
         # The relayed copy of a direct accept, or a peer accepting twice: the happy path.
         decision.quiet = f"node {node}: accept from a node already trusted"
         return decision
-    if not view.asked(node):
+    if not view.answerable(node):
         return decision.dropped("accept without an outgoing request")
     if not _believed(inbound, context):
         return decision.dropped("accept neither registry-bound nor pinned")

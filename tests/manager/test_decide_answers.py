@@ -136,9 +136,23 @@ CASES: dict[str, Case] = {
             }
         },
     ),
-    "an accept after our request was rejected grants nothing": Case(
+    "an accept after a rejection ended our request: the peer's newer word, trust": Case(
         decide_peer_accept,
         View(state(outgoing=(OutgoingRequest(7, T0, state="rejected"),))),
+        direct(),
+        changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
+        events=["handshake.approved", "trust.changed"],
+        effects=[ReportTrust(7)],
+    ),
+    "an accept after we withdrew our request grants nothing": Case(
+        decide_peer_accept,
+        View(state(outgoing=(OutgoingRequest(7, T0, state="withdrawn"),))),
+        direct(),
+        drop="accept without an outgoing request",
+    ),
+    "an accept after our request expired grants nothing": Case(
+        decide_peer_accept,
+        View(state(outgoing=(OutgoingRequest(7, T0, state="expired"),))),
         direct(),
         drop="accept without an outgoing request",
     ),

@@ -194,9 +194,11 @@ def test_reject_received_ends_the_outgoing_request_with_the_reason(
     assert runtime.events == [
         ("handshake.rejected_by_peer", {"peer_node_id": 7, "reason": "no", "relayed": False})
     ]
-    # With the request ended, a later accept no longer grants trust.
+    # A later accept is the peer's newer word (the rejection may have been a late copy
+    # answering an earlier request of ours): we asked, it agrees.
     manager.process_message(peer.data(HANDSHAKE_ACCEPT, OWN), REMOTE)
-    assert manager.trusted_peers() == []
+    assert [record.node_id for record in manager.trusted_peers()] == [7]
+    assert [r.state for r in manager.outgoing_requests()] == ["accepted"]
 
 
 def test_relayed_rejection_ends_the_outgoing_request(nodes: Nodes) -> None:
