@@ -43,7 +43,7 @@ from ..errors import (
     SendError,
     StoreError,
 )
-from ..events import TRUST_CHANGED
+from ..events import RECEIVED, TRUST_CHANGED
 from ..identity import decode_key
 from ..messages import (
     HANDSHAKE_ACCEPT,
@@ -78,7 +78,7 @@ from .decide import (
 from .droplog import DropLog, ErrorLog
 from .effects import Effects, ReplyAccept, Send, answer_kinds
 from .intake import Intake, remote_address
-from .outbox import ACCEPT, OUTBOX_FILE, Outbox
+from .outbox import ACCEPT, OUTBOX_FILE, REJECT, REVOKE, Outbox
 from .queue import QueueLimits
 from .replay import ReplaySet
 from .state import State
@@ -323,6 +323,11 @@ class Manager:
         for topic, payload in decision.events:
             if topic == TRUST_CHANGED and payload.get("state") == "granted":
                 self._outbox.cancel(payload["peer_node_id"])
+            elif topic == RECEIVED:
+                # The peer asks (again): it does not trust us, or it would not ask, and our
+                # answer to this request is what it needs now. A kept rejection or revoke,
+                # arriving after it, would end the request it just sent.
+                self._outbox.cancel(payload["peer_node_id"], (REJECT, REVOKE))
             self._rt.publish_event(topic, payload)
         background = [e for e in decision.effects if self._effects.needed(e)]
         for effect in [*decision.inline, *background]:
