@@ -360,7 +360,7 @@ class Manager:
             try:
                 data = read_message(conn)
             except MessageError as exc:
-                self._drops.drop(None, remote, str(exc))
+                self._drops.drop(None, remote, exc.drop)
                 return
             sender = self._take(data, remote)
             if sender is not None:

@@ -3,7 +3,7 @@
 Each ``decide_*`` reads a ``View`` of the working state, what arrived (``Inbound``), what
 was gathered about it outside the lock (``Context``) and the time (``Now``), and returns a
 ``Decision``: the store changes to make, the events to publish once they are durable, the
-effects to carry out, log lines, or the reason to drop the input. Nothing here holds a
+effects to carry out, log lines, or the drop of the input. Nothing here holds a
 lock, reads a clock, opens a socket or calls the runtime: the Manager (``core``) gathers,
 calls a decision under its lock on the live working state (so the checks made outside the
 lock are re-checked, SPEC 16), commits the changes and then runs the effects.
@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any, Callable
 
 from ..constants import REVOKE_COOLDOWN
+from ..drops import Drop, DropKind
 from ..events import (
     APPROVED,
     AUTO_APPROVED,
@@ -161,13 +162,13 @@ class Decision:
     notes: list[str] = field(default_factory=list)  # INFO lines, logged once durable
     alarms: list[str] = field(default_factory=list)  # ERROR lines, logged once applied
     protected: set[int] = field(default_factory=set)  # new pending entries that are protected
-    drop: str = ""  # the input is dropped: a WARNING, nothing else
+    drop: Drop | None = None  # the input is dropped: a WARNING, nothing else
     quiet: str = ""  # the input is ignored: a DEBUG line, nothing else
     result: str = ""  # what an operator call returns
 
-    def dropped(self, reason: str) -> Decision:
-        """A decision that only drops the input, for ``reason``."""
-        return Decision(drop=reason)
+    def dropped(self, drop: Drop) -> Decision:
+        """A decision that only drops the input (``drop``)."""
+        return Decision(drop=drop)
 
 
 # SPEC 6
@@ -236,7 +237,8 @@ def decide_peer_request(view: View, inbound: Inbound, context: Context, now: Now
         return decision.dropped(problem)
     if context.agent_mismatch:
         # Not even pending: its key would pin the node and lock the real agent out.
-        return decision.dropped("public key differs from the allowlist's pinned key")
+        mismatch = "public key differs from the allowlist's pinned key"
+        return decision.dropped(Drop(DropKind.KEY_MISMATCH, mismatch))
     row = next(row for row in REQUEST_ROWS if row.when(view, inbound, context))
     if row.name == "already_trusted":
         decision.effects.append(ReplyAccept(node, inbound.relayed))
@@ -273,7 +275,7 @@ def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, no
             is_protected=protected,
             replacing=existing is not None,
         )
-        if admission.drop:
+        if admission.drop is not None:
             return decision.dropped(admission.drop)
         if admission.evict is not None:
             victim = admission.evict
@@ -386,7 +388,7 @@ def decide_peer_accept(view: View, inbound: Inbound, context: Context, now: Now)
     revoked_at = view.revoked_at.get(node)
     problem = pin_problem(_pin(view, node), inbound.key, context.strict)
     if revoked_at is not None and now.monotonic - revoked_at < REVOKE_COOLDOWN:
-        return decision.dropped("accept within the revoke cooldown")
+        return decision.dropped(Drop(DropKind.UNSOLICITED, "accept within the revoke cooldown"))
     if problem:
         return decision.dropped(problem)
     if view.trusts(node):
@@ -394,9 +396,10 @@ def decide_peer_accept(view: View, inbound: Inbound, context: Context, now: Now)
         decision.quiet = f"node {node}: accept from a node already trusted"
         return decision
     if not view.answerable(node):
-        return decision.dropped("accept without an outgoing request")
+        return decision.dropped(Drop(DropKind.UNSOLICITED, "accept without an outgoing request"))
     if not _believed(inbound, context):
-        return decision.dropped("accept neither registry-bound nor pinned")
+        unverified = "accept neither registry-bound nor pinned"
+        return decision.dropped(Drop(DropKind.SIGNATURE, unverified))
     decision.events.append((APPROVED, {"peer_node_id": node, "by": "peer"}))
     _grant(decision, view, node, _key(inbound), now, ACCEPTED_REASON, mutual=True)
     return decision
@@ -423,7 +426,8 @@ def decide_peer_reject(view: View, inbound: Inbound, context: Context, now: Now)
             decision.quiet = f"node {node} sent a rejection, but we have not asked it"
         return decision
     if not _believed(inbound, context):
-        return decision.dropped("reject neither registry-bound nor pinned")
+        unverified = "reject neither registry-bound nor pinned"
+        return decision.dropped(Drop(DropKind.SIGNATURE, unverified))
     if withdrawal:
         # It asked us: the requester withdrew its request through the relay
         # (decide_operator_revoke), the only way to reach a private node.
@@ -446,7 +450,8 @@ def decide_peer_revoke(view: View, inbound: Inbound, context: Context, now: Now)
     withdrawal = inbound.pin is PinKind.WEAK and node not in view.state.trusted
     pinned = inbound.pin is not None and inbound.pin is not PinKind.WEAK
     if not (inbound.bound or pinned or withdrawal):
-        return decision.dropped("revoke neither registry-bound nor signed with the pinned key")
+        unverified = "revoke neither registry-bound nor signed with the pinned key"
+        return decision.dropped(Drop(DropKind.SIGNATURE, unverified))
     if inbound.text == WITHDRAWN and node not in view.state.trusted:
         # The peer takes back its request, nothing of ours: a request we sent it since (a
         # late copy of the withdrawal may arrive after it) must stay.

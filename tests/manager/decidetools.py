@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
+from pilothandshake.drops import Drop
 from pilothandshake.identity import b64encode
 from pilothandshake.manager.clock import Now
 from pilothandshake.manager.decide import (
@@ -81,8 +82,8 @@ class Case:
 
     ``changes`` lists ``(table, node, kept)`` (``kept``: a record is put, not removed; for
     our outgoing requests, the state it is put in);
-    ``effects`` and ``inline`` are the effect dataclasses; ``drop`` a substring of the
-    reason; ``record`` what the trust record of node 7 must hold, when one is put."""
+    ``effects`` and ``inline`` are the effect dataclasses; ``drop`` the drop (kind and
+    detail); ``record`` what the trust record of node 7 must hold, when one is put."""
 
     decide: Callable[[View, Inbound, Context, Now], Decision]
     view: View
@@ -92,7 +93,7 @@ class Case:
     changes: list[tuple[str, int, bool | str]] = field(default_factory=list)
     effects: list[Any] = field(default_factory=list)
     inline: list[Any] = field(default_factory=list)
-    drop: str = ""
+    drop: Drop | None = None
     quiet: bool = False
     record: tuple[str, bool, int] | None = None  # (public_key, mutual, network)
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -32,6 +32,7 @@ from decidetools import (
     trusted,
 )
 
+from pilothandshake.drops import Drop, DropKind
 from pilothandshake.manager.decide import (
     REQUEST_ROWS,
     Context,
@@ -129,7 +130,7 @@ CASES: dict[str, Case] = {
         EMPTY,
         direct(),
         context=Context(has_registry=True, agent_name="ci", agent_mismatch=True),
-        drop="public key differs from the allowlist's pinned key",
+        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the allowlist's pinned key"),
     ),
     "row 4 also for a record in conflict? no: the operator decides": Case(
         decide_peer_request,
@@ -199,13 +200,13 @@ CASES: dict[str, Case] = {
         decide_peer_request,
         View(state((trusted(B64),))),
         direct(),
-        drop="public key differs from the pinned key",
+        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the pinned key"),
     ),
     "strict: a key other than a bound pending request's is dropped": Case(
         decide_peer_request,
         View(state(pending_=(pending(key=B64, bound=True),))),
         direct(),
-        drop="public key differs from the pinned key",
+        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the pinned key"),
     ),
     "legacy: no pin check": Case(
         decide_peer_request,
@@ -228,7 +229,7 @@ CASES: dict[str, Case] = {
         View(state(pending_=(pending(8),))),
         direct(bound=False),
         context=Context(has_registry=True, limits=QueueLimits(unbound_per_source=1)),
-        drop="too many pending requests from this source address",
+        drop=Drop(DropKind.QUEUE_FULL, "too many pending requests from this source address"),
     ),
     "queue full: a bound request evicts the oldest unbound one": Case(
         decide_peer_request,
@@ -246,7 +247,7 @@ CASES: dict[str, Case] = {
         View(state(pending_=(pending(8), pending(9))), protected={8, 9}),
         direct(),
         context=Context(has_registry=True, limits=QueueLimits(max_pending=2)),
-        drop="pending queue full of protected requests",
+        drop=Drop(DropKind.QUEUE_FULL, "pending queue full of protected requests"),
     ),
 }
 
@@ -318,7 +319,8 @@ def test_a_request_from_a_new_source_counts_as_new_against_a_full_queue() -> Non
     assert [c.node_id for c in decision.changes] == [7]
     full = View(state(pending_=(pending(8), pending(9))), arrival={8: 0, 9: 1})
     crowded = Context(has_registry=True, limits=QueueLimits(max_pending=2))
-    assert decide_peer_request(full, direct(bound=False), crowded, NOW).drop == "pending queue full"
+    dropped = decide_peer_request(full, direct(bound=False), crowded, NOW).drop
+    assert dropped == Drop(DropKind.QUEUE_FULL, "pending queue full")
 
 
 def test_the_bound_flag_of_a_pending_request() -> None:
@@ -354,12 +356,12 @@ def test_eviction_names_an_unknown_source() -> None:
 def test_relayed_and_protected_requests_count_against_no_source_quota() -> None:
     view = View(state(pending_=(pending(8, bound=True, source="relay"),)))
     quota = Context(has_registry=True, limits=QueueLimits(bound_per_source=1, unbound_per_source=1))
-    assert decide_peer_request(view, relayed(A), quota, NOW).drop == ""
+    assert decide_peer_request(view, relayed(A), quota, NOW).drop is None
     hosts = View(state(pending_=(pending(8),)))
     agent = replace(quota, agent_name="ci")
-    assert decide_peer_request(hosts, direct(bound=False), agent, NOW).drop == ""
-    assert decide_peer_request(hosts, direct(bound=False), quota, NOW).drop == (
-        "too many pending requests from this source address"
+    assert decide_peer_request(hosts, direct(bound=False), agent, NOW).drop is None
+    assert decide_peer_request(hosts, direct(bound=False), quota, NOW).drop == Drop(
+        DropKind.QUEUE_FULL, "too many pending requests from this source address"
     )
 
 

@@ -29,6 +29,7 @@ from decidetools import (
     trusted,
 )
 
+from pilothandshake.drops import Drop, DropKind
 from pilothandshake.manager.auth import PinKind
 from pilothandshake.manager.decide import (
     Context,
@@ -82,19 +83,22 @@ CASES: dict[str, Case] = {
         decide_peer_accept, View(state((trusted(),))), relayed(), quiet=True
     ),
     "accept without an outgoing request": Case(
-        decide_peer_accept, EMPTY, direct(), drop="accept without an outgoing request"
+        decide_peer_accept,
+        EMPTY,
+        direct(),
+        drop=Drop(DropKind.UNSOLICITED, "accept without an outgoing request"),
     ),
     "accept neither bound nor pinned, with a registry": Case(
         decide_peer_accept,
         View(state(outgoing=(7,))),
         direct(bound=False),
-        drop="accept neither registry-bound nor pinned",
+        drop=Drop(DropKind.SIGNATURE, "accept neither registry-bound nor pinned"),
     ),
     "accept within the revoke cooldown": Case(
         decide_peer_accept,
         View(state(outgoing=(7,)), revoked_at={7: NOW.monotonic - 299.0}),
         direct(),
-        drop="accept within the revoke cooldown",
+        drop=Drop(DropKind.UNSOLICITED, "accept within the revoke cooldown"),
     ),
     "accept once the cooldown is over": Case(
         decide_peer_accept,
@@ -108,7 +112,7 @@ CASES: dict[str, Case] = {
         decide_peer_accept,
         View(state(pending_=(pending(key=B64, bound=True),), outgoing=(7,))),
         direct(),
-        drop="public key differs from the pinned key",
+        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the pinned key"),
     ),
     # SPEC 7: reject
     "reject ends our request rejected, with the peer's reason": Case(
@@ -148,19 +152,19 @@ CASES: dict[str, Case] = {
         decide_peer_accept,
         View(state(outgoing=(OutgoingRequest(7, T0, state="withdrawn"),))),
         direct(),
-        drop="accept without an outgoing request",
+        drop=Drop(DropKind.UNSOLICITED, "accept without an outgoing request"),
     ),
     "an accept after our request expired grants nothing": Case(
         decide_peer_accept,
         View(state(outgoing=(OutgoingRequest(7, T0, state="expired"),))),
         direct(),
-        drop="accept without an outgoing request",
+        drop=Drop(DropKind.UNSOLICITED, "accept without an outgoing request"),
     ),
     "reject neither bound nor pinned, with a registry": Case(
         decide_peer_reject,
         View(state(outgoing=(7,))),
         direct(bound=False),
-        drop="reject neither registry-bound nor pinned",
+        drop=Drop(DropKind.SIGNATURE, "reject neither registry-bound nor pinned"),
     ),
     "a relayed reject from a node whose request we hold: it withdrew the request": Case(
         decide_peer_reject,
@@ -235,7 +239,9 @@ CASES: dict[str, Case] = {
         decide_peer_revoke,
         View(state((trusted(),))),
         direct(bound=False),
-        drop="revoke neither registry-bound nor signed with the pinned key",
+        drop=Drop(
+            DropKind.SIGNATURE, "revoke neither registry-bound nor signed with the pinned key"
+        ),
     ),
     "revoke signed with a pending request's own key withdraws it": Case(
         decide_peer_revoke,
@@ -263,7 +269,9 @@ CASES: dict[str, Case] = {
         decide_peer_revoke,
         View(state((trusted(""),), pending_=(pending(),))),
         direct(bound=False, pin=PinKind.WEAK),
-        drop="revoke neither registry-bound nor signed with the pinned key",
+        drop=Drop(
+            DropKind.SIGNATURE, "revoke neither registry-bound nor signed with the pinned key"
+        ),
     ),
     "revoke of trust we never had: quiet": Case(decide_peer_revoke, EMPTY, direct(), quiet=True),
     "the history is bounded: the entry that ended longest ago goes": Case(
