@@ -78,7 +78,7 @@ from .decide import (
 from .droplog import DropLog, ErrorLog
 from .effects import Effects, ReplyAccept, Send, answer_kinds
 from .intake import Intake, remote_address
-from .outbox import ACCEPT, OUTBOX_FILE, REJECT, REVOKE, Outbox
+from .outbox import ACCEPT, OUTBOX_FILE, REVOKE, Outbox
 from .queue import QueueLimits
 from .replay import ReplaySet
 from .state import State
@@ -324,10 +324,11 @@ class Manager:
             if topic == TRUST_CHANGED and payload.get("state") == "granted":
                 self._outbox.cancel(payload["peer_node_id"])
             elif topic == RECEIVED:
-                # The peer asks (again): it does not trust us, or it would not ask, and our
-                # answer to this request is what it needs now. A kept rejection or revoke,
-                # arriving after it, would end the request it just sent.
-                self._outbox.cancel(payload["peer_node_id"], (REJECT, REVOKE))
+                # The peer asks: it does not trust us, or it would not ask, so a kept revoke
+                # has nothing left to end but the request it just sent. (A kept rejection
+                # stays: the request may be a copy of the one it rejects, sent again after
+                # a registry outage, and a newer request it ends is still answerable.)
+                self._outbox.cancel(payload["peer_node_id"], (REVOKE,))
             self._rt.publish_event(topic, payload)
         background = [e for e in decision.effects if self._effects.needed(e)]
         for effect in [*decision.inline, *background]:
