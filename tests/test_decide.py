@@ -15,6 +15,7 @@ from pilothandshake.manager.auth import PinKind
 from pilothandshake.manager.clock import Now
 from pilothandshake.manager.decide import (
     REQUEST_ROWS,
+    Action,
     Context,
     Decision,
     Inbound,
@@ -43,6 +44,7 @@ from pilothandshake.manager.effects import (
     Send,
 )
 from pilothandshake.manager.queue import Limits
+from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import (
     FormerTrust,
     OutgoingRequest,
@@ -58,6 +60,8 @@ A64, B64 = b64encode(A), b64encode(B)
 HOST = "127.0.0.9"
 
 REGISTRY = Context(has_registry=True)  # strict, with a registry
+AGENT = AllowlistEntry(7, "ci")  # node 7 on the allowlist, no key pinned
+PINNED = AllowlistEntry(7, "ci", B64)  # ... pinned to key B
 TOFU = Context()  # strict, no registry: trust on first use
 LEGACY = Context(strict=False, has_registry=True)
 
@@ -121,7 +125,8 @@ class Case:
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] | None = None  # the INFO lines, when the case states them
     cooldowns: dict[int, float | None] = field(default_factory=dict)  # side-table changes
-    conflicts: dict[int, bytes | None] = field(default_factory=dict)
+    conflicts: dict[int, bytes] = field(default_factory=dict)
+    superseded: set[int] = field(default_factory=set)  # a kept "no" to them is stale
 
 
 GRANTED = ["handshake.received", "handshake.auto_approved", "trust.changed"]
@@ -155,6 +160,7 @@ CASES: dict[str, Case] = {
         record=(A64, True, 0),
         payloads={"handshake.auto_approved": {"peer_node_id": 7, "reason": "mutual"}},
         notes=["trusted node 7"],
+        superseded={7},
     ),
     "row 2, relayed: the answer goes through the registry": Case(
         decide_request,
@@ -163,6 +169,7 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7), ReplyAccept(7, True)],
+        superseded={7},
     ),
     "row 2 needs registry-bound in strict mode with a registry": Case(
         decide_request,
@@ -179,6 +186,7 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=GRANT_EFFECTS,
+        superseded={7},
     ),
     "row 3: a shared network": Case(
         decide_request,
@@ -190,12 +198,13 @@ CASES: dict[str, Case] = {
         effects=GRANT_EFFECTS,
         record=(A64, False, 5),
         payloads={"handshake.auto_approved": {"peer_node_id": 7, "reason": "same_network"}},
+        superseded={7},
     ),
-    "row 4: a trusted agent: the allowlist's pinned key is stored": Case(
+    "row 4: a trusted agent bringing its pinned key: that key is stored": Case(
         decide_request,
         EMPTY,
-        relayed(),
-        context=Context(has_registry=True, agent_name="ci", agent_ok=True, agent_key=B),
+        relayed(B, registry_key=B),
+        context=Context(has_registry=True, agent=PINNED),
         events=GRANTED,
         changes=[("trusted", 7, True)],
         effects=[ReportTrust(7), ReplyAccept(7, True)],
@@ -203,19 +212,61 @@ CASES: dict[str, Case] = {
         payloads={
             "handshake.auto_approved": {"peer_node_id": 7, "reason": "trusted_agent", "agent": "ci"}
         },
+        superseded={7},
     ),
     "row 4: a key other than the allowlist's pin is dropped, not even pending": Case(
         decide_request,
         EMPTY,
         direct(),
-        context=Context(has_registry=True, agent_name="ci", agent_mismatch=True),
+        context=Context(has_registry=True, agent=PINNED),
         drop="public key differs from the allowlist's pinned key",
+    ),
+    "row 4: the registry's key must equal the pin too, even for a bound request": Case(
+        decide_request,
+        EMPTY,
+        direct(B, registry_key=A),
+        context=Context(has_registry=True, agent=PINNED),
+        drop="public key differs from the allowlist's pinned key",
+    ),
+    "row 4: a pin that is not a key refuses every key": Case(
+        decide_request,
+        EMPTY,
+        direct(),
+        context=Context(has_registry=True, agent=AllowlistEntry(7, "ci", "not a key")),
+        drop="public key differs from the allowlist's pinned key",
+    ),
+    "row 4: a pinned agent whose request brings no key waits for the operator": Case(
+        decide_request,
+        EMPTY,
+        relayed(None),
+        context=Context(has_registry=True, agent=PINNED),
+        events=HELD,
+        changes=[("pending", 7, True)],
+    ),
+    "row 4 without a pin: a registry-bound request is trusted with its own key": Case(
+        decide_request,
+        EMPTY,
+        direct(),
+        context=Context(has_registry=True, agent=AGENT),
+        events=GRANTED,
+        changes=[("trusted", 7, True)],
+        effects=GRANT_EFFECTS,
+        record=(A64, False, 0),
+        superseded={7},
+    ),
+    "row 4 without a pin: an unbound request waits for the operator": Case(
+        decide_request,
+        EMPTY,
+        direct(bound=False),
+        context=Context(has_registry=True, agent=AGENT),
+        events=HELD,
+        changes=[("pending", 7, True)],
     ),
     "row 4 also for a record in conflict? no: the operator decides": Case(
         decide_request,
         View(state((trusted(B64),)), conflicts={7}),
         direct(),
-        context=Context(has_registry=True, agent_name="ci", agent_ok=True),
+        context=Context(has_registry=True, agent=AGENT),
         events=HELD,
         changes=[("pending", 7, True)],
     ),
@@ -228,6 +279,7 @@ CASES: dict[str, Case] = {
         changes=[("trusted", 7, True)],
         effects=GRANT_EFFECTS,
         record=(A64, False, 0),
+        superseded={7},
     ),
     "row 5 does not trust an unbound request in strict mode with a registry": Case(
         decide_request,
@@ -245,6 +297,7 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True)],
         effects=GRANT_EFFECTS,
+        superseded={7},
     ),
     "row 6: otherwise pending": Case(
         decide_request,
@@ -264,6 +317,7 @@ CASES: dict[str, Case] = {
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7), Backfill(7), ReplyAccept(7, True)],
         record=("", True, 0),
+        superseded={7},
     ),
     "a grant clears pending and history": Case(
         decide_request,
@@ -273,6 +327,7 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True), ("history", 7, False), ("pending", 7, False)],
         effects=GRANT_EFFECTS,
+        superseded={7},
     ),
     # SPEC 5 step 3: the pin, re-checked on the live state
     "strict: a key other than the trust record's is dropped": Case(
@@ -338,6 +393,7 @@ CASES: dict[str, Case] = {
         effects=[ReportTrust(7)],
         record=(A64, True, 0),
         payloads={"handshake.approved": {"peer_node_id": 7, "by": "peer"}},
+        superseded={7},
     ),
     "accept from a node already trusted: ignored quietly": Case(
         decide_accept, View(state((trusted(),))), relayed(), quiet=True
@@ -364,6 +420,7 @@ CASES: dict[str, Case] = {
         events=["handshake.approved", "trust.changed"],
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7)],
+        superseded={7},
     ),
     "accept with a key other than the pin": Case(
         decide_accept,
@@ -494,12 +551,13 @@ CASES: dict[str, Case] = {
     ),
     # SPEC 7: our own requests, every transition a decision (the operator's and the reaper's
     # decisions take no Inbound: the table calls them on node 7)
-    "send: a fresh request, waiting, and the revoke cooldown ends": Case(
+    "send: a fresh request, waiting; the revoke cooldown ends, a kept no is stale": Case(
         lambda v, i, c, n: decide_send(v, 7, n),
         View(state(outgoing=(OutgoingRequest(7, T0, state="rejected"),)), revoked_at={7: 1.0}),
         direct(),
         changes=[("outgoing", 7, "waiting")],
         cooldowns={7: None},
+        superseded={7},
     ),
     "send to a trusted node: nothing changes": Case(
         lambda v, i, c, n: decide_send(v, 7, n), View(state((trusted(),))), direct()
@@ -582,6 +640,7 @@ def test_decision_table(name: str) -> None:
     assert [topic for topic, _ in decision.events] == case.events
     assert changes_of(decision) == case.changes
     assert (decision.cooldowns, decision.conflicts) == (case.cooldowns, case.conflicts)
+    assert decision.superseded == case.superseded
     assert decision.effects == case.effects
     assert decision.inline == case.inline
     payloads = dict(decision.events)
@@ -596,16 +655,18 @@ def test_decision_table(name: str) -> None:
         assert record.approved_at == NOW.wall
 
 
-def test_the_table_of_spec_6_is_in_the_spec_s_order() -> None:
-    names = [row.name for row in REQUEST_ROWS]
-    assert names == [
-        "already_trusted",
-        "mutual",
-        "same_network",
-        "trusted_agent",
-        "auto_approve",
-        "pending",
+def test_the_table_of_spec_6_is_in_the_spec_s_order_and_names_each_action() -> None:
+    rows = [(row.name, row.action, row.relayed_reason) for row in REQUEST_ROWS]
+    assert rows == [
+        ("already_trusted", Action.REPLY, False),
+        ("mutual", Action.GRANT, False),
+        ("same_network", Action.GRANT, False),
+        ("trusted_agent", Action.GRANT, True),
+        ("auto_approve", Action.GRANT, True),
+        ("pending", Action.HOLD, False),
     ]
+    with pytest.raises(TypeError, match="grants nothing"):
+        REQUEST_ROWS[0].grants(direct(), REGISTRY)
 
 
 def test_a_pending_request_stores_what_arrived() -> None:
@@ -626,7 +687,7 @@ def test_formerly_trusted_allowlisted_and_network_sharing_senders_are_protected(
     assert decide_request(former, direct(bound=False), REGISTRY, NOW).protected == {7}
     impostor = direct(B, bound=False)
     assert decide_request(former, impostor, REGISTRY, NOW).protected == set()
-    agent = Context(has_registry=True, agent_name="ci")
+    agent = Context(has_registry=True, agent=AGENT)
     assert decide_request(EMPTY, direct(bound=False), agent, NOW).protected == {7}
 
 
@@ -649,6 +710,7 @@ def test_approve_grants_and_answers_both_ways() -> None:
     assert [t for t, _ in decision.events] == ["handshake.approved", "trust.changed"]
     assert decision.events[0][1] == {"peer_node_id": 7, "by": "operator"}
     assert changes_of(decision) == [("trusted", 7, True), ("pending", 7, False)]
+    assert decision.superseded == {7}
     assert decision.effects == [
         ReportTrust(7),
         Backfill(7),
@@ -808,7 +870,7 @@ def test_relayed_and_protected_requests_count_against_no_source_quota() -> None:
     quota = Context(has_registry=True, limits=Limits(bound_per_source=1, unbound_per_source=1))
     assert decide_request(view, relayed(A), quota, NOW).drop == ""
     hosts = View(state(pending_=(pending(8),)))
-    agent = replace(quota, agent_name="ci")
+    agent = replace(quota, agent=AGENT)
     assert decide_request(hosts, direct(bound=False), agent, NOW).drop == ""
     assert decide_request(hosts, direct(bound=False), quota, NOW).drop == (
         "too many pending requests from this source address"
@@ -893,14 +955,14 @@ def test_a_conflict_with_the_registry_is_noted_once_with_an_alarm() -> None:
         (
             EMPTY,
             direct(),
-            replace(REGISTRY, agent_name="ci", agent_ok=True),
+            replace(REGISTRY, agent=AGENT),
             "trusted_agent",
             {"agent": "ci"},
         ),
         (
             EMPTY,
             relayed(A),
-            replace(REGISTRY, agent_name="ci", agent_ok=True),
+            replace(REGISTRY, agent=AGENT),
             "trusted_agent_relayed",
             {"agent": "ci"},
         ),

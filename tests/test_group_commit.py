@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pytest
 
 from pilothandshake.errors import StoreError
-from pilothandshake.store import TrustRecord, TrustStore, load_state
+from pilothandshake.store import TRUSTED, Change, TrustRecord, TrustStore, load_state
 
 KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
@@ -66,7 +66,7 @@ def open_counted(
 
 def commit(store: TrustStore, lock: threading.RLock, node: int) -> None:
     with lock:
-        seq = store.put_trusted(TrustRecord(node, KEY, T0))
+        seq = store.change(Change(TRUSTED, node, TrustRecord(node, KEY, T0)))
     store.commit(seq)
 
 
