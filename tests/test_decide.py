@@ -689,6 +689,8 @@ def test_formerly_trusted_allowlisted_and_network_sharing_senders_are_protected(
     assert decide_request(former, impostor, REGISTRY, NOW).protected == set()
     agent = Context(has_registry=True, agent=AGENT)
     assert decide_request(EMPTY, direct(bound=False), agent, NOW).protected == {7}
+    nameless = Context(has_registry=True, agent=AllowlistEntry(7, ""))  # as when loaded
+    assert decide_request(EMPTY, direct(bound=False), nameless, NOW).protected == {7}
 
 
 def test_eviction_is_logged_with_the_victim() -> None:
