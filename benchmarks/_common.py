@@ -37,6 +37,7 @@ from pilothandshake.store import (  # noqa: E402
     TrustState,
     encode_state,
 )
+from pilothandshake.testing import MemoryRuntime  # noqa: E402
 
 BENCH_DIR = os.path.join(ROOT, "benchmarks")
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
@@ -359,74 +360,16 @@ def write_trust_file(
     return path
 
 
-# An in-process Manager host: the smallest Runtime (no network, no registry).
+# An in-process Manager host: no network, no registry.
 
 
-class BenchRuntime:
-    """A Runtime for an in-process ``Manager``: persistence beside ``identity_path``, no
+def bench_runtime(directory: str, auto_approve: bool = False) -> MemoryRuntime:
+    """A Runtime for an in-process ``Manager`` on node 1: persistence in ``directory``, no
     registry, no peer can be dialled (as in a daemon for a peer with no known address)."""
-
-    def __init__(self, identity_path: str, node_id: int = 1, auto_approve: bool = False) -> None:
-        self._identity = Identity.generate()
-        self._identity_path = identity_path
-        self._node_id = node_id
-        self.auto_approve = auto_approve
-
-    def node_id(self) -> int:
-        return self._node_id
-
-    def has_identity(self) -> bool:
-        return True
-
-    def public_key(self) -> bytes:
-        return self._identity.public_key
-
-    def sign(self, msg: bytes) -> bytes:
-        return self._identity.sign(msg)
-
-    def identity_path(self) -> str:
-        return self._identity_path
-
-    def trust_auto_approve(self) -> bool:
-        return self.auto_approve
-
-    def trusted_agent(self, node_id: int) -> None:
-        return None
-
-    def trust_strict(self) -> bool:
-        return True
-
-    def trust_outgoing_ttl(self) -> float:
-        return 7 * 24 * 3600.0
-
-    def is_denied(self, node_id: int) -> bool:
-        return False
-
-    def publish_event(self, topic: str, payload: dict[str, Any]) -> None:
-        return None
-
-    def port_listener(self, port: int, handler: Callable[[socket.socket], None]) -> _NoListener:
-        return _NoListener()
-
-    def can_dial(self, node_id: int) -> bool:
-        # As DaemonRuntime answers for a peer with no peers entry and no registry.
-        return False
-
-    def dial_and_send(self, peer_node_id: int, port: int, data: bytes) -> None:
-        from pilothandshake.errors import SendError
-
-        raise SendError(f"no address for node {peer_node_id}")
-
-    def remove_tunnel_peer(self, node_id: int) -> None:
-        return None
-
-    def registry(self) -> None:
-        return None
-
-
-class _NoListener:
-    def close(self) -> None:
-        return None
+    runtime = MemoryRuntime(1, directory, auto_approve=auto_approve)
+    runtime.dialable = False
+    runtime.dial_fails = True
+    return runtime
 
 
 def quiet_logging() -> None:

@@ -103,7 +103,7 @@ def round_manager(peers: int, keys: list[str]) -> float:
     """One round through Manager.approve_handshake; returns approvals per second."""
     with c.temp_dir() as directory:
         path, nodes = _fixture(directory, peers, keys)
-        manager = Manager(c.BenchRuntime(os.path.join(directory, "identity.json")))
+        manager = Manager(c.bench_runtime(directory))
         manager.start()
 
         def approve(node: int) -> None:

@@ -33,7 +33,7 @@ import _common as c
 
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import HANDSHAKE_REQUEST, HandshakeMsg
-from pilothandshake.registry.client import Client as RegistryClient
+from pilothandshake.registry.client import RegistryConnection as RegistryClient
 
 TARGET_P99_MS = 100.0
 LEGIT_SOURCE = "127.0.0.2"

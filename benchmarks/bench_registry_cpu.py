@@ -31,8 +31,8 @@ from typing import Any, Callable
 import _common as c
 
 from pilothandshake.identity import Identity, b64encode, verify
-from pilothandshake.messages import (
-    handshake_challenge,
+from pilothandshake.messages import handshake_challenge
+from pilothandshake.registry.challenges import (
     heartbeat_challenge,
     poll_challenge,
     register_challenge,

@@ -33,7 +33,7 @@ from typing import Any
 import _common as c
 
 from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import (
+from pilothandshake.registry.challenges import (
     register_challenge,
     report_trust_challenge,
     revoke_trust_challenge,

@@ -38,7 +38,7 @@ REMOTE = "127.0.0.1:40000"
 def one_run(waiters: int, idle_seconds: float) -> dict[str, Any]:
     """Wait, measure idle CPU, grant one by one; returns the figures of one run."""
     with c.temp_dir() as directory:
-        runtime = c.BenchRuntime(os.path.join(directory, "identity.json"), auto_approve=True)
+        runtime = c.bench_runtime(directory, auto_approve=True)
         manager = Manager(runtime, max_replay_per_source=8192)
         manager.start()
         peers = list(range(FIRST_PEER, FIRST_PEER + waiters))

@@ -22,9 +22,9 @@ import threading
 import atheris
 
 with atheris.instrument_imports():
+    from pilothandshake.addresses import parse_address
     from pilothandshake.config import Config, load_config
     from pilothandshake.errors import ConfigError
-    from pilothandshake.messages import parse_address
 
 PATH = os.path.join(tempfile.mkdtemp(prefix="fuzz-config-"), "config.yaml")
 KEYS = [

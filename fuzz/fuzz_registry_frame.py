@@ -29,7 +29,7 @@ import atheris
 with atheris.instrument_imports():
     from pilothandshake.errors import RegistryError
     from pilothandshake.identity import Identity, b64encode, decode_signature, verify
-    from pilothandshake.messages import (
+    from pilothandshake.registry.challenges import (
         report_trust_challenge,
         respond_challenge,
         revoke_trust_challenge,

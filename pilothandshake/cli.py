@@ -565,6 +565,15 @@ def _request_args(client: Client, options: argparse.Namespace) -> dict[str, Any]
     return args
 
 
+def _registered(status: dict[str, Any]) -> bool:
+    """Whether ``status`` shows a node ID from the registry (before the registry answers,
+    ``node_id`` may be the one remembered from last time: ``registry.registered`` says)."""
+    registry = status.get("registry")
+    if isinstance(registry, dict):
+        return bool(registry.get("registered"))
+    return bool(status.get("node_id"))
+
+
 def _status_when_ready(client: Client, timeout: float) -> dict[str, Any]:
     """The daemon's first ``status`` answer that has a node ID, waiting up to ``timeout``
     while it starts (its socket appears only once port 444 serves and it registered).
@@ -578,9 +587,9 @@ def _status_when_ready(client: Client, timeout: float) -> dict[str, Any]:
             problem = str(exc)
         else:
             data = response.get("data")
-            if response["status"] != "ok" or (isinstance(data, dict) and data.get("node_id")):
+            if response["status"] != "ok" or (isinstance(data, dict) and _registered(data)):
                 return response
-            problem = f"pilot-handshaked at {client.path} has no node ID yet (not registered)"
+            problem = f"pilot-handshaked at {client.path} is not registered yet"
         gone = exited()
         if gone:
             raise _Failure(gone)

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from .addresses import parse_address
 from .constants import (
     CONTROL_SOCKET_NAME,
     DEFAULT_IDENTITY_PATH,
@@ -33,7 +34,7 @@ from .constants import (
 )
 from .errors import ConfigError
 from .identity import decode_key
-from .messages import MAX_NODE_ID, format_address, parse_address
+from .messages import MAX_NODE_ID
 from .runtime import AllowlistEntry
 from .yamlconfig import FieldParser, describe, read_yaml
 
@@ -46,9 +47,7 @@ __all__ = [
     "RegistryConfig",
     "TrustConfig",
     "check_config",
-    "format_address",
     "load_config",
-    "parse_address",
     "parse_config",
 ]
 

@@ -24,11 +24,12 @@ from typing import Any, Callable, Protocol
 
 from .constants import REGISTRY_CACHE_TTL, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
 from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
+from .events import HOSTNAME_CHANGED
 from .identity import decode_key, full_fingerprint
 from .manager import Manager
 from .manager.auth import key_changed
 from .messages import MAX_NODE_ID
-from .names import HOSTNAME_CHANGED, HostnameMoved, NamePins
+from .names import HostnameMoved, NamePins
 from .store import REJECTED, format_time
 
 __all__ = [

@@ -19,7 +19,8 @@ import threading
 from types import TracebackType
 from typing import Any, Callable
 
-from .config import Config, RegistryConfig, format_address, load_config, parse_address
+from .addresses import format_address, parse_address
+from .config import Config, RegistryConfig, load_config
 from .constants import REGISTRY_TIMEOUT, STOP_TIMEOUT
 from .control import ControlServer
 from .errors import HandshakeError, RegistryError, SendError
@@ -29,8 +30,8 @@ from .manager import Manager
 from .messages import receipt_challenge
 from .metrics import Metrics, MetricsServer
 from .names import NAMES_FILE, HostnameLearner, NamePins
-from .registry.client import Client
-from .relay import RegistryLoop
+from .registry.client import RegistryConnection
+from .registry_loop import RegistryLoop
 from .runtime import AllowlistEntry, Closeable
 from .server import HandshakeServer
 from .statedir import NODE_FILE, NodeIdMemory, check_identity_mode, prepare_state_directory
@@ -58,7 +59,7 @@ class DaemonRuntime:
         config: Config,
         identity: Identity,
         events: EventBus,
-        client: Client | None,
+        client: RegistryConnection | None,
         metrics: Metrics | None = None,
     ) -> None:
         self._config = config
@@ -103,7 +104,8 @@ class DaemonRuntime:
     # -- the Runtime protocol ----------------------------------------------------------
 
     def node_id(self) -> int:
-        """``config.node_id`` without a registry; with one, the ID it assigned (0 before)."""
+        """``config.node_id`` without a registry; with one, the ID it assigned, until then
+        the one it assigned last time (``NodeIdMemory``), else 0."""
         return self._config.node_id if self._client is None else self._registered_id
 
     def has_identity(self) -> bool:
@@ -224,7 +226,7 @@ class DaemonRuntime:
     def remove_tunnel_peer(self, node_id: int) -> None:
         """No tunnels in the daemon: nothing to tear down."""
 
-    def registry(self) -> Client | None:
+    def registry(self) -> RegistryConnection | None:
         """The registry client, None without a registry."""
         return self._client
 
@@ -263,7 +265,7 @@ class Daemon:
         check_identity_mode(config.identity)
         self.identity = Identity.load_or_create(config.identity)
         self.events = EventBus(self._current_node_id, config.events.webhook, metrics=self.metrics)
-        self.client: Client | None = None
+        self.client: RegistryConnection | None = None
         registry = config.registry
         if registry is not None:
             self.client = self._registry_client(registry)
@@ -273,6 +275,8 @@ class Daemon:
         self._node_memory = NodeIdMemory(
             os.path.join(os.path.dirname(config.identity), NODE_FILE), self.events.publish
         )
+        if registry is not None:
+            self.runtime.set_node_id(self._node_memory.remembered(registry.address))
         try:
             self.manager = Manager(
                 self.runtime,
@@ -335,7 +339,8 @@ class Daemon:
 
     @property
     def node_id(self) -> int:
-        """This node's ID; with a registry, 0 until registered."""
+        """This node's ID; with a registry, the one it assigned last time until it answers,
+        0 when there is none."""
         return self.runtime.node_id()
 
     @property
@@ -465,8 +470,8 @@ class Daemon:
                 self.client.on_relayed = self.loop.relayed
             self.loop.start()
 
-    def _registry_client(self, registry: RegistryConfig) -> Client:
-        return Client(
+    def _registry_client(self, registry: RegistryConfig) -> RegistryConnection:
+        return RegistryConnection(
             registry.address,
             self.identity.sign,
             tls=registry.tls,

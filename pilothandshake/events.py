@@ -41,9 +41,42 @@ from .constants import (
 )
 from .metrics import Metrics
 
-__all__ = ["EventBus", "Subscription"]
+__all__ = [
+    "APPROVED",
+    "AUTO_APPROVED",
+    "BINDING_CHANGED",
+    "CONFLICT",
+    "HOSTNAME_CHANGED",
+    "NODE_ID_CHANGED",
+    "PENDING_EVENT",
+    "RECEIVED",
+    "REJECTED_BY_PEER",
+    "REJECTED_EVENT",
+    "REVOKED",
+    "REVOKED_BY_PEER",
+    "TRUST_CHANGED",
+    "EventBus",
+    "Subscription",
+]
 
 log = logging.getLogger(__name__)
+
+# Event topics (SPEC 14). The Manager's, all with payload ``peer_node_id`` and what the
+# comment names:
+RECEIVED = "handshake.received"  # justification, relayed
+PENDING_EVENT = "handshake.pending"  # justification
+APPROVED = "handshake.approved"  # by: operator | peer
+REJECTED_EVENT = "handshake.rejected"  # reason
+AUTO_APPROVED = "handshake.auto_approved"  # reason (a row's name); agent for trusted agents
+TRUST_CHANGED = "trust.changed"  # state: granted | revoked; reason (decide.py's); agent
+REVOKED = "trust.revoked"  # by us
+REVOKED_BY_PEER = "trust.revoked_by_peer"  # reason
+REJECTED_BY_PEER = "handshake.rejected_by_peer"  # reason, relayed: our request was rejected
+CONFLICT = "trust.conflict"  # registry_key: a trust record's node ID bound to another key
+# The daemon's own (SPEC 17), with the payload the comment names:
+HOSTNAME_CHANGED = "hostname.changed"  # peer_node_id, hostname, public_key, new_node_id, ...
+BINDING_CHANGED = "registry.binding_changed"  # node_id, moved: the registry changed our record
+NODE_ID_CHANGED = "node.id_changed"  # old, new: the node ID kept in node.json changed
 
 Event = dict[str, Any]
 

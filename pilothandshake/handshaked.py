@@ -20,7 +20,8 @@ import time
 from types import FrameType
 
 from ._version import __version__
-from .config import check_config, format_address, load_config
+from .addresses import format_address
+from .config import check_config, load_config
 from .constants import DEFAULT_CONFIG_PATH, REGISTRY_TIMEOUT, SYSTEMD_STATUS_INTERVAL
 from .daemon import Daemon
 from .errors import HandshakeError

@@ -2,7 +2,8 @@
 
 ``HandshakeMsg`` is the one JSON object a connection carries; ``from_json`` is the strict
 decoder every received byte goes through, ``to_json`` the encoder every sent message goes
-through. The challenge functions spell each signed string of SPEC section 4 once. Moving a
+through. The challenge functions spell each signed string of a port-444 message (SPEC
+section 4) once; the registry's own signed strings are in ``registry.challenges``. Moving a
 message over a socket is ``wire``'s job.
 """
 
@@ -31,20 +32,9 @@ __all__ = [
     "WITHDRAWN",
     "HandshakeMsg",
     "decode_b64",
-    "format_address",
     "handshake_challenge",
     "handshake_v2_challenge",
-    "heartbeat_challenge",
-    "parse_address",
-    "poll_challenge",
     "receipt_challenge",
-    "register_challenge",
-    "report_trust_challenge",
-    "resolve_challenge",
-    "respond_challenge",
-    "revoke_trust_challenge",
-    "set_hostname_challenge",
-    "set_visibility_challenge",
     "truncate_utf8",
 ]
 
@@ -158,51 +148,6 @@ def receipt_challenge(receiver: int, sender: int, data: bytes) -> bytes:
     """``handshake-receipt:<R>:<S>:<sha256hex(data)>``: the receipt that R took the message
     ``data`` (its bytes as sent) from S (SPEC 3)."""
     return f"handshake-receipt:{receiver}:{sender}:{hashlib.sha256(data).hexdigest()}".encode()
-
-
-def respond_challenge(node_id: int, peer_id: int) -> bytes:
-    """``respond:<N>:<P>``: registry ``respond_handshake`` by N about requester P."""
-    return f"respond:{node_id}:{peer_id}".encode()
-
-
-def poll_challenge(node_id: int) -> bytes:
-    """``poll_handshakes:<N>``: registry ``poll_handshakes`` by N."""
-    return f"poll_handshakes:{node_id}".encode()
-
-
-def heartbeat_challenge(node_id: int) -> bytes:
-    """``heartbeat:<N>``: registry ``heartbeat`` by N."""
-    return f"heartbeat:{node_id}".encode()
-
-
-def report_trust_challenge(node_id: int, peer_id: int) -> bytes:
-    """``report_trust:<N>:<P>``: registry ``report_trust`` of N with P."""
-    return f"report_trust:{node_id}:{peer_id}".encode()
-
-
-def revoke_trust_challenge(node_id: int, peer_id: int) -> bytes:
-    """``revoke_trust:<N>:<P>``: registry ``revoke_trust`` of N with P."""
-    return f"revoke_trust:{node_id}:{peer_id}".encode()
-
-
-def resolve_challenge(requester_id: int, target_id: int) -> bytes:
-    """``resolve:<Q>:<T>``: registry ``resolve`` of T by requester Q."""
-    return f"resolve:{requester_id}:{target_id}".encode()
-
-
-def set_visibility_challenge(node_id: int) -> bytes:
-    """``set_visibility:<N>``: registry ``set_visibility`` by N."""
-    return f"set_visibility:{node_id}".encode()
-
-
-def set_hostname_challenge(node_id: int) -> bytes:
-    """``set_hostname:<N>``: registry ``set_hostname`` by N."""
-    return f"set_hostname:{node_id}".encode()
-
-
-def register_challenge(public_key_b64: str, timestamp: int) -> bytes:
-    """``register:<public key b64>:<timestamp>``: a signed registry ``register`` (SPEC 17)."""
-    return f"register:{public_key_b64}:{timestamp}".encode()
 
 
 def truncate_utf8(text: str, limit: int = MAX_TEXT_BYTES) -> str:
@@ -338,32 +283,3 @@ class HandshakeMsg:
         timestamp = _int_field(obj, "timestamp")
         strings = {name: _str_field(obj, name) for name in _STRING_FIELDS}
         return cls(type=msg_type, node_id=node_id, timestamp=timestamp, **strings)
-
-
-def format_address(address: tuple[str, int]) -> str:
-    """``host:port`` of ``(host, port)``, with an IPv6 host in brackets: what
-    ``parse_address`` reads back."""
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (or ``"[v6]:port"``) into ``(host, port)``; port 0..65535.
-
-    Raises ``ValueError`` saying what is wrong.
-    """
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"bad address {text!r}: expected [host]:port")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"bad address {text!r}: expected host:port")
-        if ":" in host:
-            raise ValueError(f"bad address {text!r}: write an IPv6 host as [host]:port")
-    if not host:
-        raise ValueError(f"bad address {text!r}: empty host")
-    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"bad address {text!r}: port must be a number 0..65535")
-    return host, int(port_text)

@@ -32,8 +32,8 @@ from prometheus_client.exposition import MetricsHandler, generate_latest
 from prometheus_client.metrics_core import Metric
 
 from ._version import __version__
+from .addresses import parse_address
 from .constants import METRICS_DEADLINE, METRICS_MAX_CONNECTIONS
-from .messages import parse_address
 from .override import override
 from .wire import reset_close
 

@@ -20,16 +20,14 @@ from typing import Any, Callable
 
 from . import fsutil
 from .errors import HandshakeError, StoreError
-from .events import EventBus
+from .events import TRUST_CHANGED, EventBus
 from .identity import b64encode, decode_key, fingerprint
 
-__all__ = ["HOSTNAME_CHANGED", "NAMES_FILE", "HostnameLearner", "HostnameMoved", "NamePins"]
+__all__ = ["NAMES_FILE", "HostnameLearner", "HostnameMoved", "NamePins"]
 
 log = logging.getLogger(__name__)
 
 NAMES_FILE = "names.json"  # beside the identity
-HOSTNAME_CHANGED = "hostname.changed"  # event topic (SPEC 14)
-_TRUST_CHANGED = "trust.changed"  # what the learner follows (grants only)
 _FOLLOW_POLL = 0.5  # how often the learner checks whether it should stop
 
 
@@ -218,7 +216,7 @@ class HostnameLearner:
                 data = event.get("data") if event is not None else None
                 if (
                     event is not None
-                    and event.get("event") == _TRUST_CHANGED
+                    and event.get("event") == TRUST_CHANGED
                     and isinstance(data, dict)
                     and data.get("state") == "granted"
                     and type(data.get("peer_node_id")) is int

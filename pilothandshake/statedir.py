@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 from . import fsutil
 from .errors import StoreError
+from .events import NODE_ID_CHANGED
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "NODE_FILE",
-    "NODE_ID_CHANGED",
     "NodeIdMemory",
     "check_identity_mode",
     "prepare_state_directory",
@@ -29,13 +29,17 @@ __all__ = [
 
 # Beside the identity: the node ID the registry gave this key last time, and which registry.
 NODE_FILE = "node.json"
-NODE_ID_CHANGED = "node.id_changed"  # event topic, payload {"old", "new"}
 
 
 class NodeIdMemory:
     """The node ID the registry assigned last time, kept in ``node.json`` beside the
     identity: a registry that forgot its nodes hands out IDs anew, and every trust record
     naming this node elsewhere then points at another machine, silently.
+
+    Until the registry answers, the daemon goes by the remembered ID (``remembered``): a
+    node restarted during a registry outage must still sign as itself, and check the
+    signatures addressed to it (SPEC 4's challenge names the receiver), or it drops every
+    message and its peers' answers are lost.
 
     ``check(registry, node_id)`` compares a fresh assignment with the remembered one of the
     same registry: a change is logged as an ERROR and published as ``node.id_changed``;
@@ -57,6 +61,10 @@ class NodeIdMemory:
             return
         if isinstance(registry, str) and type(node_id) is int:
             self._registry, self._node_id = registry, node_id
+
+    def remembered(self, registry: str) -> int:
+        """The ID ``registry`` gave this node last time; 0 when none is remembered."""
+        return self._node_id if registry == self._registry else 0
 
     def check(self, registry: str, node_id: int) -> None:
         """Note that ``registry`` assigned ``node_id`` to this node."""

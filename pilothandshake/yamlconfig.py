@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .addresses import parse_address
 from .constants import MAX_NODE_ID
 from .errors import ConfigError
-from .messages import parse_address
 
 __all__ = ["FieldParser", "describe", "read_yaml"]
 

@@ -10,10 +10,10 @@ start, its state must be exactly ``trust.json`` (never a leftover temporary file
 temporary file may remain.
 
 Registry: pilot-registryd runs with ``--store``; threads register fresh identities, report
-trust pairs and relay handshake requests through ``registry.client.Client`` while a timer
-SIGKILLs it. After every kill the store (snapshot and journal) must load and hold every
-acknowledged node (with its key), pair and relayed request; after a restart an acknowledged
-identity registering again gets its old node ID back.
+trust pairs and relay handshake requests through ``registry.client.RegistryConnection``
+while a timer SIGKILLs it. After every kill the store (snapshot and journal) must load and
+hold every acknowledged node (with its key), pair and relayed request; after a restart an
+acknowledged identity registering again gets its old node ID back.
 
     python scripts/crash-trials.py --trials 200            # both targets, summary at the end
     python scripts/crash-trials.py --trials 50 --target registry --seed 7
@@ -49,13 +49,9 @@ sys.path.insert(0, str(ROOT))
 from pilothandshake.control import ControlClient, ControlError  # noqa: E402
 from pilothandshake.errors import HandshakeError, StoreError  # noqa: E402
 from pilothandshake.identity import Identity, b64encode  # noqa: E402
-from pilothandshake.messages import (  # noqa: E402
-    HANDSHAKE_REQUEST,
-    HandshakeMsg,
-    handshake_challenge,
-    report_trust_challenge,
-)
-from pilothandshake.registry.client import Client  # noqa: E402
+from pilothandshake.messages import HANDSHAKE_REQUEST, HandshakeMsg, handshake_challenge  # noqa: E402
+from pilothandshake.registry.challenges import report_trust_challenge  # noqa: E402
+from pilothandshake.registry.client import RegistryConnection  # noqa: E402
 from pilothandshake.registry.storage import read_state as read_registry_store  # noqa: E402
 from pilothandshake.store import load_state  # noqa: E402
 
@@ -405,7 +401,7 @@ class _RegistryRun:
         return True
 
     def writer(self, address: str, stop: threading.Event, killed: threading.Event) -> None:
-        client = Client(address, timeout=5.0)
+        client = RegistryConnection(address, timeout=5.0)
         try:
             while not stop.is_set():
                 identity = Identity.generate()
@@ -471,7 +467,7 @@ class _RegistryRun:
         if self.nodes:
             # An acknowledged identity registering again must keep its node ID.
             node_id = self.rng.choice(sorted(self.nodes))
-            client = Client(address, timeout=5.0)
+            client = RegistryConnection(address, timeout=5.0)
             try:
                 answer = client.register("127.0.0.1:1", self.nodes[node_id].public_key_b64)
                 if answer.get("node_id") != node_id:

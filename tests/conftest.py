@@ -1,4 +1,5 @@
-"""Fixtures shared by the unit tests: Managers over fake runtimes in a temporary directory."""
+"""Fixtures shared by the unit tests: Managers over fake runtimes in a temporary directory,
+and a node serving its control socket."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from controltools import Node, running_node
 from fakeruntime import Nodes, Peer
 
 from pilothandshake.manager.decide import Decision
@@ -140,3 +142,10 @@ def accept_waits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         monkeypatch.setattr(server, "get_request", counted_get_request)
     return waits
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    """A Manager serving its control socket in a temporary directory (``controltools``)."""
+    with running_node() as started:
+        yield started

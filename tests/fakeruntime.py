@@ -1,22 +1,20 @@
-"""Test doubles for the Manager's ports: ``FakeRuntime`` (the ``Runtime`` protocol) and
-``FakeRegistry`` (``RegistryClient``), both recording every call, plus ``Peer``, a remote
-node that signs port-444 messages. Shared by every test that drives a Manager.
+"""What every test that drives a Manager shares, beside ``pilothandshake.testing``'s
+``MemoryRuntime`` and ``FakeClock``: ``FakeRegistry`` (``RegistryClient``, recording every
+call), ``Peer`` (a remote node that signs port-444 messages), ``Nodes`` (Managers in
+temporary directories) and ``seed_trust``, ``settle``, ``snapshot``.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
-from pilothandshake.constants import OUTGOING_TTL, PENDING_TTL
-from pilothandshake.errors import RegistryError, SendError
+from pilothandshake.errors import RegistryError
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.manager import Manager
 from pilothandshake.messages import HandshakeMsg, handshake_challenge
-from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import (
     OutgoingRequest,
     PendingHandshake,
@@ -24,6 +22,7 @@ from pilothandshake.store import (
     TrustState,
     encode_state,
 )
+from pilothandshake.testing import MemoryRuntime
 
 
 class FakeRegistry:
@@ -120,171 +119,6 @@ class FakeRegistry:
         return {"type": "poll_handshakes_ok", "requests": requests, "responses": responses}
 
 
-class FakeClock:
-    """A Manager clock (``clock=``) that moves only when told to: ``advance(seconds)`` ages
-    caches, cooldowns and windows. Wall time starts at the real time, so messages signed now
-    are inside the timestamp window."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._wall = time.time()
-        self._monotonic = 1_000.0
-
-    def monotonic(self) -> float:
-        with self._lock:
-            return self._monotonic
-
-    def time(self) -> float:
-        with self._lock:
-            return self._wall
-
-    def advance(self, seconds: float) -> None:
-        """Move both clocks ``seconds`` forward."""
-        with self._lock:
-            self._wall += seconds
-            self._monotonic += seconds
-
-
-class _Listener:
-    def __init__(self) -> None:
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class FakeRuntime:
-    """A ``Runtime`` whose settings are plain attributes and whose effects are recorded.
-
-    ``directory`` ("" = memory only) holds identity.json's path, hence trust.json.
-    ``sent`` records ``(peer, port, data)`` of every ``dial_and_send``; the send fails with
-    ``SendError`` when ``dial_fails`` is True or holds the peer. ``deliver(peer, data)``, when
-    set, is called for each successful send (to wire Managers together); ``on_dial`` is
-    called first on every send (to provoke re-entrancy). ``events`` records
-    ``(topic, payload)``; ``removed`` the ``remove_tunnel_peer`` calls; ``handler`` is what
-    ``port_listener`` was given.
-    """
-
-    def __init__(
-        self,
-        node_id: int = 1,
-        directory: str = "",
-        *,
-        strict: bool = True,
-        auto_approve: bool = False,
-        registry: FakeRegistry | None = None,
-        identity: Identity | None = None,
-    ) -> None:
-        self.own_id = node_id
-        self.directory = directory
-        self.identity = identity or Identity.generate()
-        self.strict = strict
-        self.auto_approve = auto_approve
-        self.outgoing_ttl = OUTGOING_TTL
-        self.pending_ttl = PENDING_TTL
-        self.allowlist: dict[int, AllowlistEntry] = {}
-        self.deny: set[int] = set()
-        self.registry_client = registry
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.sent: list[tuple[int, int, bytes]] = []
-        self.removed: list[int] = []
-        self.dial_fails: bool | set[int] = False
-        self.deliver: Callable[[int, bytes], None] | None = None
-        self.on_dial: Callable[[int], None] | None = None
-        self.handler: Callable[[socket.socket], None] | None = None
-        self.listener: _Listener | None = None
-        self._lock = threading.Lock()
-        self.changed = threading.Condition(self._lock)
-
-    # Runtime protocol
-
-    def node_id(self) -> int:
-        return self.own_id
-
-    def has_identity(self) -> bool:
-        return True
-
-    def public_key(self) -> bytes | None:
-        return self.identity.public_key
-
-    def sign(self, msg: bytes) -> bytes | None:
-        return self.identity.sign(msg)
-
-    def identity_path(self) -> str:
-        return os.path.join(self.directory, "identity.json") if self.directory else ""
-
-    def trust_auto_approve(self) -> bool:
-        return self.auto_approve
-
-    def trusted_agent(self, node_id: int) -> AllowlistEntry | None:
-        return self.allowlist.get(node_id)
-
-    def trust_strict(self) -> bool:
-        return self.strict
-
-    def trust_outgoing_ttl(self) -> float:
-        return self.outgoing_ttl
-
-    def trust_pending_ttl(self) -> float:
-        return self.pending_ttl
-
-    def is_denied(self, node_id: int) -> bool:
-        return node_id in self.deny
-
-    def publish_event(self, topic: str, payload: dict[str, Any]) -> None:
-        with self._lock:
-            self.events.append((topic, payload))
-            self.changed.notify_all()
-
-    def port_listener(self, port: int, handler: Callable[[socket.socket], None]) -> _Listener:
-        self.handler = handler
-        self.listener = _Listener()
-        return self.listener
-
-    def dial_and_send(self, peer_node_id: int, port: int, data: bytes) -> None:
-        if self.on_dial is not None:
-            self.on_dial(peer_node_id)
-        with self._lock:
-            self.sent.append((peer_node_id, port, data))
-            self.changed.notify_all()
-            fails = self.dial_fails
-        if fails is True or (isinstance(fails, set) and peer_node_id in fails):
-            raise SendError(f"connect to node {peer_node_id} refused")
-        if self.deliver is not None:
-            self.deliver(peer_node_id, data)
-
-    def remove_tunnel_peer(self, node_id: int) -> None:
-        with self._lock:
-            self.removed.append(node_id)
-
-    def registry(self) -> FakeRegistry | None:
-        return self.registry_client
-
-    # Helpers for tests
-
-    def topics(self) -> list[str]:
-        """The topics published so far, in order."""
-        with self._lock:
-            return [topic for topic, _ in self.events]
-
-    def sent_messages(self) -> list[tuple[int, HandshakeMsg]]:
-        """Every sent message decoded, with its peer."""
-        with self._lock:
-            sent = list(self.sent)
-        return [(peer, HandshakeMsg.from_json(data)) for peer, _, data in sent]
-
-    def wait_for_sent(self, count: int = 1, timeout: float = 5.0) -> bool:
-        """Wait until ``count`` sends were attempted."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while len(self.sent) < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self.changed.wait(remaining)
-        return True
-
-
 class Peer:
     """A remote node with its own identity that builds signed port-444 messages."""
 
@@ -360,7 +194,7 @@ def snapshot(manager: Manager) -> tuple[Any, ...]:
 
 
 class Nodes:
-    """Builds Managers over FakeRuntimes, each in its own directory under ``root`` (so with a
+    """Builds Managers over MemoryRuntimes, each in its own directory under ``root`` (so with a
     real trust.json), and stops them all at ``close()``."""
 
     def __init__(self, root: str) -> None:
@@ -377,11 +211,11 @@ class Nodes:
         auto_approve: bool = False,
         identity: Identity | None = None,
         **manager_kwargs: Any,
-    ) -> tuple[Manager, FakeRuntime]:
+    ) -> tuple[Manager, MemoryRuntime]:
         """A Manager for ``node_id`` in ``directory`` (default ``root/n<node_id>``)."""
         if directory is None:
             directory = os.path.join(self.root, f"n{node_id}")
-        runtime = FakeRuntime(
+        runtime = MemoryRuntime(
             node_id,
             directory,
             strict=strict,

@@ -350,8 +350,9 @@ def registry_passes_reasons(address: str) -> bool:
     responses (SPEC 11: pilot-registryd does, the production registry does not), probed
     with two throwaway identities."""
     from pilothandshake.identity import Identity, b64encode
-    from pilothandshake.messages import handshake_challenge, respond_challenge
-    from pilothandshake.registry.client import Client as RegistryClient
+    from pilothandshake.messages import handshake_challenge
+    from pilothandshake.registry.challenges import respond_challenge
+    from pilothandshake.registry.client import RegistryConnection as RegistryClient
 
     asker, answerer = Identity.generate(), Identity.generate()
     asking = RegistryClient(address, asker.sign, timeout=5)

@@ -9,14 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pilothandshake.config import (
-    Config,
-    check_config,
-    format_address,
-    load_config,
-    parse_address,
-    parse_config,
-)
+from pilothandshake.addresses import format_address, parse_address
+from pilothandshake.config import Config, check_config, load_config, parse_config
 from pilothandshake.errors import ConfigError
 from pilothandshake.runtime import AllowlistEntry
 

@@ -17,13 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pilothandshake.config import (
-    Config,
-    EventsConfig,
-    RegistryConfig,
-    TrustConfig,
-    format_address,
-)
+from pilothandshake.addresses import format_address
+from pilothandshake.config import Config, EventsConfig, RegistryConfig, TrustConfig
 from pilothandshake.daemon import Daemon, DaemonRuntime
 from pilothandshake.errors import (
     ConfigError,
@@ -509,3 +504,26 @@ def test_status_shows_the_nodes_own_key_as_pending_shows_keys(
         assert main_handshakectl(["--socket", daemon.config.control_socket, "status"]) == 0
         shown = capsys.readouterr().out
     assert f"key       {fingerprint(key)}  {key}" in shown.splitlines(), shown
+
+
+# SPEC 4: the registry credential in the clear
+
+
+@pytest.mark.parametrize(("host", "warned"), [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_spec4_strict_daemon_warns_at_start_about_a_non_loopback_registry_without_tls(
+    caplog: pytest.LogCaptureFixture, host: str, warned: bool
+) -> None:
+    # A port nothing listens on: 0.0.0.0 is not a loopback address, yet connecting to it
+    # reaches this host and is refused at once, so the registry loop just backs off.
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="phd-") as root:  # short AF_UNIX socket path
+        config = Config(
+            identity=os.path.join(root, "identity.json"),
+            listen="127.0.0.1:0",
+            registry=RegistryConfig(address=f"{host}:{port}", poll_interval=0.05),
+        )
+        with caplog.at_level(logging.WARNING, logger="pilothandshake"), Daemon(config):
+            pass
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("not on loopback and TLS is off" in line for line in lines) == warned

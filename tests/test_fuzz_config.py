@@ -19,10 +19,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pilothandshake.addresses import parse_address
 from pilothandshake.config import Config, load_config, parse_config
 from pilothandshake.errors import ConfigError, RegistryError, SendError
-from pilothandshake.messages import parse_address
-from pilothandshake.registry.client import Client
+from pilothandshake.registry.client import RegistryConnection
 from pilothandshake.wire import send_message
 
 SOURCE = "/etc/pilot-handshake/fuzz.yaml"
@@ -210,6 +210,6 @@ def test_a_host_the_socket_layer_refuses_is_a_send_or_registry_error_not_a_crash
         send_message(("a..b", 444), b"{}", timeout=0.5)
     with pytest.raises(SendError):
         send_message(("x" * 64, 444), b"{}", timeout=0.5)
-    client = Client("a..b:9000", timeout=0.5)
+    client = RegistryConnection("a..b:9000", timeout=0.5)
     with pytest.raises(RegistryError):
         client.lookup(1)

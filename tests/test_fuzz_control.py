@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from controltools import Node, running_node
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_control import Node, running_node
 
 from pilothandshake.control_commands import CODES, COMMANDS, parse_request
 

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 import pytest
-from fakeruntime import FakeRuntime, Nodes, Peer, seed_trust, snapshot
+from fakeruntime import Nodes, Peer, seed_trust, snapshot
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from strategies import json_values
@@ -49,6 +49,7 @@ from pilothandshake.messages import (
     decode_b64,
 )
 from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord
+from pilothandshake.testing import MemoryRuntime
 from pilothandshake.wire import read_message
 
 OWN = 1
@@ -83,7 +84,7 @@ class HandlerNode:
         self._nodes = Nodes(root)
         self._generation = 0
         self.manager: Manager
-        self.runtime: FakeRuntime
+        self.runtime: MemoryRuntime
         self.directory = ""
         self.reset()
 
@@ -394,7 +395,7 @@ def test_replay_set_stays_within_its_caps_under_a_flood() -> None:
     """Thousands of distinct, validly signed messages from 20 source addresses: the replay
     set never exceeds its total cap (shrunk to 512 here) nor 64 per source, and memory
     stops growing once the caps are reached."""
-    manager = Manager(FakeRuntime(OWN), max_replay=512, max_replay_per_source=64)
+    manager = Manager(MemoryRuntime(OWN), max_replay=512, max_replay_per_source=64)
     replay = manager._intake._replay
     sender = Identity.generate()
     key = sender.public_key_b64
@@ -430,7 +431,7 @@ def test_pending_queue_stays_within_its_caps_under_a_flood() -> None:
     """Unbound requests from invented node IDs: one source address gets at most 16 pending;
     1200 more over 100 addresses fill the queue to 256 and no further; the side tables
     stay as small."""
-    manager = Manager(FakeRuntime(OWN))
+    manager = Manager(MemoryRuntime(OWN))
     sender = Identity.generate()
     now = int(time.time())
 

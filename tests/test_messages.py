@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pilothandshake.addresses import parse_address
 from pilothandshake.constants import MAX_MESSAGE_SIZE
 from pilothandshake.errors import MessageError
 from pilothandshake.messages import (
@@ -22,15 +23,16 @@ from pilothandshake.messages import (
     decode_b64,
     handshake_challenge,
     handshake_v2_challenge,
+    truncate_utf8,
+)
+from pilothandshake.registry.challenges import (
     heartbeat_challenge,
-    parse_address,
     poll_challenge,
     report_trust_challenge,
     resolve_challenge,
     respond_challenge,
     revoke_trust_challenge,
     set_visibility_challenge,
-    truncate_utf8,
 )
 
 KEY_B64 = base64.b64encode(bytes(range(32))).decode()

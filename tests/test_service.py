@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fakeruntime import FakeRuntime, Peer
+from fakeruntime import Peer
 
 from pilothandshake.messages import HANDSHAKE_REQUEST
 from pilothandshake.service import SERVICE_ORDER, Service
+from pilothandshake.testing import MemoryRuntime
 
 
 def test_service_names_itself_and_orders_early(tmp_path: Path) -> None:
-    service = Service(FakeRuntime(1, str(tmp_path)))
+    service = Service(MemoryRuntime(1, str(tmp_path)))
     try:
         assert service.name() == "handshake"
         assert service.order() == SERVICE_ORDER == 30
@@ -20,7 +21,7 @@ def test_service_names_itself_and_orders_early(tmp_path: Path) -> None:
 
 
 def test_service_start_and_stop_drive_the_manager(tmp_path: Path) -> None:
-    runtime = FakeRuntime(1, str(tmp_path))
+    runtime = MemoryRuntime(1, str(tmp_path))
     service = Service(runtime)
     service.start()
     assert runtime.handler == service.manager.handle_connection
@@ -30,6 +31,6 @@ def test_service_start_and_stop_drive_the_manager(tmp_path: Path) -> None:
     service.stop()
     assert runtime.listener is not None and runtime.listener.closed
     # The directory lock is released: a new service over the same directory starts.
-    again = Service(FakeRuntime(1, str(tmp_path)))
+    again = Service(MemoryRuntime(1, str(tmp_path)))
     assert again.manager.pending_count() == 1
     again.manager.close()

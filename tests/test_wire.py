@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from fakeruntime import Peer
 
 from pilothandshake.constants import MAX_MESSAGE_SIZE
 from pilothandshake.errors import MessageError, SendError
@@ -364,3 +365,39 @@ def test_reset_close_makes_the_peer_see_a_reset_and_never_raises() -> None:
         reset_close(conn)  # already closed: still no exception
         with pytest.raises(ConnectionResetError):
             client.recv(10)
+
+
+# SPEC 3: sending
+
+
+def test_spec3_send_message_half_closes_so_a_receiver_reading_to_eof_finishes_at_once() -> None:
+    """A receiver that reads until the sender's end of stream (Go's ``io.ReadAll``) must see
+    it right after the write, not when the sender gives up waiting at the end of its grace."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(10)  # accept is bounded even if the send fails
+    received: list[bytes] = []
+
+    def read_to_eof() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+            chunks = []
+            while True:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            received.append(b"".join(chunks))
+
+    thread = threading.Thread(target=read_to_eof, daemon=True)
+    thread.start()
+    data = Peer(7).data(HANDSHAKE_REQUEST, 1)
+    with server:
+        started = time.monotonic()
+        send_message(server.getsockname(), data, timeout=5, grace=5)
+        elapsed = time.monotonic() - started
+        thread.join(timeout=10)
+    assert received == [data]
+    assert elapsed < 2.5  # returned at the receiver's close, long before the 5 s grace

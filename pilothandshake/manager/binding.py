@@ -1,8 +1,9 @@
 """SPEC 5 step 3, registry part: the lookup cache and the re-ask throttle.
 
-``Binding`` asks the registry which key it binds a node ID to, caching answers for 30 s
-(failures never) and re-asking past the cache at most once per node per 5 s. It holds its
-own small lock only around its dicts, never across a registry call (SPEC 16).
+``Binding`` asks the registry which key it binds a node ID to, caching answers for
+``REGISTRY_CACHE_TTL`` (failures never) and re-asking past the cache at most once per node
+per ``REGISTRY_REASK_INTERVAL``. It holds its own small lock only around its dicts, never
+across a registry call (SPEC 16).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class Binding:
     def lookup(
         self, registry: RegistryClient, node: int, fresh: bool = False
     ) -> dict[str, Any] | None:
-        """The registry's answer for ``node`` (cached 30 s unless ``fresh``); None on error."""
+        """The registry's answer for ``node`` (cached ``REGISTRY_CACHE_TTL`` unless ``fresh``);
+        None on error."""
         now = self._clock()
         if not fresh:
             with self._lock:
@@ -105,8 +107,9 @@ class Binding:
         record_key: bytes | None,
     ) -> Checked:
         """The answer for ``node``, re-asked (SPEC 5: past the cache, at most once per node per
-        5 s) when its key differs from ``key`` (the message's) or ``record_key`` (the trust
-        record's); when it cannot be re-asked, the first answer and why."""
+        ``REGISTRY_REASK_INTERVAL``) when its key differs from ``key`` (the message's) or
+        ``record_key`` (the trust record's); when it cannot be re-asked, the first answer and
+        why."""
         answer = self.lookup(registry, node)
         registered = answer_key(answer)
         if registered is None or (key in (None, registered) and record_key in (None, registered)):

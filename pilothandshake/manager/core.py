@@ -62,23 +62,23 @@ from .clock import Clock, Now, SystemClock
 from .decide import (
     Decision,
     Inbound,
-    decide_accept,
-    decide_approve,
-    decide_dismiss,
+    decide_operator_approve,
+    decide_operator_reject,
+    decide_operator_revoke,
+    decide_peer_accept,
+    decide_peer_reject,
+    decide_peer_request,
+    decide_peer_revoke,
     decide_reap,
-    decide_reject,
-    decide_request,
-    decide_revoke,
     decide_send,
     decide_sent,
     decide_unsent,
-    decide_untrust,
 )
 from .droplog import DropLog, ErrorLog
 from .effects import Effects, ReplyAccept, Send, answer_kinds
 from .intake import Intake, remote_address
 from .outbox import ACCEPT, OUTBOX_FILE, Outbox
-from .queue import Limits
+from .queue import QueueLimits
 from .reconcile import Reconcile
 from .replay import ReplaySet
 from .state import State
@@ -92,8 +92,8 @@ _QUIET = (RegistryError,)  # background failures logged at DEBUG: the registry i
 _STORE_ERROR_INTERVAL = 60.0
 # What each port-444 message type is decided by.
 _DECIDE = {
-    HANDSHAKE_ACCEPT: decide_accept,
-    HANDSHAKE_REJECT: decide_reject,
+    HANDSHAKE_ACCEPT: decide_peer_accept,
+    HANDSHAKE_REJECT: decide_peer_reject,
 }
 
 
@@ -102,17 +102,9 @@ class Manager:
 
     Loads ``trust.json`` beside ``runtime.identity_path()`` (memory only when that is "");
     a file that does not parse, or a directory used by another process, raises
-    ``StoreError``. Events (SPEC 14; topics in ``decide``), all with ``peer_node_id``:
-    ``handshake.received`` (``justification``, ``relayed``), ``handshake.pending``
-    (``justification``), ``handshake.approved`` (``by``: ``operator``, or ``peer`` when our
-    request was accepted), ``handshake.rejected`` (``reason``), ``handshake.auto_approved``
-    (``reason``; ``agent`` for trusted agents), ``trust.changed`` (``state``: granted /
-    revoked; ``reason``, Go's: ``mutual``, ``same_network``, ``trusted_agent`` with
-    ``agent``, ``auto_approve``, ``approved``, ``trusted_agent_relayed``,
-    ``auto_approve_relayed``, ``local``, ``by_peer``), ``trust.revoked`` (by us),
-    ``trust.revoked_by_peer`` (``reason``), ``handshake.rejected_by_peer`` (``reason``,
-    ``relayed``: our request was rejected) and ``trust.conflict`` (``registry_key``: a trust
-    record's node ID now bound to another key). ``clock``
+    ``StoreError``. It publishes its events (SPEC 14) through ``runtime.publish_event`` once
+    the change they announce is durable; their topics and payloads are listed once, in
+    ``events``, and ``trust.changed``'s reasons in ``decide``. ``clock``
     (default: the system's) is read for every age, cooldown, cache and timestamp.
     """
 
@@ -141,7 +133,7 @@ class Manager:
         self._store = self._state.store
         self._pool = BackgroundPool()
         self._drops = DropLog(clock=self._clock.monotonic, count=self.metrics.drop)
-        limits = Limits(
+        limits = QueueLimits(
             MAX_PENDING, max_pending_per_source, max_pending_bound_per_source, max_trust_history
         )
         replay = ReplaySet(max_replay, max_replay_per_source)
@@ -411,7 +403,7 @@ class Manager:
         if msg_type == HANDSHAKE_REQUEST:
             return self._on_request(inbound)
         context = self._intake.answer_context()
-        decision = self._decide(_DECIDE.get(msg_type, decide_revoke), inbound, context)
+        decision = self._decide(_DECIDE.get(msg_type, decide_peer_revoke), inbound, context)
         return decision is not None and not decision.drop
 
     def _on_request(self, inbound: Inbound) -> bool:
@@ -424,7 +416,9 @@ class Manager:
             log.debug("node %d: duplicate request by the other path", inbound.node_id)
             return True
         try:
-            decision = self._decide(decide_request, inbound, self._intake.request_context(inbound))
+            decision = self._decide(
+                decide_peer_request, inbound, self._intake.request_context(inbound)
+            )
         except BaseException:
             # Not written: a copy by the other path (the sender relays it, having had no
             # receipt) must be decided, not ignored as a duplicate.
@@ -448,13 +442,13 @@ class Manager:
     def process_relayed_approval(self, from_node_id: int) -> None:
         """Apply an accept relayed by the registry (SPEC 7)."""
         self.metrics.relay(HANDSHAKE_ACCEPT, "in")
-        self._relayed_answer(decide_accept, from_node_id)
+        self._relayed_answer(decide_peer_accept, from_node_id)
 
     def process_relayed_rejection(self, from_node_id: int, reason: str = "") -> None:
         """Apply a reject relayed by the registry (SPEC 7), with the peer's ``reason`` when
         the registry passes one on ("" otherwise: the production registry drops it)."""
         self.metrics.relay(HANDSHAKE_REJECT, "in")
-        self._relayed_answer(decide_reject, from_node_id, reason)
+        self._relayed_answer(decide_peer_reject, from_node_id, reason)
 
     def _relayed_answer(self, decide: Callable[..., Decision], node: int, text: str = "") -> None:
         inbound = self._intake.relayed(node, text=text)
@@ -489,6 +483,9 @@ class Manager:
         except SendError:
             self._after_send(decide_unsent, peer, sent_at)
             raise
+        # Fresh intent, once it reached the peer: a kept "no" to it is stale. Not before: a
+        # request that went nowhere leaves the peer as it was, and it must still hear the no.
+        self._outbox.cancel(peer)
         if status == "relayed":
             self._after_send(decide_sent, peer, sent_at, RELAY)
         return status
@@ -523,7 +520,7 @@ class Manager:
             elif new_key is not None:
                 refused.append(f"nothing pending for node {peer}: --new-key names no request")
                 return None
-            return decide_approve(view, peer, now)
+            return decide_operator_approve(view, peer, now)
 
         decision = self._decide(approve)
         if refused:
@@ -534,7 +531,7 @@ class Manager:
         """Drop the pending request of ``peer_node_id`` and tell it why; False when nothing
         was pending. Raises ``StoreError`` when the write fails."""
         text = truncate_utf8(reason)
-        return self._decide(decide_dismiss, peer_node_id, text) is not None
+        return self._decide(decide_operator_reject, peer_node_id, text) is not None
 
     def revoke_trust(self, peer_node_id: int) -> str:
         """Stop trusting ``peer_node_id``: remove trust, pending and outgoing, start the
@@ -548,7 +545,7 @@ class Manager:
         if own != 0 and peer == own:
             raise HandshakeError("a node cannot stop trusting itself")
 
-        decision = self._decide(decide_untrust, peer, self._limits)
+        decision = self._decide(decide_operator_revoke, peer, self._limits)
         assert decision is not None
         if not decision.result:
             raise NotTrustedError(f"node {peer} is not trusted")

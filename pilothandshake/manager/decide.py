@@ -21,6 +21,18 @@ from enum import Enum
 from typing import Any, Callable
 
 from ..constants import REVOKE_COOLDOWN
+from ..events import (
+    APPROVED,
+    AUTO_APPROVED,
+    CONFLICT,
+    PENDING_EVENT,
+    RECEIVED,
+    REJECTED_BY_PEER,
+    REJECTED_EVENT,
+    REVOKED,
+    REVOKED_BY_PEER,
+    TRUST_CHANGED,
+)
 from ..identity import b64encode, decode_key
 from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE, WITHDRAWN
 from ..runtime import AllowlistEntry
@@ -55,19 +67,7 @@ from .effects import (
     RevokeAtRegistry,
     Send,
 )
-from .queue import Limits, admit, in_history
-
-# Event topics (SPEC 14), all with payload ``peer_node_id``.
-RECEIVED = "handshake.received"  # justification, relayed
-PENDING_EVENT = "handshake.pending"  # justification
-APPROVED = "handshake.approved"  # by: operator | peer
-REJECTED_EVENT = "handshake.rejected"  # reason
-AUTO_APPROVED = "handshake.auto_approved"  # reason (a row's name); agent for trusted agents
-TRUST_CHANGED = "trust.changed"  # state: granted | revoked; reason (below); agent
-REVOKED = "trust.revoked"  # by us
-REVOKED_BY_PEER = "trust.revoked_by_peer"  # reason
-REJECTED_BY_PEER = "handshake.rejected_by_peer"  # reason, relayed: our request was rejected
-CONFLICT = "trust.conflict"  # registry_key: a trust record's node ID bound to another key
+from .queue import QueueLimits, admit, in_history
 
 # trust.changed's reason (Go's), also kept in the trust record: why a peer is trusted, or
 # who ended it. A row of SPEC 6 grants with its own name, "_relayed" added for the rows
@@ -110,7 +110,7 @@ class Context:
     auto_approve: bool = False
     agent: AllowlistEntry | None = None  # the sender's allowlist entry (row 4), if any
     network: int = 0  # first shared non-backbone network in our own order, 0 if none
-    limits: Limits = field(default_factory=Limits)
+    limits: QueueLimits = field(default_factory=QueueLimits)
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,15 @@ class View:
         request = self.state.outgoing.get(node)
         return request is not None and request.waiting
 
+    def answerable(self, node: int) -> bool:
+        """Whether an accept from ``node`` answers a request of ours: one that waits, or one
+        a rejection ended. Our answers travel by two paths and are retried, so a late copy
+        of the rejection of an earlier request can end a newer one; the peer's accept is
+        then its newer word, and we did ask (a withdrawn or expired request answers
+        nothing)."""
+        request = self.state.outgoing.get(node)
+        return request is not None and (request.waiting or request.state == REJECTED)
+
 
 @dataclass
 class Decision:
@@ -142,7 +151,8 @@ class Decision:
     record's; the conflict ends with that record) to the side tables that are not
     persisted. ``State.apply`` makes all of them: nothing else writes state. ``superseded``
     names the peers to whom an undelivered "no" (a kept reject, revoke or withdrawal, in
-    the outbox) is stale once the changes are durable: we trust them again, or asked anew."""
+    the outbox) is stale once the changes are durable: we trust them again. (A request of
+    ours makes it stale only once it reached the peer: ``Manager.send_request``.)"""
 
     changes: list[Change] = field(default_factory=list)
     cooldowns: dict[int, float | None] = field(default_factory=dict)
@@ -279,7 +289,7 @@ REQUEST_ROWS: tuple[Row, ...] = (
 )
 
 
-def decide_request(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_request(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """A handshake request, direct or relayed (SPEC 6)."""
     node = inbound.node_id
     payload = {"peer_node_id": node, "justification": inbound.text, "relayed": inbound.relayed}
@@ -358,8 +368,8 @@ def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, no
 
 def _grant(decision: Decision, view: View, node: int, grant: Grant, now: Now, reason: str) -> None:
     """Trust ``node`` as ``grant`` says, for ``reason`` (trust.changed's): the one place
-    trust is granted. Our request to it, if it waits, ends ``accepted``; a kept "no" to it
-    is superseded."""
+    trust is granted. Our request to it, if it waits (or a rejection ended it:
+    ``View.answerable``), ends ``accepted``; a kept "no" to it is superseded."""
     state = view.state
     record = TrustRecord(node, grant.key, now.wall, grant.mutual, grant.network, reason)
     decision.changes.append(Change(TRUSTED, node, record))
@@ -367,7 +377,7 @@ def _grant(decision: Decision, view: View, node: int, grant: Grant, now: Now, re
         decision.changes.append(Change(HISTORY, node, None))  # trusted now: the record says so
     if node in state.pending:
         decision.changes.append(Change(PENDING, node, None))
-    if view.asked(node):
+    if view.answerable(node):
         decision.changes.append(_ended(state.outgoing[node], ACCEPTED, now))
     payload = {"peer_node_id": node, "state": "granted", "reason": reason}
     if grant.agent is not None:
@@ -387,7 +397,7 @@ def _ended(request: OutgoingRequest, state: str, now: Now, reason: str = "") -> 
 
 
 def _forget(
-    decision: Decision, view: View, node: int, now: Now, limits: Limits, withdraw: bool = False
+    decision: Decision, view: View, node: int, now: Now, limits: QueueLimits, withdraw: bool = False
 ) -> bool:
     """Remove trust, pending and outgoing for ``node``, remembering a trust record in the
     history (forgetting the entry that ended longest ago beyond ``limits.max_history``);
@@ -425,7 +435,7 @@ def _believed(inbound: Inbound, context: Context) -> bool:
 # SPEC 7: received
 
 
-def decide_accept(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_accept(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """An accept, direct or relayed (SPEC 7)."""
     node = inbound.node_id
     decision = Decision()
@@ -439,7 +449,7 @@ def decide_accept(view: View, inbound: Inbound, context: Context, now: Now) -> D
         # The relayed copy of a direct accept, or a peer accepting twice: the happy path.
         decision.quiet = f"node {node}: accept from a node already trusted"
         return decision
-    if not view.asked(node):
+    if not view.answerable(node):
         return decision.dropped("accept without an outgoing request")
     if not _believed(inbound, context):
         return decision.dropped("accept neither registry-bound nor pinned")
@@ -448,13 +458,20 @@ def decide_accept(view: View, inbound: Inbound, context: Context, now: Now) -> D
     return decision
 
 
-def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_reject(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """A reject of our request, direct or relayed (SPEC 7): the request ends ``rejected``
     with the peer's reason, once, however many paths bring the rejection."""
     node = inbound.node_id
     decision = Decision()
     request = view.state.outgoing.get(node)
-    withdrawal = inbound.relayed and node in view.state.pending and not view.asked(node)
+    # The relay has no revoke: a requester withdraws through it with a rejection. One whose
+    # reason says so (a registry that passes reasons on, as pilot-registryd does) is only
+    # ever that: taken for a rejection of a request we sent meanwhile, it would end it.
+    said = inbound.relayed and inbound.text == WITHDRAWN
+    withdrawal = inbound.relayed and node in view.state.pending and (said or not view.asked(node))
+    if said and not withdrawal:
+        decision.quiet = f"node {node} withdrew a request we no longer hold"
+        return decision
     if not (view.asked(node) or withdrawal):
         if request is not None and request.state == REJECTED:
             decision.quiet = f"node {node}: rejection of our request arrived again"
@@ -464,12 +481,9 @@ def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> D
     if not _believed(inbound, context):
         return decision.dropped("reject neither registry-bound nor pinned")
     if withdrawal:
-        # We never asked it, but it asked us: the requester withdrew its request through the
-        # relay (decide_untrust), the only way to reach a private node.
-        decision.changes.append(Change(PENDING, node, None))
-        decision.events.append((REVOKED_BY_PEER, {"peer_node_id": node, "reason": WITHDRAWN}))
-        decision.notes.append(f"node {node} withdrew its request")
-        return decision
+        # It asked us: the requester withdrew its request through the relay
+        # (decide_operator_revoke), the only way to reach a private node.
+        return _withdrawn(decision, node)
     assert request is not None  # asked
     decision.changes.append(_ended(request, REJECTED, now, inbound.text))
     payload = {"peer_node_id": node, "reason": inbound.text, "relayed": inbound.relayed}
@@ -478,7 +492,7 @@ def decide_reject(view: View, inbound: Inbound, context: Context, now: Now) -> D
     return decision
 
 
-def decide_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
+def decide_peer_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> Decision:
     """A revoke from a peer (SPEC 7), in every mode only when registry-bound or signed with
     the pinned key (SPEC 8): otherwise anyone with a key of their own could revoke."""
     node = inbound.node_id
@@ -489,6 +503,13 @@ def decide_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> D
     pinned = inbound.pin is not None and inbound.pin is not PinKind.WEAK
     if not (inbound.bound or pinned or withdrawal):
         return decision.dropped("revoke neither registry-bound nor signed with the pinned key")
+    if inbound.text == WITHDRAWN and node not in view.state.trusted:
+        # The peer takes back its request, nothing of ours: a request we sent it since (a
+        # late copy of the withdrawal may arrive after it) must stay.
+        if node not in view.state.pending:
+            decision.quiet = f"node {node} withdrew a request we no longer hold"
+            return decision
+        return _withdrawn(decision, node)
     was_trusted = _forget(decision, view, node, now, context.limits)
     if not decision.changes:
         decision.quiet = f"node {node} revoked trust we never had"
@@ -503,6 +524,14 @@ def decide_revoke(view: View, inbound: Inbound, context: Context, now: Now) -> D
     return decision
 
 
+def _withdrawn(decision: Decision, node: int) -> Decision:
+    """``node`` withdrew the request we hold from it."""
+    decision.changes.append(Change(PENDING, node, None))
+    decision.events.append((REVOKED_BY_PEER, {"peer_node_id": node, "reason": WITHDRAWN}))
+    decision.notes.append(f"node {node} withdrew its request")
+    return decision
+
+
 def _quoted(text: str) -> str:
     return quote(text) if text else "-"
 
@@ -510,7 +539,7 @@ def _quoted(text: str) -> str:
 # SPEC 7: the operator's calls
 
 
-def decide_approve(view: View, node: int, now: Now) -> Decision | None:
+def decide_operator_approve(view: View, node: int, now: Now) -> Decision | None:
     """``approve_handshake``: the pending request of ``node`` becomes trust (``mutual=False``),
     or a trust record in conflict with the registry is trusted again with its own key; None
     when neither. Whether a KEY CHANGED request may be approved is ``auth.approval_problem``,
@@ -531,7 +560,7 @@ def decide_approve(view: View, node: int, now: Now) -> Decision | None:
     return decision
 
 
-def decide_dismiss(view: View, node: int, reason: str, now: Now) -> Decision | None:
+def decide_operator_reject(view: View, node: int, reason: str, now: Now) -> Decision | None:
     """``reject_handshake``: drop the pending request of ``node`` and tell it ``reason``
     (truncated); None when nothing is pending."""
     if node not in view.state.pending:
@@ -543,7 +572,7 @@ def decide_dismiss(view: View, node: int, reason: str, now: Now) -> Decision | N
     )
 
 
-def decide_untrust(view: View, node: int, limits: Limits, now: Now) -> Decision:
+def decide_operator_revoke(view: View, node: int, limits: QueueLimits, now: Now) -> Decision:
     """``revoke_trust``: remove trust, pending and outgoing, and start the revoke cooldown.
     ``result`` "revoked" when it was trusted, "withdrawn" when we had only asked it (our
     request ends ``withdrawn``; the peer gets a signed revoke, which removes our pending
@@ -565,8 +594,8 @@ def decide_untrust(view: View, node: int, limits: Limits, now: Now) -> Decision:
         decision.result = "withdrawn"
         decision.inline.append(Send(node, HANDSHAKE_REVOKE, WITHDRAWN))
         # A private peer we asked through the relay cannot be dialled, and the relay has no
-        # revoke: a relayed rejection of the peer from us tells it (decide_reject).
-        decision.effects.append(Respond(node, False))
+        # revoke: a relayed rejection of the peer from us tells it (decide_peer_reject).
+        decision.effects.append(Respond(node, False, WITHDRAWN))
         decision.notes.append(f"withdrew our request to node {node}")
     return decision
 
@@ -599,14 +628,12 @@ def decide_reap(view: View, outgoing_ttl: float, pending_ttl: float, now: Now) -
 def decide_send(view: View, node: int, now: Now) -> Decision:
     """``send_request``, before sending: a fresh request to ``node``, sent at ``now.wall``,
     ``waiting``, recorded as direct (``decide_sent`` notes a relay); an explicit request is
-    fresh intent, so it ends the revoke cooldown and supersedes a kept "no" to the node.
-    ``result`` "trusted" (nothing changes) when it is trusted."""
+    fresh intent, so it ends the revoke cooldown. ``result`` "trusted" (nothing changes)
+    when it is trusted."""
     if view.trusts(node):
         return Decision(result="trusted")
     request = OutgoingRequest(node, now.wall, DIRECT, WAITING)
-    return Decision(
-        changes=[Change(OUTGOING, node, request)], cooldowns={node: None}, superseded={node}
-    )
+    return Decision(changes=[Change(OUTGOING, node, request)], cooldowns={node: None})
 
 
 def decide_sent(view: View, node: int, sent_at: datetime, path: str, now: Now) -> Decision:

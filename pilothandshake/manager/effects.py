@@ -25,9 +25,9 @@ from ..messages import (
     WITHDRAWN,
     HandshakeMsg,
     handshake_challenge,
-    respond_challenge,
 )
 from ..metrics import Metrics
+from ..registry.challenges import respond_challenge
 from .outbox import ACCEPT, KINDS, REJECT, REVOKE, WITHDRAW
 
 if TYPE_CHECKING:
@@ -182,6 +182,11 @@ class Effects:
         """``run``; whether the effect got through (what it delivered, for answers)."""
         registry = self._rt.registry()
         own = self._rt.node_id()
+        if not own and not isinstance(effect, (RemoveTunnelPeer, Backfill)):
+            # Restarted while the registry is down: nothing can be signed as this node yet
+            # (``message``); an answer stays in the outbox until it can.
+            log.info("node %d not told yet: this node has no node ID yet", effect.peer)
+            return False
         if isinstance(effect, ReplyAccept):
             return self._reply_accept(effect)
         if isinstance(effect, Send):
@@ -204,6 +209,8 @@ class Effects:
         """One more try at an answer that did not arrive (the outbox's retries): directly,
         else through the registry (a rejection with its ``reason``). Whether it got
         through."""
+        if not self._rt.node_id():
+            return False  # not before this node has an ID (``message``)
         if self._can_dial(peer):
             try:
                 self._dial(peer, self.message(KINDS[kind], peer, reason=reason))
@@ -226,13 +233,18 @@ class Effects:
     def message(
         self, msg_type: str, peer: int, *, justification: str = "", reason: str = ""
     ) -> HandshakeMsg:
-        """A signed message to ``peer``: ``signature_v2`` only (SPEC 4)."""
+        """A signed message to ``peer``: ``signature_v2`` only (SPEC 4). Not before this
+        node has an ID (a restart while the registry is down): a message from node 0 names
+        nobody, and its receiver can only drop it; an answer is kept for later instead."""
         public_key = self._rt.public_key()
         if public_key is None:
             raise HandshakeError("this node has no identity: cannot sign")
+        own = self._rt.node_id()
+        if not own:
+            raise HandshakeError("this node has no node ID yet (the registry was not reached)")
         message = HandshakeMsg(
             type=msg_type,
-            node_id=self._rt.node_id(),
+            node_id=own,
             public_key=b64encode(public_key),
             justification=justification,
             reason=reason,

@@ -31,13 +31,13 @@ from ..constants import (
 from ..identity import decode_key
 from ..store import FormerTrust, PendingHandshake, TrustRecord, TrustState
 
-__all__ = ["RELAY", "Admission", "Limits", "admit", "in_history", "source_of"]
+__all__ = ["RELAY", "Admission", "QueueLimits", "admit", "in_history", "source_of"]
 
 RELAY = "relay"  # the stored source of a relayed request (and its remote in log lines)
 
 
 @dataclass(frozen=True)
-class Limits:
+class QueueLimits:
     """The Manager's bounds that decisions apply (constructor parameters)."""
 
     max_pending: int = MAX_PENDING
@@ -72,7 +72,7 @@ def admit(
     pending: Mapping[int, PendingHandshake],
     protected: Container[int],
     arrival: Mapping[int, int],
-    limits: Limits,
+    limits: QueueLimits,
     newcomer: PendingHandshake,
     *,
     relayed: bool,

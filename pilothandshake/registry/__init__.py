@@ -1,5 +1,3 @@
-"""The Pilot registry: the wire-protocol client and the embedded server (SPEC section 11)."""
-
-from .client import Client
-
-__all__ = ["Client"]
+"""The Pilot registry (SPEC section 11): its wire-protocol client (``registry.client``), the
+embedded server (``registry.server``) and the signed strings both use
+(``registry.challenges``). Importing the package imports none of them."""

@@ -1,8 +1,9 @@
 """The registry client: the Pilot registry wire protocol of SPEC section 11.
 
 A frame is a 4-byte big-endian length and that many bytes of a UTF-8 JSON object; request
-and response alternate on one connection. ``Client`` keeps a few idle connections so that
-a slow call (a poll) never blocks another thread's lookup; no lock is held during I/O.
+and response alternate on one connection. ``RegistryConnection`` keeps a few idle
+connections so that a slow call (a poll) never blocks another thread's lookup; no lock is
+held during I/O.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import threading
 import time
 from typing import Any, Callable
 
+from ..addresses import parse_address
 from ..constants import MAX_REGISTRY_FRAME_CLIENT, REGISTRY_TIMEOUT
 from ..errors import RegistryError
 from ..identity import b64encode
-from ..messages import (
+from ..metrics import Metrics
+from .challenges import (
     heartbeat_challenge,
-    parse_address,
     poll_challenge,
     register_challenge,
     report_trust_challenge,
@@ -32,7 +34,6 @@ from ..messages import (
     set_hostname_challenge,
     set_visibility_challenge,
 )
-from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def normalize_fingerprint(text: str) -> str:
     return text.replace(":", "").replace(" ", "").lower()
 
 
-class Client:
+class RegistryConnection:
     """A thread-safe client of the registry (SPEC section 11).
 
     ``address`` is ``"host:port"``. ``signer(challenge) -> signature`` signs the requests

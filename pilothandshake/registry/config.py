@@ -43,9 +43,9 @@ from ..identity import decode_key
 from ..yamlconfig import FieldParser, read_yaml
 
 __all__ = [
-    "Limits",
     "Members",
     "NetworkEntry",
+    "RegistryLimits",
     "ServerConfig",
     "load_config",
     "parse_networks",
@@ -56,7 +56,7 @@ NetworkEntry = Union[int, str]
 
 
 @dataclass(frozen=True)
-class Limits:
+class RegistryLimits:
     """Section ``limits``: the registry's bounds against floods (SPEC 11)."""
 
     register_per_minute: int = REGISTRY_REGISTER_PER_MINUTE  # new keys per source address
@@ -85,7 +85,7 @@ class ServerConfig:
     """The whole registry config."""
 
     networks: dict[int, Members] = field(default_factory=dict)
-    limits: Limits = field(default_factory=Limits)
+    limits: RegistryLimits = field(default_factory=RegistryLimits)
 
 
 def load_config(path: str) -> ServerConfig:
@@ -128,9 +128,9 @@ def parse_networks(raw: object, source: str) -> dict[int, Members]:
     return result
 
 
-def _limits(parser: FieldParser, raw: object) -> Limits:
-    default = Limits()
-    known = tuple(f.name for f in fields(Limits))
+def _limits(parser: FieldParser, raw: object) -> RegistryLimits:
+    default = RegistryLimits()
+    known = tuple(f.name for f in fields(RegistryLimits))
     section = parser.section(raw, "limits", known)
     values = {
         name: parser.get(
@@ -142,4 +142,4 @@ def _limits(parser: FieldParser, raw: object) -> Limits:
         )
         for name in known
     }
-    return Limits(**values)
+    return RegistryLimits(**values)

@@ -10,7 +10,8 @@ import ipaddress
 import re
 from typing import Any, NoReturn
 
-from ..messages import MAX_NODE_ID, format_address, parse_address
+from ..addresses import format_address, parse_address
+from ..messages import MAX_NODE_ID
 from .ratelimit import quote
 
 __all__ = [

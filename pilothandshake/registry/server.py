@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .._version import __version__
+from ..addresses import format_address, parse_address
 from ..constants import (
     DEFAULT_REGISTRY_STORE,
     DROP_LOG_PER_SECOND,
@@ -47,10 +48,9 @@ from ..constants import (
     REGISTRY_TIMEOUT,
 )
 from ..errors import ConfigError, HandshakeError, RegistryError
-from ..messages import format_address, parse_address
 from ..wire import reset_close
 from .client import ConnectionBroken, decode_frame, encode_frame
-from .config import Limits, ServerConfig, load_config
+from .config import RegistryLimits, ServerConfig, load_config
 from .ratelimit import RateLimitedLog
 from .state import Registry
 from .storage import Store
@@ -213,7 +213,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         self,
         address: tuple[str, int],
         registry: Registry,
-        limits: Limits,
+        limits: RegistryLimits,
         tls: ssl.SSLContext | None,
     ) -> None:
         if ":" in address[0]:

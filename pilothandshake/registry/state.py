@@ -58,8 +58,8 @@ from typing import Any, Callable
 
 from ..constants import DROP_LOG_PER_SECOND, REGISTRY_MAX_POLL_WAIT, REGISTRY_NODE_EXPIRY
 from ..identity import b64encode, decode_key, decode_signature, verify
-from ..messages import (
-    handshake_challenge,
+from ..messages import handshake_challenge
+from .challenges import (
     heartbeat_challenge,
     poll_challenge,
     register_challenge,
@@ -70,7 +70,7 @@ from ..messages import (
     set_hostname_challenge,
     set_visibility_challenge,
 )
-from .config import Limits, Members
+from .config import Members, RegistryLimits
 from .fields import (
     FAILED,
     Refused,
@@ -121,14 +121,14 @@ class Registry:
         store: Store | None = None,
         networks: dict[int, Members] | None = None,
         *,
-        limits: Limits | None = None,
+        limits: RegistryLimits | None = None,
         expiry: float = REGISTRY_NODE_EXPIRY,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._networks = networks or {}
-        self._limits = limits or Limits()
+        self._limits = limits or RegistryLimits()
         self._expiry = expiry
         self._clock = clock
         self._wall = wall
@@ -181,7 +181,7 @@ class Registry:
             log.exception("internal error handling %s from %s", quote(kind), source)
             return {"type": "error", "error": FAILED}
 
-    def reconfigure(self, networks: dict[int, Members], limits: Limits) -> None:
+    def reconfigure(self, networks: dict[int, Members], limits: RegistryLimits) -> None:
         """Use new networks and limits from now on (a config reload); buckets keep their
         keys and start full at the new rates."""
         with self._lock:

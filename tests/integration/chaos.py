@@ -127,6 +127,11 @@ class Report:
     convergence: float | None = None
     errors: list[str] = field(default_factory=list)  # ERROR lines and tracebacks
     dead: list[str] = field(default_factory=list)
+    timeline: list[str] = field(default_factory=list)  # operations and faults, timed
+
+    def note(self, what: str) -> None:
+        """One line of the timeline (``timeline.log`` in the fleet's directory)."""
+        self.timeline.append(f"{datetime.now():%H:%M:%S.%f} {what}")
 
     @property
     def ok(self) -> bool:
@@ -279,6 +284,7 @@ class Faults:
             return  # one fault at a time per process; the draw is spent all the same
         fault = Fault(kind, target)
         self.report.faults[kind] += 1
+        self.report.note(f"fault {kind} {target} for {duration:.1f} s")
         proc = self._proc(target)
         assert proc.popen is not None
         if kind == "hup_daemon":
@@ -294,6 +300,7 @@ class Faults:
         self._ongoing.append((time.monotonic() + duration, fault))
 
     def _end(self, fault: Fault) -> None:
+        self.report.note(f"fault {fault.kind} {fault.target} ends")
         proc = self._proc(fault.target)
         assert proc.popen is not None
         try:
@@ -445,6 +452,16 @@ class Driver:
 
     def _call(self, actor: str, command: str, peer: str, **args: str) -> Any:
         """Run one operation at ``actor`` about ``peer``; returns what Client returns."""
+        self.report.note(f"{actor} {command} {peer}")
+        try:
+            result = self._call_once(actor, command, peer, **args)
+        except Exception as exc:
+            self.report.note(f"{actor} {command} {peer}: {type(exc).__name__}: {exc}")
+            raise
+        self.report.note(f"{actor} {command} {peer}: {result!r}")
+        return result
+
+    def _call_once(self, actor: str, command: str, peer: str, **args: str) -> Any:
         node, peer_id = self.nodes[actor], node_id(peer)
         if self.random.random() < CTL_SHARE:
             self.report.operations["(through pilot-handshakectl)"] += 1
@@ -618,6 +635,7 @@ def run(fleet: Fleet, options: Options, say: Callable[[str], None] = print) -> R
             pass
         node.start()
     report.lost_after_kill = lost_changes(driver)
+    (fleet.root / "timeline.log").write_text("".join(f"{line}\n" for line in report.timeline))
     report.standing = sum(1 for p in driver.pairs if p.last is not None)
     alive(registry, nodes, report)
     check_logs([registry, *nodes.values()], report)

@@ -155,7 +155,7 @@ class Registry(Proc):
         self.address = f"127.0.0.1:{self.port}"
         config = directory / "registry.yaml"
         # Fleets in tests register many keys from 127.0.0.1; the limit itself is tested in
-        # tests/test_registry_*.py.
+        # tests/registry/.
         limits = {
             "register_per_minute": 100_000,
             "mutations_per_minute_per_node": 100_000,

@@ -70,3 +70,30 @@ def test_a_rejection_given_during_a_registry_outage_arrives_after_it(fleet: Flee
         what="A hears the rejection",
     )
     wait_until(lambda: b.status()["undelivered"] == 0, timeout=20, what="B's outbox empty")
+
+
+def test_a_node_restarted_during_an_outage_still_takes_messages_addressed_to_it(
+    fleet: Fleet,
+) -> None:
+    """B restarts while the registry is down: it goes by the node ID the registry gave it
+    last time (node.json), so a message signed for that ID (SPEC 4: the challenge names the
+    receiver) is checked and taken, not dropped as "signature_v2 missing or invalid"."""
+    registry = fleet.registry().start()
+    a, b = fleet.node("a", registry, public=True), fleet.node("b", registry, public=True)
+    a.start()
+    b.start()
+    a_id, b_id = a.node_id, b.node_id
+    a.config["peers"] = {b_id: b.address}  # A can dial B without the registry
+    a.write_config()
+    a.restart()
+    kill(registry)
+    kill(b)
+    with open(b.out_path, "wb"):
+        pass  # a fresh start line to wait for
+    b.start()
+    status = b.status()
+    assert (status["node_id"], status["registry"]["registered"]) == (b_id, False)
+    waited = b.ctl("status", "--wait", "--timeout", "1")  # it waits for the registry still
+    assert waited.returncode == 1 and "is not registered yet" in waited.stderr, waited.stderr
+    assert a.control("handshake", node_id=b_id, justification="x")["status"] == "sent"
+    assert a_id in b.pending()

@@ -16,6 +16,8 @@ from pilothandshake.messages import (
     HANDSHAKE_REQUEST,
     HANDSHAKE_REVOKE,
     handshake_challenge,
+)
+from pilothandshake.registry.challenges import (
     heartbeat_challenge,
     poll_challenge,
     report_trust_challenge,
@@ -23,7 +25,7 @@ from pilothandshake.messages import (
     respond_challenge,
     revoke_trust_challenge,
 )
-from pilothandshake.registry.client import Client
+from pilothandshake.registry.client import RegistryConnection
 
 from .attacker import Capture, Peer, rewrite, send_raw
 from .conftest import Fleet, Node, wait_until
@@ -131,7 +133,7 @@ def test_request_with_a_key_the_registry_does_not_have_for_that_node_is_dropped(
     registry = fleet.registry().start()
     node = fleet.node("d", registry).start()
     real = Peer(0)
-    client = Client(registry.address, real.identity.sign, timeout=5.0)
+    client = RegistryConnection(registry.address, real.identity.sign, timeout=5.0)
     try:
         real.node_id = int(client.register("127.0.0.1:1", real.key)["node_id"])
     finally:

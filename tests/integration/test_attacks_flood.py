@@ -19,7 +19,7 @@ from pilothandshake.constants import (
 )
 from pilothandshake.control import ControlClient
 from pilothandshake.messages import HANDSHAKE_REQUEST
-from pilothandshake.registry.client import Client
+from pilothandshake.registry.client import RegistryConnection
 
 from .attacker import IdleConnections, Peer, Trickle, flood, junk, send_raw, source_address
 from .conftest import Fleet, Node, wait_until
@@ -93,7 +93,7 @@ def test_invented_identities_cannot_keep_a_registry_bound_peer_out_of_a_full_que
     assert ": pending queue full" in node.stderr  # the 44 beyond it were dropped
 
     real = Peer(0)
-    client = Client(registry.address, real.identity.sign, timeout=5.0)
+    client = RegistryConnection(registry.address, real.identity.sign, timeout=5.0)
     try:
         real.node_id = int(client.register("127.0.0.1:1", real.key)["node_id"])
     finally:

@@ -35,6 +35,8 @@ def test_a_fleet_under_faults_loses_no_acknowledged_change_and_converges(fleet: 
     options = chaos.Options(seed=SEED, seconds=SECONDS, convergence_timeout=60.0)
     report = chaos.run(fleet, options)
     print("\n".join(report.lines()))
+    if not report.ok:  # what happened when, to read beside the logs printed at teardown
+        print("\n".join(report.timeline))
     assert sum(report.acks.values()) >= 10, report.lines()  # the run did something
     assert all(report.faults[kind] for _, kind in chaos.FAULT_KINDS), report.lines()
     assert not report.dead, report.dead

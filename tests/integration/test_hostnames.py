@@ -14,12 +14,8 @@ from pilothandshake.client import Client
 
 from .conftest import BIN, Fleet, Node, process_env, wait_until
 
-# The relayed copy of an accept that arrived directly: ignored at DEBUG ...
+# The relayed copy of an accept that arrived directly: ignored at DEBUG.
 SECOND_ACCEPT = "accept from a node already trusted"
-# ... but on main until the refactor branch (its commit 6de0430) is merged, dropped with a
-# WARNING that contradicts the README's happy path. Allowed here only until that merge:
-# then delete this constant and its use, so that any WARNING fails the test.
-SECOND_ACCEPT_DROPPED = "at relay: accept without an outgoing request"
 
 
 def ctl(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
@@ -68,12 +64,11 @@ def test_commands_take_hostnames_and_tables_show_them(fleet: Fleet) -> None:
     # The README: "on this happy path nothing is logged above INFO". B's approval reaches A
     # twice (directly and through the registry's response inbox); wait for the second copy.
     wait_until(
-        lambda: SECOND_ACCEPT in a.stderr or SECOND_ACCEPT_DROPPED in a.stderr,
+        lambda: SECOND_ACCEPT in a.stderr,
         what="the relayed copy of B's accept at A",
     )
     for node in (a, b):
-        unexpected = [line for line in warnings(node) if SECOND_ACCEPT_DROPPED not in line]
-        assert unexpected == [], (node.name, unexpected)
+        assert warnings(node) == [], node.name
 
     # The Python Client takes hostnames too.
     with Client(a.socket_path) as client:

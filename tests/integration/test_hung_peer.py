@@ -10,7 +10,7 @@ import time
 from pilothandshake.constants import SEND_GRACE
 from pilothandshake.identity import b64encode
 from pilothandshake.messages import handshake_challenge
-from pilothandshake.registry.client import Client
+from pilothandshake.registry.client import RegistryConnection
 
 from .attacker import Peer
 from .conftest import Fleet, Registry, wait_until
@@ -32,7 +32,7 @@ def relay_request(registry: Registry, to: int, justification: str) -> int:
     """Register a fresh identity with the registry and relay a request from it to ``to``;
     returns its node ID."""
     peer = Peer(0)
-    client = Client(registry.address, peer.identity.sign, timeout=5.0)
+    client = RegistryConnection(registry.address, peer.identity.sign, timeout=5.0)
     try:
         peer.node_id = int(client.register("127.0.0.1:1", peer.key)["node_id"])
         signature = b64encode(peer.identity.sign(handshake_challenge(peer.node_id, to)))

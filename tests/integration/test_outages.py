@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakeruntime import FakeRuntime, Peer
+from fakeruntime import Peer
 
 from pilothandshake.constants import SEND_GRACE
 from pilothandshake.errors import StoreError
 from pilothandshake.identity import Identity
 from pilothandshake.manager import Manager
 from pilothandshake.store import decode_state, load_state, trust_store
+from pilothandshake.testing import MemoryRuntime
 from pilothandshake.wire import reset_close
 
 from .conftest import Fleet, Node, Registry, wait_until
@@ -391,7 +392,7 @@ def test_failed_write_fails_the_api_call_and_leaves_memory_and_file_alone(
     """Disk full or a read-only directory, injected into a Manager's store (the running
     daemon's filesystem cannot be remounted read-only under its open lock files)."""
     with tempfile.TemporaryDirectory(prefix="ph-") as root:
-        manager = Manager(FakeRuntime(7, root))
+        manager = Manager(MemoryRuntime(7, root))
         try:
             manager.process_message(Peer(5).data("handshake_request", 7), "127.0.0.1:9")
             assert [p.node_id for p in manager.pending_requests()] == [5]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 from pilothandshake.errors import RegistryError
-from pilothandshake.registry.client import Client
+from pilothandshake.registry.client import RegistryConnection
 
 from .conftest import Fleet, Node, Registry, wait_until
 
@@ -57,8 +57,8 @@ def test_registry_bound_allowlisted_agent_is_approved(fleet: Fleet) -> None:
     assert event["data"]["agent"] == "deployer"
 
 
-def _registry_client(registry: Registry, node: Node) -> Client:
-    return Client(registry.address, node.identity.sign, timeout=5.0)
+def _registry_client(registry: Registry, node: Node) -> RegistryConnection:
+    return RegistryConnection(registry.address, node.identity.sign, timeout=5.0)
 
 
 def test_two_private_nodes_complete_the_handshake_through_the_relay(fleet: Fleet) -> None:
@@ -102,7 +102,7 @@ def test_revoke_is_seen_by_both_sides_and_the_registry(fleet: Fleet) -> None:
         client.close()
 
 
-def _resolves(client: Client, target: int, requester: int) -> bool:
+def _resolves(client: RegistryConnection, target: int, requester: int) -> bool:
     try:
         client.resolve(target, requester)
     except RegistryError:

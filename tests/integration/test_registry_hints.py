@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 
 from pilothandshake.errors import RegistryError
-from pilothandshake.registry.client import Client
+from pilothandshake.registry.client import RegistryConnection
 
 from .attacker import Capture
 from .conftest import Fleet, wait_until
@@ -37,7 +37,7 @@ def test_a_stolen_hostname_and_a_moved_address_reach_neither_the_attacker_nor_a_
     # The attacker: A's key re-registered unsigned, renamed, its address moved to a sink.
     sink = Capture()
     try:
-        attacker = Client(registry.address, lambda data: b"", timeout=5.0)
+        attacker = RegistryConnection(registry.address, lambda data: b"", timeout=5.0)
         with contextlib.suppress(RegistryError):  # a registry that refuses it is fine too
             attacker.call(
                 {
@@ -50,7 +50,7 @@ def test_a_stolen_hostname_and_a_moved_address_reach_neither_the_attacker_nor_a_
         attacker.close()
         e = fleet.node("e", registry, public=True, hostname="build-agent").start()
         e_id = e.node_id
-        look = Client(registry.address, lambda data: b"", timeout=5.0)
+        look = RegistryConnection(registry.address, lambda data: b"", timeout=5.0)
         try:
             taken = look.resolve_hostname("build-agent").get("node_id") == e_id
         except RegistryError:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import signal
 
 from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import handshake_challenge, poll_challenge
-from pilothandshake.registry.client import Client
+from pilothandshake.messages import handshake_challenge
+from pilothandshake.registry.challenges import poll_challenge
+from pilothandshake.registry.client import RegistryConnection
 
 from .conftest import Fleet, wait_until
 
@@ -34,7 +35,7 @@ def test_a_relayed_request_reaches_a_stopped_target_after_the_registry_restarts(
 def test_a_relayed_request_survives_a_sigkill_of_the_registry(fleet: Fleet) -> None:
     registry = fleet.registry().start()
     sender, target = Identity.generate(), Identity.generate()
-    client = Client(registry.address, timeout=5.0)
+    client = RegistryConnection(registry.address, timeout=5.0)
     try:
         ids = [
             client.register("127.0.0.1:1", who.public_key_b64)["node_id"]
@@ -56,7 +57,7 @@ def test_a_relayed_request_survives_a_sigkill_of_the_registry(fleet: Fleet) -> N
     registry.popen.wait(10)
     registry.out_path.write_bytes(b"")
     registry.start()
-    client = Client(registry.address, timeout=5.0)
+    client = RegistryConnection(registry.address, timeout=5.0)
     try:
         poll = {
             "type": "poll_handshakes",

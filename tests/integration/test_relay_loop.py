@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from pilothandshake.errors import HandshakeError
-from pilothandshake.registry import Client
+from pilothandshake.registry.client import RegistryConnection
 
 from .conftest import Fleet, Node, wait_until
 from .test_outages import kill, restart
@@ -91,7 +91,7 @@ def test_a_node_notices_when_the_registry_moves_its_record(fleet: Fleet) -> None
     a.start()
     a_id = a.node_id
     wait_until(lambda: registry_requests(a, "lookup") >= 1, what="A's first own-record check")
-    client = Client(registry.address, a.identity.sign)
+    client = RegistryConnection(registry.address, a.identity.sign)
     try:
         assert client.register("127.0.0.9:1", a.key)["node_id"] == a_id
     finally:
@@ -102,7 +102,7 @@ def test_a_node_notices_when_the_registry_moves_its_record(fleet: Fleet) -> None
     assert sum("changed this node's record" in line for line in a.stderr.splitlines()) == 1
     # pilot-registryd honours a signed re-register: A tells it its record again.
     wait_until(lambda: "as registered again" in a.stderr, what="A's record restored")
-    client = Client(registry.address)
+    client = RegistryConnection(registry.address)
     try:
         assert client.lookup(a_id)["real_addr"] == a.address
     finally:

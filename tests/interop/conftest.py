@@ -27,7 +27,7 @@ import pytest
 from integration.conftest import START_TIMEOUT, STOP_TIMEOUT, Fleet, Proc, free_port
 
 from pilothandshake.identity import Identity
-from pilothandshake.registry.client import Client
+from pilothandshake.registry.client import RegistryConnection
 
 GO_BIN_ENV = "PILOT_GO_BIN"
 GO_PROGRAMS = ("registry", "beacon", "daemon", "pilotctl")
@@ -128,9 +128,9 @@ class GoRegistry(GoProc):
         self.wait_log("registry listening")
         return self
 
-    def client(self, identity: Identity | None = None) -> Client:
+    def client(self, identity: Identity | None = None) -> RegistryConnection:
         """A pilothandshake registry client of this registry, signing as ``identity``."""
-        return Client(self.address, identity.sign if identity else None, timeout=5.0)
+        return RegistryConnection(self.address, identity.sign if identity else None, timeout=5.0)
 
 
 class GoDaemon(GoProc):

@@ -1,7 +1,7 @@
 """Hostnames (SPEC 11) at the real (Go) Pilot registry.
 
 The first test sends the raw frames, so it shows what the Go registry answers whatever the
-client does. The others use ``registry.Client.set_hostname`` / ``resolve_hostname`` (BRIEF
+client does. The others use ``RegistryConnection.set_hostname`` / ``resolve_hostname`` (BRIEF
 point 5, added on the ``registry`` branch): until that branch is merged they are skipped,
 with that reason.
 """
@@ -15,14 +15,15 @@ from integration.conftest import wait_until
 
 from pilothandshake.errors import RegistryError
 from pilothandshake.identity import Identity, b64encode
-from pilothandshake.registry.client import Client
+from pilothandshake.registry.client import RegistryConnection
 
 from .conftest import GoFleet, GoRegistry
 
 needs_hostname_client = pytest.mark.skipif(
-    not hasattr(Client, "set_hostname") or not hasattr(Client, "resolve_hostname"),
-    reason="needs registry.Client.set_hostname/resolve_hostname (BRIEF point 5): merge the "
-    "registry branch",
+    not hasattr(RegistryConnection, "set_hostname")
+    or not hasattr(RegistryConnection, "resolve_hostname"),
+    reason="needs RegistryConnection.set_hostname/resolve_hostname (BRIEF point 5): merge "
+    "the registry branch",
 )
 
 
@@ -33,7 +34,7 @@ def _refused(call: Any, *args: Any) -> str:
     return str(failure.value)
 
 
-def _registered(registry: GoRegistry) -> tuple[Client, Identity, int]:
+def _registered(registry: GoRegistry) -> tuple[RegistryConnection, Identity, int]:
     identity = Identity.generate()
     client = registry.client(identity)
     node_id = int(client.register("127.0.0.1:1", identity.public_key_b64)["node_id"])
@@ -45,7 +46,9 @@ def test_the_go_registry_hostname_messages_match_spec_11(gofleet: GoFleet) -> No
     client, identity, node_id = _registered(registry)
     other, other_identity, other_id = _registered(registry)
 
-    def set_hostname(c: Client, ident: Identity, node: int, name: str) -> dict[str, Any]:
+    def set_hostname(
+        c: RegistryConnection, ident: Identity, node: int, name: str
+    ) -> dict[str, Any]:
         signature = b64encode(ident.sign(f"set_hostname:{node}".encode()))
         return c.call(
             {"type": "set_hostname", "node_id": node, "hostname": name, "signature": signature}

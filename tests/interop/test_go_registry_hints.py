@@ -7,7 +7,7 @@ from __future__ import annotations
 from integration.attacker import Capture
 from integration.conftest import wait_until
 
-from pilothandshake.registry.client import Client
+from pilothandshake.registry.client import RegistryConnection
 
 from .conftest import GoFleet
 
@@ -22,7 +22,7 @@ def test_a_stolen_name_and_a_moved_address_at_the_go_registry(gofleet: GoFleet) 
     wait_until(lambda: a.pending() == {b_id}, what="B's request pending at A")
 
     with Capture() as sink:
-        attacker = Client(registry.address, lambda data: b"", timeout=5.0)
+        attacker = RegistryConnection(registry.address, lambda data: b"", timeout=5.0)
         try:
             attacker.call(
                 {
