@@ -150,17 +150,17 @@ def hold_lock(path: str, holder: str) -> filelock.FileLock:
         # is refused instead of being opened.
         os.close(open_nofollow(path, os.O_RDWR | os.O_CREAT))
     except OSError as exc:
-        raise StoreError(f"cannot lock {path}: {exc.strerror or exc}") from exc
+        raise StoreError(f"cannot lock {path}: {exc.strerror or exc}", path=path) from exc
     # thread_local=False: the lock is released by whichever thread closes its owner.
     lock = filelock.FileLock(path, timeout=0, mode=0o600, thread_local=False)
     try:
         lock.acquire()
     except filelock.Timeout as exc:
         raise StoreError(
-            f"{holder} is in use by another pilot-handshake process (lock {path})"
+            f"{holder} is in use by another pilot-handshake process (lock {path})", path=path
         ) from exc
     except OSError as exc:
-        raise StoreError(f"cannot lock {path}: {exc}") from exc
+        raise StoreError(f"cannot lock {path}: {exc}", path=path) from exc
     # A new time says "taken since you last looked": `status --wait` tells a daemon that
     # took the lock and exited from one that has not started yet (statelock.py).
     with contextlib.suppress(OSError):
@@ -180,7 +180,7 @@ def check_private(path: str, what: str) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise StoreError(f"cannot check {what} {path}: {exc.strerror or exc}") from exc
+        raise StoreError(f"cannot check {what} {path}: {exc.strerror or exc}", path=path) from exc
     if stat.S_ISLNK(info.st_mode):
         # A link's target is what gets used: check that, by its own owner and mode.
         target = os.path.realpath(path)
@@ -191,11 +191,13 @@ def check_private(path: str, what: str) -> None:
     if info.st_uid not in (user, 0):
         raise StoreError(
             f"{what} {path} is owned by uid {info.st_uid}, not by this user (uid {user}) or "
-            f"root, so its owner could change this node's state; run: chown {user} {path}"
+            f"root, so its owner could change this node's state; run: chown {user} {path}",
+            path=path,
         )
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StoreError(
             f"{what} {path} is writable by group or others (mode "
             f"{stat.S_IMODE(info.st_mode):04o}), so they could change this node's state; "
-            f"run: chmod go-w {path}"
+            f"run: chmod go-w {path}",
+            path=path,
         )

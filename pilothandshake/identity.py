@@ -110,7 +110,7 @@ class Identity:
         except FileNotFoundError:
             return cls._create(path)
         except OSError as exc:
-            raise StoreError(f"{path}: cannot read identity: {exc}") from exc
+            raise StoreError(f"{path}: cannot read identity: {exc}", path=path) from exc
         return cls(_parse_identity(path, data), path)
 
     @classmethod
@@ -139,7 +139,7 @@ class Identity:
                 _remove_quietly(temp)
             fsutil.fsync_directory(directory)
         except OSError as exc:
-            raise StoreError(f"{path}: cannot create identity: {exc}") from exc
+            raise StoreError(f"{path}: cannot create identity: {exc}", path=path) from exc
         if not created:
             # Another process created it first: both must end up with the same key.
             return cls.load_or_create(path)
@@ -152,7 +152,7 @@ class Identity:
 
 def _parse_identity(path: str, data: bytes) -> nacl.signing.SigningKey:
     def bad(problem: str) -> StoreError:
-        return StoreError(f"{path}: invalid identity file: {problem}")
+        return StoreError(f"{path}: invalid identity file: {problem}", path=path)
 
     try:
         obj = json.loads(data)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .constants import MAX_MESSAGE_SIZE, MAX_NODE_ID, MAX_TEXT_BYTES, PORT_HANDSHAKE
+from .drops import Drop, DropKind
 from .errors import MessageError
 
 __all__ = [
@@ -52,7 +53,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _fail(reason: str) -> NoReturn:
-    raise MessageError(reason)
+    raise MessageError(Drop(DropKind.MALFORMED, reason))
 
 
 def _reject_constant(name: str) -> NoReturn:

@@ -34,43 +34,16 @@ from prometheus_client.metrics_core import Metric
 from ._version import __version__
 from .addresses import parse_address
 from .constants import METRICS_DEADLINE, METRICS_MAX_CONNECTIONS
+from .drops import DropKind
 from .override import override
 from .wire import reset_close
 
-__all__ = ["DROP_REASONS", "REFUSAL_CAPS", "Metrics", "MetricsServer", "drop_label"]
+__all__ = ["REFUSAL_CAPS", "Metrics", "MetricsServer"]
 
 log = logging.getLogger(__name__)
 
 PREFIX = "pilot_handshake"
 
-# Drop reasons are free text written for the log; the metric keeps a fixed, small set of
-# labels so a flood of odd input cannot create unbounded series. First match wins.
-_DROP_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("own_node_id", ("our own node id",)),
-    ("denied", ("deny list",)),
-    ("stale", ("outside the window",)),
-    ("replay", ("replay",)),
-    ("key_mismatch", ("key differs",)),
-    ("signature", ("signature", "public_key", "neither registry-bound")),
-    ("queue_full", ("queue full", "too many pending")),
-    ("unsolicited", ("without an outgoing request", "revoke cooldown")),
-    (
-        "malformed",
-        (
-            "json",
-            "field",
-            "unknown type",
-            "node_id",
-            "too large",
-            "utf-8",
-            "unicode",
-            "non-finite",
-            "timed out",
-            "receive failed",
-        ),
-    ),
-)
-DROP_REASONS = (*(label for label, _ in _DROP_RULES), "other")
 REFUSAL_CAPS = ("max_connections", "max_connections_per_source")
 
 _LOG_INTERVAL = 1.0  # at most one line a second for failed scrapes (the rest are counted)
@@ -79,15 +52,6 @@ _POLL = 0.25  # how often the accept loop looks for scrapes past their deadline
 # Seconds: a registry round trip on a LAN up to its 5 s timeout; a store write is an fsync.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _CHANGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def drop_label(reason: str) -> str:
-    """The label in ``DROP_REASONS`` for a drop reason as the log writes it."""
-    text = reason.lower()
-    for label, needles in _DROP_RULES:
-        if any(needle in text for needle in needles):
-            return label
-    return "other"
 
 
 class _WithoutCreated:
@@ -176,8 +140,8 @@ class Metrics:
             f"{PREFIX}_active_connections", "Port-444 connections being served", registry=r
         )
         # Series that exist from the start, so a rate() sees the first increment.
-        for reason in DROP_REASONS:
-            self.drops.labels(reason)
+        for kind in DropKind:
+            self.drops.labels(kind.value)
         for cap in REFUSAL_CAPS:
             self.refused.labels(cap)
         Gauge(
@@ -195,9 +159,9 @@ class Metrics:
         """Count one handshake message of type ``kind`` with ``result``."""
         self.messages.labels(kind, result).inc()
 
-    def drop(self, reason: str) -> None:
-        """Count one dropped input; ``reason`` is the log's text (see ``drop_label``)."""
-        self.drops.labels(drop_label(reason)).inc()
+    def drop(self, kind: DropKind) -> None:
+        """Count one dropped input of ``kind``: the label is the kind's value."""
+        self.drops.labels(kind.value).inc()
 
     def event(self, topic: str) -> None:
         """Count one published event."""

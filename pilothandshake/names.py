@@ -143,7 +143,7 @@ class NamePins:
         try:
             fsutil.write_atomically(self.path, data)
         except OSError as exc:
-            raise StoreError(f"cannot write {self.path}: {exc}") from exc
+            raise StoreError(f"cannot write {self.path}: {exc}", path=self.path) from exc
 
 
 def _same(a: tuple[int, str], b: tuple[int, str]) -> bool:
@@ -157,16 +157,18 @@ def _load(path: str) -> dict[str, tuple[int, str]]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, RecursionError) as exc:
-        raise StoreError(f"{path}: cannot read the pinned hostnames: {exc}") from exc
+        raise StoreError(f"{path}: cannot read the pinned hostnames: {exc}", path=path) from exc
     names = document.get("names") if isinstance(document, dict) else None
     if not isinstance(names, dict):
-        raise StoreError(f'{path}: expected {{"names": {{...}}}}')
+        raise StoreError(f'{path}: expected {{"names": {{...}}}}', path=path)
     pins: dict[str, tuple[int, str]] = {}
     for name, pin in names.items():
         node = pin.get("node_id") if isinstance(pin, dict) else None
         key = pin.get("public_key") if isinstance(pin, dict) else None
         if type(node) is not int or not isinstance(key, str):
-            raise StoreError(f"{path}: names.{name}: expected node_id (integer), public_key")
+            raise StoreError(
+                f"{path}: names.{name}: expected node_id (integer), public_key", path=path
+            )
         pins[name] = (node, key)
     return pins
 

@@ -98,7 +98,9 @@ def prepare_state_directory(identity: str) -> None:
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
     except OSError as exc:
-        raise StoreError(f"cannot create state directory {directory}: {exc}") from exc
+        raise StoreError(
+            f"cannot create state directory {directory}: {exc}", path=directory
+        ) from exc
     fsutil.check_private(directory, "state directory")
     fsutil.check_private(identity, "identity file")
 
@@ -110,9 +112,10 @@ def check_identity_mode(path: str) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise StoreError(f"{path}: cannot read identity: {exc}") from exc
+        raise StoreError(f"{path}: cannot read identity: {exc}", path=path) from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise StoreError(
             f"identity file {path} is readable by group or others (mode "
-            f"{stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
+            f"{stat.S_IMODE(mode):04o}); run: chmod 600 {path}",
+            path=path,
         )

@@ -16,6 +16,7 @@ import time
 from typing import NoReturn
 
 from .constants import DIAL_TIMEOUT, MAX_MESSAGE_SIZE, READ_DEADLINE, SEND_GRACE
+from .drops import Drop, DropKind
 from .errors import MessageError, SendError
 
 __all__ = ["read_message", "reset_close", "send_message", "write_receipt"]
@@ -25,7 +26,7 @@ _SIGNATURE_SIZE = 64
 
 
 def _fail(reason: str) -> NoReturn:
-    raise MessageError(reason)
+    raise MessageError(Drop(DropKind.MALFORMED, reason))
 
 
 _JSON_SPACE = b" \t\r\n"

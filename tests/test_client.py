@@ -23,9 +23,10 @@ from pilothandshake import (
     NotTrustedError,
     PendingHandshake,
     SendError,
+    StoreError,
     TrustRecord,
 )
-from pilothandshake.client import ControlError
+from pilothandshake.client import ControlError, raise_for_error
 from pilothandshake.control_socket import check_socket, find_socket
 
 
@@ -109,6 +110,13 @@ def test_errors_map_to_the_package_exceptions(fleet: Fleet) -> None:
             client.wait_for_trust(7, 1)
         with pytest.raises(HandshakeError, match="no registry"):
             client.send_request("agent-b", "by hostname")
+
+
+def test_an_internal_error_of_the_daemon_is_a_store_error_with_its_message() -> None:
+    message = "cannot write /var/lib/x/trust.json: No space left on device"
+    with pytest.raises(StoreError, match=message) as caught:
+        raise_for_error({"status": "error", "code": "internal", "message": message}, "approve")
+    assert caught.value.path == ""  # the daemon's file is named in the message only
 
 
 def test_events_iterate_and_close_from_another_thread(pair: tuple[Node, Node]) -> None:

@@ -338,6 +338,27 @@ def test_move_corrupt_aside_renames_a_corrupt_journal_and_keeps_trust_json(
     assert list(load_state(str(trust)).trusted) == [7]
 
 
+def test_a_store_error_carries_the_file_it_is_about(tmp_path: Path) -> None:
+    """``--move-corrupt-aside`` moves the file the error names: by its ``path``, not by
+    matching the message."""
+    trust = tmp_path / "trust.json"
+    trust.write_text("{not json")
+    with pytest.raises(StoreError) as caught:
+        load_state(str(trust))
+    assert caught.value.path == str(trust)
+    trust.write_text('{"trusted": []}')
+    journal = tmp_path / "trust.json.journal"
+    journal.write_text("garbage that is no journal\n[]\n")
+    with pytest.raises(StoreError) as caught:
+        load_state(str(trust))
+    assert caught.value.path == str(journal)
+    identity = tmp_path / "identity.json"
+    identity.write_text("{}")
+    with pytest.raises(StoreError) as caught:
+        Identity.load_or_create(str(identity))
+    assert caught.value.path == str(identity)
+
+
 def test_main_with_a_bad_config_prints_one_line_and_returns_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,20 +14,27 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import yaml
+from fakeruntime import Nodes, Peer, seed_trust
 from prometheus_client.parser import text_string_to_metric_families
 
 from pilothandshake.config import Config, load_config, parse_config
 from pilothandshake.constants import METRICS_DEADLINE, METRICS_MAX_CONNECTIONS
 from pilothandshake.control import ControlClient
 from pilothandshake.daemon import Daemon
+from pilothandshake.drops import DropKind
 from pilothandshake.errors import ConfigError, HandshakeError
-from pilothandshake.metrics import DROP_REASONS, REFUSAL_CAPS, Metrics, MetricsServer, drop_label
+from pilothandshake.manager import Manager
+from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST
+from pilothandshake.metrics import REFUSAL_CAPS, Metrics, MetricsServer
 from pilothandshake.server import HandshakeServer
+from pilothandshake.store import TrustRecord
+from pilothandshake.wire import send_message
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -87,63 +94,93 @@ def test_messages_tell_sent_directly_from_relayed_from_failed_both_ways() -> Non
     assert relayed == 1
 
 
-@pytest.mark.parametrize(
-    ("reason", "label"),
-    [
-        ("message claims our own node ID", "own_node_id"),
-        ("relayed message claims our own node ID", "own_node_id"),
-        ("node is on the deny list", "denied"),
-        ("timestamp 12 outside the window", "stale"),
-        ("replayed message", "replay"),
-        ("replay set full for this source address", "replay"),
-        ("replay set full", "replay"),
-        ("public key differs from the pinned key", "key_mismatch"),
-        ("public key differs from the registry's (re-ask failed)", "key_mismatch"),
-        ("public key differs from the allowlist's pinned key", "key_mismatch"),
-        ("public key differs from the pending request's key", "key_mismatch"),
-        ("relayed key differs from the pinned key", "key_mismatch"),
-        ("public_key is not base64 of a 32-byte key", "signature"),
-        ("relayed public_key is not a valid key", "signature"),
-        ("signature_v2 missing or invalid", "signature"),
-        ("no valid signature", "signature"),
-        ("Go-style signature without a registry-bound key", "signature"),
-        ("accept neither registry-bound nor pinned", "signature"),
-        ("revoke neither registry-bound nor signed with the pinned key", "signature"),
-        ("pending queue full", "queue_full"),
-        ("pending queue full of protected requests", "queue_full"),
-        ("too many pending requests from this source address", "queue_full"),
-        ("accept without an outgoing request", "unsolicited"),
-        ("accept within the revoke cooldown", "unsolicited"),
-        ("invalid JSON: Expecting value at line 1 column 1", "malformed"),
-        ("missing field 'type'", "malformed"),
-        ("unknown type 'x'", "malformed"),
-        ("node_id 99999999999 outside 0..4294967295", "malformed"),
-        ("message too large (70000 bytes > 65536)", "malformed"),
-        ("invalid UTF-8 at byte 3", "malformed"),
-        ("string is not valid Unicode (lone surrogate)", "malformed"),
-        ("non-finite number NaN", "malformed"),
-        ("timed out after 10 s", "malformed"),
-        ("receive failed: [Errno 104] Connection reset by peer", "malformed"),
-        ("not a JSON object (list)", "malformed"),
-        ("something nobody foresaw", "other"),
-    ],
-)
-def test_drop_reasons_map_to_a_fixed_set_of_labels(reason: str, label: str) -> None:
-    assert drop_label(reason) == label
-    assert label in DROP_REASONS
-
-
-def test_drop_and_refusal_series_exist_at_zero_from_the_start() -> None:
+def test_drop_series_are_the_kinds_of_drop_each_at_zero_from_the_start() -> None:
     text = Metrics().render()
-    for reason in DROP_REASONS:
-        assert ("pilot_handshake_drops_total", (("reason", reason),)) in samples(text)
+    reasons = {
+        dict(labels)["reason"]
+        for (name, labels) in samples(text)
+        if name == "pilot_handshake_drops_total"
+    }
+    assert reasons == {kind.value for kind in DropKind}
+    assert all(
+        value(text, "pilot_handshake_drops_total", reason=kind.value) == 0 for kind in DropKind
+    )
     for cap in REFUSAL_CAPS:
         assert ("pilot_handshake_refused_connections_total", (("cap", cap),)) in samples(text)
 
 
+def test_the_readme_lists_exactly_the_kinds_of_drop() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `pilot_handshake_drops")]
+    assert set(re.findall(r"`([a-z_]+)`", row.split("|")[3])) == {k.value for k in DropKind}
+
+
+# One real drop of each kind, sent over TCP to a Manager's port-444 handler: the counter of
+# that kind, and of no other, goes up. A new kind needs a case in REAL_DROPS.
+
+OWN = 1
+T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+
+
+def _impostor_of_a_trusted_node(nodes: Nodes) -> tuple[Manager, list[bytes]]:
+    seed_trust(f"{nodes.root}/n1", trusted=(TrustRecord(7, Peer(7).key, T0),))
+    manager, _ = nodes.make()
+    return manager, [Peer(7).data(HANDSHAKE_REQUEST, OWN)]  # another key claiming node 7
+
+
+def _denied(nodes: Nodes) -> tuple[Manager, list[bytes]]:
+    manager, runtime = nodes.make()
+    runtime.deny.add(7)
+    return manager, [Peer(7).data(HANDSHAKE_REQUEST, OWN)]
+
+
+def _replayed(nodes: Nodes) -> tuple[Manager, list[bytes]]:
+    data = Peer(7).data(HANDSHAKE_REQUEST, OWN)
+    return nodes.make()[0], [data, data]
+
+
+def _over_the_source_quota(nodes: Nodes) -> tuple[Manager, list[bytes]]:
+    manager, _ = nodes.make(max_pending_per_source=1)
+    return manager, [Peer(7).data(HANDSHAKE_REQUEST, OWN), Peer(8).data(HANDSHAKE_REQUEST, OWN)]
+
+
+def _plain(make: Callable[[], bytes]) -> Callable[[Nodes], tuple[Manager, list[bytes]]]:
+    # The message is made when the test runs: its timestamp must be fresh then.
+    return lambda nodes: (nodes.make()[0], [make()])
+
+
+REAL_DROPS: dict[DropKind, Callable[[Nodes], tuple[Manager, list[bytes]]]] = {
+    DropKind.OWN_NODE_ID: _plain(lambda: Peer(OWN).data(HANDSHAKE_REQUEST, OWN)),
+    DropKind.DENIED: _denied,
+    DropKind.STALE: _plain(lambda: Peer(7).data(HANDSHAKE_REQUEST, OWN, timestamp=1_000_000_000)),
+    DropKind.REPLAY: _replayed,
+    DropKind.KEY_MISMATCH: _impostor_of_a_trusted_node,
+    DropKind.SIGNATURE: _plain(lambda: Peer(7).data(HANDSHAKE_REQUEST, OWN, v2=False)),
+    DropKind.QUEUE_FULL: _over_the_source_quota,
+    DropKind.UNSOLICITED: _plain(lambda: Peer(7).data(HANDSHAKE_ACCEPT, OWN)),
+    # Its type quotes words of other drops: the kind, not the text, picks the label.
+    DropKind.MALFORMED: _plain(lambda: b'{"type":"replayed message on the deny list","node_id":7}'),
+}
+
+
+@pytest.mark.parametrize("kind", list(DropKind), ids=lambda kind: kind.value)
+def test_a_real_drop_counts_under_its_kind_only(nodes: Nodes, kind: DropKind) -> None:
+    manager, messages = REAL_DROPS[kind](nodes)
+    server = HandshakeServer(("127.0.0.1", 0), manager.handle_connection)
+    server.start()
+    try:
+        for data in messages:
+            send_message(server.address, data)  # returns once the Manager closed the connection
+    finally:
+        server.close()
+    text = manager.metrics.render()
+    counts = {k: value(text, "pilot_handshake_drops_total", reason=k.value) for k in DropKind}
+    assert counts == {k: 1.0 if k is kind else 0.0 for k in DropKind}
+
+
 def test_two_metrics_objects_in_one_process_count_apart() -> None:
     first, second = Metrics(process=True), Metrics(process=True)  # no "Duplicated timeseries"
-    first.drop("replayed message")
+    first.drop(DropKind.REPLAY)
     first.message("handshake_request", "received")
     assert value(first.render(), "pilot_handshake_drops_total", reason="replay") == 1
     assert value(second.render(), "pilot_handshake_drops_total", reason="replay") == 0
@@ -209,7 +246,7 @@ def test_gauges_are_read_at_scrape_and_registry_up_exists_only_with_a_registry()
 
 def test_http_endpoint_serves_metrics_only_at_slash_metrics() -> None:
     metrics = Metrics()
-    metrics.drop("node is on the deny list")
+    metrics.drop(DropKind.DENIED)
     server = MetricsServer("127.0.0.1:0", metrics)
     try:
         host, port = server.address
@@ -335,7 +372,7 @@ def test_embedded_daemon_serves_its_own_metrics_over_http_and_the_control_socket
     second = Daemon(daemon_config(short_dir / "b"))  # same process, its own registry
     with first, second:
         assert second.metrics_address is None
-        first.metrics.drop("replayed message")
+        first.metrics.drop(DropKind.REPLAY)
         host, port = first.metrics_address or ("", 0)
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
             scraped = response.read().decode()

@@ -13,6 +13,7 @@ import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
+from ..drops import Drop, DropKind
 from ..identity import decode_key, decode_signature, full_fingerprint, verify
 from ..messages import HandshakeMsg, handshake_challenge
 from ..store import PendingHandshake, TrustRecord
@@ -30,7 +31,7 @@ __all__ = [
     "pin_problem",
 ]
 
-KEY_DIFFERS_FROM_PIN = "public key differs from the pinned key"
+KEY_DIFFERS_FROM_PIN = Drop(DropKind.KEY_MISMATCH, "public key differs from the pinned key")
 
 
 class PinKind(enum.Enum):
@@ -79,20 +80,20 @@ class Authenticated:
     go_style: bool
 
 
-def authenticate(msg: HandshakeMsg, own: int, strict: bool) -> Authenticated | str:
-    """SPEC 5 step 3, local part, the same in every mode for the key; or the reason to drop.
+def authenticate(msg: HandshakeMsg, own: int, strict: bool) -> Authenticated | Drop:
+    """SPEC 5 step 3, local part, the same in every mode for the key; or the drop.
 
     Legacy mode also takes the Go-style ``signature`` over ``handshake:<S>:<R>``; the caller
     then requires the key to be registry-bound (SPEC 8)."""
     key = decode_key(msg.public_key)
     if key is None:
-        return "public_key is not base64 of a 32-byte key"
+        return Drop(DropKind.SIGNATURE, "public_key is not base64 of a 32-byte key")
     challenge = msg.v2_challenge(own)
     signature_v2 = decode_signature(msg.signature_v2)
     if signature_v2 is not None and verify(key, challenge, signature_v2):
         return Authenticated(key, challenge, go_style=False)
     if strict:
-        return "signature_v2 missing or invalid"
+        return Drop(DropKind.SIGNATURE, "signature_v2 missing or invalid")
     signature = decode_signature(msg.signature)
     canonical = msg.canonical_bytes()
     if (
@@ -101,7 +102,7 @@ def authenticate(msg: HandshakeMsg, own: int, strict: bool) -> Authenticated | s
         and verify(key, handshake_challenge(msg.node_id, own), signature)
     ):
         return Authenticated(key, canonical, go_style=True)
-    return "no valid signature"
+    return Drop(DropKind.SIGNATURE, "no valid signature")
 
 
 def pin_of(
@@ -127,20 +128,22 @@ def pin_of(
     return NO_PIN
 
 
-def pin_problem(pin: Pin, key: bytes | None, strict: bool, bound: bool | None = None) -> str:
-    """The pin check of SPEC 5 step 3 (strict mode only): "" or the reason to drop a message
+def pin_problem(
+    pin: Pin, key: bytes | None, strict: bool, bound: bool | None = None
+) -> Drop | None:
+    """The pin check of SPEC 5 step 3 (strict mode only): None, or the drop of a message
     claiming the pinned node with ``key`` (None: the message brought no key).
 
     A strong pin refuses any other key. A weak pin, or a trust record in conflict, refuses
     another key unless the message is registry-bound; ``bound`` None means that is not
     known yet, so only strong pins apply."""
     if not strict or pin.kind is None or key is None or key == pin.key:
-        return ""
+        return None
     if pin.kind.strong or (bound is False and pin.kind is PinKind.CONFLICT):
         return KEY_DIFFERS_FROM_PIN
     if bound is False:
-        return "public key differs from the pending request's key"
-    return ""
+        return Drop(DropKind.KEY_MISMATCH, "public key differs from the pending request's key")
+    return None
 
 
 def key_changed(record: TrustRecord | None, request: PendingHandshake) -> bool:

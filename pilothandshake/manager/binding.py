@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..constants import REGISTRY_CACHE_TTL, REGISTRY_REASK_INTERVAL
+from ..drops import Drop, DropKind
 from ..errors import RegistryError
 from ..identity import decode_key
 from ..runtime import RegistryClient
@@ -52,15 +53,16 @@ class Checked:
     problem: str = ""
     conflict: bytes | None = None
 
-    def bound(self, key: bytes) -> bool | str:
-        """Whether a message with ``key`` is registry-bound, or the reason to drop it."""
+    def bound(self, key: bytes) -> bool | Drop:
+        """Whether a message with ``key`` is registry-bound, or its drop: the registry binds
+        another key."""
         registered = answer_key(self.answer)
         if registered is None:
             return False
         if registered == key:
             return True
         reason = "public key differs from the registry's"
-        return f"{reason} ({self.problem})" if self.problem else reason
+        return Drop(DropKind.KEY_MISMATCH, f"{reason} ({self.problem})" if self.problem else reason)
 
 
 class Binding:

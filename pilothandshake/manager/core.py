@@ -325,8 +325,8 @@ class Manager:
             self._store.commit(seq)
         for note in decision.notes:
             log.info("%s", note)
-        for peer in decision.superseded:
-            self._outbox.cancel(peer)
+        for peer, kinds in decision.superseded.items():
+            self._outbox.cancel(peer, kinds)
         for topic, payload in decision.events:
             self._rt.publish_event(topic, payload)
         background = [e for e in decision.effects if self._effects.needed(e)]
@@ -360,7 +360,7 @@ class Manager:
             try:
                 data = read_message(conn)
             except MessageError as exc:
-                self._drops.drop(None, remote, str(exc))
+                self._drops.drop(None, remote, exc.drop)
                 return
             sender = self._take(data, remote)
             if sender is not None:

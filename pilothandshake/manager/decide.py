@@ -3,7 +3,7 @@
 Each ``decide_*`` reads a ``View`` of the working state, what arrived (``Inbound``), what
 was gathered about it outside the lock (``Context``) and the time (``Now``), and returns a
 ``Decision``: the store changes to make, the events to publish once they are durable, the
-effects to carry out, log lines, or the reason to drop the input. Nothing here holds a
+effects to carry out, log lines, or the drop of the input. Nothing here holds a
 lock, reads a clock, opens a socket or calls the runtime: the Manager (``core``) gathers,
 calls a decision under its lock on the live working state (so the checks made outside the
 lock are re-checked, SPEC 16), commits the changes and then runs the effects.
@@ -21,6 +21,7 @@ from enum import Enum
 from typing import Any, Callable
 
 from ..constants import REVOKE_COOLDOWN
+from ..drops import Drop, DropKind
 from ..events import (
     APPROVED,
     AUTO_APPROVED,
@@ -67,6 +68,7 @@ from .effects import (
     RevokeAtRegistry,
     Send,
 )
+from .outbox import REJECT, REVOKE, WITHDRAW
 from .queue import QueueLimits, admit, in_history
 
 # trust.changed's reason (Go's), also kept in the trust record: why a peer is trusted, or
@@ -150,27 +152,28 @@ class Decision:
     end it) and ``conflicts`` (node -> the key the registry binds instead of its trust
     record's; the conflict ends with that record) to the side tables that are not
     persisted. ``State.apply`` makes all of them: nothing else writes state. ``superseded``
-    names the peers to whom an undelivered "no" (a kept reject, revoke or withdrawal, in
-    the outbox) is stale once the changes are durable: we trust them again. (A request of
-    ours makes it stale only once it reached the peer: ``Manager.send_request``.)"""
+    (peer -> outbox kinds) names the undelivered answers that say no and are stale once the
+    changes are durable: every kind when we trust the peer again, a reject or revoke when
+    it asks us anew. (A request of ours makes them stale only once it reached the peer:
+    ``Manager.send_request``.)"""
 
     changes: list[Change] = field(default_factory=list)
     cooldowns: dict[int, float | None] = field(default_factory=dict)
     conflicts: dict[int, bytes] = field(default_factory=dict)
-    superseded: set[int] = field(default_factory=set)
+    superseded: dict[int, tuple[str, ...]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     effects: list[Effect] = field(default_factory=list)  # on the background pool
     inline: list[Effect] = field(default_factory=list)  # before the call returns, in order
     notes: list[str] = field(default_factory=list)  # INFO lines, logged once durable
     alarms: list[str] = field(default_factory=list)  # ERROR lines, logged once applied
     protected: set[int] = field(default_factory=set)  # new pending entries that are protected
-    drop: str = ""  # the input is dropped: a WARNING, nothing else
+    drop: Drop | None = None  # the input is dropped: a WARNING, nothing else
     quiet: str = ""  # the input is ignored: a DEBUG line, nothing else
     result: str = ""  # what an operator call returns
 
-    def dropped(self, reason: str) -> Decision:
-        """A decision that only drops the input, for ``reason``."""
-        return Decision(drop=reason)
+    def dropped(self, drop: Drop) -> Decision:
+        """A decision that only drops the input (``drop``)."""
+        return Decision(drop=drop)
 
 
 # SPEC 6
@@ -293,13 +296,17 @@ def decide_peer_request(view: View, inbound: Inbound, context: Context, now: Now
     """A handshake request, direct or relayed (SPEC 6)."""
     node = inbound.node_id
     payload = {"peer_node_id": node, "justification": inbound.text, "relayed": inbound.relayed}
-    decision = Decision(events=[(RECEIVED, payload)])
+    # The peer asks (again): it does not trust us, or it would not ask, and our answer to
+    # this request is what it needs now. A kept rejection or revoke, arriving after it,
+    # would end the request it just sent; a kept withdrawal of our own request stays.
+    decision = Decision(events=[(RECEIVED, payload)], superseded={node: (REJECT, REVOKE)})
     problem = pin_problem(_pin(view, node), inbound.key, context.strict)
     if problem:
         return decision.dropped(problem)
     if _agent_mismatch(inbound, context):
         # Not even pending: its key would pin the node and lock the real agent out.
-        return decision.dropped("public key differs from the allowlist's pinned key")
+        mismatch = "public key differs from the allowlist's pinned key"
+        return decision.dropped(Drop(DropKind.KEY_MISMATCH, mismatch))
     row = next(row for row in REQUEST_ROWS if row.when(view, inbound, context))
     if row.action is Action.HOLD:
         return _hold(decision, view, inbound, context, now)
@@ -337,7 +344,7 @@ def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, no
             is_protected=protected,
             replacing=existing is not None,
         )
-        if admission.drop:
+        if admission.drop is not None:
             return decision.dropped(admission.drop)
         if admission.evict is not None:
             victim = admission.evict
@@ -383,7 +390,7 @@ def _grant(decision: Decision, view: View, node: int, grant: Grant, now: Now, re
     if grant.agent is not None:
         payload["agent"] = grant.agent
     decision.events.append((TRUST_CHANGED, payload))
-    decision.superseded.add(node)
+    decision.superseded[node] = (REJECT, REVOKE, WITHDRAW)
     decision.effects.append(ReportTrust(node))
     if decode_key(grant.key) is None:
         decision.effects.append(Backfill(node))
@@ -442,7 +449,7 @@ def decide_peer_accept(view: View, inbound: Inbound, context: Context, now: Now)
     revoked_at = view.revoked_at.get(node)
     problem = pin_problem(_pin(view, node), inbound.key, context.strict)
     if revoked_at is not None and now.monotonic - revoked_at < REVOKE_COOLDOWN:
-        return decision.dropped("accept within the revoke cooldown")
+        return decision.dropped(Drop(DropKind.UNSOLICITED, "accept within the revoke cooldown"))
     if problem:
         return decision.dropped(problem)
     if view.trusts(node):
@@ -450,9 +457,10 @@ def decide_peer_accept(view: View, inbound: Inbound, context: Context, now: Now)
         decision.quiet = f"node {node}: accept from a node already trusted"
         return decision
     if not view.answerable(node):
-        return decision.dropped("accept without an outgoing request")
+        return decision.dropped(Drop(DropKind.UNSOLICITED, "accept without an outgoing request"))
     if not _believed(inbound, context):
-        return decision.dropped("accept neither registry-bound nor pinned")
+        unverified = "accept neither registry-bound nor pinned"
+        return decision.dropped(Drop(DropKind.SIGNATURE, unverified))
     decision.events.append((APPROVED, {"peer_node_id": node, "by": "peer"}))
     _grant(decision, view, node, Grant(_key(inbound), mutual=True), now, ACCEPTED_REASON)
     return decision
@@ -479,7 +487,8 @@ def decide_peer_reject(view: View, inbound: Inbound, context: Context, now: Now)
             decision.quiet = f"node {node} sent a rejection, but we have not asked it"
         return decision
     if not _believed(inbound, context):
-        return decision.dropped("reject neither registry-bound nor pinned")
+        unverified = "reject neither registry-bound nor pinned"
+        return decision.dropped(Drop(DropKind.SIGNATURE, unverified))
     if withdrawal:
         # It asked us: the requester withdrew its request through the relay
         # (decide_operator_revoke), the only way to reach a private node.
@@ -502,7 +511,8 @@ def decide_peer_revoke(view: View, inbound: Inbound, context: Context, now: Now)
     withdrawal = inbound.pin is PinKind.WEAK and node not in view.state.trusted
     pinned = inbound.pin is not None and inbound.pin is not PinKind.WEAK
     if not (inbound.bound or pinned or withdrawal):
-        return decision.dropped("revoke neither registry-bound nor signed with the pinned key")
+        unverified = "revoke neither registry-bound nor signed with the pinned key"
+        return decision.dropped(Drop(DropKind.SIGNATURE, unverified))
     if inbound.text == WITHDRAWN and node not in view.state.trusted:
         # The peer takes back its request, nothing of ours: a request we sent it since (a
         # late copy of the withdrawal may arrive after it) must stay.

@@ -10,6 +10,7 @@ import time
 from typing import Callable
 
 from ..constants import DROP_LOG_PER_SECOND
+from ..drops import Drop, DropKind
 
 __all__ = ["DropLog", "ErrorLog", "quote"]
 
@@ -45,10 +46,10 @@ class DropLog:
         logger: logging.Logger = log,
         per_second: int = DROP_LOG_PER_SECOND,
         clock: Callable[[], float] = time.monotonic,
-        count: Callable[[str], None] = lambda reason: None,
+        count: Callable[[DropKind], None] = lambda kind: None,
     ) -> None:
         """Log to ``logger``, ``per_second`` lines a second by ``clock``; ``count`` sees the
-        reason of every drop, logged or not (the drop metric)."""
+        kind of every drop, logged or not (the drop metric)."""
         self._logger = logger
         self._count = count
         self._per_second = per_second
@@ -59,11 +60,12 @@ class DropLog:
         self._suppressed = 0
 
     def drop(
-        self, node_id: int | None, remote: str, reason: str, level: int = logging.WARNING
+        self, node_id: int | None, remote: str, drop: Drop, level: int = logging.WARNING
     ) -> None:
-        """Record one drop of input from ``node_id`` (None if not decoded) at ``remote``,
-        logged at ``level`` (INFO for a drop the operator asked for, such as the deny list)."""
-        self._count(reason)
+        """Record one ``drop`` of input from ``node_id`` (None if not decoded) at ``remote``,
+        logged at ``level`` (INFO for a drop the operator asked for, such as the deny list)
+        with its detail, and counted by its kind."""
+        self._count(drop.kind)
         with self._lock:
             summary = self._roll(self._clock())
             emit = self._lines < self._per_second
@@ -74,6 +76,7 @@ class DropLog:
         self._summarise(summary)
         if emit:
             node = "?" if node_id is None else str(node_id)
+            reason = drop.detail
             if len(reason) > _REASON_LIMIT:  # reasons may quote what the peer sent
                 reason = f"{reason[:_REASON_LIMIT]}..."
             self._logger.log(level, "dropped message from node %s at %s: %s", node, remote, reason)

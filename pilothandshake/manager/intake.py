@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..addresses import format_address
 from ..constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE
+from ..drops import Drop, DropKind
 from ..errors import MessageError
 from ..identity import decode_key
 from ..messages import HANDSHAKE_REQUEST, HandshakeMsg, truncate_utf8
@@ -137,7 +138,7 @@ class Intake:
         try:
             msg = HandshakeMsg.from_json(data)
         except MessageError as exc:
-            self._drops.drop(None, remote, str(exc))
+            self._drops.drop(None, remote, exc.drop)
             return None
         self._metrics.message(msg.type, "received")
         node = msg.node_id
@@ -145,17 +146,18 @@ class Intake:
             return None
         now = self._clock.time()
         if not now - MAX_MESSAGE_AGE <= msg.timestamp <= now + MAX_CLOCK_SKEW:
-            self._drops.drop(node, remote, f"timestamp {quote(msg.timestamp)} outside the window")
+            stale = f"timestamp {quote(msg.timestamp)} outside the window"
+            self._drops.drop(node, remote, Drop(DropKind.STALE, stale))
             return None
         strict = self._rt.trust_strict()
         authenticated = authenticate(msg, self._rt.node_id(), strict)
-        if isinstance(authenticated, str):
+        if isinstance(authenticated, Drop):
             self._drops.drop(node, remote, authenticated)
             return None
         key = authenticated.key
         pin = self.pin(node)
         registry = self._rt.registry()
-        bound: bool | str = False
+        bound: bool | Drop = False
         answer: dict[str, Any] | None = None
         checked = False
         if pin_problem(pin, key, strict) and pin.kind is PinKind.TRUSTED and registry is not None:
@@ -174,18 +176,19 @@ class Intake:
                 bound = True  # the operator's pin stands in for the registry's binding
             else:
                 answer, bound = self._bind(registry, node, key)
-        if isinstance(bound, str) and pin.kind is not None and pin.kind.record and key == pin.key:
+        if isinstance(bound, Drop) and pin.kind is not None and pin.kind.record and key == pin.key:
             # A trust record's own key always authenticates its peer, whatever key the
             # registry now binds to the node ID (SPEC 5 step 3, round 3): not bound, and the
             # record is in conflict, which the decision sees.
             bound = False
-        if isinstance(bound, str):
+        if isinstance(bound, Drop):
             self._drops.drop(node, remote, bound)
             return None
         if authenticated.go_style and not bound:
             # The Go signature never changes between messages from S to R: only a key the
             # registry vouches for may use it (SPEC 8).
-            self._drops.drop(node, remote, "Go-style signature without a registry-bound key")
+            go_style = "Go-style signature without a registry-bound key"
+            self._drops.drop(node, remote, Drop(DropKind.SIGNATURE, go_style))
             return None
         problem = pin_problem(pin, key, strict, bound)
         if problem:
@@ -207,9 +210,9 @@ class Intake:
         expires = msg.timestamp + MAX_MESSAGE_AGE
         privileged = bound or inbound.pinned
         with self._lock:
-            reason = self._replay.add(digest, inbound.source, expires, now, privileged)
-        if reason:
-            self._drops.drop(node, remote, reason)
+            replayed = self._replay.add(digest, inbound.source, expires, now, privileged)
+        if replayed is not None:
+            self._drops.drop(node, remote, replayed)
             return None
         return msg.type, inbound
 
@@ -223,7 +226,8 @@ class Intake:
             return None
         carried = decode_key(public_key) if public_key else None
         if public_key and carried is None:
-            self._drops.drop(node, RELAY, "relayed public_key is not a valid key")
+            invalid = Drop(DropKind.SIGNATURE, "relayed public_key is not a valid key")
+            self._drops.drop(node, RELAY, invalid)
             return None
         answer = None
         registry = self._rt.registry()
@@ -260,11 +264,13 @@ class Intake:
     def refused(self, node: int, remote: str) -> bool:
         """SPEC 5 step 1: input claiming our own node ID, or from a denied node, is dropped."""
         if node == self._rt.node_id():
-            self._drops.drop(node, remote, "message claims our own node ID")
+            own = Drop(DropKind.OWN_NODE_ID, "message claims our own node ID")
+            self._drops.drop(node, remote, own)
             return True
         if self._rt.is_denied(node):
             # The operator asked for this drop: not a warning sign.
-            self._drops.drop(node, remote, "node is on the deny list", logging.INFO)
+            denied = Drop(DropKind.DENIED, "node is on the deny list")
+            self._drops.drop(node, remote, denied, logging.INFO)
             return True
         return False
 
@@ -276,8 +282,8 @@ class Intake:
 
     def _bind(
         self, registry: RegistryClient, node: int, key: bytes
-    ) -> tuple[dict[str, Any] | None, bool | str]:
-        """The lookup answer and whether ``key`` is registry-bound, or the reason to drop."""
+    ) -> tuple[dict[str, Any] | None, bool | Drop]:
+        """The lookup answer and whether ``key`` is registry-bound, or the drop."""
         checked = self._reconcile.checked(registry, node, key)
         return checked.answer, checked.bound(key)
 

@@ -125,10 +125,11 @@ class Outbox:
                 "delivered our %s to node %d after %d retries", answer.kind, peer, answer.attempts
             )
 
-    def cancel(self, peer: int) -> None:
-        """We trust ``peer`` again or asked it anew: a kept answer that says no (reject,
-        revoke, withdrawal) is stale and must never arrive after what superseded it."""
-        answer = self._forget(peer, (REJECT, REVOKE, WITHDRAW))
+    def cancel(self, peer: int, kinds: Iterable[str] = (REJECT, REVOKE, WITHDRAW)) -> None:
+        """We trust ``peer`` again or asked it anew (or it asked us anew: ``kinds`` then
+        leaves a withdrawal out): a kept answer that says no is stale and must never arrive
+        after what superseded it."""
+        answer = self._forget(peer, kinds)
         if answer is not None:
             log.info("dropped our undelivered %s to node %d: superseded", answer.kind, peer)
 

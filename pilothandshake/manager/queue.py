@@ -28,6 +28,7 @@ from ..constants import (
     MAX_PENDING_UNBOUND_PER_SOURCE,
     MAX_TRUST_HISTORY,
 )
+from ..drops import Drop, DropKind
 from ..identity import decode_key
 from ..store import FormerTrust, PendingHandshake, TrustRecord, TrustState
 
@@ -48,10 +49,10 @@ class QueueLimits:
 
 @dataclass(frozen=True)
 class Admission:
-    """Whether a new pending entry may be stored: ``drop`` "" when it may, after evicting the
-    request of ``evict`` (None: nothing to evict)."""
+    """Whether a new pending entry may be stored: ``drop`` None when it may, after evicting
+    the request of ``evict`` (None: nothing to evict)."""
 
-    drop: str = ""
+    drop: Drop | None = None
     evict: PendingHandshake | None = None
 
 
@@ -97,7 +98,7 @@ def admit(
             and p.node_id != newcomer.node_id
         )
         if same >= quota:
-            return Admission("too many pending requests from this source address")
+            return _full("too many pending requests from this source address")
     if replacing or len(pending) < limits.max_pending:
         return Admission()
     unbound = [p for p in unprotected if not p.bound]
@@ -112,10 +113,14 @@ def admit(
         victims = _of_largest_source(candidates, age)
         held = sum(1 for p in candidates if source_of(p) == source)
         if victims and len(victims) <= held + 1:
-            return Admission("pending queue full")
+            return _full("pending queue full")
     if not victims:
-        return Admission("pending queue full" + ("" if unprotected else " of protected requests"))
+        return _full("pending queue full" + ("" if unprotected else " of protected requests"))
     return Admission(evict=min(victims, key=age))
+
+
+def _full(detail: str) -> Admission:
+    return Admission(Drop(DropKind.QUEUE_FULL, detail))
 
 
 def _of_largest_source(

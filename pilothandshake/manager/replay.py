@@ -5,6 +5,8 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 
+from ..drops import Drop, DropKind
+
 __all__ = ["ReplaySet"]
 
 
@@ -23,19 +25,21 @@ class ReplaySet:
         self._owner: dict[bytes, str] = {}
         self._expiry: list[tuple[float, bytes]] = []
 
-    def add(self, digest: bytes, source: str, expires: float, now: float, privileged: bool) -> str:
-        """Enter ``digest``; returns "" or the reason to drop the message."""
+    def add(
+        self, digest: bytes, source: str, expires: float, now: float, privileged: bool
+    ) -> Drop | None:
+        """Enter ``digest``; returns None, or the drop of the message."""
         self._expire(now)
         if digest in self._owner:
-            return "replayed message"
+            return Drop(DropKind.REPLAY, "replayed message")
         entries = self._sources.get(source)
         if entries is not None and len(entries) >= self._max_per_source:
             if not privileged:
-                return "replay set full for this source address"
+                return Drop(DropKind.REPLAY, "replay set full for this source address")
             self._evict(source)
         elif len(self._owner) >= self._max_total:
             if not privileged:
-                return "replay set full"
+                return Drop(DropKind.REPLAY, "replay set full")
             self._evict(max(self._sources, key=lambda name: len(self._sources[name])))
         self._sources.setdefault(source, OrderedDict())[digest] = expires
         self._owner[digest] = source
@@ -46,7 +50,7 @@ class ReplaySet:
                 (e, d) for entries in self._sources.values() for d, e in entries.items()
             ]
             heapq.heapify(self._expiry)
-        return ""
+        return None
 
     def _evict(self, source: str) -> None:
         entries = self._sources[source]

@@ -308,7 +308,7 @@ def decode(raw: bytes, path: str) -> tuple[StoreState, int]:
     names ``path`` and what is wrong."""
 
     def bad(problem: str) -> StoreError:
-        return StoreError(f"{path}: corrupt registry store: {problem}")
+        return StoreError(f"{path}: corrupt registry store: {problem}", path=path)
 
     try:
         data = json.loads(raw.decode("utf-8"))
@@ -418,7 +418,9 @@ def _replay(path: str, state: StoreState, after: int) -> tuple[int, int]:
     except FileNotFoundError:
         return after, 0
     except OSError as exc:
-        raise StoreError(f"cannot read registry journal {path}: {exc.strerror or exc}") from None
+        raise StoreError(
+            f"cannot read registry journal {path}: {exc.strerror or exc}", path=path
+        ) from None
     lines = data.split(b"\n")
     torn = lines.pop()  # what follows the last newline: a write cut off by a crash
     if torn:
@@ -431,12 +433,15 @@ def _replay(path: str, state: StoreState, after: int) -> tuple[int, int]:
             if number == len(lines) and not torn:
                 log.warning("ignoring the unfinished last line %d of %s", number, path)
                 break
-            raise StoreError(f"registry journal {path} line {number} is damaged: {exc}") from None
+            raise StoreError(
+                f"registry journal {path} line {number} is damaged: {exc}", path=path
+            ) from None
         if seq > after:
             if seq != last + 1:
                 raise StoreError(
                     f"registry journal {path} line {number} has seq {seq}, expected "
-                    f"{last + 1}: it does not continue the store beside it"
+                    f"{last + 1}: it does not continue the store beside it",
+                    path=path,
                 )
             for op in ops:
                 state.apply(op)
@@ -465,7 +470,9 @@ def _read_snapshot(path: str) -> tuple[StoreState, int]:
     except FileNotFoundError:
         return StoreState(), -1
     except OSError as exc:
-        raise StoreError(f"{path}: cannot read registry store: {exc.strerror or exc}") from None
+        raise StoreError(
+            f"{path}: cannot read registry store: {exc.strerror or exc}", path=path
+        ) from None
     return decode(raw, path)
 
 
@@ -543,7 +550,7 @@ class Store:
             fsutil.fsync_directory(os.path.dirname(os.path.abspath(self.path)))
         except OSError as exc:
             raise StoreError(
-                f"{self.path}: cannot write registry store: {exc.strerror or exc}"
+                f"{self.path}: cannot write registry store: {exc.strerror or exc}", path=self.path
             ) from None
         self._fd, self._size = fd, good
         self._staged = self._durable = last

@@ -125,7 +125,7 @@ def replay(path: str, base: str | None, state: TrustState) -> int:
     except FileNotFoundError:
         return 0
     except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc}") from exc
+        raise StoreError(f"cannot read {path}: {exc}", path=path) from exc
     lines = data.split(b"\n")
     torn = lines.pop()
     if torn:
@@ -140,7 +140,9 @@ def replay(path: str, base: str | None, state: TrustState) -> int:
             if number == len(lines) and not torn:
                 log.warning("ignoring the unfinished last line %d of %s", number, path)
                 break
-            raise StoreError(f"trust journal {path} line {number} does not parse: {exc}") from exc
+            raise StoreError(
+                f"trust journal {path} line {number} does not parse: {exc}", path=path
+            ) from exc
     if not docs:
         return len(data)
     first = docs[0]
@@ -149,7 +151,7 @@ def replay(path: str, base: str | None, state: TrustState) -> int:
         and first.get("journal") == (_VERSION if framed else _UNFRAMED_VERSION)
         and isinstance(first.get("base"), str)
     ):
-        raise StoreError(f"trust journal {path} line 1 is not a journal header")
+        raise StoreError(f"trust journal {path} line 1 is not a journal header", path=path)
     if first["base"] != base:
         log.warning("ignoring %s: it extends a trust.json that has since been replaced", path)
         return len(data)
@@ -157,7 +159,7 @@ def replay(path: str, base: str | None, state: TrustState) -> int:
         try:
             changes = decode_line(doc, f"line {number}")
         except ValueError as exc:
-            raise StoreError(f"trust journal {path} does not parse: {exc}") from exc
+            raise StoreError(f"trust journal {path} does not parse: {exc}", path=path) from exc
         for change in changes:
             state.apply(change)
     return len(data)

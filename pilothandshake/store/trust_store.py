@@ -75,14 +75,14 @@ def _load(path: str) -> _Loaded:
     except FileNotFoundError:
         data = None
     except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc}") from exc
+        raise StoreError(f"cannot read {path}: {exc}", path=path) from exc
     state = TrustState()
     if data is not None:
         try:
             state = decode_state(data)
         except (ValueError, RecursionError) as exc:
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            raise StoreError(f"trust file {path} does not parse: {reason}") from exc
+            raise StoreError(f"trust file {path} does not parse: {reason}", path=path) from exc
     base = None if data is None else digest(data)
     journal = replay(path + JOURNAL_SUFFIX, base, state)
     return _Loaded(state, base, 0 if data is None else len(data), journal)
@@ -103,10 +103,7 @@ def corrupt_files(path: str) -> list[str]:
     try:
         _load(path)
     except StoreError as exc:
-        if isinstance(exc.__cause__, OSError):
-            return []
-        # _load reads trust.json before its journal: name the file that failed.
-        return [path] if str(exc).startswith(f"trust file {path} ") else [path + JOURNAL_SUFFIX]
+        return [] if isinstance(exc.__cause__, OSError) else [exc.path]
     return []
 
 
@@ -163,7 +160,9 @@ class TrustStore:
             try:
                 os.makedirs(self._directory, mode=0o700, exist_ok=True)
             except OSError as exc:
-                raise StoreError(f"cannot create {self._directory}: {exc}") from exc
+                raise StoreError(
+                    f"cannot create {self._directory}: {exc}", path=self._directory
+                ) from exc
             self._file_lock = fsutil.hold_lock(
                 path + LOCK_SUFFIX, f"identity directory {self._directory}"
             )
@@ -232,7 +231,7 @@ class TrustStore:
             if seq <= self._resolved:
                 error = self._failure(seq)
                 if error:
-                    raise StoreError(error)
+                    raise StoreError(error, path=self.path)
                 return
             line, snapshot = self._start_write()
             upto = self._upto
@@ -295,7 +294,7 @@ class TrustStore:
                 self._restore(restore)
             with self._lock:
                 self._end_write(failed=True)
-            raise StoreError(error) from exc
+            raise StoreError(error, path=self.path) from exc
         except BaseException:
             # Unexpected: nothing is resolved; a waiter leads the next attempt. The journal's
             # length is unknown, so the next write checkpoints and empties it.

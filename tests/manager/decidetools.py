@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
+from pilothandshake.drops import Drop
 from pilothandshake.identity import b64encode
 from pilothandshake.manager.clock import Now
 from pilothandshake.manager.decide import (
@@ -38,6 +39,10 @@ HOST = "127.0.0.9"
 REGISTRY = Context(has_registry=True)  # strict, with a registry
 AGENT = AllowlistEntry(7, "ci")  # node 7 on the allowlist, no key pinned
 PINNED = AllowlistEntry(7, "ci", B64)  # ... pinned to key B
+# Kept answers (outbox kinds) a decision makes stale: any "no" once we trust the peer, a
+# reject or revoke once the peer asks us anew.
+SAYS_NO = ("reject", "revoke", "withdraw")
+ASKED = ("reject", "revoke")
 TOFU = Context()  # strict, no registry: trust on first use
 LEGACY = Context(strict=False, has_registry=True)
 
@@ -84,8 +89,8 @@ class Case:
 
     ``changes`` lists ``(table, node, kept)`` (``kept``: a record is put, not removed; for
     our outgoing requests, the state it is put in);
-    ``effects`` and ``inline`` are the effect dataclasses; ``drop`` a substring of the
-    reason; ``record`` what the trust record of node 7 must hold, when one is put."""
+    ``effects`` and ``inline`` are the effect dataclasses; ``drop`` the drop (kind and
+    detail); ``record`` what the trust record of node 7 must hold, when one is put."""
 
     decide: Callable[[View, Inbound, Context, Now], Decision]
     view: View
@@ -95,14 +100,14 @@ class Case:
     changes: list[tuple[str, int, bool | str]] = field(default_factory=list)
     effects: list[Any] = field(default_factory=list)
     inline: list[Any] = field(default_factory=list)
-    drop: str = ""
+    drop: Drop | None = None
     quiet: bool = False
     record: tuple[str, bool, int] | None = None  # (public_key, mutual, network)
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] | None = None  # the INFO lines, when the case states them
     cooldowns: dict[int, float | None] = field(default_factory=dict)  # side-table changes
     conflicts: dict[int, bytes] = field(default_factory=dict)
-    superseded: set[int] = field(default_factory=set)  # a kept "no" to them is stale
+    superseded: dict[int, tuple[str, ...]] = field(default_factory=dict)  # kept "no"s gone
 
 
 GRANTED = ["handshake.received", "handshake.auto_approved", "trust.changed"]

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from pilothandshake.drops import Drop, DropKind
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.manager.auth import (
     KEY_DIFFERS_FROM_PIN,
@@ -24,6 +25,8 @@ from pilothandshake.store import PendingHandshake, TrustRecord
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
 A, B = b"A" * 32, b"B" * 32
 OWN = 1
+NO_V2 = Drop(DropKind.SIGNATURE, "signature_v2 missing or invalid")
+WEAK_MISMATCH = Drop(DropKind.KEY_MISMATCH, "public key differs from the pending request's key")
 
 
 def signed(identity: Identity, *, v2: bool = True, go: bool = False) -> HandshakeMsg:
@@ -46,7 +49,7 @@ def test_signature_v2_authenticates_in_every_mode() -> None:
 
 def test_the_go_signature_is_taken_only_in_legacy_mode_with_the_canonical_bytes() -> None:
     msg = signed(Identity.generate(), v2=False, go=True)
-    assert authenticate(msg, OWN, strict=True) == "signature_v2 missing or invalid"
+    assert authenticate(msg, OWN, strict=True) == NO_V2
     result = authenticate(msg, OWN, strict=False)
     assert isinstance(result, Authenticated) and result.go_style
     assert result.material == msg.canonical_bytes()
@@ -55,12 +58,12 @@ def test_the_go_signature_is_taken_only_in_legacy_mode_with_the_canonical_bytes(
 def test_signatures_of_another_key_or_recipient_fail() -> None:
     msg = signed(Identity.generate(), go=True)
     msg.public_key = Identity.generate().public_key_b64
-    assert authenticate(msg, OWN, strict=False) == "no valid signature"
-    assert authenticate(signed(Identity.generate()), 2, strict=True) == (
-        "signature_v2 missing or invalid"
-    )
+    assert authenticate(msg, OWN, strict=False) == Drop(DropKind.SIGNATURE, "no valid signature")
+    assert authenticate(signed(Identity.generate()), 2, strict=True) == NO_V2
     msg.public_key = "not a key"
-    assert authenticate(msg, OWN, strict=True) == "public_key is not base64 of a 32-byte key"
+    assert authenticate(msg, OWN, strict=True) == Drop(
+        DropKind.SIGNATURE, "public_key is not base64 of a 32-byte key"
+    )
 
 
 def test_pin_of_prefers_the_trust_record_and_ignores_invalid_keys_and_conflicts() -> None:
@@ -84,22 +87,22 @@ def test_pin_of_prefers_the_trust_record_and_ignores_invalid_keys_and_conflicts(
         (Pin(A, PinKind.TRUSTED), B, True, None, KEY_DIFFERS_FROM_PIN),
         (Pin(A, PinKind.TRUSTED), B, True, True, KEY_DIFFERS_FROM_PIN),
         (Pin(A, PinKind.BOUND), B, True, False, KEY_DIFFERS_FROM_PIN),
-        (Pin(A, PinKind.TRUSTED), A, True, None, ""),
-        (Pin(A, PinKind.TRUSTED), None, True, None, ""),  # relayed, without a key
-        (Pin(A, PinKind.TRUSTED), B, False, False, ""),  # legacy mode pins nothing
-        (Pin(A, PinKind.WEAK), B, True, None, ""),  # bound not known yet
-        (Pin(A, PinKind.WEAK), B, True, True, ""),  # a bound request replaces a weak pin
-        (Pin(A, PinKind.WEAK), B, True, False, "public key differs from the pending request's key"),
-        (NO_PIN, B, True, False, ""),
+        (Pin(A, PinKind.TRUSTED), A, True, None, None),
+        (Pin(A, PinKind.TRUSTED), None, True, None, None),  # relayed, without a key
+        (Pin(A, PinKind.TRUSTED), B, False, False, None),  # legacy mode pins nothing
+        (Pin(A, PinKind.WEAK), B, True, None, None),  # bound not known yet
+        (Pin(A, PinKind.WEAK), B, True, True, None),  # a bound request replaces a weak pin
+        (Pin(A, PinKind.WEAK), B, True, False, WEAK_MISMATCH),
+        (NO_PIN, B, True, False, None),
         # A record in conflict: its key authenticates; the registry's key may be pending.
-        (Pin(A, PinKind.CONFLICT), A, True, False, ""),
-        (Pin(A, PinKind.CONFLICT), B, True, None, ""),
-        (Pin(A, PinKind.CONFLICT), B, True, True, ""),
+        (Pin(A, PinKind.CONFLICT), A, True, False, None),
+        (Pin(A, PinKind.CONFLICT), B, True, None, None),
+        (Pin(A, PinKind.CONFLICT), B, True, True, None),
         (Pin(A, PinKind.CONFLICT), B, True, False, KEY_DIFFERS_FROM_PIN),
     ],
 )
 def test_the_one_pin_check(
-    pin: Pin, key: bytes | None, strict: bool, bound: bool | None, problem: str
+    pin: Pin, key: bytes | None, strict: bool, bound: bool | None, problem: Drop | None
 ) -> None:
     assert pin_problem(pin, key, strict, bound) == problem
 

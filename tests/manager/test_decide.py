@@ -11,6 +11,7 @@ import pytest
 from decidetools import (
     A64,
     AGENT,
+    ASKED,
     B64,
     EMPTY,
     GRANT_EFFECTS,
@@ -21,6 +22,7 @@ from decidetools import (
     NOW,
     PINNED,
     REGISTRY,
+    SAYS_NO,
     T0,
     TOFU,
     A,
@@ -34,6 +36,7 @@ from decidetools import (
     trusted,
 )
 
+from pilothandshake.drops import Drop, DropKind
 from pilothandshake.manager.decide import (
     REQUEST_ROWS,
     Action,
@@ -53,6 +56,8 @@ from pilothandshake.store import (
     PendingHandshake,
 )
 
+MISMATCH = Drop(DropKind.KEY_MISMATCH, "public key differs from the allowlist's pinned key")
+
 CASES: dict[str, Case] = {
     # SPEC 6, first match wins
     "row 1: already trusted: reply accept, nothing changes": Case(
@@ -61,6 +66,7 @@ CASES: dict[str, Case] = {
         direct(),
         events=["handshake.received"],
         effects=[ReplyAccept(7, False)],
+        superseded={7: ASKED},
     ),
     "row 1 skipped: a record in conflict with the registry waits for the operator": Case(
         decide_peer_request,
@@ -68,6 +74,7 @@ CASES: dict[str, Case] = {
         direct(),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "row 2: our outgoing request: mutual trust": Case(
         decide_peer_request,
@@ -79,7 +86,7 @@ CASES: dict[str, Case] = {
         record=(A64, True, 0),
         payloads={"handshake.auto_approved": {"peer_node_id": 7, "reason": "mutual"}},
         notes=["trusted node 7"],
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "row 2, relayed: the answer goes through the registry": Case(
         decide_peer_request,
@@ -88,7 +95,7 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7), ReplyAccept(7, True)],
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "row 2 needs registry-bound in strict mode with a registry": Case(
         decide_peer_request,
@@ -96,6 +103,7 @@ CASES: dict[str, Case] = {
         direct(bound=False),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "row 2 without a registry: trust on first use": Case(
         decide_peer_request,
@@ -105,7 +113,7 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=GRANT_EFFECTS,
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "row 3: a shared network": Case(
         decide_peer_request,
@@ -117,7 +125,7 @@ CASES: dict[str, Case] = {
         effects=GRANT_EFFECTS,
         record=(A64, False, 5),
         payloads={"handshake.auto_approved": {"peer_node_id": 7, "reason": "same_network"}},
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "row 4: a trusted agent bringing its pinned key: that key is stored": Case(
         decide_peer_request,
@@ -131,28 +139,28 @@ CASES: dict[str, Case] = {
         payloads={
             "handshake.auto_approved": {"peer_node_id": 7, "reason": "trusted_agent", "agent": "ci"}
         },
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "row 4: a key other than the allowlist's pin is dropped, not even pending": Case(
         decide_peer_request,
         EMPTY,
         direct(),
         context=Context(has_registry=True, agent=PINNED),
-        drop="public key differs from the allowlist's pinned key",
+        drop=MISMATCH,
     ),
     "row 4: the registry's key must equal the pin too, even for a bound request": Case(
         decide_peer_request,
         EMPTY,
         direct(B, registry_key=A),
         context=Context(has_registry=True, agent=PINNED),
-        drop="public key differs from the allowlist's pinned key",
+        drop=MISMATCH,
     ),
     "row 4: a pin that is not a key refuses every key": Case(
         decide_peer_request,
         EMPTY,
         direct(),
         context=Context(has_registry=True, agent=AllowlistEntry(7, "ci", "not a key")),
-        drop="public key differs from the allowlist's pinned key",
+        drop=MISMATCH,
     ),
     "row 4: a pinned agent whose request brings no key waits for the operator": Case(
         decide_peer_request,
@@ -161,6 +169,7 @@ CASES: dict[str, Case] = {
         context=Context(has_registry=True, agent=PINNED),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "row 4 without a pin: a registry-bound request is trusted with its own key": Case(
         decide_peer_request,
@@ -171,7 +180,7 @@ CASES: dict[str, Case] = {
         changes=[("trusted", 7, True)],
         effects=GRANT_EFFECTS,
         record=(A64, False, 0),
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "row 4 without a pin: an unbound request waits for the operator": Case(
         decide_peer_request,
@@ -180,6 +189,7 @@ CASES: dict[str, Case] = {
         context=Context(has_registry=True, agent=AGENT),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "row 4 also for a record in conflict? no: the operator decides": Case(
         decide_peer_request,
@@ -188,6 +198,7 @@ CASES: dict[str, Case] = {
         context=Context(has_registry=True, agent=AGENT),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "row 5: auto_approve": Case(
         decide_peer_request,
@@ -198,7 +209,7 @@ CASES: dict[str, Case] = {
         changes=[("trusted", 7, True)],
         effects=GRANT_EFFECTS,
         record=(A64, False, 0),
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "row 5 does not trust an unbound request in strict mode with a registry": Case(
         decide_peer_request,
@@ -207,6 +218,7 @@ CASES: dict[str, Case] = {
         context=Context(has_registry=True, auto_approve=True),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "row 5 in legacy mode trusts an unbound request": Case(
         decide_peer_request,
@@ -216,7 +228,7 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True)],
         effects=GRANT_EFFECTS,
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "row 6: otherwise pending": Case(
         decide_peer_request,
@@ -227,6 +239,7 @@ CASES: dict[str, Case] = {
         payloads={
             "handshake.received": {"peer_node_id": 7, "justification": "please", "relayed": False}
         },
+        superseded={7: ASKED},
     ),
     "a keyless grant backfills the key": Case(
         decide_peer_request,
@@ -236,7 +249,7 @@ CASES: dict[str, Case] = {
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7), Backfill(7), ReplyAccept(7, True)],
         record=("", True, 0),
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "a grant clears pending and history": Case(
         decide_peer_request,
@@ -246,20 +259,20 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True), ("history", 7, False), ("pending", 7, False)],
         effects=GRANT_EFFECTS,
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     # SPEC 5 step 3: the pin, re-checked on the live state
     "strict: a key other than the trust record's is dropped": Case(
         decide_peer_request,
         View(state((trusted(B64),))),
         direct(),
-        drop="public key differs from the pinned key",
+        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the pinned key"),
     ),
     "strict: a key other than a bound pending request's is dropped": Case(
         decide_peer_request,
         View(state(pending_=(pending(key=B64, bound=True),))),
         direct(),
-        drop="public key differs from the pinned key",
+        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the pinned key"),
     ),
     "legacy: no pin check": Case(
         decide_peer_request,
@@ -268,6 +281,7 @@ CASES: dict[str, Case] = {
         context=LEGACY,
         events=["handshake.received"],
         effects=[ReplyAccept(7, False)],
+        superseded={7: ASKED},
     ),
     # Pending queue (SPEC 6 row 6, SPEC 15)
     "a relayed request without a key keeps the pending key": Case(
@@ -276,13 +290,14 @@ CASES: dict[str, Case] = {
         relayed(None),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "per-source quota of unbound requests": Case(
         decide_peer_request,
         View(state(pending_=(pending(8),))),
         direct(bound=False),
         context=Context(has_registry=True, limits=QueueLimits(unbound_per_source=1)),
-        drop="too many pending requests from this source address",
+        drop=Drop(DropKind.QUEUE_FULL, "too many pending requests from this source address"),
     ),
     "queue full: a bound request evicts the oldest unbound one": Case(
         decide_peer_request,
@@ -294,13 +309,14 @@ CASES: dict[str, Case] = {
         context=Context(has_registry=True, limits=QueueLimits(max_pending=2)),
         events=HELD,
         changes=[("pending", 8, False), ("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "queue full of protected requests: a stranger is dropped": Case(
         decide_peer_request,
         View(state(pending_=(pending(8), pending(9))), protected={8, 9}),
         direct(),
         context=Context(has_registry=True, limits=QueueLimits(max_pending=2)),
-        drop="pending queue full of protected requests",
+        drop=Drop(DropKind.QUEUE_FULL, "pending queue full of protected requests"),
     ),
 }
 
@@ -376,7 +392,8 @@ def test_a_request_from_a_new_source_counts_as_new_against_a_full_queue() -> Non
     assert [c.node_id for c in decision.changes] == [7]
     full = View(state(pending_=(pending(8), pending(9))), arrival={8: 0, 9: 1})
     crowded = Context(has_registry=True, limits=QueueLimits(max_pending=2))
-    assert decide_peer_request(full, direct(bound=False), crowded, NOW).drop == "pending queue full"
+    dropped = decide_peer_request(full, direct(bound=False), crowded, NOW).drop
+    assert dropped == Drop(DropKind.QUEUE_FULL, "pending queue full")
 
 
 def test_the_bound_flag_of_a_pending_request() -> None:
@@ -412,12 +429,12 @@ def test_eviction_names_an_unknown_source() -> None:
 def test_relayed_and_protected_requests_count_against_no_source_quota() -> None:
     view = View(state(pending_=(pending(8, bound=True, source="relay"),)))
     quota = Context(has_registry=True, limits=QueueLimits(bound_per_source=1, unbound_per_source=1))
-    assert decide_peer_request(view, relayed(A), quota, NOW).drop == ""
+    assert decide_peer_request(view, relayed(A), quota, NOW).drop is None
     hosts = View(state(pending_=(pending(8),)))
     agent = replace(quota, agent=AGENT)
-    assert decide_peer_request(hosts, direct(bound=False), agent, NOW).drop == ""
-    assert decide_peer_request(hosts, direct(bound=False), quota, NOW).drop == (
-        "too many pending requests from this source address"
+    assert decide_peer_request(hosts, direct(bound=False), agent, NOW).drop is None
+    assert decide_peer_request(hosts, direct(bound=False), quota, NOW).drop == Drop(
+        DropKind.QUEUE_FULL, "too many pending requests from this source address"
     )
 
 

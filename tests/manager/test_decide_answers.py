@@ -16,6 +16,7 @@ from decidetools import (
     EMPTY,
     NOW,
     REGISTRY,
+    SAYS_NO,
     T0,
     TOFU,
     A,
@@ -30,6 +31,7 @@ from decidetools import (
     trusted,
 )
 
+from pilothandshake.drops import Drop, DropKind
 from pilothandshake.manager.auth import PinKind
 from pilothandshake.manager.decide import (
     Context,
@@ -78,25 +80,28 @@ CASES: dict[str, Case] = {
         effects=[ReportTrust(7)],
         record=(A64, True, 0),
         payloads={"handshake.approved": {"peer_node_id": 7, "by": "peer"}},
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "accept from a node already trusted: ignored quietly": Case(
         decide_peer_accept, View(state((trusted(),))), relayed(), quiet=True
     ),
     "accept without an outgoing request": Case(
-        decide_peer_accept, EMPTY, direct(), drop="accept without an outgoing request"
+        decide_peer_accept,
+        EMPTY,
+        direct(),
+        drop=Drop(DropKind.UNSOLICITED, "accept without an outgoing request"),
     ),
     "accept neither bound nor pinned, with a registry": Case(
         decide_peer_accept,
         View(state(outgoing=(7,))),
         direct(bound=False),
-        drop="accept neither registry-bound nor pinned",
+        drop=Drop(DropKind.SIGNATURE, "accept neither registry-bound nor pinned"),
     ),
     "accept within the revoke cooldown": Case(
         decide_peer_accept,
         View(state(outgoing=(7,)), revoked_at={7: NOW.monotonic - 299.0}),
         direct(),
-        drop="accept within the revoke cooldown",
+        drop=Drop(DropKind.UNSOLICITED, "accept within the revoke cooldown"),
     ),
     "accept once the cooldown is over": Case(
         decide_peer_accept,
@@ -105,13 +110,13 @@ CASES: dict[str, Case] = {
         events=["handshake.approved", "trust.changed"],
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7)],
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "accept with a key other than the pin": Case(
         decide_peer_accept,
         View(state(pending_=(pending(key=B64, bound=True),), outgoing=(7,))),
         direct(),
-        drop="public key differs from the pinned key",
+        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the pinned key"),
     ),
     # SPEC 7: reject
     "reject ends our request rejected, with the peer's reason": Case(
@@ -146,25 +151,25 @@ CASES: dict[str, Case] = {
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         events=["handshake.approved", "trust.changed"],
         effects=[ReportTrust(7)],
-        superseded={7},
+        superseded={7: SAYS_NO},
     ),
     "an accept after we withdrew our request grants nothing": Case(
         decide_peer_accept,
         View(state(outgoing=(OutgoingRequest(7, T0, state="withdrawn"),))),
         direct(),
-        drop="accept without an outgoing request",
+        drop=Drop(DropKind.UNSOLICITED, "accept without an outgoing request"),
     ),
     "an accept after our request expired grants nothing": Case(
         decide_peer_accept,
         View(state(outgoing=(OutgoingRequest(7, T0, state="expired"),))),
         direct(),
-        drop="accept without an outgoing request",
+        drop=Drop(DropKind.UNSOLICITED, "accept without an outgoing request"),
     ),
     "reject neither bound nor pinned, with a registry": Case(
         decide_peer_reject,
         View(state(outgoing=(7,))),
         direct(bound=False),
-        drop="reject neither registry-bound nor pinned",
+        drop=Drop(DropKind.SIGNATURE, "reject neither registry-bound nor pinned"),
     ),
     "a relayed reject from a node whose request we hold: it withdrew the request": Case(
         decide_peer_reject,
@@ -239,7 +244,9 @@ CASES: dict[str, Case] = {
         decide_peer_revoke,
         View(state((trusted(),))),
         direct(bound=False),
-        drop="revoke neither registry-bound nor signed with the pinned key",
+        drop=Drop(
+            DropKind.SIGNATURE, "revoke neither registry-bound nor signed with the pinned key"
+        ),
     ),
     "revoke signed with a pending request's own key withdraws it": Case(
         decide_peer_revoke,
@@ -267,7 +274,9 @@ CASES: dict[str, Case] = {
         decide_peer_revoke,
         View(state((trusted(""),), pending_=(pending(),))),
         direct(bound=False, pin=PinKind.WEAK),
-        drop="revoke neither registry-bound nor signed with the pinned key",
+        drop=Drop(
+            DropKind.SIGNATURE, "revoke neither registry-bound nor signed with the pinned key"
+        ),
     ),
     "revoke of trust we never had: quiet": Case(decide_peer_revoke, EMPTY, direct(), quiet=True),
     "the history is bounded: the entry that ended longest ago goes": Case(
@@ -361,7 +370,7 @@ def test_approve_grants_and_answers_both_ways() -> None:
     assert [t for t, _ in decision.events] == ["handshake.approved", "trust.changed"]
     assert decision.events[0][1] == {"peer_node_id": 7, "by": "operator"}
     assert changes_of(decision) == [("trusted", 7, True), ("pending", 7, False)]
-    assert decision.superseded == {7}
+    assert decision.superseded == {7: SAYS_NO}
     assert decision.effects == [
         ReportTrust(7),
         Backfill(7),

@@ -23,6 +23,7 @@ from fakeruntime import (
 )
 from managertools import OWN, REMOTE, T0, assert_dropped, respell
 
+from pilothandshake.drops import Drop, DropKind
 from pilothandshake.manager import DropLog
 from pilothandshake.manager.replay import ReplaySet
 from pilothandshake.messages import (
@@ -32,6 +33,8 @@ from pilothandshake.messages import (
     HandshakeMsg,
 )
 from pilothandshake.store import OutgoingRequest, TrustRecord
+
+REPLAYED = Drop(DropKind.REPLAY, "replayed message")
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -306,10 +309,10 @@ def test_drop_log_is_rate_limited_and_summarised() -> None:
     try:
         drops = DropLog(logger, per_second=10, clock=lambda: now[0])
         for i in range(25):
-            drops.drop(i, REMOTE, "bad")
+            drops.drop(i, REMOTE, Drop(DropKind.MALFORMED, "bad"))
         assert len(records) == 10
         now[0] += 1.5
-        drops.drop(99, REMOTE, "late")
+        drops.drop(99, REMOTE, Drop(DropKind.STALE, "late"))
         assert records[10:] == [
             "15 more dropped messages were not logged",
             f"dropped message from node 99 at {REMOTE}: late",
@@ -346,24 +349,26 @@ def test_undecodable_fields_never_reach_the_store(nodes: Nodes) -> None:
 def test_replay_set_total_bound_lets_privileged_messages_evict_from_the_largest_source() -> None:
     replay = ReplaySet(max_total=4, max_per_source=10)
     for digest in (b"a1", b"a2", b"a3"):
-        assert replay.add(digest, "A", 1000.0, 0.0, privileged=False) == ""
-    assert replay.add(b"b1", "B", 1000.0, 0.0, privileged=False) == ""
-    assert replay.add(b"c1", "C", 1000.0, 0.0, privileged=False) == "replay set full"
-    assert replay.add(b"c1", "C", 1000.0, 0.0, privileged=True) == ""
+        assert replay.add(digest, "A", 1000.0, 0.0, privileged=False) is None
+    assert replay.add(b"b1", "B", 1000.0, 0.0, privileged=False) is None
+    assert replay.add(b"c1", "C", 1000.0, 0.0, privileged=False) == Drop(
+        DropKind.REPLAY, "replay set full"
+    )
+    assert replay.add(b"c1", "C", 1000.0, 0.0, privileged=True) is None
     # The oldest entry of A (the largest source) went; B's single entry stayed.
-    assert replay.add(b"b1", "B", 1000.0, 0.0, privileged=True) == "replayed message"
-    assert replay.add(b"a1", "A", 1000.0, 0.0, privileged=True) == ""
+    assert replay.add(b"b1", "B", 1000.0, 0.0, privileged=True) == REPLAYED
+    assert replay.add(b"a1", "A", 1000.0, 0.0, privileged=True) is None
 
 
 def test_replay_entries_live_until_their_timestamp_leaves_the_window() -> None:
     replay = ReplaySet(max_total=4, max_per_source=4)
-    assert replay.add(b"d", "A", 100.0, 50.0, privileged=False) == ""
-    assert replay.add(b"d", "A", 100.0, 99.0, privileged=False) == "replayed message"
-    assert replay.add(b"d", "A", 200.0, 100.0, privileged=False) == ""
+    assert replay.add(b"d", "A", 100.0, 50.0, privileged=False) is None
+    assert replay.add(b"d", "A", 100.0, 99.0, privileged=False) == REPLAYED
+    assert replay.add(b"d", "A", 200.0, 100.0, privileged=False) is None
     # Expired entries free their room.
     for index in range(3):
-        assert replay.add(bytes([index]), "A", 150.0, 100.0, privileged=False) == ""
-    assert replay.add(b"x", "A", 300.0, 151.0, privileged=False) == ""
+        assert replay.add(bytes([index]), "A", 150.0, 100.0, privileged=False) is None
+    assert replay.add(b"x", "A", 300.0, 151.0, privileged=False) is None
 
 
 # Issue 11 item 6: what drop lines quote; a full disk
@@ -384,7 +389,7 @@ def test_drop_line_quotes_at_most_100_characters_of_a_huge_timestamp(
 
 def test_drop_line_cuts_a_long_reason(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        DropLog().drop(7, REMOTE, "x" * 5000)
+        DropLog().drop(7, REMOTE, Drop(DropKind.MALFORMED, "x" * 5000))
     (line,) = warnings(caplog)
     assert len(line) < 300
 

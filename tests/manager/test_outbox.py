@@ -323,3 +323,34 @@ def test_a_kept_reject_is_dropped_when_the_peer_accepts_our_own_request(
     assert manager.is_trusted(7)
     assert manager.undelivered_answers() == 0
     assert kept(Path(nodes.root, "n1", OUTBOX_FILE)) == []
+
+
+@pytest.mark.parametrize("kind", [REVOKE, REJECT])
+def test_a_kept_no_is_dropped_when_the_peer_asks_again(nodes: Nodes, peer: Peer, kind: str) -> None:
+    # Found by the fault-injection runs: the peer, which no longer trusted us, asked again;
+    # our kept revoke arrived after its new request and removed it there, so the peer
+    # dropped our approval of that request ("accept without an outgoing request").
+    manager, _, _ = kept_no(nodes, peer, kind)
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification="again"), REMOTE)
+    # Held (revoke), or trusted at once since our own request waits there (reject).
+    assert manager.is_trusted(7) or 7 in {p.node_id for p in manager.pending_requests()}
+    settle(manager)  # trusted: our accept goes out in the background
+    assert manager.undelivered_answers() == 0
+    assert kept(Path(nodes.root, "n1", OUTBOX_FILE)) == []
+
+
+def test_a_kept_withdrawal_stays_when_the_peer_asks(nodes: Nodes, peer: Peer) -> None:
+    # Our old request may still be pending there: only the withdrawal removes it.
+    registry = FakeRegistry()
+    registry.keys[7] = peer.key
+    manager, runtime = nodes.make(registry=registry)
+    manager.start()
+    runtime.dial_fails = True
+    assert manager.send_request(7, "ours") == "relayed"
+    registry.fail.add("respond_handshake")
+    assert manager.revoke_trust(7) == "withdrawn"
+    settle(manager)
+    assert manager.undelivered_answers() == 1
+    manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN, justification="x"), REMOTE)
+    assert manager.undelivered_answers() == 1
+    assert [row["kind"] for row in kept(Path(nodes.root, "n1", OUTBOX_FILE))] == [WITHDRAW]
