@@ -153,8 +153,8 @@ class Decision:
     record's; the conflict ends with that record) to the side tables that are not
     persisted. ``State.apply`` makes all of them: nothing else writes state. ``superseded``
     (peer -> outbox kinds) names the undelivered answers that say no and are stale once the
-    changes are durable: every kind when we trust the peer again, a reject or revoke when
-    it asks us anew. (A request of ours makes them stale only once it reached the peer:
+    changes are durable: every kind when we trust the peer again, a revoke when it asks
+    us. (A request of ours makes them stale only once it reached the peer:
     ``Manager.send_request``.)"""
 
     changes: list[Change] = field(default_factory=list)
@@ -296,10 +296,11 @@ def decide_peer_request(view: View, inbound: Inbound, context: Context, now: Now
     """A handshake request, direct or relayed (SPEC 6)."""
     node = inbound.node_id
     payload = {"peer_node_id": node, "justification": inbound.text, "relayed": inbound.relayed}
-    # The peer asks (again): it does not trust us, or it would not ask, and our answer to
-    # this request is what it needs now. A kept rejection or revoke, arriving after it,
-    # would end the request it just sent; a kept withdrawal of our own request stays.
-    decision = Decision(events=[(RECEIVED, payload)], superseded={node: (REJECT, REVOKE)})
+    # The peer asks: it does not trust us, or it would not ask, so a kept revoke has nothing
+    # left to end but the request it just sent. (A kept rejection stays: the request may be
+    # a copy of the one it rejects, sent again after a registry outage, and a newer request
+    # it ends is still answerable.)
+    decision = Decision(events=[(RECEIVED, payload)], superseded={node: (REVOKE,)})
     problem = pin_problem(_pin(view, node), inbound.key, context.strict)
     if problem:
         return decision.dropped(problem)

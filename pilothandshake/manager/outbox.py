@@ -126,9 +126,9 @@ class Outbox:
             )
 
     def cancel(self, peer: int, kinds: Iterable[str] = (REJECT, REVOKE, WITHDRAW)) -> None:
-        """We trust ``peer`` again or asked it anew (or it asked us anew: ``kinds`` then
-        leaves a withdrawal out): a kept answer that says no is stale and must never arrive
-        after what superseded it."""
+        """We trust ``peer`` again or asked it anew (or it asked us: ``kinds`` is then a
+        revoke alone): a kept answer that says no is stale and must never arrive after what
+        superseded it."""
         answer = self._forget(peer, kinds)
         if answer is not None:
             log.info("dropped our undelivered %s to node %d: superseded", answer.kind, peer)

@@ -40,9 +40,9 @@ REGISTRY = Context(has_registry=True)  # strict, with a registry
 AGENT = AllowlistEntry(7, "ci")  # node 7 on the allowlist, no key pinned
 PINNED = AllowlistEntry(7, "ci", B64)  # ... pinned to key B
 # Kept answers (outbox kinds) a decision makes stale: any "no" once we trust the peer, a
-# reject or revoke once the peer asks us anew.
+# revoke once the peer asks us.
 SAYS_NO = ("reject", "revoke", "withdraw")
-ASKED = ("reject", "revoke")
+ASKED = ("revoke",)
 TOFU = Context()  # strict, no registry: trust on first use
 LEGACY = Context(strict=False, has_registry=True)
 
