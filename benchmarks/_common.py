@@ -121,6 +121,20 @@ def save(name: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
         out.write("\n")
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` drawing to files (the Agg backend), or None (said on stdout)
+    when matplotlib is not installed: a benchmark's picture is optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (matplotlib not installed: no picture; pip install matplotlib)")
+        return None
+    return plt
+
+
 def verdict(name: str, value: float, target: float, *, at_most: bool, unit: str = "") -> bool:
     """Print one target line and return whether it is met."""
     met = value <= target if at_most else value >= target

@@ -133,13 +133,8 @@ def measure(path: str, peers: int, keys: list[str], rounds: int) -> float:
 
 def draw(summary: dict[str, dict[str, float]], out: str) -> bool:
     """The rate against the number of trusted peers, both paths; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("  (matplotlib not installed: no picture; pip install matplotlib)")
+    plt = c.pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for path, label in (("store", "TrustStore.commit"), ("manager", "Manager.approve_handshake")):

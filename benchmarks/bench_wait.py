@@ -32,7 +32,7 @@ WAITERS = 1000
 FIRST_PEER = 2000
 TARGET_P99_MS = 2.0
 TARGET_IDLE_PERCENT = 1.0
-REMOTE = "127.0.0.1:40000"
+REMOTE = ("127.0.0.1", 40000)
 
 
 def one_run(waiters: int, idle_seconds: float) -> dict[str, Any]:
@@ -113,13 +113,8 @@ def one_run(waiters: int, idle_seconds: float) -> dict[str, Any]:
 
 def draw(wake_ms: list[float], summary: dict[str, float], out: str) -> bool:
     """Histogram of the wake latencies (log scale); False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("  (matplotlib not installed: no picture; pip install matplotlib)")
+    plt = c.pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     low = max(min(wake_ms), 1e-3)

@@ -179,7 +179,7 @@ def TestOneInput(data: bytes) -> None:
     with contextlib.suppress(MessageError):
         HandshakeMsg.from_json(message)
     before = NODE.state()
-    NODE.manager.process_message(message, "127.0.0.1:4000")
+    NODE.manager.process_message(message, ("127.0.0.1", 4000))
     if validly_signed(message):
         NODE.reset()
     elif NODE.state() != before:

@@ -10,7 +10,7 @@ Exit codes: 0 ok, 1 failed (one line on stderr), 2 usage. ``--json`` (before or 
 command) prints each ok response exactly as the daemon sent it (the ``pilotctl --json``
 shape) on stdout; every error, the daemon's and the CLI's own (no daemon, bad config,
 unknown hostname, usage), is one envelope ``{"status": "error", "code", "message"}`` on
-stderr with stdout empty, as ``pilotctl`` does (codes: ``control_commands.CODES``). A
+stderr with stdout empty, as ``pilotctl`` does (codes: ``error_codes.CODES``). A
 ``wait`` that ends untrusted is a result: its data on stdout, exit 1. Every ``NODE`` is a
 node ID, a Pilot address ``N:XXXX.XXXX.XXXX`` (its node part) or a hostname the daemon's
 registry resolves.
@@ -31,6 +31,7 @@ from ._version import __version__
 from .client import Client, ControlError, node_of_address
 from .constants import CONTROL_TIMEOUT, DEFAULT_CONFIG_PATH, MAX_NODE_ID, WAIT_DEFAULT_TIMEOUT
 from .control_socket import find_socket
+from .error_codes import INTERNAL, INVALID_ARGUMENT, INVALID_STATE, TIMEOUT
 from .errors import ConfigError, HandshakeError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs a short CLI run milliseconds
@@ -57,16 +58,11 @@ NODE is a node ID, a Pilot address N:XXXX.XXXX.XXXX (its node part) or a hostnam
 exit codes: 0 ok, 1 failed (one line on stderr says why), 2 usage error. With --json every
 error is {{"status": "error", "code": ..., "message": ...}} on stderr."""
 
-# The CLI's own error codes (pilotctl's; control_commands.CODES lists every code).
-_INVALID_ARGUMENT = "invalid_argument"
-_INVALID_STATE = "invalid_state"
-_TIMEOUT = "timeout"
-
 
 class _Failure(Exception):
     """A command that failed: the one line for stderr, and its error ``code``."""
 
-    def __init__(self, message: str, code: str = "internal") -> None:
+    def __init__(self, message: str, code: str = INTERNAL) -> None:
         super().__init__(message)
         self.code = code
 
@@ -148,15 +144,15 @@ def _node_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _handshake_arguments(parser: argparse.ArgumentParser) -> None:
-    _node_argument(parser)
-    parser.add_argument(
-        "justification",
-        nargs="?",
-        default="",
-        metavar="JUSTIFICATION",
-        help="why this node asks, shown to the peer's operator in `pending` (optional; 1 KiB kept)",
-    )
+def _node_and_text(name: str, what: str) -> Callable[[argparse.ArgumentParser], None]:
+    """The arguments of a command that takes NODE and an optional free text ``name``, which
+    says ``what``."""
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        _node_argument(parser)
+        parser.add_argument(name, nargs="?", default="", metavar=name.upper(), help=what)
+
+    return add
 
 
 def _approve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,17 +162,6 @@ def _approve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FPR",
         help="approve a KEY CHANGED request: its key's fingerprint (hex, or a prefix of at "
         "least 16 digits) or base64 key",
-    )
-
-
-def _reject_arguments(parser: argparse.ArgumentParser) -> None:
-    _node_argument(parser)
-    parser.add_argument(
-        "reason",
-        nargs="?",
-        default="",
-        metavar="REASON",
-        help="why, sent to the node that asked (default: none)",
     )
 
 
@@ -211,10 +196,19 @@ def _name_argument(parser: argparse.ArgumentParser) -> None:
 # Every command, in the order --help lists them: its summary, and what adds its arguments.
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "status": ("node ID, hostname, listen address, registry, counts", _status_arguments),
-    "handshake": ("ask a node for trust", _handshake_arguments),
+    "handshake": (
+        "ask a node for trust",
+        _node_and_text(
+            "justification",
+            "why this node asks, shown to the peer's operator in `pending` (optional; 1 KiB kept)",
+        ),
+    ),
     "pending": ("list pending requests", _no_arguments),
     "approve": ("approve a pending request", _approve_arguments),
-    "reject": ("reject a pending request", _reject_arguments),
+    "reject": (
+        "reject a pending request",
+        _node_and_text("reason", "why, sent to the node that asked (default: none)"),
+    ),
     "trust": ("list trusted peers (and conflicting records)", _no_arguments),
     "requests": ("list our requests and what became of each", _no_arguments),
     "untrust": ("revoke trust in a node, or withdraw our request to it", _node_argument),
@@ -416,42 +410,51 @@ def _ago(seconds: Any, now: float) -> str:
     return f"{left}s"
 
 
+def _listing(
+    items: list[dict[str, Any]],
+    empty: str,
+    header: list[str],
+    row: Callable[[dict[str, Any]], list[str]],
+) -> str:
+    """A table of ``items``, a line each (``row``) after the ``NODE`` column; ``empty`` when
+    there are none."""
+    if not items:
+        return empty
+    rows = [[_label(item["node_id"], item.get("hostname")), *row(item)] for item in items]
+    return _table(["NODE", *header], rows)
+
+
 def _show_pending(data: dict[str, Any]) -> str:
     from .identity import fingerprint  # only this table needs it
 
-    pending = data["pending"]
-    if not pending:
-        return "no pending requests"
     now = time.time()
-    rows = [
-        [
-            _label(p["node_id"], p.get("hostname")),
+    return _listing(
+        data["pending"],
+        "no pending requests",
+        ["KEY", "JUSTIFICATION", "AGE"],
+        lambda p: [
             (fingerprint(p["public_key"]) or "-")
             + (" KEY CHANGED" if p.get("key_changed") else ""),
             _printable(p["justification"], _JUSTIFICATION_WIDTH),
             _ago(p["received_at"], now),
-        ]
-        for p in pending
-    ]
-    return _table(["NODE", "KEY", "JUSTIFICATION", "AGE"], rows)
+        ],
+    )
 
 
 def _show_trust(data: dict[str, Any]) -> str:
     trusted = data["trusted"]
-    if not trusted:
-        return "no trusted peers"
-    rows = [
-        [
-            _label(r["node_id"], r.get("hostname")),
+    text = _listing(
+        trusted,
+        "no trusted peers",
+        ["MUTUAL", "NETWORK", "APPROVED AT", "WHY", "STATE"],
+        lambda r: [
             "yes" if r["mutual"] else "no",
             str(r["network"]) if r["network"] else "-",
             str(r.get("approved_at_text", r["approved_at"])),
             _printable(str(r.get("reason") or "-")),
             "CONFLICT" if r.get("conflict") else "trusted",
-        ]
-        for r in trusted
-    ]
-    text = _table(["NODE", "MUTUAL", "NETWORK", "APPROVED AT", "WHY", "STATE"], rows)
+        ],
+    )
     if any(r.get("conflict") for r in trusted):
         text += (
             "\nCONFLICT: the registry now binds this node ID to another key; it is not "
@@ -461,21 +464,18 @@ def _show_trust(data: dict[str, Any]) -> str:
 
 
 def _show_requests(data: dict[str, Any]) -> str:
-    requests = data["requests"]
-    if not requests:
-        return "no requests sent"
     now = time.time()
-    rows = [
-        [
-            _label(r["node_id"], r.get("hostname")),
+    return _listing(
+        data["requests"],
+        "no requests sent",
+        ["PATH", "STATE", "SENT", "REASON"],
+        lambda r: [
             str(r["path"]),
             str(r["state"]),
             _ago(r["sent_at"], now),
             _printable(str(r["reason"]), _JUSTIFICATION_WIDTH) or "-",
-        ]
-        for r in requests
-    ]
-    return _table(["NODE", "PATH", "STATE", "SENT", "REASON"], rows)
+        ],
+    )
 
 
 def _show_untrust(data: dict[str, Any]) -> str:
@@ -490,8 +490,8 @@ def _show_wait(data: dict[str, Any]) -> str:
         return f"trusted {node}"
     if data.get("rejected"):
         reason = _printable(str(data.get("reason") or "")) or "no reason given"
-        raise _Untrusted(f"node {node} rejected our request: {reason}", _INVALID_STATE)
-    raise _Untrusted(f"timed out waiting for trust with {node}", _TIMEOUT)
+        raise _Untrusted(f"node {node} rejected our request: {reason}", INVALID_STATE)
+    raise _Untrusted(f"timed out waiting for trust with {node}", TIMEOUT)
 
 
 def _show_event(data: dict[str, Any]) -> str:
@@ -540,7 +540,7 @@ def _data(response: dict[str, Any]) -> Any:
     """The ``data`` of an ok response; an error response is the command's ``_Failure``."""
     if response["status"] != "ok":
         message = str(response.get("message") or response.get("code") or "failed")
-        raise _Failure(message, str(response.get("code") or "internal"))
+        raise _Failure(message, str(response.get("code") or INTERNAL))
     return response.get("data")
 
 
@@ -594,7 +594,7 @@ def _status_when_ready(client: Client, timeout: float) -> dict[str, Any]:
         if gone:
             raise _Failure(gone)
         if time.monotonic() >= deadline:
-            raise _Failure(f"gave up after {timeout:g} s: {problem}", _TIMEOUT)
+            raise _Failure(f"gave up after {timeout:g} s: {problem}", TIMEOUT)
         time.sleep(_STATUS_RETRY)
 
 
@@ -675,7 +675,7 @@ def main_handshakectl(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         # Known before parsing: --json asks for the envelope even when nothing else parses.
         if "--json" in args:
-            _fail(str(exc), _INVALID_ARGUMENT, True)
+            _fail(str(exc), INVALID_ARGUMENT, True)
         else:
             sys.stderr.write(exc.usage)
             print(f"pilot-handshakectl: error: {exc}", file=sys.stderr)
@@ -698,10 +698,10 @@ def main_handshakectl(argv: list[str] | None = None) -> int:
         _fail(str(exc), exc.code, options.json)
         return 1
     except ConfigError as exc:
-        _fail(str(exc), _INVALID_ARGUMENT, options.json)
+        _fail(str(exc), INVALID_ARGUMENT, options.json)
         return 1
     except HandshakeError as exc:
-        _fail(str(exc), "internal", options.json)
+        _fail(str(exc), INTERNAL, options.json)
         return 1
     except KeyboardInterrupt:
         # Ctrl-C is how `events --follow` normally ends.

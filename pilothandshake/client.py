@@ -29,24 +29,19 @@ from collections.abc import Iterator
 
 from .constants import CONTROL_TIMEOUT, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
 from .control_socket import check_socket, find_socket
-from .errors import (
-    ControlError,
-    HandshakeError,
-    NotTrustedError,
-    RegistryError,
-    SendError,
-    StoreError,
-)
+from .error_codes import NOT_FOUND, NOT_RUNNING, TIMEOUT, error_for
+from .errors import ControlError
 
 # Not `typing.TYPE_CHECKING`: importing typing alone costs a short CLI run milliseconds.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import TracebackType
-    from typing import Any
+    from typing import Any, TypeVar
 
     from .store import OutgoingRequest, PendingHandshake, TrustRecord
 
     Response = dict[str, Any]
+    _Self = TypeVar("_Self", bound="_Closing")
 
 __all__ = [
     "Client",
@@ -57,17 +52,6 @@ __all__ = [
     "raise_for_error",
 ]
 
-# The package's exception for an error code of the control socket (pilotctl's codes), by
-# command where the same code means different things; every other is a HandshakeError
-# carrying the daemon's message.
-_ERRORS: dict[tuple[str, str], type[HandshakeError]] = {
-    ("untrust", "not_found"): NotTrustedError,
-    ("resolve", "not_found"): RegistryError,
-    ("handshake", "connection_failed"): SendError,
-    ("", "connection_failed"): RegistryError,
-    ("", "internal"): StoreError,
-}
-
 
 def raise_for_error(response: Response, command: str = "") -> Any:
     """The ``data`` of an ok response to ``command``; an error response raises the package's
@@ -77,8 +61,7 @@ def raise_for_error(response: Response, command: str = "") -> Any:
     ``HandshakeError``) with the daemon's message."""
     if response["status"] == "ok":
         return response.get("data")
-    code = str(response.get("code"))
-    error = _ERRORS.get((command, code)) or _ERRORS.get(("", code), HandshakeError)
+    error = error_for(command, str(response.get("code")))
     raise error(str(response.get("message") or response.get("code") or "failed"))
 
 
@@ -150,11 +133,11 @@ class ControlClient:
                 sock.connect(self.path)
             except (FileNotFoundError, ConnectionRefusedError):
                 raise ControlError(
-                    f"pilot-handshaked is not running (no socket at {self.path})", "not_running"
+                    f"pilot-handshaked is not running (no socket at {self.path})", NOT_RUNNING
                 ) from None
             except socket.timeout:
                 raise ControlError(
-                    f"no answer from pilot-handshaked at {self.path}", "timeout"
+                    f"no answer from pilot-handshaked at {self.path}", TIMEOUT
                 ) from None
             except OSError as exc:
                 raise ControlError(f"cannot connect to {self.path}: {exc}") from None
@@ -179,7 +162,7 @@ class ControlClient:
                 line = reader.readline()
             except socket.timeout:
                 raise ControlError(
-                    f"no answer from pilot-handshaked at {self.path}", "timeout"
+                    f"no answer from pilot-handshaked at {self.path}", TIMEOUT
                 ) from None
             except OSError as exc:
                 raise ControlError(f"lost the connection to {self.path}: {exc}") from None
@@ -196,7 +179,26 @@ class ControlClient:
             yield response
 
 
-class EventStream:
+class _Closing:
+    """Something ``with`` closes at the end of the block."""
+
+    def close(self) -> None:
+        """Release what it holds; idempotent."""
+        raise NotImplementedError
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class EventStream(_Closing):
     """Events from the daemon as they happen (``Client.events``): iterate for the event
     dicts (``event``, ``node_id``, ``timestamp``, ``data``); ``close()`` ends it, also from
     another thread while an iteration waits."""
@@ -243,19 +245,8 @@ class EventStream:
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
-    def __enter__(self) -> EventStream:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class Client:
+class Client(_Closing):
     """A running daemon's Manager over its control socket at ``path`` (SPEC 13a).
 
     Every ``node`` argument is a node ID or a hostname the registry resolves. Errors are the
@@ -289,16 +280,18 @@ class Client:
     def request(self, command: str, **args: Any) -> Response:
         """One control request as sent and its response as received (ok or error); the
         raw protocol of SPEC 13 that ``pilot-handshakectl --json`` prints."""
-        if self._closed:
-            raise ControlError(f"this client of {self.path} is closed")
+        self._check_open()
         return self._wire.request(command, **args)
 
     def stream(self, command: str, **args: Any) -> Iterator[Response]:
         """One control request and every response line as received until the daemon
         closes (``events``)."""
+        self._check_open()
+        return self._wire.stream(command, **args)
+
+    def _check_open(self) -> None:
         if self._closed:
             raise ControlError(f"this client of {self.path} is closed")
-        return self._wire.stream(command, **args)
 
     def call(self, command: str, **args: Any) -> Any:
         """One control request; its ``data``, or the package's exception for an error."""
@@ -325,7 +318,7 @@ class Client:
         """Drop the daemon's pin of hostname ``name`` (SPEC 17), after it moved to another
         node or key on purpose; False when it was not pinned."""
         response = self.request("forget_name", hostname=name)
-        if response["status"] == "error" and response.get("code") == "not_found":
+        if response["status"] == "error" and response.get("code") == NOT_FOUND:
             return False
         raise_for_error(response)
         return True
@@ -361,7 +354,7 @@ class Client:
 
     def _answer(self, command: str, node: int | str, args: dict[str, Any]) -> bool:
         response = self.request(command, node_id=self.resolve(node), **args)
-        if response["status"] == "error" and response.get("code") == "not_found":
+        if response["status"] == "error" and response.get("code") == NOT_FOUND:
             return False
         raise_for_error(response, command)
         return True
@@ -473,14 +466,3 @@ class Client:
             streams, self._streams = self._streams, set()
         for stream in streams:
             stream.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

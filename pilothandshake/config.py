@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from .addresses import parse_address
 from .constants import (
@@ -233,53 +233,13 @@ class _ConfigParser(FieldParser):
     key's default, so one pass finds every problem; any other use raises the first, as
     ``FieldParser`` does."""
 
-    def __init__(self, source: str) -> None:
-        super().__init__(source)
-        self.problems: list[str] = []
-        self._collecting = False
-
-    def noting(self, default: _T, parse: Callable[..., _T], *args: Any) -> _T:
-        """``parse(*args)``, or (while ``config()`` runs) ``default`` with its
-        ``ConfigError`` noted in ``problems``."""
-        try:
-            return parse(*args)
-        except ConfigError as exc:
-            if not self._collecting:
-                raise
-            self.problems.append(str(exc))
-            return default
-
-    def get(
-        self,
-        section: dict[str, Any],
-        prefix: str,
-        name: str,
-        default: _T,
-        check: Callable[[object, str], _T],
-    ) -> _T:
-        """``FieldParser.get``, noting a problem instead of raising it."""
-        return self.noting(default, FieldParser.get, self, section, prefix, name, default, check)
-
-    def section(self, value: object, key: str, known: tuple[str, ...]) -> dict[str, Any]:
-        """``FieldParser.section`` noting each unknown key (and going on without it), and a
-        value that is not a mapping (then: all defaults)."""
-        if value is not None and not isinstance(value, dict):
-            return self.noting({}, FieldParser.section, self, value, key, known)
-        for name in value or {}:
-            if name not in known:
-                self.noting(None, FieldParser.section, self, {name: None}, key, known)
-        return {name: item for name, item in (value or {}).items() if name in known}
-
-    def note(self, key: str, expected: str, got: str = "") -> None:
-        """Note a problem of ``key`` (what ``fail`` would raise) and go on."""
-        self.noting(None, self.fail, key, expected, got)
-
     def config(self, data: object) -> Config:
-        self._collecting = True
+        """The whole file's ``Config``, every problem noted in ``problems``."""
+        self.collecting = True
         try:
             return self._config(data)
         finally:
-            self._collecting = False
+            self.collecting = False
 
     def _config(self, data: object) -> Config:
         top = self.section(

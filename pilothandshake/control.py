@@ -18,8 +18,7 @@ closed; a ``wait`` ends as soon as its client goes away, so no thread waits for 
 client stays connected.
 
 The client side (``ControlClient``, ``Client``) lives in ``client.py``, which imports nothing
-of the daemon; ``ControlClient`` and ``ControlError`` are re-exported here for callers that
-import them from this module.
+of the daemon.
 """
 
 from __future__ import annotations
@@ -37,12 +36,9 @@ import struct
 import threading
 from typing import Any, Callable
 
-from .client import ControlClient
+from .connection_slots import ConnectionSlots
 from .constants import CONTROL_IDLE_TIMEOUT, CONTROL_MAX_CONNECTIONS, CONTROL_MAX_LINE
 from .control_commands import (
-    BUSY,
-    FORBIDDEN,
-    INVALID_ARGUMENT,
     ControlCommands,
     HostnameRegistry,
     RequestError,
@@ -52,6 +48,7 @@ from .control_commands import (
     ok_response,
     parse_request,
 )
+from .error_codes import BUSY, FORBIDDEN, INVALID_ARGUMENT
 from .errors import ControlError
 from .events import EventBus
 from .manager import Manager
@@ -59,7 +56,7 @@ from .names import NamePins
 from .override import override
 from .server import serve_until_closed, wake_acceptor
 
-__all__ = ["ControlClient", "ControlError", "ControlServer"]
+__all__ = ["ControlServer"]
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +204,7 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         self._thread: threading.Thread | None = None
         self._inode: int | None = None
         self._lock = threading.Lock()
-        self._connections = 0
+        self._slots: ConnectionSlots[Any] = ConnectionSlots(CONTROL_MAX_CONNECTIONS)
 
     def allowed(self, uid: int, gid: int) -> bool:
         """Whether a peer process of ``uid`` / ``gid`` may use the socket."""
@@ -291,17 +288,13 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
     @override
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve the connection on its own thread, or refuse it at the connection cap."""
-        with self._lock:
-            full = self._connections >= CONTROL_MAX_CONNECTIONS
-            if not full:
-                self._connections += 1
-        if full:
+        if not self._slots.take(request).admitted:
             self._refuse_busy(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._release()
+            self._slots.release(request)
             raise
 
     @override
@@ -310,11 +303,7 @@ class ControlServer(socketserver.ThreadingUnixStreamServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._release()
-
-    def _release(self) -> None:
-        with self._lock:
-            self._connections -= 1
+            self._slots.release(request)
 
     def _refuse_busy(self, request: socket.socket) -> None:
         # On the accept thread: never block on a client that does not read.

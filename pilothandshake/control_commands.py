@@ -5,7 +5,7 @@ the answers; nothing here touches a socket.
 ``COMMANDS`` lists every command with its required and optional arguments; a command ``x``
 is carried out by ``ControlCommands._do_x`` (``wait`` by ``_wait``; ``events`` streams, so
 the server answers it). ``execute`` never raises: every failure is an error response whose
-``code`` says what went wrong, with ``pilotctl``'s codes (``CODES``).
+``code`` says what went wrong, with ``pilotctl``'s codes (``error_codes.CODES``).
 
 Answers have ``pilotctl --json``'s keys and types (SPEC 13): times are Unix seconds as
 integers (``received_at``, ``approved_at``, ``sent_at``), each with an RFC 3339 copy under
@@ -19,21 +19,23 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 from .constants import REGISTRY_CACHE_TTL, WAIT_DEFAULT_TIMEOUT, WAIT_MAX_TIMEOUT
-from .errors import HandshakeError, NotTrustedError, RegistryError, SendError, StoreError
+from .error_codes import INTERNAL, INVALID_ARGUMENT, INVALID_STATE, NOT_FOUND, code_of
+from .errors import HandshakeError, RegistryError
 from .events import HOSTNAME_CHANGED
 from .identity import decode_key, full_fingerprint
 from .manager import Manager
 from .manager.auth import key_changed
 from .messages import MAX_NODE_ID
 from .names import HostnameMoved, NamePins
+from .runtime import is_own_node
 from .store import REJECTED, format_time
 
 __all__ = [
-    "CODES",
     "COMMANDS",
     "ControlCommands",
     "HostnameRegistry",
@@ -46,28 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# The error codes of answers: pilotctl's where one fits (SPEC 13), and what each means here.
-INVALID_ARGUMENT = "invalid_argument"
-NOT_FOUND = "not_found"
-NOT_RUNNING = "not_running"
-CONNECTION_FAILED = "connection_failed"
-INVALID_STATE = "invalid_state"
-TIMEOUT = "timeout"
-INTERNAL = "internal"
-FORBIDDEN = "forbidden"
-BUSY = "busy"
-CODES: dict[str, str] = {
-    INVALID_ARGUMENT: "a malformed request or bad argument, or a usage error (do not retry)",
-    NOT_FOUND: "no such node, hostname, pending request or trust record",
-    NOT_RUNNING: "no daemon answers at the control socket",
-    CONNECTION_FAILED: "a peer, the registry or the daemon could not be reached (may retry)",
-    INVALID_STATE: "not possible in the node's state (no node ID yet, no registry)",
-    TIMEOUT: "no answer in time (may retry)",
-    INTERNAL: "trust.json could not be written, or an unexpected error (see the log)",
-    FORBIDDEN: "this user may not use the daemon's control socket",
-    BUSY: "the control socket serves as many connections as it may (retry later)",
-}
 
 # command -> (required arguments, optional arguments)
 COMMANDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -101,6 +81,16 @@ _HOSTNAME_LOOKUPS = 32
 _HOSTNAME_CACHE = 4096
 
 Response = dict[str, Any]
+
+
+class _Record(Protocol):
+    """A row of a listing (pending, trusted, requests): it names a node."""
+
+    @property
+    def node_id(self) -> int: ...
+
+
+_Row = TypeVar("_Row", bound=_Record)
 
 
 class HostnameRegistry(Protocol):
@@ -233,7 +223,7 @@ class ControlCommands:
         """The response to one validated request other than ``events``; never raises.
         ``gone`` (for ``wait``) tells when the client went away."""
         try:
-            if command in _NOT_SELF and args["node_id"] == self.node_id() != 0:
+            if command in _NOT_SELF and is_own_node(args["node_id"], self.node_id()):
                 raise RequestError(
                     INVALID_ARGUMENT,
                     f"node {args['node_id']} is this node itself; name the peer's node ID",
@@ -245,16 +235,8 @@ class ControlCommands:
             return ok_response(getattr(self, f"_do_{command}")(**args))
         except RequestError as exc:
             return error_response(exc.code, exc.message)
-        except NotTrustedError as exc:
-            return error_response(
-                NOT_FOUND, str(exc) or f"node {args.get('node_id')} is not trusted"
-            )
-        except (SendError, RegistryError) as exc:
-            return error_response(CONNECTION_FAILED, str(exc))
-        except StoreError as exc:
-            return error_response(INTERNAL, str(exc))
         except HandshakeError as exc:
-            return error_response(INVALID_STATE, str(exc))
+            return error_response(code_of(exc), str(exc))
         except Exception:
             log.exception("control command %s failed", command)
             return error_response(INTERNAL, f"{command} failed; see the daemon's log")
@@ -339,71 +321,67 @@ class ControlCommands:
     def _do_handshake(self, node_id: int, justification: str = "") -> dict[str, Any]:
         return {"node_id": node_id, "status": self.manager.send_request(node_id, justification)}
 
-    def _do_pending(self) -> dict[str, Any]:
-        pending = self.manager.pending_requests()
-        records = {r.node_id: r for r in self.manager.trusted_peers()}
-        names = self._hostnames([p.node_id for p in pending])
+    def _listing(
+        self, key: str, items: Sequence[_Row], row: Callable[[_Row], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """``{key: [...]}``, an entry per item: its node ID and registry hostname, then
+        ``row(item)``."""
+        names = self._hostnames([item.node_id for item in items])
         return {
-            "pending": [
-                {
-                    "node_id": p.node_id,
-                    "hostname": names.get(p.node_id, ""),
-                    "public_key": p.public_key,
-                    "fingerprint": full_fingerprint(p.public_key),
-                    "key_changed": key_changed(records.get(p.node_id), p),
-                    "justification": p.justification,
-                    **_time("received_at", p.received_at),
-                }
-                for p in pending
+            key: [
+                {"node_id": item.node_id, "hostname": names.get(item.node_id, ""), **row(item)}
+                for item in items
             ]
         }
+
+    def _do_pending(self) -> dict[str, Any]:
+        records = {r.node_id: r for r in self.manager.trusted_peers()}
+        return self._listing(
+            "pending",
+            self.manager.pending_requests(),
+            lambda p: {
+                "public_key": p.public_key,
+                "fingerprint": full_fingerprint(p.public_key),
+                "key_changed": key_changed(records.get(p.node_id), p),
+                "justification": p.justification,
+                **_time("received_at", p.received_at),
+            },
+        )
 
     def _do_approve(self, node_id: int, new_key: str | None = None) -> dict[str, Any]:
-        if not self.manager.approve_handshake(node_id, new_key=new_key):
-            raise RequestError(NOT_FOUND, f"nothing pending for node {node_id}")
-        return {"node_id": node_id, "status": "approved"}
+        return _answered(
+            node_id, self.manager.approve_handshake(node_id, new_key=new_key), "approved"
+        )
 
     def _do_reject(self, node_id: int, reason: str = "") -> dict[str, Any]:
-        if not self.manager.reject_handshake(node_id, reason):
-            raise RequestError(NOT_FOUND, f"nothing pending for node {node_id}")
-        return {"node_id": node_id, "status": "rejected"}
+        return _answered(node_id, self.manager.reject_handshake(node_id, reason), "rejected")
 
     def _do_trust(self) -> dict[str, Any]:
-        records = self.manager.trusted_peers()
         conflicts = set(self.manager.conflicting_peers())
-        names = self._hostnames([r.node_id for r in records])
-        return {
-            "trusted": [
-                {
-                    "node_id": r.node_id,
-                    "hostname": names.get(r.node_id, ""),
-                    "public_key": r.public_key,
-                    "mutual": r.mutual,
-                    "network": r.network,
-                    **_time("approved_at", r.approved_at),
-                    "reason": r.reason,
-                    "conflict": r.node_id in conflicts,
-                }
-                for r in records
-            ]
-        }
+        return self._listing(
+            "trusted",
+            self.manager.trusted_peers(),
+            lambda r: {
+                "public_key": r.public_key,
+                "mutual": r.mutual,
+                "network": r.network,
+                **_time("approved_at", r.approved_at),
+                "reason": r.reason,
+                "conflict": r.node_id in conflicts,
+            },
+        )
 
     def _do_requests(self) -> dict[str, Any]:
-        requests = self.manager.outgoing_requests()
-        names = self._hostnames([r.node_id for r in requests])
-        return {
-            "requests": [
-                {
-                    "node_id": r.node_id,
-                    "hostname": names.get(r.node_id, ""),
-                    **_time("sent_at", r.sent_at),
-                    "path": r.path,
-                    "state": r.state,
-                    "reason": r.reason,
-                }
-                for r in requests
-            ]
-        }
+        return self._listing(
+            "requests",
+            self.manager.outgoing_requests(),
+            lambda r: {
+                **_time("sent_at", r.sent_at),
+                "path": r.path,
+                "state": r.state,
+                "reason": r.reason,
+            },
+        )
 
     def _do_untrust(self, node_id: int) -> dict[str, Any]:
         return {"node_id": node_id, "status": self.manager.revoke_trust(node_id)}
@@ -446,6 +424,14 @@ class ControlCommands:
             if request.node_id == node_id and request.state == REJECTED:
                 return request.reason
         return None
+
+
+def _answered(node_id: int, done: bool, status: str) -> dict[str, Any]:
+    """The answer to an approve or reject of ``node_id`` that ended as ``status``, or
+    not_found when ``done`` says nothing was pending."""
+    if not done:
+        raise RequestError(NOT_FOUND, f"nothing pending for node {node_id}")
+    return {"node_id": node_id, "status": status}
 
 
 def _time(key: str, moment: datetime) -> dict[str, Any]:

@@ -108,10 +108,6 @@ class DaemonRuntime:
         the one it assigned last time (``NodeIdMemory``), else 0."""
         return self._config.node_id if self._client is None else self._registered_id
 
-    def has_identity(self) -> bool:
-        """The daemon always has an identity."""
-        return True
-
     def public_key(self) -> bytes:
         """The raw Ed25519 public key."""
         return self._identity.public_key

@@ -39,6 +39,7 @@ from .constants import (
     WEBHOOK_QUEUE,
     WEBHOOK_TIMEOUT,
 )
+from .logthrottle import LogThrottle
 from .metrics import Metrics
 
 __all__ = [
@@ -229,7 +230,7 @@ class _Webhook:
         self.url = url
         self._queue = _DropOldestQueue(WEBHOOK_QUEUE)
         self._thread: threading.Thread | None = None
-        self._last_warning = -WEBHOOK_LOG_INTERVAL
+        self._warnings = LogThrottle(WEBHOOK_LOG_INTERVAL)
         self.failed = 0  # POSTs that did not get a 2xx answer
         self._dropped_logged = 0  # dropped events already reported in a WARNING
 
@@ -273,8 +274,7 @@ class _Webhook:
 
     def _warn(self, reason: str) -> None:
         # At most one line per interval, so an unreachable webhook cannot flood the log.
-        now = time.monotonic()
-        if now - self._last_warning < WEBHOOK_LOG_INTERVAL:
+        if self._warnings.admit() is None:
             return
         dropped = self.dropped
         log.warning(
@@ -284,7 +284,6 @@ class _Webhook:
             dropped - self._dropped_logged,
             dropped,
         )
-        self._last_warning = now
         self._dropped_logged = dropped
 
 

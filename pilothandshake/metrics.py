@@ -33,8 +33,10 @@ from prometheus_client.metrics_core import Metric
 
 from ._version import __version__
 from .addresses import parse_address
+from .connection_slots import SOURCE_CAP, TOTAL_CAP
 from .constants import METRICS_DEADLINE, METRICS_MAX_CONNECTIONS
 from .drops import DropKind
+from .logthrottle import LogThrottle
 from .override import override
 from .wire import reset_close
 
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "pilot_handshake"
 
-REFUSAL_CAPS = ("max_connections", "max_connections_per_source")
+REFUSAL_CAPS = (TOTAL_CAP, SOURCE_CAP)
 
 _LOG_INTERVAL = 1.0  # at most one line a second for failed scrapes (the rest are counted)
 _POLL = 0.25  # how often the accept loop looks for scrapes past their deadline
@@ -274,8 +276,7 @@ class MetricsServer(socketserver.ThreadingTCPServer):
         handler = type("_RegistryHandler", (_Handler,), {"registry": metrics.exposed})
         self._lock = threading.Lock()
         self._open: dict[socket.socket, float] = {}  # connection -> monotonic time accepted
-        self._errors_logged_at = -_LOG_INTERVAL
-        self._errors_held = 0
+        self._errors = LogThrottle(_LOG_INTERVAL)
         super().__init__((host, port), handler)
         self._thread = threading.Thread(
             target=self.serve_forever, args=(_POLL,), name="metrics-http", daemon=True
@@ -327,14 +328,10 @@ class MetricsServer(socketserver.ThreadingTCPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One WARNING line (no traceback) per second at most, the rest counted."""
         error = sys.exc_info()[1]
-        now = time.monotonic()
-        with self._lock:
-            self._errors_held += 1
-            if now - self._errors_logged_at < _LOG_INTERVAL:
-                return
-            self._errors_logged_at = now
-            count, self._errors_held = self._errors_held, 0
-        more = f" ({count - 1} more since the last line)" if count > 1 else ""
+        held = self._errors.admit()
+        if held is None:
+            return
+        more = f" ({held} more since the last line)" if held else ""
         log.warning(
             "metrics request from %s failed: %s%s",
             client_address[0],

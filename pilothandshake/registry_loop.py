@@ -43,6 +43,7 @@ from .constants import (
 from .errors import RegistryError
 from .events import BINDING_CHANGED
 from .identity import Identity, b64encode
+from .logthrottle import LogThrottle
 from .messages import handshake_challenge
 from .pollschedule import ON_DEMAND_BOUND, PollSchedule, backoff
 
@@ -119,7 +120,7 @@ class _DropReport:
     one WARNING per ``RELAY_LOG_INTERVAL``, with an example of the last malformed one."""
 
     def __init__(self) -> None:
-        self._last = -RELAY_LOG_INTERVAL
+        self._throttle = LogThrottle(RELAY_LOG_INTERVAL)
         self._malformed = 0
         self._excess = 0
         self._example = ""
@@ -133,8 +134,7 @@ class _DropReport:
 
     def flush(self, address: str) -> None:
         """Log what was counted, unless a line was logged less than an interval ago."""
-        now = time.monotonic()
-        if not (self._malformed or self._excess) or now - self._last < RELAY_LOG_INTERVAL:
+        if not (self._malformed or self._excess) or self._throttle.admit() is None:
             return
         log.warning(
             "relay %s: dropped %d malformed items (last: %s) and %d past the limit of %d per poll",
@@ -144,7 +144,6 @@ class _DropReport:
             self._excess,
             MAX_RELAY_ITEMS_PER_POLL,
         )
-        self._last = now
         self._malformed = self._excess = 0
         self._example = ""
 

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 
+def is_own_node(node_id: int, own_node_id: int) -> bool:
+    """Whether ``node_id`` is this node's own ID ``own_node_id`` (``Runtime.node_id()``);
+    before that is known (0) no node is. The one check of "a node cannot ask, trust, untrust
+    or hear from itself" (SPEC 5 step 1, 7, 13)."""
+    return own_node_id != 0 and node_id == own_node_id
+
+
 @dataclass(frozen=True)
 class AllowlistEntry:
     """A trusted agent from config ``trust.allowlist``.
@@ -65,8 +72,6 @@ class Runtime(Protocol):
     def node_id(self) -> int:
         """This node's ID; 0 until known (before registration)."""
         ...
-
-    def has_identity(self) -> bool: ...
 
     def public_key(self) -> bytes | None:
         """The raw 32-byte Ed25519 public key, or None without an identity."""

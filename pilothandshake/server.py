@@ -24,9 +24,12 @@ import socket
 import socketserver
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any, Callable
 
+from .connection_slots import ConnectionSlots
 from .constants import EVICT_AFTER, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, STOP_TIMEOUT
+from .logthrottle import LogThrottle
 from .metrics import Metrics
 from .override import override
 from .wire import reset_close
@@ -45,16 +48,14 @@ def serve_until_closed(server: socketserver.TCPServer, closed: Callable[[], bool
     444 lever of issue 10). The closer sets its flag, then calls ``wake_acceptor``. A failed
     accept (out of file descriptors, say) is logged at most once a second and retried after
     a short pause, so it cannot spin a core."""
-    logged_at = -_LOG_INTERVAL
+    failures = LogThrottle(_LOG_INTERVAL)
     while not closed():
         try:
             request, address = server.get_request()
         except OSError as exc:
             if closed():
                 return
-            now = time.monotonic()
-            if now - logged_at >= _LOG_INTERVAL:
-                logged_at = now
+            if failures.admit() is not None:
                 log.warning("accept on %s failed: %s", server.server_address, exc)
             time.sleep(_ACCEPT_RETRY)
             continue
@@ -157,18 +158,17 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.handler = handler
-        self.max_connections = max_connections
-        self.max_connections_per_source = max_connections_per_source
         self.evict_after = evict_after
         self.drain_timeout = drain_timeout
         self._metrics = metrics if metrics is not None else Metrics()
-        self._cond = threading.Condition()
-        # In admission order, which is the order they were opened in.
-        self._admitted: dict[_Connection, str] = {}
-        self._per_source: dict[str, int] = {}
+        self._slots: ConnectionSlots[_Connection] = ConnectionSlots(
+            max_connections, max_connections_per_source
+        )
+        # Refusals and evictions since the last line about them (one accepting thread).
         self._refused = 0
         self._evicted = 0
-        self._refusal_logged_at = -_LOG_INTERVAL
+        self._refusals = LogThrottle(_LOG_INTERVAL)
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
         super().__init__(address, _ConnectionHandler)
@@ -183,12 +183,11 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
 
     def active_connections(self) -> int:
         """How many connections are being served right now."""
-        with self._cond:
-            return len(self._admitted)
+        return len(self._slots)
 
     def start(self) -> None:
         """Serve on a daemon thread. Idempotent."""
-        with self._cond:
+        with self._lock:
             if self._thread is not None or self._closed:
                 return
             self._thread = threading.Thread(
@@ -202,7 +201,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
     def close(self) -> None:
         """Stop accepting, close the listening socket, and wait (bounded) for the handlers
         in flight. Idempotent."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
@@ -218,8 +217,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no connection is being handled; False if ``timeout`` passed first."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._admitted, timeout)
+        return self._slots.wait_empty(timeout)
 
     @override
     def get_request(self) -> tuple[_Connection, Any]:
@@ -244,70 +242,39 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         """Admit the connection if the caps allow it, evicting a slow one at the global cap
         if need be; otherwise reset it unread."""
         source = str(client_address[0])
-        victim = None
-        with self._cond:
-            now = time.monotonic()
-            admitted = self._per_source.get(source, 0) < self.max_connections_per_source
-            if admitted and len(self._admitted) >= self.max_connections:
-                victim = self._slowest(now)
-                admitted = victim is not None
-            if victim is not None:
-                self._release(victim)
-                self._evicted += 1
-            if admitted:
-                self._admitted[request] = source
-                self._per_source[source] = self._per_source.get(source, 0) + 1
-            else:
-                per_source = self._per_source.get(source, 0) >= self.max_connections_per_source
-                self._metrics.refusal(
-                    "max_connections_per_source" if per_source else "max_connections"
-                )
-                self._refused += 1
-            report = (victim is not None or not admitted) and (
-                now - self._refusal_logged_at >= _LOG_INTERVAL
-            )
-            if report:
-                refused, self._refused = self._refused, 0
-                evicted, self._evicted = self._evicted, 0
-                self._refusal_logged_at = now
-                active, from_source = len(self._admitted), self._per_source.get(source, 0)
-        if victim is not None:
-            victim.evict()
-        if not admitted:
+        answer = self._slots.take(request, source, self._slowest)
+        if answer.evicted is not None:
+            answer.evicted.evict()
+            self._evicted += 1
+        if not answer.admitted:
             reset_close(request)
-        if report:
+            self._metrics.refusal(answer.refused)
+            self._refused += 1
+        if (
+            answer.evicted is not None or not answer.admitted
+        ) and self._refusals.admit() is not None:
             log.warning(
                 "connection limit reached (%d active, %d from %s): refused %d connection(s), "
                 "evicted %d open over %g s without a whole message",
-                active,
-                from_source,
+                answer.active,
+                answer.from_source,
                 source,
-                refused,
-                evicted,
+                self._refused,
+                self._evicted,
                 self.evict_after,
             )
-        return admitted
+            self._refused = self._evicted = 0
+        return answer.admitted
 
-    def _slowest(self, now: float) -> _Connection | None:
+    def _slowest(self, admitted: Iterable[_Connection]) -> _Connection | None:
         """The connection open longest without a whole message, if older than
-        ``evict_after``. Call holding the lock."""
-        for conn in self._admitted:
+        ``evict_after``."""
+        now = time.monotonic()
+        for conn in admitted:
             if not conn.complete:
                 # Admission order is age order: the first unfinished one is the oldest.
                 return conn if now - conn.opened > self.evict_after else None
         return None
-
-    def _release(self, conn: _Connection) -> None:
-        """Give back the slot of ``conn``, once. Call holding the lock."""
-        source = self._admitted.pop(conn, None)
-        if source is None:
-            return
-        left = self._per_source[source] - 1
-        if left:
-            self._per_source[source] = left
-        else:
-            del self._per_source[source]
-        self._cond.notify_all()
 
     @override
     def shutdown_request(self, request: Any) -> None:
@@ -318,8 +285,7 @@ class HandshakeServer(socketserver.ThreadingTCPServer):
         try:
             self.close_request(request)
         finally:
-            with self._cond:
-                self._release(request)
+            self._slots.release(request)
 
     @override
     def handle_error(self, request: Any, client_address: Any) -> None:

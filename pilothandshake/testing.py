@@ -126,10 +126,6 @@ class MemoryRuntime:
         """``node_id`` as given."""
         return self.own_id
 
-    def has_identity(self) -> bool:
-        """Always: the identity is made in memory if none was given."""
-        return True
-
     def public_key(self) -> bytes | None:
         """The identity's public key."""
         return self.identity.public_key

@@ -9,17 +9,34 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import re
 import socket
 import struct
 import time
-from typing import NoReturn
+from typing import Callable, NoReturn
 
-from .constants import DIAL_TIMEOUT, MAX_MESSAGE_SIZE, READ_DEADLINE, SEND_GRACE
+from .addresses import format_address
+from .constants import DIAL_TIMEOUT, MAX_MESSAGE_SIZE, PORT_HANDSHAKE, READ_DEADLINE, SEND_GRACE
 from .drops import Drop, DropKind
 from .errors import MessageError, SendError
 
-__all__ = ["read_message", "reset_close", "send_message", "write_receipt"]
+__all__ = [
+    "Peer",
+    "peer_of",
+    "peer_text",
+    "read_message",
+    "reset_close",
+    "send_message",
+    "serve_message",
+    "write_receipt",
+]
+
+log = logging.getLogger(__name__)
+
+# The (host, port) a connection came from. A port of 0 marks a peer off TCP ("local", a Unix
+# socket) or one the socket could no longer tell ("unknown").
+Peer = tuple[str, int]
 
 _MAX_RECEIPT = 1024  # a receipt line is under 120 bytes; more is not a receipt
 _SIGNATURE_SIZE = 64
@@ -78,6 +95,48 @@ class _ObjectScanner:
                 self.depth -= 1
                 if self.depth == 0:
                     return self.pos
+
+
+def peer_of(conn: socket.socket) -> Peer:
+    """The (host, port) of ``conn``'s peer."""
+    try:
+        peer = conn.getpeername()
+    except OSError:
+        return ("unknown", 0)
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return (str(peer[0]), int(peer[1]))
+    return (str(peer) or "local", 0)
+
+
+def peer_text(peer: Peer) -> str:
+    """``peer`` for a log line: ``host:port`` (``[v6]:port``), or the host alone off TCP."""
+    return format_address(peer) if peer[1] else peer[0]
+
+
+def serve_message(
+    conn: socket.socket,
+    take: Callable[[bytes, Peer], bytes | None],
+    unreadable: Callable[[Peer, MessageError], None],
+) -> None:
+    """Serve one port-444 connection (SPEC 3): read one message (``read_message``), hand it
+    to ``take``, write the receipt with the signature ``take`` returns when it took the
+    message (None: no receipt), close. A message that cannot be read goes to ``unreadable``
+    with why. Never raises: an unexpected error is logged."""
+    try:
+        peer = peer_of(conn)
+        try:
+            data = read_message(conn)
+        except MessageError as exc:
+            unreadable(peer, exc)
+            return
+        signature = take(data, peer)
+        if signature is not None:
+            write_receipt(conn, signature)
+    except Exception:
+        log.error("unexpected error serving a port %d connection", PORT_HANDSHAKE, exc_info=True)
+    finally:
+        with contextlib.suppress(OSError):
+            conn.close()
 
 
 def read_message(

@@ -75,28 +75,55 @@ def describe(value: object) -> str:
 
 class FieldParser:
     """Checks of config fields, each ``check(value, key)`` returning the value or raising
-    ``ConfigError`` naming ``source`` (the file) and the dotted ``key``."""
+    ``ConfigError`` naming ``source`` (the file) and the dotted ``key``.
+
+    While ``collecting`` (a whole file checked at once, ``check_config``), a problem found by
+    ``get``, ``section``, ``noting`` or ``note`` is added to ``problems`` instead, and the
+    parse goes on with the key's default, so one pass finds every problem."""
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self.collecting = False
+        self.problems: list[str] = []
 
     def fail(self, key: str, expected: str, got: str = "") -> NoReturn:
         suffix = f", got {got}" if got else ""
         raise ConfigError(f"{self.source}: {key}: expected {expected}{suffix}")
 
+    def noting(self, default: _T, parse: Callable[..., _T], *args: Any) -> _T:
+        """``parse(*args)``, or (while ``collecting``) ``default`` with its ``ConfigError``
+        noted in ``problems``."""
+        try:
+            return parse(*args)
+        except ConfigError as exc:
+            if not self.collecting:
+                raise
+            self.problems.append(str(exc))
+            return default
+
+    def note(self, key: str, expected: str, got: str = "") -> None:
+        """The problem of ``key`` that ``fail`` raises, noted (while ``collecting``)."""
+        self.noting(None, self.fail, key, expected, got)
+
     def section(self, value: object, key: str, known: tuple[str, ...]) -> dict[str, Any]:
-        """A mapping whose keys are all in ``known``; null counts as empty."""
+        """A mapping whose keys are all in ``known``; null counts as empty. While
+        ``collecting``, a value that is not a mapping is noted (then: all defaults), and so
+        is each unknown key (the parse goes on without it)."""
         if value is None:
             return {}
         if not isinstance(value, dict):
-            self.fail(key or "(top level)", "a mapping", describe(value))
+            self.note(key or "(top level)", "a mapping", describe(value))
+            return {}
         for name in value:
             if name not in known:
                 dotted = f"{key}.{name}" if key else str(name)
-                raise ConfigError(
-                    f"{self.source}: {dotted}: unknown key (expected one of: {', '.join(known)})"
-                )
-        return value
+                self.noting(None, self._unknown, dotted, known)
+        return {name: item for name, item in value.items() if name in known}
+
+    def _unknown(self, key: str, known: tuple[str, ...]) -> NoReturn:
+        raise ConfigError(
+            f"{self.source}: {key}: unknown key (expected one of: {', '.join(known)})"
+        )
 
     def get(
         self,
@@ -106,10 +133,11 @@ class FieldParser:
         default: _T,
         check: Callable[[object, str], _T],
     ) -> _T:
-        """``section[name]`` checked by ``check`` (errors name ``prefix.name``), or ``default``."""
+        """``section[name]`` checked by ``check`` (errors name ``prefix.name``), or ``default``
+        (also for a problem noted while ``collecting``)."""
         if name not in section:
             return default
-        return check(section[name], f"{prefix}.{name}" if prefix else name)
+        return self.noting(default, check, section[name], f"{prefix}.{name}" if prefix else name)
 
     def boolean(self, value: object, key: str) -> bool:
         if not isinstance(value, bool):

@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pilothandshake.control import ControlClient, ControlError  # noqa: E402
+from pilothandshake.client import ControlClient, ControlError  # noqa: E402
 from pilothandshake.errors import HandshakeError, StoreError  # noqa: E402
 from pilothandshake.identity import Identity, b64encode  # noqa: E402
 from pilothandshake.messages import HANDSHAKE_REQUEST, HandshakeMsg, handshake_challenge  # noqa: E402

@@ -8,6 +8,7 @@ import shutil
 import socketserver
 import subprocess
 import sys
+import tempfile
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +93,13 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
     made = Nodes(str(tmp_path))
     yield made
     made.close()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (AF_UNIX socket paths are limited to ~107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="ph-") as root:
+        yield Path(root)
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ class Node:
 
     def receive_request(self, peer: Peer, justification: str = "nightly sync") -> None:
         data = peer.data(HANDSHAKE_REQUEST, OWN_ID, justification=justification)
-        self.manager.process_message(data, "127.0.0.1:40000")
+        self.manager.process_message(data, ("127.0.0.1", 40000))
         assert peer.node_id in [p.node_id for p in self.manager.pending_requests()]
 
 

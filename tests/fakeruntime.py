@@ -1,15 +1,17 @@
 """What every test that drives a Manager shares, beside ``pilothandshake.testing``'s
 ``MemoryRuntime`` and ``FakeClock``: ``FakeRegistry`` (``RegistryClient``, recording every
 call), ``Peer`` (a remote node that signs port-444 messages), ``Nodes`` (Managers in
-temporary directories) and ``seed_trust``, ``settle``, ``snapshot``.
+temporary directories) and ``seed_trust``, ``settle``, ``snapshot``; and the small helpers
+every kind of test uses: ``TickClock``, ``wait_until``, ``respell``.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pilothandshake.errors import RegistryError
 from pilothandshake.identity import Identity, b64encode
@@ -23,6 +25,49 @@ from pilothandshake.store import (
     encode_state,
 )
 from pilothandshake.testing import MemoryRuntime
+
+_B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+class TickClock:
+    """Seconds (a ``clock=`` callable) that move only when a test sets ``now``; by default
+    from the real time, so what is signed now is fresh by it."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = float(int(time.time())) if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Return once ``condition()`` holds; fail the test when ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what or 'the condition'}"
+        time.sleep(0.005)
+
+
+def in_threads(work: Callable[[], None], count: int, timeout: float = 60.0) -> None:
+    """Run ``work`` on ``count`` threads at once and wait for them all (each within
+    ``timeout``); fail the test when one is still running."""
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "a thread did not finish"
+
+
+def respell(b64: str) -> str:
+    """Another base64 spelling of the same bytes: an unused low bit of the last data
+    character flipped (only padded base64 has one)."""
+    body = b64.rstrip("=")
+    padding = b64[len(body) :]
+    assert padding, "only padded base64 has unused bits"
+    respelled = body[:-1] + _B64_ALPHABET[_B64_ALPHABET.index(body[-1]) ^ 1] + padding
+    assert respelled != b64 and base64.b64decode(respelled) == base64.b64decode(b64)
+    return respelled
 
 
 class FakeRegistry:

@@ -1,10 +1,22 @@
-"""Hypothesis strategies shared by the fuzz tests."""
+"""Hypothesis strategies and settings shared by the fuzz tests."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
+
+def fuzz(examples: int) -> settings:
+    """Bounded runs (CI budget) of ``examples`` each; no per-example deadline, since examples
+    touch sockets and files."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
 
 # Values any JSON decoder hands over: integers well past 64 bits, floats, nesting.
 json_scalars: st.SearchStrategy[Any] = (

@@ -22,7 +22,7 @@ from integration.conftest import Fleet, process_env
 from pilothandshake import cli
 from pilothandshake.cli import main_handshakectl
 from pilothandshake.config import Config
-from pilothandshake.control_commands import CODES
+from pilothandshake.error_codes import CODES
 
 
 @pytest.mark.parametrize(

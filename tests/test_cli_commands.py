@@ -278,7 +278,7 @@ def test_events_no_history_asks_the_daemon_for_new_events_only() -> None:
 
 def _rejected_by(node: Node, peer: Peer, reason: str) -> None:
     node.manager.process_message(
-        peer.data(HANDSHAKE_REJECT, node.runtime.node_id(), reason=reason), "127.0.0.1:40000"
+        peer.data(HANDSHAKE_REJECT, node.runtime.node_id(), reason=reason), ("127.0.0.1", 40000)
     )
 
 
@@ -313,7 +313,7 @@ def test_requests_lists_every_state_with_unix_times(
         assert run(node, capsys, "handshake", str(peer), "sync")[0] == 0
     _rejected_by(node, Peer(2), "not today")
     node.manager.process_message(
-        Peer(3).data(HANDSHAKE_ACCEPT, node.runtime.node_id()), "127.0.0.1:40000"
+        Peer(3).data(HANDSHAKE_ACCEPT, node.runtime.node_id()), ("127.0.0.1", 40000)
     )
     assert (
         run(node, capsys, "untrust", "4")[1]

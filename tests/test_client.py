@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from fakeruntime import in_threads
 from integration.conftest import Fleet, Node, free_port, process_env, wait_until
 
 from pilothandshake import (
@@ -183,11 +184,7 @@ def test_calls_from_many_threads_at_once(pair: tuple[Node, Node]) -> None:
         except BaseException as exc:  # reported below
             failures.append(exc)
 
-    workers = [threading.Thread(target=work) for _ in range(8)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
+    in_threads(work, 8)
     assert failures == []
 
 

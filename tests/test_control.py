@@ -270,8 +270,7 @@ def open_connections(path: str, count: int) -> list[socket.socket]:
 
 
 def served_connections(server: ControlServer) -> int:
-    with server._lock:
-        return server._connections
+    return len(server._slots)
 
 
 def wait_for(predicate: Any, timeout: float = 15.0) -> None:

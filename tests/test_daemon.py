@@ -40,13 +40,6 @@ from pilothandshake.wire import read_message, write_receipt
 WAIT = 5.0
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path (AF_UNIX socket paths are limited to ~107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="phd-") as root:
-        yield Path(root)
-
-
 class FakeResolver:
     address = "127.0.0.1:9"
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from strategies import fuzz
 
 from pilothandshake.addresses import parse_address
 from pilothandshake.config import Config, load_config, parse_config
@@ -26,15 +27,6 @@ from pilothandshake.registry.client import RegistryConnection
 from pilothandshake.wire import send_message
 
 SOURCE = "/etc/pilot-handshake/fuzz.yaml"
-
-
-def fuzz(examples: int) -> settings:
-    """Bounded runs (CI budget); the file tests write one real file per example."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 scalars = (

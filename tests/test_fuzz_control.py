@@ -15,22 +15,15 @@ from typing import Any
 
 import pytest
 from controltools import Node, running_node
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from strategies import fuzz
 
-from pilothandshake.control_commands import CODES, COMMANDS, parse_request
+from pilothandshake.control_commands import COMMANDS, parse_request
+from pilothandshake.error_codes import CODES
 
 ERROR_CODES = set(CODES)  # pilotctl's codes and our two (SPEC 13)
 STATUS = b'{"command": "status"}\n'
-
-
-def fuzz(examples: int) -> settings:
-    """Bounded runs (CI budget); no per-example deadline, since every example uses sockets."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 json_scalars = (

@@ -30,11 +30,11 @@ from typing import Any, Callable
 
 import pytest
 from fakeruntime import Nodes, Peer, seed_trust, snapshot
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
-from strategies import json_values
+from strategies import fuzz, json_values
 
-import pilothandshake.manager.core as manager_core
+import pilothandshake.wire as wire
 from pilothandshake.constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE, MAX_PENDING
 from pilothandshake.errors import MessageError
 from pilothandshake.identity import Identity, b64encode, decode_key, decode_signature, verify
@@ -60,16 +60,6 @@ STRANGER = Peer(30)  # unknown: its request would become pending
 ATTACKER = Identity.generate()
 PINS = {TRUSTED.node_id: TRUSTED.identity.public_key, PENDING.node_id: PENDING.identity.public_key}
 TYPES = sorted(MESSAGE_TYPES)
-
-
-def fuzz(examples: int) -> settings:
-    """Bounded runs (CI budget); no per-example deadline, since examples touch sockets and
-    fsync trust.json when a node is rebuilt."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 class HandlerNode:
@@ -294,7 +284,7 @@ def test_seeded_messages_do_change_state_so_the_invariant_can_fail(
     before = handler_node.state()
     data = TRUSTED.data(HANDSHAKE_REVOKE, OWN, reason="done")
     assert validly_signed(data)
-    handler_node.manager.process_message(data, "127.0.0.1:4000")
+    handler_node.manager.process_message(data, ("127.0.0.1", 4000))
     assert handler_node.state() != before
     assert not handler_node.manager.is_trusted(TRUSTED.node_id)
 
@@ -304,7 +294,7 @@ def test_random_bytes_never_raise_nor_change_state(handler_node: HandlerNode) ->
     @given(st.binary(max_size=2048) | st.binary(max_size=8).map(lambda b: b"{" + b))
     def check(data: bytes) -> None:
         process_without_change(
-            handler_node, data, lambda d: handler_node.manager.process_message(d, "127.0.0.1:1")
+            handler_node, data, lambda d: handler_node.manager.process_message(d, ("127.0.0.1", 1))
         )
 
     check()
@@ -316,7 +306,7 @@ def test_random_json_shapes_never_raise_nor_change_state(handler_node: HandlerNo
     def check(value: Any) -> None:
         data = json.dumps(value).encode()
         process_without_change(
-            handler_node, data, lambda d: handler_node.manager.process_message(d, "127.0.0.2:1")
+            handler_node, data, lambda d: handler_node.manager.process_message(d, ("127.0.0.2", 1))
         )
 
     check()
@@ -329,7 +319,7 @@ def test_mutated_signed_messages_change_nothing_unless_still_validly_signed(
     @given(mutated_messages())
     def check(data: bytes) -> None:
         process_without_change(
-            handler_node, data, lambda d: handler_node.manager.process_message(d, "127.0.0.3:1")
+            handler_node, data, lambda d: handler_node.manager.process_message(d, ("127.0.0.3", 1))
         )
 
     check()
@@ -369,9 +359,7 @@ def test_handle_connection_gives_up_on_an_unfinished_message_at_the_deadline(
     """A peer that sends part of a message and then stalls is dropped when the total read
     deadline passes (shortened here from 10 s), with nothing changed."""
     deadline = 0.3
-    monkeypatch.setattr(
-        manager_core, "read_message", functools.partial(read_message, deadline=deadline)
-    )
+    monkeypatch.setattr(wire, "read_message", functools.partial(read_message, deadline=deadline))
 
     @fuzz(10)
     @given(st.binary(max_size=64).map(lambda b: b'{"type": "' + b))
@@ -407,7 +395,7 @@ def test_replay_set_stays_within_its_caps_under_a_flood() -> None:
             # enters the replay set.
             msg = HandshakeMsg(HANDSHAKE_REJECT, 100 + n, key, timestamp=now, reason=str(n))
             msg.signature_v2 = b64encode(sender.sign(msg.v2_challenge(OWN)))
-            manager.process_message(msg.to_json(), f"127.0.0.{1 + n % 20}:5000")
+            manager.process_message(msg.to_json(), (f"127.0.0.{1 + n % 20}", 5000))
             if n % 97 == 0:
                 assert len(replay._owner) <= 512
                 assert all(len(entries) <= 64 for entries in replay._sources.values())
@@ -442,10 +430,10 @@ def test_pending_queue_stays_within_its_caps_under_a_flood() -> None:
 
     try:
         for n in range(100):
-            request(1000 + n, "127.0.0.200:5000")
+            request(1000 + n, ("127.0.0.200", 5000))
         assert manager.pending_count() == 16
         for n in range(1200):
-            request(5000 + n, f"127.0.{n % 100}.9:5000")
+            request(5000 + n, (f"127.0.{n % 100}.9", 5000))
         assert manager.pending_count() == MAX_PENDING
         per_source: dict[str, int] = {}
         for pending in manager.pending_requests():

@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+from fakeruntime import respell
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +38,6 @@ from pilothandshake.registry.challenges import (
 
 KEY_B64 = base64.b64encode(bytes(range(32))).decode()
 SIG_B64 = base64.b64encode(bytes(range(64))).decode()
-B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 def full_message() -> HandshakeMsg:
@@ -61,15 +61,6 @@ def base(**fields: object) -> bytes:
     obj: dict[str, object] = {"type": HANDSHAKE_REQUEST, "node_id": 7, "timestamp": 1}
     obj.update(fields)
     return encode({k: v for k, v in obj.items() if v is not Ellipsis})
-
-
-def respell(b64: str) -> str:
-    """Another spelling of the same bytes: flip an unused low bit of the last data character."""
-    body = b64.rstrip("=")
-    padding = b64[len(body) :]
-    assert padding, "only padded base64 has unused bits"
-    last = B64_ALPHABET[B64_ALPHABET.index(body[-1]) ^ 1]
-    return body[:-1] + last + padding
 
 
 # --- decoding -------------------------------------------------------------------------------

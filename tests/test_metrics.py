@@ -8,7 +8,6 @@ import http.client
 import logging
 import re
 import socket
-import tempfile
 import threading
 import time
 import urllib.error
@@ -23,9 +22,9 @@ import yaml
 from fakeruntime import Nodes, Peer, seed_trust
 from prometheus_client.parser import text_string_to_metric_families
 
+from pilothandshake.client import ControlClient
 from pilothandshake.config import Config, load_config, parse_config
 from pilothandshake.constants import METRICS_DEADLINE, METRICS_MAX_CONNECTIONS
-from pilothandshake.control import ControlClient
 from pilothandshake.daemon import Daemon
 from pilothandshake.drops import DropKind
 from pilothandshake.errors import ConfigError, HandshakeError
@@ -48,13 +47,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path (AF_UNIX socket paths are limited to ~107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="phm-") as root:
-        yield Path(root)
 
 
 def test_metric_names_start_with_the_prefix_but_the_process_ones_are_standard() -> None:

@@ -3,34 +3,29 @@
 from __future__ import annotations
 
 import pytest
+from fakeruntime import TickClock
 
 from pilothandshake.pollschedule import PollSchedule, backoff
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> TickClock:
+    return TickClock(1000.0)
 
 
-def schedule(clock: Clock, **options: float) -> PollSchedule:
+def schedule(clock: TickClock, **options: float) -> PollSchedule:
     return PollSchedule(clock, fast=2.0, idle=60.0, jitter=lambda: 0.0, **options)
 
 
-def poll(s: PollSchedule, clock: Clock, ok: bool = True, items: int = 0, took: float = 0.0) -> None:
+def poll(
+    s: PollSchedule, clock: TickClock, ok: bool = True, items: int = 0, took: float = 0.0
+) -> None:
     s.started()
     clock.now += took
     s.finished(ok, items)
 
 
-def test_the_first_poll_is_at_once_then_one_per_idle_period(clock: Clock) -> None:
+def test_the_first_poll_is_at_once_then_one_per_idle_period(clock: TickClock) -> None:
     s = schedule(clock)
     assert s.next_poll() == clock.now
     poll(s, clock)
@@ -39,7 +34,7 @@ def test_the_first_poll_is_at_once_then_one_per_idle_period(clock: Clock) -> Non
     assert s.next_poll() > clock.now
 
 
-def test_a_waiting_request_opens_a_fast_window_of_two_minutes(clock: Clock) -> None:
+def test_a_waiting_request_opens_a_fast_window_of_two_minutes(clock: TickClock) -> None:
     s = schedule(clock)
     poll(s, clock)
     clock.now += 10.0
@@ -58,7 +53,7 @@ def test_a_waiting_request_opens_a_fast_window_of_two_minutes(clock: Clock) -> N
     assert s.next_poll([sent]) == clock.now + 60.0
 
 
-def test_the_fast_window_ends_early_when_the_request_is_answered(clock: Clock) -> None:
+def test_the_fast_window_ends_early_when_the_request_is_answered(clock: TickClock) -> None:
     s = schedule(clock)
     poll(s, clock)
     sent = clock.now
@@ -67,7 +62,7 @@ def test_the_fast_window_ends_early_when_the_request_is_answered(clock: Clock) -
     assert s.next_poll([]) == clock.now + 60.0  # answered: no longer waiting
 
 
-def test_on_demand_polls_at_once_but_at_most_once_per_two_seconds(clock: Clock) -> None:
+def test_on_demand_polls_at_once_but_at_most_once_per_two_seconds(clock: TickClock) -> None:
     s = schedule(clock)
     poll(s, clock)
     clock.now += 1.0
@@ -80,7 +75,7 @@ def test_on_demand_polls_at_once_but_at_most_once_per_two_seconds(clock: Clock) 
     assert not s.demand()
 
 
-def test_failures_back_off_doubling_to_the_cap_and_demand_waits_for_them(clock: Clock) -> None:
+def test_failures_back_off_doubling_to_the_cap_and_demand_waits_for_them(clock: TickClock) -> None:
     s = schedule(clock, cap=30.0)
     poll(s, clock)
     gaps = []
@@ -97,7 +92,7 @@ def test_failures_back_off_doubling_to_the_cap_and_demand_waits_for_them(clock: 
 
 
 def test_with_push_the_next_held_poll_opens_at_once_but_an_early_empty_one_never_spins(
-    clock: Clock,
+    clock: TickClock,
 ) -> None:
     s = schedule(clock)
     s.push = True

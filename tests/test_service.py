@@ -25,7 +25,7 @@ def test_service_start_and_stop_drive_the_manager(tmp_path: Path) -> None:
     service = Service(runtime)
     service.start()
     assert runtime.handler == service.manager.handle_connection
-    service.manager.process_message(Peer(7).data(HANDSHAKE_REQUEST, 1), "127.0.0.1:9")
+    service.manager.process_message(Peer(7).data(HANDSHAKE_REQUEST, 1), ("127.0.0.1", 9))
     assert service.manager.pending_count() == 1
     service.stop()
     service.stop()

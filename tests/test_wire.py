@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from fakeruntime import Peer
@@ -17,7 +18,17 @@ from fakeruntime import Peer
 from pilothandshake.constants import MAX_MESSAGE_SIZE
 from pilothandshake.errors import MessageError, SendError
 from pilothandshake.messages import HANDSHAKE_REQUEST, HandshakeMsg
-from pilothandshake.wire import read_message, reset_close, send_message, write_receipt
+from pilothandshake.wire import (
+    peer_of,
+    peer_text,
+    read_message,
+    reset_close,
+    send_message,
+    serve_message,
+    write_receipt,
+)
+
+Address = tuple[str, int]  # wire.Peer: where a connection came from
 
 SIGNATURE = bytes(range(64))  # what a receipt carries; whose key signed it is not wire's job
 
@@ -401,3 +412,77 @@ def test_spec3_send_message_half_closes_so_a_receiver_reading_to_eof_finishes_at
         thread.join(timeout=10)
     assert received == [data]
     assert elapsed < 2.5  # returned at the receiver's close, long before the 5 s grace
+
+
+# -- serve_message: one port-444 connection, the socket side of Manager.handle_connection --
+
+
+def serve_over_tcp(
+    data: bytes,
+    take: Callable[[bytes, Address], bytes | None],
+    unreadable: Callable[[Address, MessageError], None] = lambda peer, problem: None,
+) -> tuple[bytes, Address]:
+    """Send ``data`` over loopback TCP to ``serve_message``; what came back, and from where
+    the client connected."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        with client:
+            conn, _ = server.accept()
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+            serve_message(conn, take, unreadable)
+            assert conn.fileno() == -1  # closed
+            client.settimeout(10)
+            answer = b""
+            while chunk := client.recv(4096):  # ends: the server closed its end
+                answer += chunk
+            return answer, client.getsockname()[:2]
+
+
+def test_serve_message_hands_the_message_and_the_peer_as_a_tuple_and_writes_the_receipt() -> None:
+    taken: list[tuple[bytes, Address]] = []
+
+    def take(data: bytes, peer: Address) -> bytes | None:
+        taken.append((data, peer))
+        return b"\x01" * 64
+
+    answer, client = serve_over_tcp(b' {"type": "x"} ', take)
+    assert taken == [(b'{"type": "x"}', ("127.0.0.1", client[1]))]
+    assert json.loads(answer) == {"receipt": base64.b64encode(b"\x01" * 64).decode()}
+
+
+def test_serve_message_writes_no_receipt_for_a_message_not_taken() -> None:
+    answer, _ = serve_over_tcp(b"{}", lambda data, peer: None)
+    assert answer == b""
+
+
+def test_serve_message_reports_an_unreadable_message_with_its_peer() -> None:
+    reports: list[tuple[Address, str]] = []
+    answer, client = serve_over_tcp(
+        b"[1, 2]",
+        lambda data, peer: pytest.fail("an unreadable message was taken"),
+        lambda peer, problem: reports.append((peer, str(problem))),
+    )
+    assert answer == b"" and reports == [(("127.0.0.1", client[1]), "not a JSON object")]
+
+
+def test_serve_message_never_raises_and_logs_an_unexpected_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(data: bytes, peer: Address) -> bytes | None:
+        raise RuntimeError("bug")
+
+    with caplog.at_level(logging.ERROR):
+        assert serve_over_tcp(b"{}", broken)[0] == b""
+    assert [r.getMessage() for r in caplog.records] == [
+        "unexpected error serving a port 444 connection"
+    ]
+
+
+def test_a_peer_off_tcp_is_named_by_its_host_alone() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        assert peer_of(ours) == ("local", 0)
+        assert peer_text(peer_of(ours)) == "local"
+    assert peer_text(("::1", 5)) == "[::1]:5"
+    assert peer_text(("127.0.0.1", 5)) == "127.0.0.1:5"

@@ -15,13 +15,12 @@ Readers (``is_trusted``, ``trusted_peers`` ...) see ``store.visible``: durable s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional, TypeVar
 
 from ..constants import (
     MAX_PENDING,
@@ -53,15 +52,17 @@ from ..messages import (
 )
 from ..metrics import Metrics
 from ..pool import BackgroundPool
-from ..runtime import Closeable, Runtime
+from ..runtime import Closeable, Runtime, is_own_node
 from ..store import RELAY, OutgoingRequest, PendingHandshake, TrustRecord
-from ..wire import read_message, write_receipt
+from ..wire import Peer, peer_text, serve_message
 from .auth import approval_problem
 from .binding import Binding, answer_key
 from .clock import Clock, Now, SystemClock
 from .decide import (
+    Context,
     Decision,
     Inbound,
+    View,
     decide_operator_approve,
     decide_operator_reject,
     decide_operator_revoke,
@@ -76,7 +77,7 @@ from .decide import (
 )
 from .droplog import DropLog, ErrorLog
 from .effects import Effects, ReplyAccept, Send, answer_kinds
-from .intake import Intake, remote_address
+from .intake import Intake
 from .outbox import ACCEPT, OUTBOX_FILE, Outbox
 from .queue import QueueLimits
 from .reconcile import Reconcile
@@ -90,8 +91,12 @@ log = logging.getLogger(__name__)
 _QUIET = (RegistryError,)  # background failures logged at DEBUG: the registry is best effort
 # At most one ERROR line per this many seconds for failed writes of inbound messages.
 _STORE_ERROR_INTERVAL = 60.0
+# What a decide function returns: a Decision, or None for some (nothing to decide).
+_D = TypeVar("_D", bound=Optional[Decision])
+# How an answer (accept, reject, revoke) is decided, by whichever path it came.
+_AnswerRule = Callable[[View, Inbound, Context, Now], Decision]
 # What each port-444 message type is decided by.
-_DECIDE = {
+_DECIDE: dict[str, _AnswerRule] = {
     HANDSHAKE_ACCEPT: decide_peer_accept,
     HANDSHAKE_REJECT: decide_peer_reject,
 }
@@ -295,9 +300,7 @@ class Manager:
 
     # Decide, commit, announce
 
-    def _decide(
-        self, decide: Callable[..., Decision | None], *args: Any, now: Now | None = None
-    ) -> Decision | None:
+    def _decide(self, decide: Callable[..., _D], *args: Any, now: Now | None = None) -> _D:
         """Decide on the live working state under the lock (at ``now``, default: the clock's
         time now), apply, then ``_finish``."""
         now = now if now is not None else Now.read(self._clock)
@@ -353,49 +356,38 @@ class Manager:
     # Port 444 and relayed input
 
     def handle_connection(self, conn: socket.socket) -> None:
-        """Serve one port-444 connection: read one message, process it, write the receipt
-        when the message was taken (SPEC 3), close. Never raises."""
-        try:
-            remote = remote_address(conn)
-            try:
-                data = read_message(conn)
-            except MessageError as exc:
-                self._drops.drop(None, remote, exc.drop)
-                return
-            sender = self._take(data, remote)
-            if sender is not None:
-                self._write_receipt(conn, sender, data)
-        except Exception:
-            log.error(
-                "unexpected error serving a port %d connection", PORT_HANDSHAKE, exc_info=True
-            )
-        finally:
-            with contextlib.suppress(OSError):
-                conn.close()
+        """Serve one port-444 connection (``wire.serve_message``): read one message, process
+        it, write the receipt when the message was taken (SPEC 3), close. Never raises."""
+        serve_message(conn, self._receive, self._unreadable)
 
-    def _write_receipt(self, conn: socket.socket, sender: int, data: bytes) -> None:
-        signature = self._rt.sign(receipt_challenge(self._rt.node_id(), sender, data))
-        if signature is not None:
-            write_receipt(conn, signature)
+    def _receive(self, data: bytes, peer: Peer) -> bytes | None:
+        """Process ``data``; the receipt's signature when it was taken, else None."""
+        sender = self._take(data, peer)
+        if sender is None:
+            return None
+        return self._rt.sign(receipt_challenge(self._rt.node_id(), sender, data))
 
-    def process_message(self, data: bytes, remote: str) -> bool:
-        """Process one received message (SPEC 5) from ``remote`` (``"host:port"``); whether
+    def _unreadable(self, peer: Peer, problem: MessageError) -> None:
+        self._drops.drop(None, peer_text(peer), problem.drop)
+
+    def process_message(self, data: bytes, peer: Peer) -> bool:
+        """Process one received message (SPEC 5) from ``peer`` (``(host, port)``); whether
         it was taken: its changes are durable, or it changed nothing because it was a
         duplicate or already in effect (what earns a receipt, SPEC 3).
 
         Drops are logged (WARNING, rate-limited) and change nothing; a failed write of the
         resulting change is logged at ERROR. Never raises for bad input.
         """
-        return self._take(data, remote) is not None
+        return self._take(data, peer) is not None
 
-    def _take(self, data: bytes, remote: str) -> int | None:
+    def _take(self, data: bytes, peer: Peer) -> int | None:
         """``process_message``, returning the sender's node ID when the message was taken."""
         try:
-            received = self._intake.message(data, remote)
+            received = self._intake.message(data, peer)
             if received is not None and self._dispatch(*received):
                 return received[1].node_id
         except StoreError as exc:
-            self._store_errors.error(f"could not persist the message from {remote}: {exc}")
+            self._store_errors.error(f"could not persist the message from {peer_text(peer)}: {exc}")
         return None
 
     def _dispatch(self, msg_type: str, inbound: Inbound) -> bool:
@@ -450,7 +442,7 @@ class Manager:
         self.metrics.relay(HANDSHAKE_REJECT, "in")
         self._relayed_answer(decide_peer_reject, from_node_id, reason)
 
-    def _relayed_answer(self, decide: Callable[..., Decision], node: int, text: str = "") -> None:
+    def _relayed_answer(self, decide: _AnswerRule, node: int, text: str = "") -> None:
         inbound = self._intake.relayed(node, text=text)
         if inbound is not None:
             self._decide(decide, inbound, self._intake.answer_context())
@@ -464,7 +456,7 @@ class Manager:
         outgoing entry cannot be written."""
         peer = peer_node_id
         own = self._rt.node_id()
-        if own != 0 and peer == own:
+        if is_own_node(peer, own):
             raise HandshakeError(f"node {peer} is this node's own ID: a node cannot ask itself")
         if self.is_trusted(peer):
             return "trusted"
@@ -475,7 +467,7 @@ class Manager:
         )
         now = Now.read(self._clock)
         decision = self._decide(decide_send, peer, now=now)
-        if decision is not None and decision.result == "trusted":
+        if decision.result == "trusted":
             return "trusted"
         sent_at = now.wall  # decide_send's request is sent now
         try:
@@ -541,12 +533,10 @@ class Manager:
         signed revoke, which removes our pending request there). Raises ``NotTrustedError``
         when neither (the rest still happens), ``HandshakeError`` for our own node ID."""
         peer = peer_node_id
-        own = self._rt.node_id()
-        if own != 0 and peer == own:
+        if is_own_node(peer, self._rt.node_id()):
             raise HandshakeError("a node cannot stop trusting itself")
 
         decision = self._decide(decide_operator_revoke, peer, self._limits)
-        assert decision is not None
         if not decision.result:
             raise NotTrustedError(f"node {peer} is not trusted")
         return decision.result

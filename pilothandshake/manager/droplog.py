@@ -4,13 +4,12 @@ the operator asked to drop) and ``quote``, how every log line cites a value a pe
 from __future__ import annotations
 
 import logging
-import math
-import threading
 import time
 from typing import Callable
 
 from ..constants import DROP_LOG_PER_SECOND
 from ..drops import Drop, DropKind
+from ..logthrottle import LogThrottle
 
 __all__ = ["DropLog", "ErrorLog", "quote"]
 
@@ -52,12 +51,7 @@ class DropLog:
         kind of every drop, logged or not (the drop metric)."""
         self._logger = logger
         self._count = count
-        self._per_second = per_second
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._window_start = -math.inf
-        self._lines = 0
-        self._suppressed = 0
+        self._throttle = LogThrottle(1.0, per_second, clock)
 
     def drop(
         self, node_id: int | None, remote: str, drop: Drop, level: int = logging.WARNING
@@ -66,35 +60,19 @@ class DropLog:
         logged at ``level`` (INFO for a drop the operator asked for, such as the deny list)
         with its detail, and counted by its kind."""
         self._count(drop.kind)
-        with self._lock:
-            summary = self._roll(self._clock())
-            emit = self._lines < self._per_second
-            if emit:
-                self._lines += 1
-            else:
-                self._suppressed += 1
-        self._summarise(summary)
-        if emit:
-            node = "?" if node_id is None else str(node_id)
-            reason = drop.detail
-            if len(reason) > _REASON_LIMIT:  # reasons may quote what the peer sent
-                reason = f"{reason[:_REASON_LIMIT]}..."
-            self._logger.log(level, "dropped message from node %s at %s: %s", node, remote, reason)
+        held = self._throttle.admit()
+        if held is None:
+            return
+        self._summarise(held)
+        node = "?" if node_id is None else str(node_id)
+        reason = drop.detail
+        if len(reason) > _REASON_LIMIT:  # reasons may quote what the peer sent
+            reason = f"{reason[:_REASON_LIMIT]}..."
+        self._logger.log(level, "dropped message from node %s at %s: %s", node, remote, reason)
 
     def flush(self) -> None:
         """Log the count of suppressed lines now, if any."""
-        with self._lock:
-            summary = self._roll(math.inf)
-        self._summarise(summary)
-
-    def _roll(self, now: float) -> int:
-        if now - self._window_start < 1.0:
-            return 0
-        suppressed = self._suppressed
-        self._window_start = now
-        self._lines = 0
-        self._suppressed = 0
-        return suppressed
+        self._summarise(self._throttle.take_held())
 
     def _summarise(self, suppressed: int) -> None:
         if suppressed:
@@ -112,22 +90,14 @@ class ErrorLog:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """One line per ``interval`` to ``logger``."""
-        self._interval = interval
         self._logger = logger
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._last = -math.inf
-        self._suppressed = 0
+        self._throttle = LogThrottle(interval, clock=clock)
 
     def error(self, line: str) -> None:
         """Log ``line`` at ERROR unless one was logged less than ``interval`` ago."""
-        now = self._clock()
-        with self._lock:
-            if now - self._last < self._interval:
-                self._suppressed += 1
-                return
-            self._last = now
-            suppressed, self._suppressed = self._suppressed, 0
+        suppressed = self._throttle.admit()
+        if suppressed is None:
+            return
         if suppressed:
             line += f" ({suppressed} more failed writes were not logged)"
         self._logger.error("%s", line)

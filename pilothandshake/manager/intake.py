@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import socket
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from ..addresses import format_address
 from ..constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE
 from ..drops import Drop, DropKind
 from ..errors import MessageError
 from ..identity import decode_key
 from ..messages import HANDSHAKE_REQUEST, HandshakeMsg, truncate_utf8
 from ..metrics import Metrics
-from ..runtime import RegistryClient, Runtime
+from ..runtime import RegistryClient, Runtime, is_own_node
+from ..wire import Peer, peer_text
 from .auth import Pin, PinKind, authenticate, pin_of, pin_problem
 from .binding import SIDE_TABLE_LIMIT, Binding, answer_key, answer_networks
 from .clock import Clock
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
     # Intake and Reconcile share a floor (docs/DESIGN.md): the Manager hands Intake its own.
     from .reconcile import Reconcile
 
-__all__ = ["RELAY", "Intake", "remote_address", "source_host"]
+__all__ = ["RELAY", "Intake"]
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +49,6 @@ def _fingerprint(inbound: Inbound) -> tuple[int, bytes, bytes]:
     # the real node's request a duplicate.
     text = hashlib.sha256(inbound.text.encode("utf-8")).digest()
     return inbound.node_id, inbound.key or b"", text
-
-
-def source_host(remote: str) -> str:
-    """The host part of ``"host:port"`` / ``"[v6]:port"``: quotas count per address, not port."""
-    if remote.startswith("["):
-        return remote[1:].partition("]")[0]
-    host, sep, port = remote.rpartition(":")
-    return host if sep and port.isdigit() else remote
-
-
-def remote_address(conn: socket.socket) -> str:
-    """``"host:port"`` (``"[v6]:port"``) of a connection's peer, for log lines and quotas."""
-    try:
-        peer = conn.getpeername()
-    except OSError:
-        return "unknown"
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return format_address((str(peer[0]), int(peer[1])))
-    return str(peer) or "local"
 
 
 class Intake:
@@ -132,9 +112,10 @@ class Intake:
             if self._recent.get(fingerprint) == mark:
                 del self._recent[fingerprint]
 
-    def message(self, data: bytes, remote: str) -> tuple[str, Inbound] | None:
-        """SPEC 5 steps 1-4 for a port-444 message from ``remote``: its type and origin, or
+    def message(self, data: bytes, peer: Peer) -> tuple[str, Inbound] | None:
+        """SPEC 5 steps 1-4 for a port-444 message from ``peer``: its type and origin, or
         None when it was dropped."""
+        remote = peer_text(peer)
         try:
             msg = HandshakeMsg.from_json(data)
         except MessageError as exc:
@@ -200,7 +181,7 @@ class Intake:
             key=key,
             bound=bound,
             pin=pin.matched_by(key),
-            source=source_host(remote),
+            source=peer[0],
             remote=remote,
             text=truncate_utf8(text),
             registry_key=answer_key(answer),
@@ -263,7 +244,7 @@ class Intake:
 
     def refused(self, node: int, remote: str) -> bool:
         """SPEC 5 step 1: input claiming our own node ID, or from a denied node, is dropped."""
-        if node == self._rt.node_id():
+        if is_own_node(node, self._rt.node_id()):
             own = Drop(DropKind.OWN_NODE_ID, "message claims our own node ID")
             self._drops.drop(node, remote, own)
             return True

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..identity import decode_key
 from ..metrics import Metrics
-from ..runtime import Runtime
+from ..runtime import Runtime, is_own_node
 from ..store import (
     OUTGOING,
     PENDING,
@@ -183,7 +183,7 @@ class State:
             return sum(waiters.count for waiters in self._waiters.values())
 
     def _visibly_trusted(self, node_id: int, own: int) -> bool:
-        if own != 0 and node_id == own:
+        if is_own_node(node_id, own):
             return True
         visible = self.store.visible.trusted
         return node_id in visible and node_id not in _Conflicts(self._conflicts, visible)

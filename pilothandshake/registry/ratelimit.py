@@ -14,6 +14,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable
 
+from ..logthrottle import LogThrottle
+
 __all__ = ["PerKey", "RateLimitedLog", "TokenBucket", "quote", "source_prefix"]
 
 # Keys (sources, nodes) remembered at once; the least recently used bucket is forgotten
@@ -91,17 +93,13 @@ class RateLimitedLog:
 
     def __init__(self, logger: logging.Logger, per_second: int) -> None:
         self._logger = logger
-        self._bucket = TokenBucket(per_second, per_second, float("-inf"))
-        self._suppressed = 0
-        self._lock = threading.Lock()
+        self._throttle = LogThrottle(1.0, per_second)
 
     def log(self, level: int, now: float, message: str, *args: object) -> None:
         """``logger.log(level, message, *args)`` if the rate allows it at ``now``."""
-        with self._lock:
-            if not self._bucket.take(now):
-                self._suppressed += 1
-                return
-            suppressed, self._suppressed = self._suppressed, 0
+        suppressed = self._throttle.admit(now)
+        if suppressed is None:
+            return
         if suppressed:
             self._logger.log(level, "%d similar lines were not logged (rate limit)", suppressed)
         self._logger.log(level, message, *args)

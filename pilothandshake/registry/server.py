@@ -40,6 +40,7 @@ from typing import Any
 
 from .._version import __version__
 from ..addresses import format_address, parse_address
+from ..connection_slots import ConnectionSlots
 from ..constants import (
     DEFAULT_REGISTRY_STORE,
     DROP_LOG_PER_SECOND,
@@ -222,8 +223,9 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         self.limits = limits
         self.tls = tls
         self._connections: set[socket.socket] = set()
-        self._per_source: dict[str, int] = {}
-        self._admitted: dict[Any, str] = {}
+        self._slots: ConnectionSlots[Any] = ConnectionSlots(
+            limits.max_connections, limits.max_connections_per_source
+        )
         self._lock = threading.Lock()
         self._log = RateLimitedLog(log, DROP_LOG_PER_SECOND)
         self._idle_threads: list[queue.SimpleQueue[_Job | None]] = []
@@ -273,66 +275,41 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit the connection if both caps allow it; otherwise reset it unread."""
         source = str(client_address[0])
-        with self._lock:
-            from_source = self._per_source.get(source, 0)
-            admitted = (
-                len(self._admitted) < self.limits.max_connections
-                and from_source < self.limits.max_connections_per_source
-            )
-            if admitted:
-                self._admitted[request] = source
-                self._per_source[source] = from_source + 1
-            active = len(self._admitted)
-        if not admitted:
+        answer = self._slots.take(request, source)
+        if not answer.admitted:
             reset_close(request)
             self._log.log(
                 logging.WARNING,
                 time.monotonic(),
                 "connection limit reached (%d open, %d from %s): reset a connection",
-                active,
-                from_source,
+                answer.active,
+                answer.from_source,
                 source,
             )
-        return admitted
+        return answer.admitted
+
+    def reconfigure(self, limits: RegistryLimits) -> None:
+        """Apply the ``limits`` of a reloaded config to the connections from now on."""
+        self.limits = limits
+        self._slots.total = limits.max_connections
+        self._slots.per_source = limits.max_connections_per_source
 
     def shutdown_request(self, request: Any) -> None:
         """Close the connection and release its slot (runs after every admitted handler)."""
         try:
             super().shutdown_request(request)
         finally:
-            with self._lock:
-                self._release(request)
+            self._slots.release(request)
 
-    def _release(self, request: Any) -> str | None:
-        """Give back ``request``'s slot (call holding self._lock); its source, or None."""
-        source = self._admitted.pop(request, None)
-        if source is not None:
-            left = self._per_source[source] - 1
-            if left:
-                self._per_source[source] = left
-            else:
-                del self._per_source[source]
-        return source
-
-    @contextlib.contextmanager
-    def held(self, request: Any) -> Iterator[None]:
+    def held(self, request: Any) -> contextlib.AbstractContextManager[None]:
         """While a poll of ``request``'s connection is held, its slot is free for others;
         it takes one again afterwards (above the cap if need be: held polls are bounded
         on their own)."""
-        with self._lock:
-            source = self._release(request)
-        try:
-            yield
-        finally:
-            if source is not None:
-                with self._lock:
-                    self._admitted[request] = source
-                    self._per_source[source] = self._per_source.get(source, 0) + 1
+        return self._slots.set_aside(request)
 
     def open_connections(self) -> int:
         """How many connections are admitted right now."""
-        with self._lock:
-            return len(self._admitted)
+        return len(self._slots)
 
     @contextlib.contextmanager
     def tracked(self, sock: socket.socket) -> Iterator[None]:
@@ -411,7 +388,7 @@ class RegistryServer:
 
     def reconfigure(self, config: ServerConfig) -> None:
         """Use ``config``'s networks and limits from now on (what SIGHUP does)."""
-        self._server.limits = config.limits
+        self._server.reconfigure(config.limits)
         self.registry.reconfigure(config.networks, config.limits)
 
     def start(self) -> None:

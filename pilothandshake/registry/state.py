@@ -50,6 +50,7 @@ makes where SPEC leaves room:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -96,6 +97,17 @@ FEATURES = ("wait_poll",)
 REGISTER_SKEW = 300
 
 _Handler = Callable[[dict[str, Any], str], dict[str, Any]]
+
+
+def _commit(store: Store, seq: int) -> None:
+    """Wait until journal line ``seq`` is durable (call without the lock); a failed write
+    refuses the request (the change stays in memory and is written with the next write that
+    succeeds)."""
+    try:
+        store.commit(seq)
+    except OSError as exc:
+        log.error("cannot write registry store %s: %s", store.path, exc)
+        refuse("store write failed", "the registry cannot write its store")
 
 
 class _Hold:
@@ -157,7 +169,7 @@ class Registry:
             "resolve_hostname": self._resolve_hostname,
         }
         if store is not None:
-            store.start_compactor(self._capture)
+            store.start_compactor(functools.partial(self._capture, store))
 
     def handle(
         self, request: dict[str, Any], source: str, alive: Callable[[], bool] | None = None
@@ -233,25 +245,13 @@ class Registry:
                     if changes.ops and self._store is not None:
                         seq = self._store.stage(changes.ops)
         finally:
-            if seq:
-                self._commit(seq)
+            if seq and self._store is not None:
+                _commit(self._store, seq)
 
-    def _commit(self, seq: int) -> None:
-        """Wait until journal line ``seq`` is durable (call without the lock); a failed
-        write refuses the request (the change stays in memory and is written with the
-        next write that succeeds)."""
-        assert self._store is not None
-        try:
-            self._store.commit(seq)
-        except OSError as exc:
-            log.error("cannot write registry store %s: %s", self._store.path, exc)
-            refuse("store write failed", "the registry cannot write its store")
-
-    def _capture(self) -> tuple[int, StoreState]:
+    def _capture(self, store: Store) -> tuple[int, StoreState]:
         """For the compactor: the last staged line and a copy of the state holding it."""
-        assert self._store is not None
         with self._lock:
-            return self._store.staged, self._state.copy()
+            return store.staged, self._state.copy()
 
     def _limit_source(self, source: str) -> None:
         """Spend a mutation token of ``source``'s prefix (before any signature is checked:
@@ -327,6 +327,26 @@ class Registry:
         """Record ``node`` as it now is, unless that is how it already is."""
         if self._state.nodes.get(node.node_id) != node:
             changes.apply(node_op(node))
+
+    def _mutation(
+        self, request: dict[str, Any], source: str, node_id: int, challenge: bytes
+    ) -> Node:
+        """The checks of every mutating request (SPEC 17), cheapest first: a token of
+        ``source``'s prefix, ``node_id``'s signature of ``challenge``, a token of the node."""
+        self._limit_source(source)
+        node = self._verified(request, node_id, challenge)
+        self._limit_node(node_id)
+        return node
+
+    def _pair_mutation(
+        self, request: dict[str, Any], source: str, challenge: Callable[[int, int], bytes]
+    ) -> tuple[int, int]:
+        """``node_id`` and ``peer_id`` of a request about a trust pair, checked as a
+        mutation signed by ``node_id`` over ``challenge(node_id, peer_id)``."""
+        node_id = node_field(request, "node_id")
+        peer_id = node_field(request, "peer_id")
+        self._mutation(request, source, node_id, challenge(node_id, peer_id))
+        return node_id, peer_id
 
     def _verified(self, request: dict[str, Any], node_id: int, challenge: bytes) -> Node:
         """Refuse unless ``signature`` is ``node_id``'s signature of ``challenge``.
@@ -472,9 +492,7 @@ class Registry:
     def _set_visibility(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         public = bool_field(request, "public")
-        self._limit_source(source)
-        node = self._verified(request, node_id, set_visibility_challenge(node_id))
-        self._limit_node(node_id)
+        node = self._mutation(request, source, node_id, set_visibility_challenge(node_id))
         with self._change() as changes:
             node = self._state.nodes[node_id]
             self._put(
@@ -483,11 +501,7 @@ class Registry:
         return {"type": "set_visibility_ok"}
 
     def _report_trust(self, request: dict[str, Any], source: str) -> dict[str, Any]:
-        node_id = node_field(request, "node_id")
-        peer_id = node_field(request, "peer_id")
-        self._limit_source(source)
-        self._verified(request, node_id, report_trust_challenge(node_id, peer_id))
-        self._limit_node(node_id)
+        node_id, peer_id = self._pair_mutation(request, source, report_trust_challenge)
         with self._change() as changes:
             self._registered_other(node_id, peer_id)
             if not self._vouch(changes, node_id, peer_id):
@@ -498,11 +512,7 @@ class Registry:
         return {"type": "report_trust_ok"}
 
     def _revoke_trust(self, request: dict[str, Any], source: str) -> dict[str, Any]:
-        node_id = node_field(request, "node_id")
-        peer_id = node_field(request, "peer_id")
-        self._limit_source(source)
-        self._verified(request, node_id, revoke_trust_challenge(node_id, peer_id))
-        self._limit_node(node_id)
+        node_id, peer_id = self._pair_mutation(request, source, revoke_trust_challenge)
         with self._change() as changes:
             vouches = self._state.vouches
             if (node_id, peer_id) not in vouches and (peer_id, node_id) not in vouches:
@@ -516,9 +526,7 @@ class Registry:
         from_id = node_field(request, "from_node_id")
         to_id = node_field(request, "to_node_id")
         justification = str_field(request, "justification", "")
-        self._limit_source(source)
-        sender = self._verified(request, from_id, handshake_challenge(from_id, to_id))
-        self._limit_node(from_id)
+        sender = self._mutation(request, source, from_id, handshake_challenge(from_id, to_id))
         entry = {
             "from_node_id": from_id,
             "justification": justification,
@@ -538,9 +546,7 @@ class Registry:
         peer_id = node_field(request, "peer_id")
         accept = bool_field(request, "accept")
         reason = str_field(request, "reason", "")
-        self._limit_source(source)
-        self._verified(request, node_id, respond_challenge(node_id, peer_id))
-        self._limit_node(node_id)
+        self._mutation(request, source, node_id, respond_challenge(node_id, peer_id))
         entry: dict[str, Any] = {
             "from_node_id": node_id,
             "accept": accept,
@@ -613,9 +619,7 @@ class Registry:
     def _set_hostname(self, request: dict[str, Any], source: str) -> dict[str, Any]:
         node_id = node_field(request, "node_id")
         hostname = str_field(request, "hostname")
-        self._limit_source(source)
-        self._verified(request, node_id, set_hostname_challenge(node_id))
-        self._limit_node(node_id)
+        self._mutation(request, source, node_id, set_hostname_challenge(node_id))
         problem = hostname_problem(hostname) if hostname else ""
         if problem:
             refuse(problem)

@@ -627,8 +627,10 @@ class Store:
 
     def compact(self) -> None:
         """Write a snapshot of the current state and cut the journal to the lines after it.
-        Never under the registry's lock: ``capture`` takes it briefly. Raises ``OSError``."""
-        assert self._capture is not None
+        Never under the registry's lock: ``capture`` takes it briefly. Raises ``OSError``,
+        and ``RuntimeError`` before ``start_compactor`` (nothing to capture the state from)."""
+        if self._capture is None:
+            raise RuntimeError("compact() before start_compactor()")
         seq, state = self._capture()
         data = encode(state, seq)
         self.commit(seq)  # the lines the snapshot holds are on disk before it claims them

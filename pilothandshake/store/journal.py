@@ -189,11 +189,12 @@ class Journal:
         """Whether ``append`` may add a line (else the next write checkpoints)."""
         return self._ours and self.size is not None and self.base is not None
 
-    def open(self) -> None:
-        """Create the journal (mode 0600) or open it, once. A caller that may have created
-        it fsyncs the directory (a checkpoint does, right after its rename)."""
+    def open(self) -> int:
+        """Create the journal (mode 0600) or open it, once; its descriptor. A caller that
+        may have created it fsyncs the directory (a checkpoint does, right after its
+        rename)."""
         if self._fd is not None:
-            return
+            return self._fd
         fd = fsutil.open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         try:
             if os.fstat(fd).st_mode & 0o777 != 0o600:
@@ -202,16 +203,17 @@ class Journal:
             os.close(fd)
             raise
         self._fd = fd
+        return fd
 
     def append(self, line: bytes) -> None:
         """Append ``line`` (after a header when the journal is empty) and fsync it: the commit
         point. On failure, cut the journal back to where it was; if that fails too, the
         journal is no longer ``appendable`` and ``size`` is None. Raises ``OSError``."""
-        assert self.appendable and self.size is not None and self.base is not None
-        self.open()
-        assert self._fd is not None
-        fd, start = self._fd, self.size
-        data = header(self.base) + line if start == 0 else line
+        start, base = self.size, self.base
+        if not self._ours or start is None or base is None:  # what appendable says
+            raise RuntimeError(f"{self.path} is not appendable: checkpoint first")
+        fd = self.open()
+        data = header(base) + line if start == 0 else line
         try:
             view, written = memoryview(data), 0
             while written < len(data):
@@ -238,10 +240,9 @@ class Journal:
         journal whose header names the replaced file."""
         if self.size != 0:
             try:
-                self.open()
-                assert self._fd is not None
-                os.ftruncate(self._fd, 0)
-                os.fsync(self._fd)
+                fd = self.open()
+                os.ftruncate(fd, 0)
+                os.fsync(fd)
             except OSError as exc:
                 log.warning("cannot empty %s after a checkpoint: %s", self.path, exc)
                 self.size = None

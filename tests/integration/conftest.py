@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from pilothandshake.control import ControlClient
+from pilothandshake.client import ControlClient
 from pilothandshake.identity import Identity
 
 ROOT = Path(__file__).resolve().parents[2]

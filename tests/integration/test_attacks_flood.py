@@ -10,6 +10,7 @@ import json
 import re
 import time
 
+from pilothandshake.client import ControlClient
 from pilothandshake.constants import (
     EVICT_AFTER,
     MAX_CONNECTIONS,
@@ -17,7 +18,6 @@ from pilothandshake.constants import (
     MAX_MESSAGE_SIZE,
     MAX_PENDING,
 )
-from pilothandshake.control import ControlClient
 from pilothandshake.messages import HANDSHAKE_REQUEST
 from pilothandshake.registry.client import RegistryConnection
 

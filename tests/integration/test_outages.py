@@ -394,7 +394,7 @@ def test_failed_write_fails_the_api_call_and_leaves_memory_and_file_alone(
     with tempfile.TemporaryDirectory(prefix="ph-") as root:
         manager = Manager(MemoryRuntime(7, root))
         try:
-            manager.process_message(Peer(5).data("handshake_request", 7), "127.0.0.1:9")
+            manager.process_message(Peer(5).data("handshake_request", 7), ("127.0.0.1", 9))
             assert [p.node_id for p in manager.pending_requests()] == [5]
             trust = os.path.join(root, "trust.json")
             before = Path(trust).read_bytes()

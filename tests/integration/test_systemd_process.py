@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pilothandshake.control import ControlClient
+from pilothandshake.client import ControlClient
 
 from .conftest import Fleet, Node
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from datetime import datetime, timezone
 
@@ -12,9 +11,10 @@ from fakeruntime import settle, snapshot
 
 from pilothandshake.manager import Manager
 from pilothandshake.testing import MemoryRuntime
+from pilothandshake.wire import peer_text
 
 OWN = 1
-REMOTE = "127.0.0.1:40000"
+REMOTE = ("127.0.0.1", 40000)
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
 
 
@@ -24,7 +24,7 @@ def assert_dropped(
     caplog: pytest.LogCaptureFixture,
     data: bytes,
     reason: str,
-    remote: str = REMOTE,
+    remote: tuple[str, int] = REMOTE,
     level: int = logging.WARNING,
 ) -> None:
     """Processing ``data`` changes nothing, publishes nothing and logs exactly one line at
@@ -39,15 +39,5 @@ def assert_dropped(
     assert runtime.events == events
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     (line,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert remote in line and reason in line
+    assert peer_text(remote) in line and reason in line
     assert [r.levelno for r in loud] == ([level] if level >= logging.WARNING else [])
-
-
-def respell(b64: str) -> str:
-    """Another base64 spelling of the same bytes (non-zero unused bits before the padding)."""
-    stripped = b64.rstrip("=")
-    last = stripped[-1]
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    respelled = stripped[:-1] + alphabet[alphabet.index(last) + 1] + b64[len(stripped) :]
-    assert respelled != b64 and base64.b64decode(respelled) == base64.b64decode(b64)
-    return respelled

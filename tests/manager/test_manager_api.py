@@ -24,7 +24,7 @@ from pilothandshake.messages import (
 from pilothandshake.store import OutgoingRequest, PendingHandshake, TrustRecord, load_state
 
 OWN = 1
-REMOTE = "127.0.0.1:40000"
+REMOTE = ("127.0.0.1", 40000)
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
 
 
@@ -339,8 +339,8 @@ def test_revoke_of_a_node_we_only_asked_withdraws_the_request_at_the_peer(
         registry.keys[1] = alice_rt.identity.public_key_b64
         registry.keys[2] = bob_rt.identity.public_key_b64
     wired = {1: alice, 2: bob}
-    alice_rt.deliver = lambda peer, data: wired[peer].process_message(data, "127.0.0.1:1001")
-    bob_rt.deliver = lambda peer, data: wired[peer].process_message(data, "127.0.0.1:1002")
+    alice_rt.deliver = lambda peer, data: wired[peer].process_message(data, ("127.0.0.1", 1001))
+    bob_rt.deliver = lambda peer, data: wired[peer].process_message(data, ("127.0.0.1", 1002))
     assert alice.send_request(2, "sync") == "sent"
     assert [p.node_id for p in bob.pending_requests()] == [1]
 

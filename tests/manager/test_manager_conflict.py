@@ -19,7 +19,7 @@ from pilothandshake.store import TrustRecord
 from pilothandshake.testing import FakeClock, MemoryRuntime
 
 OWN = 1
-REMOTE = "127.0.0.1:40000"
+REMOTE = ("127.0.0.1", 40000)
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
 
 

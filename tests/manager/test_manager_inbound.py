@@ -17,11 +17,12 @@ from fakeruntime import (
     FakeRegistry,
     Nodes,
     Peer,
+    respell,
     seed_trust,
     settle,
     snapshot,
 )
-from managertools import OWN, REMOTE, T0, assert_dropped, respell
+from managertools import OWN, REMOTE, T0, assert_dropped
 
 from pilothandshake.drops import Drop, DropKind
 from pilothandshake.manager import DropLog
@@ -33,6 +34,7 @@ from pilothandshake.messages import (
     HandshakeMsg,
 )
 from pilothandshake.store import OutgoingRequest, TrustRecord
+from pilothandshake.wire import peer_text
 
 REPLAYED = Drop(DropKind.REPLAY, "replayed message")
 
@@ -279,7 +281,7 @@ def test_replay_set_per_source_bound_drops_others_and_lets_pinned_senders_evict(
     fourth = strangers[3].data(HANDSHAKE_REQUEST, OWN)
     assert_dropped(manager, runtime, caplog, fourth, "replay set full")
     # Another source address is not affected.
-    manager.process_message(fourth, "127.0.0.2:1")
+    manager.process_message(fourth, ("127.0.0.2", 1))
     assert manager.pending_count() == 4
     # A sender matching its trust-record pin evicts the oldest entry of the full source ...
     manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), REMOTE)
@@ -288,7 +290,7 @@ def test_replay_set_per_source_bound_drops_others_and_lets_pinned_senders_evict(
     # ... so the first message is no longer remembered: from an address with room it passes.
     manager.reject_handshake(20)
     events = len(runtime.events)
-    manager.process_message(first, "127.0.0.2:2")
+    manager.process_message(first, ("127.0.0.2", 2))
     assert runtime.events[events:][0][0] == "handshake.received"
 
 
@@ -309,13 +311,13 @@ def test_drop_log_is_rate_limited_and_summarised() -> None:
     try:
         drops = DropLog(logger, per_second=10, clock=lambda: now[0])
         for i in range(25):
-            drops.drop(i, REMOTE, Drop(DropKind.MALFORMED, "bad"))
+            drops.drop(i, peer_text(REMOTE), Drop(DropKind.MALFORMED, "bad"))
         assert len(records) == 10
         now[0] += 1.5
-        drops.drop(99, REMOTE, Drop(DropKind.STALE, "late"))
+        drops.drop(99, peer_text(REMOTE), Drop(DropKind.STALE, "late"))
         assert records[10:] == [
             "15 more dropped messages were not logged",
-            f"dropped message from node 99 at {REMOTE}: late",
+            f"dropped message from node 99 at {peer_text(REMOTE)}: late",
         ]
         drops.flush()
         assert len(records) == 12
@@ -389,7 +391,7 @@ def test_drop_line_quotes_at_most_100_characters_of_a_huge_timestamp(
 
 def test_drop_line_cuts_a_long_reason(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        DropLog().drop(7, REMOTE, Drop(DropKind.MALFORMED, "x" * 5000))
+        DropLog().drop(7, peer_text(REMOTE), Drop(DropKind.MALFORMED, "x" * 5000))
     (line,) = warnings(caplog)
     assert len(line) < 300
 

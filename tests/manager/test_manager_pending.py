@@ -34,7 +34,7 @@ class Fleet:
         for peer in self.peers:
             manager.process_relayed_request(peer.node_id, "let me in", peer.key)
 
-    def direct(self, manager: Manager, remote: str) -> None:
+    def direct(self, manager: Manager, remote: tuple[str, int]) -> None:
         for peer in self.peers:
             manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), remote)
 
@@ -70,15 +70,15 @@ def test_300_relayed_free_identities_leave_room_for_protected_peers() -> None:
         assert manager.pending_count() == MAX_PENDING
 
         manager.process_relayed_request(7, "back again", former.key)
-        manager.process_message(agent.data(HANDSHAKE_REQUEST, OWN), "127.0.0.8:4000")
-        manager.process_message(stranger.data(HANDSHAKE_REQUEST, OWN), "127.0.9.9:4000")
+        manager.process_message(agent.data(HANDSHAKE_REQUEST, OWN), ("127.0.0.8", 4000))
+        manager.process_message(stranger.data(HANDSHAKE_REQUEST, OWN), ("127.0.9.9", 4000))
         assert {7, 8} <= pending_ids(manager) and 9 not in pending_ids(manager)
         assert manager.pending_count() == MAX_PENDING
         held = pending_ids(manager)
 
         # 300 more free identities, relayed and direct, push none of them out.
         Fleet(registry, 2000, 300).relay(manager)
-        Fleet(registry, 3000, 100).direct(manager, "127.0.66.66:5000")
+        Fleet(registry, 3000, 100).direct(manager, ("127.0.66.66", 5000))
         assert pending_ids(manager) == held
     finally:
         manager.close()
@@ -94,7 +94,7 @@ def test_unbound_requests_never_evict_relayed_ones() -> None:
         real.relay(manager)
         throwaway = [Peer(1000 + i) for i in range(264)]  # no registry key: unbound
         for index, peer in enumerate(throwaway):
-            source = f"127.{index // 250}.{index % 250}.1:4000"
+            source = (f"127.{index // 250}.{index % 250}.1", 4000)
             manager.process_message(peer.data(HANDSHAKE_REQUEST, OWN), source)
         assert manager.pending_count() == MAX_PENDING
         assert {10, 11, 12, 13} <= pending_ids(manager)
@@ -108,11 +108,11 @@ def test_a_direct_source_is_its_ipv4_24_or_ipv6_64(nodes: Nodes) -> None:
     manager, _ = nodes.make(max_pending_per_source=2)
     sources = ["127.0.5.1", "127.0.5.2", "127.0.5.3", "127.0.6.1"]
     for node, source in enumerate(sources, start=20):
-        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), f"{source}:4000")
+        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), (source, 4000))
     assert sorted(pending_ids(manager)) == [20, 21, 23]
-    v6 = ["[2001:db8:1:2::1]", "[2001:db8:1:2:ffff::9]", "[2001:db8:1:2:8::1]", "[2001:db8:1:3::1]"]
+    v6 = ["2001:db8:1:2::1", "2001:db8:1:2:ffff::9", "2001:db8:1:2:8::1", "2001:db8:1:3::1"]
     for node, source in enumerate(v6, start=30):
-        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), f"{source}:4000")
+        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), (source, 4000))
     assert sorted(pending_ids(manager)) == [20, 21, 23, 30, 31, 33]
 
 
@@ -122,11 +122,11 @@ def test_bound_direct_requests_are_limited_to_64_per_source(
     registry = FakeRegistry()
     manager, runtime = memory_manager(registry)
     try:
-        Fleet(registry, 1000, 100).direct(manager, "127.0.0.66:5000")
+        Fleet(registry, 1000, 100).direct(manager, ("127.0.0.66", 5000))
         assert manager.pending_count() == 64
         assert "too many pending requests from this source address" in caplog.text
         # Another /24 has its own quota.
-        Fleet(registry, 2000, 10).direct(manager, "127.0.1.67:5000")
+        Fleet(registry, 2000, 10).direct(manager, ("127.0.1.67", 5000))
         assert manager.pending_count() == 74
         assert runtime.topics().count("handshake.pending") == 74
     finally:
@@ -142,13 +142,13 @@ def test_a_stranger_evicts_only_from_a_source_holding_more_than_its_share(
     try:
         floods = [Fleet(registry, 1000 + 64 * i, 64) for i in range(4)]
         for index, flood in enumerate(floods):
-            flood.direct(manager, f"127.0.{index}.66:5000")
+            flood.direct(manager, (f"127.0.{index}.66", 5000))
         assert manager.pending_count() == MAX_PENDING
         oldest = floods[0].peers[0].node_id
         # A registry-bound stranger from its own /24: 127.0.0.0/24 holds 64 > 0 + 1.
         newcomer = Peer(9)
         registry.keys[9] = newcomer.key
-        manager.process_message(newcomer.data(HANDSHAKE_REQUEST, OWN), "127.0.9.9:4000")
+        manager.process_message(newcomer.data(HANDSHAKE_REQUEST, OWN), ("127.0.9.9", 4000))
         assert 9 in pending_ids(manager) and oldest not in pending_ids(manager)
         assert f"evicted the request of node {oldest} (source '127.0.0.66')" in caplog.text
         # A relayed stranger is a source of its own: it takes from the largest source too.
@@ -158,7 +158,7 @@ def test_a_stranger_evicts_only_from_a_source_holding_more_than_its_share(
         assert 5000 in pending_ids(manager)
         # An unbound stranger may evict only unbound entries: there are none.
         caplog.clear()
-        manager.process_message(Peer(6000).data(HANDSHAKE_REQUEST, OWN), "127.0.10.1:4000")
+        manager.process_message(Peer(6000).data(HANDSHAKE_REQUEST, OWN), ("127.0.10.1", 4000))
         assert 6000 not in pending_ids(manager)
         assert "pending queue full" in caplog.text
     finally:
@@ -183,7 +183,7 @@ def test_protected_requests_are_never_evicted_for_strangers(
     stranger = Peer(9)
     registry.keys[9] = stranger.key
     with caplog.at_level(logging.WARNING):
-        manager.process_message(stranger.data(HANDSHAKE_REQUEST, OWN), "127.0.0.9:4000")
+        manager.process_message(stranger.data(HANDSHAKE_REQUEST, OWN), ("127.0.0.9", 4000))
         manager.process_relayed_request(9, "relayed", stranger.key)
     assert pending_ids(manager) == set(range(100, 100 + MAX_PENDING))
     assert caplog.text.count("pending queue full of protected requests") == 2
@@ -212,7 +212,7 @@ def test_trust_history_and_sources_survive_a_restart(nodes: Nodes) -> None:
     former = Peer(7)
     registry.keys[7] = former.key
     manager, _ = nodes.make(registry=registry)
-    manager.process_message(former.data(HANDSHAKE_REQUEST, OWN), "127.0.0.7:4000")
+    manager.process_message(former.data(HANDSHAKE_REQUEST, OWN), ("127.0.0.7", 4000))
     assert manager.approve_handshake(7)
     manager.revoke_trust(7)
     manager.process_relayed_request(7, "again", former.key)
@@ -232,7 +232,7 @@ def test_trust_history_is_protected_only_for_the_key_we_trusted(nodes: Nodes) ->
     manager, _ = nodes.make()
     manager.revoke_trust(7)
     impostor = Peer(7)
-    manager.process_message(impostor.data(HANDSHAKE_REQUEST, OWN), "127.0.0.7:4000")
+    manager.process_message(impostor.data(HANDSHAKE_REQUEST, OWN), ("127.0.0.7", 4000))
     assert pending_ids(manager) == {7}
     assert manager._state._protected == set()  # not observable without filling the queue
 
@@ -272,7 +272,7 @@ def test_spec15_pending_quota_per_source_counts_unbound_requests_only(nodes: Nod
 def test_spec15_pending_quota_per_source_is_per_address_not_per_port(nodes: Nodes) -> None:
     manager, _ = nodes.make(max_pending_per_source=2)
     for port, node in zip((40001, 40002, 40003), (20, 21, 22)):
-        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), f"127.0.0.1:{port}")
+        manager.process_message(Peer(node).data(HANDSHAKE_REQUEST, OWN), ("127.0.0.1", port))
     assert [p.node_id for p in manager.pending_requests()] == [20, 21]
-    manager.process_message(Peer(22).data(HANDSHAKE_REQUEST, OWN), "127.0.1.2:40003")
+    manager.process_message(Peer(22).data(HANDSHAKE_REQUEST, OWN), ("127.0.1.2", 40003))
     assert [p.node_id for p in manager.pending_requests()] == [20, 21, 22]

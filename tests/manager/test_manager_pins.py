@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 import pytest
-from fakeruntime import FakeRegistry, Nodes, Peer, seed_trust, snapshot
-from managertools import OWN, REMOTE, T0, assert_dropped, respell
+from fakeruntime import FakeRegistry, Nodes, Peer, respell, seed_trust, snapshot
+from managertools import OWN, REMOTE, T0, assert_dropped
 
 from pilothandshake.messages import (
     HANDSHAKE_ACCEPT,

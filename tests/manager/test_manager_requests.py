@@ -32,7 +32,7 @@ def registry(peer: Peer) -> FakeRegistry:
 
 def send_direct(manager: Manager, peer: Peer, justification: str = "need data") -> None:
     manager.process_message(
-        peer.data(HANDSHAKE_REQUEST, OWN, justification=justification), "127.0.0.1:40000"
+        peer.data(HANDSHAKE_REQUEST, OWN, justification=justification), ("127.0.0.1", 40000)
     )
 
 
@@ -398,15 +398,15 @@ def test_unbound_direct_requests_are_limited_per_source_address(
     manager, runtime = nodes.make(max_pending_per_source=2)
     peers = [Peer(n) for n in (10, 11, 12)]
     for p in peers:
-        manager.process_message(p.data(HANDSHAKE_REQUEST, OWN), "127.0.0.1:5000")
+        manager.process_message(p.data(HANDSHAKE_REQUEST, OWN), ("127.0.0.1", 5000))
     assert [p.node_id for p in manager.pending_requests()] == [10, 11]
     assert any("source address" in r.getMessage() for r in caplog.records)
     # A replacement from a node already pending is not a new entry.
     again = peers[0].data(HANDSHAKE_REQUEST, OWN, justification="again")
-    manager.process_message(again, "127.0.0.1:1")
+    manager.process_message(again, ("127.0.0.1", 1))
     # Another /24 has its own quota.
     other = peers[2].data(HANDSHAKE_REQUEST, OWN, justification="other")
-    manager.process_message(other, "127.0.1.2:5000")
+    manager.process_message(other, ("127.0.1.2", 5000))
     assert [(p.node_id, p.justification) for p in manager.pending_requests()] == [
         (10, "again"),
         (11, ""),
@@ -436,7 +436,7 @@ def test_full_queue_drops_unbound_and_lets_bound_evict_the_oldest_unbound(
     assert manager.pending_count() == MAX_PENDING
     newcomer = Peer(5000)
     with caplog.at_level(logging.WARNING):
-        manager.process_message(newcomer.data(HANDSHAKE_REQUEST, OWN), "127.0.0.1:9")
+        manager.process_message(newcomer.data(HANDSHAKE_REQUEST, OWN), ("127.0.0.1", 9))
     assert "pending queue full" in caplog.records[-1].getMessage()
     assert 5000 not in {p.node_id for p in manager.pending_requests()}
     # A relayed request is vouched for: it evicts the oldest unbound one (node 100), and

@@ -32,7 +32,7 @@ from pilothandshake.store import PendingHandshake, TrustRecord, load_state
 from pilothandshake.testing import MemoryRuntime
 
 OWN = 1
-REMOTE = "127.0.0.1:40000"
+REMOTE = ("127.0.0.1", 40000)
 WAIT = 10.0
 T0 = datetime(2026, 11, 25, tzinfo=timezone.utc)
 
@@ -157,7 +157,7 @@ def test_concurrent_changes_end_with_memory_equal_to_trust_json(nodes: Nodes) ->
                 action = rng.randrange(5)
                 if action == 0:
                     data = peer.data(HANDSHAKE_REQUEST, OWN, justification=str(rng.random()))
-                    manager.process_message(data, f"127.0.0.1:{seed}")
+                    manager.process_message(data, ("127.0.0.1", seed))
                 elif action == 1:
                     manager.approve_handshake(peer.node_id)
                 elif action == 2:
@@ -334,8 +334,8 @@ def test_two_managers_complete_a_request_and_approval(nodes: Nodes) -> None:
     alice, alice_rt = nodes.make(1)
     bob, bob_rt = nodes.make(2)
     wired = {1: alice, 2: bob}
-    alice_rt.deliver = lambda peer, data: wired[peer].process_message(data, "127.0.0.1:1001")
-    bob_rt.deliver = lambda peer, data: wired[peer].process_message(data, "127.0.0.1:1002")
+    alice_rt.deliver = lambda peer, data: wired[peer].process_message(data, ("127.0.0.1", 1001))
+    bob_rt.deliver = lambda peer, data: wired[peer].process_message(data, ("127.0.0.1", 1002))
     for manager in (alice, bob):
         manager.start()
 

@@ -28,7 +28,7 @@ from pilothandshake.messages import HANDSHAKE_ACCEPT, HANDSHAKE_REQUEST
 from pilothandshake.testing import FakeClock, MemoryRuntime
 
 OWN = 1
-REMOTE = "127.0.0.1:40000"
+REMOTE = ("127.0.0.1", 40000)
 WEEK = 7 * 24 * 3600.0
 
 

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
-from registrytools import ROOMY, Clock
+from fakeruntime import TickClock
+from registrytools import ROOMY
 
 from pilothandshake.registry.config import RegistryLimits, ServerConfig, parse_networks
 from pilothandshake.registry.server import RegistryServer
@@ -42,10 +43,10 @@ def server(make_server: Callable[..., RegistryServer]) -> RegistryServer:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> TickClock:
+    return TickClock()
 
 
 @pytest.fixture
-def registry(clock: Clock) -> Registry:
+def registry(clock: TickClock) -> Registry:
     return Registry(limits=ROOMY, clock=clock, wall=clock)

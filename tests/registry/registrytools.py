@@ -1,12 +1,12 @@
 """What the registry's tests share: limits roomy enough for many identities from 127.0.0.1,
-a node registered over the real client, a settable clock and ``Peer``, a node that signs its
-calls to a ``RegistryState``."""
+a node registered over the real client, and ``Peer``, a node that signs its calls to a
+``Registry`` in process."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import handshake_challenge
@@ -19,6 +19,7 @@ from pilothandshake.registry.challenges import (
     respond_challenge,
     revoke_trust_challenge,
     set_hostname_challenge,
+    set_visibility_challenge,
 )
 from pilothandshake.registry.client import RegistryConnection
 from pilothandshake.registry.config import RegistryLimits
@@ -50,49 +51,37 @@ class Node:
         return b64encode(self.identity.sign(challenge))
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
-class Clock:
-    """Seconds that only move when a test says so: the registry's monotonic and wall clock
-    both (it starts at the real time, so signed registers made now are fresh)."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Peer:
-    """A registered identity and the signed requests it can make."""
+    """An identity registered (unsigned, as a new key) at ``source:port``, asking from
+    ``source``, and the signed requests it makes."""
 
     def __init__(self, registry: Registry, port: int = 4000, source: str = "127.0.0.1") -> None:
         self.registry = registry
+        self.source = source
         self.identity = Identity.generate()
+        self.addr = f"{source}:{port}"
         answer = registry.handle(
             {
                 "type": "register",
-                "listen_addr": f"127.0.0.1:{port}",
+                "listen_addr": self.addr,
                 "public_key": self.identity.public_key_b64,
             },
             source,
         )
         assert answer["type"] == "register_ok", answer
         self.node_id: int = answer["node_id"]
-        self.addr = f"127.0.0.1:{port}"
 
     def sig(self, challenge: bytes) -> str:
         return b64encode(self.identity.sign(challenge))
 
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.registry.handle(request, self.source)
+
     def register(
-        self, stamp: int | None = None, source: str = "127.0.0.1", **fields: Any
+        self, stamp: int | None = None, source: str | None = None, **fields: Any
     ) -> dict[str, Any]:
-        """A ``register`` of this node's key signed by it (SPEC 17), with ``fields``."""
+        """A ``register`` of this node's key signed by it (SPEC 17), with ``fields``, from
+        ``source`` (its own by default)."""
         stamp = int(time.time()) if stamp is None else stamp
         key = self.identity.public_key_b64
         request = {
@@ -103,19 +92,19 @@ class Peer:
             "signature": self.sig(register_challenge(key, stamp)),
             **fields,
         }
-        return self.registry.handle(request, source)
+        return self.registry.handle(request, self.source if source is None else source)
 
-    def heartbeat(self) -> dict[str, Any]:
+    def signed(self, kind: str, challenge: bytes, **fields: Any) -> dict[str, Any]:
+        """A request of ``kind`` by this node with ``fields``, signed over ``challenge``."""
         return self.ask(
-            {
-                "type": "heartbeat",
-                "node_id": self.node_id,
-                "signature": self.sig(heartbeat_challenge(self.node_id)),
-            }
+            {"type": kind, "node_id": self.node_id, **fields, "signature": self.sig(challenge)}
         )
 
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self.registry.handle(request, "127.0.0.1")
+    def heartbeat(self) -> dict[str, Any]:
+        return self.signed("heartbeat", heartbeat_challenge(self.node_id))
+
+    def poll(self) -> dict[str, Any]:
+        return self.signed("poll_handshakes", poll_challenge(self.node_id))
 
     def resolve(self, target: int) -> dict[str, Any]:
         return self.ask(
@@ -128,37 +117,18 @@ class Peer:
         )
 
     def report_trust(self, peer: int) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "report_trust",
-                "node_id": self.node_id,
-                "peer_id": peer,
-                "signature": self.sig(report_trust_challenge(self.node_id, peer)),
-            }
-        )
+        challenge = report_trust_challenge(self.node_id, peer)
+        return self.signed("report_trust", challenge, peer_id=peer)
 
     def revoke_trust(self, peer: int) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "revoke_trust",
-                "node_id": self.node_id,
-                "peer_id": peer,
-                "signature": self.sig(revoke_trust_challenge(self.node_id, peer)),
-            }
-        )
+        challenge = revoke_trust_challenge(self.node_id, peer)
+        return self.signed("revoke_trust", challenge, peer_id=peer)
 
-    def respond(self, peer: int, accept: bool) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "respond_handshake",
-                "node_id": self.node_id,
-                "peer_id": peer,
-                "accept": accept,
-                "signature": self.sig(respond_challenge(self.node_id, peer)),
-            }
-        )
+    def respond(self, peer: int, accept: bool = True, **fields: Any) -> dict[str, Any]:
+        challenge = respond_challenge(self.node_id, peer)
+        return self.signed("respond_handshake", challenge, peer_id=peer, accept=accept, **fields)
 
-    def request(self, to: int, justification: str = "hi") -> dict[str, Any]:
+    def request(self, to: int, justification: str = "let me in") -> dict[str, Any]:
         return self.ask(
             {
                 "type": "request_handshake",
@@ -169,27 +139,11 @@ class Peer:
             }
         )
 
-    def poll(self) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "poll_handshakes",
-                "node_id": self.node_id,
-                "signature": self.sig(poll_challenge(self.node_id)),
-            }
-        )
-
     def set_hostname(self, name: str) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "set_hostname",
-                "node_id": self.node_id,
-                "hostname": name,
-                "signature": self.sig(set_hostname_challenge(self.node_id)),
-            }
-        )
+        return self.signed("set_hostname", set_hostname_challenge(self.node_id), hostname=name)
 
-
-# Every test node registers from 127.0.0.1: the limits themselves are tested on their own.
+    def set_visibility(self, public: bool) -> dict[str, Any]:
+        return self.signed("set_visibility", set_visibility_challenge(self.node_id), public=public)
 
 
 def refused(answer: dict[str, Any], why: str = "") -> bool:

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
-from strategies import json_values
+from strategies import fuzz, json_values
 from test_registry_client import Stub
 
 from pilothandshake.errors import RegistryError
@@ -40,15 +40,6 @@ from pilothandshake.registry.config import RegistryLimits, ServerConfig
 from pilothandshake.registry.server import RegistryServer
 
 HEADER = struct.Struct(">I")
-
-
-def fuzz(examples: int) -> settings:
-    """Bounded runs (CI budget); no per-example deadline, since every example uses sockets."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 REQUEST_TYPES = [

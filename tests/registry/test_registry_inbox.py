@@ -5,121 +5,20 @@ is passed on, and inboxes survive a restart with their bounds and expiry."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
-import pytest
-from registrytools import ROOMY, Clock
+from fakeruntime import TickClock
+from registrytools import ROOMY, Peer
 
 from pilothandshake.constants import MAX_TEXT_BYTES, REGISTRY_INBOX
-from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import handshake_challenge
-from pilothandshake.registry.challenges import (
-    heartbeat_challenge,
-    poll_challenge,
-    register_challenge,
-    report_trust_challenge,
-    respond_challenge,
-)
 from pilothandshake.registry.state import Registry
 from pilothandshake.registry.storage import Store
-
-# Every identity here registers from a handful of sources: only the inbox rules bind.
-
-
-class Peer:
-    """An identity registered from ``source`` and the signed relay calls it makes."""
-
-    def __init__(self, registry: Registry, source: str = "127.0.0.1") -> None:
-        self.registry = registry
-        self.source = source
-        self.identity = Identity.generate()
-        stamp, key = int(time.time()), self.identity.public_key_b64
-        answer = self.ask(
-            {
-                "type": "register",
-                "listen_addr": f"{source}:4000",
-                "public_key": key,
-                "timestamp": stamp,
-                "signature": self.sig(register_challenge(key, stamp)),
-            }
-        )
-        assert answer["type"] == "register_ok", answer
-        self.node_id: int = answer["node_id"]
-
-    def sig(self, challenge: bytes) -> str:
-        return b64encode(self.identity.sign(challenge))
-
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self.registry.handle(request, self.source)
-
-    def request(self, to: int, text: str = "let me in") -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "request_handshake",
-                "from_node_id": self.node_id,
-                "to_node_id": to,
-                "justification": text,
-                "signature": self.sig(handshake_challenge(self.node_id, to)),
-            }
-        )
-
-    def respond(self, to: int, accept: bool = True, **fields: Any) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "respond_handshake",
-                "node_id": self.node_id,
-                "peer_id": to,
-                "accept": accept,
-                "signature": self.sig(respond_challenge(self.node_id, to)),
-                **fields,
-            }
-        )
-
-    def report_trust(self, peer: int) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "report_trust",
-                "node_id": self.node_id,
-                "peer_id": peer,
-                "signature": self.sig(report_trust_challenge(self.node_id, peer)),
-            }
-        )
-
-    def poll(self) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "poll_handshakes",
-                "node_id": self.node_id,
-                "signature": self.sig(poll_challenge(self.node_id)),
-            }
-        )
-
-    def heartbeat(self) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "heartbeat",
-                "node_id": self.node_id,
-                "signature": self.sig(heartbeat_challenge(self.node_id)),
-            }
-        )
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def registry(clock: Clock) -> Registry:
-    return Registry(limits=ROOMY, clock=clock, wall=clock)
 
 
 def free_identities(registry: Registry, count: int) -> list[Peer]:
     """``count`` throwaway identities spread over sources 127.0.2.1, 127.0.3.1, ...: each
     /24 stands for another host."""
-    return [Peer(registry, f"127.0.{2 + i % 200}.1") for i in range(count)]
+    return [Peer(registry, source=f"127.0.{2 + i % 200}.1") for i in range(count)]
 
 
 # -- responses: tied ones are never pushed out -----------------------------------------------
@@ -167,11 +66,11 @@ def test_untied_responses_are_rate_limited_per_identity_and_per_source(
     registry: Registry,
 ) -> None:
     targets = [Peer(registry) for _ in range(12)]
-    stranger = Peer(registry, "127.0.9.1")
+    stranger = Peer(registry, source="127.0.9.1")
     answers = [stranger.respond(t.node_id)["type"] for t in targets]
     assert answers == ["respond_handshake_ok"] * 10 + ["error"] * 2
     # Many identities behind one source: 100 untied responses a minute for all of them.
-    crowd = [Peer(registry, "127.0.8.1") for _ in range(110)]
+    crowd = [Peer(registry, source="127.0.8.1") for _ in range(110)]
     answers = [c.respond(targets[i % 12].node_id)["type"] for i, c in enumerate(crowd)]
     assert answers.count("respond_handshake_ok") == 100
     # A tied response from the same source is not limited with them.
@@ -203,8 +102,8 @@ def test_a_real_request_gets_in_while_free_identities_flood_the_inbox(
     registry: Registry,
 ) -> None:
     b = Peer(registry)
-    flood = [Peer(registry, "127.0.2.1") for _ in range(150)]
-    real = Peer(registry, "127.0.0.7")
+    flood = [Peer(registry, source="127.0.2.1") for _ in range(150)]
+    real = Peer(registry, source="127.0.0.7")
     got_in = 0
     for round_ in range(5):  # the attacker refills B's inbox after every poll
         answers = [attacker.request(b.node_id) for attacker in flood]
@@ -220,10 +119,10 @@ def test_a_real_request_gets_in_while_free_identities_flood_the_inbox(
 
 def test_the_request_inbox_is_shared_evenly_between_sources(registry: Registry) -> None:
     b = Peer(registry)
-    hog = [Peer(registry, "127.0.2.1") for _ in range(REGISTRY_INBOX)]
+    hog = [Peer(registry, source="127.0.2.1") for _ in range(REGISTRY_INBOX)]
     for attacker in hog:
         assert attacker.request(b.node_id)["type"] == "request_handshake_ok"
-    others = [Peer(registry, "127.0.3.1") for _ in range(60)]
+    others = [Peer(registry, source="127.0.3.1") for _ in range(60)]
     answers = [o.request(b.node_id)["type"] for o in others]
     # Two sources: 50 each; the second gets in until it holds its half.
     assert answers.count("request_handshake_ok") == REGISTRY_INBOX // 2
@@ -253,7 +152,7 @@ def test_the_reason_of_a_response_is_passed_on_and_cut_to_1_kib(registry: Regist
 # -- durable inboxes (issue 20 item 3) -------------------------------------------------------
 
 
-def test_inboxes_survive_a_restart_with_their_expiry(tmp_path: Path, clock: Clock) -> None:
+def test_inboxes_survive_a_restart_with_their_expiry(tmp_path: Path, clock: TickClock) -> None:
     path = str(tmp_path / "registry.json")
     registry = Registry(Store(path), limits=ROOMY, clock=clock, wall=clock)
     a, b, c = Peer(registry), Peer(registry), Peer(registry)

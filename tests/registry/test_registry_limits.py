@@ -7,7 +7,8 @@ import logging
 from typing import Any
 
 import pytest
-from registrytools import Clock, Peer, lookup, refused
+from fakeruntime import TickClock
+from registrytools import Peer, lookup, refused
 
 from pilothandshake.identity import Identity
 from pilothandshake.registry.challenges import (
@@ -20,7 +21,7 @@ from pilothandshake.registry.state import Registry
 
 
 def test_register_is_rate_limited_per_source_and_known_keys_are_exempt(
-    clock: Clock, caplog: pytest.LogCaptureFixture
+    clock: TickClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = Registry(clock=clock)  # the default limits: 10 a minute
     peers = [Peer(registry, source="10.0.0.1") for _ in range(10)]
@@ -54,7 +55,7 @@ def test_register_is_rate_limited_per_source_and_known_keys_are_exempt(
 # -- round 3: every mutating request rate-limited, caps (SPEC 15, 17) -------------------
 
 
-def test_mutations_are_limited_per_node_and_per_source_prefix(clock: Clock) -> None:
+def test_mutations_are_limited_per_node_and_per_source_prefix(clock: TickClock) -> None:
     limits = RegistryLimits(
         register_per_minute=100, mutations_per_minute_per_node=5, mutations_per_minute_per_source=12
     )
@@ -99,7 +100,7 @@ def test_mutations_are_limited_per_node_and_per_source_prefix(clock: Clock) -> N
     assert all(lookup(registry, a.node_id)["type"] == "lookup_ok" for _ in range(50))
 
 
-def test_every_mutating_request_spends_a_token(clock: Clock) -> None:
+def test_every_mutating_request_spends_a_token(clock: TickClock) -> None:
     limits = RegistryLimits(mutations_per_minute_per_node=1, mutations_per_minute_per_source=10**6)
     registry = Registry(limits=limits, clock=clock, wall=clock)
     a, b = Peer(registry, 4001), Peer(registry, 4002)
@@ -131,7 +132,7 @@ def test_every_mutating_request_spends_a_token(clock: Clock) -> None:
     assert a.heartbeat()["type"] == "heartbeat_ok"
 
 
-def test_new_keys_beyond_max_nodes_are_refused(clock: Clock) -> None:
+def test_new_keys_beyond_max_nodes_are_refused(clock: TickClock) -> None:
     registry = Registry(limits=RegistryLimits(register_per_minute=100, max_nodes=3), clock=clock)
     peers = [Peer(registry, 4000 + i) for i in range(3)]
     extra = Identity.generate()
@@ -142,7 +143,7 @@ def test_new_keys_beyond_max_nodes_are_refused(clock: Clock) -> None:
 
 
 def test_vouches_beyond_max_vouches_per_node_are_refused_and_relaying_goes_on(
-    clock: Clock,
+    clock: TickClock,
 ) -> None:
     limits = RegistryLimits(register_per_minute=100, max_vouches_per_node=2)
     registry = Registry(limits=limits, clock=clock, wall=clock)

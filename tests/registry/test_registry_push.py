@@ -8,36 +8,19 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, Callable
 
-import pytest
+from fakeruntime import wait_until
 from registrytools import ROOMY
 
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.messages import handshake_challenge
 from pilothandshake.registry.challenges import poll_challenge, respond_challenge
 from pilothandshake.registry.client import RegistryConnection, encode_frame, read_frame
-from pilothandshake.registry.config import RegistryLimits, ServerConfig
 from pilothandshake.registry.server import RegistryServer
 
 LONG = 30.0  # a wait no test should ever sit out: an answer before it was woken
-
-
-@pytest.fixture
-def make_server() -> Iterator[Callable[..., RegistryServer]]:
-    servers: list[RegistryServer] = []
-
-    def make(**limits: Any) -> RegistryServer:
-        config = ServerConfig(limits=RegistryLimits(**{**vars(ROOMY), **limits}))
-        server = RegistryServer("127.0.0.1", 0, config=config)
-        server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 class Node:
@@ -101,13 +84,6 @@ class HeldPoll:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_register_ok_advertises_wait_poll(make_server: Callable[..., RegistryServer]) -> None:
@@ -194,7 +170,9 @@ def test_a_newer_held_poll_of_a_node_ends_the_older_one(
 def test_held_polls_do_not_count_against_the_connection_caps_but_have_their_own(
     make_server: Callable[..., RegistryServer],
 ) -> None:
-    server = make_server(max_connections=4, max_connections_per_source=4, max_held_polls=6)
+    server = make_server(
+        limits=replace(ROOMY, max_connections=4, max_connections_per_source=4, max_held_polls=6)
+    )
     nodes = []
     for _ in range(7):
         nodes.append(Node(server))

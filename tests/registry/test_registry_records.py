@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from registrytools import Clock, Peer, lookup, refused
+from fakeruntime import TickClock
+from registrytools import Peer, lookup, refused
 
 from pilothandshake.identity import Identity, b64encode
 from pilothandshake.registry.challenges import (
@@ -90,7 +91,7 @@ def test_register_sets_a_free_hostname_and_skips_a_taken_one(registry: Registry)
     assert lookup["hostname"] == "alpha"
 
 
-def test_hostnames_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
+def test_hostnames_survive_a_restart(tmp_path: Path, clock: TickClock) -> None:
     path = str(tmp_path / "registry.json")
     registry = Registry(Store(path), clock=clock)
     peer = Peer(registry)
@@ -104,7 +105,9 @@ def test_hostnames_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
 # -- round 3: a directory, not an authority (SPEC 17, issue 15 item 1) -------------------
 
 
-def test_unsigned_register_of_a_known_key_changes_nothing(registry: Registry, clock: Clock) -> None:
+def test_unsigned_register_of_a_known_key_changes_nothing(
+    registry: Registry, clock: TickClock
+) -> None:
     victim, other = Peer(registry, 4001), Peer(registry, 4002)
     assert victim.register(hostname="build-agent")["hostname"] == "build-agent"
     victim.report_trust(other.node_id)  # so that other may resolve the victim
@@ -146,7 +149,7 @@ def test_a_signed_register_moves_the_nodes_own_record(registry: Registry) -> Non
 
 
 def test_a_stale_or_foreign_register_signature_is_refused_and_changes_nothing(
-    registry: Registry, clock: Clock
+    registry: Registry, clock: TickClock
 ) -> None:
     node = Peer(registry, 4001)
     node.register(hostname="kept")

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from registrytools import REGISTRYD, Node, wait_until
+from fakeruntime import wait_until
+from registrytools import REGISTRYD, Node
 
 from pilothandshake.constants import MAX_REGISTRY_FRAME_SERVER, REGISTRY_INBOX
 from pilothandshake.errors import RegistryError, StoreError

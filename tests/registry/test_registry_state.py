@@ -10,7 +10,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from registrytools import ROOMY, Clock, Peer, refused
+from fakeruntime import TickClock
+from registrytools import ROOMY, Peer, refused
 
 from pilothandshake.identity import Identity
 from pilothandshake.registry.challenges import (
@@ -67,7 +68,7 @@ def test_each_way_a_target_vouches_lets_the_requester_resolve_it(registry: Regis
     assert refused(g.resolve(h.node_id), "may not resolve")
 
 
-def test_shared_network_or_public_opens_resolve_without_a_vouch(clock: Clock) -> None:
+def test_shared_network_or_public_opens_resolve_without_a_vouch(clock: TickClock) -> None:
     registry = Registry(
         networks=parse_networks({5: [1, 2]}, "test"),
         limits=ROOMY,
@@ -98,7 +99,7 @@ def test_revoke_by_either_side_removes_the_pair_both_ways(registry: Registry) ->
     assert refused(b.revoke_trust(a.node_id), "no trust pair 2-1 to revoke")
 
 
-def test_vouches_survive_a_restart_with_their_direction(tmp_path: Path, clock: Clock) -> None:
+def test_vouches_survive_a_restart_with_their_direction(tmp_path: Path, clock: TickClock) -> None:
     path = str(tmp_path / "registry.json")
     registry = Registry(Store(path), limits=ROOMY, clock=clock, wall=clock)
     a, b = Peer(registry, 4001), Peer(registry, 4002)
@@ -135,7 +136,7 @@ def test_justification_is_cut_to_1_kib_on_a_utf8_boundary(registry: Registry) ->
     assert len(entry["justification"].encode()) == 1024
 
 
-def test_inbox_entries_expire_after_24_hours(registry: Registry, clock: Clock) -> None:
+def test_inbox_entries_expire_after_24_hours(registry: Registry, clock: TickClock) -> None:
     a, b = Peer(registry), Peer(registry)
     a.request(b.node_id)
     b.respond(a.node_id, False)
@@ -159,7 +160,7 @@ def test_responses_keep_one_per_sender(registry: Registry) -> None:
     assert response["accept"] is True
 
 
-def test_2000_relayed_requests_of_60_kb_stay_small(clock: Clock) -> None:
+def test_2000_relayed_requests_of_60_kb_stay_small(clock: TickClock) -> None:
     """Issue 11 item 2: 2,000 relayed requests of 60 KB grew the registry by 115 MiB."""
     registry = Registry(limits=ROOMY, clock=clock, wall=clock)
     targets = [Peer(registry) for _ in range(20)]
@@ -179,7 +180,7 @@ def test_2000_relayed_requests_of_60_kb_stay_small(clock: Clock) -> None:
     assert grown < 8 * 1024 * 1024, f"grew {grown} bytes"
 
 
-def test_store_does_not_grow_with_relayed_traffic(tmp_path: Path, clock: Clock) -> None:
+def test_store_does_not_grow_with_relayed_traffic(tmp_path: Path, clock: TickClock) -> None:
     path = tmp_path / "registry.json"
     registry = Registry(Store(str(path)), limits=ROOMY, clock=clock, wall=clock)
     a, b = Peer(registry), Peer(registry)

@@ -8,90 +8,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from registrytools import ROOMY, Peer
 
 from pilothandshake.errors import StoreError
-from pilothandshake.identity import Identity, b64encode
-from pilothandshake.messages import handshake_challenge
+from pilothandshake.identity import Identity
 from pilothandshake.registry import storage
-from pilothandshake.registry.challenges import (
-    poll_challenge,
-    register_challenge,
-    report_trust_challenge,
-    set_hostname_challenge,
-    set_visibility_challenge,
-)
-from pilothandshake.registry.config import RegistryLimits
 from pilothandshake.registry.state import Registry
 from pilothandshake.registry.storage import JOURNAL_SUFFIX, Store, read_state
-
-ROOMY = RegistryLimits(
-    register_per_minute=100_000,
-    mutations_per_minute_per_node=100_000,
-    mutations_per_minute_per_source=1_000_000,
-)
-
-
-class Peer:
-    """A node registered (signed) at ``registry`` and the signed requests it makes."""
-
-    def __init__(self, registry: Registry, port: int = 4000) -> None:
-        self.registry = registry
-        self.identity = Identity.generate()
-        self.addr = f"127.0.0.1:{port}"
-        answer = self.register()
-        assert answer["type"] == "register_ok", answer
-        self.node_id: int = answer["node_id"]
-
-    def sig(self, challenge: bytes) -> str:
-        return b64encode(self.identity.sign(challenge))
-
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self.registry.handle(request, "127.0.0.1")
-
-    def register(self, **fields: Any) -> dict[str, Any]:
-        stamp, key = int(time.time()), self.identity.public_key_b64
-        return self.ask(
-            {
-                "type": "register",
-                "listen_addr": self.addr,
-                "public_key": key,
-                "timestamp": stamp,
-                "signature": self.sig(register_challenge(key, stamp)),
-                **fields,
-            }
-        )
-
-    def signed(self, kind: str, challenge: bytes, **fields: Any) -> dict[str, Any]:
-        return self.ask(
-            {"type": kind, "node_id": self.node_id, "signature": self.sig(challenge), **fields}
-        )
-
-    def report_trust(self, peer: int) -> dict[str, Any]:
-        challenge = report_trust_challenge(self.node_id, peer)
-        return self.signed("report_trust", challenge, peer_id=peer)
-
-    def set_hostname(self, name: str) -> dict[str, Any]:
-        return self.signed("set_hostname", set_hostname_challenge(self.node_id), hostname=name)
-
-    def set_visibility(self, public: bool) -> dict[str, Any]:
-        return self.signed("set_visibility", set_visibility_challenge(self.node_id), public=public)
-
-    def request(self, to: int) -> dict[str, Any]:
-        return self.ask(
-            {
-                "type": "request_handshake",
-                "from_node_id": self.node_id,
-                "to_node_id": to,
-                "justification": "hi",
-                "signature": self.sig(handshake_challenge(self.node_id, to)),
-            }
-        )
-
-    def poll(self) -> dict[str, Any]:
-        return self.signed("poll_handshakes", poll_challenge(self.node_id))
 
 
 def journal_lines(path: Path) -> list[bytes]:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from registrytools import REGISTRYD, Node, wait_until
+from fakeruntime import wait_until
+from registrytools import REGISTRYD, Node
 
 from pilothandshake.errors import ConfigError, RegistryError
 from pilothandshake.identity import Identity

@@ -5,12 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from fakeruntime import wait_until
 
 from pilothandshake.errors import StoreError
 from pilothandshake.store import TRUSTED, Change, TrustRecord, TrustStore, load_state
@@ -70,13 +70,6 @@ def commit(store: TrustStore, lock: threading.RLock, node: int) -> None:
     store.commit(seq)
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.005)
-
-
 class HeldFsync:
     """Makes the next os.fsync block until released (then succeed, or fail with ENOSPC)."""
 
@@ -126,7 +119,7 @@ def leader_and_followers(
     leader = run(commit_one, 10, name="leader")
     assert held.entered.wait(DEADLINE)
     threads = [run(commit_one, node, name=f"follower-{node}") for node in followers]
-    wait_until(lambda: wakeups.waiting == len(followers), "the followers sleep")
+    wait_until(lambda: wakeups.waiting == len(followers), DEADLINE, "the followers sleep")
     held.release.set()
     for thread in [leader, *threads]:
         thread.join(DEADLINE)

@@ -122,7 +122,7 @@ def test_append_refuses_a_journal_until_it_is_emptied(trust: Path, rebased: bool
     journal = Journal(str(journal_path(trust)), len(data), digest(trust.read_bytes()))
     if rebased:
         journal.rebase(digest(b"{}"))
-    with pytest.raises(AssertionError):
+    with pytest.raises(RuntimeError, match="not appendable"):
         journal.append(line(WRITES[1]))
     journal.close()
     assert journal_path(trust).read_bytes() == data
