@@ -32,6 +32,7 @@ __all__ = [
     "hold_lock",
     "open_nofollow",
     "read_file",
+    "release_lock",
     "remove_stale_temporaries",
     "replace_file",
     "write_atomically",
@@ -166,6 +167,15 @@ def hold_lock(path: str, holder: str) -> filelock.FileLock:
     with contextlib.suppress(OSError):
         os.utime(path)
     return lock
+
+
+def release_lock(lock: filelock.FileLock) -> None:
+    """Let go of a lock ``hold_lock`` took, touching its time first: ``status --wait``
+    started just after a daemon exited counts its few seconds from then (statelock.py), not
+    from the daemon's start, which a loaded machine can make long ago."""
+    with contextlib.suppress(OSError):
+        os.utime(lock.lock_file)
+    lock.release()
 
 
 def check_private(path: str, what: str) -> None:

@@ -2,7 +2,8 @@
 status --wait``, which should stop waiting for a daemon that already exited.
 
 A running ``pilot-handshaked`` holds ``trust.json.lock`` (beside the identity, so beside the
-control socket) with ``flock``, and touches the file's time once it has it. Linux lists every
+control socket) with ``flock``, and touches the file's time once it has it and again as
+it lets go (``fsutil.release_lock``). Linux lists every
 ``flock`` in ``/proc/locks`` by inode, so another process can see whether the lock is held
 without taking it (taking it, even for a moment, could make a starting daemon fail). Where
 ``/proc/locks`` cannot be read, nothing is known (``probe`` returns None).

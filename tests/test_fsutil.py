@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,14 @@ def test_check_private_refuses_another_owner(tmp_path: Path) -> None:
 
 def test_check_private_passes_a_missing_path(tmp_path: Path) -> None:
     fsutil.check_private(str(tmp_path / "absent"), "state directory")
+
+
+def test_letting_go_of_a_lock_touches_it(tmp_path: Path) -> None:
+    """``status --wait`` started just after a daemon exited counts from the release (the
+    daemon's start may be long before on a loaded machine)."""
+    path = str(tmp_path / "trust.json.lock")
+    lock = fsutil.hold_lock(path, "test")
+    os.utime(path, (1_000_000, 1_000_000))  # taken long ago
+    fsutil.release_lock(lock)
+    assert not lock.is_locked
+    assert time.time() - os.stat(path).st_mtime < 60

@@ -170,7 +170,7 @@ class TrustStore:
             try:
                 loaded = _load(path)
             except StoreError:
-                self._file_lock.release()
+                fsutil.release_lock(self._file_lock)
                 raise
         # Used only by the writer (the leader, or close).
         self._journal = Journal(path + JOURNAL_SUFFIX, loaded.journal, loaded.digest)
@@ -396,6 +396,6 @@ class TrustStore:
             with self._lock:
                 self._journal.close()
                 if self._file_lock is not None:
-                    self._file_lock.release()
+                    fsutil.release_lock(self._file_lock)
                     self._file_lock = None
                 self._end_write(failed=True)  # later changes fail: the store is closed
