@@ -5,8 +5,8 @@ directory fsync) before its call returns. Each round opens a fresh trust.json ho
 trusted peers and 256 pending requests (the pending bound of SPEC 15) and approves all 256,
 so the file keeps N + 256 records throughout. Two paths:
 
-- ``store``: ``TrustStore`` directly (``put_trusted`` + ``drop_pending`` under the lock, then
-  ``commit``) — the persistence layer alone;
+- ``store``: ``TrustStore`` directly (two ``change`` calls, the trust record and the pending
+  request removed, under the lock, then ``commit``) — the persistence layer alone;
 - ``manager``: ``Manager.approve_handshake`` over a small in-process Runtime.
 
 N is 10, 100, 1,000 and 10,000; the rate against N is drawn to benchmarks/approvals.png.
@@ -26,8 +26,9 @@ from datetime import datetime, timezone
 
 import _common as c
 
+from pilothandshake import store as tables
 from pilothandshake.manager import Manager
-from pilothandshake.store import TrustRecord, TrustStore, load_state
+from pilothandshake.store import Change, TrustRecord, TrustStore, load_state
 
 THREADS = 8
 PENDING = 256
@@ -84,8 +85,10 @@ def round_store(peers: int, keys: list[str]) -> float:
         def approve(node: int) -> None:
             with lock:
                 request = store.working.pending[node]
-                store.put_trusted(TrustRecord(node, request.public_key, now))
-                seq = store.drop_pending(node)
+                store.change(
+                    Change(tables.TRUSTED, node, TrustRecord(node, request.public_key, now))
+                )
+                seq = store.change(Change(tables.PENDING, node, None))
             store.commit(seq)
 
         try:

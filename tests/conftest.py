@@ -7,7 +7,9 @@ import selectors
 import shutil
 import socketserver
 import subprocess
+import sys
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,73 @@ import pytest
 from controltools import Node, running_node
 from fakeruntime import Nodes, Peer
 
+from pilothandshake.manager.decide import Decision
+from pilothandshake.manager.state import State
 from pilothandshake.server import HandshakeServer
+from pilothandshake.store import Change, TrustState, TrustStore
+
+
+def _tables(state: State) -> tuple[object, ...]:
+    """The side tables of ``state``, copied."""
+    side = (state._conflicts, state._revoked_at, state._arrival)
+    return (*(dict(table) for table in side), set(state._protected))
+
+
+def _replayed(store: TrustStore) -> TrustState:
+    """What ``working`` must be: ``visible`` with the changes not yet written applied."""
+    state = store.visible.copy()
+    for _seq, change, _text in store._log:
+        state.apply(change)
+    return state
+
+
+@pytest.fixture(autouse=True)
+def only_apply_writes() -> Iterator[list[str]]:
+    """Every test fails when a Manager's state changes outside ``State.apply`` (issue 17):
+    its trust store is written only from ``apply`` (the caller of ``TrustStore.change``),
+    the working state is never edited in place (it is always ``visible`` plus the changes
+    not yet written), and the side tables (conflicts, revoke times, the pending queue's
+    order and protection) do not change between two applies. Yields the violations, which
+    a test of the guard itself may inspect and clear."""
+    violations: list[str] = []
+    init, apply, change = State.__init__, State.apply, TrustStore.change
+    states: weakref.WeakKeyDictionary[State, tuple[object, ...]] = weakref.WeakKeyDictionary()
+    stores: weakref.WeakSet[TrustStore] = weakref.WeakSet()
+
+    def check(state: State, when: str) -> None:
+        if states.get(state) != _tables(state):
+            violations.append(f"side tables changed outside State.apply ({when})")
+        if state.store.working != _replayed(state.store):
+            violations.append(f"working state edited outside TrustStore.change ({when})")
+
+    def guarded_init(state: State, *args: Any, **kwargs: Any) -> None:
+        init(state, *args, **kwargs)
+        stores.add(state.store)
+        states[state] = _tables(state)
+
+    def guarded_apply(state: State, decision: Decision) -> int | None:
+        check(state, "before an apply")
+        try:
+            return apply(state, decision)
+        finally:
+            states[state] = _tables(state)
+
+    def guarded_change(store: TrustStore, made: Change) -> int:
+        caller = sys._getframe(1).f_code
+        if store in stores and caller is not apply.__code__:
+            violations.append(f"{made} written by {caller.co_name}, not State.apply")
+        return change(store, made)
+
+    # A patch of its own: a test's monkeypatch.undo() must not lift the guard.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(State, "__init__", guarded_init)
+        patch.setattr(State, "apply", guarded_apply)
+        patch.setattr(TrustStore, "change", guarded_change)
+        yield violations
+    for state in list(states.keys()):
+        with state.lock:
+            check(state, "at the end of the test")
+    assert violations == []
 
 
 @pytest.fixture

@@ -42,7 +42,6 @@ from ..errors import (
     SendError,
     StoreError,
 )
-from ..events import RECEIVED, TRUST_CHANGED
 from ..identity import decode_key
 from ..messages import (
     HANDSHAKE_ACCEPT,
@@ -57,7 +56,7 @@ from ..runtime import Closeable, Runtime, is_own_node
 from ..store import RELAY, OutgoingRequest, PendingHandshake, TrustRecord
 from ..wire import Peer, peer_text, serve_message
 from .auth import approval_problem
-from .binding import answer_key
+from .binding import Binding, answer_key
 from .clock import Clock, Now, SystemClock
 from .decide import (
     Context,
@@ -79,8 +78,9 @@ from .decide import (
 from .droplog import DropLog, ErrorLog
 from .effects import Effects, ReplyAccept, Send, answer_kinds
 from .intake import Intake
-from .outbox import ACCEPT, OUTBOX_FILE, REVOKE, Outbox
+from .outbox import ACCEPT, OUTBOX_FILE, Outbox
 from .queue import QueueLimits
+from .reconcile import Reconcile
 from .replay import ReplaySet
 from .state import State
 
@@ -133,7 +133,7 @@ class Manager:
         self._clock: Clock = clock if clock is not None else SystemClock()
         identity_path = runtime.identity_path()
         path = os.path.join(os.path.dirname(identity_path), TRUST_FILE) if identity_path else ""
-        self._state = State(path, self.metrics)
+        self._state = State(path, self.metrics, runtime)
         self._lock = self._state.lock
         self._store = self._state.store
         self._pool = BackgroundPool()
@@ -142,6 +142,8 @@ class Manager:
             MAX_PENDING, max_pending_per_source, max_pending_bound_per_source, max_trust_history
         )
         replay = ReplaySet(max_replay, max_replay_per_source)
+        self._binding = Binding(self._clock.monotonic)
+        self._reconcile = Reconcile(runtime, self._state, self._binding, self._decide)
         self._intake = Intake(
             runtime,
             self._clock,
@@ -150,7 +152,8 @@ class Manager:
             replay,
             limits,
             self.metrics,
-            self._decide,
+            self._binding,
+            self._reconcile,
         )
         self._limits = limits
         self._outbox = Outbox(
@@ -160,7 +163,7 @@ class Manager:
             self._clock,
         )
         self._effects = Effects(
-            runtime, self._clock, self._intake.backfill, self.metrics, self._answered
+            runtime, self._clock, self._reconcile.backfill, self.metrics, self._answered
         )
         self._reap_interval = reap_interval
         # A full disk fails every inbound message: one ERROR line a minute says so.
@@ -170,7 +173,6 @@ class Manager:
         self._stopping = threading.Event()
         self._started = False
         self._stopped = False
-        self._state.index_pending(runtime)
 
     # Lifecycle
 
@@ -195,7 +197,7 @@ class Manager:
         self._reaper.start()
         self._outbox.start()
         if self._rt.registry() is not None:
-            self._pool.submit(self._intake.check_records, self._stopping)
+            self._pool.submit(self._reconcile.check_records, self._stopping)
 
     def stop(self) -> None:
         """Stop listening and reaping, wait for background work, release trust.json: all
@@ -272,7 +274,7 @@ class Manager:
         key = decode_key(record.public_key) if record is not None else None
         registry = self._rt.registry()
         if key is None and registry is not None:
-            key = answer_key(self._intake.binding.lookup(registry, node_id))
+            key = answer_key(self._binding.lookup(registry, node_id))
         return key
 
     def undelivered_answers(self) -> int:
@@ -298,9 +300,10 @@ class Manager:
 
     # Decide, commit, announce
 
-    def _decide(self, decide: Callable[..., _D], *args: Any) -> _D:
-        """Decide on the live working state under the lock, apply, then ``_finish``."""
-        now = Now.read(self._clock)
+    def _decide(self, decide: Callable[..., _D], *args: Any, now: Now | None = None) -> _D:
+        """Decide on the live working state under the lock (at ``now``, default: the clock's
+        time now), apply, then ``_finish``."""
+        now = now if now is not None else Now.read(self._clock)
         with self._lock:
             decision = decide(self._state.view(), *args, now)
             seq = None if decision is None or decision.drop else self._state.apply(decision)
@@ -325,15 +328,9 @@ class Manager:
             self._store.commit(seq)
         for note in decision.notes:
             log.info("%s", note)
+        for peer, kinds in decision.superseded.items():
+            self._outbox.cancel(peer, kinds)
         for topic, payload in decision.events:
-            if topic == TRUST_CHANGED and payload.get("state") == "granted":
-                self._outbox.cancel(payload["peer_node_id"])
-            elif topic == RECEIVED:
-                # The peer asks: it does not trust us, or it would not ask, so a kept revoke
-                # has nothing left to end but the request it just sent. (A kept rejection
-                # stays: the request may be a copy of the one it rejects, sent again after
-                # a registry outage, and a newer request it ends is still answerable.)
-                self._outbox.cancel(payload["peer_node_id"], (REVOKE,))
             self._rt.publish_event(topic, payload)
         background = [e for e in decision.effects if self._effects.needed(e)]
         for effect in [*decision.inline, *background]:
@@ -468,12 +465,11 @@ class Manager:
         message = self._effects.message(
             HANDSHAKE_REQUEST, peer, justification=truncate_utf8(justification)
         )
-        decision = self._decide(decide_send, peer)
+        now = Now.read(self._clock)
+        decision = self._decide(decide_send, peer, now=now)
         if decision.result == "trusted":
             return "trusted"
-        request = decision.changes[0].value  # decide_send's one change: our request
-        assert isinstance(request, OutgoingRequest)
-        sent_at = request.sent_at
+        sent_at = now.wall  # decide_send's request is sent now
         try:
             status = self._effects.deliver_request(peer, message)
         except SendError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from enum import Enum
 from typing import Any, Callable
 
 from ..constants import REVOKE_COOLDOWN
@@ -35,6 +36,7 @@ from ..events import (
 )
 from ..identity import b64encode, decode_key
 from ..messages import HANDSHAKE_ACCEPT, HANDSHAKE_REJECT, HANDSHAKE_REVOKE, WITHDRAWN
+from ..runtime import AllowlistEntry
 from ..store import (
     ACCEPTED,
     DIRECT,
@@ -66,6 +68,7 @@ from .effects import (
     RevokeAtRegistry,
     Send,
 )
+from .outbox import REJECT, REVOKE, WITHDRAW
 from .queue import QueueLimits, admit, in_history
 
 # trust.changed's reason (Go's), also kept in the trust record: why a peer is trusted, or
@@ -75,7 +78,6 @@ APPROVED_REASON = "approved"  # the operator approved a pending request
 ACCEPTED_REASON = "mutual"  # the peer accepted our request: mutual, as Go records it
 LOCAL = "local"  # we revoked it
 BY_PEER = "by_peer"  # the peer revoked it
-_RELAYED_SUFFIX = ("trusted_agent", "auto_approve")
 
 Event = tuple[str, dict[str, Any]]
 
@@ -108,10 +110,7 @@ class Context:
     strict: bool = True
     has_registry: bool = False
     auto_approve: bool = False
-    agent_name: str = ""  # allowlist name, "" when not on the allowlist
-    agent_ok: bool = False  # allowlisted and vouched for (row 4)
-    agent_key: bytes | None = None  # the allowlist entry's pinned key: what row 4 stores
-    agent_mismatch: bool = False  # a key the request brings differs from that pin
+    agent: AllowlistEntry | None = None  # the sender's allowlist entry (row 4), if any
     network: int = 0  # first shared non-backbone network in our own order, 0 if none
     limits: QueueLimits = field(default_factory=QueueLimits)
 
@@ -150,12 +149,18 @@ class Decision:
     """What a decision wants: made durable first (``changes``), then announced.
 
     ``changes`` go to the trust store; ``cooldowns`` (node -> monotonic revoke time, None to
-    end it) and ``conflicts`` (node -> the registry's key, None to end it) to the side tables
-    that are not persisted. ``State.apply`` makes all of them: nothing else writes state."""
+    end it) and ``conflicts`` (node -> the key the registry binds instead of its trust
+    record's; the conflict ends with that record) to the side tables that are not
+    persisted. ``State.apply`` makes all of them: nothing else writes state. ``superseded``
+    (peer -> outbox kinds) names the undelivered answers that say no and are stale once the
+    changes are durable: every kind when we trust the peer again, a revoke when it asks
+    us. (A request of ours makes them stale only once it reached the peer:
+    ``Manager.send_request``.)"""
 
     changes: list[Change] = field(default_factory=list)
     cooldowns: dict[int, float | None] = field(default_factory=dict)
-    conflicts: dict[int, bytes | None] = field(default_factory=dict)
+    conflicts: dict[int, bytes] = field(default_factory=dict)
+    superseded: dict[int, tuple[str, ...]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     effects: list[Effect] = field(default_factory=list)  # on the background pool
     inline: list[Effect] = field(default_factory=list)  # before the call returns, in order
@@ -174,14 +179,42 @@ class Decision:
 # SPEC 6
 
 
+class Action(Enum):
+    """What a row of SPEC 6 does with the request."""
+
+    REPLY = "reply"  # accept it again: the peer is trusted already, nothing changes
+    GRANT = "grant"  # trust the peer (``Row.grant``) and accept
+    HOLD = "hold"  # keep it pending for the operator
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The trust record a row grants: its key (base64), ``mutual`` and ``network``; for a
+    trusted agent, its allowlist name (``agent``, in the events' payload)."""
+
+    key: str
+    mutual: bool = False
+    network: int = 0
+    agent: str | None = None
+
+
 @dataclass(frozen=True)
 class Row:
-    """One line of SPEC 6's table: ``when`` it applies, and ``grant`` the trust record's
-    (key, mutual, network) and the event's extra payload; None for rows that grant nothing."""
+    """One line of SPEC 6's table: ``when`` it applies and its ``action``; for a grant, what
+    ``grant`` trusts. ``relayed_reason``: the reason gets "_relayed" when the request came
+    through the registry (Go marks those rows so)."""
 
     name: str
+    action: Action
     when: Callable[[View, Inbound, Context], bool]
-    grant: Callable[[Inbound, Context], tuple[str, bool, int, dict[str, Any]]] | None
+    grant: Callable[[Inbound, Context], Grant] | None = None
+    relayed_reason: bool = False
+
+    def grants(self, inbound: Inbound, context: Context) -> Grant:
+        """What this ``Action.GRANT`` row trusts for ``inbound``."""
+        if self.grant is None:
+            raise TypeError(f"row {self.name!r} grants nothing")
+        return self.grant(inbound, context)
 
 
 def _vouched(view: View, inbound: Inbound, context: Context) -> bool:
@@ -196,34 +229,66 @@ def _key(inbound: Inbound) -> str:
     return b64encode(inbound.key) if inbound.key is not None else ""
 
 
+def _brought(inbound: Inbound) -> list[bytes]:
+    """The keys a request brings: the message's or the relay's, and the registry's."""
+    return [key for key in (inbound.key, inbound.registry_key) if key is not None]
+
+
+def _agent_mismatch(inbound: Inbound, context: Context) -> bool:
+    """Row 4: an allowlist entry that pins a key requires every key the request brings to
+    equal it, even for a registry-bound request (a pin that is not a valid key equals
+    none: every key the request brings is refused)."""
+    agent = context.agent
+    if agent is None or not agent.public_key:
+        return False
+    pinned = decode_key(agent.public_key)
+    return any(key != pinned for key in _brought(inbound))
+
+
+def _agent_vouched(view: View, inbound: Inbound, context: Context) -> bool:
+    """Row 4: an allowlisted sender whose record is not in conflict, bringing its pinned key
+    (and nothing else, ``_agent_mismatch``); an entry without a pin requires the request
+    to be registry-bound (a relayed one always is)."""
+    agent = context.agent
+    if agent is None or inbound.node_id in view.conflicts:
+        return False
+    if not agent.public_key:
+        return inbound.bound
+    pinned = decode_key(agent.public_key) is not None
+    return pinned and bool(_brought(inbound)) and not _agent_mismatch(inbound, context)
+
+
+def _agent_grant(inbound: Inbound, context: Context) -> Grant:
+    """Row 4 stores the allowlist's pinned key, else the request's."""
+    agent = context.agent
+    pinned = decode_key(agent.public_key) if agent is not None else None
+    key = b64encode(pinned) if pinned is not None else _key(inbound)
+    return Grant(key, agent=agent.name if agent is not None else None)
+
+
 REQUEST_ROWS: tuple[Row, ...] = (
-    Row("already_trusted", lambda v, i, c: v.trusts(i.node_id), None),
+    Row("already_trusted", Action.REPLY, lambda v, i, c: v.trusts(i.node_id)),
     Row(
         "mutual",
+        Action.GRANT,
         lambda v, i, c: _vouched(v, i, c) and v.asked(i.node_id),
-        lambda i, c: (_key(i), True, 0, {}),
+        lambda i, c: Grant(_key(i), mutual=True),
     ),
     Row(
         "same_network",
+        Action.GRANT,
         lambda v, i, c: _vouched(v, i, c) and c.network != 0,
-        lambda i, c: (_key(i), False, c.network, {}),
+        lambda i, c: Grant(_key(i), network=c.network),
     ),
-    Row(
-        "trusted_agent",
-        lambda v, i, c: i.node_id not in v.conflicts and c.agent_ok,
-        lambda i, c: (
-            b64encode(c.agent_key) if c.agent_key is not None else _key(i),
-            False,
-            0,
-            {"agent": c.agent_name},
-        ),
-    ),
+    Row("trusted_agent", Action.GRANT, _agent_vouched, _agent_grant, relayed_reason=True),
     Row(
         "auto_approve",
+        Action.GRANT,
         lambda v, i, c: _vouched(v, i, c) and c.auto_approve,
-        lambda i, c: (_key(i), False, 0, {}),
+        lambda i, c: Grant(_key(i)),
+        relayed_reason=True,
     ),
-    Row("pending", lambda v, i, c: True, None),
+    Row("pending", Action.HOLD, lambda v, i, c: True),
 )
 
 
@@ -231,26 +296,29 @@ def decide_peer_request(view: View, inbound: Inbound, context: Context, now: Now
     """A handshake request, direct or relayed (SPEC 6)."""
     node = inbound.node_id
     payload = {"peer_node_id": node, "justification": inbound.text, "relayed": inbound.relayed}
-    decision = Decision(events=[(RECEIVED, payload)])
+    # The peer asks: it does not trust us, or it would not ask, so a kept revoke has nothing
+    # left to end but the request it just sent. (A kept rejection stays: the request may be
+    # a copy of the one it rejects, sent again after a registry outage, and a newer request
+    # it ends is still answerable.)
+    decision = Decision(events=[(RECEIVED, payload)], superseded={node: (REVOKE,)})
     problem = pin_problem(_pin(view, node), inbound.key, context.strict)
     if problem:
         return decision.dropped(problem)
-    if context.agent_mismatch:
+    if _agent_mismatch(inbound, context):
         # Not even pending: its key would pin the node and lock the real agent out.
         mismatch = "public key differs from the allowlist's pinned key"
         return decision.dropped(Drop(DropKind.KEY_MISMATCH, mismatch))
     row = next(row for row in REQUEST_ROWS if row.when(view, inbound, context))
-    if row.name == "already_trusted":
-        decision.effects.append(ReplyAccept(node, inbound.relayed))
-    elif row.grant is None:
+    if row.action is Action.HOLD:
         return _hold(decision, view, inbound, context, now)
-    else:
-        key, mutual, network, extra = row.grant(inbound, context)
-        relayed = inbound.relayed and row.name in _RELAYED_SUFFIX
+    if row.action is Action.GRANT:
+        grant = row.grants(inbound, context)
+        relayed = inbound.relayed and row.relayed_reason
         reason = f"{row.name}_relayed" if relayed else row.name
+        extra = {} if grant.agent is None else {"agent": grant.agent}
         decision.events.append((AUTO_APPROVED, {"peer_node_id": node, "reason": row.name, **extra}))
-        _grant(decision, view, node, key, now, reason, extra, mutual=mutual, network=network)
-        decision.effects.append(ReplyAccept(node, inbound.relayed))
+        _grant(decision, view, node, grant, now, reason)
+    decision.effects.append(ReplyAccept(node, inbound.relayed))
     return decision
 
 
@@ -259,8 +327,10 @@ def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, no
     node = inbound.node_id
     pending = view.state.pending
     existing = pending.get(node)
-    protected = bool(context.agent_name or context.network) or in_history(
-        view.state, node, inbound.key, inbound.bound
+    protected = (
+        context.agent is not None
+        or bool(context.network)
+        or in_history(view.state, node, inbound.key, inbound.bound)
     )
     key = _key(inbound)
     request = PendingHandshake(node, key, inbound.text, now.wall, inbound.bound, inbound.source)
@@ -304,23 +374,12 @@ def _hold(decision: Decision, view: View, inbound: Inbound, context: Context, no
     return decision
 
 
-def _grant(
-    decision: Decision,
-    view: View,
-    node: int,
-    key: str,
-    now: Now,
-    reason: str,
-    extra: Mapping[str, Any] | None = None,
-    *,
-    mutual: bool = False,
-    network: int = 0,
-) -> None:
-    """Trust ``node`` for ``reason`` (trust.changed's, with ``extra`` in its payload): the
-    one place trust is granted. Our request to it, if it waits (or a rejection ended it:
-    ``View.answerable``), ends ``accepted``."""
+def _grant(decision: Decision, view: View, node: int, grant: Grant, now: Now, reason: str) -> None:
+    """Trust ``node`` as ``grant`` says, for ``reason`` (trust.changed's): the one place
+    trust is granted. Our request to it, if it waits (or a rejection ended it:
+    ``View.answerable``), ends ``accepted``; a kept "no" to it is superseded."""
     state = view.state
-    record = TrustRecord(node, key, now.wall, mutual, network, reason)
+    record = TrustRecord(node, grant.key, now.wall, grant.mutual, grant.network, reason)
     decision.changes.append(Change(TRUSTED, node, record))
     if node in state.history:
         decision.changes.append(Change(HISTORY, node, None))  # trusted now: the record says so
@@ -328,10 +387,13 @@ def _grant(
         decision.changes.append(Change(PENDING, node, None))
     if view.answerable(node):
         decision.changes.append(_ended(state.outgoing[node], ACCEPTED, now))
-    payload = {"peer_node_id": node, "state": "granted", "reason": reason, **(extra or {})}
+    payload = {"peer_node_id": node, "state": "granted", "reason": reason}
+    if grant.agent is not None:
+        payload["agent"] = grant.agent
     decision.events.append((TRUST_CHANGED, payload))
+    decision.superseded[node] = (REJECT, REVOKE, WITHDRAW)
     decision.effects.append(ReportTrust(node))
-    if decode_key(key) is None:
+    if decode_key(grant.key) is None:
         decision.effects.append(Backfill(node))
     decision.notes.append(f"trusted node {node}")
 
@@ -401,7 +463,7 @@ def decide_peer_accept(view: View, inbound: Inbound, context: Context, now: Now)
         unverified = "accept neither registry-bound nor pinned"
         return decision.dropped(Drop(DropKind.SIGNATURE, unverified))
     decision.events.append((APPROVED, {"peer_node_id": node, "by": "peer"}))
-    _grant(decision, view, node, _key(inbound), now, ACCEPTED_REASON, mutual=True)
+    _grant(decision, view, node, Grant(_key(inbound), mutual=True), now, ACCEPTED_REASON)
     return decision
 
 
@@ -500,18 +562,10 @@ def decide_operator_approve(view: View, node: int, now: Now) -> Decision | None:
         if record is None or node not in view.conflicts:
             return None
         # A record in conflict with the registry, approved again: its own key (SPEC 17).
-        _grant(
-            decision,
-            view,
-            node,
-            record.public_key,
-            now,
-            APPROVED_REASON,
-            mutual=record.mutual,
-            network=record.network,
-        )
+        grant = Grant(record.public_key, record.mutual, record.network)
+        _grant(decision, view, node, grant, now, APPROVED_REASON)
         return decision
-    _grant(decision, view, node, request.public_key, now, APPROVED_REASON)
+    _grant(decision, view, node, Grant(request.public_key), now, APPROVED_REASON)
     # respond_handshake already relays the answer: the direct send has no fallback.
     decision.effects += [Respond(node, True), Send(node, HANDSHAKE_ACCEPT)]
     return decision
@@ -583,9 +637,10 @@ def decide_reap(view: View, outgoing_ttl: float, pending_ttl: float, now: Now) -
 
 
 def decide_send(view: View, node: int, now: Now) -> Decision:
-    """``send_request``, before sending: a fresh request to ``node``, ``waiting``, recorded
-    as direct (``decide_sent`` notes a relay); an explicit request is fresh intent, so it
-    ends the revoke cooldown. ``result`` "trusted" (nothing changes) when it is trusted."""
+    """``send_request``, before sending: a fresh request to ``node``, sent at ``now.wall``,
+    ``waiting``, recorded as direct (``decide_sent`` notes a relay); an explicit request is
+    fresh intent, so it ends the revoke cooldown. ``result`` "trusted" (nothing changes)
+    when it is trusted."""
     if view.trusts(node):
         return Decision(result="trusted")
     request = OutgoingRequest(node, now.wall, DIRECT, WAITING)

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..constants import MAX_CLOCK_SKEW, MAX_MESSAGE_AGE
 from ..drops import Drop, DropKind
@@ -24,13 +23,17 @@ from ..metrics import Metrics
 from ..runtime import RegistryClient, Runtime, is_own_node
 from ..wire import Peer, peer_text
 from .auth import Pin, PinKind, authenticate, pin_of, pin_problem
-from .binding import SIDE_TABLE_LIMIT, Binding, Checked, answer_key, answer_networks
+from .binding import SIDE_TABLE_LIMIT, Binding, answer_key, answer_networks
 from .clock import Clock
-from .decide import Context, Decision, Inbound, decide_backfill, decide_conflict
+from .decide import Context, Inbound
 from .droplog import DropLog, quote
 from .queue import RELAY, QueueLimits
 from .replay import ReplaySet
 from .state import State
+
+if TYPE_CHECKING:
+    # Intake and Reconcile share a floor (docs/DESIGN.md): the Manager hands Intake its own.
+    from .reconcile import Reconcile
 
 __all__ = ["RELAY", "Intake"]
 
@@ -51,10 +54,9 @@ def _fingerprint(inbound: Inbound) -> tuple[int, bytes, bytes]:
 class Intake:
     """Turns received input into ``Inbound``s, or drops it (logged by ``drops``).
 
-    Shares the Manager's ``state`` (its lock, store and conflicts); ``replay`` is used under
-    the lock. Also backfills keyless trust records (SPEC 6) and checks every record against
-    the registry at start; what it finds changes state only through ``decide`` (the
-    Manager's: decide, apply, commit, announce).
+    Shares the Manager's ``state`` (its lock and working state) and ``binding``; ``replay``
+    is used under the lock. A lookup is checked against the node's trust record by
+    ``reconcile``, which marks a record the registry contradicts.
     """
 
     def __init__(
@@ -66,21 +68,20 @@ class Intake:
         replay: ReplaySet,
         limits: QueueLimits,
         metrics: Metrics,
-        decide: Callable[..., Decision | None],
+        binding: Binding,
+        reconcile: Reconcile,
     ) -> None:
         """Gather for the Manager that owns these; received messages count in ``metrics``."""
-        self._decide = decide
         self._rt = runtime
         self._metrics = metrics
         self._clock = clock
         self._state = state
         self._lock = state.lock
-        self._store = state.store
-        self._conflicts = state.conflicts
         self._drops = drops
         self._replay = replay
         self._limits = limits
-        self.binding = Binding(clock.monotonic)
+        self._binding = binding
+        self._reconcile = reconcile
         # Requests decided lately: (node, key, SHA-256 of the text) -> (relayed, monotonic
         # time).
         self._recent: OrderedDict[tuple[int, bytes, bytes], tuple[bool, float]] = OrderedDict()
@@ -212,7 +213,7 @@ class Intake:
         answer = None
         registry = self._rt.registry()
         if registry is not None and request:
-            answer = self.checked_lookup(registry, node, carried)
+            answer = self._reconcile.checked(registry, node, carried).answer
         registry_key = answer_key(answer)
         key = carried if carried is not None else registry_key
         pin = self.pin(node)
@@ -257,103 +258,31 @@ class Intake:
     def pin(self, node: int) -> Pin:
         """The pin of ``node`` in the working state now."""
         with self._lock:
-            state = self._store.working
-            return pin_of(state.trusted, state.pending, self._conflicts, node)
+            view = self._state.view()
+            return pin_of(view.state.trusted, view.state.pending, view.conflicts, node)
 
     def _bind(
         self, registry: RegistryClient, node: int, key: bytes
     ) -> tuple[dict[str, Any] | None, bool | Drop]:
         """The lookup answer and whether ``key`` is registry-bound, or the drop."""
-        checked = self._checked(registry, node, key)
+        checked = self._reconcile.checked(registry, node, key)
         return checked.answer, checked.bound(key)
 
-    def checked_lookup(
-        self, registry: RegistryClient, node: int, key: bytes | None
-    ) -> dict[str, Any] | None:
-        """The registry's answer for ``node``, re-asked when it differs from ``key`` or the
-        trust record (SPEC 5); a record the registry still contradicts becomes a conflict."""
-        return self._checked(registry, node, key).answer
-
-    def _checked(self, registry: RegistryClient, node: int, key: bytes | None) -> Checked:
-        record_key = self.record_key(node)
-        checked = self.binding.checked(registry, node, key, record_key)
-        if checked.conflict is not None and record_key is not None:
-            self._decide(decide_conflict, node, record_key, checked.conflict)
-        return checked
-
-    def record_key(self, node: int) -> bytes | None:
-        """The valid key of ``node``'s trust record not in conflict, else None."""
-        with self._lock:
-            record = self._store.working.trusted.get(node)
-            if record is None or node in self._conflicts:
-                return None
-            return decode_key(record.public_key)
-
-    def backfill(self, node: int) -> None:
-        """Fill in the key of a trust record that has none from the registry (SPEC 6)."""
-        registry = self._rt.registry()
-        if registry is None:
-            return
-        # Fresh: a cached answer is likely the very one that had no key.
-        key = answer_key(self.binding.lookup(registry, node, fresh=True))
-        if key is None:
-            log.debug("no key to backfill for node %d", node)
-            return
-        self._decide(decide_backfill, node, key)
-
-    def check_records(self, stopping: threading.Event) -> None:
-        """At start, with a registry: backfill the keys of keyless trust records, and look
-        up every other record for a conflict with the registry's binding (issue 11 item 7),
-        until ``stopping`` is set."""
-        registry = self._rt.registry()
-        if registry is None:
-            return
-        with self._state.lock:
-            trusted = self._state.store.working.trusted
-            records = [(n, decode_key(r.public_key)) for n, r in trusted.items()]
-        for node, key in records:
-            if stopping.is_set():
-                return
-            if key is None:
-                self.backfill(node)
-            else:
-                self.checked_lookup(registry, node, None)
-
     def request_context(self, inbound: Inbound) -> Context:
-        """What a request decision needs from the runtime and the registry.
-
-        Row 4: an allowlist entry that pins a key requires every key the request brings (the
-        message's or the relay's, and the registry's) to equal it, even for a registry-bound
-        request, and the pin is what is stored (a request bringing another key is dropped);
-        an entry without a pin requires the request to be registry-bound (a relayed one
-        always is).
-        """
+        """What a request decision needs from the runtime and the registry: the sender's
+        allowlist entry as it is (row 4 is decided on it) and the first network we share."""
         registry = self._rt.registry()
-        agent = self._rt.trusted_agent(inbound.node_id)
-        agent_ok = agent_mismatch = False
-        agent_key = None
-        if agent is not None:
-            if agent.public_key:
-                agent_key = decode_key(agent.public_key)
-                brought = [k for k in (inbound.key, inbound.registry_key) if k is not None]
-                agent_mismatch = any(k != agent_key for k in brought)
-                agent_ok = agent_key is not None and bool(brought) and not agent_mismatch
-            else:
-                agent_ok = inbound.bound
         network = 0
         own = self._rt.node_id()
         if registry is not None and inbound.networks and own != 0:
-            ours = answer_networks(self.binding.lookup(registry, own))
+            ours = answer_networks(self._binding.lookup(registry, own))
             shared = [n for n in ours if n in inbound.networks]
             network = shared[0] if shared else 0
         return Context(
             strict=self._rt.trust_strict(),
             has_registry=registry is not None,
             auto_approve=self._rt.trust_auto_approve(),
-            agent_name=agent.name if agent is not None else "",
-            agent_ok=agent_ok,
-            agent_key=agent_key,
-            agent_mismatch=agent_mismatch,
+            agent=self._rt.trusted_agent(inbound.node_id),
             network=network,
             limits=self._limits,
         )

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Container
 from dataclasses import dataclass
-from typing import Any, Callable
 
 from ..identity import decode_key
 from ..metrics import Metrics
 from ..runtime import Runtime, is_own_node
 from ..store import (
-    HISTORY,
     OUTGOING,
     PENDING,
     REJECTED,
@@ -44,42 +43,44 @@ class _Waiters:
 class State:
     """The working and durable state of one Manager, at ``path`` ("" = memory only)."""
 
-    def __init__(self, path: str, metrics: Metrics) -> None:
-        """Open the trust store (``StoreError`` when it does not parse or is in use); its
-        writes are counted into ``metrics``."""
+    def __init__(self, path: str, metrics: Metrics, runtime: Runtime) -> None:
+        """Open the trust store (``StoreError`` when it does not parse or is in use), its
+        writes counted into ``metrics``, and index its pending requests (``runtime`` says
+        which come from trusted agents)."""
         self.lock = threading.RLock()
         self.store = TrustStore(path, self.lock, self._on_commit, metrics=metrics)
-        # Trust records whose node ID the registry now binds to another key (issue 11 item 7):
-        # node -> that key. Not trusted, not pinning, until approved again or removed.
-        self.conflicts: dict[int, bytes] = {}
-        self.revoked_at: dict[int, float] = {}  # node -> monotonic time we revoked it
+        # Trust records the registry contradicts (issue 11 item 7): node -> (that record,
+        # the key the registry binds). Not trusted, not pinning, until approved again or
+        # removed: a conflict holds while its record is the node's record (``_Conflicts``).
+        self._conflicts: dict[int, tuple[TrustRecord, bytes]] = {}
+        self._revoked_at: dict[int, float] = {}  # node -> monotonic time we revoked it
         self._arrivals = itertools.count()
         self._arrival: dict[int, int] = {}  # pending arrival order, for eviction ties
         self._protected: set[int] = set()  # pending requests never evicted for strangers
         self._waiters: dict[int, _Waiters] = {}
+        self._index_pending(runtime)
 
-    def index_pending(self, runtime: Runtime) -> None:
+    def _index_pending(self, runtime: Runtime) -> None:
         """Arrival order and protection of the pending requests loaded from trust.json (a
         shared network is known only on arrival: loaded entries are protected when
-        allowlisted or in the trust history). Call without the lock."""
-        with self.lock:
-            loaded = sorted(self.store.working.pending.values(), key=lambda p: p.received_at)
-        agents = {p.node_id for p in loaded if runtime.trusted_agent(p.node_id) is not None}
-        with self.lock:
-            for request in loaded:
-                node = request.node_id
-                self._arrival[node] = next(self._arrivals)
-                key = decode_key(request.public_key)
-                if node in agents or in_history(self.store.working, node, key, request.bound):
-                    self._protected.add(node)
+        allowlisted or in the trust history)."""
+        state = self.store.working
+        loaded = sorted(state.pending.values(), key=lambda p: p.received_at)
+        for request in loaded:
+            node = request.node_id
+            self._arrival[node] = next(self._arrivals)
+            key = decode_key(request.public_key)
+            agent = runtime.trusted_agent(node) is not None
+            if agent or in_history(state, node, key, request.bound):
+                self._protected.add(node)
 
     # Deciding: call holding the lock.
 
     def view(self) -> View:
         """The live working state and side tables (nothing copied)."""
-        return View(
-            self.store.working, self.conflicts, self.revoked_at, self._arrival, self._protected
-        )
+        working = self.store.working
+        conflicts = _Conflicts(self._conflicts, working.trusted)
+        return View(working, conflicts, self._revoked_at, self._arrival, self._protected)
 
     def trusts(self, node: int) -> bool:
         """Whether ``node`` has a trust record not in conflict (working state)."""
@@ -88,20 +89,17 @@ class State:
     def apply(self, decision: Decision) -> int | None:
         """Make ``decision``'s changes: the side tables at once, the store's in the working
         state, keeping the pending queue's side tables in step; the last store change's
-        sequence number (None: no store change)."""
+        sequence number (None: no store change). The only writer of the state."""
         for node, at in decision.cooldowns.items():
             if at is None:
-                self.revoked_at.pop(node, None)
+                self._revoked_at.pop(node, None)
             else:
-                self.revoked_at[node] = at
+                self._revoked_at[node] = at
         for node, key in decision.conflicts.items():
-            if key is None:
-                self.conflicts.pop(node, None)
-            else:
-                self.conflicts[node] = key
+            self._conflicts[node] = (self.store.working.trusted[node], key)
         seq = None
         for change in decision.changes:
-            seq = self._change(change)
+            seq = self.store.change(change)
             if change.table != PENDING:
                 continue
             node = change.node_id
@@ -115,31 +113,18 @@ class State:
                 self._protected.discard(node)
         return seq
 
-    def _change(self, change: Change) -> int:
-        """One change through the store's writer of its table; its sequence number."""
-        store = self.store
-        writers: dict[str, tuple[Callable[[Any], int], Callable[[int], int]]] = {
-            TRUSTED: (store.put_trusted, store.drop_trusted),
-            PENDING: (store.put_pending, store.drop_pending),
-            OUTGOING: (store.put_outgoing, store.drop_outgoing),
-            HISTORY: (store.put_history, store.drop_history),
-        }
-        put, drop = writers[change.table]
-        return drop(change.node_id) if change.value is None else put(change.value)
-
     def _on_commit(self, changes: list[Change]) -> None:
         # Called by the store under the lock once changes are durable, so a waiter woken
         # here finds them in ``visible``, and no grant slips between a waiter's check and
-        # its wait. A new or removed trust record ends a conflict; only the waiters of nodes
-        # that became trusted, or rejected our request, are woken.
+        # its wait. Only the waiters of nodes that became trusted, or rejected our request,
+        # are woken.
         for change in changes:
-            if change.table == TRUSTED:
-                self.conflicts.pop(change.node_id, None)
-            elif not (change.table == OUTGOING and _rejected(change.value)):
+            if change.value is None:
                 continue
-            waiters = self._waiters.get(change.node_id)
-            if change.value is not None and waiters is not None:
-                waiters.condition.notify_all()
+            if change.table == TRUSTED or (change.table == OUTGOING and _rejected(change.value)):
+                waiters = self._waiters.get(change.node_id)
+                if waiters is not None:
+                    waiters.condition.notify_all()
 
     # Readers: durable state only; each takes the lock.
 
@@ -166,7 +151,8 @@ class State:
     def in_conflict(self) -> list[int]:
         """Node IDs of trust records in conflict with the registry, sorted."""
         with self.lock:
-            return sorted(self.conflicts)
+            conflicts = _Conflicts(self._conflicts, self.store.visible.trusted)
+            return sorted(node for node in self._conflicts if node in conflicts)
 
     def wait(self, node_id: int, own: int, timeout: float | None) -> bool:
         """Block until ``node_id`` is trusted (True), or our latest request to it is
@@ -199,7 +185,28 @@ class State:
     def _visibly_trusted(self, node_id: int, own: int) -> bool:
         if is_own_node(node_id, own):
             return True
-        return node_id in self.store.visible.trusted and node_id not in self.conflicts
+        visible = self.store.visible.trusted
+        return node_id in visible and node_id not in _Conflicts(self._conflicts, visible)
+
+
+class _Conflicts(Container[int]):
+    """The nodes whose conflict holds in ``trusted`` (the working or the visible table): the
+    record the registry contradicts is still the node's record there. Records are replaced,
+    never edited, so a new or removed record ends the conflict as soon as that table has it,
+    and a failed write that puts the record back brings its conflict back. An ended entry
+    stays in ``conflicts`` (one per node at most) until the node's next conflict."""
+
+    def __init__(
+        self, conflicts: dict[int, tuple[TrustRecord, bytes]], trusted: dict[int, TrustRecord]
+    ) -> None:
+        self._conflicts = conflicts
+        self._trusted = trusted
+
+    def __contains__(self, node: object) -> bool:
+        if not isinstance(node, int):
+            return False
+        entry = self._conflicts.get(node)
+        return entry is not None and self._trusted.get(node) is entry[0]
 
 
 def _rejected(request: object) -> bool:

@@ -50,19 +50,7 @@ from ..errors import StoreError
 from ..metrics import Metrics
 from .codec import Fragments, decode_state, document
 from .journal import JOURNAL_SUFFIX, Journal, digest, encode_line, replay
-from .records import (
-    HISTORY,
-    OUTGOING,
-    PENDING,
-    TABLES,
-    TRUSTED,
-    Change,
-    FormerTrust,
-    OutgoingRequest,
-    PendingHandshake,
-    TrustRecord,
-    TrustState,
-)
+from .records import TABLES, Change, TrustState
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +115,7 @@ class TrustStore:
     identity directory" lock. Writes never wait for it.
 
     ``path`` "" keeps everything in memory: ``commit`` makes changes visible at once.
-    Mutations are made holding ``lock`` (the Manager's); ``commit`` is called without it.
+    ``change`` is called holding ``lock`` (the Manager's); ``commit`` without it.
     ``on_commit(changes)`` runs under ``lock`` after each successful write with the changes
     it made durable, in order. Each write is timed and counted into ``metrics``.
     """
@@ -194,39 +182,10 @@ class TrustStore:
 
     # Mutations: call holding the lock.
 
-    def put_trusted(self, record: TrustRecord) -> int:
-        """Trust ``record.node_id`` (replacing its record); returns the change's sequence number."""
-        return self._change(Change(TRUSTED, record.node_id, record))
-
-    def drop_trusted(self, node_id: int) -> int:
-        """Remove the trust record of ``node_id``; returns the change's sequence number."""
-        return self._change(Change(TRUSTED, node_id, None))
-
-    def put_pending(self, request: PendingHandshake) -> int:
-        """Store a pending request (replacing one from the same node); returns its sequence."""
-        return self._change(Change(PENDING, request.node_id, request))
-
-    def drop_pending(self, node_id: int) -> int:
-        """Remove the pending request of ``node_id``; returns the change's sequence number."""
-        return self._change(Change(PENDING, node_id, None))
-
-    def put_outgoing(self, request: OutgoingRequest) -> int:
-        """Record an outgoing request; returns the change's sequence number."""
-        return self._change(Change(OUTGOING, request.node_id, request))
-
-    def drop_outgoing(self, node_id: int) -> int:
-        """Forget the outgoing request to ``node_id``; returns the change's sequence number."""
-        return self._change(Change(OUTGOING, node_id, None))
-
-    def put_history(self, former: FormerTrust) -> int:
-        """Remember that ``former.node_id`` was trusted; returns the change's sequence number."""
-        return self._change(Change(HISTORY, former.node_id, former))
-
-    def drop_history(self, node_id: int) -> int:
-        """Forget the trust history of ``node_id``; returns the change's sequence number."""
-        return self._change(Change(HISTORY, node_id, None))
-
-    def _change(self, change: Change) -> int:
+    def change(self, change: Change) -> int:
+        """Make ``change`` in ``working`` (put or remove one record) and queue it for the next
+        write; returns its sequence number, for ``commit``. The only way the state changes:
+        the Manager calls it from ``State.apply`` alone."""
         # Serialise first: a record that cannot be written fails here and changes nothing.
         text = self._refresh_fragment(change)
         self.working.apply(change)

@@ -21,6 +21,7 @@ from pilothandshake.manager.effects import (
     ReplyAccept,
     ReportTrust,
 )
+from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import (
     FormerTrust,
     OutgoingRequest,
@@ -36,6 +37,12 @@ A64, B64 = b64encode(A), b64encode(B)
 HOST = "127.0.0.9"
 
 REGISTRY = Context(has_registry=True)  # strict, with a registry
+AGENT = AllowlistEntry(7, "ci")  # node 7 on the allowlist, no key pinned
+PINNED = AllowlistEntry(7, "ci", B64)  # ... pinned to key B
+# Kept answers (outbox kinds) a decision makes stale: any "no" once we trust the peer, a
+# revoke once the peer asks us.
+SAYS_NO = ("reject", "revoke", "withdraw")
+ASKED = ("revoke",)
 TOFU = Context()  # strict, no registry: trust on first use
 LEGACY = Context(strict=False, has_registry=True)
 
@@ -99,7 +106,8 @@ class Case:
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] | None = None  # the INFO lines, when the case states them
     cooldowns: dict[int, float | None] = field(default_factory=dict)  # side-table changes
-    conflicts: dict[int, bytes | None] = field(default_factory=dict)
+    conflicts: dict[int, bytes] = field(default_factory=dict)
+    superseded: dict[int, tuple[str, ...]] = field(default_factory=dict)  # kept "no"s gone
 
 
 GRANTED = ["handshake.received", "handshake.auto_approved", "trust.changed"]
@@ -136,6 +144,7 @@ def check(case: Case) -> None:
     assert [topic for topic, _ in decision.events] == case.events
     assert changes_of(decision) == case.changes
     assert (decision.cooldowns, decision.conflicts) == (case.cooldowns, case.conflicts)
+    assert decision.superseded == case.superseded
     assert decision.effects == case.effects
     assert decision.inline == case.inline
     payloads = dict(decision.events)

@@ -10,6 +10,8 @@ from dataclasses import replace
 import pytest
 from decidetools import (
     A64,
+    AGENT,
+    ASKED,
     B64,
     EMPTY,
     GRANT_EFFECTS,
@@ -18,7 +20,9 @@ from decidetools import (
     HOST,
     LEGACY,
     NOW,
+    PINNED,
     REGISTRY,
+    SAYS_NO,
     T0,
     TOFU,
     A,
@@ -35,6 +39,7 @@ from decidetools import (
 from pilothandshake.drops import Drop, DropKind
 from pilothandshake.manager.decide import (
     REQUEST_ROWS,
+    Action,
     Context,
     View,
     decide_peer_request,
@@ -45,10 +50,13 @@ from pilothandshake.manager.effects import (
     ReportTrust,
 )
 from pilothandshake.manager.queue import QueueLimits
+from pilothandshake.runtime import AllowlistEntry
 from pilothandshake.store import (
     FormerTrust,
     PendingHandshake,
 )
+
+MISMATCH = Drop(DropKind.KEY_MISMATCH, "public key differs from the allowlist's pinned key")
 
 CASES: dict[str, Case] = {
     # SPEC 6, first match wins
@@ -58,6 +66,7 @@ CASES: dict[str, Case] = {
         direct(),
         events=["handshake.received"],
         effects=[ReplyAccept(7, False)],
+        superseded={7: ASKED},
     ),
     "row 1 skipped: a record in conflict with the registry waits for the operator": Case(
         decide_peer_request,
@@ -65,6 +74,7 @@ CASES: dict[str, Case] = {
         direct(),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "row 2: our outgoing request: mutual trust": Case(
         decide_peer_request,
@@ -76,6 +86,7 @@ CASES: dict[str, Case] = {
         record=(A64, True, 0),
         payloads={"handshake.auto_approved": {"peer_node_id": 7, "reason": "mutual"}},
         notes=["trusted node 7"],
+        superseded={7: SAYS_NO},
     ),
     "row 2, relayed: the answer goes through the registry": Case(
         decide_peer_request,
@@ -84,6 +95,7 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7), ReplyAccept(7, True)],
+        superseded={7: SAYS_NO},
     ),
     "row 2 needs registry-bound in strict mode with a registry": Case(
         decide_peer_request,
@@ -91,6 +103,7 @@ CASES: dict[str, Case] = {
         direct(bound=False),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "row 2 without a registry: trust on first use": Case(
         decide_peer_request,
@@ -100,6 +113,7 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=GRANT_EFFECTS,
+        superseded={7: SAYS_NO},
     ),
     "row 3: a shared network": Case(
         decide_peer_request,
@@ -111,12 +125,13 @@ CASES: dict[str, Case] = {
         effects=GRANT_EFFECTS,
         record=(A64, False, 5),
         payloads={"handshake.auto_approved": {"peer_node_id": 7, "reason": "same_network"}},
+        superseded={7: SAYS_NO},
     ),
-    "row 4: a trusted agent: the allowlist's pinned key is stored": Case(
+    "row 4: a trusted agent bringing its pinned key: that key is stored": Case(
         decide_peer_request,
         EMPTY,
-        relayed(),
-        context=Context(has_registry=True, agent_name="ci", agent_ok=True, agent_key=B),
+        relayed(B, registry_key=B),
+        context=Context(has_registry=True, agent=PINNED),
         events=GRANTED,
         changes=[("trusted", 7, True)],
         effects=[ReportTrust(7), ReplyAccept(7, True)],
@@ -124,21 +139,66 @@ CASES: dict[str, Case] = {
         payloads={
             "handshake.auto_approved": {"peer_node_id": 7, "reason": "trusted_agent", "agent": "ci"}
         },
+        superseded={7: SAYS_NO},
     ),
     "row 4: a key other than the allowlist's pin is dropped, not even pending": Case(
         decide_peer_request,
         EMPTY,
         direct(),
-        context=Context(has_registry=True, agent_name="ci", agent_mismatch=True),
-        drop=Drop(DropKind.KEY_MISMATCH, "public key differs from the allowlist's pinned key"),
+        context=Context(has_registry=True, agent=PINNED),
+        drop=MISMATCH,
+    ),
+    "row 4: the registry's key must equal the pin too, even for a bound request": Case(
+        decide_peer_request,
+        EMPTY,
+        direct(B, registry_key=A),
+        context=Context(has_registry=True, agent=PINNED),
+        drop=MISMATCH,
+    ),
+    "row 4: a pin that is not a key refuses every key": Case(
+        decide_peer_request,
+        EMPTY,
+        direct(),
+        context=Context(has_registry=True, agent=AllowlistEntry(7, "ci", "not a key")),
+        drop=MISMATCH,
+    ),
+    "row 4: a pinned agent whose request brings no key waits for the operator": Case(
+        decide_peer_request,
+        EMPTY,
+        relayed(None),
+        context=Context(has_registry=True, agent=PINNED),
+        events=HELD,
+        changes=[("pending", 7, True)],
+        superseded={7: ASKED},
+    ),
+    "row 4 without a pin: a registry-bound request is trusted with its own key": Case(
+        decide_peer_request,
+        EMPTY,
+        direct(),
+        context=Context(has_registry=True, agent=AGENT),
+        events=GRANTED,
+        changes=[("trusted", 7, True)],
+        effects=GRANT_EFFECTS,
+        record=(A64, False, 0),
+        superseded={7: SAYS_NO},
+    ),
+    "row 4 without a pin: an unbound request waits for the operator": Case(
+        decide_peer_request,
+        EMPTY,
+        direct(bound=False),
+        context=Context(has_registry=True, agent=AGENT),
+        events=HELD,
+        changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "row 4 also for a record in conflict? no: the operator decides": Case(
         decide_peer_request,
         View(state((trusted(B64),)), conflicts={7}),
         direct(),
-        context=Context(has_registry=True, agent_name="ci", agent_ok=True),
+        context=Context(has_registry=True, agent=AGENT),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "row 5: auto_approve": Case(
         decide_peer_request,
@@ -149,6 +209,7 @@ CASES: dict[str, Case] = {
         changes=[("trusted", 7, True)],
         effects=GRANT_EFFECTS,
         record=(A64, False, 0),
+        superseded={7: SAYS_NO},
     ),
     "row 5 does not trust an unbound request in strict mode with a registry": Case(
         decide_peer_request,
@@ -157,6 +218,7 @@ CASES: dict[str, Case] = {
         context=Context(has_registry=True, auto_approve=True),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "row 5 in legacy mode trusts an unbound request": Case(
         decide_peer_request,
@@ -166,6 +228,7 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True)],
         effects=GRANT_EFFECTS,
+        superseded={7: SAYS_NO},
     ),
     "row 6: otherwise pending": Case(
         decide_peer_request,
@@ -176,6 +239,7 @@ CASES: dict[str, Case] = {
         payloads={
             "handshake.received": {"peer_node_id": 7, "justification": "please", "relayed": False}
         },
+        superseded={7: ASKED},
     ),
     "a keyless grant backfills the key": Case(
         decide_peer_request,
@@ -185,6 +249,7 @@ CASES: dict[str, Case] = {
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7), Backfill(7), ReplyAccept(7, True)],
         record=("", True, 0),
+        superseded={7: SAYS_NO},
     ),
     "a grant clears pending and history": Case(
         decide_peer_request,
@@ -194,6 +259,7 @@ CASES: dict[str, Case] = {
         events=GRANTED,
         changes=[("trusted", 7, True), ("history", 7, False), ("pending", 7, False)],
         effects=GRANT_EFFECTS,
+        superseded={7: SAYS_NO},
     ),
     # SPEC 5 step 3: the pin, re-checked on the live state
     "strict: a key other than the trust record's is dropped": Case(
@@ -215,6 +281,7 @@ CASES: dict[str, Case] = {
         context=LEGACY,
         events=["handshake.received"],
         effects=[ReplyAccept(7, False)],
+        superseded={7: ASKED},
     ),
     # Pending queue (SPEC 6 row 6, SPEC 15)
     "a relayed request without a key keeps the pending key": Case(
@@ -223,6 +290,7 @@ CASES: dict[str, Case] = {
         relayed(None),
         events=HELD,
         changes=[("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "per-source quota of unbound requests": Case(
         decide_peer_request,
@@ -241,6 +309,7 @@ CASES: dict[str, Case] = {
         context=Context(has_registry=True, limits=QueueLimits(max_pending=2)),
         events=HELD,
         changes=[("pending", 8, False), ("pending", 7, True)],
+        superseded={7: ASKED},
     ),
     "queue full of protected requests: a stranger is dropped": Case(
         decide_peer_request,
@@ -257,16 +326,18 @@ def test_decision_table(name: str) -> None:
     check(CASES[name])
 
 
-def test_the_table_of_spec_6_is_in_the_spec_s_order() -> None:
-    names = [row.name for row in REQUEST_ROWS]
-    assert names == [
-        "already_trusted",
-        "mutual",
-        "same_network",
-        "trusted_agent",
-        "auto_approve",
-        "pending",
+def test_the_table_of_spec_6_is_in_the_spec_s_order_and_names_each_action() -> None:
+    rows = [(row.name, row.action, row.relayed_reason) for row in REQUEST_ROWS]
+    assert rows == [
+        ("already_trusted", Action.REPLY, False),
+        ("mutual", Action.GRANT, False),
+        ("same_network", Action.GRANT, False),
+        ("trusted_agent", Action.GRANT, True),
+        ("auto_approve", Action.GRANT, True),
+        ("pending", Action.HOLD, False),
     ]
+    with pytest.raises(TypeError, match="grants nothing"):
+        REQUEST_ROWS[0].grants(direct(), REGISTRY)
 
 
 def test_a_pending_request_stores_what_arrived() -> None:
@@ -287,8 +358,10 @@ def test_formerly_trusted_allowlisted_and_network_sharing_senders_are_protected(
     assert decide_peer_request(former, direct(bound=False), REGISTRY, NOW).protected == {7}
     impostor = direct(B, bound=False)
     assert decide_peer_request(former, impostor, REGISTRY, NOW).protected == set()
-    agent = Context(has_registry=True, agent_name="ci")
+    agent = Context(has_registry=True, agent=AGENT)
     assert decide_peer_request(EMPTY, direct(bound=False), agent, NOW).protected == {7}
+    nameless = Context(has_registry=True, agent=AllowlistEntry(7, ""))  # as when loaded
+    assert decide_peer_request(EMPTY, direct(bound=False), nameless, NOW).protected == {7}
 
 
 def test_eviction_is_logged_with_the_victim() -> None:
@@ -358,7 +431,7 @@ def test_relayed_and_protected_requests_count_against_no_source_quota() -> None:
     quota = Context(has_registry=True, limits=QueueLimits(bound_per_source=1, unbound_per_source=1))
     assert decide_peer_request(view, relayed(A), quota, NOW).drop is None
     hosts = View(state(pending_=(pending(8),)))
-    agent = replace(quota, agent_name="ci")
+    agent = replace(quota, agent=AGENT)
     assert decide_peer_request(hosts, direct(bound=False), agent, NOW).drop is None
     assert decide_peer_request(hosts, direct(bound=False), quota, NOW).drop == Drop(
         DropKind.QUEUE_FULL, "too many pending requests from this source address"

@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 from decidetools import (
     A64,
+    AGENT,
     B64,
     EMPTY,
     NOW,
     REGISTRY,
+    SAYS_NO,
     T0,
     TOFU,
     A,
@@ -78,6 +80,7 @@ CASES: dict[str, Case] = {
         effects=[ReportTrust(7)],
         record=(A64, True, 0),
         payloads={"handshake.approved": {"peer_node_id": 7, "by": "peer"}},
+        superseded={7: SAYS_NO},
     ),
     "accept from a node already trusted: ignored quietly": Case(
         decide_peer_accept, View(state((trusted(),))), relayed(), quiet=True
@@ -107,6 +110,7 @@ CASES: dict[str, Case] = {
         events=["handshake.approved", "trust.changed"],
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         effects=[ReportTrust(7)],
+        superseded={7: SAYS_NO},
     ),
     "accept with a key other than the pin": Case(
         decide_peer_accept,
@@ -147,6 +151,7 @@ CASES: dict[str, Case] = {
         changes=[("trusted", 7, True), ("outgoing", 7, "accepted")],
         events=["handshake.approved", "trust.changed"],
         effects=[ReportTrust(7)],
+        superseded={7: SAYS_NO},
     ),
     "an accept after we withdrew our request grants nothing": Case(
         decide_peer_accept,
@@ -365,6 +370,7 @@ def test_approve_grants_and_answers_both_ways() -> None:
     assert [t for t, _ in decision.events] == ["handshake.approved", "trust.changed"]
     assert decision.events[0][1] == {"peer_node_id": 7, "by": "operator"}
     assert changes_of(decision) == [("trusted", 7, True), ("pending", 7, False)]
+    assert decision.superseded == {7: SAYS_NO}
     assert decision.effects == [
         ReportTrust(7),
         Backfill(7),
@@ -543,14 +549,14 @@ def test_a_conflict_with_the_registry_is_noted_once_with_an_alarm() -> None:
         (
             EMPTY,
             direct(),
-            replace(REGISTRY, agent_name="ci", agent_ok=True),
+            replace(REGISTRY, agent=AGENT),
             "trusted_agent",
             {"agent": "ci"},
         ),
         (
             EMPTY,
             relayed(A),
-            replace(REGISTRY, agent_name="ci", agent_ok=True),
+            replace(REGISTRY, agent=AGENT),
             "trusted_agent_relayed",
             {"agent": "ci"},
         ),

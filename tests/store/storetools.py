@@ -72,15 +72,21 @@ def store_with_journal(trust_path: Path) -> tuple[TrustStore, threading.RLock]:
     """An open store whose first write checkpointed and whose next three writes were appended."""
     opened, lock = open_store(trust_path)
     with lock:
-        seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 1, TrustRecord(1, KEY_A, T0)))
     opened.commit(seq)  # the first write after opening rewrites trust.json
     for node in (2, 3, 4):
         with lock:
-            opened.put_trusted(TrustRecord(node, KEY_B, T0, mutual=True))
+            opened.change(Change(TRUSTED, node, TrustRecord(node, KEY_B, T0, mutual=True)))
             seq = (
-                opened.drop_trusted(node - 1)
+                opened.change(Change(TRUSTED, node - 1, None))
                 if node == 3
-                else opened.put_pending(PendingHandshake(node + 10, KEY_A, "why", T0, bound=True))
+                else opened.change(
+                    Change(
+                        PENDING,
+                        node + 10,
+                        PendingHandshake(node + 10, KEY_A, "why", T0, bound=True),
+                    )
+                )
             )
         opened.commit(seq)
     return opened, lock

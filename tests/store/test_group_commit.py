@@ -13,7 +13,7 @@ import pytest
 from fakeruntime import wait_until
 
 from pilothandshake.errors import StoreError
-from pilothandshake.store import TrustRecord, TrustStore, load_state
+from pilothandshake.store import TRUSTED, Change, TrustRecord, TrustStore, load_state
 
 KEY_A = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 T0 = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
@@ -66,7 +66,7 @@ def open_counted(
 
 def commit(store: TrustStore, lock: threading.RLock, node: int) -> None:
     with lock:
-        seq = store.put_trusted(TrustRecord(node, KEY_A, T0))
+        seq = store.change(Change(TRUSTED, node, TrustRecord(node, KEY_A, T0)))
     store.commit(seq)
 
 

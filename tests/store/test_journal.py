@@ -33,6 +33,7 @@ from storetools import (
 from pilothandshake.constants import MAX_NODE_ID
 from pilothandshake.errors import StoreError
 from pilothandshake.store import (
+    OUTGOING,
     PENDING,
     TRUSTED,
     Change,
@@ -297,7 +298,7 @@ def test_journal_is_replayed_after_a_crash(trust_path: Path, tmp_path: Path) -> 
     reopened, lock = open_store(crashed)
     assert reopened.visible == expected == load_state(str(crashed))
     with lock:
-        seq = reopened.put_outgoing(OutgoingRequest(9, T0))
+        seq = reopened.change(Change(OUTGOING, 9, OutgoingRequest(9, T0)))
     reopened.commit(
         seq
     )  # checkpoints: the journal left by the crash goes into trust.json and is emptied
@@ -332,10 +333,10 @@ def test_a_torn_last_journal_line_is_ignored_and_dropped_by_the_next_write(
     reopened, lock = open_store(trust_path)
     assert reopened.visible == expected
     with lock:
-        seq = reopened.put_trusted(TrustRecord(20, KEY_A, T0))
+        seq = reopened.change(Change(TRUSTED, 20, TrustRecord(20, KEY_A, T0)))
     reopened.commit(seq)
     with lock:
-        seq = reopened.put_trusted(TrustRecord(21, KEY_A, T0))
+        seq = reopened.change(Change(TRUSTED, 21, TrustRecord(21, KEY_A, T0)))
     reopened.commit(seq)  # appended after the checkpoint, not after the torn bytes
     assert load_state(str(trust_path)) == reopened.visible
     assert tail not in journal_path(trust_path).read_bytes()

@@ -26,6 +26,8 @@ from storetools import (
 
 from pilothandshake.errors import StoreError
 from pilothandshake.store import (
+    TRUSTED,
+    Change,
     TrustRecord,
     decode_state,
     encode_state,
@@ -316,7 +318,7 @@ def test_journal_is_checkpointed_when_it_outgrows_the_threshold(
     largest = 0
     for node in range(300):
         with lock:
-            seq = opened.put_trusted(TrustRecord(node, KEY_A, T0))
+            seq = opened.change(Change(TRUSTED, node, TrustRecord(node, KEY_A, T0)))
         opened.commit(seq)
         size = journal_path(trust_path).stat().st_size
         largest = max(largest, size)
@@ -351,14 +353,14 @@ def test_enospc_during_an_append_rolls_back_and_cuts_the_journal_back(
     journal = journal_path(trust_path).read_bytes()
     fail_pwrite(monkeypatch)
     with lock:
-        seq = opened.put_trusted(TrustRecord(40, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 40, TrustRecord(40, KEY_A, T0)))
     with pytest.raises(StoreError, match=f"cannot write {trust_path}: .*No space left"):
         opened.commit(seq)
     assert journal_path(trust_path).read_bytes() == journal
     assert opened.visible == opened.working == before == load_state(str(trust_path))
     monkeypatch.undo()
     with lock:
-        seq = opened.put_trusted(TrustRecord(41, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 41, TrustRecord(41, KEY_A, T0)))
     opened.commit(seq)
     assert load_state(str(trust_path)) == opened.visible
     assert 40 not in opened.visible.trusted and 41 in opened.visible.trusted
@@ -382,7 +384,7 @@ def test_an_append_that_cannot_be_cut_back_falls_back_to_a_full_rewrite(
 
     monkeypatch.setattr(os, "ftruncate", ftruncate)
     with lock:
-        seq = opened.put_trusted(TrustRecord(40, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 40, TrustRecord(40, KEY_A, T0)))
     with pytest.raises(StoreError, match="No space left"):
         opened.commit(seq)
     assert failed[0]
@@ -392,7 +394,7 @@ def test_an_append_that_cannot_be_cut_back_falls_back_to_a_full_rewrite(
     assert opened.visible == opened.working == before == load_state(str(trust_path))
     monkeypatch.undo()
     with lock:
-        seq = opened.put_trusted(TrustRecord(41, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 41, TrustRecord(41, KEY_A, T0)))
     opened.commit(seq)
     assert load_state(str(trust_path)) == opened.visible
     opened.close()
@@ -402,7 +404,7 @@ def test_close_rolls_back_changes_never_committed(trust_path: Path) -> None:
     opened, lock = store_with_journal(trust_path)
     before = opened.visible.copy()
     with lock:
-        seq = opened.put_trusted(TrustRecord(60, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 60, TrustRecord(60, KEY_A, T0)))
     opened.close()
     with pytest.raises(StoreError, match="closed"):
         opened.commit(seq)

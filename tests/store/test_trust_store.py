@@ -27,6 +27,9 @@ from storetools import (
 
 from pilothandshake.errors import StoreError
 from pilothandshake.store import (
+    OUTGOING,
+    PENDING,
+    TRUSTED,
     Change,
     OutgoingRequest,
     PendingHandshake,
@@ -48,7 +51,7 @@ def test_go_fixture_round_trips_through_a_store(trust_path: Path) -> None:
     opened, lock = open_store(trust_path)
     assert opened.visible == original
     with lock:
-        seq = opened.put_outgoing(OutgoingRequest(11, T0))
+        seq = opened.change(Change(OUTGOING, 11, OutgoingRequest(11, T0)))
     opened.commit(seq)
     opened.close()
 
@@ -114,7 +117,7 @@ def test_change_is_visible_only_after_its_write(trust_path: Path) -> None:
     opened, lock = open_store(trust_path, seen.append)
     record = TrustRecord(7, KEY_A, T0, mutual=True)
     with lock:
-        seq = opened.put_trusted(record)
+        seq = opened.change(Change(TRUSTED, record.node_id, record))
     assert opened.working.trusted == {7: record}
     assert opened.visible.trusted == {}
     assert not trust_path.exists()
@@ -126,7 +129,7 @@ def test_change_is_visible_only_after_its_write(trust_path: Path) -> None:
     opened.commit(seq)  # already durable: returns at once, nothing new published
     assert len(seen) == 1
     with lock:
-        dropped = opened.drop_trusted(7)
+        dropped = opened.change(Change(TRUSTED, 7, None))
     opened.commit(dropped)
     assert opened.visible == TrustState() == load_state(str(trust_path))
     assert seen[-1] == [Change("trusted", 7, None)]
@@ -153,9 +156,9 @@ def test_on_commit_runs_under_the_lock_with_changes_in_order(trust_path: Path) -
     lock_holder["lock"] = lock
     pending = PendingHandshake(9, KEY_B, "why", T0)
     with lock:
-        opened.put_pending(pending)
-        opened.put_outgoing(OutgoingRequest(3, T0))
-        last = opened.drop_pending(9)
+        opened.change(Change(PENDING, pending.node_id, pending))
+        opened.change(Change(OUTGOING, 3, OutgoingRequest(3, T0)))
+        last = opened.change(Change(PENDING, 9, None))
     opened.commit(last)
     assert calls == [
         (
@@ -181,12 +184,20 @@ def test_writer_bytes_equal_encode_state_and_file_mode_is_0600(trust_path: Path)
     opened, lock = open_store(trust_path)
     with lock:
         for node in range(50, 0, -1):
-            opened.put_trusted(TrustRecord(node, KEY_A, T0, node % 2 == 0, node % 4))
-            opened.put_pending(PendingHandshake(node + 1000, "", f"n{node}", T0, node % 3 == 0))
-        opened.drop_trusted(10)
-        opened.put_trusted(TrustRecord(11, KEY_B, T0))
-        opened.drop_pending(1001)
-        seq = opened.put_outgoing(OutgoingRequest(77, T0))
+            opened.change(
+                Change(TRUSTED, node, TrustRecord(node, KEY_A, T0, node % 2 == 0, node % 4))
+            )
+            opened.change(
+                Change(
+                    PENDING,
+                    node + 1000,
+                    PendingHandshake(node + 1000, "", f"n{node}", T0, node % 3 == 0),
+                )
+            )
+        opened.change(Change(TRUSTED, 10, None))
+        opened.change(Change(TRUSTED, 11, TrustRecord(11, KEY_B, T0)))
+        opened.change(Change(PENDING, 1001, None))
+        seq = opened.change(Change(OUTGOING, 77, OutgoingRequest(77, T0)))
     opened.commit(seq)
     assert trust_path.read_bytes() == encode_state(opened.visible)
     assert opened.visible == opened.working == load_state(str(trust_path))
@@ -207,9 +218,9 @@ def test_concurrent_commits_share_writes(trust_path: Path, monkeypatch: pytest.M
             for step in range(per_thread):
                 node = index * 1000 + step
                 with lock:
-                    seq = opened.put_trusted(TrustRecord(node, KEY_A, T0))
+                    seq = opened.change(Change(TRUSTED, node, TrustRecord(node, KEY_A, T0)))
                     if step % 5 == 4:
-                        seq = opened.drop_trusted(node - 1)
+                        seq = opened.change(Change(TRUSTED, node - 1, None))
                 opened.commit(seq)
                 assert node in opened.visible.trusted or step % 5 == 4
         except BaseException as exc:
@@ -260,7 +271,7 @@ def test_failed_write_rolls_back_fails_callers_and_a_later_commit_succeeds(
     opened, lock = open_store(trust_path, published.extend)
     kept = TrustRecord(1, KEY_A, T0)
     with lock:
-        seq = opened.put_trusted(kept)
+        seq = opened.change(Change(TRUSTED, kept.node_id, kept))
     opened.commit(seq)
     before = trust_path.read_bytes()
 
@@ -269,12 +280,12 @@ def test_failed_write_rolls_back_fails_callers_and_a_later_commit_succeeds(
     def concurrent_change() -> None:
         # A change made while the failing write is in flight is rolled back with it.
         with lock:
-            late.append(opened.put_pending(PendingHandshake(5, "", "late", T0)))
+            late.append(opened.change(Change(PENDING, 5, PendingHandshake(5, "", "late", T0))))
 
     fail_fsync(monkeypatch, 1, concurrent_change)
     with lock:
-        opened.drop_trusted(1)
-        seq = opened.put_outgoing(OutgoingRequest(2, T0))
+        opened.change(Change(TRUSTED, 1, None))
+        seq = opened.change(Change(OUTGOING, 2, OutgoingRequest(2, T0)))
     with pytest.raises(StoreError) as raised:
         opened.commit(seq)
     assert f"cannot write {trust_path}" in str(raised.value)
@@ -288,7 +299,7 @@ def test_failed_write_rolls_back_fails_callers_and_a_later_commit_succeeds(
     assert leftovers(trust_path.parent) == []
 
     with lock:
-        seq = opened.put_outgoing(OutgoingRequest(3, T0))
+        seq = opened.change(Change(OUTGOING, 3, OutgoingRequest(3, T0)))
     opened.commit(seq)
     assert load_state(str(trust_path)) == opened.visible == opened.working
     assert opened.visible.outgoing == {3: OutgoingRequest(3, T0)}
@@ -302,11 +313,11 @@ def test_failure_after_the_rename_restores_the_durable_state(
     rewrite_every_write(monkeypatch)
     opened, lock = open_store(trust_path)
     with lock:
-        seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 1, TrustRecord(1, KEY_A, T0)))
     opened.commit(seq)
     fail_fsync(monkeypatch, 2)  # the first fsync is the file's, the second the directory's
     with lock:
-        seq = opened.put_trusted(TrustRecord(2, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 2, TrustRecord(2, KEY_A, T0)))
     with pytest.raises(StoreError, match="No space left"):
         opened.commit(seq)
     assert load_state(str(trust_path)) == opened.visible == opened.working
@@ -336,7 +347,7 @@ def test_trust_lock_is_held_from_open_to_close_not_per_write(trust_path: Path) -
     opened, lock = open_store(trust_path)
     assert not try_lock_in_another_process(lock_path)  # before any write
     with lock:
-        seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 1, TrustRecord(1, KEY_A, T0)))
     opened.commit(seq)
     assert not try_lock_in_another_process(lock_path)  # between writes
     opened.close()
@@ -361,7 +372,7 @@ def test_commit_after_close_fails_and_rolls_back(trust_path: Path) -> None:
     opened, lock = open_store(trust_path)
     opened.close()
     with lock:
-        seq = opened.put_trusted(TrustRecord(1, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 1, TrustRecord(1, KEY_A, T0)))
     with pytest.raises(StoreError, match="closed"):
         opened.commit(seq)
     assert opened.working == TrustState()
@@ -377,7 +388,7 @@ def test_memory_only_store_commits_without_touching_disk(
     opened = TrustStore("", lock, published.extend)
     record = TrustRecord(4, KEY_A, T0)
     with lock:
-        seq = opened.put_trusted(record)
+        seq = opened.change(Change(TRUSTED, record.node_id, record))
     assert opened.visible.trusted == {}
     opened.commit(seq)
     assert opened.visible.trusted == {4: record} == opened.working.trusted
@@ -396,15 +407,17 @@ def test_writes_stay_sorted_and_equal_encode_state_through_chunk_splits_and_merg
     rng.shuffle(everyone)
     with lock:
         for node in everyone:
-            opened.put_trusted(TrustRecord(node, KEY_A, T0))
+            opened.change(Change(TRUSTED, node, TrustRecord(node, KEY_A, T0)))
     for round_ in range(6):
         with lock:
             for _ in range(400):
                 node = rng.randrange(2000)
                 if rng.random() < 0.35 + round_ * 0.1:
-                    seq = opened.drop_trusted(node)
+                    seq = opened.change(Change(TRUSTED, node, None))
                 else:
-                    seq = opened.put_trusted(TrustRecord(node, KEY_A, T0, network=round_))
+                    seq = opened.change(
+                        Change(TRUSTED, node, TrustRecord(node, KEY_A, T0, network=round_))
+                    )
         opened.commit(seq)
         data = trust_path.read_bytes()
         assert data == encode_state(opened.visible)
@@ -413,16 +426,16 @@ def test_writes_stay_sorted_and_equal_encode_state_through_chunk_splits_and_merg
     # Emptying whole chunks in the middle, then touching one record of a later chunk.
     with lock:
         for node in range(300, 1200):
-            seq = opened.drop_trusted(node)
+            seq = opened.change(Change(TRUSTED, node, None))
     opened.commit(seq)
     assert trust_path.read_bytes() == encode_state(opened.visible)
     with lock:
-        seq = opened.put_trusted(TrustRecord(1900, KEY_B, T0))
+        seq = opened.change(Change(TRUSTED, 1900, TrustRecord(1900, KEY_B, T0)))
     opened.commit(seq)
     assert trust_path.read_bytes() == encode_state(opened.visible)
     with lock:
         for node in list(opened.working.trusted):
-            seq = opened.drop_trusted(node)
+            seq = opened.change(Change(TRUSTED, node, None))
     opened.commit(seq)
     assert trust_path.read_bytes() == b'{\n  "trusted": []\n}\n'
     opened.close()
@@ -437,7 +450,7 @@ def test_a_write_serialises_only_the_changed_record(
     opened, lock = open_store(trust_path)
     formatted = count_calls(monkeypatch, codec, "format_time")
     with lock:
-        seq = opened.put_trusted(TrustRecord(1500, KEY_B, T0, mutual=True))
+        seq = opened.change(Change(TRUSTED, 1500, TrustRecord(1500, KEY_B, T0, mutual=True)))
     opened.commit(seq)
     assert formatted[0] == 1
     assert load_state(str(trust_path)).trusted[1500].public_key == KEY_B
@@ -449,10 +462,10 @@ def test_a_record_that_cannot_be_serialised_changes_nothing(trust_path: Path) ->
     opened, lock = open_store(trust_path)
     too_early = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))  # before year 1 in UTC
     with lock, pytest.raises((ValueError, OverflowError)):
-        opened.put_trusted(TrustRecord(1, KEY_A, too_early))
+        opened.change(Change(TRUSTED, 1, TrustRecord(1, KEY_A, too_early)))
     assert opened.working == TrustState()
     with lock:
-        seq = opened.put_trusted(TrustRecord(2, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 2, TrustRecord(2, KEY_A, T0)))
     opened.commit(seq)
     assert sorted(load_state(str(trust_path)).trusted) == [2]
     opened.close()
@@ -466,7 +479,7 @@ def test_a_failing_on_commit_is_logged_and_the_write_stands(
 
     opened, lock = open_store(trust_path, broken)
     with lock:
-        seq = opened.put_trusted(TrustRecord(2, KEY_A, T0))
+        seq = opened.change(Change(TRUSTED, 2, TrustRecord(2, KEY_A, T0)))
     opened.commit(seq)
     assert sorted(opened.visible.trusted) == [2] == sorted(load_state(str(trust_path)).trusted)
     assert "on_commit failed" in caplog.text
@@ -489,7 +502,7 @@ def test_planted_link_is_refused_and_its_target_never_truncated_or_chmodded(
         opened, lock = open_store(trust_path)
         # Old code opened it: make it write and checkpoint, as a daemon would.
         with lock:
-            seq = opened.put_trusted(TrustRecord(7, KEY_A, T0))
+            seq = opened.change(Change(TRUSTED, 7, TrustRecord(7, KEY_A, T0)))
         opened.commit(seq)
         opened.close()
     assert victim.read_bytes() == b"someone else's file"
